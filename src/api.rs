@@ -1,0 +1,233 @@
+//! Tencent's wire format for the read-receipt call, shared by the server (what callers
+//! send us), the upstream client (what we send Tencent and read back) and the simulator
+//! (which plays Tencent).
+//!
+//! Parsing is strict where the SPEC is (every rule names the field it checks) and lenient
+//! where Tencent is: unknown fields are ignored in both directions.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::domain::{GroupId, MsgSeq, Receipt};
+
+/// The path of the receipt call, on Tencent and on the gateway alike.
+pub const RECEIPT_PATH: &str = "/v4/group_open_http_svc/get_group_msg_receipt";
+
+/// A validated receipt query: one group, the MsgSeqs in the caller's order (duplicates
+/// kept, because the answer repeats them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReceiptRequest {
+    pub group: GroupId,
+    pub seqs: Vec<MsgSeq>,
+}
+
+/// Why a request body was refused. `Display` names the field, which is what a caller
+/// needs to fix it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidBody {
+    #[error("body is not valid JSON: {0}")]
+    NotJson(String),
+    #[error("body must be a JSON object")]
+    NotObject,
+    #[error("GroupId is required")]
+    MissingGroupId,
+    #[error("GroupId must be a string")]
+    GroupIdNotString,
+    #[error("GroupId {0}")]
+    BadGroupId(&'static str),
+    #[error("MsgSeqList is required")]
+    MissingSeqList,
+    #[error("MsgSeqList must be an array")]
+    SeqListNotArray,
+    #[error("MsgSeqList must not be empty")]
+    EmptySeqList,
+    #[error("MsgSeqList has {got} entries; at most {max} are allowed")]
+    TooManySeqs { got: usize, max: usize },
+    #[error("MsgSeqList[{0}] must be an object with an integer MsgSeq")]
+    SeqEntryNotObject(usize),
+    #[error("MsgSeqList[{0}].MsgSeq must be an integer from 0 to 18446744073709551615")]
+    BadSeq(usize),
+}
+
+impl ReceiptRequest {
+    /// Parses and validates a body; `max_seqs` bounds the `MsgSeqList` length.
+    pub fn parse(body: &[u8], max_seqs: usize) -> Result<Self, InvalidBody> {
+        let value: Value =
+            serde_json::from_slice(body).map_err(|e| InvalidBody::NotJson(e.to_string()))?;
+        let Value::Object(mut object) = value else {
+            return Err(InvalidBody::NotObject);
+        };
+        let group = match object.remove("GroupId") {
+            None | Some(Value::Null) => return Err(InvalidBody::MissingGroupId),
+            Some(Value::String(s)) => GroupId::parse(&s).map_err(InvalidBody::BadGroupId)?,
+            Some(_) => return Err(InvalidBody::GroupIdNotString),
+        };
+        let list = match object.remove("MsgSeqList") {
+            None | Some(Value::Null) => return Err(InvalidBody::MissingSeqList),
+            Some(Value::Array(list)) => list,
+            Some(_) => return Err(InvalidBody::SeqListNotArray),
+        };
+        if list.is_empty() {
+            return Err(InvalidBody::EmptySeqList);
+        }
+        if list.len() > max_seqs {
+            return Err(InvalidBody::TooManySeqs { got: list.len(), max: max_seqs });
+        }
+        let seqs = list
+            .iter()
+            .enumerate()
+            .map(|(i, entry)| {
+                let Value::Object(entry) = entry else {
+                    return Err(InvalidBody::SeqEntryNotObject(i));
+                };
+                entry.get("MsgSeq").and_then(Value::as_u64).map(MsgSeq).ok_or(InvalidBody::BadSeq(i))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self { group, seqs })
+    }
+
+    /// The body Tencent expects for this query.
+    pub fn to_body(&self) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Seq {
+            #[serde(rename = "MsgSeq")]
+            seq: u64,
+        }
+        #[derive(Serialize)]
+        struct Body<'a> {
+            #[serde(rename = "GroupId")]
+            group: &'a str,
+            #[serde(rename = "MsgSeqList")]
+            seqs: Vec<Seq>,
+        }
+        let body = Body {
+            group: self.group.as_str(),
+            seqs: self.seqs.iter().map(|s| Seq { seq: s.0 }).collect(),
+        };
+        // Serialising a struct of strings and integers cannot fail.
+        serde_json::to_vec(&body).unwrap_or_default()
+    }
+}
+
+/// One item of `GroupMsgReceiptList`, as Tencent writes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReceiptItem {
+    #[serde(rename = "Code", default)]
+    pub code: i64,
+    #[serde(rename = "MsgSeq")]
+    pub seq: u64,
+    #[serde(rename = "ReadNum", default, skip_serializing_if = "Option::is_none")]
+    pub read: Option<u64>,
+    #[serde(rename = "UnreadNum", default, skip_serializing_if = "Option::is_none")]
+    pub unread: Option<u64>,
+}
+
+impl ReceiptItem {
+    pub fn new(seq: MsgSeq, receipt: Receipt) -> Self {
+        Self { code: receipt.code, seq: seq.0, read: receipt.read, unread: receipt.unread }
+    }
+
+    pub fn receipt(&self) -> Receipt {
+        Receipt { code: self.code, read: self.read, unread: self.unread }
+    }
+}
+
+/// A whole Tencent answer: the success shape, or any error shape (no list).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReceiptResponse {
+    #[serde(rename = "ActionStatus", default)]
+    pub action_status: String,
+    #[serde(rename = "ErrorCode", default)]
+    pub error_code: i64,
+    #[serde(rename = "ErrorInfo", default)]
+    pub error_info: String,
+    #[serde(rename = "GroupMsgReceiptList", default, skip_serializing_if = "Option::is_none")]
+    pub items: Option<Vec<ReceiptItem>>,
+}
+
+impl ReceiptResponse {
+    pub fn ok(items: Vec<ReceiptItem>) -> Self {
+        Self {
+            action_status: "OK".into(),
+            error_code: 0,
+            error_info: String::new(),
+            items: Some(items),
+        }
+    }
+
+    pub fn fail(code: i64, info: impl Into<String>) -> Self {
+        Self { action_status: "FAIL".into(), error_code: code, error_info: info.into(), items: None }
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        // Strings and integers only: serialisation cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(body: &str) -> Result<ReceiptRequest, InvalidBody> {
+        ReceiptRequest::parse(body.as_bytes(), 3)
+    }
+
+    #[test]
+    fn a_valid_body_keeps_order_and_duplicates() {
+        let r = parse(r#"{"GroupId":"g","MsgSeqList":[{"MsgSeq":2},{"MsgSeq":1},{"MsgSeq":2}],"X":1}"#)
+            .unwrap();
+        assert_eq!(r.group.as_str(), "g");
+        assert_eq!(r.seqs, vec![MsgSeq(2), MsgSeq(1), MsgSeq(2)]);
+    }
+
+    #[test]
+    fn each_rule_names_its_field() {
+        let cases = [
+            ("nope", "not valid JSON"),
+            ("[]", "JSON object"),
+            (r#"{"MsgSeqList":[{"MsgSeq":1}]}"#, "GroupId is required"),
+            (r#"{"GroupId":7,"MsgSeqList":[{"MsgSeq":1}]}"#, "GroupId must be a string"),
+            (r#"{"GroupId":"","MsgSeqList":[{"MsgSeq":1}]}"#, "GroupId must not be empty"),
+            (r#"{"GroupId":"g"}"#, "MsgSeqList is required"),
+            (r#"{"GroupId":"g","MsgSeqList":{}}"#, "MsgSeqList must be an array"),
+            (r#"{"GroupId":"g","MsgSeqList":[]}"#, "must not be empty"),
+            (r#"{"GroupId":"g","MsgSeqList":[1]}"#, "MsgSeqList[0]"),
+            (r#"{"GroupId":"g","MsgSeqList":[{"MsgSeq":-1}]}"#, "MsgSeqList[0].MsgSeq"),
+            (r#"{"GroupId":"g","MsgSeqList":[{"MsgSeq":1},{"MsgSeq":1.5}]}"#, "MsgSeqList[1].MsgSeq"),
+            (r#"{"GroupId":"g","MsgSeqList":[{"MsgSeq":"1"}]}"#, "MsgSeqList[0].MsgSeq"),
+            (
+                r#"{"GroupId":"g","MsgSeqList":[{"MsgSeq":18446744073709551616}]}"#,
+                "MsgSeqList[0].MsgSeq",
+            ),
+            (
+                r#"{"GroupId":"g","MsgSeqList":[{"MsgSeq":1},{"MsgSeq":1},{"MsgSeq":1},{"MsgSeq":1}]}"#,
+                "at most 3",
+            ),
+        ];
+        for (body, expected) in cases {
+            let err = parse(body).unwrap_err().to_string();
+            assert!(err.contains(expected), "{body}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_largest_msgseq_is_accepted() {
+        let r = parse(r#"{"GroupId":"g","MsgSeqList":[{"MsgSeq":18446744073709551615}]}"#).unwrap();
+        assert_eq!(r.seqs, vec![MsgSeq(u64::MAX)]);
+    }
+
+    #[test]
+    fn upstream_answers_parse_with_unknown_fields_and_round_trip() {
+        let raw = r#"{"ActionStatus":"OK","ErrorCode":0,"ErrorInfo":"","New":true,
+            "GroupMsgReceiptList":[{"Code":0,"MsgSeq":1,"ReadNum":1,"UnreadNum":6},{"Code":10062,"MsgSeq":9}]}"#;
+        let reply: ReceiptResponse = serde_json::from_str(raw).unwrap();
+        let items = reply.items.clone().unwrap();
+        assert_eq!(items[1], ReceiptItem { code: 10062, seq: 9, read: None, unread: None });
+        let again: ReceiptResponse = serde_json::from_slice(&reply.to_bytes()).unwrap();
+        assert_eq!(again, reply);
+        let fail: ReceiptResponse =
+            serde_json::from_str(r#"{"ActionStatus":"FAIL","ErrorCode":10010,"ErrorInfo":"x"}"#).unwrap();
+        assert_eq!(fail, ReceiptResponse::fail(10010, "x"));
+    }
+}

@@ -1,0 +1,250 @@
+//! The upstream call budget of one (app, API) (SPEC 5.3): where tokens come from, and how
+//! fast they are handed out.
+//!
+//! The invariant: calls stay at or below `budget.per_second` in *every* rolling second,
+//! retries included. Tokens are paced one at a time (GCRA with no burst) at
+//! `(1 s + GUARD) / per_second`, so `per_second` tokens span more than a second by
+//! `GUARD`: a scheduling hiccup that bunches a few calls together on their way to
+//! Tencent still cannot put `per_second + 1` of them into one second of Tencent's clock.
+//!
+//! Tokens come from an in-process governor limiter (`backend = "local"`) or from one
+//! GCRA state in Redis shared by every replica (`backend = "redis"`); while Redis cannot
+//! be reached a replica paces itself on `fallback_per_second` instead, never unlimited.
+//!
+//! On top of that hard limit sits the *effective rate*: throttling answers from Tencent
+//! halve it, and it recovers linearly to the full rate over `RECOVERY`.
+//!
+//! Which waiting call gets the next token is not decided here but by the dispatcher
+//! (`coalesce`), the only caller of [`Budget::acquire`] for its (app, API).
+
+use std::num::NonZeroU32;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use prometheus::Gauge;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::time::Instant;
+
+use crate::config::BudgetBackend;
+
+/// Slack added to every second of budget, absorbing delivery jitter (see module docs).
+pub const GUARD: Duration = Duration::from_millis(30);
+/// Time for the effective rate to climb back from its floor to the full rate.
+const RECOVERY: Duration = Duration::from_secs(20);
+/// Throttling answers closer together than this count as one (they were in flight at once).
+const DECREASE_HOLDOFF: Duration = Duration::from_secs(1);
+/// After a Redis failure, how long a replica stays on its fallback before trying again.
+const REDIS_RETRY: Duration = Duration::from_secs(1);
+
+/// The interval between tokens that keeps `per_second` in every rolling second.
+pub fn pacing_interval(per_second: NonZeroU32) -> Duration {
+    (Duration::from_secs(1) + GUARD) / per_second.get()
+}
+
+fn limiter(per_second: NonZeroU32) -> DefaultDirectRateLimiter {
+    // `with_period` only refuses a zero period, and pacing_interval is at least 1 µs for
+    // any u32 rate; the fallback still paces at one call per second.
+    let quota = Quota::with_period(pacing_interval(per_second))
+        .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
+        .allow_burst(NonZeroU32::MIN);
+    RateLimiter::direct(quota)
+}
+
+/// One (app, API)'s budget.
+pub struct Budget {
+    source: Source,
+    per_second: NonZeroU32,
+    state: Mutex<Pace>,
+    rate_gauge: Gauge,
+}
+
+enum Source {
+    Local(DefaultDirectRateLimiter),
+    Redis(Box<RedisSource>),
+}
+
+/// Effective-rate bookkeeping (AIMD) and the pacing slot it implies.
+struct Pace {
+    rate: f64,
+    updated: Instant,
+    last_decrease: Option<Instant>,
+    next_slot: Instant,
+}
+
+impl Budget {
+    /// `key` names this budget in Redis (e.g. `<prefix>:<sdkappid>:<api>`).
+    pub fn new(
+        backend: &BudgetBackend,
+        per_second: NonZeroU32,
+        fallback_per_second: NonZeroU32,
+        key: String,
+        rate_gauge: Gauge,
+    ) -> Result<Self, redis::RedisError> {
+        let source = match backend {
+            BudgetBackend::Local => Source::Local(limiter(per_second)),
+            BudgetBackend::Redis { url, key_prefix } => Source::Redis(Box::new(RedisSource {
+                client: redis::Client::open(url.as_str())?,
+                connection: tokio::sync::Mutex::new(None),
+                key: format!("{key_prefix}:{key}"),
+                interval_us: pacing_interval(per_second).as_micros() as u64,
+                fallback: limiter(fallback_per_second),
+                down_until: Mutex::new(None),
+            })),
+        };
+        rate_gauge.set(per_second.get() as f64);
+        let now = Instant::now();
+        Ok(Self {
+            source,
+            per_second,
+            state: Mutex::new(Pace { rate: per_second.get() as f64, updated: now, last_decrease: None, next_slot: now }),
+            rate_gauge,
+        })
+    }
+
+    /// Waits for the next token. Only the dispatcher calls this, one call at a time.
+    pub async fn acquire(&self) {
+        let slot = self.pace(|p| p.next_slot);
+        tokio::time::sleep_until(slot).await;
+        match &self.source {
+            Source::Local(limiter) => limiter.until_ready().await,
+            Source::Redis(redis) => redis.acquire().await,
+        }
+        let interval = self.interval();
+        self.pace(|p| p.next_slot = Instant::now() + interval);
+    }
+
+    /// The time between tokens at the current effective rate (never shorter than the
+    /// hard limit's pacing). Admission control multiplies it by the queue ahead.
+    pub fn interval(&self) -> Duration {
+        let rate = self.effective_rate();
+        pacing_interval(self.per_second).max(Duration::from_secs_f64(1.0 / rate.max(0.1)))
+    }
+
+    /// Calls per second currently allowed.
+    pub fn effective_rate(&self) -> f64 {
+        self.pace(|p| p.rate)
+    }
+
+    /// Tencent said "slow down": halve the effective rate (once per burst of answers).
+    pub fn throttled(&self) {
+        let rate = self.pace(|p| {
+            let now = Instant::now();
+            if p.last_decrease.is_some_and(|t| now.duration_since(t) < DECREASE_HOLDOFF) {
+                return p.rate;
+            }
+            p.last_decrease = Some(now);
+            p.rate = (p.rate / 2.0).max(1.0);
+            p.rate
+        });
+        self.rate_gauge.set(rate);
+        tracing::warn!(effective_rate = rate, "upstream throttled; lowering the effective rate");
+    }
+
+    /// Runs `f` on the pacing state after applying recovery up to now.
+    fn pace<T>(&self, f: impl FnOnce(&mut Pace) -> T) -> T {
+        let max = self.per_second.get() as f64;
+        let mut p = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let now = Instant::now();
+        if p.rate < max {
+            let dt = now.duration_since(p.updated).as_secs_f64();
+            p.rate = (p.rate + max * dt / RECOVERY.as_secs_f64()).min(max);
+            self.rate_gauge.set(p.rate);
+        }
+        p.updated = now;
+        f(&mut p)
+    }
+}
+
+/// GCRA in Redis, with Redis's own clock so replicas need not agree on time. Returns 0
+/// when a token was taken, else the microseconds to wait before asking again.
+const GCRA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat > now then
+  return tat - now
+end
+redis.call('SET', KEYS[1], now + interval, 'PX', math.floor(interval / 1000) + 1000)
+return 0
+"#;
+
+struct RedisSource {
+    client: redis::Client,
+    /// Created on first use (Redis may be down at start); reconnects by itself after.
+    connection: tokio::sync::Mutex<Option<ConnectionManager>>,
+    key: String,
+    interval_us: u64,
+    fallback: DefaultDirectRateLimiter,
+    /// While set and in the future, tokens come from `fallback` without asking Redis.
+    down_until: Mutex<Option<Instant>>,
+}
+
+impl RedisSource {
+    async fn acquire(&self) {
+        loop {
+            let down = self.down_until.lock().map(|d| d.is_some_and(|t| Instant::now() < t)).unwrap_or(false);
+            if down {
+                return self.fallback.until_ready().await;
+            }
+            match self.try_take().await {
+                Ok(0) => return,
+                Ok(wait_us) => tokio::time::sleep(Duration::from_micros(wait_us)).await,
+                Err(e) => {
+                    tracing::warn!(error = %e, "redis budget unreachable; pacing on budget.fallback_per_second");
+                    if let Ok(mut d) = self.down_until.lock() {
+                        *d = Some(Instant::now() + REDIS_RETRY);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn try_take(&self) -> redis::RedisResult<u64> {
+        let mut guard = self.connection.lock().await;
+        if guard.is_none() {
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(Duration::from_millis(250)))
+                .set_response_timeout(Some(Duration::from_millis(250)))
+                .set_number_of_retries(1);
+            *guard = Some(self.client.get_connection_manager_with_config(config).await?);
+        }
+        let Some(connection) = guard.as_mut() else {
+            unreachable!("set just above")
+        };
+        redis::Script::new(GCRA).key(&self.key).arg(self.interval_us).invoke_async(connection).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_second_tokens_span_more_than_a_second() {
+        for n in [1u32, 5, 200, 1000] {
+            let n = NonZeroU32::new(n).unwrap();
+            let span = pacing_interval(n) * (n.get() - 1);
+            // n tokens: the first at 0, the n-th at span; the (n+1)-th must fall outside
+            // any one-second window that holds the first.
+            assert!(pacing_interval(n) * n.get() >= Duration::from_secs(1) + GUARD - Duration::from_micros(n.get() as u64));
+            assert!(span < Duration::from_secs(1) + GUARD);
+        }
+    }
+
+    #[tokio::test]
+    async fn throttling_halves_the_rate_once_per_burst_and_it_recovers() {
+        let gauge = Gauge::new("g", "g").unwrap();
+        let per_second = NonZeroU32::new(200).unwrap();
+        let b = Budget::new(&BudgetBackend::Local, per_second, per_second, "k".into(), gauge.clone()).unwrap();
+        b.throttled();
+        b.throttled();
+        let rate = b.effective_rate();
+        assert!((99.0..=101.0).contains(&rate), "{rate}");
+        assert!(b.interval() >= Duration::from_millis(9));
+        b.pace(|p| p.updated -= RECOVERY);
+        assert_eq!(b.effective_rate(), 200.0);
+        assert_eq!(gauge.get(), 200.0);
+    }
+}

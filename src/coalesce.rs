@@ -1,0 +1,592 @@
+//! Coalescing and batching (SPEC 5.2) and the queue that spends the budget (SPEC 5.3),
+//! for one (app, API).
+//!
+//! It owns three things, all under one short-held lock:
+//! - the **in-flight table**: every (GroupId, MsgSeq) being fetched, and the batch whose
+//!   answer will carry it. *Invariant: a key is in at most one batch at a time*, so there
+//!   is never a second fetch in flight for it; a later request waits for that batch.
+//! - the **open batches**: per group, the MsgSeqs not yet sent. A batch is *ready* when
+//!   it holds `max_seqs` or `window` has passed since it opened; until the dispatcher
+//!   sends it, it keeps taking more MsgSeqs of its group.
+//! - the **queue** of ready work, ordered by the earliest deadline among each batch's
+//!   callers (and retry permits by their batch's deadline). The dispatcher takes one
+//!   token from the [`Budget`] at a time and spends it on the head of the queue.
+//!
+//! And the **group cohorts**: which of a group's MsgSeqs were read lately and when they
+//! were fetched, so a call can be topped up with the group's other messages that are
+//! about to expire and the group refreshes in one call per TTL.
+//!
+//! It knows nothing of HTTP or Tencent: a dispatched batch is handed to a callback
+//! (`fetch::run`), which reports back through [`Coalescer::complete`].
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use prometheus::Histogram;
+use tokio::sync::{Notify, oneshot, watch};
+
+use crate::budget::Budget;
+use crate::domain::{GroupId, MsgSeq, Receipt};
+
+/// Why an item could not be answered from upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// Tencent's answer about the whole group (10007, 10010, 10015): passed through.
+    Group { code: i64, info: String },
+    /// Tencent refused this MsgSeq (a 10004 isolated by splitting): passed through.
+    Rejected { code: i64, info: String },
+    /// Tencent kept throttling until the deadline.
+    Throttled,
+    /// Transport errors, 5xx or retryable codes until retries or the deadline ran out,
+    /// or a code that is not retried.
+    Unavailable(String),
+    /// Nobody waited any more, so the batch was never sent.
+    Expired,
+}
+
+/// The result of one batch, shared by every caller that waited for it.
+#[derive(Debug)]
+pub struct BatchOutcome {
+    /// When the (first) call of the batch started; `no-cache` callers need a later one.
+    pub started: Instant,
+    /// When the answer arrived; `Age` counts from here.
+    pub fetched_at: Instant,
+    /// Sorted by MsgSeq.
+    pub items: Vec<(MsgSeq, Result<Receipt, Failure>)>,
+}
+
+impl BatchOutcome {
+    pub fn get(&self, seq: MsgSeq) -> Option<&Result<Receipt, Failure>> {
+        self.items.binary_search_by_key(&seq, |(s, _)| *s).ok().map(|i| &self.items[i].1)
+    }
+}
+
+/// A caller's handle on the batch that will answer one of its MsgSeqs.
+pub type Waiter = watch::Receiver<Option<Arc<BatchOutcome>>>;
+
+/// Did this caller put the MsgSeq in a batch, or join one that already had it?
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Joined {
+    Fetched,
+    Coalesced,
+}
+
+/// The queue ahead is too long to serve this request before its deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Overloaded {
+    /// When the queue will have drained enough to serve a new request.
+    pub retry_after: Duration,
+}
+
+/// A batch the dispatcher has paid a token for, ready to be sent.
+#[derive(Debug)]
+pub struct Dispatch {
+    pub id: u64,
+    pub group: GroupId,
+    /// Distinct MsgSeqs: the callers' first, then the cohort top-up.
+    pub seqs: Vec<MsgSeq>,
+    /// How many of `seqs` callers asked for (the rest are top-up).
+    pub requested: usize,
+    /// The latest deadline among its callers: retries stop there.
+    pub deadline: Instant,
+    pub tx: watch::Sender<Option<Arc<BatchOutcome>>>,
+}
+
+/// Batching parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchPolicy {
+    pub window: Duration,
+    pub max_seqs: usize,
+    /// Cache TTL: top-up takes messages within half of it from expiry.
+    pub ttl: Duration,
+}
+
+/// How long a read keeps a message in its group's cohort. SPEC 5.2 says "read since last
+/// fetched"; with reads arriving at random that drops a few messages of every group out of
+/// each refresh, and each then costs a call of its own. Four TTLs of memory keeps a
+/// steadily read group in one call per TTL while still letting messages nobody reads go.
+const COHORT_MEMORY_TTLS: u32 = 4;
+/// How often forgotten cohort entries and idle groups are swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+pub struct Coalescer {
+    state: Mutex<State>,
+    wake: Notify,
+    policy: BatchPolicy,
+    /// Smoothed upstream call latency (µs), for admission decisions.
+    latency_us: AtomicU64,
+}
+
+#[derive(Default)]
+struct State {
+    groups: HashMap<GroupId, GroupState>,
+    open: HashMap<u64, OpenBatch>,
+    permits: HashMap<u64, Permit>,
+    /// Open batches and permits by (deadline, id): the dispatch order.
+    queue: BTreeSet<(Instant, u64)>,
+    next_id: u64,
+    next_sweep: Option<Instant>,
+}
+
+#[derive(Default)]
+struct GroupState {
+    /// This group's open batches, oldest first; only the last can have room.
+    open: Vec<u64>,
+    inflight: HashMap<MsgSeq, (u64, Waiter)>,
+    cohort: HashMap<MsgSeq, Cohort>,
+}
+
+impl GroupState {
+    fn is_idle(&self) -> bool {
+        self.open.is_empty() && self.inflight.is_empty() && self.cohort.is_empty()
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Cohort {
+    fetched_at: Option<Instant>,
+    last_read: Instant,
+}
+
+struct OpenBatch {
+    group: GroupId,
+    seqs: Vec<MsgSeq>,
+    /// When it becomes ready: `window` after opening, or when it filled up.
+    ready_at: Instant,
+    min_deadline: Instant,
+    max_deadline: Instant,
+    tx: watch::Sender<Option<Arc<BatchOutcome>>>,
+}
+
+struct Permit {
+    tx: oneshot::Sender<()>,
+    since: Instant,
+}
+
+/// What the dispatcher does next.
+enum Next {
+    Ready,
+    At(Instant),
+    Idle,
+}
+
+/// A unit of work that a token was spent on.
+pub enum Job {
+    Batch(Dispatch),
+    Permit(oneshot::Sender<()>),
+}
+
+impl Coalescer {
+    pub fn new(policy: BatchPolicy) -> Self {
+        Self { state: Mutex::default(), wake: Notify::new(), policy, latency_us: AtomicU64::new(0) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // The state stays consistent between statements, so a panic elsewhere while it
+        // was held leaves nothing half-done worth refusing service over.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Puts `misses` (distinct MsgSeqs of one group) in flight for a caller with
+    /// `deadline`, joining batches that already carry them. Refuses when the queue ahead
+    /// cannot reach a new batch before the deadline, given one token per `interval`.
+    pub fn join(
+        &self,
+        group: &GroupId,
+        misses: &[MsgSeq],
+        deadline: Instant,
+        interval: Duration,
+    ) -> Result<Vec<(MsgSeq, Waiter, Joined)>, Overloaded> {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let State { groups, open, queue, next_id, .. } = &mut *st;
+        let g = groups.entry(group.clone()).or_default();
+        // A batch whose task died without answering cannot be waited on: forget it.
+        g.inflight.retain(|_, (_, w)| w.has_changed().is_ok());
+        let needs_new_work = misses.iter().any(|s| match g.inflight.get(s) {
+            None => true,
+            Some((id, _)) => open.contains_key(id),
+        });
+        if needs_new_work {
+            let ahead = queue.range(..=(deadline, u64::MAX)).count() as u32;
+            let expected = now + self.policy.window + interval * ahead + self.latency();
+            if expected > deadline {
+                let drain = interval * queue.len() as u32 + self.latency();
+                return Err(Overloaded { retry_after: drain });
+            }
+        }
+        let mut joined = Vec::with_capacity(misses.len());
+        let mut opened = false;
+        for &seq in misses {
+            g.cohort.entry(seq).or_insert(Cohort { fetched_at: None, last_read: now }).last_read = now;
+            if let Some((id, waiter)) = g.inflight.get(&seq) {
+                if let Some(batch) = open.get_mut(id) {
+                    batch.add_caller(*id, deadline, queue);
+                }
+                joined.push((seq, waiter.clone(), Joined::Coalesced));
+                continue;
+            }
+            let room = g.open.last().copied().filter(|id| open.get(id).is_some_and(|b| b.seqs.len() < self.policy.max_seqs));
+            let id = match room {
+                Some(id) => id,
+                None => {
+                    *next_id += 1;
+                    let id = *next_id;
+                    let (tx, _) = watch::channel(None);
+                    open.insert(
+                        id,
+                        OpenBatch {
+                            group: group.clone(),
+                            seqs: Vec::new(),
+                            ready_at: now + self.policy.window,
+                            min_deadline: deadline,
+                            max_deadline: deadline,
+                            tx,
+                        },
+                    );
+                    queue.insert((deadline, id));
+                    g.open.push(id);
+                    opened = true;
+                    id
+                }
+            };
+            let Some(batch) = open.get_mut(&id) else { continue };
+            batch.add_caller(id, deadline, queue);
+            batch.seqs.push(seq);
+            if batch.seqs.len() >= self.policy.max_seqs {
+                batch.ready_at = batch.ready_at.min(now);
+                opened = true;
+            }
+            let waiter = batch.tx.subscribe();
+            g.inflight.insert(seq, (id, waiter.clone()));
+            joined.push((seq, waiter, Joined::Fetched));
+        }
+        drop(st);
+        if opened {
+            self.wake.notify_one();
+        }
+        Ok(joined)
+    }
+
+    /// Queues a request for one token (a retry or a split half of a dispatched batch),
+    /// ordered by `deadline` like batches are.
+    pub fn permit(&self, deadline: Instant) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        let mut st = self.lock();
+        st.next_id += 1;
+        let id = st.next_id;
+        st.permits.insert(id, Permit { tx, since: Instant::now() });
+        st.queue.insert((deadline, id));
+        drop(st);
+        self.wake.notify_one();
+        rx
+    }
+
+    /// Records that a cached item was read for the first time since it was fetched.
+    pub fn mark_read(&self, group: &GroupId, seq: MsgSeq, fetched_at: Instant) {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let cohort = st.groups.entry(group.clone()).or_default().cohort.entry(seq);
+        let c = cohort.or_insert(Cohort { fetched_at: Some(fetched_at), last_read: now });
+        c.last_read = now;
+        c.fetched_at = Some(c.fetched_at.map_or(fetched_at, |f| f.max(fetched_at)));
+    }
+
+    /// A dispatched batch has its answer: take its keys out of flight and note when its
+    /// messages were fetched. Call after the answers are in the cache, so no request can
+    /// slip between the two and fetch a key again.
+    pub fn complete(&self, batch: &Dispatch, outcome: &BatchOutcome) {
+        let mut st = self.lock();
+        let Some(g) = st.groups.get_mut(&batch.group) else { return };
+        for (seq, result) in &outcome.items {
+            if g.inflight.get(seq).is_some_and(|(id, _)| *id == batch.id) {
+                g.inflight.remove(seq);
+            }
+            if let (Ok(receipt), Some(c)) = (result, g.cohort.get_mut(seq))
+                && !receipt.is_negative()
+            {
+                c.fetched_at = Some(outcome.fetched_at);
+            }
+        }
+        for seq in &batch.seqs {
+            if g.inflight.get(seq).is_some_and(|(id, _)| *id == batch.id) {
+                g.inflight.remove(seq);
+            }
+        }
+    }
+
+    /// Feeds the latency estimate used for admission (an exponential moving average).
+    pub fn observe_latency(&self, d: Duration) {
+        let sample = d.as_micros().min(u64::MAX as u128) as u64;
+        let old = self.latency_us.load(Ordering::Relaxed);
+        let new = if old == 0 { sample } else { (old * 7 + sample) / 8 };
+        self.latency_us.store(new, Ordering::Relaxed);
+    }
+
+    fn latency(&self) -> Duration {
+        Duration::from_micros(self.latency_us.load(Ordering::Relaxed))
+    }
+
+    /// The dispatcher: forever, wait for ready work, take a token, spend it on the most
+    /// urgent ready batch or permit. Owned and aborted by the gateway's task set.
+    pub async fn dispatch_loop(
+        self: Arc<Self>,
+        budget: Arc<Budget>,
+        budget_wait: Histogram,
+        mut run: impl FnMut(Dispatch) + Send,
+    ) {
+        loop {
+            loop {
+                let next = self.lock().next(Instant::now(), &self.policy);
+                match next {
+                    Next::Ready => break,
+                    Next::At(t) => {
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(t.into()) => {}
+                            _ = self.wake.notified() => {}
+                        }
+                    }
+                    Next::Idle => self.wake.notified().await,
+                }
+            }
+            budget.acquire().await;
+            let job = self.lock().pop(Instant::now(), &self.policy, &budget_wait);
+            match job {
+                Some(Job::Batch(dispatch)) => run(dispatch),
+                // A retry whose caller gave up meanwhile: the token is spent, as it must
+                // be counted anyway (we cannot un-take it from Redis).
+                Some(Job::Permit(tx)) => drop(tx.send(())),
+                None => {}
+            }
+        }
+    }
+
+    /// Counts of open batches, permits, and keys in flight (for tests and debugging).
+    pub fn sizes(&self) -> (usize, usize, usize) {
+        let st = self.lock();
+        (st.open.len(), st.permits.len(), st.groups.values().map(|g| g.inflight.len()).sum())
+    }
+}
+
+impl OpenBatch {
+    /// Widens the batch's deadlines for one more caller, re-queueing it if it became
+    /// more urgent.
+    fn add_caller(&mut self, id: u64, deadline: Instant, queue: &mut BTreeSet<(Instant, u64)>) {
+        if deadline < self.min_deadline {
+            queue.remove(&(self.min_deadline, id));
+            queue.insert((deadline, id));
+            self.min_deadline = deadline;
+        }
+        self.max_deadline = self.max_deadline.max(deadline);
+    }
+
+    fn is_ready(&self, now: Instant, policy: &BatchPolicy) -> bool {
+        self.ready_at <= now || self.seqs.len() >= policy.max_seqs
+    }
+}
+
+impl State {
+    /// Drops batches nobody waits for any more and tells when work is next ready.
+    fn next(&mut self, now: Instant, policy: &BatchPolicy) -> Next {
+        self.sweep(now, policy);
+        let mut expired = Vec::new();
+        let mut earliest: Option<Instant> = None;
+        let mut ready = false;
+        for &(_, id) in &self.queue {
+            if self.permits.contains_key(&id) {
+                ready = true;
+                break;
+            }
+            let Some(b) = self.open.get(&id) else { continue };
+            if b.max_deadline < now {
+                expired.push(id);
+            } else if b.is_ready(now, policy) {
+                ready = true;
+                break;
+            } else {
+                earliest = Some(earliest.map_or(b.ready_at, |e| e.min(b.ready_at)));
+            }
+        }
+        for id in expired {
+            self.expire(id, now);
+        }
+        match (ready, earliest) {
+            (true, _) => Next::Ready,
+            (false, Some(t)) => Next::At(t),
+            (false, None) => Next::Idle,
+        }
+    }
+
+    /// Takes the most urgent ready job off the queue.
+    fn pop(&mut self, now: Instant, policy: &BatchPolicy, budget_wait: &Histogram) -> Option<Job> {
+        let (key, id) = self.queue.iter().copied().find(|&(_, id)| {
+            self.permits.contains_key(&id) || self.open.get(&id).is_some_and(|b| b.is_ready(now, policy))
+        })?;
+        self.queue.remove(&(key, id));
+        if let Some(permit) = self.permits.remove(&id) {
+            budget_wait.observe(now.saturating_duration_since(permit.since).as_secs_f64());
+            return Some(Job::Permit(permit.tx));
+        }
+        let batch = self.open.remove(&id)?;
+        budget_wait.observe(now.saturating_duration_since(batch.ready_at).as_secs_f64());
+        let g = self.groups.entry(batch.group.clone()).or_default();
+        g.open.retain(|&other| other != id);
+        let requested = batch.seqs.len();
+        let mut seqs = batch.seqs;
+        let room = policy.max_seqs.saturating_sub(seqs.len());
+        if room > 0 {
+            // Group cohort top-up: read lately, not in flight, within half a TTL of expiry.
+            let horizon = now + policy.ttl / 2;
+            let memory = policy.ttl * COHORT_MEMORY_TTLS;
+            let mut candidates: Vec<(Instant, MsgSeq)> = g
+                .cohort
+                .iter()
+                .filter(|(seq, c)| {
+                    now.saturating_duration_since(c.last_read) <= memory
+                        && c.fetched_at.is_some_and(|f| f + policy.ttl <= horizon)
+                        && !g.inflight.contains_key(seq)
+                })
+                .filter_map(|(seq, c)| Some((c.fetched_at?, *seq)))
+                .collect();
+            candidates.sort_unstable();
+            for (_, seq) in candidates.into_iter().take(room) {
+                seqs.push(seq);
+                g.inflight.insert(seq, (id, batch.tx.subscribe()));
+            }
+        }
+        Some(Job::Batch(Dispatch {
+            id,
+            group: batch.group,
+            seqs,
+            requested,
+            deadline: batch.max_deadline,
+            tx: batch.tx,
+        }))
+    }
+
+    /// Resolves an open batch that lost all its callers, without spending a token.
+    fn expire(&mut self, id: u64, now: Instant) {
+        let Some(batch) = self.open.remove(&id) else { return };
+        self.queue.remove(&(batch.min_deadline, id));
+        if let Some(g) = self.groups.get_mut(&batch.group) {
+            g.open.retain(|&other| other != id);
+            for seq in &batch.seqs {
+                if g.inflight.get(seq).is_some_and(|(owner, _)| *owner == id) {
+                    g.inflight.remove(seq);
+                }
+            }
+        }
+        let items = batch.seqs.iter().map(|&s| (s, Err(Failure::Expired))).collect::<Vec<_>>();
+        let mut items = items;
+        items.sort_unstable_by_key(|(s, _)| *s);
+        let _ = batch.tx.send(Some(Arc::new(BatchOutcome { started: now, fetched_at: now, items })));
+    }
+
+    /// Forgets cohort entries nobody read lately and groups with nothing left.
+    fn sweep(&mut self, now: Instant, policy: &BatchPolicy) {
+        if self.next_sweep.is_some_and(|t| now < t) {
+            return;
+        }
+        self.next_sweep = Some(now + SWEEP_EVERY);
+        let memory = policy.ttl * COHORT_MEMORY_TTLS;
+        self.groups.retain(|_, g| {
+            g.cohort.retain(|_, c| now.saturating_duration_since(c.last_read) <= memory);
+            !g.is_idle()
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(max_seqs: usize) -> BatchPolicy {
+        BatchPolicy { window: Duration::from_millis(2), max_seqs, ttl: Duration::from_secs(1) }
+    }
+
+    fn group(name: &str) -> GroupId {
+        GroupId::parse(name).unwrap()
+    }
+
+    fn seqs(r: std::ops::Range<u64>) -> Vec<MsgSeq> {
+        r.map(MsgSeq).collect()
+    }
+
+    fn hist() -> Histogram {
+        Histogram::with_opts(prometheus::HistogramOpts::new("h", "h")).unwrap()
+    }
+
+    #[test]
+    fn concurrent_misses_for_a_group_share_batches_of_max_seqs() {
+        let c = Coalescer::new(policy(4));
+        let far = Instant::now() + Duration::from_secs(10);
+        let a = c.join(&group("g"), &seqs(0..3), far, Duration::ZERO).unwrap();
+        let b = c.join(&group("g"), &seqs(2..6), far, Duration::ZERO).unwrap();
+        assert!(a.iter().all(|(_, _, j)| *j == Joined::Fetched));
+        let kinds: Vec<_> = b.iter().map(|(_, _, j)| *j).collect();
+        assert_eq!(kinds, [Joined::Coalesced, Joined::Fetched, Joined::Fetched, Joined::Fetched]);
+        // 6 distinct MsgSeqs in batches of at most 4: two batches, no key twice.
+        assert_eq!(c.sizes(), (2, 0, 6));
+    }
+
+    #[test]
+    fn the_most_urgent_ready_batch_goes_first() {
+        let c = Coalescer::new(policy(1));
+        let now = Instant::now();
+        c.join(&group("late"), &seqs(0..1), now + Duration::from_secs(9), Duration::ZERO).unwrap();
+        c.join(&group("soon"), &seqs(0..1), now + Duration::from_secs(5), Duration::ZERO).unwrap();
+        let mut st = c.lock();
+        let Some(Job::Batch(first)) = st.pop(Instant::now(), &c.policy, &hist()) else { panic!("no batch") };
+        assert_eq!(first.group, group("soon"));
+    }
+
+    #[test]
+    fn a_request_that_cannot_make_its_deadline_is_refused_with_a_retry_after() {
+        let c = Coalescer::new(policy(1));
+        let now = Instant::now();
+        for i in 0..10 {
+            c.join(&group(&format!("g{i}")), &seqs(0..1), now + Duration::from_secs(5), Duration::ZERO).unwrap();
+        }
+        let urgent = c.join(&group("new"), &seqs(0..1), now + Duration::from_millis(500), Duration::from_millis(100));
+        assert!(urgent.is_ok(), "nothing is ahead of an earlier deadline");
+        let err = c
+            .join(&group("new2"), &seqs(0..1), now + Duration::from_secs(6), Duration::from_secs(1))
+            .unwrap_err();
+        assert!(err.retry_after >= Duration::from_secs(11), "{err:?}");
+    }
+
+    #[test]
+    fn batches_nobody_waits_for_are_dropped_without_a_token() {
+        let c = Coalescer::new(policy(1));
+        let soon = Instant::now() + Duration::from_millis(4);
+        let joined = c.join(&group("g"), &seqs(0..1), soon, Duration::ZERO).unwrap();
+        std::thread::sleep(Duration::from_millis(6));
+        let next = c.lock().next(Instant::now(), &c.policy);
+        assert!(matches!(next, Next::Idle));
+        let outcome = joined[0].1.borrow().clone().unwrap();
+        assert_eq!(outcome.items, vec![(MsgSeq(0), Err(Failure::Expired))]);
+        assert_eq!(c.sizes(), (0, 0, 0));
+    }
+
+    #[test]
+    fn dispatch_tops_up_with_read_messages_near_expiry_only() {
+        let c = Coalescer::new(policy(10));
+        let g = group("g");
+        let now = Instant::now();
+        let old = now - Duration::from_millis(700);
+        let young = now - Duration::from_millis(100);
+        c.mark_read(&g, MsgSeq(1), old); // read, expires within ttl/2: topped up
+        c.mark_read(&g, MsgSeq(2), young); // read, but fresh for long: not
+        c.join(&g, &[MsgSeq(9)], now + Duration::from_secs(5), Duration::ZERO).unwrap();
+        let later = Instant::now() + Duration::from_millis(5);
+        let Some(Job::Batch(d)) = c.lock().pop(later, &c.policy, &hist()) else { panic!("no batch") };
+        assert_eq!(d.seqs, vec![MsgSeq(9), MsgSeq(1)]);
+        assert_eq!(d.requested, 1);
+        // The topped-up key is now in flight: a caller joins this batch.
+        let j = c.join(&g, &[MsgSeq(1)], now + Duration::from_secs(5), Duration::ZERO).unwrap();
+        assert_eq!(j[0].2, Joined::Coalesced);
+    }
+}

@@ -1,0 +1,545 @@
+//! The configuration file (SPEC 6.2): its TOML schema with every default in one place,
+//! and `validate()`, which turns it into typed values or an error that names the key.
+//!
+//! Secrets are resolved here, once, from the environment variable or file the config
+//! names; the file itself never holds one. A `Config` that exists is a valid one: the
+//! rest of the gateway does not re-check it.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::Uri;
+use serde::Deserialize;
+
+use crate::domain::{AppId, Region};
+use crate::usersig::SecretKey;
+
+/// A configuration problem, naming the key and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Parse(String),
+    #[error("{key}: {problem}")]
+    Invalid { key: String, problem: String },
+}
+
+fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), problem: problem.into() }
+}
+
+// ---- the file, as written ----
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawConfig {
+    server: RawServer,
+    cache: RawCache,
+    batch: RawBatch,
+    upstream: RawUpstream,
+    budget: RawBudget,
+    apps: Vec<RawApp>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, default)]
+struct RawServer {
+    listen: String,
+    admin_listen: String,
+    request_timeout_ms: u64,
+    max_body_bytes: u64,
+    max_request_seqs: u64,
+    shutdown_grace_ms: u64,
+    client_id_header: String,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8080".into(),
+            admin_listen: "0.0.0.0:9090".into(),
+            request_timeout_ms: 2000,
+            max_body_bytes: 65536,
+            max_request_seqs: 1000,
+            shutdown_grace_ms: 20000,
+            client_id_header: "x-client-id".into(),
+        }
+    }
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, default)]
+struct RawCache {
+    ttl_ms: u64,
+    stale_ms: u64,
+    negative_ttl_ms: u64,
+    max_entries: u64,
+}
+
+impl Default for RawCache {
+    fn default() -> Self {
+        Self { ttl_ms: 1000, stale_ms: 60000, negative_ttl_ms: 1000, max_entries: 1_000_000 }
+    }
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, default)]
+struct RawBatch {
+    window_ms: u64,
+    max_seqs: u64,
+}
+
+impl Default for RawBatch {
+    fn default() -> Self {
+        Self { window_ms: 2, max_seqs: 50 }
+    }
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, default)]
+struct RawUpstream {
+    timeout_ms: u64,
+    max_retries: u32,
+}
+
+impl Default for RawUpstream {
+    fn default() -> Self {
+        Self { timeout_ms: 3000, max_retries: 2 }
+    }
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, default)]
+struct RawBudget {
+    per_second: u64,
+    backend: String,
+    redis_url: String,
+    redis_key_prefix: String,
+    fallback_per_second: u64,
+}
+
+impl Default for RawBudget {
+    fn default() -> Self {
+        Self {
+            per_second: 200,
+            backend: "local".into(),
+            redis_url: "redis://127.0.0.1:6379/0".into(),
+            redis_key_prefix: "receipt-gateway".into(),
+            fallback_per_second: 50,
+        }
+    }
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawApp {
+    sdkappid: Option<u64>,
+    region: Option<Region>,
+    identifier: Option<String>,
+    secret_key_env: Option<String>,
+    secret_key_file: Option<PathBuf>,
+    endpoint: Option<String>,
+    #[serde(default = "default_usersig_ttl")]
+    usersig_ttl_s: u64,
+}
+
+fn default_usersig_ttl() -> u64 {
+    86400
+}
+
+// ---- the validated configuration ----
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub cache: CacheConfig,
+    pub batch: BatchConfig,
+    pub upstream: UpstreamConfig,
+    pub budget: BudgetConfig,
+    pub apps: Vec<AppConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub request_timeout: Duration,
+    pub max_body_bytes: usize,
+    pub max_request_seqs: usize,
+    pub shutdown_grace: Duration,
+    pub client_id_header: http::HeaderName,
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    pub ttl: Duration,
+    pub stale: Duration,
+    pub negative_ttl: Duration,
+    pub max_entries: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct BatchConfig {
+    pub window: Duration,
+    pub max_seqs: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub timeout: Duration,
+    pub max_retries: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct BudgetConfig {
+    pub per_second: NonZeroU32,
+    pub backend: BudgetBackend,
+    pub fallback_per_second: NonZeroU32,
+}
+
+/// Where upstream call tokens come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BudgetBackend {
+    /// One in-process limiter per (app, API): right for a single replica.
+    Local,
+    /// One Redis-held budget shared by every replica.
+    Redis { url: String, key_prefix: String },
+}
+
+/// One configured app, secrets resolved.
+#[derive(Debug, Clone)]
+pub struct AppConfig {
+    pub id: AppId,
+    pub region: Option<Region>,
+    pub identifier: String,
+    pub secret: SecretKey,
+    /// Scheme and authority (plus an optional path prefix) that calls go to.
+    pub endpoint: String,
+    pub usersig_ttl: Duration,
+}
+
+/// Where the secrets named by a config come from; tests substitute their own.
+pub trait SecretSource {
+    fn env(&self, name: &str) -> Option<String>;
+    fn file(&self, path: &Path) -> std::io::Result<String>;
+}
+
+/// The process environment and file system.
+pub struct ProcessSecrets;
+
+impl SecretSource for ProcessSecrets {
+    fn env(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+
+    fn file(&self, path: &Path) -> std::io::Result<String> {
+        std::fs::read_to_string(path)
+    }
+}
+
+impl Config {
+    /// Reads and validates a file, with secrets from the process environment.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::parse(&text, &ProcessSecrets)
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str, secrets: &dyn SecretSource) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        raw.validate(secrets)
+    }
+}
+
+fn millis(key: &str, ms: u64, min: u64) -> Result<Duration, ConfigError> {
+    if ms < min {
+        return Err(invalid(key, format!("must be at least {min}")));
+    }
+    Ok(Duration::from_millis(ms))
+}
+
+fn addr(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+    text.parse().map_err(|_| invalid(key, format!("{text:?} is not an IP:port address")))
+}
+
+fn in_range(key: &str, value: u64, min: u64, max: u64) -> Result<u64, ConfigError> {
+    if value < min || value > max {
+        return Err(invalid(key, format!("{value} is outside {min}..={max}")));
+    }
+    Ok(value)
+}
+
+fn rate(key: &str, value: u64) -> Result<NonZeroU32, ConfigError> {
+    let value = in_range(key, value, 1, 1_000_000)?;
+    // in_range bounds it to 1..=1_000_000, which fits a NonZeroU32.
+    NonZeroU32::new(value as u32).ok_or_else(|| invalid(key, "must be at least 1"))
+}
+
+impl RawConfig {
+    fn validate(self, secrets: &dyn SecretSource) -> Result<Config, ConfigError> {
+        let s = self.server;
+        let server = ServerConfig {
+            listen: addr("server.listen", &s.listen)?,
+            admin_listen: addr("server.admin_listen", &s.admin_listen)?,
+            request_timeout: millis("server.request_timeout_ms", s.request_timeout_ms, 1)?,
+            max_body_bytes: in_range("server.max_body_bytes", s.max_body_bytes, 64, 64 << 20)?
+                as usize,
+            max_request_seqs: in_range("server.max_request_seqs", s.max_request_seqs, 1, 100_000)?
+                as usize,
+            shutdown_grace: millis("server.shutdown_grace_ms", s.shutdown_grace_ms, 0)?,
+            client_id_header: http::HeaderName::from_bytes(s.client_id_header.as_bytes())
+                .map_err(|_| invalid("server.client_id_header", "is not a valid header name"))?,
+        };
+        let c = self.cache;
+        let cache = CacheConfig {
+            ttl: millis("cache.ttl_ms", c.ttl_ms, 1)?,
+            stale: millis("cache.stale_ms", c.stale_ms, 0)?,
+            negative_ttl: millis("cache.negative_ttl_ms", c.negative_ttl_ms, 0)?,
+            max_entries: in_range("cache.max_entries", c.max_entries, 1, 1 << 32)?,
+        };
+        let batch = BatchConfig {
+            window: millis("batch.window_ms", self.batch.window_ms, 0)?,
+            max_seqs: in_range("batch.max_seqs", self.batch.max_seqs, 1, 1000)? as usize,
+        };
+        let upstream = UpstreamConfig {
+            timeout: millis("upstream.timeout_ms", self.upstream.timeout_ms, 1)?,
+            max_retries: in_range("upstream.max_retries", self.upstream.max_retries.into(), 0, 10)?
+                as u32,
+        };
+        let budget = self.budget.validate()?;
+        if self.apps.is_empty() {
+            return Err(invalid("apps", "at least one [[apps]] entry is required"));
+        }
+        let mut seen = HashSet::new();
+        let mut apps = Vec::with_capacity(self.apps.len());
+        for (i, raw) in self.apps.into_iter().enumerate() {
+            let app = raw.validate(i, secrets)?;
+            if !seen.insert(app.id) {
+                return Err(invalid(format!("apps[{i}].sdkappid"), format!("{} is configured twice", app.id)));
+            }
+            apps.push(app);
+        }
+        Ok(Config { server, cache, batch, upstream, budget, apps })
+    }
+}
+
+impl RawBudget {
+    fn validate(self) -> Result<BudgetConfig, ConfigError> {
+        let per_second = rate("budget.per_second", self.per_second)?;
+        let fallback_per_second = rate("budget.fallback_per_second", self.fallback_per_second)?;
+        if fallback_per_second > per_second {
+            return Err(invalid(
+                "budget.fallback_per_second",
+                "must not exceed budget.per_second (it is one replica's share while Redis is down)",
+            ));
+        }
+        let backend = match self.backend.as_str() {
+            "local" => BudgetBackend::Local,
+            "redis" => {
+                if !(self.redis_url.starts_with("redis://")
+                    || self.redis_url.starts_with("rediss://")
+                    || self.redis_url.starts_with("redis+unix://")
+                    || self.redis_url.starts_with("unix://"))
+                {
+                    return Err(invalid("budget.redis_url", "must be a redis://, rediss:// or unix:// URL"));
+                }
+                if self.redis_key_prefix.is_empty() {
+                    return Err(invalid("budget.redis_key_prefix", "must not be empty"));
+                }
+                BudgetBackend::Redis { url: self.redis_url, key_prefix: self.redis_key_prefix }
+            }
+            other => {
+                return Err(invalid("budget.backend", format!("{other:?} is neither \"local\" nor \"redis\"")));
+            }
+        };
+        Ok(BudgetConfig { per_second, backend, fallback_per_second })
+    }
+}
+
+impl RawApp {
+    fn validate(self, i: usize, secrets: &dyn SecretSource) -> Result<AppConfig, ConfigError> {
+        let key = |field: &str| format!("apps[{i}].{field}");
+        let id = AppId(self.sdkappid.ok_or_else(|| invalid(key("sdkappid"), "is required"))?);
+        let identifier = self.identifier.ok_or_else(|| invalid(key("identifier"), "is required"))?;
+        if identifier.is_empty() {
+            return Err(invalid(key("identifier"), "must not be empty"));
+        }
+        let endpoint = match (&self.endpoint, self.region) {
+            (Some(endpoint), _) => parse_endpoint(endpoint).map_err(|p| invalid(key("endpoint"), p))?,
+            (None, Some(region)) => format!("https://{}", region.domain()),
+            (None, None) => return Err(invalid(key("region"), "is required unless endpoint is set")),
+        };
+        let secret = match (self.secret_key_env, self.secret_key_file) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(key("secret_key_env"), "set secret_key_env or secret_key_file, not both"));
+            }
+            (Some(var), None) => secrets
+                .env(&var)
+                .ok_or_else(|| invalid(key("secret_key_env"), format!("environment variable {var} is not set")))?,
+            (None, Some(path)) => secrets
+                .file(&path)
+                .map_err(|e| invalid(key("secret_key_file"), format!("cannot read {}: {e}", path.display())))?,
+            (None, None) => secrets.env("TENCENT_IM_SECRET_KEY").ok_or_else(|| {
+                invalid(key("secret_key_env"), "environment variable TENCENT_IM_SECRET_KEY is not set")
+            })?,
+        };
+        // Files written by editors and `kubectl create secret --from-file` end in a newline
+        // that is not part of the key.
+        let secret = secret.trim();
+        if secret.is_empty() {
+            return Err(invalid(key("secret_key_env"), "the secret key is empty"));
+        }
+        let usersig_ttl = in_range(&key("usersig_ttl_s"), self.usersig_ttl_s, 60, 180 * 86400)?;
+        Ok(AppConfig {
+            id,
+            region: self.region,
+            identifier,
+            secret: SecretKey::new(secret),
+            endpoint,
+            usersig_ttl: Duration::from_secs(usersig_ttl),
+        })
+    }
+}
+
+/// Accepts `http(s)://authority[/prefix]` and returns it without a trailing slash.
+fn parse_endpoint(text: &str) -> Result<String, String> {
+    let uri: Uri = text.parse().map_err(|_| format!("{text:?} is not a URL"))?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        _ => return Err(format!("{text:?} must start with http:// or https://")),
+    }
+    if uri.authority().is_none() {
+        return Err(format!("{text:?} has no host"));
+    }
+    if uri.query().is_some() {
+        return Err(format!("{text:?} must not have a query"));
+    }
+    Ok(text.trim_end_matches('/').to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    struct FakeSecrets(HashMap<&'static str, &'static str>);
+
+    impl SecretSource for FakeSecrets {
+        /// Every variable is set except `NOPE`.
+        fn env(&self, name: &str) -> Option<String> {
+            (name != "NOPE").then(|| self.0.get(name).unwrap_or(&"k0").to_string())
+        }
+        fn file(&self, path: &Path) -> std::io::Result<String> {
+            self.0
+                .get(path.to_str().unwrap_or_default())
+                .map(|v| format!("{v}\n"))
+                .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
+        }
+    }
+
+    fn secrets() -> FakeSecrets {
+        FakeSecrets(HashMap::from([("TENCENT_IM_SECRET_KEY", "k1"), ("/run/key", "k2")]))
+    }
+
+    const MINIMAL: &str = r#"
+        [[apps]]
+        sdkappid = 1400000000
+        region = "singapore"
+        identifier = "administrator"
+    "#;
+
+    fn error_of(text: &str) -> String {
+        Config::parse(text, &secrets()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let c = Config::parse(MINIMAL, &secrets()).unwrap();
+        assert_eq!(c.server.listen, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(c.server.admin_listen, "0.0.0.0:9090".parse().unwrap());
+        assert_eq!(c.server.request_timeout, Duration::from_millis(2000));
+        assert_eq!((c.server.max_body_bytes, c.server.max_request_seqs), (65536, 1000));
+        assert_eq!(c.server.shutdown_grace, Duration::from_secs(20));
+        assert_eq!(c.server.client_id_header.as_str(), "x-client-id");
+        assert_eq!(c.cache.ttl, Duration::from_millis(1000));
+        assert_eq!(c.cache.stale, Duration::from_secs(60));
+        assert_eq!(c.cache.negative_ttl, Duration::from_millis(1000));
+        assert_eq!(c.cache.max_entries, 1_000_000);
+        assert_eq!((c.batch.window, c.batch.max_seqs), (Duration::from_millis(2), 50));
+        assert_eq!((c.upstream.timeout, c.upstream.max_retries), (Duration::from_secs(3), 2));
+        assert_eq!(c.budget.per_second.get(), 200);
+        assert_eq!(c.budget.fallback_per_second.get(), 50);
+        assert_eq!(c.budget.backend, BudgetBackend::Local);
+        let app = &c.apps[0];
+        assert_eq!(app.endpoint, "https://adminapisgp.im.qcloud.com");
+        assert_eq!(app.usersig_ttl, Duration::from_secs(86400));
+    }
+
+    #[test]
+    fn every_region_resolves_to_its_domain() {
+        for region in Region::ALL {
+            let text = MINIMAL.replace("singapore", region.name());
+            let c = Config::parse(&text, &secrets()).unwrap();
+            assert_eq!(c.apps[0].endpoint, format!("https://{}", region.domain()));
+        }
+    }
+
+    #[test]
+    fn secrets_come_from_the_named_variable_or_file() {
+        let text = format!("{MINIMAL}secret_key_file = \"/run/key\"\n");
+        let c = Config::parse(&text, &secrets()).unwrap();
+        assert!(format!("{:?}", c.apps[0].secret).contains("redacted"));
+        let text = format!("{MINIMAL}secret_key_env = \"NOPE\"\n");
+        assert_eq!(error_of(&text), "apps[0].secret_key_env: environment variable NOPE is not set");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("[server]\nlisten = \"nope\"\n", "server.listen"),
+            ("[server]\nbogus = 1\n", "unknown field `bogus`"),
+            ("[cache]\nttl_ms = 0\n", "cache.ttl_ms"),
+            ("[batch]\nmax_seqs = 0\n", "batch.max_seqs"),
+            ("[budget]\nbackend = \"memcached\"\n", "budget.backend"),
+            ("[budget]\nper_second = 10\nfallback_per_second = 20\n", "budget.fallback_per_second"),
+            ("[server]\nclient_id_header = \"bad header\"\n", "server.client_id_header"),
+        ];
+        for (prefix, expected) in cases {
+            let err = error_of(&format!("{prefix}{MINIMAL}"));
+            assert!(err.contains(expected), "{prefix}: {err}");
+        }
+        assert!(error_of("").contains("apps"));
+        assert!(error_of("[[apps]]\nsdkappid = 1\nidentifier = \"a\"\n").contains("apps[0].region"));
+        assert!(error_of(&format!("{MINIMAL}{MINIMAL}")).contains("configured twice"));
+        let endpoint = format!("{MINIMAL}endpoint = \"ftp://x\"\n");
+        assert!(error_of(&endpoint).contains("apps[0].endpoint"));
+    }
+
+    #[test]
+    fn an_endpoint_overrides_the_region() {
+        let text = format!("{MINIMAL}endpoint = \"http://127.0.0.1:18080/\"\n");
+        let c = Config::parse(&text, &secrets()).unwrap();
+        assert_eq!(c.apps[0].endpoint, "http://127.0.0.1:18080");
+    }
+
+    #[test]
+    fn every_file_in_config_dir_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let mut parsed = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                Config::parse(&text, &secrets()).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                parsed += 1;
+            }
+        }
+        assert!(parsed >= 2, "expected the reference and demo configs in {}", dir.display());
+    }
+}

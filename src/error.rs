@@ -1,0 +1,100 @@
+//! The errors the gateway itself answers with (SPEC 4), and the one place that maps each
+//! to an HTTP status and a Tencent ErrorCode. ErrorCodes reuse Tencent's meanings so an
+//! existing client reacts correctly (60007: slow down).
+
+use std::time::Duration;
+
+use http::StatusCode;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GatewayError {
+    /// The body or a header is wrong; the text names the field.
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("body is larger than server.max_body_bytes ({0} bytes)")]
+    BodyTooLarge(usize),
+    /// `sdkappid` missing (several apps configured), malformed or not configured.
+    #[error("{0}")]
+    UnknownApp(String),
+    #[error("no such path")]
+    NotFound,
+    #[error("method not allowed: use POST")]
+    MethodNotAllowed,
+    /// The budget cannot serve the request before its deadline.
+    #[error("the upstream budget cannot serve this request before its deadline; retry after {}s", retry_after_secs(*.retry_after))]
+    Overloaded { retry_after: Duration },
+    /// Upstream unreachable or failing after retries, and nothing servable in the cache.
+    #[error("upstream unavailable: {0}")]
+    Upstream(String),
+    #[error("deadline passed while waiting for upstream")]
+    DeadlineExceeded,
+    #[error("the gateway is shutting down; retry on another replica")]
+    Draining,
+}
+
+/// Whole seconds for `Retry-After`, rounded up, at least 1.
+pub fn retry_after_secs(d: Duration) -> u64 {
+    d.as_millis().div_ceil(1000).max(1) as u64
+}
+
+impl GatewayError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) | Self::UnknownApp(_) => StatusCode::BAD_REQUEST,
+            Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Upstream(_) => StatusCode::BAD_GATEWAY,
+            Self::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+            Self::Draining => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// Tencent's ErrorCode for the situation.
+    pub fn code(&self) -> i64 {
+        match self {
+            Self::BadRequest(_) | Self::BodyTooLarge(_) => 10004,
+            Self::UnknownApp(_) => 60006,
+            Self::NotFound => 60009,
+            Self::MethodNotAllowed => 60002,
+            Self::Overloaded { .. } => 60007,
+            Self::Upstream(_) | Self::Draining => 10002,
+            Self::DeadlineExceeded => 60008,
+        }
+    }
+
+    /// The `Retry-After` value, for the errors that have one.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            Self::Overloaded { retry_after } => Some(retry_after_secs(*retry_after)),
+            Self::Draining => Some(1),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_maps_to_the_spec_table() {
+        let rows = [
+            (GatewayError::BadRequest("x".into()), 400, 10004),
+            (GatewayError::BodyTooLarge(1), 413, 10004),
+            (GatewayError::UnknownApp("x".into()), 400, 60006),
+            (GatewayError::NotFound, 404, 60009),
+            (GatewayError::MethodNotAllowed, 405, 60002),
+            (GatewayError::Overloaded { retry_after: Duration::from_millis(1500) }, 429, 60007),
+            (GatewayError::Upstream("x".into()), 502, 10002),
+            (GatewayError::DeadlineExceeded, 504, 60008),
+            (GatewayError::Draining, 503, 10002),
+        ];
+        for (e, status, code) in rows {
+            assert_eq!((e.status().as_u16(), e.code()), (status, code), "{e:?}");
+        }
+        assert_eq!(GatewayError::Overloaded { retry_after: Duration::from_millis(1500) }.retry_after(), Some(2));
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+    }
+}

@@ -1,0 +1,208 @@
+//! Runs one dispatched batch to its end (SPEC 5.2–5.4): the upstream call it already
+//! paid for, retries and 10004 splits each paid for with a permit from the queue, the
+//! cache filled, then every waiting caller woken with the shared outcome.
+//!
+//! A batch runs in its own task, owned by nobody's request: a caller that goes away
+//! cannot cancel a call others are waiting on.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prometheus::Histogram;
+
+use crate::budget::Budget;
+use crate::cache::{GroupAnswer, ReceiptCache};
+use crate::coalesce::{BatchOutcome, Coalescer, Dispatch, Failure};
+use crate::domain::{AppId, GroupId, MsgSeq, Receipt, Region};
+use crate::metrics::AppMetrics;
+use crate::upstream::{Outcome, Upstream};
+
+/// First retry delay; doubled per attempt, with jitter, capped at `BACKOFF_MAX`.
+const BACKOFF_BASE: Duration = Duration::from_millis(25);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// After 70050, no signing-related retries for this long (SPEC 5.3).
+const SIGNING_PAUSE: Duration = Duration::from_secs(60);
+
+/// Everything the request path and the batches of one app share.
+pub struct AppRuntime {
+    pub id: AppId,
+    pub region: Option<Region>,
+    pub upstream: Upstream,
+    pub coalescer: Arc<Coalescer>,
+    pub budget: Arc<Budget>,
+    pub cache: ReceiptCache,
+    pub max_retries: u32,
+    pub metrics: AppMetrics,
+    pub batch_size: Histogram,
+    signing_paused_until: Mutex<Option<Instant>>,
+}
+
+impl AppRuntime {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: AppId,
+        region: Option<Region>,
+        upstream: Upstream,
+        coalescer: Arc<Coalescer>,
+        budget: Arc<Budget>,
+        cache: ReceiptCache,
+        max_retries: u32,
+        metrics: AppMetrics,
+        batch_size: Histogram,
+    ) -> Self {
+        Self {
+            id,
+            region,
+            upstream,
+            coalescer,
+            budget,
+            cache,
+            max_retries,
+            metrics,
+            batch_size,
+            signing_paused_until: Mutex::new(None),
+        }
+    }
+
+    fn signing_paused(&self) -> bool {
+        self.signing_paused_until.lock().map(|p| p.is_some_and(|t| Instant::now() < t)).unwrap_or(false)
+    }
+
+    fn pause_signing(&self) {
+        if let Ok(mut p) = self.signing_paused_until.lock() {
+            *p = Some(Instant::now() + SIGNING_PAUSE);
+        }
+    }
+}
+
+type Items = Vec<(MsgSeq, Result<Receipt, Failure>)>;
+
+/// Runs a dispatched batch: fetch, fill the cache, release the keys, wake the callers.
+pub async fn run(app: Arc<AppRuntime>, batch: Dispatch) {
+    let started = Instant::now();
+    let mut items = fetch(&app, &batch.group, batch.seqs.clone(), batch.deadline, Paid::Yes).await;
+    let fetched_at = Instant::now();
+    items.sort_unstable_by_key(|(s, _)| *s);
+    let answers: Vec<(MsgSeq, Receipt)> = items.iter().filter_map(|(s, r)| Some((*s, *r.as_ref().ok()?))).collect();
+    app.cache.insert(app.id, &batch.group, &answers, fetched_at).await;
+    if let Some((_, Err(Failure::Group { code: code @ (10010 | 10015), info }))) = items.first() {
+        let answer = GroupAnswer { code: *code, info: info.clone(), fetched_at };
+        app.cache.insert_group_answer(app.id, &batch.group, answer).await;
+    }
+    let outcome = BatchOutcome { started, fetched_at, items };
+    app.coalescer.complete(&batch, &outcome);
+    let _ = batch.tx.send(Some(Arc::new(outcome)));
+}
+
+/// Whether the first attempt already has its token (a dispatched batch) or must ask.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Paid {
+    Yes,
+    No,
+}
+
+/// Answers `seqs` of `group` with retries and splits, each attempt paid from the budget.
+fn fetch<'a>(
+    app: &'a AppRuntime,
+    group: &'a GroupId,
+    seqs: Vec<MsgSeq>,
+    deadline: Instant,
+    paid: Paid,
+) -> Pin<Box<dyn Future<Output = Items> + Send + 'a>> {
+    Box::pin(async move {
+        let fail = |seqs: &[MsgSeq], f: Failure| seqs.iter().map(|&s| (s, Err(f.clone()))).collect::<Items>();
+        let mut retries = 0;
+        let mut resigned = false;
+        let mut paid = paid;
+        loop {
+            if paid == Paid::No && !wait_for_token(app, deadline).await {
+                return fail(&seqs, Failure::Unavailable("no budget before the deadline".into()));
+            }
+            paid = Paid::No;
+            let started = Instant::now();
+            app.batch_size.observe(seqs.len() as f64);
+            let outcome = app.upstream.get_receipts(group, &seqs).await;
+            app.coalescer.observe_latency(started.elapsed());
+            let failure = match outcome {
+                Outcome::Items(items) => return match_items(&seqs, items),
+                Outcome::Group { code, info } => return fail(&seqs, Failure::Group { code, info }),
+                Outcome::InvalidParameter { info } if seqs.len() == 1 => {
+                    return fail(&seqs, Failure::Rejected { code: 10004, info });
+                }
+                Outcome::InvalidParameter { .. } => {
+                    // One caller's bad MsgSeq must not fail the others merged with it.
+                    let mut left = seqs;
+                    let right = left.split_off(left.len() / 2);
+                    let (mut a, b) = tokio::join!(
+                        fetch(app, group, left, deadline, Paid::No),
+                        fetch(app, group, right, deadline, Paid::No)
+                    );
+                    a.extend(b);
+                    return a;
+                }
+                Outcome::UserSigExpired if !resigned && !app.signing_paused() => {
+                    resigned = true;
+                    app.upstream.resign();
+                    continue;
+                }
+                Outcome::UserSigExpired => Failure::Unavailable("upstream rejected the UserSig as expired".into()),
+                Outcome::SigningLocked => {
+                    app.pause_signing();
+                    Failure::Unavailable("upstream locked signing after repeated failures (70050)".into())
+                }
+                Outcome::Final { code, info } => {
+                    Failure::Unavailable(format!("upstream refused the call (ErrorCode {code}): {info}"))
+                }
+                Outcome::Throttled { code } => {
+                    app.budget.throttled();
+                    if retry_later(app, &mut retries, deadline).await {
+                        continue;
+                    }
+                    tracing::debug!(code, "throttled until the deadline");
+                    Failure::Throttled
+                }
+                Outcome::Retryable { reason } => {
+                    if retry_later(app, &mut retries, deadline).await {
+                        continue;
+                    }
+                    Failure::Unavailable(reason)
+                }
+            };
+            return fail(&seqs, failure);
+        }
+    })
+}
+
+/// One result per MsgSeq asked for; a MsgSeq Tencent left out is a failure, not a guess.
+fn match_items(seqs: &[MsgSeq], mut items: Vec<(MsgSeq, Receipt)>) -> Items {
+    items.sort_unstable_by_key(|(s, _)| *s);
+    seqs.iter()
+        .map(|&seq| {
+            let found = items.binary_search_by_key(&seq, |(s, _)| *s).ok().map(|i| items[i].1);
+            (seq, found.ok_or_else(|| Failure::Unavailable(format!("upstream answer omitted MsgSeq {}", seq.0))))
+        })
+        .collect()
+}
+
+/// Sleeps an exponential, jittered backoff if another attempt still fits the deadline.
+async fn retry_later(app: &AppRuntime, retries: &mut u32, deadline: Instant) -> bool {
+    if *retries >= app.max_retries {
+        return false;
+    }
+    let full = BACKOFF_BASE.saturating_mul(1 << (*retries).min(16)).min(BACKOFF_MAX);
+    let backoff = full.mul_f64(0.5 + rand::random::<f64>() / 2.0);
+    if Instant::now() + backoff + app.budget.interval() >= deadline {
+        return false;
+    }
+    *retries += 1;
+    tokio::time::sleep(backoff).await;
+    true
+}
+
+/// Waits in the queue for a token; false if the deadline came first.
+async fn wait_for_token(app: &AppRuntime, deadline: Instant) -> bool {
+    let permit = app.coalescer.permit(deadline);
+    matches!(tokio::time::timeout_at(deadline.into(), permit).await, Ok(Ok(())))
+}

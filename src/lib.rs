@@ -1,0 +1,197 @@
+//! `receipt-gateway`: the one door to Tencent Cloud Chat's group read-receipt API
+//! (`get_group_msg_receipt`) for every internal service of a company.
+//!
+//! Tencent allows 200 calls per second per app, one budget for everyone. The gateway
+//! speaks Tencent's own request and response format, answers from a short per-message
+//! cache, never asks twice at once for the same message, merges concurrent callers'
+//! misses for a group into one call, spends the budget as one deadline-ordered queue,
+//! signs with a cached UserSig and routes to the app's region.
+//!
+//! # Layout
+//!
+//! A data request passes through these modules, in this order:
+//!
+//! 1. [`server`] — accepts HTTP/1.1 and h2c on one port, routes, picks the app by
+//!    `sdkappid`, reads the deadline and `Cache-Control`, reads the body within limits
+//!    and validates it into [`api::ReceiptRequest`] (typed with [`domain`]).
+//! 2. [`receipts`] — answers the query: items fresh in the [`cache`] are served at once
+//!    (and reported to their group's cohort); the misses go on.
+//! 3. [`coalesce`] — puts each missing (group, MsgSeq) in flight exactly once: it joins a
+//!    batch that already carries it or is added to its group's open batch; refuses up
+//!    front (429, or stale items) when the queue cannot reach it before the deadline.
+//! 4. [`budget`] — the dispatcher takes one token at a time (governor, or GCRA in Redis,
+//!    at the AIMD effective rate) and spends it on the ready batch whose earliest caller
+//!    deadline comes first, topped up with the group's cohort.
+//! 5. [`fetch`] — runs the dispatched batch in its own task: one signed regional call via
+//!    [`upstream`] (UserSig from [`usersig`]), retries and 10004 splits each paid with a
+//!    new token, answers stored in the [`cache`], keys released, waiters woken.
+//! 6. back in [`receipts`] — every waiter reads the shared outcome; the answer is
+//!    assembled in the caller's order with `X-Cache` and `Age`, or falls back to stale
+//!    items, or becomes a [`error::GatewayError`], which [`server`] turns into HTTP in
+//!    one place.
+//!
+//! Around it: [`config`] (the TOML schema and validation), [`metrics`] (the Prometheus
+//! families), [`admin`] (`/metrics`, `/healthz`, `/readyz`), [`shutdown`] (draining on
+//! SIGTERM), [`simulator`] (a faithful Tencent stand-in for tests, demo and benchmarks)
+//! and [`demo`].
+//!
+//! [`run`] is what `main`, the demo and the tests call: it takes bound listeners and a
+//! shutdown future, so tests bind port 0 and decide when it stops.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod api;
+pub mod budget;
+pub mod cache;
+pub mod coalesce;
+pub mod config;
+pub mod demo;
+pub mod domain;
+pub mod error;
+pub mod fetch;
+pub mod metrics;
+pub mod receipts;
+pub mod server;
+pub mod shutdown;
+pub mod simulator;
+pub mod upstream;
+pub mod usersig;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::budget::Budget;
+use crate::cache::ReceiptCache;
+use crate::coalesce::{BatchPolicy, Coalescer};
+use crate::config::{AppConfig, Config};
+use crate::fetch::AppRuntime;
+use crate::metrics::{API_RECEIPT, Metrics};
+use crate::shutdown::Drain;
+use crate::upstream::Upstream;
+
+/// The two ports, bound by the caller (so tests can bind port 0).
+pub struct Listeners {
+    pub data: TcpListener,
+    pub admin: TcpListener,
+}
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("metrics registry: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("TLS client setup: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("budget.redis_url: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+/// How often the cache's deferred maintenance runs and its gauge is refreshed.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
+
+/// Runs the gateway until `shutdown` resolves, then drains (see [`shutdown`]).
+pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    let metrics = Metrics::new()?;
+    let cache = ReceiptCache::new(&config.cache);
+    let client = upstream::http_client()?;
+    let mut tasks = JoinSet::new();
+    let mut apps = HashMap::new();
+    for app_config in &config.apps {
+        let app = Arc::new(app_runtime(app_config, &config, &cache, &metrics, client.clone())?);
+        let wait = metrics.budget_wait.with_label_values(&[app.metrics.app_label.as_str(), API_RECEIPT]);
+        let dispatched = app.clone();
+        tasks.spawn(app.coalescer.clone().dispatch_loop(app.budget.clone(), wait, move |batch| {
+            // Batch tasks end on their own: every attempt is bounded by the upstream
+            // timeout and every retry by the batch's deadline.
+            tokio::spawn(fetch::run(dispatched.clone(), batch));
+        }));
+        tracing::info!(sdkappid = %app.id, region = ?app.region, endpoint = %app_config.endpoint, "app configured");
+        apps.insert(app.id, app);
+    }
+    tasks.spawn(housekeeping(cache.clone(), metrics.clone()));
+
+    let drain = Drain::new(metrics.inflight.clone());
+    let gateway = Arc::new(server::Gateway {
+        apps,
+        config: config.server.clone(),
+        metrics: metrics.clone(),
+        drain: drain.clone(),
+    });
+    let admin = Arc::new(admin::Admin { metrics, cache, drain: drain.clone() });
+    let (stop_data, data_stopped) = watch::channel(false);
+    let (stop_admin, admin_stopped) = watch::channel(false);
+    let grace = config.server.shutdown_grace;
+    let data_server = tokio::spawn(server::serve(
+        listeners.data,
+        move |req| server::handle(req, gateway.clone()),
+        data_stopped,
+        grace,
+    ));
+    let admin_server = tokio::spawn(server::serve(
+        listeners.admin,
+        move |req| admin::handle(req, admin.clone()),
+        admin_stopped,
+        Duration::from_secs(1),
+    ));
+
+    shutdown.await;
+    tracing::info!(grace_ms = grace.as_millis() as u64, "draining");
+    drain.start();
+    if tokio::time::timeout(grace, drain.idle()).await.is_err() {
+        tracing::warn!("requests still in flight when the grace period ended");
+    }
+    let _ = stop_data.send(true);
+    let _ = data_server.await;
+    let _ = stop_admin.send(true);
+    let _ = admin_server.await;
+    tasks.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Builds one app's client, budget, coalescer and their shared runtime.
+fn app_runtime(
+    app: &AppConfig,
+    config: &Config,
+    cache: &ReceiptCache,
+    metrics: &Metrics,
+    client: upstream::HttpClient,
+) -> Result<AppRuntime, RunError> {
+    let label = app.id.to_string();
+    let budget = Budget::new(
+        &config.budget.backend,
+        config.budget.per_second,
+        config.budget.fallback_per_second,
+        format!("{}:{API_RECEIPT}", app.id),
+        metrics.effective_rate.with_label_values(&[label.as_str(), API_RECEIPT]),
+    )?;
+    let policy = BatchPolicy { window: config.batch.window, max_seqs: config.batch.max_seqs, ttl: config.cache.ttl };
+    Ok(AppRuntime::new(
+        app.id,
+        app.region,
+        Upstream::new(app, config.upstream.timeout, client, metrics),
+        Arc::new(Coalescer::new(policy)),
+        Arc::new(budget),
+        cache.clone(),
+        config.upstream.max_retries,
+        metrics.for_app(app.id),
+        metrics.batch_size.with_label_values(&[label.as_str()]),
+    ))
+}
+
+/// Keeps moka's bookkeeping current and the cache gauge fresh, idle or not.
+async fn housekeeping(cache: ReceiptCache, metrics: Metrics) {
+    let mut tick = tokio::time::interval(HOUSEKEEPING_EVERY);
+    loop {
+        tick.tick().await;
+        cache.run_pending_tasks().await;
+        metrics.cache_entries.set(cache.entry_count() as i64);
+    }
+}

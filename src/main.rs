@@ -1,0 +1,196 @@
+//! The `receipt-gateway` command line (SPEC 6.1). It makes no decisions: it parses
+//! arguments, loads the configuration (exit 64 when invalid, before any port is bound),
+//! sets up logging and calls into the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use clap::{Parser, Subcommand};
+use receipt_gateway::config::Config;
+use receipt_gateway::domain::AppId;
+use receipt_gateway::simulator::{SimApp, SimOptions, Simulator};
+use receipt_gateway::usersig::{self, SecretKey};
+use receipt_gateway::{Listeners, demo, shutdown};
+use tokio::net::TcpListener;
+
+/// EX_USAGE from sysexits.h: the configuration or the command line is wrong.
+const EXIT_CONFIG: u8 = 64;
+const DEFAULT_CONFIG: &str = "config/receipt-gateway.toml";
+
+#[derive(Parser)]
+#[command(name = "receipt-gateway", version, about = "A caching, coalescing gateway for Tencent Cloud Chat read receipts")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Configuration file [default: $RECEIPT_GATEWAY_CONFIG, then config/receipt-gateway.toml]
+    #[arg(long, global = true, env = "RECEIPT_GATEWAY_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the data and admin APIs (the default).
+    Serve,
+    /// Validate the configuration and print each app's sdkappid, region and endpoint.
+    CheckConfig,
+    /// Print a UserSig signed with $TENCENT_IM_SECRET_KEY.
+    Usersig {
+        #[arg(long)]
+        sdkappid: u64,
+        #[arg(long)]
+        identifier: String,
+        /// Validity in seconds.
+        #[arg(long, default_value_t = 86400)]
+        expire: u64,
+    },
+    /// Run the Tencent simulator; keys from $TENCENT_IM_SECRET_KEY.
+    Simulate {
+        #[arg(long, default_value = "127.0.0.1:18080")]
+        listen: SocketAddr,
+        /// SDKAPPID:IDENTIFIER, once per app.
+        #[arg(long = "app", required = true)]
+        apps: Vec<String>,
+        /// Calls allowed per rolling second per (sdkappid, API).
+        #[arg(long, default_value_t = 200)]
+        limit: u32,
+        /// The most MsgSeqs one call may carry.
+        #[arg(long, default_value_t = 50)]
+        max_seqs: usize,
+    },
+    /// Simulator and gateway on loopback with a built-in config.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    // Only ring is compiled in; installing it up front keeps rustls from guessing.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let config_path = cli.config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(config_path),
+        Command::CheckConfig => check_config(config_path),
+        Command::Usersig { sdkappid, identifier, expire } => print_usersig(sdkappid, &identifier, expire),
+        Command::Simulate { listen, apps, limit, max_seqs } => simulate(listen, &apps, limit, max_seqs),
+        Command::Demo => runtime_then(|| async {
+            demo::run().await.map_err(|e| e.to_string())
+        }),
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
+    if std::env::var("RECEIPT_GATEWAY_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("invalid configuration {}: {e}", path.display());
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+fn runtime_then<F, Fut>(f: F) -> ExitCode
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(f()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(path: PathBuf) -> ExitCode {
+    let config = match load(&path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    runtime_then(|| async move {
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))
+        };
+        let data = bind(config.server.listen).await?;
+        let admin = bind(config.server.admin_listen).await?;
+        tracing::info!(listen = %config.server.listen, admin = %config.server.admin_listen, "serving");
+        receipt_gateway::run(config, Listeners { data, admin }, shutdown::signal()).await.map_err(|e| e.to_string())
+    })
+}
+
+fn check_config(path: PathBuf) -> ExitCode {
+    let config = match load(&path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    println!("{}: ok", path.display());
+    for app in &config.apps {
+        let region = app.region.map_or("-", |r| r.name());
+        println!("sdkappid={} region={} endpoint={}", app.id, region, app.endpoint);
+    }
+    ExitCode::SUCCESS
+}
+
+fn secret_from_env() -> Result<SecretKey, ExitCode> {
+    match std::env::var("TENCENT_IM_SECRET_KEY") {
+        Ok(key) if !key.trim().is_empty() => Ok(SecretKey::new(key.trim())),
+        _ => {
+            eprintln!("TENCENT_IM_SECRET_KEY must hold the app's secret key");
+            Err(ExitCode::from(EXIT_CONFIG))
+        }
+    }
+}
+
+fn print_usersig(sdkappid: u64, identifier: &str, expire: u64) -> ExitCode {
+    let key = match secret_from_env() {
+        Ok(k) => k,
+        Err(code) => return code,
+    };
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    println!("{}", usersig::sign(AppId(sdkappid), &key, identifier, now, expire).expose());
+    ExitCode::SUCCESS
+}
+
+fn simulate(listen: SocketAddr, apps: &[String], limit: u32, max_seqs: usize) -> ExitCode {
+    let key = match secret_from_env() {
+        Ok(k) => k,
+        Err(code) => return code,
+    };
+    let mut sim_apps = Vec::new();
+    for spec in apps {
+        let parsed = spec.split_once(':').and_then(|(id, ident)| Some((id.parse::<u64>().ok()?, ident)));
+        match parsed {
+            Some((id, ident)) if !ident.is_empty() => {
+                sim_apps.push(SimApp { app: AppId(id), identifier: ident.to_owned(), key: key.clone() });
+            }
+            _ => {
+                eprintln!("--app {spec:?}: expected SDKAPPID:IDENTIFIER");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
+    }
+    let options = SimOptions { apps: sim_apps, limit_per_second: limit, max_seqs };
+    runtime_then(|| async move {
+        let listener = TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        println!("Tencent simulator on http://{addr} (limit {limit}/s, at most {max_seqs} MsgSeqs per call)");
+        Simulator::new(options).serve(listener, shutdown::signal()).await.map_err(|e| e.to_string())
+    })
+}

@@ -1,0 +1,237 @@
+//! Answers one validated receipt query (SPEC 2.1, 5.1): cache first, misses handed to
+//! the coalescer, waiting no longer than the caller's deadline, then the answer assembled
+//! in the caller's order with `X-Cache` and `Age`.
+//!
+//! Stale items stand in only when a fresh answer cannot be had before the deadline
+//! (budget exhausted, upstream failing) and the caller did not forbid it with
+//! `Cache-Control`. Answers Tencent gives about a group or a MsgSeq (10010, an isolated
+//! 10004) are passed through as Tencent would: HTTP 200 with `ActionStatus` `FAIL`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::api::{ReceiptItem, ReceiptResponse};
+use crate::cache::{Entry, ItemKey};
+use crate::coalesce::{Failure, Joined, Waiter};
+use crate::domain::{GroupId, MsgSeq, Receipt};
+use crate::error::GatewayError;
+use crate::fetch::AppRuntime;
+use crate::metrics::Source;
+
+/// What the caller's `Cache-Control` allows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Freshness {
+    /// Fresh cache entries; stale ones when nothing fresh can arrive in time.
+    Default,
+    /// Only answers from upstream calls that started after the request arrived.
+    NoCache,
+    /// Entries up to this old.
+    MaxAge(Duration),
+}
+
+/// A validated query for one app.
+pub struct Query {
+    pub group: GroupId,
+    /// In the caller's order, duplicates kept.
+    pub seqs: Vec<MsgSeq>,
+    pub freshness: Freshness,
+    pub arrived: Instant,
+    pub deadline: Instant,
+}
+
+/// `X-Cache` (SPEC 2.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XCache {
+    Hit,
+    Miss,
+    Partial,
+    Stale,
+}
+
+impl XCache {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            XCache::Hit => "HIT",
+            XCache::Miss => "MISS",
+            XCache::Partial => "PARTIAL",
+            XCache::Stale => "STALE",
+        }
+    }
+}
+
+/// An answer in Tencent's shape (OK, or a passed-through FAIL), with cache headers.
+pub struct Answer {
+    pub body: ReceiptResponse,
+    pub x_cache: XCache,
+    /// Whole seconds since the oldest item served was fetched.
+    pub age: u64,
+}
+
+/// One distinct MsgSeq's way through the request.
+struct Slot {
+    seq: MsgSeq,
+    served: Option<(Receipt, Instant, Source)>,
+    /// A cached entry past freshness, kept in case nothing fresh arrives in time.
+    stale: Option<Arc<Entry>>,
+    failure: Option<Failure>,
+}
+
+/// A no-cache request may find its keys in flight in calls that started before it
+/// arrived; it waits for those and asks again. Two rounds always suffice, since the
+/// second joins calls that start after the request arrived; the third is slack.
+const MAX_ROUNDS: usize = 3;
+
+pub async fn answer(app: &AppRuntime, q: Query) -> Result<Answer, GatewayError> {
+    if q.freshness != Freshness::NoCache
+        && let Some(g) = app.cache.group_answer(app.id, &q.group).await
+    {
+        app.metrics.count_items(Source::Hit, q.seqs.len() as u64);
+        let age = g.fetched_at.elapsed().as_secs();
+        return Ok(Answer { body: ReceiptResponse::fail(g.code, g.info.clone()), x_cache: XCache::Hit, age });
+    }
+    let mut distinct = q.seqs.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    let mut slots = Vec::with_capacity(distinct.len());
+    let now = Instant::now();
+    for seq in distinct {
+        let mut slot = Slot { seq, served: None, stale: None, failure: None };
+        let key = ItemKey { app: app.id, group: q.group.clone(), seq };
+        if let Some(entry) = app.cache.get(&key).await {
+            if acceptable(&entry, q.freshness, now) {
+                if entry.first_read() {
+                    app.coalescer.mark_read(&q.group, seq, entry.fetched_at);
+                }
+                slot.served = Some((entry.receipt, entry.fetched_at, Source::Hit));
+            } else {
+                slot.stale = Some(entry);
+            }
+        }
+        slots.push(slot);
+    }
+    for _ in 0..MAX_ROUNDS {
+        let misses: Vec<MsgSeq> =
+            slots.iter().filter(|s| s.served.is_none() && s.failure.is_none()).map(|s| s.seq).collect();
+        if misses.is_empty() || Instant::now() >= q.deadline {
+            break;
+        }
+        match app.coalescer.join(&q.group, &misses, q.deadline, app.budget.interval()) {
+            Ok(joined) => wait(&mut slots, joined, &q).await,
+            Err(overloaded) => {
+                let error = GatewayError::Overloaded { retry_after: overloaded.retry_after };
+                return settle(app, slots, &q, error);
+            }
+        }
+    }
+    settle(app, slots, &q, GatewayError::DeadlineExceeded)
+}
+
+fn acceptable(entry: &Entry, freshness: Freshness, now: Instant) -> bool {
+    match freshness {
+        Freshness::Default => entry.is_fresh(now),
+        Freshness::NoCache => false,
+        Freshness::MaxAge(max) => entry.age(now) <= max,
+    }
+}
+
+/// Waits, until the deadline, for the batches carrying this round's misses.
+async fn wait(slots: &mut [Slot], joined: Vec<(MsgSeq, Waiter, Joined)>, q: &Query) {
+    let mut waiters: Vec<Waiter> = Vec::new();
+    for (_, w, _) in &joined {
+        if !waiters.iter().any(|other| other.same_channel(w)) {
+            waiters.push(w.clone());
+        }
+    }
+    let all = async {
+        for w in &mut waiters {
+            let _ = w.wait_for(Option::is_some).await;
+        }
+    };
+    let _ = tokio::time::timeout_at(q.deadline.into(), all).await;
+    for (seq, waiter, how) in joined {
+        let Ok(i) = slots.binary_search_by_key(&seq, |s| s.seq) else { continue };
+        let slot = &mut slots[i];
+        let outcome = waiter.borrow().clone();
+        let Some(outcome) = outcome else {
+            // Deadline passed first (or the batch vanished): settled below.
+            if waiter.has_changed().is_err() {
+                slot.failure = Some(Failure::Unavailable("the upstream call was abandoned".into()));
+            }
+            continue;
+        };
+        match outcome.get(seq) {
+            Some(Ok(_)) if q.freshness == Freshness::NoCache && outcome.started < q.arrived => {
+                // Answered by a call older than this request: ask again next round.
+            }
+            Some(Ok(receipt)) => {
+                let source = if how == Joined::Fetched { Source::Fetched } else { Source::Coalesced };
+                slot.served = Some((*receipt, outcome.fetched_at, source));
+            }
+            Some(Err(failure)) => slot.failure = Some(failure.clone()),
+            None => slot.failure = Some(Failure::Unavailable("missing from the upstream answer".into())),
+        }
+    }
+}
+
+/// Builds the answer from what the slots hold. Items still unanswered fall back to stale
+/// entries when allowed, else the request fails with `unanswered` (or the failure).
+fn settle(app: &AppRuntime, mut slots: Vec<Slot>, q: &Query, unanswered: GatewayError) -> Result<Answer, GatewayError> {
+    let stale_allowed = q.freshness == Freshness::Default;
+    let mut error: Option<GatewayError> = None;
+    for slot in &mut slots {
+        if slot.served.is_some() {
+            continue;
+        }
+        let failure = slot.failure.take();
+        // Tencent's own answer about the group or the MsgSeq goes to the caller as is.
+        if let Some(Failure::Group { code, info } | Failure::Rejected { code, info }) = failure {
+            app.metrics.count_items(Source::Failed, q.seqs.len() as u64);
+            return Ok(Answer { body: ReceiptResponse::fail(code, info), x_cache: XCache::Miss, age: 0 });
+        }
+        match (&slot.stale, stale_allowed) {
+            (Some(entry), true) => slot.served = Some((entry.receipt, entry.fetched_at, Source::Stale)),
+            _ => {
+                let e = match failure {
+                    None | Some(Failure::Expired) => unanswered.clone(),
+                    Some(Failure::Throttled) => GatewayError::Overloaded { retry_after: app.budget.interval() * 2 },
+                    Some(Failure::Unavailable(reason)) => GatewayError::Upstream(reason),
+                    Some(Failure::Group { .. } | Failure::Rejected { .. }) => unanswered.clone(),
+                };
+                error.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = error {
+        app.metrics.count_items(Source::Failed, slots.len() as u64);
+        return Err(e);
+    }
+    let now = Instant::now();
+    let mut counts = [0u64; 5];
+    let mut oldest = now;
+    for slot in &slots {
+        if let Some((_, fetched_at, source)) = slot.served {
+            counts[source as usize] += 1;
+            oldest = oldest.min(fetched_at);
+        }
+    }
+    for source in [Source::Hit, Source::Coalesced, Source::Fetched, Source::Stale] {
+        app.metrics.count_items(source, counts[source as usize]);
+    }
+    let [hit, coalesced, fetched, stale, _] = counts;
+    let x_cache = match (hit, coalesced + fetched, stale) {
+        (_, _, s) if s > 0 => XCache::Stale,
+        (_, 0, _) => XCache::Hit,
+        (0, _, _) => XCache::Miss,
+        _ => XCache::Partial,
+    };
+    let items = q
+        .seqs
+        .iter()
+        .filter_map(|&seq| {
+            let i = slots.binary_search_by_key(&seq, |s| s.seq).ok()?;
+            let (receipt, _, _) = slots[i].served?;
+            Some(ReceiptItem::new(seq, receipt))
+        })
+        .collect();
+    Ok(Answer { body: ReceiptResponse::ok(items), x_cache, age: now.saturating_duration_since(oldest).as_secs() })
+}

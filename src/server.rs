@@ -1,0 +1,292 @@
+//! The data API (SPEC 2.1, 4): the accept loop (HTTP/1.1 and h2c on one port), routing,
+//! request parsing, and responses. A request passes, in this order:
+//! drain check → route → app → deadline and `Cache-Control` → body (size-capped, within
+//! the deadline) → validation → [`receipts::answer`] → response, metrics, one log line.
+//! Errors become HTTP in exactly one place, [`error_response`].
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::api::{RECEIPT_PATH, ReceiptRequest, ReceiptResponse};
+use crate::config::ServerConfig;
+use crate::domain::AppId;
+use crate::error::GatewayError;
+use crate::fetch::AppRuntime;
+use crate::metrics::Metrics;
+use crate::receipts::{self, Answer, Freshness, Query};
+use crate::shutdown::Drain;
+
+/// The longest deadline a caller may ask for.
+const MAX_DEADLINE: Duration = Duration::from_secs(60);
+
+/// What every data request shares.
+pub struct Gateway {
+    pub apps: HashMap<AppId, Arc<AppRuntime>>,
+    pub config: ServerConfig,
+    pub metrics: Metrics,
+    pub drain: Arc<Drain>,
+}
+
+/// Serves HTTP/1.1 and h2c on `listener` with `handle` until `stop` turns true, then
+/// closes connections gracefully within `grace`.
+pub async fn serve<H, F>(listener: TcpListener, handle: H, mut stop: watch::Receiver<bool>, grace: Duration)
+where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Without a timer the slowloris guard (header_read_timeout) does nothing.
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
+    builder.http2().timer(TokioTimer::new()).keep_alive_interval(Duration::from_secs(30));
+    let graceful = GracefulShutdown::new();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let (stream, _) = match accepted {
+            Ok(conn) => conn,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let handle = handle.clone();
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service_fn(handle));
+        let conn = graceful.watch(conn.into_owned());
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!("connections still open after the shutdown grace period");
+    }
+}
+
+/// What the request log line and metrics need, filled in as the request goes.
+#[derive(Default)]
+struct Trace {
+    app: Option<AppId>,
+    group: Option<String>,
+    items: usize,
+    x_cache: Option<&'static str>,
+}
+
+/// Answers one data request; never fails (errors are answers).
+pub async fn handle(req: Request<Incoming>, gw: Arc<Gateway>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let arrived = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let mut trace = Trace::default();
+    let response = match gw.drain.enter() {
+        None => error_response(&GatewayError::Draining),
+        Some(_in_flight) => match route(req, &gw, arrived, &mut trace).await {
+            Ok(answer) => answer_response(answer),
+            Err(e) => error_response(&e),
+        },
+    };
+    let status = response.status().as_u16();
+    let app_label = trace.app.map_or_else(|| "none".to_owned(), |a| a.to_string());
+    let elapsed = arrived.elapsed();
+    gw.metrics.requests.with_label_values(&[app_label.as_str(), "unknown", status_label(status)]).inc();
+    gw.metrics.request_duration.with_label_values(&[app_label.as_str()]).observe(elapsed.as_secs_f64());
+    tracing::info!(
+        method = %method,
+        path = %path,
+        sdkappid = %app_label,
+        group_id = trace.group.as_deref().unwrap_or(""),
+        items = trace.items,
+        x_cache = trace.x_cache.unwrap_or(""),
+        status,
+        duration_ms = elapsed.as_secs_f64() * 1000.0,
+        "request"
+    );
+    Ok(response)
+}
+
+/// Static labels for the statuses the gateway answers with (no allocation per request).
+fn status_label(status: u16) -> &'static str {
+    match status {
+        200 => "200",
+        400 => "400",
+        404 => "404",
+        405 => "405",
+        413 => "413",
+        429 => "429",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        _ => "other",
+    }
+}
+
+async fn route(req: Request<Incoming>, gw: &Gateway, arrived: Instant, trace: &mut Trace) -> Result<Answer, GatewayError> {
+    if req.uri().path() != RECEIPT_PATH {
+        return Err(GatewayError::NotFound);
+    }
+    if req.method() != Method::POST {
+        return Err(GatewayError::MethodNotAllowed);
+    }
+    let app = select_app(gw, req.uri().query())?;
+    trace.app = Some(app.id);
+    let deadline = arrived + deadline(req.headers(), gw.config.request_timeout)?;
+    let freshness = freshness(req.headers());
+    let body = read_body(req, gw.config.max_body_bytes, deadline).await?;
+    let parsed = ReceiptRequest::parse(&body, gw.config.max_request_seqs)
+        .map_err(|e| GatewayError::BadRequest(e.to_string()))?;
+    trace.group = Some(parsed.group.to_string());
+    trace.items = parsed.seqs.len();
+    let query = Query { group: parsed.group, seqs: parsed.seqs, freshness, arrived, deadline };
+    let answer = receipts::answer(app, query).await?;
+    trace.x_cache = Some(answer.x_cache.as_str());
+    Ok(answer)
+}
+
+/// Picks the app from `sdkappid`, which may be left out when only one is configured.
+/// The caller's `identifier` and `usersig` are deliberately never read.
+fn select_app<'a>(gw: &'a Gateway, query: Option<&str>) -> Result<&'a Arc<AppRuntime>, GatewayError> {
+    let raw = query
+        .unwrap_or("")
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("sdkappid="));
+    match raw {
+        None if gw.apps.len() == 1 => gw.apps.values().next().ok_or(GatewayError::NotFound),
+        None => Err(GatewayError::UnknownApp("sdkappid is required: several apps are configured".into())),
+        Some(raw) => {
+            let id = raw
+                .parse::<u64>()
+                .map_err(|_| GatewayError::UnknownApp("sdkappid must be a decimal number".into()))?;
+            gw.apps
+                .get(&AppId(id))
+                .ok_or_else(|| GatewayError::UnknownApp(format!("sdkappid {id} is not configured on this gateway")))
+        }
+    }
+}
+
+/// The caller's deadline: `X-Request-Timeout-Ms`, else Envoy's expected timeout, else
+/// the configured default; at most [`MAX_DEADLINE`].
+fn deadline(headers: &HeaderMap, default: Duration) -> Result<Duration, GatewayError> {
+    for name in ["x-request-timeout-ms", "x-envoy-expected-rq-timeout-ms"] {
+        if let Some(value) = headers.get(name) {
+            let ms = value
+                .to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or_else(|| GatewayError::BadRequest(format!("{name} must be a whole number of milliseconds")))?;
+            return Ok(Duration::from_millis(ms).min(MAX_DEADLINE));
+        }
+    }
+    Ok(default)
+}
+
+/// `Cache-Control: no-cache` or `max-age=N` (no-cache wins when both are given).
+fn freshness(headers: &HeaderMap) -> Freshness {
+    let mut freshness = Freshness::Default;
+    for value in headers.get_all(header::CACHE_CONTROL) {
+        let Ok(value) = value.to_str() else { continue };
+        for directive in value.split(',').map(str::trim) {
+            if directive.eq_ignore_ascii_case("no-cache") {
+                return Freshness::NoCache;
+            }
+            if let Some(n) = directive.strip_prefix("max-age=").and_then(|n| n.parse::<u64>().ok()) {
+                freshness = Freshness::MaxAge(Duration::from_secs(n));
+            }
+        }
+    }
+    freshness
+}
+
+/// Reads the body, refusing more than `max` bytes and giving up at the deadline.
+async fn read_body(req: Request<Incoming>, max: usize, deadline: Instant) -> Result<Bytes, GatewayError> {
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(GatewayError::BodyTooLarge(max));
+    }
+    let collect = Limited::new(req.into_body(), max).collect();
+    match tokio::time::timeout_at(deadline.into(), collect).await {
+        Err(_) => Err(GatewayError::BadRequest("the request body did not arrive before the deadline".into())),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(GatewayError::BodyTooLarge(max)),
+        Ok(Err(e)) => Err(GatewayError::BadRequest(format!("could not read the request body: {e}"))),
+        Ok(Ok(body)) => Ok(body.to_bytes()),
+    }
+}
+
+fn json(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+fn answer_response(answer: Answer) -> Response<Full<Bytes>> {
+    let mut response = json(StatusCode::OK, answer.body.to_bytes());
+    let headers = response.headers_mut();
+    headers.insert("x-cache", HeaderValue::from_static(answer.x_cache.as_str()));
+    headers.insert(header::AGE, HeaderValue::from(answer.age));
+    response
+}
+
+/// The one place a gateway error becomes HTTP: status, Tencent body, `Retry-After`.
+pub fn error_response(e: &GatewayError) -> Response<Full<Bytes>> {
+    let mut response = json(e.status(), ReceiptResponse::fail(e.code(), e.to_string()).to_bytes());
+    if let Some(secs) = e.retry_after() {
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        pairs.iter().map(|(k, v)| (http::HeaderName::from_static(k), HeaderValue::from_static(v))).collect()
+    }
+
+    #[test]
+    fn deadlines_come_from_headers_in_order() {
+        let d = Duration::from_secs(2);
+        assert_eq!(deadline(&headers(&[]), d).unwrap(), d);
+        assert_eq!(deadline(&headers(&[("x-envoy-expected-rq-timeout-ms", "300")]), d).unwrap(), Duration::from_millis(300));
+        let both = headers(&[("x-request-timeout-ms", "100"), ("x-envoy-expected-rq-timeout-ms", "300")]);
+        assert_eq!(deadline(&both, d).unwrap(), Duration::from_millis(100));
+        assert_eq!(deadline(&headers(&[("x-request-timeout-ms", "999999999")]), d).unwrap(), MAX_DEADLINE);
+        let bad = deadline(&headers(&[("x-request-timeout-ms", "soon")]), d).unwrap_err();
+        assert!(bad.to_string().contains("x-request-timeout-ms"));
+    }
+
+    #[test]
+    fn cache_control_is_understood() {
+        assert_eq!(freshness(&headers(&[])), Freshness::Default);
+        assert_eq!(freshness(&headers(&[("cache-control", "no-cache")])), Freshness::NoCache);
+        assert_eq!(freshness(&headers(&[("cache-control", "max-age=5")])), Freshness::MaxAge(Duration::from_secs(5)));
+        assert_eq!(freshness(&headers(&[("cache-control", "max-age=5, No-Cache")])), Freshness::NoCache);
+    }
+
+    #[test]
+    fn errors_carry_retry_after_and_tencent_shape() {
+        let r = error_response(&GatewayError::Overloaded { retry_after: Duration::from_millis(2100) });
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "3");
+    }
+}

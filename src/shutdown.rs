@@ -1,0 +1,115 @@
+//! Draining and stopping (SIGTERM in Kubernetes).
+//!
+//! The order, written once: on the signal the gateway starts *draining* — `/readyz`
+//! answers 503 and new data requests get 503 so the mesh sends them elsewhere — and waits
+//! for the requests in flight to finish, at most `server.shutdown_grace_ms`. Then the
+//! servers stop accepting, open connections are closed gracefully, and the background
+//! tasks (dispatchers, housekeeping) are aborted by the `JoinSet` that owns them.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use prometheus::IntGauge;
+use tokio::sync::Notify;
+
+/// Whether the gateway is draining, and how many data requests are in flight.
+pub struct Drain {
+    draining: AtomicBool,
+    inflight: AtomicUsize,
+    idle: Notify,
+    gauge: IntGauge,
+}
+
+/// Held while a data request is answered; dropping it counts the request out.
+pub struct InFlight(Arc<Drain>);
+
+impl Drain {
+    pub fn new(gauge: IntGauge) -> Arc<Self> {
+        Arc::new(Self { draining: AtomicBool::new(false), inflight: AtomicUsize::new(0), idle: Notify::new(), gauge })
+    }
+
+    /// Counts a request in, unless the gateway is draining.
+    pub fn enter(self: &Arc<Self>) -> Option<InFlight> {
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+        self.gauge.inc();
+        let guard = InFlight(self.clone());
+        if self.is_draining() {
+            return None;
+        }
+        Some(guard)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    pub fn start(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.idle.notify_waiters();
+    }
+
+    /// Resolves once draining has started and no request is in flight.
+    pub async fn idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.is_draining() && self.inflight.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.gauge.dec();
+        if self.0.inflight.fetch_sub(1, Ordering::SeqCst) == 1 && self.0.is_draining() {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C (SIGINT).
+pub async fn signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn idle_waits_for_the_last_request_and_refuses_new_ones() {
+        let drain = Drain::new(IntGauge::new("g", "g").unwrap());
+        let request = drain.enter().unwrap();
+        drain.start();
+        assert!(drain.enter().is_none());
+        let waiting = tokio::spawn({
+            let drain = drain.clone();
+            async move { drain.idle().await }
+        });
+        assert!(!waiting.is_finished());
+        drop(request);
+        tokio::time::timeout(Duration::from_secs(5), waiting).await.unwrap().unwrap();
+        assert_eq!(drain.gauge.get(), 0);
+    }
+}

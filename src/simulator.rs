@@ -1,0 +1,765 @@
+//! A local stand-in for Tencent Cloud Chat's `get_group_msg_receipt` REST API.
+//!
+//! Integration tests, the demo, the load generator and `receipt-gateway simulate` point
+//! the gateway's upstream at it. It is a real HTTP server (HTTP/1.1 and h2c on one port)
+//! that plays Tencent's rules (SPEC 6.4) and keeps a ledger of every call it received,
+//! so a test can prove what the gateway saved or that it kept its budget.
+//!
+//! What it owns: the answer to a receipt call, the per-(sdkappid, API) rolling-second
+//! limit, the call ledger, receipt overrides and injected faults. What it does not own:
+//! anything the gateway decides (retries, caching, signing).
+//!
+//! A call passes these phases, each of which can end it (the first that applies wins):
+//!
+//! 1. routing — anything but `POST` [`RECEIPT_PATH`] is HTTP 404 / 60009 and is *not*
+//!    recorded; every call past this point is recorded in [`Simulator::calls`];
+//! 2. an injected [`Fault`] (latency only delays, the others replace the answer);
+//! 3. `sdkappid` — missing or not a number: 60003; not configured: 60006;
+//! 4. the app's rate limit — 60007;
+//! 5. the other query parameters — 60003; the UserSig — 70001 expired, 70009 otherwise;
+//!    a genuine UserSig of an account that is not the app's admin — 60010;
+//! 6. the body — 10004 (not parseable, or more than `max_seqs` MsgSeqs);
+//! 7. the group — 10010 for ids starting `missing`, 10015 for `invalid`;
+//! 8. OK, one item per requested MsgSeq in order: an override, else [`default_receipt`].
+//!
+//! Like Tencent, it answers API errors with HTTP 200; only injected faults and unknown
+//! paths produce another status. `rules` holds the rules as pure functions,
+//! `ledger` what is remembered between calls; this file serves HTTP and runs the phases.
+//!
+//! Invariants a reader must keep: no lock is held across an `.await` (one short critical
+//! section per call decides the answer and writes the ledger), and no input can panic a
+//! request (there is no `unwrap` on the request path).
+
+mod ledger;
+mod rules;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::api::{RECEIPT_PATH, ReceiptItem, ReceiptRequest, ReceiptResponse};
+use crate::domain::{AppId, MsgSeq};
+use crate::usersig::SecretKey;
+
+use ledger::{State, max_in_window};
+use rules::{Fail, QueryParams, code};
+
+pub use ledger::{CallRecord, NO_ERROR_CODE};
+pub use rules::{MAX_SEQ_WITH_RECEIPT, default_receipt};
+
+/// Bodies are read whole; a cap keeps a broken client from filling memory.
+const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// How long [`Simulator::serve`] lets open connections finish after shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+
+/// One app the simulator knows: its admin account and the key UserSigs must be signed with.
+#[derive(Clone, Debug)]
+pub struct SimApp {
+    pub app: AppId,
+    pub identifier: String,
+    pub key: SecretKey,
+}
+
+/// What the simulator is configured with; fixed for its lifetime.
+#[derive(Clone, Debug)]
+pub struct SimOptions {
+    pub apps: Vec<SimApp>,
+    /// Calls served per rolling second per (sdkappid, API); more are answered 60007.
+    pub limit_per_second: u32,
+    /// The most MsgSeqs one call may carry; more are answered 10004.
+    pub max_seqs: usize,
+}
+
+impl SimOptions {
+    /// Tencent's documented limit for the receipt API.
+    pub const DEFAULT_LIMIT_PER_SECOND: u32 = 200;
+    /// Tencent's documented maximum of MsgSeqs per receipt call.
+    pub const DEFAULT_MAX_SEQS: usize = 50;
+
+    /// Options with Tencent's own limits.
+    pub fn new(apps: Vec<SimApp>) -> Self {
+        Self { apps, limit_per_second: Self::DEFAULT_LIMIT_PER_SECOND, max_seqs: Self::DEFAULT_MAX_SEQS }
+    }
+}
+
+/// A misbehaviour to play instead of (or before) the normal answer; see [`Simulator::inject`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Wait this long, then answer normally (a slow upstream).
+    Latency(Duration),
+    /// Answer HTTP 200 `FAIL` with this ErrorCode (e.g. 10002, 70169).
+    ErrorCode(i64),
+    /// Answer with this HTTP status (500 if it is not a valid status) and a small HTML
+    /// body, as a failing load balancer in front of Tencent would.
+    HttpStatus(u16),
+    /// Close the connection without answering (a transport error).
+    Drop,
+}
+
+/// A handle on a simulator: cheap to clone, shared by its server and the test driving it.
+#[derive(Clone)]
+pub struct Simulator {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    apps: HashMap<AppId, SimApp>,
+    limit_per_second: usize,
+    max_seqs: usize,
+    /// One lock, held briefly and never across an `.await`, so the ledger and the rate
+    /// windows always agree.
+    state: Mutex<State>,
+}
+
+impl Simulator {
+    pub fn new(options: SimOptions) -> Self {
+        let inner = Inner {
+            apps: options.apps.into_iter().map(|a| (a.app, a)).collect(),
+            limit_per_second: usize::try_from(options.limit_per_second).unwrap_or(usize::MAX),
+            max_seqs: options.max_seqs,
+            state: Mutex::new(State::default()),
+        };
+        Self { inner: Arc::new(inner) }
+    }
+
+    /// Binds `127.0.0.1:0`, serves there on the current runtime and returns the handle,
+    /// the base URL (`http://127.0.0.1:PORT`) and the guard that owns the server.
+    pub async fn spawn(options: SimOptions) -> io::Result<(Simulator, String, SimServer)> {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let addr = listener.local_addr()?;
+        let sim = Simulator::new(options);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let shutdown = async move {
+            // A dropped sender means the guard is gone: stop as well.
+            let _ = stopped.await;
+        };
+        let task = tokio::spawn(sim.clone().serve(listener, shutdown));
+        let server = SimServer { addr, stop: Some(stop), task: Some(task) };
+        Ok((sim, format!("http://{addr}"), server))
+    }
+
+    /// Serves until `shutdown` resolves; then stops accepting, gives open connections
+    /// a second to finish and closes whatever is left.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> io::Result<()> {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        // Without a timer hyper's header-read timeout (the slowloris guard) does nothing.
+        builder.http1().timer(TokioTimer::new());
+        let graceful = GracefulShutdown::new();
+        // Owning the connection tasks means they end with `serve`, even if it is aborted.
+        let mut connections = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                Some(_) = connections.join_next() => {}
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _peer)) => {
+                        let sim = self.clone();
+                        let service = service_fn(move |req| sim.clone().handle(req));
+                        let conn = builder.serve_connection(TokioIo::new(stream), service);
+                        connections.spawn(graceful.watch(conn.into_owned()));
+                    }
+                    Err(error) => {
+                        // Usually out of file descriptors: back off instead of spinning.
+                        tracing::warn!(%error, "simulator accept failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                },
+            }
+        }
+        drop(listener);
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await;
+        Ok(())
+    }
+
+    /// Makes later calls for (`group`, `seq`) report these counts (item Code 0). An
+    /// override is an explicit wish of the test, so it wins even above
+    /// [`MAX_SEQ_WITH_RECEIPT`].
+    pub fn set_receipt(&self, group: &str, seq: u64, read: u64, unread: u64) {
+        self.state().overrides.insert((group.to_owned(), seq), (read, unread));
+    }
+
+    /// Plays `fault` on each of the next `times` calls, after every fault injected before.
+    pub fn inject(&self, fault: Fault, times: usize) {
+        self.state().faults.extend(std::iter::repeat_n(fault, times));
+    }
+
+    /// Delays every answer by `latency` (on top of any injected [`Fault::Latency`]).
+    pub fn set_latency(&self, latency: Duration) {
+        self.state().base_latency = latency;
+    }
+
+    /// Every call that reached the receipt route, in arrival order.
+    pub fn calls(&self) -> Vec<CallRecord> {
+        self.state().calls.clone()
+    }
+
+    pub fn call_count(&self) -> usize {
+        self.state().calls.len()
+    }
+
+    /// How many calls were answered with this ErrorCode (0 counts OK answers).
+    pub fn count_code(&self, code: i64) -> usize {
+        self.state().calls.iter().filter(|c| c.error_code == code).count()
+    }
+
+    /// The most *served* calls (all but those answered 60007, across all apps) whose
+    /// arrivals fit in one window of this length. The limiter counts the same calls, so
+    /// without injected faults this never exceeds the limit: to prove that a client kept
+    /// its budget, check `count_code(60007) == 0` or [`Self::max_arrivals_in_any_window`].
+    pub fn max_in_any_window(&self, window: Duration) -> usize {
+        let times = self.state().arrivals(|c| c.error_code != code::RATE_LIMITED);
+        max_in_window(&times, window)
+    }
+
+    /// Like [`Self::max_in_any_window`], but counting every recorded call, refused ones
+    /// too: what a client actually sent.
+    pub fn max_arrivals_in_any_window(&self, window: Duration) -> usize {
+        max_in_window(&self.state().arrivals(|_| true), window)
+    }
+
+    /// Forgets the ledger (not the rate windows, overrides or faults), e.g. after warm-up.
+    pub fn reset_calls(&self) {
+        self.state().calls.clear();
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // Nothing panics while holding the lock, and the state stays consistent even
+        // if something did, so a poisoned lock is simply taken over.
+        self.inner.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Owns a server started by [`Simulator::spawn`]. Dropping it stops the server at once
+/// (listener closed, open connections cut); [`SimServer::shutdown`] stops it gently.
+pub struct SimServer {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<io::Result<()>>>,
+}
+
+impl SimServer {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, lets open connections finish (briefly) and waits for the server.
+    pub async fn shutdown(mut self) -> io::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.task.take() {
+            Some(task) => task.await.map_err(io::Error::other)?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for SimServer {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// One call, phase by phase
+// ---------------------------------------------------------------------------------------
+
+/// Returned by the service to make hyper close the connection without an answer.
+#[derive(Debug, thiserror::Error)]
+#[error("simulated dropped connection")]
+struct Dropped;
+
+/// What the simulator decided to do with a call.
+enum Outcome {
+    Answer(ReceiptResponse),
+    HttpStatus(StatusCode),
+    Drop,
+}
+
+/// Everything about a call that can be worked out without the shared state. Computed
+/// before taking the lock, so UserSig verification never holds other calls up.
+struct Checked {
+    /// Phase 3 and, when it passed, phases 5 and 6.
+    call: Result<AppCall, Fail>,
+    /// The sdkappid named, for the ledger.
+    named_app: Option<AppId>,
+    /// The body as parsed without the MsgSeq limit, for the ledger.
+    parsed: Option<ReceiptRequest>,
+}
+
+/// A call for a configured app, and what its parameters, UserSig and body came to.
+struct AppCall {
+    app: AppId,
+    request: Result<ReceiptRequest, Fail>,
+}
+
+impl Simulator {
+    async fn handle(self, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Dropped> {
+        if req.method() != Method::POST || req.uri().path() != RECEIPT_PATH {
+            let (method, path) = (req.method(), req.uri().path());
+            tracing::debug!(%method, path, "simulator: unknown path");
+            let info = format!("no API at {method} {path}");
+            let body = ReceiptResponse::fail(code::UNKNOWN_PATH, info);
+            return Ok(json_response(StatusCode::NOT_FOUND, &body));
+        }
+        let query = req.uri().query().unwrap_or_default().to_owned();
+        let body = read_body(req.into_body()).await;
+        let checked = self.check(&query, body);
+        let (outcome, delay) = self.decide(checked);
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        match outcome {
+            Outcome::Answer(body) => Ok(json_response(StatusCode::OK, &body)),
+            Outcome::HttpStatus(status) => Ok(fault_response(status)),
+            Outcome::Drop => Err(Dropped),
+        }
+    }
+
+    /// Phases 3, 5 and 6, which depend only on the request and the fixed options.
+    fn check(&self, query: &str, body: Result<Bytes, Fail>) -> Checked {
+        let params = QueryParams::parse(query);
+        let body = body.and_then(|b| {
+            ReceiptRequest::parse(&b, usize::MAX).map_err(|e| Fail::new(code::INVALID_BODY, e.to_string()))
+        });
+        let parsed = body.as_ref().ok().cloned();
+        let call = rules::check_app(&params, &self.inner.apps).map(|app| AppCall {
+            app: app.app,
+            request: rules::check_caller(&params, app, unix_now())
+                .and_then(|()| rules::check_body(body, self.inner.max_seqs)),
+        });
+        Checked { call, named_app: params.sdkappid(), parsed }
+    }
+
+    /// Phases 2, 4, 7 and 8, under the lock; records the call. Returns the outcome and
+    /// how long to wait before delivering it.
+    fn decide(&self, checked: Checked) -> (Outcome, Duration) {
+        let mut state = self.state();
+        let at = Instant::now();
+        let mut delay = state.base_latency;
+        let outcome = match state.faults.pop_front() {
+            None => self.answer(&mut state, &checked, at),
+            Some(Fault::Latency(extra)) => {
+                delay = delay.saturating_add(extra);
+                self.answer(&mut state, &checked, at)
+            }
+            Some(Fault::ErrorCode(code)) => {
+                let outcome = Outcome::Answer(ReceiptResponse::fail(code, "simulated fault"));
+                preempt(&mut state, &checked, at, outcome)
+            }
+            Some(Fault::HttpStatus(status)) => {
+                let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                preempt(&mut state, &checked, at, Outcome::HttpStatus(status))
+            }
+            Some(Fault::Drop) => preempt(&mut state, &checked, at, Outcome::Drop),
+        };
+        let record = record(at, &checked, &outcome);
+        tracing::debug!(
+            app = ?record.app,
+            group = record.group.as_deref().unwrap_or(""),
+            seqs = record.seqs.len(),
+            error_code = record.error_code,
+            http_status = record.http_status,
+            delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            "simulator call"
+        );
+        state.calls.push(record);
+        (outcome, delay)
+    }
+
+    /// Tencent's own answer (phases 3 to 8).
+    fn answer(&self, state: &mut State, checked: &Checked, at: Instant) -> Outcome {
+        let limit = self.inner.limit_per_second;
+        let result = checked.call.as_ref().map_err(Fail::clone).and_then(|call| {
+            if !state.admit(call.app, at, limit) {
+                let info = format!("more than {limit} calls per second to this API");
+                return Err(Fail::new(code::RATE_LIMITED, info));
+            }
+            let request = call.request.as_ref().map_err(Fail::clone)?;
+            let group = request.group.as_str();
+            rules::check_group(group)?;
+            let items =
+                request.seqs.iter().map(|&MsgSeq(seq)| ReceiptItem::new(MsgSeq(seq), state.receipt(group, seq)));
+            Ok(items.collect())
+        });
+        Outcome::Answer(match result {
+            Ok(items) => ReceiptResponse::ok(items),
+            Err(fail) => ReceiptResponse::fail(fail.code, fail.info),
+        })
+    }
+}
+
+/// A fault that replaces Tencent's answer (phase 2). It still spends the app's budget,
+/// unless it plays 60007, to keep the ledger's invariant (see [`ledger`]).
+fn preempt(state: &mut State, checked: &Checked, at: Instant, outcome: Outcome) -> Outcome {
+    let refused = matches!(&outcome, Outcome::Answer(r) if r.error_code == code::RATE_LIMITED);
+    if let (Ok(call), false) = (&checked.call, refused) {
+        state.spend(call.app, at);
+    }
+    outcome
+}
+
+fn record(at: Instant, checked: &Checked, outcome: &Outcome) -> CallRecord {
+    let (error_code, http_status) = match outcome {
+        Outcome::Answer(r) => (r.error_code, StatusCode::OK.as_u16()),
+        Outcome::HttpStatus(status) => (NO_ERROR_CODE, status.as_u16()),
+        Outcome::Drop => (NO_ERROR_CODE, 0),
+    };
+    let parsed = checked.parsed.as_ref();
+    CallRecord {
+        at,
+        app: checked.named_app,
+        group: parsed.map(|r| r.group.as_str().to_owned()),
+        seqs: parsed.map(|r| r.seqs.iter().map(|s| s.0).collect()).unwrap_or_default(),
+        error_code,
+        http_status,
+    }
+}
+
+async fn read_body(body: Incoming) -> Result<Bytes, Fail> {
+    match Limited::new(body, MAX_BODY_BYTES).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) => Err(Fail::new(code::INVALID_BODY, format!("body could not be read: {e}"))),
+    }
+}
+
+fn json_response(status: StatusCode, body: &ReceiptResponse) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_bytes())));
+    *response.status_mut() = status;
+    let json = HeaderValue::from_static("application/json");
+    response.headers_mut().insert(CONTENT_TYPE, json);
+    response
+}
+
+fn fault_response(status: StatusCode) -> Response<Full<Bytes>> {
+    let body = format!("<html><body><h1>{status}</h1>simulated fault</body></html>");
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    let html = HeaderValue::from_static("text/html");
+    response.headers_mut().insert(CONTENT_TYPE, html);
+    response
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+
+    use http_body_util::BodyExt;
+    use hyper_util::client::legacy::Client;
+    use hyper_util::client::legacy::connect::HttpConnector;
+
+    use super::*;
+    use crate::usersig;
+
+    const APP: AppId = AppId(1_400_000_000);
+    const ADMIN: &str = "administrator";
+    const KEY: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    const WAIT: Duration = Duration::from_secs(2);
+
+    type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+    fn options() -> SimOptions {
+        SimOptions::new(vec![SimApp { app: APP, identifier: ADMIN.into(), key: SecretKey::new(KEY) }])
+    }
+
+    fn client() -> HttpClient {
+        Client::builder(TokioExecutor::new()).build_http()
+    }
+
+    async fn within<T>(f: impl Future<Output = T>) -> T {
+        match tokio::time::timeout(WAIT, f).await {
+            Ok(value) => value,
+            Err(_) => panic!("no answer within {WAIT:?}"),
+        }
+    }
+
+    fn signed_query(key: &str, identifier: &str, time: u64) -> String {
+        let sig = usersig::sign(APP, &SecretKey::new(key), identifier, time, 86_400);
+        format!("sdkappid={APP}&identifier={identifier}&usersig={}&random=12345&contenttype=json", sig.expose())
+    }
+
+    fn good_query() -> String {
+        signed_query(KEY, ADMIN, unix_now())
+    }
+
+    fn body(group: &str, seqs: &[u64]) -> String {
+        let list: Vec<String> = seqs.iter().map(|s| format!(r#"{{"MsgSeq":{s}}}"#)).collect();
+        format!(r#"{{"GroupId":"{group}","MsgSeqList":[{}]}}"#, list.join(","))
+    }
+
+    /// Sends one call; the answer's status and raw body.
+    async fn send(
+        client: &HttpClient,
+        url: &str,
+        method: Method,
+        path_and_query: &str,
+        body: String,
+    ) -> Result<(StatusCode, Bytes), hyper_util::client::legacy::Error> {
+        let request = Request::builder()
+            .method(method)
+            .uri(format!("{url}{path_and_query}"))
+            .body(Full::new(Bytes::from(body)))
+            .expect("a valid test request");
+        let response = within(client.request(request)).await?;
+        let status = response.status();
+        let bytes = within(response.into_body().collect()).await.expect("a whole body").to_bytes();
+        Ok((status, bytes))
+    }
+
+    /// A receipt call that must be answered with JSON.
+    async fn call(client: &HttpClient, url: &str, query: &str, body: String) -> (StatusCode, ReceiptResponse) {
+        let (status, bytes) =
+            send(client, url, Method::POST, &format!("{RECEIPT_PATH}?{query}"), body).await.expect("an answer");
+        let reply = serde_json::from_slice(&bytes).expect("a Tencent-shaped body");
+        (status, reply)
+    }
+
+    async fn call_ok(client: &HttpClient, url: &str, group: &str, seqs: &[u64]) -> ReceiptResponse {
+        call(client, url, &good_query(), body(group, seqs)).await.1
+    }
+
+    fn item(group: &str, seq: u64) -> ReceiptItem {
+        ReceiptItem::new(MsgSeq(seq), default_receipt(group, seq))
+    }
+
+    #[tokio::test]
+    async fn a_signed_call_gets_deterministic_counts_in_request_order() {
+        let (sim, url, _server) = Simulator::spawn(options()).await.expect("spawn");
+
+        let (status, reply) = call(&client(), &url, &good_query(), body("g1", &[3, 1, 3, 2])).await;
+
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(reply, ReceiptResponse::ok(vec![item("g1", 3), item("g1", 1), item("g1", 3), item("g1", 2)]));
+        let calls = sim.calls();
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].app, Some(APP));
+        assert_eq!(calls[0].group.as_deref(), Some("g1"));
+        assert_eq!(calls[0].seqs, vec![3, 1, 3, 2]);
+        assert_eq!((calls[0].error_code, calls[0].http_status), (0, 200));
+    }
+
+    #[tokio::test]
+    async fn overrides_change_later_answers_and_high_seqs_have_no_receipt() {
+        let (sim, url, _server) = Simulator::spawn(options()).await.expect("spawn");
+        let client = client();
+
+        sim.set_receipt("g", 7, 5, 9);
+        let reply = call_ok(&client, &url, "g", &[7, 1_000_000, 1_000_001]).await;
+
+        let items = reply.items.expect("items");
+        assert_eq!(items[0], ReceiptItem { code: 0, seq: 7, read: Some(5), unread: Some(9) });
+        assert_eq!(items[1], item("g", 1_000_000));
+        assert_eq!(items[1].code, 0);
+        assert_eq!(items[2], ReceiptItem { code: 10062, seq: 1_000_001, read: None, unread: None });
+    }
+
+    #[tokio::test]
+    async fn missing_and_invalid_groups_fail_the_whole_call() {
+        let (_sim, url, _server) = Simulator::spawn(options()).await.expect("spawn");
+        let client = client();
+
+        let missing = call_ok(&client, &url, "missing-1", &[1]).await;
+        let invalid = call_ok(&client, &url, "invalid-1", &[1]).await;
+
+        assert_eq!((missing.action_status.as_str(), missing.error_code), ("FAIL", 10010));
+        assert_eq!((invalid.action_status.as_str(), invalid.error_code), ("FAIL", 10015));
+        assert!(missing.items.is_none());
+    }
+
+    #[tokio::test]
+    async fn bad_credentials_and_parameters_get_tencents_codes() {
+        let (sim, url, _server) = Simulator::spawn(options()).await.expect("spawn");
+        let client = client();
+        let other_key = "5bd2850fff3ecb11d7c805251c51ee463a25727bddc2385f3fa8bfee1bb93b5e";
+        let no_random = good_query().replace("&random=12345", "");
+        let cases = [
+            (signed_query(other_key, ADMIN, unix_now()), 70009, "signature"),
+            (signed_query(KEY, ADMIN, 1_000_000), 70001, "expired"),
+            (good_query().replace("usersig=", "usersig=x"), 70009, "well-formed"),
+            (signed_query(KEY, "bob", unix_now()), 60010, "admin"),
+            (no_random, 60003, "random"),
+            (good_query().replace("random=12345", "random=99999999999"), 60003, "random"),
+            (good_query().replace("contenttype=json", "contenttype=xml"), 60003, "contenttype"),
+            (good_query().replace("sdkappid=1400000000", "sdkappid=1400000001"), 60006, "1400000001"),
+            (good_query().replace("sdkappid=1400000000", "sdkappid=abc"), 60003, "sdkappid"),
+            ("identifier=administrator".to_owned(), 60003, "sdkappid"),
+        ];
+
+        for (query, code, info) in &cases {
+            let (status, reply) = call(&client, &url, query, body("g", &[1])).await;
+            assert_eq!((status, reply.error_code), (StatusCode::OK, *code), "{query}");
+            assert!(reply.error_info.contains(info), "{query}: {}", reply.error_info);
+        }
+        assert_eq!(sim.call_count(), cases.len());
+    }
+
+    #[tokio::test]
+    async fn bad_bodies_and_too_many_seqs_get_10004() {
+        let (sim, url, _server) = Simulator::spawn(options()).await.expect("spawn");
+        let client = client();
+        let fifty_one: Vec<u64> = (1..=51).collect();
+
+        let (_, not_json) = call(&client, &url, &good_query(), "nope".into()).await;
+        let (_, too_many) = call(&client, &url, &good_query(), body("g", &fifty_one)).await;
+        let fifty = call_ok(&client, &url, "g", &fifty_one[..50]).await;
+        let (_, huge) = call(&client, &url, &good_query(), " ".repeat(MAX_BODY_BYTES + 1)).await;
+
+        assert_eq!(not_json.error_code, 10004);
+        assert_eq!(huge.error_code, 10004);
+        assert_eq!(too_many.error_code, 10004);
+        assert!(too_many.error_info.contains("at most 50"), "{}", too_many.error_info);
+        assert_eq!(fifty.items.map(|i| i.len()), Some(50));
+        // The ledger shows what was asked even when it was refused.
+        assert_eq!(sim.calls()[1].seqs.len(), 51);
+        assert_eq!(sim.calls()[0].group, None);
+    }
+
+    #[tokio::test]
+    async fn calls_beyond_the_limit_in_a_rolling_second_get_60007() {
+        let (sim, url, _server) =
+            Simulator::spawn(SimOptions { limit_per_second: 5, ..options() }).await.expect("spawn");
+        let client = client();
+
+        let mut codes = Vec::new();
+        for seq in 0..6 {
+            codes.push(call_ok(&client, &url, "g", &[seq]).await.error_code);
+        }
+
+        assert_eq!(codes, [0, 0, 0, 0, 0, 60007]);
+        assert_eq!(sim.count_code(60007), 1);
+        assert_eq!(sim.max_in_any_window(Duration::from_secs(1)), 5);
+        assert_eq!(sim.max_arrivals_in_any_window(Duration::from_secs(1)), 6);
+        assert_eq!(sim.call_count(), 6);
+    }
+
+    #[tokio::test]
+    async fn faulted_calls_spend_the_budget_unless_they_play_60007() {
+        let (sim, url, _server) =
+            Simulator::spawn(SimOptions { limit_per_second: 2, ..options() }).await.expect("spawn");
+        let client = client();
+        sim.inject(Fault::ErrorCode(60007), 1);
+        sim.inject(Fault::HttpStatus(500), 1);
+
+        let path = format!("{RECEIPT_PATH}?{}", good_query());
+        for _ in 0..2 {
+            send(&client, &url, Method::POST, &path, body("g", &[1])).await.expect("an answer");
+        }
+        let codes =
+            [call_ok(&client, &url, "g", &[1]).await, call_ok(&client, &url, "g", &[1]).await].map(|r| r.error_code);
+
+        assert_eq!(codes, [0, 60007]);
+        assert_eq!(sim.max_in_any_window(Duration::from_secs(1)), 2);
+    }
+
+    #[tokio::test]
+    async fn faults_are_played_in_order_and_recorded() {
+        let (sim, url, _server) = Simulator::spawn(options()).await.expect("spawn");
+        let client = client();
+        sim.inject(Fault::ErrorCode(70169), 1);
+        sim.inject(Fault::HttpStatus(503), 2);
+        sim.inject(Fault::Drop, 1);
+        sim.inject(Fault::Latency(Duration::from_millis(150)), 1);
+        let path = format!("{RECEIPT_PATH}?{}", good_query());
+        let post = || send(&client, &url, Method::POST, &path, body("g", &[1]));
+
+        let coded = post().await.expect("an answer");
+        let first_503 = post().await.expect("an answer");
+        let second_503 = post().await.expect("an answer");
+        let dropped = post().await;
+        let started = Instant::now();
+        let slow = post().await.expect("an answer");
+        let slow_took = started.elapsed();
+        let normal = post().await.expect("an answer");
+
+        let reply: ReceiptResponse = serde_json::from_slice(&coded.1).expect("json");
+        assert_eq!((coded.0, reply.error_code), (StatusCode::OK, 70169));
+        assert_eq!(first_503.0, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(second_503.0, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(dropped.is_err(), "the connection should have been closed");
+        assert_eq!(slow.0, StatusCode::OK);
+        assert!(slow_took >= Duration::from_millis(150), "{slow_took:?}");
+        let slow_reply: ReceiptResponse = serde_json::from_slice(&slow.1).expect("json");
+        assert_eq!(slow_reply, ReceiptResponse::ok(vec![item("g", 1)]));
+        assert_eq!(normal.0, StatusCode::OK);
+        let seen: Vec<(i64, u16)> = sim.calls().iter().map(|c| (c.error_code, c.http_status)).collect();
+        assert_eq!(seen, [(70169, 200), (-1, 503), (-1, 503), (-1, 0), (0, 200), (0, 200)]);
+    }
+
+    #[tokio::test]
+    async fn base_latency_delays_every_call() {
+        let (sim, url, _server) = Simulator::spawn(options()).await.expect("spawn");
+        sim.set_latency(Duration::from_millis(100));
+
+        let started = Instant::now();
+        let reply = call_ok(&client(), &url, "g", &[1]).await;
+
+        assert_eq!(reply.error_code, 0);
+        assert!(started.elapsed() >= Duration::from_millis(100));
+    }
+
+    #[tokio::test]
+    async fn unknown_paths_are_404_and_not_recorded() {
+        let (sim, url, _server) = Simulator::spawn(options()).await.expect("spawn");
+        let client = client();
+
+        let (status, bytes) = send(&client, &url, Method::POST, "/v4/nope", String::new()).await.expect("answer");
+        let (get_status, _) = send(&client, &url, Method::GET, RECEIPT_PATH, String::new()).await.expect("answer");
+
+        let reply: ReceiptResponse = serde_json::from_slice(&bytes).expect("json");
+        assert_eq!((status, reply.error_code), (StatusCode::NOT_FOUND, 60009));
+        assert_eq!(get_status, StatusCode::NOT_FOUND);
+        assert_eq!(sim.call_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn h2c_with_prior_knowledge_is_served() {
+        let (_sim, url, _server) = Simulator::spawn(options()).await.expect("spawn");
+        let h2: HttpClient = Client::builder(TokioExecutor::new()).http2_only(true).build_http();
+
+        let reply = call_ok(&h2, &url, "g", &[1, 2]).await;
+
+        assert_eq!(reply, ReceiptResponse::ok(vec![item("g", 1), item("g", 2)]));
+    }
+
+    #[tokio::test]
+    async fn reset_forgets_calls_and_shutdown_stops_the_server() {
+        let (sim, url, server) = Simulator::spawn(options()).await.expect("spawn");
+        call_ok(&client(), &url, "g", &[1]).await;
+        sim.reset_calls();
+        assert_eq!(sim.call_count(), 0);
+
+        within(server.shutdown()).await.expect("a clean stop");
+
+        let fresh = client();
+        let refused = send(&fresh, &url, Method::POST, RECEIPT_PATH, String::new()).await;
+        assert!(refused.is_err());
+    }
+}

@@ -1,0 +1,154 @@
+//! What the simulator remembers between calls: the ledger of calls, the rolling-second
+//! windows of the rate limit, queued faults and receipt overrides.
+//!
+//! Invariant: a call enters its app's rate window exactly when it is recorded with an
+//! `error_code` other than 60007, so the limit the simulator enforces and
+//! [`max_in_window`] over the ledger always agree.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::api::RECEIPT_PATH;
+use crate::domain::{AppId, Receipt};
+
+use super::Fault;
+use super::rules::default_receipt;
+
+/// The `error_code` recorded for calls answered with an HTTP fault or not answered.
+pub const NO_ERROR_CODE: i64 = -1;
+
+/// The rolling window of the rate limit.
+const RATE_WINDOW: Duration = Duration::from_secs(1);
+
+/// One call that reached the receipt route, as the simulator saw and answered it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CallRecord {
+    /// When the whole request had arrived (the rate limit looks at the same instant).
+    pub at: Instant,
+    /// The `sdkappid` the call named, configured or not; `None` if absent or not a number.
+    pub app: Option<AppId>,
+    /// The body's `GroupId`, when the body parsed.
+    pub group: Option<String>,
+    /// The body's MsgSeqs in order, when the body parsed (even if there were too many).
+    pub seqs: Vec<u64>,
+    /// The ErrorCode answered: 0 for OK, [`NO_ERROR_CODE`] for HTTP faults and drops.
+    pub error_code: i64,
+    /// The HTTP status answered; 0 when the connection was dropped instead.
+    pub http_status: u16,
+}
+
+/// Everything that changes per call, behind the simulator's one lock.
+#[derive(Default)]
+pub(super) struct State {
+    pub calls: Vec<CallRecord>,
+    pub faults: VecDeque<Fault>,
+    pub overrides: HashMap<(String, u64), (u64, u64)>,
+    pub base_latency: Duration,
+    /// Arrivals counted against each (app, API) budget within the last second. The API
+    /// is part of the key because Tencent limits each API separately.
+    windows: HashMap<(AppId, &'static str), VecDeque<Instant>>,
+}
+
+impl State {
+    /// Lets a call arriving `at` through if fewer than `limit` calls were let through in
+    /// the second before it. Only calls let through enter the window: Tencent counts what
+    /// it served, so a client that backs off after 60007 gets its budget back one second
+    /// after its served calls, however often it was refused meanwhile.
+    pub fn admit(&mut self, app: AppId, at: Instant, limit: usize) -> bool {
+        let window = self.window(app, at);
+        if window.len() >= limit {
+            return false;
+        }
+        window.push_back(at);
+        true
+    }
+
+    /// Counts a call against the budget without asking (a fault that pre-empted the
+    /// limiter still reached Tencent's front door).
+    pub fn spend(&mut self, app: AppId, at: Instant) {
+        self.window(app, at).push_back(at);
+    }
+
+    /// The receipt to report: the test's override if it set one, else the default.
+    pub fn receipt(&self, group: &str, seq: u64) -> Receipt {
+        match self.overrides.get(&(group.to_owned(), seq)) {
+            Some(&(read, unread)) => Receipt { code: 0, read: Some(read), unread: Some(unread) },
+            None => default_receipt(group, seq),
+        }
+    }
+
+    /// The ledger's arrival times of the calls `keep` selects, sorted.
+    pub fn arrivals(&self, keep: impl Fn(&CallRecord) -> bool) -> Vec<Instant> {
+        let mut times: Vec<Instant> = self.calls.iter().filter(|c| keep(c)).map(|c| c.at).collect();
+        // Recorded in arrival order already; sorting keeps the sweep right regardless.
+        times.sort_unstable();
+        times
+    }
+
+    /// The app's receipt-API window, with arrivals a second or more before `now` dropped.
+    fn window(&mut self, app: AppId, now: Instant) -> &mut VecDeque<Instant> {
+        let window = self.windows.entry((app, RECEIPT_PATH)).or_default();
+        while window.front().is_some_and(|&t| now.duration_since(t) >= RATE_WINDOW) {
+            window.pop_front();
+        }
+        window
+    }
+}
+
+/// The most instants (sorted) that span less than `window`: a two-pointer sweep. "Less
+/// than" matches the limiter, which forgets an arrival exactly one window later.
+pub(super) fn max_in_window(times: &[Instant], window: Duration) -> usize {
+    // An empty window holds nothing; this also keeps `first` from passing `last` below.
+    if window.is_zero() {
+        return 0;
+    }
+    let mut best = 0;
+    let mut first = 0;
+    for (last, &t) in times.iter().enumerate() {
+        while t.duration_since(times[first]) >= window {
+            first += 1;
+        }
+        best = best.max(last + 1 - first);
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_window_sweep_counts_instants_spanning_less_than_the_window() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let times = [at(0), at(10), at(500), at(999), at(1000), at(1001), at(3000)];
+        assert_eq!(max_in_window(&times, Duration::from_secs(1)), 5);
+        assert_eq!(max_in_window(&[], Duration::from_secs(1)), 0);
+        assert_eq!(max_in_window(&times, Duration::from_millis(1)), 1);
+        assert_eq!(max_in_window(&times, Duration::ZERO), 0);
+    }
+
+    #[test]
+    fn the_limiter_forgets_a_call_one_second_later() {
+        let mut state = State::default();
+        let app = AppId(1);
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        assert!(state.admit(app, at(0), 2));
+        assert!(state.admit(app, at(500), 2));
+        assert!(!state.admit(app, at(999), 2));
+        assert!(state.admit(app, at(1000), 2));
+        assert!(!state.admit(app, at(1499), 2));
+        // Another app has its own budget.
+        assert!(state.admit(AppId(2), at(1499), 2));
+    }
+
+    #[test]
+    fn overrides_win_over_the_default() {
+        let mut state = State::default();
+        state.overrides.insert(("g".into(), 2_000_000), (1, 2));
+        let over = state.receipt("g", 2_000_000);
+        assert_eq!((over.code, over.read, over.unread), (0, Some(1), Some(2)));
+        assert_eq!(state.receipt("g", 3), default_receipt("g", 3));
+    }
+}
