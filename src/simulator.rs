@@ -200,6 +200,13 @@ impl Simulator {
         self.state().overrides.insert((group.to_owned(), seq), (read, unread));
     }
 
+    /// Makes every later call that carries `seq` fail as a whole with 10004, the way
+    /// Tencent refuses a call with one bad parameter: for testing that a gateway isolates
+    /// the caller who sent it.
+    pub fn reject_seq(&self, seq: u64) {
+        self.state().rejected.insert(seq);
+    }
+
     /// Plays `fault` on each of the next `times` calls, after every fault injected before.
     pub fn inject(&self, fault: Fault, times: usize) {
         self.state().faults.extend(std::iter::repeat_n(fault, times));
@@ -402,6 +409,9 @@ impl Simulator {
             let request = call.request.as_ref().map_err(Fail::clone)?;
             let group = request.group.as_str();
             rules::check_group(group)?;
+            if let Some(bad) = request.seqs.iter().find(|s| state.rejected.contains(&s.0)) {
+                return Err(Fail::new(code::INVALID_BODY, format!("MsgSeq {} is invalid", bad.0)));
+            }
             let items =
                 request.seqs.iter().map(|&MsgSeq(seq)| ReceiptItem::new(MsgSeq(seq), state.receipt(group, seq)));
             Ok(items.collect())

@@ -43,6 +43,8 @@ pub(super) struct State {
     pub calls: Vec<CallRecord>,
     pub faults: VecDeque<Fault>,
     pub overrides: HashMap<(String, u64), (u64, u64)>,
+    /// MsgSeqs that make a whole call fail with 10004 (see `Simulator::reject_seq`).
+    pub rejected: std::collections::HashSet<u64>,
     pub base_latency: Duration,
     /// Arrivals counted against each (app, API) budget within the last second. The API
     /// is part of the key because Tencent limits each API separately.
