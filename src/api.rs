@@ -52,8 +52,7 @@ pub enum InvalidBody {
 impl ReceiptRequest {
     /// Parses and validates a body; `max_seqs` bounds the `MsgSeqList` length.
     pub fn parse(body: &[u8], max_seqs: usize) -> Result<Self, InvalidBody> {
-        let value: Value =
-            serde_json::from_slice(body).map_err(|e| InvalidBody::NotJson(e.to_string()))?;
+        let value: Value = serde_json::from_slice(body).map_err(|e| InvalidBody::NotJson(e.to_string()))?;
         let Value::Object(mut object) = value else {
             return Err(InvalidBody::NotObject);
         };
@@ -100,10 +99,7 @@ impl ReceiptRequest {
             #[serde(rename = "MsgSeqList")]
             seqs: Vec<Seq>,
         }
-        let body = Body {
-            group: self.group.as_str(),
-            seqs: self.seqs.iter().map(|s| Seq { seq: s.0 }).collect(),
-        };
+        let body = Body { group: self.group.as_str(), seqs: self.seqs.iter().map(|s| Seq { seq: s.0 }).collect() };
         // Serialising a struct of strings and integers cannot fail.
         serde_json::to_vec(&body).unwrap_or_default()
     }
@@ -147,12 +143,7 @@ pub struct ReceiptResponse {
 
 impl ReceiptResponse {
     pub fn ok(items: Vec<ReceiptItem>) -> Self {
-        Self {
-            action_status: "OK".into(),
-            error_code: 0,
-            error_info: String::new(),
-            items: Some(items),
-        }
+        Self { action_status: "OK".into(), error_code: 0, error_info: String::new(), items: Some(items) }
     }
 
     pub fn fail(code: i64, info: impl Into<String>) -> Self {
@@ -175,8 +166,7 @@ mod tests {
 
     #[test]
     fn a_valid_body_keeps_order_and_duplicates() {
-        let r = parse(r#"{"GroupId":"g","MsgSeqList":[{"MsgSeq":2},{"MsgSeq":1},{"MsgSeq":2}],"X":1}"#)
-            .unwrap();
+        let r = parse(r#"{"GroupId":"g","MsgSeqList":[{"MsgSeq":2},{"MsgSeq":1},{"MsgSeq":2}],"X":1}"#).unwrap();
         assert_eq!(r.group.as_str(), "g");
         assert_eq!(r.seqs, vec![MsgSeq(2), MsgSeq(1), MsgSeq(2)]);
     }
@@ -196,14 +186,8 @@ mod tests {
             (r#"{"GroupId":"g","MsgSeqList":[{"MsgSeq":-1}]}"#, "MsgSeqList[0].MsgSeq"),
             (r#"{"GroupId":"g","MsgSeqList":[{"MsgSeq":1},{"MsgSeq":1.5}]}"#, "MsgSeqList[1].MsgSeq"),
             (r#"{"GroupId":"g","MsgSeqList":[{"MsgSeq":"1"}]}"#, "MsgSeqList[0].MsgSeq"),
-            (
-                r#"{"GroupId":"g","MsgSeqList":[{"MsgSeq":18446744073709551616}]}"#,
-                "MsgSeqList[0].MsgSeq",
-            ),
-            (
-                r#"{"GroupId":"g","MsgSeqList":[{"MsgSeq":1},{"MsgSeq":1},{"MsgSeq":1},{"MsgSeq":1}]}"#,
-                "at most 3",
-            ),
+            (r#"{"GroupId":"g","MsgSeqList":[{"MsgSeq":18446744073709551616}]}"#, "MsgSeqList[0].MsgSeq"),
+            (r#"{"GroupId":"g","MsgSeqList":[{"MsgSeq":1},{"MsgSeq":1},{"MsgSeq":1},{"MsgSeq":1}]}"#, "at most 3"),
         ];
         for (body, expected) in cases {
             let err = parse(body).unwrap_err().to_string();

@@ -51,6 +51,15 @@ fn limiter(per_second: NonZeroU32) -> DefaultDirectRateLimiter {
     RateLimiter::direct(quota)
 }
 
+/// A forecast of token hand-outs, for admission control.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Estimate {
+    /// Until the next token.
+    pub next_token: Duration,
+    /// Between tokens after that.
+    pub interval: Duration,
+}
+
 /// One (app, API)'s budget.
 pub struct Budget {
     source: Source,
@@ -89,6 +98,7 @@ impl Budget {
                 key: format!("{key_prefix}:{key}"),
                 interval_us: pacing_interval(per_second).as_micros() as u64,
                 fallback: limiter(fallback_per_second),
+                fallback_interval: pacing_interval(fallback_per_second),
                 down_until: Mutex::new(None),
             })),
         };
@@ -97,7 +107,12 @@ impl Budget {
         Ok(Self {
             source,
             per_second,
-            state: Mutex::new(Pace { rate: per_second.get() as f64, updated: now, last_decrease: None, next_slot: now }),
+            state: Mutex::new(Pace {
+                rate: per_second.get() as f64,
+                updated: now,
+                last_decrease: None,
+                next_slot: now,
+            }),
             rate_gauge,
         })
     }
@@ -114,11 +129,22 @@ impl Budget {
         self.pace(|p| p.next_slot = Instant::now() + interval);
     }
 
+    /// When this replica expects to hand out tokens: the next one, then one per interval.
+    /// Admission control plans with it (with Redis, other replicas may make it later).
+    pub fn estimate(&self) -> Estimate {
+        let next_slot = self.pace(|p| p.next_slot);
+        Estimate { next_token: next_slot.saturating_duration_since(Instant::now()), interval: self.interval() }
+    }
+
     /// The time between tokens at the current effective rate (never shorter than the
-    /// hard limit's pacing). Admission control multiplies it by the queue ahead.
+    /// hard limit's pacing).
     pub fn interval(&self) -> Duration {
         let rate = self.effective_rate();
-        pacing_interval(self.per_second).max(Duration::from_secs_f64(1.0 / rate.max(0.1)))
+        let hard = match &self.source {
+            Source::Redis(redis) if redis.is_down() => redis.fallback_interval,
+            _ => pacing_interval(self.per_second),
+        };
+        hard.max(Duration::from_secs_f64(1.0 / rate.max(0.1)))
     }
 
     /// Calls per second currently allowed.
@@ -177,15 +203,19 @@ struct RedisSource {
     key: String,
     interval_us: u64,
     fallback: DefaultDirectRateLimiter,
+    fallback_interval: Duration,
     /// While set and in the future, tokens come from `fallback` without asking Redis.
     down_until: Mutex<Option<Instant>>,
 }
 
 impl RedisSource {
+    fn is_down(&self) -> bool {
+        self.down_until.lock().map(|d| d.is_some_and(|t| Instant::now() < t)).unwrap_or(false)
+    }
+
     async fn acquire(&self) {
         loop {
-            let down = self.down_until.lock().map(|d| d.is_some_and(|t| Instant::now() < t)).unwrap_or(false);
-            if down {
+            if self.is_down() {
                 return self.fallback.until_ready().await;
             }
             match self.try_take().await {
@@ -210,9 +240,7 @@ impl RedisSource {
                 .set_number_of_retries(1);
             *guard = Some(self.client.get_connection_manager_with_config(config).await?);
         }
-        let Some(connection) = guard.as_mut() else {
-            unreachable!("set just above")
-        };
+        let Some(connection) = guard.as_mut() else { unreachable!("set just above") };
         redis::Script::new(GCRA).key(&self.key).arg(self.interval_us).invoke_async(connection).await
     }
 }
@@ -228,7 +256,9 @@ mod tests {
             let span = pacing_interval(n) * (n.get() - 1);
             // n tokens: the first at 0, the n-th at span; the (n+1)-th must fall outside
             // any one-second window that holds the first.
-            assert!(pacing_interval(n) * n.get() >= Duration::from_secs(1) + GUARD - Duration::from_micros(n.get() as u64));
+            assert!(
+                pacing_interval(n) * n.get() >= Duration::from_secs(1) + GUARD - Duration::from_micros(n.get() as u64)
+            );
             assert!(span < Duration::from_secs(1) + GUARD);
         }
     }

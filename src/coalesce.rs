@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use prometheus::Histogram;
 use tokio::sync::{Notify, oneshot, watch};
 
-use crate::budget::Budget;
+use crate::budget::{Budget, Estimate};
 use crate::domain::{GroupId, MsgSeq, Receipt};
 
 /// Why an item could not be answered from upstream.
@@ -43,7 +43,8 @@ pub enum Failure {
     /// Transport errors, 5xx or retryable codes until retries or the deadline ran out,
     /// or a code that is not retried.
     Unavailable(String),
-    /// Nobody waited any more, so the batch was never sent.
+    /// Its callers' deadlines would pass before an answer could arrive, so the batch was
+    /// never sent (and no token spent on it).
     Expired,
 }
 
@@ -109,6 +110,9 @@ pub struct BatchPolicy {
 /// each refresh, and each then costs a call of its own. Four TTLs of memory keeps a
 /// steadily read group in one call per TTL while still letting messages nobody reads go.
 const COHORT_MEMORY_TTLS: u32 = 4;
+/// Slack in admission and dispatch decisions for what the estimates do not see
+/// (scheduling delays, the answer's way back to the caller).
+const ADMISSION_MARGIN: Duration = Duration::from_millis(25);
 /// How often forgotten cohort entries and idle groups are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
@@ -116,8 +120,14 @@ pub struct Coalescer {
     state: Mutex<State>,
     wake: Notify,
     policy: BatchPolicy,
-    /// Smoothed upstream call latency (µs), for admission decisions.
+    /// Smoothed upstream call latency and its mean deviation (µs), as TCP keeps its RTT:
+    /// admission and dispatch plan with `smoothed + 4 × deviation`, a high percentile,
+    /// since a batch sent too late for its callers is a 504 instead of an early 429.
     latency_us: AtomicU64,
+    latency_dev_us: AtomicU64,
+    /// Smoothed time between tokens while work was waiting (µs): the queue's real drain
+    /// rate, which a busy machine or a shared Redis budget can make slower than the pace.
+    interval_us: AtomicU64,
 }
 
 #[derive(Default)]
@@ -181,7 +191,14 @@ pub enum Job {
 
 impl Coalescer {
     pub fn new(policy: BatchPolicy) -> Self {
-        Self { state: Mutex::default(), wake: Notify::new(), policy, latency_us: AtomicU64::new(0) }
+        Self {
+            state: Mutex::default(),
+            wake: Notify::new(),
+            policy,
+            latency_us: AtomicU64::new(0),
+            latency_dev_us: AtomicU64::new(0),
+            interval_us: AtomicU64::new(0),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -192,13 +209,13 @@ impl Coalescer {
 
     /// Puts `misses` (distinct MsgSeqs of one group) in flight for a caller with
     /// `deadline`, joining batches that already carry them. Refuses when the queue ahead
-    /// cannot reach a new batch before the deadline, given one token per `interval`.
+    /// cannot reach a new batch before the deadline, given the budget's `pace`.
     pub fn join(
         &self,
         group: &GroupId,
         misses: &[MsgSeq],
         deadline: Instant,
-        interval: Duration,
+        pace: Estimate,
     ) -> Result<Vec<(MsgSeq, Waiter, Joined)>, Overloaded> {
         let now = Instant::now();
         let mut st = self.lock();
@@ -211,10 +228,12 @@ impl Coalescer {
             Some((id, _)) => open.contains_key(id),
         });
         if needs_new_work {
+            let interval = pace.interval.max(self.observed_interval());
             let ahead = queue.range(..=(deadline, u64::MAX)).count() as u32;
-            let expected = now + self.policy.window + interval * ahead + self.latency();
+            let first = pace.next_token.max(self.policy.window);
+            let expected = now + first + interval * ahead + self.latency() + ADMISSION_MARGIN;
             if expected > deadline {
-                let drain = interval * queue.len() as u32 + self.latency();
+                let drain = pace.next_token + interval * queue.len() as u32 + self.latency();
                 return Err(Overloaded { retry_after: drain });
             }
         }
@@ -229,7 +248,8 @@ impl Coalescer {
                 joined.push((seq, waiter.clone(), Joined::Coalesced));
                 continue;
             }
-            let room = g.open.last().copied().filter(|id| open.get(id).is_some_and(|b| b.seqs.len() < self.policy.max_seqs));
+            let room =
+                g.open.last().copied().filter(|id| open.get(id).is_some_and(|b| b.seqs.len() < self.policy.max_seqs));
             let id = match room {
                 Some(id) => id,
                 None => {
@@ -318,16 +338,32 @@ impl Coalescer {
         }
     }
 
-    /// Feeds the latency estimate used for admission (an exponential moving average).
+    /// Feeds the latency estimate used for admission.
     pub fn observe_latency(&self, d: Duration) {
         let sample = d.as_micros().min(u64::MAX as u128) as u64;
-        let old = self.latency_us.load(Ordering::Relaxed);
-        let new = if old == 0 { sample } else { (old * 7 + sample) / 8 };
-        self.latency_us.store(new, Ordering::Relaxed);
+        let smoothed = self.latency_us.load(Ordering::Relaxed);
+        let deviation = smoothed.abs_diff(sample);
+        ewma(&self.latency_us, d);
+        let old = self.latency_dev_us.load(Ordering::Relaxed);
+        self.latency_dev_us.store((old * 3 + deviation) / 4, Ordering::Relaxed);
     }
 
+    /// A high-percentile estimate of one upstream call's latency.
     fn latency(&self) -> Duration {
-        Duration::from_micros(self.latency_us.load(Ordering::Relaxed))
+        let smoothed = self.latency_us.load(Ordering::Relaxed);
+        let deviation = self.latency_dev_us.load(Ordering::Relaxed);
+        Duration::from_micros(smoothed.saturating_add(deviation.saturating_mul(4)))
+    }
+
+    fn observed_interval(&self) -> Duration {
+        Duration::from_micros(self.interval_us.load(Ordering::Relaxed))
+    }
+
+    /// How long until the queue has drained at the budget's `pace`: a truthful
+    /// `Retry-After` for a caller turned away now.
+    pub fn backlog(&self, pace: Estimate) -> Duration {
+        let queued = self.lock().queue.len() as u32;
+        pace.next_token + pace.interval.max(self.observed_interval()) * queued + self.latency()
     }
 
     /// The dispatcher: forever, wait for ready work, take a token, spend it on the most
@@ -338,9 +374,10 @@ impl Coalescer {
         budget_wait: Histogram,
         mut run: impl FnMut(Dispatch) + Send,
     ) {
+        let mut last_grant: Option<Instant> = None;
         loop {
             loop {
-                let next = self.lock().next(Instant::now(), &self.policy);
+                let next = self.lock().next(Instant::now(), &self.policy, self.latency());
                 match next {
                     Next::Ready => break,
                     Next::At(t) => {
@@ -349,11 +386,23 @@ impl Coalescer {
                             _ = self.wake.notified() => {}
                         }
                     }
-                    Next::Idle => self.wake.notified().await,
+                    Next::Idle => {
+                        // Nothing waits: whatever slowed the queue down before (other
+                        // replicas, a Redis outage) is no evidence about the next burst.
+                        self.interval_us.store(0, Ordering::Relaxed);
+                        self.wake.notified().await;
+                    }
                 }
+                // Waiting for work is not the budget's slowness: restart the measurement.
+                last_grant = None;
             }
             budget.acquire().await;
-            let job = self.lock().pop(Instant::now(), &self.policy, &budget_wait);
+            let granted = Instant::now();
+            if let Some(previous) = last_grant {
+                ewma(&self.interval_us, granted - previous);
+            }
+            last_grant = Some(granted);
+            let job = self.lock().pop(granted, &self.policy, &budget_wait, self.latency());
             match job {
                 Some(Job::Batch(dispatch)) => run(dispatch),
                 // A retry whose caller gave up meanwhile: the token is spent, as it must
@@ -369,6 +418,14 @@ impl Coalescer {
         let st = self.lock();
         (st.open.len(), st.permits.len(), st.groups.values().map(|g| g.inflight.len()).sum())
     }
+}
+
+/// An exponential moving average (weight 1/8) kept in an atomic, in µs.
+fn ewma(cell: &AtomicU64, sample: Duration) {
+    let sample = sample.as_micros().min(u64::MAX as u128) as u64;
+    let old = cell.load(Ordering::Relaxed);
+    let new = if old == 0 { sample } else { (old * 7 + sample) / 8 };
+    cell.store(new, Ordering::Relaxed);
 }
 
 impl OpenBatch {
@@ -389,8 +446,9 @@ impl OpenBatch {
 }
 
 impl State {
-    /// Drops batches nobody waits for any more and tells when work is next ready.
-    fn next(&mut self, now: Instant, policy: &BatchPolicy) -> Next {
+    /// Drops batches whose callers' deadlines will have passed before an answer could
+    /// arrive (`latency` from now), and tells when work is next ready.
+    fn next(&mut self, now: Instant, policy: &BatchPolicy, latency: Duration) -> Next {
         self.sweep(now, policy);
         let mut expired = Vec::new();
         let mut earliest: Option<Instant> = None;
@@ -401,7 +459,7 @@ impl State {
                 break;
             }
             let Some(b) = self.open.get(&id) else { continue };
-            if b.max_deadline < now {
+            if b.max_deadline < now + latency + ADMISSION_MARGIN {
                 expired.push(id);
             } else if b.is_ready(now, policy) {
                 ready = true;
@@ -421,7 +479,16 @@ impl State {
     }
 
     /// Takes the most urgent ready job off the queue.
-    fn pop(&mut self, now: Instant, policy: &BatchPolicy, budget_wait: &Histogram) -> Option<Job> {
+    fn pop(&mut self, now: Instant, policy: &BatchPolicy, budget_wait: &Histogram, latency: Duration) -> Option<Job> {
+        let late: Vec<u64> = self
+            .open
+            .iter()
+            .filter(|(_, b)| b.max_deadline < now + latency + ADMISSION_MARGIN)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in late {
+            self.expire(id, now);
+        }
         let (key, id) = self.queue.iter().copied().find(|&(_, id)| {
             self.permits.contains_key(&id) || self.open.get(&id).is_some_and(|b| b.is_ready(now, policy))
         })?;
@@ -515,6 +582,10 @@ mod tests {
         r.map(MsgSeq).collect()
     }
 
+    fn pace(interval: Duration) -> Estimate {
+        Estimate { next_token: Duration::ZERO, interval }
+    }
+
     fn hist() -> Histogram {
         Histogram::with_opts(prometheus::HistogramOpts::new("h", "h")).unwrap()
     }
@@ -523,8 +594,8 @@ mod tests {
     fn concurrent_misses_for_a_group_share_batches_of_max_seqs() {
         let c = Coalescer::new(policy(4));
         let far = Instant::now() + Duration::from_secs(10);
-        let a = c.join(&group("g"), &seqs(0..3), far, Duration::ZERO).unwrap();
-        let b = c.join(&group("g"), &seqs(2..6), far, Duration::ZERO).unwrap();
+        let a = c.join(&group("g"), &seqs(0..3), far, pace(Duration::ZERO)).unwrap();
+        let b = c.join(&group("g"), &seqs(2..6), far, pace(Duration::ZERO)).unwrap();
         assert!(a.iter().all(|(_, _, j)| *j == Joined::Fetched));
         let kinds: Vec<_> = b.iter().map(|(_, _, j)| *j).collect();
         assert_eq!(kinds, [Joined::Coalesced, Joined::Fetched, Joined::Fetched, Joined::Fetched]);
@@ -536,10 +607,12 @@ mod tests {
     fn the_most_urgent_ready_batch_goes_first() {
         let c = Coalescer::new(policy(1));
         let now = Instant::now();
-        c.join(&group("late"), &seqs(0..1), now + Duration::from_secs(9), Duration::ZERO).unwrap();
-        c.join(&group("soon"), &seqs(0..1), now + Duration::from_secs(5), Duration::ZERO).unwrap();
+        c.join(&group("late"), &seqs(0..1), now + Duration::from_secs(9), pace(Duration::ZERO)).unwrap();
+        c.join(&group("soon"), &seqs(0..1), now + Duration::from_secs(5), pace(Duration::ZERO)).unwrap();
         let mut st = c.lock();
-        let Some(Job::Batch(first)) = st.pop(Instant::now(), &c.policy, &hist()) else { panic!("no batch") };
+        let Some(Job::Batch(first)) = st.pop(Instant::now(), &c.policy, &hist(), Duration::ZERO) else {
+            panic!("no batch")
+        };
         assert_eq!(first.group, group("soon"));
     }
 
@@ -548,12 +621,13 @@ mod tests {
         let c = Coalescer::new(policy(1));
         let now = Instant::now();
         for i in 0..10 {
-            c.join(&group(&format!("g{i}")), &seqs(0..1), now + Duration::from_secs(5), Duration::ZERO).unwrap();
+            c.join(&group(&format!("g{i}")), &seqs(0..1), now + Duration::from_secs(5), pace(Duration::ZERO)).unwrap();
         }
-        let urgent = c.join(&group("new"), &seqs(0..1), now + Duration::from_millis(500), Duration::from_millis(100));
+        let urgent =
+            c.join(&group("new"), &seqs(0..1), now + Duration::from_millis(500), pace(Duration::from_millis(100)));
         assert!(urgent.is_ok(), "nothing is ahead of an earlier deadline");
         let err = c
-            .join(&group("new2"), &seqs(0..1), now + Duration::from_secs(6), Duration::from_secs(1))
+            .join(&group("new2"), &seqs(0..1), now + Duration::from_secs(6), pace(Duration::from_secs(1)))
             .unwrap_err();
         assert!(err.retry_after >= Duration::from_secs(11), "{err:?}");
     }
@@ -561,10 +635,10 @@ mod tests {
     #[test]
     fn batches_nobody_waits_for_are_dropped_without_a_token() {
         let c = Coalescer::new(policy(1));
-        let soon = Instant::now() + Duration::from_millis(4);
-        let joined = c.join(&group("g"), &seqs(0..1), soon, Duration::ZERO).unwrap();
-        std::thread::sleep(Duration::from_millis(6));
-        let next = c.lock().next(Instant::now(), &c.policy);
+        let soon = Instant::now() + Duration::from_millis(40);
+        let joined = c.join(&group("g"), &seqs(0..1), soon, pace(Duration::ZERO)).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let next = c.lock().next(Instant::now(), &c.policy, Duration::ZERO);
         assert!(matches!(next, Next::Idle));
         let outcome = joined[0].1.borrow().clone().unwrap();
         assert_eq!(outcome.items, vec![(MsgSeq(0), Err(Failure::Expired))]);
@@ -580,13 +654,13 @@ mod tests {
         let young = now - Duration::from_millis(100);
         c.mark_read(&g, MsgSeq(1), old); // read, expires within ttl/2: topped up
         c.mark_read(&g, MsgSeq(2), young); // read, but fresh for long: not
-        c.join(&g, &[MsgSeq(9)], now + Duration::from_secs(5), Duration::ZERO).unwrap();
+        c.join(&g, &[MsgSeq(9)], now + Duration::from_secs(5), pace(Duration::ZERO)).unwrap();
         let later = Instant::now() + Duration::from_millis(5);
-        let Some(Job::Batch(d)) = c.lock().pop(later, &c.policy, &hist()) else { panic!("no batch") };
+        let Some(Job::Batch(d)) = c.lock().pop(later, &c.policy, &hist(), Duration::ZERO) else { panic!("no batch") };
         assert_eq!(d.seqs, vec![MsgSeq(9), MsgSeq(1)]);
         assert_eq!(d.requested, 1);
         // The topped-up key is now in flight: a caller joins this batch.
-        let j = c.join(&g, &[MsgSeq(1)], now + Duration::from_secs(5), Duration::ZERO).unwrap();
+        let j = c.join(&g, &[MsgSeq(1)], now + Duration::from_secs(5), pace(Duration::ZERO)).unwrap();
         assert_eq!(j[0].2, Joined::Coalesced);
     }
 }

@@ -245,8 +245,8 @@ impl SecretSource for ProcessSecrets {
 impl Config {
     /// Reads and validates a file, with secrets from the process environment.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Self::parse(&text, &ProcessSecrets)
     }
 
@@ -288,10 +288,8 @@ impl RawConfig {
             listen: addr("server.listen", &s.listen)?,
             admin_listen: addr("server.admin_listen", &s.admin_listen)?,
             request_timeout: millis("server.request_timeout_ms", s.request_timeout_ms, 1)?,
-            max_body_bytes: in_range("server.max_body_bytes", s.max_body_bytes, 64, 64 << 20)?
-                as usize,
-            max_request_seqs: in_range("server.max_request_seqs", s.max_request_seqs, 1, 100_000)?
-                as usize,
+            max_body_bytes: in_range("server.max_body_bytes", s.max_body_bytes, 64, 64 << 20)? as usize,
+            max_request_seqs: in_range("server.max_request_seqs", s.max_request_seqs, 1, 100_000)? as usize,
             shutdown_grace: millis("server.shutdown_grace_ms", s.shutdown_grace_ms, 0)?,
             client_id_header: http::HeaderName::from_bytes(s.client_id_header.as_bytes())
                 .map_err(|_| invalid("server.client_id_header", "is not a valid header name"))?,
@@ -309,8 +307,7 @@ impl RawConfig {
         };
         let upstream = UpstreamConfig {
             timeout: millis("upstream.timeout_ms", self.upstream.timeout_ms, 1)?,
-            max_retries: in_range("upstream.max_retries", self.upstream.max_retries.into(), 0, 10)?
-                as u32,
+            max_retries: in_range("upstream.max_retries", self.upstream.max_retries.into(), 0, 10)? as u32,
         };
         let budget = self.budget.validate()?;
         if self.apps.is_empty() {
@@ -333,12 +330,6 @@ impl RawBudget {
     fn validate(self) -> Result<BudgetConfig, ConfigError> {
         let per_second = rate("budget.per_second", self.per_second)?;
         let fallback_per_second = rate("budget.fallback_per_second", self.fallback_per_second)?;
-        if fallback_per_second > per_second {
-            return Err(invalid(
-                "budget.fallback_per_second",
-                "must not exceed budget.per_second (it is one replica's share while Redis is down)",
-            ));
-        }
         let backend = match self.backend.as_str() {
             "local" => BudgetBackend::Local,
             "redis" => {
@@ -348,6 +339,12 @@ impl RawBudget {
                     || self.redis_url.starts_with("unix://"))
                 {
                     return Err(invalid("budget.redis_url", "must be a redis://, rediss:// or unix:// URL"));
+                }
+                if fallback_per_second > per_second {
+                    return Err(invalid(
+                        "budget.fallback_per_second",
+                        "must not exceed budget.per_second (it is one replica's share while Redis is down)",
+                    ));
                 }
                 if self.redis_key_prefix.is_empty() {
                     return Err(invalid("budget.redis_key_prefix", "must not be empty"));
@@ -507,7 +504,10 @@ mod tests {
             ("[cache]\nttl_ms = 0\n", "cache.ttl_ms"),
             ("[batch]\nmax_seqs = 0\n", "batch.max_seqs"),
             ("[budget]\nbackend = \"memcached\"\n", "budget.backend"),
-            ("[budget]\nper_second = 10\nfallback_per_second = 20\n", "budget.fallback_per_second"),
+            (
+                "[budget]\nbackend = \"redis\"\nper_second = 10\nfallback_per_second = 20\n",
+                "budget.fallback_per_second",
+            ),
             ("[server]\nclient_id_header = \"bad header\"\n", "server.client_id_header"),
         ];
         for (prefix, expected) in cases {

@@ -154,10 +154,7 @@ mod tests {
     #[test]
     fn every_region_has_its_documented_domain() {
         let names: Vec<_> = Region::ALL.iter().map(|r| r.name()).collect();
-        assert_eq!(
-            names,
-            ["china", "singapore", "seoul", "tokyo", "frankfurt", "silicon-valley", "jakarta"]
-        );
+        assert_eq!(names, ["china", "singapore", "seoul", "tokyo", "frankfurt", "silicon-valley", "jakarta"]);
         assert_eq!(Region::SiliconValley.domain(), "adminapiusa.im.qcloud.com");
     }
 }

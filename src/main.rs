@@ -20,7 +20,11 @@ const EXIT_CONFIG: u8 = 64;
 const DEFAULT_CONFIG: &str = "config/receipt-gateway.toml";
 
 #[derive(Parser)]
-#[command(name = "receipt-gateway", version, about = "A caching, coalescing gateway for Tencent Cloud Chat read receipts")]
+#[command(
+    name = "receipt-gateway",
+    version,
+    about = "A caching, coalescing gateway for Tencent Cloud Chat read receipts"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -74,9 +78,7 @@ fn main() -> ExitCode {
         Command::CheckConfig => check_config(config_path),
         Command::Usersig { sdkappid, identifier, expire } => print_usersig(sdkappid, &identifier, expire),
         Command::Simulate { listen, apps, limit, max_seqs } => simulate(listen, &apps, limit, max_seqs),
-        Command::Demo => runtime_then(|| async {
-            demo::run().await.map_err(|e| e.to_string())
-        }),
+        Command::Demo => runtime_then(|| async { demo::run().await.map_err(|e| e.to_string()) }),
     }
 }
 

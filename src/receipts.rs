@@ -115,7 +115,7 @@ pub async fn answer(app: &AppRuntime, q: Query) -> Result<Answer, GatewayError> 
         if misses.is_empty() || Instant::now() >= q.deadline {
             break;
         }
-        match app.coalescer.join(&q.group, &misses, q.deadline, app.budget.interval()) {
+        match app.coalescer.join(&q.group, &misses, q.deadline, app.budget.estimate()) {
             Ok(joined) => wait(&mut slots, joined, &q).await,
             Err(overloaded) => {
                 let error = GatewayError::Overloaded { retry_after: overloaded.retry_after };
@@ -192,8 +192,13 @@ fn settle(app: &AppRuntime, mut slots: Vec<Slot>, q: &Query, unanswered: Gateway
             (Some(entry), true) => slot.served = Some((entry.receipt, entry.fetched_at, Source::Stale)),
             _ => {
                 let e = match failure {
-                    None | Some(Failure::Expired) => unanswered.clone(),
-                    Some(Failure::Throttled) => GatewayError::Overloaded { retry_after: app.budget.interval() * 2 },
+                    Some(Failure::Expired) => {
+                        GatewayError::Overloaded { retry_after: app.coalescer.backlog(app.budget.estimate()) }
+                    }
+                    None => unanswered.clone(),
+                    Some(Failure::Throttled) => {
+                        GatewayError::Overloaded { retry_after: app.coalescer.backlog(app.budget.estimate()) }
+                    }
                     Some(Failure::Unavailable(reason)) => GatewayError::Upstream(reason),
                     Some(Failure::Group { .. } | Failure::Rejected { .. }) => unanswered.clone(),
                 };

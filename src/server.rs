@@ -33,6 +33,9 @@ use crate::shutdown::Drain;
 /// The longest deadline a caller may ask for.
 const MAX_DEADLINE: Duration = Duration::from_secs(60);
 
+/// Concurrent HTTP/2 streams per connection.
+const MAX_H2_STREAMS: u32 = 4096;
+
 /// What every data request shares.
 pub struct Gateway {
     pub apps: HashMap<AppId, Arc<AppRuntime>>,
@@ -51,7 +54,13 @@ where
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // Without a timer the slowloris guard (header_read_timeout) does nothing.
     builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
-    builder.http2().timer(TokioTimer::new()).keep_alive_interval(Duration::from_secs(30));
+    // A mesh sidecar multiplexes many callers over few connections, and a request may
+    // wait for budget for its whole deadline: allow more streams than hyper's 200.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(30))
+        .max_concurrent_streams(MAX_H2_STREAMS);
     let graceful = GracefulShutdown::new();
     loop {
         let accepted = tokio::select! {
@@ -140,7 +149,12 @@ fn status_label(status: u16) -> &'static str {
     }
 }
 
-async fn route(req: Request<Incoming>, gw: &Gateway, arrived: Instant, trace: &mut Trace) -> Result<Answer, GatewayError> {
+async fn route(
+    req: Request<Incoming>,
+    gw: &Gateway,
+    arrived: Instant,
+    trace: &mut Trace,
+) -> Result<Answer, GatewayError> {
     if req.uri().path() != RECEIPT_PATH {
         return Err(GatewayError::NotFound);
     }
@@ -165,17 +179,13 @@ async fn route(req: Request<Incoming>, gw: &Gateway, arrived: Instant, trace: &m
 /// Picks the app from `sdkappid`, which may be left out when only one is configured.
 /// The caller's `identifier` and `usersig` are deliberately never read.
 fn select_app<'a>(gw: &'a Gateway, query: Option<&str>) -> Result<&'a Arc<AppRuntime>, GatewayError> {
-    let raw = query
-        .unwrap_or("")
-        .split('&')
-        .find_map(|pair| pair.strip_prefix("sdkappid="));
+    let raw = query.unwrap_or("").split('&').find_map(|pair| pair.strip_prefix("sdkappid="));
     match raw {
         None if gw.apps.len() == 1 => gw.apps.values().next().ok_or(GatewayError::NotFound),
         None => Err(GatewayError::UnknownApp("sdkappid is required: several apps are configured".into())),
         Some(raw) => {
-            let id = raw
-                .parse::<u64>()
-                .map_err(|_| GatewayError::UnknownApp("sdkappid must be a decimal number".into()))?;
+            let id =
+                raw.parse::<u64>().map_err(|_| GatewayError::UnknownApp("sdkappid must be a decimal number".into()))?;
             gw.apps
                 .get(&AppId(id))
                 .ok_or_else(|| GatewayError::UnknownApp(format!("sdkappid {id} is not configured on this gateway")))
@@ -188,11 +198,10 @@ fn select_app<'a>(gw: &'a Gateway, query: Option<&str>) -> Result<&'a Arc<AppRun
 fn deadline(headers: &HeaderMap, default: Duration) -> Result<Duration, GatewayError> {
     for name in ["x-request-timeout-ms", "x-envoy-expected-rq-timeout-ms"] {
         if let Some(value) = headers.get(name) {
-            let ms = value
-                .to_str()
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .ok_or_else(|| GatewayError::BadRequest(format!("{name} must be a whole number of milliseconds")))?;
+            let ms =
+                value.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()).ok_or_else(|| {
+                    GatewayError::BadRequest(format!("{name} must be a whole number of milliseconds"))
+                })?;
             return Ok(Duration::from_millis(ms).min(MAX_DEADLINE));
         }
     }
@@ -267,7 +276,10 @@ mod tests {
     fn deadlines_come_from_headers_in_order() {
         let d = Duration::from_secs(2);
         assert_eq!(deadline(&headers(&[]), d).unwrap(), d);
-        assert_eq!(deadline(&headers(&[("x-envoy-expected-rq-timeout-ms", "300")]), d).unwrap(), Duration::from_millis(300));
+        assert_eq!(
+            deadline(&headers(&[("x-envoy-expected-rq-timeout-ms", "300")]), d).unwrap(),
+            Duration::from_millis(300)
+        );
         let both = headers(&[("x-request-timeout-ms", "100"), ("x-envoy-expected-rq-timeout-ms", "300")]);
         assert_eq!(deadline(&both, d).unwrap(), Duration::from_millis(100));
         assert_eq!(deadline(&headers(&[("x-request-timeout-ms", "999999999")]), d).unwrap(), MAX_DEADLINE);

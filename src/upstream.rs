@@ -111,12 +111,7 @@ fn unix_secs(t: SystemTime) -> u64 {
 }
 
 impl Upstream {
-    pub fn new(
-        app: &AppConfig,
-        timeout: Duration,
-        client: HttpClient,
-        metrics: &Metrics,
-    ) -> Self {
+    pub fn new(app: &AppConfig, timeout: Duration, client: HttpClient, metrics: &Metrics) -> Self {
         let label = app.id.to_string();
         let upstream = Self {
             app: app.id,

@@ -96,9 +96,7 @@ pub fn tls_sig(app: AppId, key: &SecretKey, identifier: &str, time: u64, expire:
 }
 
 fn mac(app: AppId, key: &SecretKey, identifier: &str, time: u64, expire: u64) -> Hmac<Sha256> {
-    let content = format!(
-        "TLS.identifier:{identifier}\nTLS.sdkappid:{app}\nTLS.time:{time}\nTLS.expire:{expire}\n"
-    );
+    let content = format!("TLS.identifier:{identifier}\nTLS.sdkappid:{app}\nTLS.time:{time}\nTLS.expire:{expire}\n");
     // HMAC accepts keys of any length, so this cannot fail; an empty key only happens
     // in tests and still yields a MAC.
     let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key.bytes())
@@ -139,13 +137,7 @@ pub fn decode(usersig: &str) -> Result<SigDoc, VerifyError> {
 
 /// Verifies a UserSig for `app`/`identifier` at `now` (Unix seconds): the signature
 /// first, in constant time, so a forgery never learns whether it would have expired.
-pub fn verify(
-    usersig: &str,
-    app: AppId,
-    identifier: &str,
-    key: &SecretKey,
-    now: u64,
-) -> Result<SigDoc, VerifyError> {
+pub fn verify(usersig: &str, app: AppId, identifier: &str, key: &SecretKey, now: u64) -> Result<SigDoc, VerifyError> {
     let doc = decode(usersig)?;
     if doc.sdkappid != app.0 {
         return Err(VerifyError::WrongApp);
@@ -154,9 +146,7 @@ pub fn verify(
         return Err(VerifyError::WrongIdentifier);
     }
     let claimed = STANDARD.decode(&doc.sig).map_err(|_| VerifyError::Malformed)?;
-    mac(app, key, identifier, doc.time, doc.expire)
-        .verify_slice(&claimed)
-        .map_err(|_| VerifyError::BadSignature)?;
+    mac(app, key, identifier, doc.time, doc.expire).verify_slice(&claimed).map_err(|_| VerifyError::BadSignature)?;
     if now > doc.time.saturating_add(doc.expire) {
         return Err(VerifyError::Expired);
     }

@@ -1,0 +1,266 @@
+//! The data API's contract (SPEC 2.1, 4, 5.4): answers, errors, signing, retries, and
+//! the budget under a burst.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use receipt_gateway::simulator::Fault;
+
+use crate::support::{APP, APP2, RECEIPT, Setup, TestApp, body, expected, within};
+
+#[tokio::test]
+async fn a_query_is_answered_with_the_simulators_receipts() {
+    let app = TestApp::spawn().await;
+
+    let reply = app.post(&body("@TGS#happy", &[1, 2, 3])).await;
+
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.body["ActionStatus"], "OK");
+    assert_eq!(reply.code(), 0);
+    assert_eq!(reply.items(), vec![expected("@TGS#happy", 1), expected("@TGS#happy", 2), expected("@TGS#happy", 3)]);
+    assert_eq!(reply.header("x-cache"), Some("MISS"));
+    assert_eq!(reply.header("age"), Some("0"));
+    assert_eq!(app.sim.call_count(), 1);
+}
+
+#[tokio::test]
+async fn items_follow_the_request_order_and_duplicates_repeat() {
+    let app = TestApp::spawn().await;
+
+    let reply = app.post(&body("g-order", &[9, 3, 9, 1, 3])).await;
+
+    let seqs: Vec<u64> = reply.items().iter().map(|i| i.0).collect();
+    assert_eq!(seqs, vec![9, 3, 9, 1, 3]);
+    assert_eq!(reply.items()[0], reply.items()[2]);
+    // Three distinct MsgSeqs went upstream once each.
+    let calls = app.sim.calls();
+    assert_eq!(calls.len(), 1);
+    let mut sent = calls[0].seqs.clone();
+    sent.sort_unstable();
+    assert_eq!(sent, vec![1, 3, 9]);
+}
+
+#[tokio::test]
+async fn per_item_and_group_errors_are_passed_through_as_tencent_would() {
+    let app = TestApp::spawn().await;
+
+    let none = app.post(&body("g-items", &[5, 2_000_000])).await;
+    let missing = app.post(&body("missing-group", &[1])).await;
+    let invalid = app.post(&body("invalid-group", &[1])).await;
+
+    assert_eq!(none.status, StatusCode::OK);
+    assert_eq!(none.items()[1], (2_000_000, 0, 0, 10062));
+    assert!(none.body["GroupMsgReceiptList"][1].get("ReadNum").is_none());
+    assert_eq!(
+        (missing.status, missing.body["ActionStatus"].as_str(), missing.code()),
+        (StatusCode::OK, Some("FAIL"), 10010)
+    );
+    assert_eq!((invalid.status, invalid.code()), (StatusCode::OK, 10015));
+    assert!(missing.body.get("GroupMsgReceiptList").is_none());
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_in_tencents_shape_and_never_sent_upstream() {
+    let app = TestApp::spawn_with(Setup::sections("[server]\nmax_request_seqs = 3\nmax_body_bytes = 200\n")).await;
+
+    let not_json = app.post("{nope").await;
+    let wrong_type = app.post(r#"{"GroupId":"g","MsgSeqList":[{"MsgSeq":"1"}]}"#).await;
+    let too_many = app.post(&body("g", &[1, 2, 3, 4])).await;
+    let empty_group = app.post(&body("", &[1])).await;
+    let padded = format!(r#"{{"Pad":"{}","GroupId":"g","MsgSeqList":[{{"MsgSeq":1}}]}}"#, "x".repeat(200));
+    let too_large = app.post(&padded).await;
+
+    for (reply, status, field) in [
+        (&not_json, StatusCode::BAD_REQUEST, "JSON"),
+        (&wrong_type, StatusCode::BAD_REQUEST, "MsgSeqList[0].MsgSeq"),
+        (&too_many, StatusCode::BAD_REQUEST, "MsgSeqList"),
+        (&empty_group, StatusCode::BAD_REQUEST, "GroupId"),
+        (&too_large, StatusCode::PAYLOAD_TOO_LARGE, "max_body_bytes"),
+    ] {
+        assert_eq!(reply.status, status, "{reply:?}");
+        assert_eq!(reply.body["ActionStatus"], "FAIL");
+        assert_eq!(reply.code(), 10004);
+        let info = reply.body["ErrorInfo"].as_str().unwrap_or_default();
+        assert!(info.contains(field), "{info:?} should name {field}");
+    }
+    assert_eq!(app.sim.call_count(), 0);
+}
+
+#[tokio::test]
+async fn unknown_paths_methods_and_apps_get_their_codes() {
+    let app = TestApp::spawn_with(Setup { two_apps: true, ..Setup::default() }).await;
+    let get = Request::get(format!("{}{RECEIPT}", app.url)).body(Full::new(Bytes::new())).unwrap();
+    let other = Request::post(format!("{}/v4/other", app.url)).body(Full::new(Bytes::new())).unwrap();
+
+    let wrong_method = app.send(get).await;
+    let unknown_path = app.send(other).await;
+    let no_app = app.post(&body("g", &[1])).await;
+    let bad_app = app.post_with("?sdkappid=123", &body("g", &[1]), &[]).await;
+    let junk_app = app.post_with("?sdkappid=abc", &body("g", &[1]), &[]).await;
+
+    assert_eq!((wrong_method.status, wrong_method.code()), (StatusCode::METHOD_NOT_ALLOWED, 60002));
+    assert_eq!((unknown_path.status, unknown_path.code()), (StatusCode::NOT_FOUND, 60009));
+    for reply in [&no_app, &bad_app, &junk_app] {
+        assert_eq!((reply.status, reply.code()), (StatusCode::BAD_REQUEST, 60006), "{reply:?}");
+    }
+    assert_eq!(app.sim.call_count(), 0);
+}
+
+#[tokio::test]
+async fn two_apps_are_selected_by_sdkappid_and_each_signs_its_own_calls() {
+    let app = TestApp::spawn_with(Setup { two_apps: true, ..Setup::default() }).await;
+    let ignored = "&identifier=intruder&usersig=forged&random=1&contenttype=json";
+
+    let one = app.post_with(&format!("?sdkappid={APP}{ignored}"), &body("g", &[1]), &[]).await;
+    let two = app.post_with(&format!("?sdkappid={APP2}{ignored}"), &body("g", &[1]), &[]).await;
+
+    assert_eq!((one.status, two.status), (StatusCode::OK, StatusCode::OK));
+    let apps: Vec<_> = app.sim.calls().iter().map(|c| c.app.map(|a| a.0)).collect();
+    assert_eq!(apps, vec![Some(APP), Some(APP2)]);
+    // The simulator verified every UserSig the gateway sent: none was refused.
+    assert!(app.sim.calls().iter().all(|c| c.error_code == 0), "{:?}", app.sim.calls());
+}
+
+#[tokio::test]
+async fn transient_upstream_failures_are_retried() {
+    let app = TestApp::spawn().await;
+    app.sim.inject(Fault::ErrorCode(10002), 1);
+    app.sim.inject(Fault::HttpStatus(502), 1);
+
+    let reply = app.post(&body("g-retry", &[7])).await;
+
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.items(), vec![expected("g-retry", 7)]);
+    let answered: Vec<_> = app.sim.calls().iter().map(|c| (c.error_code, c.http_status)).collect();
+    assert_eq!(answered, vec![(10002, 200), (-1, 502), (0, 200)]);
+}
+
+#[tokio::test]
+async fn upstream_failing_after_retries_is_a_502_and_is_not_cached() {
+    let app = TestApp::spawn_with(Setup::sections("[upstream]\nmax_retries = 1\n")).await;
+    app.sim.inject(Fault::Drop, 2);
+
+    let failed = app.post(&body("g-down", &[1])).await;
+    let recovered = app.post(&body("g-down", &[1])).await;
+
+    assert_eq!((failed.status, failed.code()), (StatusCode::BAD_GATEWAY, 10002), "{failed:?}");
+    assert_eq!(recovered.status, StatusCode::OK);
+    assert_eq!(app.sim.call_count(), 3, "two failed attempts, then a fresh call");
+}
+
+#[tokio::test]
+async fn a_deadline_passing_while_upstream_is_slow_is_a_504() {
+    let app = TestApp::spawn_with(Setup::sections("[upstream]\nmax_retries = 0\n")).await;
+    app.sim.inject(Fault::Latency(Duration::from_millis(800)), 1);
+
+    let started = Instant::now();
+    let reply = app.post_with("", &body("g-slow", &[1]), &[("x-request-timeout-ms", "200")]).await;
+
+    assert_eq!((reply.status, reply.code()), (StatusCode::GATEWAY_TIMEOUT, 60008), "{reply:?}");
+    assert!(started.elapsed() < Duration::from_millis(700), "answered at the deadline, not after upstream");
+}
+
+#[tokio::test]
+async fn draining_refuses_new_requests_and_readyz_turns_503() {
+    let mut app = TestApp::spawn_with(Setup::sections("[server]\nshutdown_grace_ms = 5000\n")).await;
+    app.sim.inject(Fault::Latency(Duration::from_millis(600)), 1);
+    let (ready, _) = app.admin_get("/readyz").await;
+    let (healthy, _) = app.admin_get("/healthz").await;
+    assert_eq!((ready, healthy), (StatusCode::OK, StatusCode::OK));
+    // A slow request in flight keeps the gateway draining long enough to look at it.
+    let slow = {
+        let client = app.client.clone();
+        let request =
+            Request::post(format!("{}{RECEIPT}", app.url)).body(Full::new(Bytes::from(body("g-drain", &[1])))).unwrap();
+        tokio::spawn(async move { within(client.request(request)).await.map(|r| r.status()) })
+    };
+    within(async {
+        while app.sim.call_count() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+
+    let stopped = app.begin_stop();
+    let (ready, _) = within(async {
+        loop {
+            let (status, text) = app.admin_get("/readyz").await;
+            if status != StatusCode::OK {
+                return (status, text);
+            }
+        }
+    })
+    .await;
+    let refused = app.post(&body("g-drain", &[2])).await;
+
+    assert_eq!(ready, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!((refused.status, refused.code()), (StatusCode::SERVICE_UNAVAILABLE, 10002));
+    assert_eq!(within(slow).await.unwrap().unwrap(), StatusCode::OK, "the request in flight finished");
+    within(stopped).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn h2c_with_prior_knowledge_is_served_on_the_same_port() {
+    let app = TestApp::spawn().await;
+    let h2 = Client::builder(TokioExecutor::new()).http2_only(true).build_http::<Full<Bytes>>();
+    let request =
+        Request::post(format!("{}{RECEIPT}", app.url)).body(Full::new(Bytes::from(body("g-h2", &[1])))).unwrap();
+
+    let response = within(h2.request(request)).await.unwrap();
+
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.version(), http::Version::HTTP_2);
+}
+
+/// 1,000 concurrent requests for distinct groups against a budget of 200/s: the
+/// simulator never sees more than 200 calls in a rolling second nor answers 60007, and
+/// every request is answered — with receipts or 429 + Retry-After — before its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_1000_groups_stays_within_the_budget_and_nobody_hangs() {
+    let app = TestApp::spawn().await;
+    let deadline = Duration::from_millis(2000);
+    // One h2 connection carries the whole burst: no thousand sockets on a small machine.
+    let h2 = Client::builder(TokioExecutor::new()).http2_only(true).build_http::<Full<Bytes>>();
+
+    let tasks: Vec<_> = (0..1000)
+        .map(|i| {
+            let request = Request::post(format!("{}{RECEIPT}", app.url))
+                .header("x-request-timeout-ms", deadline.as_millis().to_string())
+                .body(Full::new(Bytes::from(body(&format!("burst-{i}"), &[1, 2, 3]))))
+                .unwrap();
+            let h2 = h2.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let response = within(h2.request(request)).await.expect("answered");
+                let retry_after = response.headers().contains_key("retry-after");
+                (response.status(), retry_after, started.elapsed())
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(within(task).await.unwrap());
+    }
+
+    let ok = answers.iter().filter(|(s, _, _)| *s == StatusCode::OK).count();
+    let refused = answers.iter().filter(|(s, r, _)| *s == StatusCode::TOO_MANY_REQUESTS && *r).count();
+    assert_eq!(ok + refused, 1000, "only 200 or 429 with Retry-After: {:?}", summary(&answers));
+    assert!(ok >= 150, "the budget was used: {ok} answered");
+    // Measured from the client, so it includes queueing on the shared connection.
+    let slowest = answers.iter().map(|a| a.2).max().unwrap_or_default();
+    assert!(slowest < deadline + Duration::from_millis(500), "slowest answer took {slowest:?}");
+    assert!(app.sim.max_arrivals_in_any_window(Duration::from_secs(1)) <= 200);
+    assert_eq!(app.sim.count_code(60007), 0);
+    assert_eq!(app.sim.call_count(), ok, "one call per answered group");
+}
+
+fn summary(answers: &[(StatusCode, bool, Duration)]) -> Vec<(StatusCode, bool)> {
+    let mut kinds: Vec<(StatusCode, bool)> = answers.iter().map(|a| (a.0, a.1)).collect();
+    kinds.sort();
+    kinds.dedup();
+    kinds
+}

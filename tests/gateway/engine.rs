@@ -1,0 +1,331 @@
+//! The engine (SPEC 5.1–5.3): cache, single-flight, batching, cohorts, the budget queue,
+//! isolation. Savings are proven by counting the simulator's calls.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use receipt_gateway::simulator::{Fault, Simulator};
+
+use crate::support::{RECEIPT, Reply, Setup, TestApp, body, expected, within};
+
+/// Sends every (group, seqs) at once over one h2 connection; replies in the same order.
+async fn concurrently(app: &TestApp, requests: &[(String, Vec<u64>)], headers: &[(&str, &str)]) -> Vec<Reply> {
+    let h2 = Client::builder(TokioExecutor::new()).http2_only(true).build_http::<Full<Bytes>>();
+    let tasks: Vec<_> = requests
+        .iter()
+        .map(|(group, seqs)| {
+            let mut builder = Request::post(format!("{}{RECEIPT}", app.url));
+            for (k, v) in headers {
+                builder = builder.header(*k, *v);
+            }
+            let request = builder.body(Full::new(Bytes::from(body(group, seqs)))).unwrap();
+            let h2 = h2.clone();
+            tokio::spawn(async move {
+                use http_body_util::BodyExt;
+                let response = within(h2.request(request)).await.expect("answered");
+                let (status, headers) = (response.status(), response.headers().clone());
+                let bytes = within(response.into_body().collect()).await.expect("body").to_bytes();
+                Reply { status, headers, body: serde_json::from_slice(&bytes).unwrap_or_default() }
+            })
+        })
+        .collect();
+    let mut replies = Vec::new();
+    for task in tasks {
+        replies.push(within(task).await.unwrap());
+    }
+    replies
+}
+
+/// Waits until the simulator has recorded `n` calls (a call is then in flight).
+async fn until_calls(sim: &Simulator, n: usize) {
+    within(async {
+        while sim.call_count() < n {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_hundred_concurrent_requests_for_a_group_cost_one_call_per_max_seqs_and_a_repeat_costs_none() {
+    // A wide window lets every request land before the batches may leave.
+    let app = TestApp::spawn_with(Setup::sections("[batch]\nwindow_ms = 300\n[cache]\nttl_ms = 60000\n")).await;
+    let requests: Vec<(String, Vec<u64>)> =
+        (0..100u64).map(|i| ("g-hundred".to_owned(), (0..10).map(|k| (i * 7 + k * 13) % 120 + 1).collect())).collect();
+    let distinct: std::collections::BTreeSet<u64> = requests.iter().flat_map(|r| r.1.clone()).collect();
+
+    let first = concurrently(&app, &requests, &[]).await;
+    let calls_after_first = app.sim.call_count();
+    let again = concurrently(&app, &requests, &[]).await;
+
+    for (reply, (group, seqs)) in first.iter().zip(&requests) {
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.items(), seqs.iter().map(|&s| expected(group, s)).collect::<Vec<_>>());
+    }
+    assert_eq!(calls_after_first, distinct.len().div_ceil(50), "{:?}", app.sim.calls());
+    let mut fetched: Vec<u64> = app.sim.calls().iter().flat_map(|c| c.seqs.clone()).collect();
+    fetched.sort_unstable();
+    assert_eq!(fetched, distinct.into_iter().collect::<Vec<_>>(), "every MsgSeq fetched exactly once");
+    assert!(again.iter().all(|r| r.header("x-cache") == Some("HIT")));
+    assert_eq!(app.sim.call_count(), calls_after_first, "a repeat within ttl_ms costs no call");
+}
+
+#[tokio::test]
+async fn a_key_in_flight_is_never_fetched_twice_and_new_keys_go_in_their_own_call() {
+    let app = TestApp::spawn().await;
+    app.sim.inject(Fault::Latency(Duration::from_millis(400)), 1);
+    let first = {
+        let (client, url) = (app.client.clone(), app.url.clone());
+        tokio::spawn(async move {
+            let request = Request::post(format!("{url}{RECEIPT}"))
+                .body(Full::new(Bytes::from(body("g-sf", &[1, 2, 3]))))
+                .unwrap();
+            within(client.request(request)).await.map(|r| r.status())
+        })
+    };
+    until_calls(&app.sim, 1).await;
+
+    let second = app.post(&body("g-sf", &[2, 3, 4])).await;
+
+    assert_eq!(within(first).await.unwrap().unwrap(), StatusCode::OK);
+    assert_eq!(second.status, StatusCode::OK);
+    assert_eq!(second.header("x-cache"), Some("MISS"), "joined the in-flight fetch and fetched the rest");
+    let seqs: Vec<Vec<u64>> = app.sim.calls().iter().map(|c| c.seqs.clone()).collect();
+    assert_eq!(seqs, vec![vec![1, 2, 3], vec![4]]);
+    assert_eq!(second.items(), vec![expected("g-sf", 2), expected("g-sf", 3), expected("g-sf", 4)]);
+}
+
+#[tokio::test]
+async fn a_caller_that_goes_away_does_not_cancel_the_call_others_wait_on() {
+    let app = TestApp::spawn().await;
+    app.sim.inject(Fault::Latency(Duration::from_millis(300)), 1);
+    let leaver = {
+        let (client, url) = (app.client.clone(), app.url.clone());
+        tokio::spawn(async move {
+            let request =
+                Request::post(format!("{url}{RECEIPT}")).body(Full::new(Bytes::from(body("g-away", &[5])))).unwrap();
+            let _ = client.request(request).await;
+        })
+    };
+    until_calls(&app.sim, 1).await;
+    let stayer = {
+        let (client, url) = (app.client.clone(), app.url.clone());
+        tokio::spawn(async move {
+            let request =
+                Request::post(format!("{url}{RECEIPT}")).body(Full::new(Bytes::from(body("g-away", &[5])))).unwrap();
+            within(client.request(request)).await.map(|r| r.status())
+        })
+    };
+
+    leaver.abort();
+
+    assert_eq!(within(stayer).await.unwrap().unwrap(), StatusCode::OK);
+    assert_eq!(app.sim.call_count(), 1);
+}
+
+#[tokio::test]
+async fn no_cache_asks_upstream_again_and_max_age_accepts_older_items() {
+    let app = TestApp::spawn_with(Setup::sections("[cache]\nttl_ms = 150\nstale_ms = 60000\n")).await;
+    let first = app.post(&body("g-cc", &[1])).await;
+    app.sim.set_receipt("g-cc", 1, 42, 1);
+
+    let cached = app.post(&body("g-cc", &[1])).await;
+    let no_cache = app.post_with("", &body("g-cc", &[1]), &[("cache-control", "no-cache")]).await;
+    // Let the entry age past ttl_ms (time passing is the subject here, not a sync).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let old_ok = app.post_with("", &body("g-cc", &[1]), &[("cache-control", "max-age=60")]).await;
+    let calls_before_default = app.sim.call_count();
+    let refreshed = app.post(&body("g-cc", &[1])).await;
+
+    assert_eq!(cached.items(), first.items());
+    assert_eq!(cached.header("x-cache"), Some("HIT"));
+    assert_eq!((no_cache.header("x-cache"), no_cache.items()[0].1), (Some("MISS"), 42));
+    assert_eq!((old_ok.header("x-cache"), old_ok.items()[0].1), (Some("HIT"), 42));
+    assert_eq!(calls_before_default, 2, "max-age was answered from the cache");
+    assert_eq!((refreshed.header("x-cache"), app.sim.call_count()), (Some("MISS"), 3));
+}
+
+#[tokio::test]
+async fn stale_items_stand_in_when_upstream_fails_but_not_for_no_cache() {
+    let app =
+        TestApp::spawn_with(Setup::sections("[cache]\nttl_ms = 50\nstale_ms = 60000\n[upstream]\nmax_retries = 0\n"))
+            .await;
+    let fresh = app.post(&body("g-stale", &[1, 2])).await;
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    app.sim.inject(Fault::HttpStatus(503), 2);
+
+    let stale = app.post(&body("g-stale", &[2, 1])).await;
+    let strict = app.post_with("", &body("g-stale", &[1]), &[("cache-control", "no-cache")]).await;
+
+    assert_eq!(stale.status, StatusCode::OK);
+    assert_eq!(stale.header("x-cache"), Some("STALE"));
+    assert!(stale.header("age").is_some());
+    assert_eq!(stale.items(), vec![fresh.items()[1], fresh.items()[0]]);
+    assert_eq!((strict.status, strict.code()), (StatusCode::BAD_GATEWAY, 10002));
+}
+
+#[tokio::test]
+async fn negative_answers_are_cached_for_negative_ttl() {
+    let app = TestApp::spawn_with(Setup::sections("[cache]\nnegative_ttl_ms = 60000\n")).await;
+
+    for _ in 0..3 {
+        let none = app.post(&body("g-neg", &[2_000_000])).await;
+        let missing = app.post(&body("missing-neg", &[1, 2])).await;
+        assert_eq!(none.items()[0].3, 10062);
+        assert_eq!(missing.code(), 10010);
+    }
+
+    assert_eq!(app.sim.call_count(), 2, "one call each; the rest from the cache");
+}
+
+#[tokio::test]
+async fn a_group_refreshes_as_one_cohort() {
+    let app = TestApp::spawn_with(Setup::sections("[cache]\nttl_ms = 400\n")).await;
+    let seqs: Vec<u64> = (1..=10).collect();
+    app.post(&body("g-cohort", &seqs)).await;
+    let read = app.post(&body("g-cohort", &seqs)).await;
+    assert_eq!(read.header("x-cache"), Some("HIT"));
+    // Past half the TTL, the read messages are due for refresh with the group's next call.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+
+    let miss = app.post(&body("g-cohort", &[11])).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let later = app.post(&body("g-cohort", &seqs)).await;
+
+    assert_eq!(miss.items(), vec![expected("g-cohort", 11)]);
+    let calls = app.sim.calls();
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    let mut topped_up = calls[1].seqs.clone();
+    topped_up.sort_unstable();
+    assert_eq!(topped_up, (1..=11).collect::<Vec<_>>(), "the miss carried the group's read messages");
+    assert_eq!(later.header("x-cache"), Some("HIT"), "refreshed by the cohort call, not expired");
+}
+
+#[tokio::test]
+async fn when_the_budget_cannot_make_the_deadline_callers_get_429_with_retry_after() {
+    let app = TestApp::spawn_with(Setup { sim_limit: 5, ..Setup::sections("[budget]\nper_second = 5\n") }).await;
+    let requests: Vec<(String, Vec<u64>)> = (0..30).map(|i| (format!("g-busy-{i}"), vec![1])).collect();
+
+    let started = Instant::now();
+    let replies = concurrently(&app, &requests, &[("x-request-timeout-ms", "1000")]).await;
+
+    let ok = replies.iter().filter(|r| r.status == StatusCode::OK).count();
+    let refused: Vec<&Reply> = replies.iter().filter(|r| r.status == StatusCode::TOO_MANY_REQUESTS).collect();
+    assert_eq!(ok + refused.len(), 30);
+    assert!((1..=7).contains(&ok), "{ok} answered at 5/s within 1 s");
+    for r in &refused {
+        assert_eq!(r.code(), 60007);
+        let retry: u64 = r.header("retry-after").and_then(|v| v.parse().ok()).unwrap_or(0);
+        assert!(retry >= 1, "{r:?}");
+    }
+    assert!(started.elapsed() < Duration::from_millis(1500));
+    assert!(app.sim.max_arrivals_in_any_window(Duration::from_secs(1)) <= 5);
+    assert_eq!(app.sim.count_code(60007), 0);
+}
+
+#[tokio::test]
+async fn throttling_lowers_the_effective_rate_and_is_retried() {
+    let app = TestApp::spawn().await;
+    app.sim.inject(Fault::ErrorCode(60007), 1);
+
+    let reply = app.post(&body("g-throttled", &[1])).await;
+    let rate =
+        app.metric("receipt_gateway_budget_effective_rate{api=\"get_group_msg_receipt\",app=\"1400000000\"}").await;
+
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(app.sim.call_count(), 2);
+    assert!((100.0..200.0).contains(&rate), "effective rate {rate}");
+}
+
+#[tokio::test]
+async fn a_bad_msgseq_fails_only_the_caller_who_sent_it() {
+    let app = TestApp::spawn_with(Setup::sections("[batch]\nwindow_ms = 200\n")).await;
+    app.sim.reject_seq(666);
+    let requests =
+        vec![("g-iso".to_owned(), vec![1, 2, 3]), ("g-iso".to_owned(), vec![666, 4]), ("g-iso".to_owned(), vec![5, 6])];
+
+    let replies = concurrently(&app, &requests, &[]).await;
+
+    assert_eq!(replies[0].items(), vec![expected("g-iso", 1), expected("g-iso", 2), expected("g-iso", 3)]);
+    assert_eq!(replies[2].items(), vec![expected("g-iso", 5), expected("g-iso", 6)]);
+    assert_eq!((replies[1].status, replies[1].code()), (StatusCode::OK, 10004));
+    assert!(replies[1].body["ErrorInfo"].as_str().unwrap_or_default().contains("666"));
+    assert!(app.sim.calls()[0].seqs.len() == 7, "the three callers were merged first");
+}
+
+#[tokio::test]
+async fn a_group_level_error_reaches_only_that_groups_callers() {
+    let app = TestApp::spawn().await;
+    let requests = vec![("missing-iso".to_owned(), vec![1]), ("g-fine".to_owned(), vec![1])];
+
+    let replies = concurrently(&app, &requests, &[]).await;
+
+    assert_eq!(replies[0].code(), 10010);
+    assert_eq!((replies[1].code(), replies[1].items()), (0, vec![expected("g-fine", 1)]));
+}
+
+#[tokio::test]
+async fn metrics_count_items_by_source() {
+    let app = TestApp::spawn().await;
+    app.post(&body("g-metrics", &[1, 2])).await;
+    app.post(&body("g-metrics", &[1, 2, 3])).await;
+
+    let hit = app.metric("receipt_gateway_items_total{app=\"1400000000\",source=\"hit\"}").await;
+    let fetched = app.metric("receipt_gateway_items_total{app=\"1400000000\",source=\"fetched\"}").await;
+    let calls = app
+        .metric("receipt_gateway_upstream_calls_total{api=\"get_group_msg_receipt\",app=\"1400000000\",result=\"ok\"}")
+        .await;
+
+    assert_eq!((hit, fetched, calls), (2.0, 3.0, 2.0));
+    let (_, text) = app.admin_get("/metrics").await;
+    assert!(!text.contains("g-metrics"), "group ids never become labels");
+    app.stop().await;
+}
+
+mod mixes {
+    //! Random concurrent mixes: every caller gets exactly its items, in its order, with
+    //! the simulator's values; no key is fetched twice; no rolling second over budget.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    fn mix() -> impl Strategy<Value = Vec<(String, Vec<u64>)>> {
+        let request =
+            (0..3usize, proptest::collection::vec(1..60u64, 1..8)).prop_map(|(g, seqs)| (format!("g-mix-{g}"), seqs));
+        proptest::collection::vec(request, 1..40)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 12, .. ProptestConfig::default() })]
+        #[test]
+        fn every_caller_gets_its_own_items_and_each_key_is_fetched_once(requests in mix(), latency_ms in 0u64..40) {
+            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            runtime.block_on(async {
+                let app = TestApp::spawn_with(Setup { sim_limit: 40, ..Setup::sections("[budget]\nper_second = 40\n[cache]\nttl_ms = 60000\n") }).await;
+                app.sim.set_latency(Duration::from_millis(latency_ms));
+
+                let replies = concurrently(&app, &requests, &[("x-request-timeout-ms", "10000")]).await;
+
+                for (reply, (group, seqs)) in replies.iter().zip(&requests) {
+                    prop_assert_eq!(reply.status, StatusCode::OK);
+                    prop_assert_eq!(reply.items(), seqs.iter().map(|&s| expected(group, s)).collect::<Vec<_>>());
+                }
+                let mut seen: HashMap<(String, u64), usize> = HashMap::new();
+                for call in app.sim.calls() {
+                    for seq in call.seqs {
+                        *seen.entry((call.group.clone().unwrap_or_default(), seq)).or_default() += 1;
+                    }
+                }
+                prop_assert!(seen.values().all(|&n| n == 1), "a key was fetched twice: {:?}", seen);
+                prop_assert!(app.sim.max_arrivals_in_any_window(Duration::from_secs(1)) <= 40);
+                prop_assert_eq!(app.sim.count_code(60007), 0);
+                Ok(())
+            })?;
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! One integration test binary: the real gateway on 127.0.0.1:0 in front of the
+//! simulator on 127.0.0.1:0. Tests prove what the gateway saved by counting the
+//! simulator's calls.
+
+mod api;
+mod cli;
+mod engine;
+mod redis;
+mod support;

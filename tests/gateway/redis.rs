@@ -1,0 +1,152 @@
+//! The Redis-held budget (SPEC 5.3): replicas share one budget through a real
+//! `redis-server` that the test starts on a private Unix socket (no port to collide on),
+//! and a replica that cannot reach Redis paces itself on `fallback_per_second`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use http::StatusCode;
+
+use crate::support::{Setup, TestApp, within};
+
+/// A private redis-server, killed on drop.
+struct RedisServer {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl RedisServer {
+    /// Starts redis-server on `<dir>/redis.sock` and waits until it answers PING.
+    async fn start(dir: &Path) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let socket = dir.join("redis.sock");
+        let child = Command::new("redis-server")
+            .args(["--port", "0", "--save", "", "--appendonly", "no", "--unixsocketperm", "700"])
+            .arg("--unixsocket")
+            .arg(&socket)
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (.ci/run installs it with apt)");
+        let server = Self { child, dir: dir.to_owned() };
+        let client = redis::Client::open(server.url()).unwrap();
+        within(async {
+            loop {
+                if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
+                    let pong: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut conn).await;
+                    if pong.is_ok() {
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        server
+    }
+
+    fn url(&self) -> String {
+        socket_url(&self.dir)
+    }
+}
+
+fn socket_url(dir: &Path) -> String {
+    format!("unix://{}", dir.join("redis.sock").display())
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn scratch(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("receipt-gateway-redis-{}-{name}", std::process::id()))
+}
+
+fn redis_config(url: &str, per_second: u32, fallback: u32) -> String {
+    format!(
+        "[budget]\nbackend = \"redis\"\nredis_url = \"{url}\"\nredis_key_prefix = \"test-{}\"\n\
+         per_second = {per_second}\nfallback_per_second = {fallback}\n",
+        std::process::id()
+    )
+}
+
+/// Fires `n` requests for distinct groups at `app`; how many were answered 200.
+async fn burst(app: &TestApp, tag: &str, n: usize) -> usize {
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let (client, url) = (app.client.clone(), app.url.clone());
+            let body = crate::support::body(&format!("g-{tag}-{i}"), &[1]);
+            tokio::spawn(async move {
+                let request = http::Request::post(format!("{url}{}", crate::support::RECEIPT))
+                    .header("x-request-timeout-ms", "1500")
+                    .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                    .unwrap();
+                within(client.request(request)).await.map(|r| r.status()).unwrap_or(StatusCode::BAD_GATEWAY)
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for task in tasks {
+        if within(task).await.unwrap() == StatusCode::OK {
+            ok += 1;
+        }
+    }
+    ok
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_one_redis_budget() {
+    let dir = scratch("shared");
+    let redis = RedisServer::start(&dir).await;
+    let sections = redis_config(&redis.url(), 10, 5);
+    let one = TestApp::spawn_with(Setup { sim_limit: 1000, ..Setup::sections(&sections) }).await;
+    let two = TestApp::spawn_with(Setup {
+        shared_sim: Some((one.sim.clone(), one.sim_url.clone())),
+        ..Setup::sections(&sections)
+    })
+    .await;
+
+    let (a, b) = tokio::join!(burst(&one, "a", 20), burst(&two, "b", 20));
+
+    // Two local budgets would have let 20 calls a second through; one shared budget lets 10.
+    let busiest = one.sim.max_arrivals_in_any_window(Duration::from_secs(1));
+    assert!(busiest <= 10, "{busiest} calls in one second across both replicas");
+    assert!(a + b >= 10, "the shared budget was used: {a} + {b}");
+    assert!(a > 0 && b > 0, "both replicas were served: {a} + {b}");
+    assert_eq!(one.sim.call_count(), a + b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_a_replica_paces_on_its_fallback_and_recovers_when_redis_returns() {
+    let dir = scratch("outage");
+    std::fs::create_dir_all(&dir).unwrap();
+    let _ = std::fs::remove_file(dir.join("redis.sock"));
+    let app =
+        TestApp::spawn_with(Setup { sim_limit: 1000, ..Setup::sections(&redis_config(&socket_url(&dir), 40, 4)) })
+            .await;
+
+    let during_outage = burst(&app, "down", 20).await;
+    let outage_peak = app.sim.max_arrivals_in_any_window(Duration::from_secs(1));
+    let redis = RedisServer::start(&dir).await;
+    // The replica retries Redis a second after its last failure; traffic brings it back.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    app.sim.reset_calls();
+    let recovered = burst(&app, "up", 20).await;
+    let recovered_peak = app.sim.max_arrivals_in_any_window(Duration::from_secs(1));
+    let keys: Vec<String> = {
+        let mut conn = redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+        redis::cmd("KEYS").arg("test-*").query_async(&mut conn).await.unwrap()
+    };
+
+    assert!(during_outage > 0, "served during the outage");
+    assert!(outage_peak <= 4, "{outage_peak} calls in a second on a fallback of 4");
+    assert!(recovered_peak > 4 && recovered_peak <= 40, "{recovered_peak} calls in a second after recovery");
+    assert_eq!(recovered, 20);
+    assert!(!keys.is_empty(), "the budget lives in Redis again");
+}

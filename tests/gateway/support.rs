@@ -1,0 +1,262 @@
+//! Spawns the real gateway on 127.0.0.1:0 in front of the simulator on 127.0.0.1:0, and a
+//! client to talk to it. Every network await is bounded by [`WAIT`].
+
+use std::future::Future;
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use receipt_gateway::config::{Config, SecretSource};
+use receipt_gateway::domain::AppId;
+use receipt_gateway::simulator::{SimApp, SimOptions, Simulator};
+use receipt_gateway::usersig::SecretKey;
+use receipt_gateway::{Listeners, RunError};
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const APP: u64 = 1_400_000_000;
+pub const APP2: u64 = 1_400_000_001;
+pub const RECEIPT: &str = "/v4/group_open_http_svc/get_group_msg_receipt";
+/// The longest any single network step may take before a test fails instead of hanging.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+const KEY: &str = "test-key-of-app-one";
+const KEY2: &str = "test-key-of-app-two";
+
+/// Secrets for the test config: each app's key under its own variable.
+struct TestSecrets;
+
+impl SecretSource for TestSecrets {
+    fn env(&self, name: &str) -> Option<String> {
+        match name {
+            "KEY_ONE" => Some(KEY.into()),
+            "KEY_TWO" => Some(KEY2.into()),
+            _ => None,
+        }
+    }
+
+    fn file(&self, path: &Path) -> std::io::Result<String> {
+        Err(std::io::Error::new(std::io::ErrorKind::NotFound, path.display().to_string()))
+    }
+}
+
+/// What to start: config sections for the gateway and the simulator's limits.
+pub struct Setup {
+    /// TOML sections ([server], [cache], ...) placed before the apps.
+    pub sections: String,
+    pub two_apps: bool,
+    pub sim_limit: u32,
+    pub sim_max_seqs: usize,
+    /// Another gateway's simulator to share (a second replica), instead of a new one.
+    pub shared_sim: Option<(Simulator, String)>,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Self { sections: String::new(), two_apps: false, sim_limit: 200, sim_max_seqs: 50, shared_sim: None }
+    }
+}
+
+impl Setup {
+    pub fn sections(sections: &str) -> Self {
+        Self { sections: sections.into(), ..Self::default() }
+    }
+}
+
+/// A running gateway and simulator. Dropping it stops both.
+pub struct TestApp {
+    pub url: String,
+    pub admin: String,
+    pub sim: Simulator,
+    pub sim_url: String,
+    pub client: Client<HttpConnector, Full<Bytes>>,
+    stop: Option<oneshot::Sender<()>>,
+    gateway: Option<JoinHandle<Result<(), RunError>>>,
+    _sim_server: Option<receipt_gateway::simulator::SimServer>,
+}
+
+/// One answer: status, headers and the JSON body.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Value,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn code(&self) -> i64 {
+        self.body["ErrorCode"].as_i64().unwrap_or(-1)
+    }
+
+    /// (MsgSeq, ReadNum, UnreadNum, Code) of each item, in order.
+    pub fn items(&self) -> Vec<(u64, u64, u64, i64)> {
+        self.body["GroupMsgReceiptList"]
+            .as_array()
+            .map(|items| {
+                items
+                    .iter()
+                    .map(|i| {
+                        (
+                            i["MsgSeq"].as_u64().unwrap_or(u64::MAX),
+                            i["ReadNum"].as_u64().unwrap_or(0),
+                            i["UnreadNum"].as_u64().unwrap_or(0),
+                            i["Code"].as_i64().unwrap_or(-1),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// Bounds a future by [`WAIT`].
+pub async fn within<T>(f: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(WAIT, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("no answer within {WAIT:?}"),
+    }
+}
+
+/// A receipt body for `group` and `seqs`.
+pub fn body(group: &str, seqs: &[u64]) -> String {
+    let list: Vec<String> = seqs.iter().map(|s| format!(r#"{{"MsgSeq":{s}}}"#)).collect();
+    format!(r#"{{"GroupId":"{group}","MsgSeqList":[{}]}}"#, list.join(","))
+}
+
+/// What the simulator answers for (group, seq) by default, as an item tuple.
+pub fn expected(group: &str, seq: u64) -> (u64, u64, u64, i64) {
+    let r = receipt_gateway::simulator::default_receipt(group, seq);
+    (seq, r.read.unwrap_or(0), r.unread.unwrap_or(0), r.code)
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        Self::spawn_with(Setup::default()).await
+    }
+
+    pub async fn spawn_with(setup: Setup) -> Self {
+        let mut apps = vec![SimApp { app: AppId(APP), identifier: "administrator".into(), key: SecretKey::new(KEY) }];
+        if setup.two_apps {
+            apps.push(SimApp { app: AppId(APP2), identifier: "admin2".into(), key: SecretKey::new(KEY2) });
+        }
+        let options = SimOptions { apps, limit_per_second: setup.sim_limit, max_seqs: setup.sim_max_seqs };
+        let (sim, sim_url, sim_server) = match setup.shared_sim {
+            Some((sim, url)) => (sim, url, None),
+            None => {
+                let (sim, url, server) = Simulator::spawn(options).await.expect("simulator starts");
+                (sim, url, Some(server))
+            }
+        };
+        let mut text = setup.sections.clone();
+        text.push_str(&format!(
+            "\n[[apps]]\nsdkappid = {APP}\nregion = \"singapore\"\nidentifier = \"administrator\"\n\
+             secret_key_env = \"KEY_ONE\"\nendpoint = \"{sim_url}\"\n"
+        ));
+        if setup.two_apps {
+            text.push_str(&format!(
+                "\n[[apps]]\nsdkappid = {APP2}\nregion = \"tokyo\"\nidentifier = \"admin2\"\n\
+                 secret_key_env = \"KEY_TWO\"\nendpoint = \"{sim_url}\"\n"
+            ));
+        }
+        let config = Config::parse(&text, &TestSecrets).expect("test config is valid");
+        let data = TcpListener::bind("127.0.0.1:0").await.expect("bind data");
+        let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+        let url = format!("http://{}", data.local_addr().expect("addr"));
+        let admin_url = format!("http://{}", admin.local_addr().expect("addr"));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let gateway = tokio::spawn(receipt_gateway::run(config, Listeners { data, admin }, async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            url,
+            admin: admin_url,
+            sim,
+            sim_url,
+            client: Client::builder(TokioExecutor::new()).pool_max_idle_per_host(2048).build_http(),
+            stop: Some(stop),
+            gateway: Some(gateway),
+            _sim_server: sim_server,
+        }
+    }
+
+    /// POSTs `body` to the receipt path with `query` and extra headers.
+    pub async fn post_with(&self, query: &str, body: &str, headers: &[(&str, &str)]) -> Reply {
+        let mut builder = Request::post(format!("{}{RECEIPT}{query}", self.url));
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
+        }
+        let request = builder.body(Full::new(Bytes::from(body.to_owned()))).expect("request");
+        self.send(request).await
+    }
+
+    pub async fn post(&self, body: &str) -> Reply {
+        self.post_with("", body, &[]).await
+    }
+
+    pub async fn send(&self, request: Request<Full<Bytes>>) -> Reply {
+        within(async {
+            let response = self.client.request(request).await.expect("gateway answers");
+            let status = response.status();
+            let headers = response.headers().clone();
+            let bytes = response.into_body().collect().await.expect("body").to_bytes();
+            let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            Reply { status, headers, body }
+        })
+        .await
+    }
+
+    /// GETs an admin path; (status, body text).
+    pub async fn admin_get(&self, path: &str) -> (StatusCode, String) {
+        let request = Request::get(format!("{}{path}", self.admin)).body(Full::new(Bytes::new())).expect("request");
+        within(async {
+            let response = self.client.request(request).await.expect("admin answers");
+            let status = response.status();
+            let bytes = response.into_body().collect().await.expect("body").to_bytes();
+            (status, String::from_utf8_lossy(&bytes).into_owned())
+        })
+        .await
+    }
+
+    /// The value of one metric sample line, e.g. `receipt_gateway_items_total{app="1",source="hit"}`.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let (_, text) = self.admin_get("/metrics").await;
+        text.lines().find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.trim().parse().ok())).unwrap_or(0.0)
+    }
+
+    /// Stops the gateway as SIGTERM would, and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(gateway) = self.gateway.take() {
+            within(gateway).await.expect("gateway task").expect("gateway ran");
+        }
+    }
+
+    /// Sends the stop signal without waiting (to observe draining).
+    pub fn begin_stop(&mut self) -> JoinHandle<Result<(), RunError>> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.gateway.take().expect("gateway still running")
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(gateway) = self.gateway.take() {
+            gateway.abort();
+        }
+    }
+}
