@@ -50,7 +50,8 @@ impl Entry {
 
     /// True the first time it is called after the entry was fetched.
     pub fn first_read(&self) -> bool {
-        !self.read.swap(true, Ordering::Relaxed)
+        // Load first: after the first read this stays a shared, read-only cache line.
+        !self.read.load(Ordering::Relaxed) && !self.read.swap(true, Ordering::Relaxed)
     }
 }
 
