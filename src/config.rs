@@ -528,18 +528,28 @@ mod tests {
         assert_eq!(c.apps[0].endpoint, "http://127.0.0.1:18080");
     }
 
-    #[test]
-    fn every_file_in_config_dir_parses() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
-        let mut parsed = 0;
-        for entry in std::fs::read_dir(&dir).unwrap() {
+    /// Every `.toml` below `dir`, recursively.
+    fn toml_files(dir: &Path, found: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();
-            if path.extension().is_some_and(|e| e == "toml") {
-                let text = std::fs::read_to_string(&path).unwrap();
-                Config::parse(&text, &secrets()).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-                parsed += 1;
+            if path.is_dir() {
+                toml_files(&path, found);
+            } else if path.extension().is_some_and(|e| e == "toml") {
+                found.push(path);
             }
         }
-        assert!(parsed >= 2, "expected the reference and demo configs in {}", dir.display());
+    }
+
+    #[test]
+    fn every_shipped_config_parses() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut files = Vec::new();
+        toml_files(&root.join("config"), &mut files);
+        toml_files(&root.join("deploy"), &mut files);
+        for path in &files {
+            let text = std::fs::read_to_string(path).unwrap();
+            Config::parse(&text, &secrets()).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        }
+        assert!(files.len() >= 4, "expected the reference, demo and cluster configs: {files:?}");
     }
 }

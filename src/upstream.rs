@@ -215,7 +215,8 @@ impl Upstream {
         let reply: ReceiptResponse = match serde_json::from_slice(&bytes) {
             Ok(r) => r,
             Err(e) => {
-                return (Outcome::Retryable { reason: format!("unreadable answer: {e}") }, "invalid_json".into());
+                // Counted with transport failures: the bytes arrived, but not an answer.
+                return (Outcome::Retryable { reason: format!("unreadable answer: {e}") }, "transport".into());
             }
         };
         if reply.error_code != 0 || reply.action_status != "OK" {
@@ -274,6 +275,43 @@ mod tests {
         assert_eq!(class(10004), Outcome::InvalidParameter { info: String::new() });
         assert_eq!(class(70001), Outcome::UserSigExpired);
         assert_eq!(class(70050), Outcome::SigningLocked);
+    }
+
+    fn app(ttl_s: u64) -> AppConfig {
+        AppConfig {
+            id: AppId(1_400_000_000),
+            region: None,
+            identifier: "administrator".into(),
+            secret: SecretKey::new("k"),
+            endpoint: "http://127.0.0.1:9".into(),
+            usersig_ttl: Duration::from_secs(ttl_s),
+        }
+    }
+
+    #[test]
+    fn the_usersig_is_signed_once_and_renewed_at_80_percent_of_its_life() {
+        let metrics = Metrics::new().unwrap();
+        let up = Upstream::new(&app(1000), Duration::from_secs(1), http_client().unwrap(), &metrics);
+        let renew_at = |up: &Upstream| up.signed.read().unwrap().renew_at;
+        let first = renew_at(&up);
+        let until = first.duration_since(unix_now()).unwrap();
+        assert!(until > Duration::from_secs(790) && until <= Duration::from_secs(800), "{until:?}");
+        let sig = up.usersig();
+        assert_eq!(renew_at(&up), first, "not re-signed before it is due");
+        let doc = usersig::verify(
+            sig.expose(),
+            AppId(1_400_000_000),
+            "administrator",
+            &SecretKey::new("k"),
+            unix_secs(unix_now()),
+        );
+        assert_eq!(doc.unwrap().expire, 1000);
+        let expiry = metrics.usersig_expiry.with_label_values(&["1400000000"]).get();
+        assert!((expiry - (unix_secs(unix_now()) + 1000) as f64).abs() <= 2.0);
+        // Once due, the next call signs anew.
+        up.signed.write().unwrap().renew_at = UNIX_EPOCH;
+        up.usersig();
+        assert!(renew_at(&up) > UNIX_EPOCH + Duration::from_secs(1_000_000));
     }
 
     #[test]

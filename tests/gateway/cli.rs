@@ -96,3 +96,51 @@ fn usersig_prints_a_signature_that_verifies() {
     assert!(usersig::verify(&sig, AppId(1_400_000_000), "administrator", &SecretKey::new("cli-test-key"), now).is_ok());
     assert_eq!(doc.expire, 600);
 }
+
+/// Kills the demo however the test ends.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn the_demo_serves_and_its_printed_curl_returns_receipts() {
+    use std::io::BufRead;
+
+    let mut child = gateway().arg("demo").stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let _running = Running(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut printed = Vec::new();
+    while !printed.iter().any(|l: &String| l.contains("-d '")) {
+        printed.push(rx.recv_timeout(crate::support::WAIT).expect("the demo prints its curl"));
+    }
+    // Take the URL and body from the printed curl, as a user pasting it would.
+    let text = printed.join("\n");
+    let url = text.split('\'').find(|s| s.starts_with("http://")).unwrap().to_owned();
+    let body = text.rsplit("-d '").next().unwrap().trim_end_matches('\'').to_owned();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+
+    let request = http::Request::post(&url).body(http_body_util::Full::new(bytes::Bytes::from(body))).unwrap();
+    let response = crate::support::within(client.request(request)).await.unwrap();
+    let status = response.status();
+    let bytes =
+        crate::support::within(http_body_util::BodyExt::collect(response.into_body())).await.unwrap().to_bytes();
+
+    assert_eq!(status, http::StatusCode::OK);
+    let answer: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(answer["ActionStatus"], "OK");
+    assert_eq!(answer["GroupMsgReceiptList"].as_array().map(Vec::len), Some(3));
+}
