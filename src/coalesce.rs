@@ -174,6 +174,7 @@ struct OpenBatch {
 struct Permit {
     tx: oneshot::Sender<()>,
     since: Instant,
+    deadline: Instant,
 }
 
 /// What the dispatcher does next.
@@ -298,7 +299,7 @@ impl Coalescer {
         let mut st = self.lock();
         st.next_id += 1;
         let id = st.next_id;
-        st.permits.insert(id, Permit { tx, since: Instant::now() });
+        st.permits.insert(id, Permit { tx, since: Instant::now(), deadline });
         st.queue.insert((deadline, id));
         drop(st);
         self.wake.notify_one();
@@ -450,6 +451,7 @@ impl State {
     /// arrive (`latency` from now), and tells when work is next ready.
     fn next(&mut self, now: Instant, policy: &BatchPolicy, latency: Duration) -> Next {
         self.sweep(now, policy);
+        self.forget_abandoned_permits();
         let mut expired = Vec::new();
         let mut earliest: Option<Instant> = None;
         let mut ready = false;
@@ -489,6 +491,7 @@ impl State {
         for id in late {
             self.expire(id, now);
         }
+        self.forget_abandoned_permits();
         let (key, id) = self.queue.iter().copied().find(|&(_, id)| {
             self.permits.contains_key(&id) || self.open.get(&id).is_some_and(|b| b.is_ready(now, policy))
         })?;
@@ -532,6 +535,18 @@ impl State {
             deadline: batch.max_deadline,
             tx: batch.tx,
         }))
+    }
+
+    /// Drops permits whose retry gave up (deadline), so no token is spent on them.
+    fn forget_abandoned_permits(&mut self) {
+        let Self { permits, queue, .. } = self;
+        permits.retain(|&id, p| {
+            let alive = !p.tx.is_closed();
+            if !alive {
+                queue.remove(&(p.deadline, id));
+            }
+            alive
+        });
     }
 
     /// Resolves an open batch that lost all its callers, without spending a token.
