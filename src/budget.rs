@@ -95,6 +95,7 @@ impl Budget {
             BudgetBackend::Redis { url, key_prefix } => Source::Redis(Box::new(RedisSource {
                 client: redis::Client::open(url.as_str())?,
                 connection: tokio::sync::Mutex::new(None),
+                script: redis::Script::new(GCRA),
                 key: format!("{key_prefix}:{key}"),
                 interval_us: pacing_interval(per_second).as_micros() as u64,
                 fallback: limiter(fallback_per_second),
@@ -200,6 +201,8 @@ struct RedisSource {
     client: redis::Client,
     /// Created on first use (Redis may be down at start); reconnects by itself after.
     connection: tokio::sync::Mutex<Option<ConnectionManager>>,
+    /// The GCRA script, hashed once; sent by SHA and reloaded by the crate on NOSCRIPT.
+    script: redis::Script,
     key: String,
     interval_us: u64,
     fallback: DefaultDirectRateLimiter,
@@ -233,15 +236,17 @@ impl RedisSource {
 
     async fn try_take(&self) -> redis::RedisResult<u64> {
         let mut guard = self.connection.lock().await;
-        if guard.is_none() {
-            let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(Duration::from_millis(250)))
-                .set_response_timeout(Some(Duration::from_millis(250)))
-                .set_number_of_retries(1);
-            *guard = Some(self.client.get_connection_manager_with_config(config).await?);
-        }
-        let Some(connection) = guard.as_mut() else { unreachable!("set just above") };
-        redis::Script::new(GCRA).key(&self.key).arg(self.interval_us).invoke_async(connection).await
+        let connection = match &mut *guard {
+            Some(connection) => connection,
+            empty @ None => {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(Duration::from_millis(250)))
+                    .set_response_timeout(Some(Duration::from_millis(250)))
+                    .set_number_of_retries(1);
+                empty.insert(self.client.get_connection_manager_with_config(config).await?)
+            }
+        };
+        self.script.key(&self.key).arg(self.interval_us).invoke_async(connection).await
     }
 }
 
