@@ -1,0 +1,310 @@
+//! The command line, and each scenario's defaults (issue 3's targets) merged with the flags
+//! given. Every knob is an `Option` here so that a flag overrides a scenario's default and
+//! `--scenario all` applies the same override to every scenario.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::Result;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "receipt-loadgen",
+    about = "Benchmark of receipt-gateway: drives the release gateway (a subprocess) in front of an \
+             in-process Tencent simulator and reports throughput, latency, upstream calls and memory"
+)]
+pub struct Args {
+    /// Which scenario to run; `all` runs warm, under, over and memory in sequence.
+    #[arg(long, value_enum, default_value_t = ScenarioName::All)]
+    pub scenario: ScenarioName,
+    /// The gateway binary [default: `receipt-gateway` next to this binary].
+    #[arg(long)]
+    pub gateway_bin: Option<PathBuf>,
+    /// HTTP/1.1 keep-alive connections (= the most requests in flight).
+    #[arg(long)]
+    pub connections: Option<usize>,
+    /// How many groups requests are spread over.
+    #[arg(long)]
+    pub groups: Option<usize>,
+    /// Distinct MsgSeqs per request.
+    #[arg(long)]
+    pub seqs_per_request: Option<usize>,
+    /// Each request picks its MsgSeqs from the group's latest L messages (1..=L).
+    #[arg(long)]
+    pub latest: Option<usize>,
+    /// How requests are spread over groups.
+    #[arg(long, value_enum)]
+    pub distribution: Option<Distribution>,
+    /// The exponent s of the Zipf distribution (weight of group i is 1/i^s).
+    #[arg(long, default_value_t = 1.0)]
+    pub zipf_exponent: f64,
+    /// Requests per second, open loop (latency counted from the scheduled send time);
+    /// 0 = closed loop, as fast as `--connections` workers go. (`warm` picks its own
+    /// rates: full speed, then half of it; `memory` fills as fast as it can.)
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Measured seconds (after the warm-up).
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// Seconds of load before measuring.
+    #[arg(long)]
+    pub warmup: Option<f64>,
+    /// The gateway's `cache.ttl_ms`.
+    #[arg(long)]
+    pub ttl_ms: Option<u64>,
+    /// The gateway's `cache.stale_ms`.
+    #[arg(long)]
+    pub stale_ms: Option<u64>,
+    /// The gateway's `cache.max_entries`.
+    #[arg(long)]
+    pub max_entries: Option<u64>,
+    /// Every request's deadline, sent as `X-Request-Timeout-Ms` (the client gives up one
+    /// second later and counts the request as hung).
+    #[arg(long)]
+    pub deadline_ms: Option<u64>,
+    /// The gateway's `budget.per_second`.
+    #[arg(long)]
+    pub per_second: Option<u32>,
+    /// The simulator's calls allowed per rolling second.
+    #[arg(long)]
+    pub sim_limit: Option<u32>,
+    /// MsgSeqs per upstream call: the simulator's limit and the gateway's `batch.max_seqs`.
+    #[arg(long)]
+    pub max_seqs: Option<usize>,
+    /// Latency the simulator adds to every answer, in milliseconds.
+    #[arg(long)]
+    pub sim_latency_ms: Option<u64>,
+    /// `RUST_LOG` for the gateway. Request logging is at `info`; the default `warn` leaves
+    /// it out of the measurement (pass `info` to measure its cost).
+    #[arg(long, default_value = "warn")]
+    pub gateway_log: String,
+    /// Seed of the request mix (each connection derives its own).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Keep the temporary directory (config and gateway log) after a clean run.
+    #[arg(long)]
+    pub keep_temp: bool,
+    /// Internal: serve the trivial baseline on this port (0 = any) and print its address.
+    #[arg(long, hide = true)]
+    pub serve_baseline: Option<u16>,
+    /// Internal: the baseline's body size in bytes.
+    #[arg(long, hide = true, default_value_t = 200)]
+    pub body_bytes: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ScenarioName {
+    All,
+    /// Everything from cache: gateway vs the trivial baseline, then p99 at half that rate.
+    Warm,
+    /// 2,000 req/s over 100 groups: the budget suffices.
+    Under,
+    /// 2,000 req/s over 1,000 groups: the budget is the bottleneck.
+    Over,
+    /// 1,000,000 cached items: resident memory.
+    Memory,
+    /// The mix given by the flags (defaults as `under`), reported without a verdict.
+    Custom,
+}
+
+impl ScenarioName {
+    pub fn label(self) -> &'static str {
+        match self {
+            ScenarioName::All => "all",
+            ScenarioName::Warm => "warm",
+            ScenarioName::Under => "under",
+            ScenarioName::Over => "over",
+            ScenarioName::Memory => "memory",
+            ScenarioName::Custom => "custom",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Distribution {
+    Uniform,
+    Zipf,
+}
+
+/// A scenario's defaults: the figures of issue 3's targets.
+#[derive(Clone, Debug)]
+pub struct Defaults {
+    pub groups: usize,
+    pub seqs_per_request: usize,
+    pub latest: usize,
+    pub rate: f64,
+    pub connections: usize,
+    pub duration_s: f64,
+    pub warmup_s: f64,
+    pub ttl_ms: u64,
+    pub stale_ms: u64,
+    pub max_entries: u64,
+    pub deadline_ms: u64,
+    pub per_second: u32,
+    pub sim_limit: u32,
+    pub max_seqs: usize,
+}
+
+/// Tencent's limits and the gateway's shipped defaults; scenarios change what they test.
+const BASE: Defaults = Defaults {
+    groups: 100,
+    seqs_per_request: 5,
+    latest: 50,
+    rate: 2000.0,
+    // Open loop: enough connections that the client never queues at 2,000 req/s even
+    // when answers take half a second (HTTP/1.1 carries one request per connection).
+    connections: 1024,
+    duration_s: 20.0,
+    warmup_s: 5.0,
+    ttl_ms: 1000,
+    stale_ms: 60_000,
+    max_entries: 1_000_000,
+    deadline_ms: 1000,
+    per_second: 200,
+    sim_limit: 200,
+    max_seqs: 50,
+};
+
+impl Defaults {
+    pub fn of(scenario: ScenarioName) -> Defaults {
+        match scenario {
+            ScenarioName::Warm => {
+                Defaults { rate: 0.0, connections: 64, duration_s: 10.0, warmup_s: 2.0, ttl_ms: 600_000, ..BASE }
+            }
+            ScenarioName::Over => Defaults { groups: 1000, ..BASE },
+            ScenarioName::Memory => Defaults {
+                groups: 20_000,
+                seqs_per_request: 50,
+                rate: 0.0,
+                connections: 64,
+                ttl_ms: 600_000,
+                stale_ms: 600_000,
+                max_entries: 2_000_000,
+                per_second: 20_000,
+                sim_limit: 20_000,
+                ..BASE
+            },
+            ScenarioName::All | ScenarioName::Under | ScenarioName::Custom => BASE,
+        }
+    }
+}
+
+/// What one scenario runs with, after the flags were applied to its defaults.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub mix: MixSettings,
+    pub load: LoadSettings,
+    pub gateway: GatewaySettings,
+    pub sim: SimSettings,
+}
+
+#[derive(Clone, Debug)]
+pub struct MixSettings {
+    pub groups: usize,
+    pub seqs_per_request: usize,
+    pub latest: usize,
+    pub distribution: Distribution,
+    pub zipf_exponent: f64,
+    pub seed: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct LoadSettings {
+    /// Requests per second; `None` is a closed loop.
+    pub rate: Option<f64>,
+    pub connections: usize,
+    pub warmup: Duration,
+    pub duration: Duration,
+    pub deadline: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct GatewaySettings {
+    pub ttl_ms: u64,
+    pub stale_ms: u64,
+    pub max_entries: u64,
+    pub per_second: u32,
+    pub max_seqs: usize,
+    pub request_timeout_ms: u64,
+    pub log_level: String,
+    pub keep_temp: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct SimSettings {
+    pub limit: u32,
+    pub max_seqs: usize,
+    pub latency: Duration,
+}
+
+impl Args {
+    /// `defaults` overridden by every flag given, checked for sense.
+    pub fn settings(&self, d: &Defaults) -> Result<Settings> {
+        let max_seqs = self.max_seqs.unwrap_or(d.max_seqs);
+        let deadline_ms = self.deadline_ms.unwrap_or(d.deadline_ms);
+        let mix = MixSettings {
+            groups: self.groups.unwrap_or(d.groups),
+            seqs_per_request: self.seqs_per_request.unwrap_or(d.seqs_per_request),
+            latest: self.latest.unwrap_or(d.latest),
+            distribution: self.distribution.unwrap_or(Distribution::Uniform),
+            zipf_exponent: self.zipf_exponent,
+            seed: self.seed,
+        };
+        let rate = self.rate.unwrap_or(d.rate);
+        let load = LoadSettings {
+            rate: (rate > 0.0).then_some(rate),
+            connections: self.connections.unwrap_or(d.connections),
+            warmup: seconds("--warmup", self.warmup.unwrap_or(d.warmup_s))?,
+            duration: seconds("--duration", self.duration.unwrap_or(d.duration_s))?,
+            deadline: Duration::from_millis(deadline_ms),
+        };
+        let gateway = GatewaySettings {
+            ttl_ms: self.ttl_ms.unwrap_or(d.ttl_ms),
+            stale_ms: self.stale_ms.unwrap_or(d.stale_ms),
+            max_entries: self.max_entries.unwrap_or(d.max_entries),
+            per_second: self.per_second.unwrap_or(d.per_second),
+            max_seqs,
+            request_timeout_ms: deadline_ms,
+            log_level: self.gateway_log.clone(),
+            keep_temp: self.keep_temp,
+        };
+        let sim = SimSettings {
+            limit: self.sim_limit.unwrap_or(d.sim_limit),
+            max_seqs,
+            latency: Duration::from_millis(self.sim_latency_ms.unwrap_or(0)),
+        };
+        let settings = Settings { mix, load, gateway, sim };
+        settings.check(rate)?;
+        Ok(settings)
+    }
+}
+
+impl Settings {
+    fn check(&self, rate: f64) -> Result<()> {
+        let m = &self.mix;
+        let problem = if m.groups == 0 {
+            "--groups must be at least 1"
+        } else if m.seqs_per_request == 0 || m.seqs_per_request > m.latest {
+            "--seqs-per-request must be between 1 and --latest"
+        } else if !(m.zipf_exponent.is_finite() && m.zipf_exponent >= 0.0) {
+            "--zipf-exponent must be a non-negative number"
+        } else if !rate.is_finite() || rate < 0.0 {
+            "--rate must be a non-negative number"
+        } else if self.load.connections == 0 {
+            "--connections must be at least 1"
+        } else if self.load.deadline.is_zero() {
+            "--deadline-ms must be at least 1"
+        } else if self.gateway.max_seqs == 0 || self.sim.limit == 0 || self.gateway.per_second == 0 {
+            "--max-seqs, --sim-limit and --per-second must be at least 1"
+        } else {
+            return Ok(());
+        };
+        Err(problem.into())
+    }
+}
+
+fn seconds(flag: &str, value: f64) -> Result<Duration> {
+    Duration::try_from_secs_f64(value).map_err(|_| format!("{flag} must be a non-negative number of seconds").into())
+}

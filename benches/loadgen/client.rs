@@ -1,0 +1,155 @@
+//! The HTTP side of the load: one pooled hyper-util client (HTTP/1.1 keep-alive), a
+//! [`Target`] that knows where to send a receipt query, and what came back ([`Outcome`]).
+//! Every request is bounded by the caller's deadline plus one second, so nothing hangs the
+//! benchmark: a request that runs out of that is reported as hung.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, RETRY_AFTER};
+use http::{Method, Request, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::Result;
+
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// The receipt route, with the one app the benchmark configures.
+const RECEIPT_PATH_AND_QUERY: &str = "/v4/group_open_http_svc/get_group_msg_receipt?sdkappid=1400000000";
+
+/// How long past its deadline a request may take before it counts as hung.
+const HUNG_AFTER_DEADLINE: Duration = Duration::from_secs(1);
+
+/// Admin calls (`/readyz`, `/metrics`) are small and local.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A client that keeps up to `connections` idle connections for reuse. The drivers never
+/// have more than `connections` requests in flight, so that is also about how many
+/// connections it opens.
+pub fn http_client(connections: usize) -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(connections)
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build(connector)
+}
+
+/// Where receipt queries go, and with which deadline.
+pub struct Target {
+    uri: Uri,
+    deadline: Duration,
+    deadline_header: String,
+}
+
+/// What one request came to.
+#[derive(Clone, Copy, Debug)]
+pub enum Outcome {
+    Answered(Answer),
+    /// No whole answer within the deadline plus a second.
+    Hung,
+    /// A transport error (refused, reset, closed mid-answer).
+    Failed,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub x_cache: XCache,
+    pub retry_after: bool,
+    pub body_bytes: usize,
+}
+
+/// The gateway's `X-Cache` values (SPEC 2.1), or none (errors, the baseline).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum XCache {
+    Hit,
+    Miss,
+    Partial,
+    Stale,
+    Other,
+    Absent,
+}
+
+impl XCache {
+    fn from_header(value: Option<&[u8]>) -> XCache {
+        match value {
+            None => XCache::Absent,
+            Some(b"HIT") => XCache::Hit,
+            Some(b"MISS") => XCache::Miss,
+            Some(b"PARTIAL") => XCache::Partial,
+            Some(b"STALE") => XCache::Stale,
+            Some(_) => XCache::Other,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            XCache::Hit => "HIT",
+            XCache::Miss => "MISS",
+            XCache::Partial => "PARTIAL",
+            XCache::Stale => "STALE",
+            XCache::Other => "other",
+            XCache::Absent => "none",
+        }
+    }
+}
+
+impl Target {
+    pub fn new(addr: SocketAddr, deadline: Duration) -> Result<Target> {
+        let uri = format!("http://{addr}{RECEIPT_PATH_AND_QUERY}").parse::<Uri>()?;
+        Ok(Target { uri, deadline, deadline_header: deadline.as_millis().to_string() })
+    }
+
+    pub fn deadline(&self) -> Duration {
+        self.deadline
+    }
+
+    /// Sends one query and reads the whole answer.
+    pub async fn send(&self, client: &HttpClient, body: Bytes) -> Outcome {
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(self.uri.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .header("x-request-timeout-ms", self.deadline_header.as_str())
+            .body(Full::new(body));
+        let Ok(request) = request else {
+            // Every part was validated when the target was built.
+            return Outcome::Failed;
+        };
+        let exchange = async {
+            let response = client.request(request).await.ok()?;
+            let status = response.status().as_u16();
+            let headers = response.headers();
+            let x_cache = XCache::from_header(headers.get("x-cache").map(|v| v.as_bytes()));
+            let retry_after = headers.contains_key(RETRY_AFTER);
+            let body = response.into_body().collect().await.ok()?.to_bytes();
+            Some(Answer { status, x_cache, retry_after, body_bytes: body.len() })
+        };
+        match tokio::time::timeout(self.deadline + HUNG_AFTER_DEADLINE, exchange).await {
+            Err(_) => Outcome::Hung,
+            Ok(None) => Outcome::Failed,
+            Ok(Some(answer)) => Outcome::Answered(answer),
+        }
+    }
+}
+
+/// `GET url`: the status and the whole body, within a few seconds.
+pub async fn get(client: &HttpClient, url: &str) -> Result<(u16, Bytes)> {
+    let request = Request::get(url).body(Full::new(Bytes::new()))?;
+    let exchange = async {
+        let response = client.request(request).await?;
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await?.to_bytes();
+        Ok::<_, crate::Error>((status, body))
+    };
+    match tokio::time::timeout(ADMIN_TIMEOUT, exchange).await {
+        Ok(result) => result.map_err(|e| format!("GET {url}: {e}").into()),
+        Err(_) => Err(format!("GET {url}: no answer within {ADMIN_TIMEOUT:?}").into()),
+    }
+}

@@ -1,0 +1,141 @@
+//! What the client saw: every measured request's latency (all samples are kept, so the
+//! percentiles are exact), counts by HTTP status and `X-Cache`, and the failures the
+//! targets care about (429 without `Retry-After`, answers after the deadline, hung
+//! requests, transport errors).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::client::{Outcome, XCache};
+
+/// One finished request.
+pub struct Sample {
+    pub outcome: Outcome,
+    /// To the whole answer from the scheduled send time, or from the send if that was
+    /// earlier or there was no schedule (closed loop): what the caller experienced.
+    pub latency: Duration,
+    /// From the send to the whole answer: what the gateway's deadline is measured against.
+    pub service: Duration,
+    /// How late after its scheduled time the request was sent (open loop): every
+    /// connection was busy, or the client was short of CPU.
+    pub queued: Duration,
+}
+
+#[derive(Default)]
+pub struct Recorder {
+    /// Latencies of answered requests, in microseconds.
+    latencies_us: Vec<u32>,
+    /// Client-side queueing of every request, in microseconds.
+    queued_us: Vec<u32>,
+    pub statuses: BTreeMap<u16, u64>,
+    pub x_cache: BTreeMap<XCache, u64>,
+    pub without_retry_after: u64,
+    /// 200 and 429 answers that arrived after the request's deadline.
+    pub late: u64,
+    pub hung: u64,
+    pub failed: u64,
+    /// 200s and 429s with `Retry-After`, answered within the deadline.
+    in_time: u64,
+    /// Size of the last answer body (to size the baseline's).
+    pub last_body_bytes: usize,
+}
+
+/// Latency percentiles of the answered requests.
+pub struct Percentiles {
+    pub p50: Duration,
+    pub p99: Duration,
+    pub p999: Duration,
+    pub max: Duration,
+}
+
+impl Recorder {
+    pub fn record(&mut self, sample: Sample, deadline: Duration) {
+        self.queued_us.push(micros(sample.queued));
+        let answer = match sample.outcome {
+            Outcome::Hung => return self.hung += 1,
+            Outcome::Failed => return self.failed += 1,
+            Outcome::Answered(answer) => answer,
+        };
+        self.latencies_us.push(micros(sample.latency));
+        *self.statuses.entry(answer.status).or_default() += 1;
+        *self.x_cache.entry(answer.x_cache).or_default() += 1;
+        self.last_body_bytes = answer.body_bytes;
+        if answer.status == 429 && !answer.retry_after {
+            self.without_retry_after += 1;
+        }
+        let allowed = answer.status == 200 || (answer.status == 429 && answer.retry_after);
+        match (matches!(answer.status, 200 | 429), sample.service > deadline) {
+            (true, true) => self.late += 1,
+            (true, false) if allowed => self.in_time += 1,
+            _ => {}
+        }
+    }
+
+    pub fn merge(&mut self, other: Recorder) {
+        self.latencies_us.extend(other.latencies_us);
+        self.queued_us.extend(other.queued_us);
+        for (status, n) in other.statuses {
+            *self.statuses.entry(status).or_default() += n;
+        }
+        for (x_cache, n) in other.x_cache {
+            *self.x_cache.entry(x_cache).or_default() += n;
+        }
+        self.without_retry_after += other.without_retry_after;
+        self.late += other.late;
+        self.hung += other.hung;
+        self.failed += other.failed;
+        self.in_time += other.in_time;
+        self.last_body_bytes = self.last_body_bytes.max(other.last_body_bytes);
+    }
+
+    /// Requests that got an HTTP answer, whatever its status.
+    pub fn answered(&self) -> u64 {
+        self.statuses.values().sum()
+    }
+
+    pub fn sent(&self) -> u64 {
+        self.answered() + self.hung + self.failed
+    }
+
+    pub fn status(&self, status: u16) -> u64 {
+        self.statuses.get(&status).copied().unwrap_or(0)
+    }
+
+    /// Requests that did not end as the over-the-limit target allows: anything but a 200
+    /// or a 429 with `Retry-After` in time.
+    pub fn failures(&self) -> u64 {
+        self.sent() - self.in_time
+    }
+
+    pub fn percentiles(&mut self) -> Option<Percentiles> {
+        percentiles(&mut self.latencies_us)
+    }
+
+    /// The 99th percentile of how late requests were sent: large values mean that
+    /// `--connections` is too small for the rate (or the client is short of CPU) and the
+    /// latencies include the client's own queue.
+    pub fn queued_p99(&mut self) -> Option<Duration> {
+        percentiles(&mut self.queued_us).map(|p| p.p99)
+    }
+}
+
+fn percentiles(samples: &mut [u32]) -> Option<Percentiles> {
+    samples.sort_unstable();
+    let max = *samples.last()?;
+    let at = |q: f64| {
+        // The smallest sample with at least q of all samples at or below it.
+        let rank = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len());
+        Duration::from_micros(u64::from(samples[rank - 1]))
+    };
+    Some(Percentiles { p50: at(0.50), p99: at(0.99), p999: at(0.999), max: Duration::from_micros(u64::from(max)) })
+}
+
+fn micros(d: Duration) -> u32 {
+    u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
+}
+
+/// `12.3 ms` style, with three significant digits where it matters.
+pub fn ms(d: Duration) -> String {
+    let ms = d.as_secs_f64() * 1000.0;
+    if ms < 10.0 { format!("{ms:.2} ms") } else { format!("{ms:.1} ms") }
+}

@@ -1,0 +1,131 @@
+//! The Tencent side: the simulator, in this process, and what its call ledger says about a
+//! measured interval — calls per second, the most and the fewest calls in any rolling
+//! second, 60007 answers and how many MsgSeqs each call carried. The simulator stamps each
+//! call with an `Instant` of this process, so the interval is the client's own.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use receipt_gateway::domain::AppId;
+use receipt_gateway::simulator::{CallRecord, SimApp, SimOptions, SimServer, Simulator};
+use receipt_gateway::usersig::SecretKey;
+
+use crate::Result;
+use crate::cli::SimSettings;
+
+/// The one app the benchmark configures, on both sides.
+pub const SDKAPPID: u64 = 1_400_000_000;
+pub const IDENTIFIER: &str = "administrator";
+/// Known to the simulator and (through `LOADGEN_SECRET`) to the gateway; protects nothing.
+pub const SECRET: &str = "receipt-loadgen-key-not-a-secret";
+
+/// Tencent's "over the rate limit" ErrorCode.
+const RATE_LIMITED: i64 = 60007;
+const ROLLING: Duration = Duration::from_secs(1);
+
+pub struct Upstream {
+    sim: Simulator,
+    url: String,
+    /// Serves until dropped.
+    _server: SimServer,
+}
+
+/// The simulator's view of one measured interval.
+pub struct UpstreamStats {
+    pub calls: usize,
+    pub per_second: f64,
+    /// The most calls sent in any rolling second inside the interval.
+    pub max_rolling: usize,
+    /// The fewest calls in any rolling second that lies wholly inside the interval.
+    pub min_rolling: Option<usize>,
+    pub rate_limited: usize,
+    pub mean_seqs: f64,
+    /// Calls by ErrorCode (-1: an HTTP fault or a dropped connection).
+    pub codes: BTreeMap<i64, usize>,
+}
+
+impl Upstream {
+    pub async fn start(s: &SimSettings) -> Result<Upstream> {
+        let app = SimApp { app: AppId(SDKAPPID), identifier: IDENTIFIER.into(), key: SecretKey::new(SECRET) };
+        let options = SimOptions { apps: vec![app], limit_per_second: s.limit, max_seqs: s.max_seqs };
+        let (sim, url, server) =
+            Simulator::spawn(options).await.map_err(|e| format!("cannot start the simulator: {e}"))?;
+        sim.set_latency(s.latency);
+        Ok(Upstream { sim, url, _server: server })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// 60007 answers since the simulator started (warm-ups included).
+    pub fn rate_limited_total(&self) -> usize {
+        self.sim.count_code(RATE_LIMITED)
+    }
+
+    pub fn call_count(&self) -> usize {
+        self.sim.call_count()
+    }
+
+    pub fn stats(&self, from: Instant, to: Instant) -> UpstreamStats {
+        let calls: Vec<CallRecord> = self.sim.calls().into_iter().filter(|c| c.at >= from && c.at < to).collect();
+        let arrivals: Vec<Instant> = calls.iter().map(|c| c.at).collect();
+        let mut codes = BTreeMap::new();
+        for call in &calls {
+            *codes.entry(call.error_code).or_default() += 1;
+        }
+        let seqs: usize = calls.iter().map(|c| distinct(&c.seqs)).sum();
+        UpstreamStats {
+            calls: calls.len(),
+            per_second: calls.len() as f64 / (to - from).as_secs_f64().max(f64::EPSILON),
+            max_rolling: max_rolling(&arrivals),
+            min_rolling: min_rolling(&arrivals, from, to),
+            rate_limited: codes.get(&RATE_LIMITED).copied().unwrap_or(0),
+            mean_seqs: if calls.is_empty() { 0.0 } else { seqs as f64 / calls.len() as f64 },
+            codes,
+        }
+    }
+}
+
+fn distinct(seqs: &[u64]) -> usize {
+    let mut seqs = seqs.to_vec();
+    seqs.sort_unstable();
+    seqs.dedup();
+    seqs.len()
+}
+
+/// Calls in `[t, t + 1 s)`, `arrivals` sorted.
+fn in_second(arrivals: &[Instant], t: Instant) -> usize {
+    let first = arrivals.partition_point(|&a| a < t);
+    let past = arrivals.partition_point(|&a| a < t + ROLLING);
+    past - first
+}
+
+/// The busiest rolling second starts at an arrival, so only those need checking.
+fn max_rolling(arrivals: &[Instant]) -> usize {
+    arrivals.iter().map(|&a| in_second(arrivals, a)).max().unwrap_or(0)
+}
+
+/// The quietest rolling second inside `[from, to)`: its count only drops when its start
+/// passes an arrival, so the candidates are `from` and just after each arrival.
+fn min_rolling(arrivals: &[Instant], from: Instant, to: Instant) -> Option<usize> {
+    let last_start = to.checked_sub(ROLLING).filter(|&t| t >= from)?;
+    let just_after = arrivals.iter().map(|&a| a + Duration::from_nanos(1));
+    std::iter::once(from).chain(just_after).filter(|&t| t <= last_start).map(|t| in_second(arrivals, t)).min()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rolling_seconds_find_the_busiest_and_quietest_windows() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let arrivals = [at(0), at(100), at(900), at(1000), at(1950), at(2500)];
+        assert_eq!(max_rolling(&arrivals), 3);
+        // [0, 3000): the window starting just after 1000 ms holds only 1950.
+        assert_eq!(min_rolling(&arrivals, at(0), at(3000)), Some(1));
+        assert_eq!(min_rolling(&arrivals, at(0), at(900)), None);
+    }
+}
