@@ -2,10 +2,12 @@
 //! fast they are handed out.
 //!
 //! The invariant: calls stay at or below `budget.per_second` in *every* rolling second,
-//! retries included. Tokens are paced one at a time (GCRA with no burst) at
-//! `(1 s + GUARD) / per_second`, so `per_second` tokens span more than a second by
-//! `GUARD`: a scheduling hiccup that bunches a few calls together on their way to
-//! Tencent still cannot put `per_second + 1` of them into one second of Tencent's clock.
+//! retries included. Tokens are paced (GCRA) at `(1 s + GUARD) / per_second`, so a second
+//! holds a few tokens fewer than `per_second`. Half of that slack is the limiter's burst
+//! tolerance — so a dispatcher that wakes a little late (timers have millisecond
+//! granularity) catches up instead of losing the time — and half stays free, so a
+//! scheduling hiccup that bunches calls on their way to Tencent still cannot put
+//! `per_second + 1` of them into one second of Tencent's clock.
 //!
 //! Tokens come from an in-process governor limiter (`backend = "local"`) or from one
 //! GCRA state in Redis shared by every replica (`backend = "redis"`); while Redis cannot
@@ -42,12 +44,22 @@ pub fn pacing_interval(per_second: NonZeroU32) -> Duration {
     (Duration::from_secs(1) + GUARD) / per_second.get()
 }
 
+/// The burst tolerance: half the tokens the guard leaves unused in a second, at least 1.
+/// A greedy caller then gets at most `burst - 1 + ceil(1 s / interval)` tokens in any
+/// second, which stays below `per_second` by the other half.
+pub fn burst(per_second: NonZeroU32) -> NonZeroU32 {
+    let interval = pacing_interval(per_second).as_nanos();
+    let in_a_second = 1_000_000_000u128.div_ceil(interval) as u32;
+    let slack = per_second.get().saturating_sub(in_a_second);
+    NonZeroU32::new(1 + slack / 2).unwrap_or(NonZeroU32::MIN)
+}
+
 fn limiter(per_second: NonZeroU32) -> DefaultDirectRateLimiter {
     // `with_period` only refuses a zero period, and pacing_interval is at least 1 µs for
     // any u32 rate; the fallback still paces at one call per second.
     let quota = Quota::with_period(pacing_interval(per_second))
         .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
-        .allow_burst(NonZeroU32::MIN);
+        .allow_burst(burst(per_second));
     RateLimiter::direct(quota)
 }
 
@@ -98,6 +110,7 @@ impl Budget {
                 script: redis::Script::new(GCRA),
                 key: format!("{key_prefix}:{key}"),
                 interval_us: pacing_interval(per_second).as_micros() as u64,
+                tolerance_us: (pacing_interval(per_second) * (burst(per_second).get() - 1)).as_micros() as u64,
                 fallback: limiter(fallback_per_second),
                 fallback_interval: pacing_interval(fallback_per_second),
                 down_until: Mutex::new(None),
@@ -120,8 +133,11 @@ impl Budget {
 
     /// Waits for the next token. Only the dispatcher calls this, one call at a time.
     pub async fn acquire(&self) {
-        let slot = self.pace(|p| p.next_slot);
-        tokio::time::sleep_until(slot).await;
+        let (slot, throttled) = self.pace(|p| (p.next_slot, p.rate < self.per_second.get() as f64));
+        if throttled {
+            // Below the full rate, space tokens out ourselves; the hard limit still applies.
+            tokio::time::sleep_until(slot).await;
+        }
         match &self.source {
             Source::Local(limiter) => limiter.until_ready().await,
             Source::Redis(redis) => redis.acquire().await,
@@ -183,17 +199,19 @@ impl Budget {
     }
 }
 
-/// GCRA in Redis, with Redis's own clock so replicas need not agree on time. Returns 0
-/// when a token was taken, else the microseconds to wait before asking again.
+/// GCRA in Redis, with Redis's own clock so replicas need not agree on time: ARGV[1] is
+/// the interval and ARGV[2] the burst tolerance, in µs. Returns 0 when a token was taken,
+/// else the microseconds to wait before asking again.
 const GCRA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat > now then
-  return tat - now
+local tolerance = tonumber(ARGV[2])
+local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), now)
+if tat - now > tolerance then
+  return tat - now - tolerance
 end
-redis.call('SET', KEYS[1], now + interval, 'PX', math.floor(interval / 1000) + 1000)
+redis.call('SET', KEYS[1], tat + interval, 'PX', math.floor((tat + interval - now) / 1000) + 1000)
 return 0
 "#;
 
@@ -205,6 +223,7 @@ struct RedisSource {
     script: redis::Script,
     key: String,
     interval_us: u64,
+    tolerance_us: u64,
     fallback: DefaultDirectRateLimiter,
     fallback_interval: Duration,
     /// While set and in the future, tokens come from `fallback` without asking Redis.
@@ -246,7 +265,7 @@ impl RedisSource {
                 empty.insert(self.client.get_connection_manager_with_config(config).await?)
             }
         };
-        self.script.key(&self.key).arg(self.interval_us).invoke_async(connection).await
+        self.script.key(&self.key).arg(self.interval_us).arg(self.tolerance_us).invoke_async(connection).await
     }
 }
 
@@ -254,18 +273,51 @@ impl RedisSource {
 mod tests {
     use super::*;
 
-    #[test]
-    fn per_second_tokens_span_more_than_a_second() {
-        for n in [1u32, 5, 200, 1000] {
-            let n = NonZeroU32::new(n).unwrap();
-            let span = pacing_interval(n) * (n.get() - 1);
-            // n tokens: the first at 0, the n-th at span; the (n+1)-th must fall outside
-            // any one-second window that holds the first.
-            assert!(
-                pacing_interval(n) * n.get() >= Duration::from_secs(1) + GUARD - Duration::from_micros(n.get() as u64)
-            );
-            assert!(span < Duration::from_secs(1) + GUARD);
+    /// Takes tokens as greedily as the limiter allows for three seconds of a fake clock
+    /// and returns the most granted in any one-second window.
+    fn busiest_second(per_second: u32) -> usize {
+        use governor::clock::FakeRelativeClock;
+        let n = NonZeroU32::new(per_second).unwrap();
+        let clock = FakeRelativeClock::default();
+        let quota = Quota::with_period(pacing_interval(n)).unwrap().allow_burst(burst(n));
+        let limiter = RateLimiter::direct_with_clock(quota, clock.clone());
+        let step = Duration::from_micros(50);
+        let mut grants = Vec::new();
+        let mut t = Duration::ZERO;
+        while t < Duration::from_secs(3) {
+            while limiter.check().is_ok() {
+                grants.push(t);
+            }
+            clock.advance(step);
+            t += step;
         }
+        let mut busiest = 0;
+        let mut first = 0;
+        for (last, at) in grants.iter().enumerate() {
+            while *at - grants[first] >= Duration::from_secs(1) {
+                first += 1;
+            }
+            busiest = busiest.max(last - first + 1);
+        }
+        busiest
+    }
+
+    #[test]
+    fn no_second_holds_more_than_per_second_tokens_with_room_to_spare() {
+        for per_second in [1, 5, 50, 200, 1000] {
+            let busiest = busiest_second(per_second);
+            let n = NonZeroU32::new(per_second).unwrap();
+            assert!(busiest <= per_second as usize, "{per_second}/s: {busiest} in one second");
+            // The unused half of the slack is what absorbs delivery jitter.
+            let spare = per_second as usize - busiest;
+            assert!(spare >= (per_second as usize - busiest_with_no_burst(n)) / 2, "{per_second}/s");
+        }
+        assert_eq!(busiest_second(200), 197);
+        assert_eq!(burst(NonZeroU32::new(5).unwrap()).get(), 1);
+    }
+
+    fn busiest_with_no_burst(n: NonZeroU32) -> usize {
+        1_000_000_000u128.div_ceil(pacing_interval(n).as_nanos()) as usize
     }
 
     #[tokio::test]

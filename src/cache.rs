@@ -1,57 +1,55 @@
-//! The per-message cache (SPEC 5.1): one entry per (sdkappid, GroupId, MsgSeq), plus
+//! The per-message cache (SPEC 5.1): one item per (sdkappid, GroupId, MsgSeq), plus
 //! group-level negative answers (10010/10015) per (sdkappid, GroupId).
 //!
-//! It owns freshness: an entry is *fresh* for `ttl` (or `negative_ttl` for a 10062)
-//! after the upstream answer arrived, then *servable as stale* for `stale` more, then
-//! gone. Whether a caller may take a fresh entry (its `Cache-Control`) and whether stale
-//! is allowed (the deadline) is decided by the caller, not here. Only answers go in:
-//! transient failures are never cached.
+//! It owns freshness: an item is *fresh* for `ttl` (or `negative_ttl` for a 10062) after
+//! the upstream answer arrived, then *servable as stale* for `stale` more, then gone.
+//! Whether a caller may take a fresh item (its `Cache-Control`) and whether stale is
+//! allowed (the deadline) is the caller's decision, not this module's. Only answers go
+//! in: transient failures are never cached.
+//!
+//! Items are stored by group: moka holds one [`Page`] per (sdkappid, GroupId), and the
+//! page holds its group's items. A moka entry costs about 320 bytes of bookkeeping, which
+//! per item would put a million items far over the memory budget; per group it is
+//! shared by all of the group's messages, a request reads all its items with one lookup,
+//! and the group's cohort (who was read lately, what is due for refresh) is right there
+//! for the coalescer. Capacity still counts items: a page weighs as many items as it holds.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use moka::Expiry;
 use moka::future::Cache;
 
 use crate::config::CacheConfig;
 use crate::domain::{AppId, GroupId, MsgSeq, Receipt};
 
-/// The key of one message's receipt.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct ItemKey {
-    pub app: AppId,
-    pub group: GroupId,
-    pub seq: MsgSeq,
+/// One cached item.
+#[derive(Clone, Copy, Debug)]
+struct Stored {
+    receipt: Receipt,
+    /// When the upstream answer arrived; `Age` and freshness count from here.
+    fetched_at: Instant,
+    /// Milliseconds after `fetched_at` of the last read (saturating), or `UNREAD`.
+    read_after_ms: u32,
 }
 
-/// A cached receipt and when it was fetched.
-#[derive(Debug)]
-pub struct Entry {
+const UNREAD: u32 = u32::MAX;
+
+/// An item as a reader sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cached {
     pub receipt: Receipt,
-    /// When the upstream answer arrived; `Age` and freshness count from here.
     pub fetched_at: Instant,
     pub fresh_until: Instant,
-    /// When moka drops it: the end of the stale window.
-    lifetime: Instant,
-    /// Whether anyone has read the entry since it was fetched: group cohorts (SPEC 5.2)
-    /// refresh only messages someone reads, and this lets the first read tell them once.
-    read: AtomicBool,
 }
 
-impl Entry {
+impl Cached {
     pub fn is_fresh(&self, now: Instant) -> bool {
         now < self.fresh_until
     }
 
     pub fn age(&self, now: Instant) -> Duration {
         now.saturating_duration_since(self.fetched_at)
-    }
-
-    /// True the first time it is called after the entry was fetched.
-    pub fn first_read(&self) -> bool {
-        // Load first: after the first read this stays a shared, read-only cache line.
-        !self.read.load(Ordering::Relaxed) && !self.read.swap(true, Ordering::Relaxed)
     }
 }
 
@@ -63,56 +61,141 @@ pub struct GroupAnswer {
     pub fetched_at: Instant,
 }
 
-/// Time-to-live of each value, decided when it is stored.
-struct Lifetime;
+/// Lifetimes, shared by every page.
+#[derive(Debug, Clone, Copy)]
+struct Lifetimes {
+    ttl: Duration,
+    negative_ttl: Duration,
+    stale: Duration,
+}
 
-impl Expiry<ItemKey, Arc<Entry>> for Lifetime {
-    fn expire_after_create(&self, _: &ItemKey, v: &Arc<Entry>, now: Instant) -> Option<Duration> {
-        Some(v.lifetime.saturating_duration_since(now))
-    }
-
-    fn expire_after_update(&self, _: &ItemKey, v: &Arc<Entry>, now: Instant, _: Option<Duration>) -> Option<Duration> {
-        Some(v.lifetime.saturating_duration_since(now))
+impl Lifetimes {
+    fn fresh_for(&self, receipt: &Receipt) -> Duration {
+        if receipt.is_negative() { self.negative_ttl } else { self.ttl }
     }
 }
 
-/// The item cache and the group-answer cache, cheap to clone.
+/// One group's items. Locked briefly, never across an `.await`.
+#[derive(Debug)]
+pub struct Page {
+    items: Mutex<HashMap<MsgSeq, Stored>>,
+    lifetimes: Lifetimes,
+}
+
+impl Page {
+    fn items(&self) -> MutexGuard<'_, HashMap<MsgSeq, Stored>> {
+        // Every critical section leaves the map consistent, so a poisoned lock is usable.
+        self.items.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Looks up `seqs` (sorted, distinct) and records that they were read at `now`.
+    pub fn read(&self, seqs: &[MsgSeq], now: Instant) -> Vec<Option<Cached>> {
+        let mut items = self.items();
+        seqs.iter()
+            .map(|seq| {
+                let stored = items.get_mut(seq)?;
+                let fresh_until = stored.fetched_at + self.lifetimes.fresh_for(&stored.receipt);
+                if now >= fresh_until + self.lifetimes.stale {
+                    return None;
+                }
+                stored.read_after_ms =
+                    now.saturating_duration_since(stored.fetched_at).as_millis().min(UNREAD as u128 - 1) as u32;
+                Some(Cached { receipt: stored.receipt, fetched_at: stored.fetched_at, fresh_until })
+            })
+            .collect()
+    }
+
+    /// The group's cohort due for refresh (SPEC 5.2): positive items read within
+    /// `memory`, expiring before `horizon`, accepted by `eligible`; the oldest first, at
+    /// most `room`.
+    pub fn due_for_refresh(
+        &self,
+        now: Instant,
+        horizon: Instant,
+        memory: Duration,
+        room: usize,
+        mut eligible: impl FnMut(MsgSeq) -> bool,
+    ) -> Vec<MsgSeq> {
+        let items = self.items();
+        let mut due: Vec<(Instant, MsgSeq)> = items
+            .iter()
+            .filter(|(_, s)| !s.receipt.is_negative() && s.fetched_at + self.lifetimes.ttl <= horizon)
+            .filter(|(_, s)| {
+                s.read_after_ms != UNREAD
+                    && now.saturating_duration_since(s.fetched_at + Duration::from_millis(s.read_after_ms.into()))
+                        <= memory
+            })
+            .filter(|(seq, _)| eligible(**seq))
+            .map(|(seq, s)| (s.fetched_at, *seq))
+            .collect();
+        drop(items);
+        due.sort_unstable();
+        due.into_iter().take(room).map(|(_, seq)| seq).collect()
+    }
+
+    fn len(&self) -> usize {
+        self.items().len()
+    }
+}
+
+/// The item pages and the group-answer cache, cheap to clone.
 #[derive(Clone)]
 pub struct ReceiptCache {
-    items: Cache<ItemKey, Arc<Entry>>,
+    pages: Cache<(AppId, GroupId), Arc<Page>>,
     groups: Cache<(AppId, GroupId), Arc<GroupAnswer>>,
-    config: CacheConfig,
+    lifetimes: Lifetimes,
+    negative_ttl: Duration,
 }
 
 impl ReceiptCache {
     pub fn new(config: &CacheConfig) -> Self {
-        let items = Cache::builder().max_capacity(config.max_entries).expire_after(Lifetime).build();
+        let lifetimes = Lifetimes { ttl: config.ttl, negative_ttl: config.negative_ttl, stale: config.stale };
+        let pages = Cache::builder()
+            .max_capacity(config.max_entries)
+            // A page weighs its items (at its last fill), so capacity counts items.
+            .weigher(|_, page: &Arc<Page>| page.len().try_into().unwrap_or(u32::MAX).max(1))
+            // Every fill re-inserts its page, so a page outlives its newest item's
+            // stale window and no longer.
+            .time_to_live(config.ttl.max(config.negative_ttl) + config.stale)
+            .build();
         let groups = Cache::builder()
             .max_capacity(100_000)
             .time_to_live(config.negative_ttl.max(Duration::from_millis(1)))
             .build();
-        Self { items, groups, config: config.clone() }
+        Self { pages, groups, lifetimes, negative_ttl: config.negative_ttl }
     }
 
-    pub async fn get(&self, key: &ItemKey) -> Option<Arc<Entry>> {
-        self.items.get(key).await
+    /// The group's page, if any of its items is cached.
+    pub async fn page(&self, app: AppId, group: &GroupId) -> Option<Arc<Page>> {
+        self.pages.get(&(app, group.clone())).await
     }
 
-    /// Stores fresh answers for one group, all fetched at `fetched_at`.
-    pub async fn insert(&self, app: AppId, group: &GroupId, answers: &[(MsgSeq, Receipt)], fetched_at: Instant) {
-        for &(seq, receipt) in answers {
-            let ttl = if receipt.is_negative() { self.config.negative_ttl } else { self.config.ttl };
-            let fresh_until = fetched_at + ttl;
-            let entry = Entry {
-                receipt,
-                fetched_at,
-                fresh_until,
-                lifetime: fresh_until + self.config.stale,
-                read: AtomicBool::new(false),
-            };
-            let key = ItemKey { app, group: group.clone(), seq };
-            self.items.insert(key, Arc::new(entry)).await;
+    /// Stores fresh answers for one group, all fetched at `fetched_at`; returns its page.
+    pub async fn insert(
+        &self,
+        app: AppId,
+        group: &GroupId,
+        answers: &[(MsgSeq, Receipt)],
+        fetched_at: Instant,
+    ) -> Arc<Page> {
+        let key = (app, group.clone());
+        let lifetimes = self.lifetimes;
+        let page = self
+            .pages
+            .get_with(key.clone(), async move { Arc::new(Page { items: Mutex::default(), lifetimes }) })
+            .await;
+        {
+            let mut items = page.items();
+            let now = Instant::now();
+            // Items past their stale window leave as the group is refreshed.
+            items.retain(|_, s| now < s.fetched_at + lifetimes.fresh_for(&s.receipt) + lifetimes.stale);
+            for &(seq, receipt) in answers {
+                items.insert(seq, Stored { receipt, fetched_at, read_after_ms: UNREAD });
+            }
         }
+        // Re-inserting renews the page's lifetime and re-weighs it.
+        self.pages.insert(key, page.clone()).await;
+        page
     }
 
     /// A cached group-level answer (10010 / 10015) if one is fresh.
@@ -121,21 +204,21 @@ impl ReceiptCache {
     }
 
     pub async fn insert_group_answer(&self, app: AppId, group: &GroupId, answer: GroupAnswer) {
-        if !self.config.negative_ttl.is_zero() {
+        if !self.negative_ttl.is_zero() {
             self.groups.insert((app, group.clone()), Arc::new(answer)).await;
         }
     }
 
-    /// Entries held, for the `receipt_gateway_cache_entries` gauge (moka's count lags a
+    /// Items held, for the `receipt_gateway_cache_entries` gauge (moka's count lags a
     /// little behind inserts, which is fine for a gauge).
     pub fn entry_count(&self) -> u64 {
-        self.items.entry_count()
+        self.pages.weighted_size()
     }
 
     /// Runs moka's deferred maintenance; the housekeeping task calls it so the entry
     /// count and evictions keep up even when traffic is idle.
     pub async fn run_pending_tasks(&self) {
-        self.items.run_pending_tasks().await;
+        self.pages.run_pending_tasks().await;
         self.groups.run_pending_tasks().await;
     }
 }
@@ -153,53 +236,70 @@ mod tests {
         }
     }
 
-    fn key(seq: u64) -> ItemKey {
-        ItemKey { app: AppId(1), group: GroupId::parse("g").unwrap(), seq: MsgSeq(seq) }
+    fn group() -> GroupId {
+        GroupId::parse("g").unwrap()
     }
 
+    const APP: AppId = AppId(1);
     const OK: Receipt = Receipt { code: 0, read: Some(1), unread: Some(2) };
     const NONE: Receipt = Receipt { code: 10062, read: None, unread: None };
 
     #[tokio::test]
-    async fn entries_are_fresh_for_ttl_and_negative_ones_for_negative_ttl() {
+    async fn items_are_fresh_for_ttl_and_negative_ones_for_negative_ttl() {
         let cache = ReceiptCache::new(&config(1000, 60_000, 100));
         let t0 = Instant::now();
-        let group = GroupId::parse("g").unwrap();
-        cache.insert(AppId(1), &group, &[(MsgSeq(1), OK), (MsgSeq(2), NONE)], t0).await;
-        let ok = cache.get(&key(1)).await.unwrap();
-        let none = cache.get(&key(2)).await.unwrap();
+        cache.insert(APP, &group(), &[(MsgSeq(1), OK), (MsgSeq(2), NONE)], t0).await;
+        let page = cache.page(APP, &group()).await.unwrap();
+        let found = page.read(&[MsgSeq(1), MsgSeq(2), MsgSeq(3)], t0);
+        let (ok, none) = (found[0].unwrap(), found[1].unwrap());
+        assert!(found[2].is_none());
         assert!(ok.is_fresh(t0 + Duration::from_millis(999)));
         assert!(!ok.is_fresh(t0 + Duration::from_millis(1000)));
         assert!(none.is_fresh(t0 + Duration::from_millis(99)));
         assert!(!none.is_fresh(t0 + Duration::from_millis(100)));
         assert_eq!(ok.age(t0 + Duration::from_millis(2500)), Duration::from_millis(2500));
-        assert!(cache.get(&key(3)).await.is_none());
+        assert_eq!(ok.receipt, OK);
     }
 
     #[tokio::test]
-    async fn entries_leave_after_the_stale_window() {
-        let cache = ReceiptCache::new(&config(5, 5, 5));
-        let group = GroupId::parse("g").unwrap();
-        cache.insert(AppId(1), &group, &[(MsgSeq(1), OK)], Instant::now()).await;
-        assert!(cache.get(&key(1)).await.is_some());
-        // Polled rather than slept-for: moka expires on its own clock.
-        let gone = tokio::time::timeout(Duration::from_secs(5), async {
-            while cache.get(&key(1)).await.is_some() {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        });
-        assert!(gone.await.is_ok());
+    async fn items_past_their_stale_window_are_not_served() {
+        let cache = ReceiptCache::new(&config(10, 20, 10));
+        let t0 = Instant::now();
+        cache.insert(APP, &group(), &[(MsgSeq(1), OK)], t0).await;
+        let page = cache.page(APP, &group()).await.unwrap();
+        assert!(page.read(&[MsgSeq(1)], t0 + Duration::from_millis(29))[0].is_some());
+        assert!(page.read(&[MsgSeq(1)], t0 + Duration::from_millis(30))[0].is_none());
     }
 
     #[tokio::test]
-    async fn first_read_is_reported_once_per_fetch() {
-        let cache = ReceiptCache::new(&config(1000, 1000, 1000));
-        let group = GroupId::parse("g").unwrap();
-        cache.insert(AppId(1), &group, &[(MsgSeq(1), OK)], Instant::now()).await;
-        let e = cache.get(&key(1)).await.unwrap();
-        assert!(e.first_read());
-        assert!(!e.first_read());
-        cache.insert(AppId(1), &group, &[(MsgSeq(1), OK)], Instant::now()).await;
-        assert!(cache.get(&key(1)).await.unwrap().first_read());
+    async fn the_cohort_is_read_items_near_expiry() {
+        let cache = ReceiptCache::new(&config(1000, 60_000, 1000));
+        let t0 = Instant::now();
+        let seqs = [(MsgSeq(1), OK), (MsgSeq(2), OK), (MsgSeq(3), NONE), (MsgSeq(4), OK)];
+        let page = cache.insert(APP, &group(), &seqs, t0).await;
+        page.read(&[MsgSeq(1), MsgSeq(2), MsgSeq(3)], t0 + Duration::from_millis(10));
+        let memory = Duration::from_secs(4);
+        let at = |ms| t0 + Duration::from_millis(ms);
+        // Not yet within half a TTL of expiry.
+        assert!(page.due_for_refresh(at(400), at(400) + Duration::from_millis(500), memory, 10, |_| true).is_empty());
+        // Read and due: 1 and 2; never 3 (negative) or 4 (unread); `eligible` and `room` apply.
+        let due = page.due_for_refresh(at(600), at(1100), memory, 10, |_| true);
+        assert_eq!(due.len(), 2);
+        assert_eq!(page.due_for_refresh(at(600), at(1100), memory, 10, |s| s != MsgSeq(1)), vec![MsgSeq(2)]);
+        assert_eq!(page.due_for_refresh(at(600), at(1100), memory, 1, |_| true).len(), 1);
+        // Read too long ago: forgotten.
+        assert!(page.due_for_refresh(at(5000), at(5500), memory, 10, |_| true).is_empty());
+    }
+
+    #[tokio::test]
+    async fn capacity_counts_items_and_a_refill_prunes_expired_ones() {
+        let cache = ReceiptCache::new(&config(10, 10, 10));
+        let t0 = Instant::now();
+        let many: Vec<_> = (0..30).map(|s| (MsgSeq(s), OK)).collect();
+        cache.insert(APP, &group(), &many, t0 - Duration::from_millis(50)).await;
+        let page = cache.insert(APP, &group(), &[(MsgSeq(99), OK)], t0).await;
+        cache.run_pending_tasks().await;
+        assert_eq!(page.len(), 1);
+        assert_eq!(cache.entry_count(), 1);
     }
 }

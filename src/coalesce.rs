@@ -12,9 +12,9 @@
 //!   callers (and retry permits by their batch's deadline). The dispatcher takes one
 //!   token from the [`Budget`] at a time and spends it on the head of the queue.
 //!
-//! And the **group cohorts**: which of a group's MsgSeqs were read lately and when they
-//! were fetched, so a call can be topped up with the group's other messages that are
-//! about to expire and the group refreshes in one call per TTL.
+//! And the **group cohorts**: when a batch leaves, it is topped up from its group's cache
+//! page with messages read lately that are about to expire, so the group refreshes in one
+//! call per TTL.
 //!
 //! It knows nothing of HTTP or Tencent: a dispatched batch is handed to a callback
 //! (`fetch::run`), which reports back through [`Coalescer::complete`].
@@ -29,6 +29,7 @@ use prometheus::Histogram;
 use tokio::sync::{Notify, oneshot, watch};
 
 use crate::budget::{Budget, Estimate};
+use crate::cache::Page;
 use crate::domain::{GroupId, MsgSeq, Receipt};
 
 /// Why an item could not be answered from upstream.
@@ -113,7 +114,7 @@ const COHORT_MEMORY_TTLS: u32 = 4;
 /// Slack in admission and dispatch decisions for what the estimates do not see
 /// (scheduling delays, the answer's way back to the caller).
 const ADMISSION_MARGIN: Duration = Duration::from_millis(25);
-/// How often forgotten cohort entries and idle groups are swept.
+/// How often idle groups are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 pub struct Coalescer {
@@ -146,19 +147,14 @@ struct GroupState {
     /// This group's open batches, oldest first; only the last can have room.
     open: Vec<u64>,
     inflight: HashMap<MsgSeq, (u64, Waiter)>,
-    cohort: HashMap<MsgSeq, Cohort>,
+    /// The group's cache page, where its cohort is read from at dispatch.
+    page: Option<Arc<Page>>,
 }
 
 impl GroupState {
     fn is_idle(&self) -> bool {
-        self.open.is_empty() && self.inflight.is_empty() && self.cohort.is_empty()
+        self.open.is_empty() && self.inflight.is_empty()
     }
-}
-
-#[derive(Clone, Copy)]
-struct Cohort {
-    fetched_at: Option<Instant>,
-    last_read: Instant,
 }
 
 struct OpenBatch {
@@ -209,11 +205,15 @@ impl Coalescer {
     }
 
     /// Puts `misses` (distinct MsgSeqs of one group) in flight for a caller with
-    /// `deadline`, joining batches that already carry them. Refuses when the queue ahead
-    /// cannot reach a new batch before the deadline, given the budget's `pace`.
+    /// `deadline`, joining batches that already carry them, and remembers the group's
+    /// cache `page` for cohort top-ups. Refuses when the queue cannot reach this caller's
+    /// batches before the deadline, given the budget's `pace`; the refused caller's new
+    /// MsgSeqs still ride along in the group's open batch if it has room (they cost no
+    /// token there, and the next caller will find them cached).
     pub fn join(
         &self,
         group: &GroupId,
+        page: Option<&Arc<Page>>,
         misses: &[MsgSeq],
         deadline: Instant,
         pace: Estimate,
@@ -222,26 +222,30 @@ impl Coalescer {
         let mut st = self.lock();
         let State { groups, open, queue, next_id, .. } = &mut *st;
         let g = groups.entry(group.clone()).or_default();
+        if let Some(page) = page {
+            g.page = Some(page.clone());
+        }
         // A batch whose task died without answering cannot be waited on: forget it.
         g.inflight.retain(|_, (_, w)| w.has_changed().is_ok());
-        let needs_new_work = misses.iter().any(|s| match g.inflight.get(s) {
-            None => true,
-            Some((id, _)) => open.contains_key(id),
-        });
-        if needs_new_work {
+        if let Some(expected) = self.expected_answer(g, open, queue, misses, deadline, pace, now)
+            && expected > deadline
+        {
             let interval = pace.interval.max(self.observed_interval());
-            let ahead = queue.range(..=(deadline, u64::MAX)).count() as u32;
-            let first = pace.next_token.max(self.policy.window);
-            let expected = now + first + interval * ahead + self.latency() + ADMISSION_MARGIN;
-            if expected > deadline {
-                let drain = pace.next_token + interval * queue.len() as u32 + self.latency();
-                return Err(Overloaded { retry_after: drain });
+            let retry_after = pace.next_token + interval * queue.len() as u32 + self.latency();
+            let rider = g.open.last().copied();
+            if let Some(batch) = rider.and_then(|id| open.get_mut(&id).map(|b| (id, b))) {
+                for &seq in misses {
+                    if batch.1.seqs.len() < self.policy.max_seqs && !g.inflight.contains_key(&seq) {
+                        batch.1.seqs.push(seq);
+                        g.inflight.insert(seq, (batch.0, batch.1.tx.subscribe()));
+                    }
+                }
             }
+            return Err(Overloaded { retry_after });
         }
         let mut joined = Vec::with_capacity(misses.len());
         let mut opened = false;
         for &seq in misses {
-            g.cohort.entry(seq).or_insert(Cohort { fetched_at: None, last_read: now }).last_read = now;
             if let Some((id, waiter)) = g.inflight.get(&seq) {
                 if let Some(batch) = open.get_mut(id) {
                     batch.add_caller(*id, deadline, queue);
@@ -292,6 +296,49 @@ impl Coalescer {
         Ok(joined)
     }
 
+    /// When an answer for `misses` could arrive, if any of them must wait for a batch
+    /// that has not left yet (None when all are already on the wire). A batch leaves at
+    /// its place in the queue — for a new one, behind everything due no later than
+    /// `deadline` — at one token per interval.
+    #[allow(clippy::too_many_arguments)]
+    fn expected_answer(
+        &self,
+        g: &GroupState,
+        open: &HashMap<u64, OpenBatch>,
+        queue: &BTreeSet<(Instant, u64)>,
+        misses: &[MsgSeq],
+        deadline: Instant,
+        pace: Estimate,
+        now: Instant,
+    ) -> Option<Instant> {
+        let mut unplaced = 0;
+        let mut latest_key: Option<(Instant, u64)> = None;
+        let mut consider = |id: u64| {
+            if let Some(b) = open.get(&id) {
+                let key = (b.min_deadline.min(deadline), id);
+                latest_key = Some(latest_key.map_or(key, |k| k.max(key)));
+            }
+        };
+        for seq in misses {
+            match g.inflight.get(seq) {
+                Some((id, _)) => consider(*id),
+                None => unplaced += 1,
+            }
+        }
+        if unplaced > 0 {
+            let room = g.open.last().and_then(|id| open.get(id)).map_or(0, |b| self.policy.max_seqs - b.seqs.len());
+            match g.open.last() {
+                Some(&id) if unplaced <= room => consider(id),
+                _ => latest_key = Some((deadline, u64::MAX)),
+            }
+        }
+        let key = latest_key?;
+        let ahead = queue.range(..key).count() as u32;
+        let interval = pace.interval.max(self.observed_interval());
+        let first = pace.next_token.max(self.policy.window);
+        Some(now + first + interval * ahead + self.latency() + ADMISSION_MARGIN)
+    }
+
     /// Queues a request for one token (a retry or a split half of a dispatched batch),
     /// ordered by `deadline` like batches are.
     pub fn permit(&self, deadline: Instant) -> oneshot::Receiver<()> {
@@ -306,32 +353,13 @@ impl Coalescer {
         rx
     }
 
-    /// Records that a cached item was read for the first time since it was fetched.
-    pub fn mark_read(&self, group: &GroupId, seq: MsgSeq, fetched_at: Instant) {
-        let now = Instant::now();
-        let mut st = self.lock();
-        let cohort = st.groups.entry(group.clone()).or_default().cohort.entry(seq);
-        let c = cohort.or_insert(Cohort { fetched_at: Some(fetched_at), last_read: now });
-        c.last_read = now;
-        c.fetched_at = Some(c.fetched_at.map_or(fetched_at, |f| f.max(fetched_at)));
-    }
-
-    /// A dispatched batch has its answer: take its keys out of flight and note when its
-    /// messages were fetched. Call after the answers are in the cache, so no request can
-    /// slip between the two and fetch a key again.
-    pub fn complete(&self, batch: &Dispatch, outcome: &BatchOutcome) {
+    /// A dispatched batch has its answer: take its keys out of flight. Call after the
+    /// answers are in the cache (`page`), so no request can slip between the two and
+    /// fetch a key again.
+    pub fn complete(&self, batch: &Dispatch, page: &Arc<Page>) {
         let mut st = self.lock();
         let Some(g) = st.groups.get_mut(&batch.group) else { return };
-        for (seq, result) in &outcome.items {
-            if g.inflight.get(seq).is_some_and(|(id, _)| *id == batch.id) {
-                g.inflight.remove(seq);
-            }
-            if let (Ok(receipt), Some(c)) = (result, g.cohort.get_mut(seq))
-                && !receipt.is_negative()
-            {
-                c.fetched_at = Some(outcome.fetched_at);
-            }
-        }
+        g.page = Some(page.clone());
         for seq in &batch.seqs {
             if g.inflight.get(seq).is_some_and(|(id, _)| *id == batch.id) {
                 g.inflight.remove(seq);
@@ -450,7 +478,7 @@ impl State {
     /// Drops batches whose callers' deadlines will have passed before an answer could
     /// arrive (`latency` from now), and tells when work is next ready.
     fn next(&mut self, now: Instant, policy: &BatchPolicy, latency: Duration) -> Next {
-        self.sweep(now, policy);
+        self.sweep(now);
         self.forget_abandoned_permits();
         let mut expired = Vec::new();
         let mut earliest: Option<Instant> = None;
@@ -507,22 +535,16 @@ impl State {
         let requested = batch.seqs.len();
         let mut seqs = batch.seqs;
         let room = policy.max_seqs.saturating_sub(seqs.len());
-        if room > 0 {
-            // Group cohort top-up: read lately, not in flight, within half a TTL of expiry.
+        if room > 0
+            && let Some(page) = &g.page
+        {
+            // Group cohort top-up: read lately, within half a TTL of expiry, not in flight
+            // (the batch's own MsgSeqs are in flight with it).
             let horizon = now + policy.ttl / 2;
             let memory = policy.ttl * COHORT_MEMORY_TTLS;
-            let mut candidates: Vec<(Instant, MsgSeq)> = g
-                .cohort
-                .iter()
-                .filter(|(seq, c)| {
-                    now.saturating_duration_since(c.last_read) <= memory
-                        && c.fetched_at.is_some_and(|f| f + policy.ttl <= horizon)
-                        && !g.inflight.contains_key(seq)
-                })
-                .filter_map(|(seq, c)| Some((c.fetched_at?, *seq)))
-                .collect();
-            candidates.sort_unstable();
-            for (_, seq) in candidates.into_iter().take(room) {
+            let inflight = &g.inflight;
+            let due = page.due_for_refresh(now, horizon, memory, room, |seq| !inflight.contains_key(&seq));
+            for seq in due {
                 seqs.push(seq);
                 g.inflight.insert(seq, (id, batch.tx.subscribe()));
             }
@@ -567,17 +589,13 @@ impl State {
         let _ = batch.tx.send(Some(Arc::new(BatchOutcome { started: now, fetched_at: now, items })));
     }
 
-    /// Forgets cohort entries nobody read lately and groups with nothing left.
-    fn sweep(&mut self, now: Instant, policy: &BatchPolicy) {
+    /// Forgets groups with nothing open or in flight.
+    fn sweep(&mut self, now: Instant) {
         if self.next_sweep.is_some_and(|t| now < t) {
             return;
         }
         self.next_sweep = Some(now + SWEEP_EVERY);
-        let memory = policy.ttl * COHORT_MEMORY_TTLS;
-        self.groups.retain(|_, g| {
-            g.cohort.retain(|_, c| now.saturating_duration_since(c.last_read) <= memory);
-            !g.is_idle()
-        });
+        self.groups.retain(|_, g| !g.is_idle());
     }
 }
 
@@ -609,8 +627,8 @@ mod tests {
     fn concurrent_misses_for_a_group_share_batches_of_max_seqs() {
         let c = Coalescer::new(policy(4));
         let far = Instant::now() + Duration::from_secs(10);
-        let a = c.join(&group("g"), &seqs(0..3), far, pace(Duration::ZERO)).unwrap();
-        let b = c.join(&group("g"), &seqs(2..6), far, pace(Duration::ZERO)).unwrap();
+        let a = c.join(&group("g"), None, &seqs(0..3), far, pace(Duration::ZERO)).unwrap();
+        let b = c.join(&group("g"), None, &seqs(2..6), far, pace(Duration::ZERO)).unwrap();
         assert!(a.iter().all(|(_, _, j)| *j == Joined::Fetched));
         let kinds: Vec<_> = b.iter().map(|(_, _, j)| *j).collect();
         assert_eq!(kinds, [Joined::Coalesced, Joined::Fetched, Joined::Fetched, Joined::Fetched]);
@@ -622,8 +640,8 @@ mod tests {
     fn the_most_urgent_ready_batch_goes_first() {
         let c = Coalescer::new(policy(1));
         let now = Instant::now();
-        c.join(&group("late"), &seqs(0..1), now + Duration::from_secs(9), pace(Duration::ZERO)).unwrap();
-        c.join(&group("soon"), &seqs(0..1), now + Duration::from_secs(5), pace(Duration::ZERO)).unwrap();
+        c.join(&group("late"), None, &seqs(0..1), now + Duration::from_secs(9), pace(Duration::ZERO)).unwrap();
+        c.join(&group("soon"), None, &seqs(0..1), now + Duration::from_secs(5), pace(Duration::ZERO)).unwrap();
         let mut st = c.lock();
         let Some(Job::Batch(first)) = st.pop(Instant::now(), &c.policy, &hist(), Duration::ZERO) else {
             panic!("no batch")
@@ -636,13 +654,19 @@ mod tests {
         let c = Coalescer::new(policy(1));
         let now = Instant::now();
         for i in 0..10 {
-            c.join(&group(&format!("g{i}")), &seqs(0..1), now + Duration::from_secs(5), pace(Duration::ZERO)).unwrap();
+            c.join(&group(&format!("g{i}")), None, &seqs(0..1), now + Duration::from_secs(5), pace(Duration::ZERO))
+                .unwrap();
         }
-        let urgent =
-            c.join(&group("new"), &seqs(0..1), now + Duration::from_millis(500), pace(Duration::from_millis(100)));
+        let urgent = c.join(
+            &group("new"),
+            None,
+            &seqs(0..1),
+            now + Duration::from_millis(500),
+            pace(Duration::from_millis(100)),
+        );
         assert!(urgent.is_ok(), "nothing is ahead of an earlier deadline");
         let err = c
-            .join(&group("new2"), &seqs(0..1), now + Duration::from_secs(6), pace(Duration::from_secs(1)))
+            .join(&group("new2"), None, &seqs(0..1), now + Duration::from_secs(6), pace(Duration::from_secs(1)))
             .unwrap_err();
         assert!(err.retry_after >= Duration::from_secs(11), "{err:?}");
     }
@@ -651,7 +675,7 @@ mod tests {
     fn batches_nobody_waits_for_are_dropped_without_a_token() {
         let c = Coalescer::new(policy(1));
         let soon = Instant::now() + Duration::from_millis(40);
-        let joined = c.join(&group("g"), &seqs(0..1), soon, pace(Duration::ZERO)).unwrap();
+        let joined = c.join(&group("g"), None, &seqs(0..1), soon, pace(Duration::ZERO)).unwrap();
         std::thread::sleep(Duration::from_millis(20));
         let next = c.lock().next(Instant::now(), &c.policy, Duration::ZERO);
         assert!(matches!(next, Next::Idle));
@@ -660,22 +684,32 @@ mod tests {
         assert_eq!(c.sizes(), (0, 0, 0));
     }
 
-    #[test]
-    fn dispatch_tops_up_with_read_messages_near_expiry_only() {
+    #[tokio::test]
+    async fn dispatch_tops_up_with_read_messages_near_expiry_only() {
         let c = Coalescer::new(policy(10));
         let g = group("g");
         let now = Instant::now();
-        let old = now - Duration::from_millis(700);
-        let young = now - Duration::from_millis(100);
-        c.mark_read(&g, MsgSeq(1), old); // read, expires within ttl/2: topped up
-        c.mark_read(&g, MsgSeq(2), young); // read, but fresh for long: not
-        c.join(&g, &[MsgSeq(9)], now + Duration::from_secs(5), pace(Duration::ZERO)).unwrap();
+        let cache = crate::cache::ReceiptCache::new(&crate::config::CacheConfig {
+            ttl: Duration::from_secs(1),
+            stale: Duration::from_secs(60),
+            negative_ttl: Duration::from_secs(1),
+            max_entries: 100,
+        });
+        let receipt = Receipt { code: 0, read: Some(1), unread: Some(1) };
+        let app = crate::domain::AppId(1);
+        cache.insert(app, &g, &[(MsgSeq(1), receipt)], now - Duration::from_millis(700)).await;
+        cache.insert(app, &g, &[(MsgSeq(2), receipt)], now - Duration::from_millis(100)).await;
+        let page = cache.insert(app, &g, &[(MsgSeq(3), receipt)], now - Duration::from_millis(700)).await;
+        // 1 is read and expires within half a TTL: topped up. 2 is read but fresh for long,
+        // 3 is due but nobody read it: not.
+        page.read(&[MsgSeq(1), MsgSeq(2)], now);
+        c.join(&g, Some(&page), &[MsgSeq(9)], now + Duration::from_secs(5), pace(Duration::ZERO)).unwrap();
         let later = Instant::now() + Duration::from_millis(5);
         let Some(Job::Batch(d)) = c.lock().pop(later, &c.policy, &hist(), Duration::ZERO) else { panic!("no batch") };
         assert_eq!(d.seqs, vec![MsgSeq(9), MsgSeq(1)]);
         assert_eq!(d.requested, 1);
         // The topped-up key is now in flight: a caller joins this batch.
-        let j = c.join(&g, &[MsgSeq(1)], now + Duration::from_secs(5), pace(Duration::ZERO)).unwrap();
+        let j = c.join(&g, None, &[MsgSeq(1)], now + Duration::from_secs(5), pace(Duration::ZERO)).unwrap();
         assert_eq!(j[0].2, Joined::Coalesced);
     }
 }

@@ -86,13 +86,13 @@ pub async fn run(app: Arc<AppRuntime>, batch: Dispatch) {
     let fetched_at = Instant::now();
     items.sort_unstable_by_key(|(s, _)| *s);
     let answers: Vec<(MsgSeq, Receipt)> = items.iter().filter_map(|(s, r)| Some((*s, *r.as_ref().ok()?))).collect();
-    app.cache.insert(app.id, &batch.group, &answers, fetched_at).await;
+    let page = app.cache.insert(app.id, &batch.group, &answers, fetched_at).await;
     if let Some((_, Err(Failure::Group { code: code @ (10010 | 10015), info }))) = items.first() {
         let answer = GroupAnswer { code: *code, info: info.clone(), fetched_at };
         app.cache.insert_group_answer(app.id, &batch.group, answer).await;
     }
     let outcome = BatchOutcome { started, fetched_at, items };
-    app.coalescer.complete(&batch, &outcome);
+    app.coalescer.complete(&batch, &page);
     let _ = batch.tx.send(Some(Arc::new(outcome)));
 }
 

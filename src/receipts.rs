@@ -7,11 +7,10 @@
 //! `Cache-Control`. Answers Tencent gives about a group or a MsgSeq (10010, an isolated
 //! 10004) are passed through as Tencent would: HTTP 200 with `ActionStatus` `FAIL`.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::api::{ReceiptItem, ReceiptResponse};
-use crate::cache::{Entry, ItemKey};
+use crate::cache::Cached;
 use crate::coalesce::{Failure, Joined, Waiter};
 use crate::domain::{GroupId, MsgSeq, Receipt};
 use crate::error::GatewayError;
@@ -71,8 +70,8 @@ pub struct Answer {
 struct Slot {
     seq: MsgSeq,
     served: Option<(Receipt, Instant, Source)>,
-    /// A cached entry past freshness, kept in case nothing fresh arrives in time.
-    stale: Option<Arc<Entry>>,
+    /// A cached item past freshness, kept in case nothing fresh arrives in time.
+    stale: Option<Cached>,
     failure: Option<Failure>,
 }
 
@@ -92,30 +91,30 @@ pub async fn answer(app: &AppRuntime, q: Query) -> Result<Answer, GatewayError> 
     let mut distinct = q.seqs.clone();
     distinct.sort_unstable();
     distinct.dedup();
-    let mut slots = Vec::with_capacity(distinct.len());
+    let page = app.cache.page(app.id, &q.group).await;
     let now = Instant::now();
-    for seq in distinct {
-        let mut slot = Slot { seq, served: None, stale: None, failure: None };
-        let key = ItemKey { app: app.id, group: q.group.clone(), seq };
-        if let Some(entry) = app.cache.get(&key).await {
-            if acceptable(&entry, q.freshness, now) {
-                if entry.first_read() {
-                    app.coalescer.mark_read(&q.group, seq, entry.fetched_at);
+    let cached = page.as_ref().map(|p| p.read(&distinct, now)).unwrap_or_default();
+    let mut slots: Vec<Slot> = distinct
+        .iter()
+        .enumerate()
+        .map(|(i, &seq)| {
+            let mut slot = Slot { seq, served: None, stale: None, failure: None };
+            match cached.get(i).copied().flatten() {
+                Some(item) if acceptable(&item, q.freshness, now) => {
+                    slot.served = Some((item.receipt, item.fetched_at, Source::Hit));
                 }
-                slot.served = Some((entry.receipt, entry.fetched_at, Source::Hit));
-            } else {
-                slot.stale = Some(entry);
+                item => slot.stale = item,
             }
-        }
-        slots.push(slot);
-    }
+            slot
+        })
+        .collect();
     for _ in 0..MAX_ROUNDS {
         let misses: Vec<MsgSeq> =
             slots.iter().filter(|s| s.served.is_none() && s.failure.is_none()).map(|s| s.seq).collect();
         if misses.is_empty() || Instant::now() >= q.deadline {
             break;
         }
-        match app.coalescer.join(&q.group, &misses, q.deadline, app.budget.estimate()) {
+        match app.coalescer.join(&q.group, page.as_ref(), &misses, q.deadline, app.budget.estimate()) {
             Ok(joined) => wait(&mut slots, joined, &q).await,
             Err(overloaded) => {
                 let error = GatewayError::Overloaded { retry_after: overloaded.retry_after };
@@ -126,7 +125,7 @@ pub async fn answer(app: &AppRuntime, q: Query) -> Result<Answer, GatewayError> 
     settle(app, slots, &q, GatewayError::DeadlineExceeded)
 }
 
-fn acceptable(entry: &Entry, freshness: Freshness, now: Instant) -> bool {
+fn acceptable(entry: &Cached, freshness: Freshness, now: Instant) -> bool {
     match freshness {
         Freshness::Default => entry.is_fresh(now),
         Freshness::NoCache => false,
@@ -188,7 +187,7 @@ fn settle(app: &AppRuntime, mut slots: Vec<Slot>, q: &Query, unanswered: Gateway
             app.metrics.count_items(Source::Failed, q.seqs.len() as u64);
             return Ok(Answer { body: ReceiptResponse::fail(code, info), x_cache: XCache::Miss, age: 0 });
         }
-        match (&slot.stale, stale_allowed) {
+        match (slot.stale, stale_allowed) {
             (Some(entry), true) => slot.served = Some((entry.receipt, entry.fetched_at, Source::Stale)),
             _ => {
                 let e = match failure {
