@@ -29,11 +29,10 @@ struct Stored {
     receipt: Receipt,
     /// When the upstream answer arrived; `Age` and freshness count from here.
     fetched_at: Instant,
-    /// Milliseconds after `fetched_at` of the last read (saturating), or `UNREAD`.
-    read_after_ms: u32,
+    /// The last read, kept across refreshes: cohort membership is "read lately", not
+    /// "read since the last fetch" (see `coalesce::COHORT_MEMORY_TTLS`).
+    last_read: Option<Instant>,
 }
-
-const UNREAD: u32 = u32::MAX;
 
 /// An item as a reader sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,8 +97,7 @@ impl Page {
                 if now >= fresh_until + self.lifetimes.stale {
                     return None;
                 }
-                stored.read_after_ms =
-                    now.saturating_duration_since(stored.fetched_at).as_millis().min(UNREAD as u128 - 1) as u32;
+                stored.last_read = Some(now);
                 Some(Cached { receipt: stored.receipt, fetched_at: stored.fetched_at, fresh_until })
             })
             .collect()
@@ -120,11 +118,7 @@ impl Page {
         let mut due: Vec<(Instant, MsgSeq)> = items
             .iter()
             .filter(|(_, s)| !s.receipt.is_negative() && s.fetched_at + self.lifetimes.ttl <= horizon)
-            .filter(|(_, s)| {
-                s.read_after_ms != UNREAD
-                    && now.saturating_duration_since(s.fetched_at + Duration::from_millis(s.read_after_ms.into()))
-                        <= memory
-            })
+            .filter(|(_, s)| s.last_read.is_some_and(|read| now.saturating_duration_since(read) <= memory))
             .filter(|(seq, _)| eligible(**seq))
             .map(|(seq, s)| (s.fetched_at, *seq))
             .collect();
@@ -190,7 +184,8 @@ impl ReceiptCache {
             // Items past their stale window leave as the group is refreshed.
             items.retain(|_, s| now < s.fetched_at + lifetimes.fresh_for(&s.receipt) + lifetimes.stale);
             for &(seq, receipt) in answers {
-                items.insert(seq, Stored { receipt, fetched_at, read_after_ms: UNREAD });
+                let last_read = items.get(&seq).and_then(|s| s.last_read);
+                items.insert(seq, Stored { receipt, fetched_at, last_read });
             }
         }
         // Re-inserting renews the page's lifetime and re-weighs it.
@@ -289,6 +284,9 @@ mod tests {
         assert_eq!(page.due_for_refresh(at(600), at(1100), memory, 1, |_| true).len(), 1);
         // Read too long ago: forgotten.
         assert!(page.due_for_refresh(at(5000), at(5500), memory, 10, |_| true).is_empty());
+        // A refresh keeps the last read: 1 stays in the cohort for its next refresh.
+        cache.insert(APP, &group(), &[(MsgSeq(1), OK)], at(700)).await;
+        assert_eq!(page.due_for_refresh(at(1300), at(1800), memory, 10, |_| true), vec![MsgSeq(2), MsgSeq(1)]);
     }
 
     #[tokio::test]

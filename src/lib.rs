@@ -14,14 +14,16 @@
 //! 1. [`server`] — accepts HTTP/1.1 and h2c on one port, routes, picks the app by
 //!    `sdkappid`, reads the deadline and `Cache-Control`, reads the body within limits
 //!    and validates it into [`api::ReceiptRequest`] (typed with [`domain`]).
-//! 2. [`receipts`] — answers the query: items fresh in the [`cache`] are served at once
-//!    (and reported to their group's cohort); the misses go on.
+//! 2. [`receipts`] — answers the query: one lookup of the group's page in the [`cache`]
+//!    serves the fresh items at once (and notes that they were read, which is what
+//!    makes them part of the group's cohort); the misses go on.
 //! 3. [`coalesce`] — puts each missing (group, MsgSeq) in flight exactly once: it joins a
 //!    batch that already carries it or is added to its group's open batch; refuses up
 //!    front (429, or stale items) when the queue cannot reach it before the deadline.
 //! 4. [`budget`] — the dispatcher takes one token at a time (governor, or GCRA in Redis,
 //!    at the AIMD effective rate) and spends it on the ready batch whose earliest caller
-//!    deadline comes first, topped up with the group's cohort.
+//!    deadline comes first, topped up from the group's cache page with the cohort: read
+//!    lately, due to expire within half a TTL.
 //! 5. [`fetch`] — runs the dispatched batch in its own task: one signed regional call via
 //!    [`upstream`] (UserSig from [`usersig`]), retries and 10004 splits each paid with a
 //!    new token, answers stored in the [`cache`], keys released, waiters woken.
