@@ -57,7 +57,8 @@ use crate::api::{RECEIPT_PATH, ReceiptItem, ReceiptRequest, ReceiptResponse};
 use crate::domain::{AppId, MsgSeq};
 use crate::usersig::SecretKey;
 
-use ledger::{State, max_in_window};
+use ledger::State;
+pub use ledger::max_in_window;
 use rules::{Fail, QueryParams, code};
 
 pub use ledger::{CallRecord, NO_ERROR_CODE};

@@ -70,6 +70,8 @@ struct Signed {
 /// A signed client for one app. Clones share the pool.
 pub struct Upstream {
     app: AppId,
+    /// For the log line: the configured region, or `endpoint` when only an endpoint is set.
+    region: &'static str,
     identifier: String,
     secret: SecretKey,
     usersig_ttl: Duration,
@@ -115,6 +117,7 @@ impl Upstream {
         let label = app.id.to_string();
         let upstream = Self {
             app: app.id,
+            region: app.region.map_or("endpoint", |r| r.name()),
             identifier: app.identifier.clone(),
             secret: app.secret.clone(),
             usersig_ttl: app.usersig_ttl,
@@ -159,6 +162,7 @@ impl Upstream {
         self.calls.with_label_values(&[self.app.to_string().as_str(), API_RECEIPT, label.as_str()]).inc();
         tracing::info!(
             sdkappid = %self.app,
+            region = self.region,
             endpoint = %self.url,
             seqs = seqs.len(),
             result = %label,

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use receipt_gateway::domain::AppId;
-use receipt_gateway::simulator::{CallRecord, SimApp, SimOptions, SimServer, Simulator};
+use receipt_gateway::simulator::{CallRecord, SimApp, SimOptions, SimServer, Simulator, max_in_window};
 use receipt_gateway::usersig::SecretKey;
 
 use crate::Result;
@@ -78,7 +78,7 @@ impl Upstream {
         UpstreamStats {
             calls: calls.len(),
             per_second: calls.len() as f64 / (to - from).as_secs_f64().max(f64::EPSILON),
-            max_rolling: max_rolling(&arrivals),
+            max_rolling: max_in_window(&arrivals, ROLLING),
             min_rolling: min_rolling(&arrivals, from, to),
             rate_limited: codes.get(&RATE_LIMITED).copied().unwrap_or(0),
             mean_seqs: if calls.is_empty() { 0.0 } else { seqs as f64 / calls.len() as f64 },
@@ -101,11 +101,6 @@ fn in_second(arrivals: &[Instant], t: Instant) -> usize {
     past - first
 }
 
-/// The busiest rolling second starts at an arrival, so only those need checking.
-fn max_rolling(arrivals: &[Instant]) -> usize {
-    arrivals.iter().map(|&a| in_second(arrivals, a)).max().unwrap_or(0)
-}
-
 /// The quietest rolling second inside `[from, to)`: its count only drops when its start
 /// passes an arrival, so the candidates are `from` and just after each arrival.
 fn min_rolling(arrivals: &[Instant], from: Instant, to: Instant) -> Option<usize> {
@@ -123,7 +118,7 @@ mod tests {
         let t0 = Instant::now();
         let at = |ms| t0 + Duration::from_millis(ms);
         let arrivals = [at(0), at(100), at(900), at(1000), at(1950), at(2500)];
-        assert_eq!(max_rolling(&arrivals), 3);
+        assert_eq!(max_in_window(&arrivals, ROLLING), 3);
         // [0, 3000): the window starting just after 1000 ms holds only 1950.
         assert_eq!(min_rolling(&arrivals, at(0), at(3000)), Some(1));
         assert_eq!(min_rolling(&arrivals, at(0), at(900)), None);

@@ -99,7 +99,7 @@ impl State {
 
 /// The most instants (sorted) that span less than `window`: a two-pointer sweep. "Less
 /// than" matches the limiter, which forgets an arrival exactly one window later.
-pub(super) fn max_in_window(times: &[Instant], window: Duration) -> usize {
+pub fn max_in_window(times: &[Instant], window: Duration) -> usize {
     // An empty window holds nothing; this also keeps `first` from passing `last` below.
     if window.is_zero() {
         return 0;
