@@ -39,9 +39,15 @@ const DECREASE_HOLDOFF: Duration = Duration::from_secs(1);
 /// After a Redis failure, how long a replica stays on its fallback before trying again.
 const REDIS_RETRY: Duration = Duration::from_secs(1);
 
-/// The interval between tokens that keeps `per_second` in every rolling second.
+/// The interval between tokens that keeps `per_second` in every rolling second: the
+/// guard's slack, and at low rates (where 30 ms is less than one token) at least one
+/// whole token of slack.
 pub fn pacing_interval(per_second: NonZeroU32) -> Duration {
-    (Duration::from_secs(1) + GUARD) / per_second.get()
+    let guarded = (Duration::from_secs(1) + GUARD) / per_second.get();
+    match per_second.get() - 1 {
+        0 => guarded,
+        fewer => guarded.max(Duration::from_secs(1) / fewer + Duration::from_micros(1)),
+    }
 }
 
 /// The burst tolerance: half the tokens the guard leaves unused in a second, at least 1.
@@ -313,6 +319,9 @@ mod tests {
             assert!(spare >= (per_second as usize - busiest_with_no_burst(n)) / 2, "{per_second}/s");
         }
         assert_eq!(busiest_second(200), 197);
+        // Low rates keep a whole token spare.
+        assert_eq!(busiest_second(10), 9);
+        assert_eq!(busiest_second(2), 1);
         assert_eq!(burst(NonZeroU32::new(5).unwrap()).get(), 1);
     }
 
@@ -330,7 +339,7 @@ mod tests {
         let rate = b.effective_rate();
         assert!((99.0..=101.0).contains(&rate), "{rate}");
         assert!(b.interval() >= Duration::from_millis(9));
-        b.pace(|p| p.updated -= RECOVERY);
+        b.pace(|p| p.updated = p.updated.checked_sub(RECOVERY).unwrap_or(p.updated));
         assert_eq!(b.effective_rate(), 200.0);
         assert_eq!(gauge.get(), 200.0);
     }

@@ -41,6 +41,8 @@ pub enum Failure {
     Rejected { code: i64, info: String },
     /// Tencent kept throttling until the deadline.
     Throttled,
+    /// A retry or split half found no token before the deadline.
+    NoBudget,
     /// Transport errors, 5xx or retryable codes until retries or the deadline ran out,
     /// or a code that is not retried.
     Unavailable(String),
@@ -92,6 +94,8 @@ pub struct Dispatch {
     pub seqs: Vec<MsgSeq>,
     /// How many of `seqs` callers asked for (the rest are top-up).
     pub requested: usize,
+    /// The earliest deadline among its callers: its retries queue by it.
+    pub urgency: Instant,
     /// The latest deadline among its callers: retries stop there.
     pub deadline: Instant,
     pub tx: watch::Sender<Option<Arc<BatchOutcome>>>,
@@ -104,6 +108,8 @@ pub struct BatchPolicy {
     pub max_seqs: usize,
     /// Cache TTL: top-up takes messages within half of it from expiry.
     pub ttl: Duration,
+    /// The upstream timeout: no call takes longer, so no estimate needs to either.
+    pub latency_cap: Duration,
 }
 
 /// How long a read keeps a message in its group's cohort (the cache page keeps the last
@@ -128,6 +134,11 @@ pub struct Coalescer {
     /// since a batch sent too late for its callers is a 504 instead of an early 429.
     latency_us: AtomicU64,
     latency_dev_us: AtomicU64,
+    /// When the last sample came (µs after `epoch`). Estimates fade without samples: a
+    /// high one would otherwise refuse every miss, and with no call sent no sample could
+    /// ever bring it down.
+    latency_at_us: AtomicU64,
+    epoch: Instant,
     /// Smoothed time between tokens while work was waiting (µs): the queue's real drain
     /// rate, which a busy machine or a shared Redis budget can make slower than the pace.
     interval_us: AtomicU64,
@@ -196,6 +207,8 @@ impl Coalescer {
             policy,
             latency_us: AtomicU64::new(0),
             latency_dev_us: AtomicU64::new(0),
+            latency_at_us: AtomicU64::new(0),
+            epoch: Instant::now(),
             interval_us: AtomicU64::new(0),
         }
     }
@@ -212,11 +225,15 @@ impl Coalescer {
     /// batches before the deadline, given the budget's `pace`; the refused caller's new
     /// MsgSeqs still ride along in the group's open batch if it has room (they cost no
     /// token there, and the next caller will find them cached).
+    ///
+    /// `fetched_since` is when the caller looked in the cache (None for `no-cache`): an
+    /// item a batch fetched since then is taken from the page instead of fetched again.
     pub fn join(
         &self,
         group: &GroupId,
         page: Option<&Arc<Page>>,
         misses: &[MsgSeq],
+        fetched_since: Option<Instant>,
         deadline: Instant,
         pace: Estimate,
     ) -> Result<Vec<(MsgSeq, Waiter, Joined)>, Overloaded> {
@@ -229,6 +246,10 @@ impl Coalescer {
         }
         // A batch whose task died without answering cannot be waited on: forget it.
         g.inflight.retain(|_, (_, w)| w.has_changed().is_ok());
+        let mut joined = Vec::with_capacity(misses.len());
+        let (answered, rest) = answered_meanwhile(g, misses, fetched_since, now);
+        let misses = rest.as_slice();
+        joined.extend(answered);
         if let Some(expected) = self.expected_answer(g, open, queue, misses, deadline, pace, now)
             && expected > deadline
         {
@@ -243,9 +264,11 @@ impl Coalescer {
                     }
                 }
             }
+            if g.is_idle() {
+                groups.remove(group);
+            }
             return Err(Overloaded { retry_after });
         }
-        let mut joined = Vec::with_capacity(misses.len());
         let mut opened = false;
         for &seq in misses {
             if let Some((id, waiter)) = g.inflight.get(&seq) {
@@ -342,7 +365,7 @@ impl Coalescer {
     }
 
     /// Queues a request for one token (a retry or a split half of a dispatched batch),
-    /// ordered by `deadline` like batches are.
+    /// ordered by `deadline` (its batch's earliest caller) like batches are.
     pub fn permit(&self, deadline: Instant) -> oneshot::Receiver<()> {
         let (tx, rx) = oneshot::channel();
         let mut st = self.lock();
@@ -369,8 +392,12 @@ impl Coalescer {
         }
     }
 
-    /// Feeds the latency estimate used for admission.
+    /// Feeds the latency estimate used for admission with the duration of a call that
+    /// got an answer (timeouts and transport failures say nothing about answer latency).
     pub fn observe_latency(&self, d: Duration) {
+        let d = d.min(self.policy.latency_cap);
+        let since_epoch = self.epoch.elapsed().as_micros().min(u64::MAX as u128) as u64;
+        self.latency_at_us.store(since_epoch, Ordering::Relaxed);
         let sample = d.as_micros().min(u64::MAX as u128) as u64;
         let smoothed = self.latency_us.load(Ordering::Relaxed);
         let deviation = smoothed.abs_diff(sample);
@@ -379,11 +406,15 @@ impl Coalescer {
         self.latency_dev_us.store((old * 3 + deviation) / 4, Ordering::Relaxed);
     }
 
-    /// A high-percentile estimate of one upstream call's latency.
+    /// A high-percentile estimate of one upstream call's latency: the deviation term
+    /// halves every second without a sample, the smoothed one every ten seconds.
     fn latency(&self) -> Duration {
-        let smoothed = self.latency_us.load(Ordering::Relaxed);
-        let deviation = self.latency_dev_us.load(Ordering::Relaxed);
-        Duration::from_micros(smoothed.saturating_add(deviation.saturating_mul(4)))
+        let smoothed = self.latency_us.load(Ordering::Relaxed) as f64;
+        let deviation = self.latency_dev_us.load(Ordering::Relaxed) as f64;
+        let at = Duration::from_micros(self.latency_at_us.load(Ordering::Relaxed));
+        let silence = self.epoch.elapsed().saturating_sub(at).as_secs_f64();
+        let estimate = smoothed * 0.5f64.powf(silence / 10.0) + 4.0 * deviation * 0.5f64.powf(silence);
+        Duration::from_micros(estimate as u64).min(self.policy.latency_cap)
     }
 
     fn observed_interval(&self) -> Duration {
@@ -449,6 +480,36 @@ impl Coalescer {
         let st = self.lock();
         (st.open.len(), st.permits.len(), st.groups.values().map(|g| g.inflight.len()).sum())
     }
+}
+
+/// Splits `misses` into those a batch answered after `since` (already in the group's
+/// page: returned with a resolved waiter) and those still to fetch. This closes the gap
+/// between a caller's cache lookup and its `join`, in which a batch may have finished.
+fn answered_meanwhile(
+    g: &GroupState,
+    misses: &[MsgSeq],
+    since: Option<Instant>,
+    now: Instant,
+) -> (Vec<(MsgSeq, Waiter, Joined)>, Vec<MsgSeq>) {
+    let (Some(since), Some(page)) = (since, &g.page) else { return (Vec::new(), misses.to_vec()) };
+    let unplaced: Vec<MsgSeq> = misses.iter().copied().filter(|s| !g.inflight.contains_key(s)).collect();
+    let found = page.read(&unplaced, now);
+    let mut items = Vec::new();
+    let mut fetched_at = now;
+    for (seq, item) in unplaced.iter().zip(found) {
+        if let Some(item) = item.filter(|c| c.fetched_at >= since) {
+            items.push((*seq, Ok(item.receipt)));
+            fetched_at = fetched_at.min(item.fetched_at);
+        }
+    }
+    if items.is_empty() {
+        return (Vec::new(), misses.to_vec());
+    }
+    let rest = misses.iter().copied().filter(|s| items.iter().all(|(done, _)| done != s)).collect();
+    let seqs: Vec<MsgSeq> = items.iter().map(|(s, _)| *s).collect();
+    items.sort_unstable_by_key(|(s, _)| *s);
+    let (_, waiter) = watch::channel(Some(Arc::new(BatchOutcome { started: fetched_at, fetched_at, items })));
+    (seqs.into_iter().map(|s| (s, waiter.clone(), Joined::Coalesced)).collect(), rest)
 }
 
 /// An exponential moving average (weight 1/8) kept in an atomic, in µs.
@@ -556,6 +617,7 @@ impl State {
             group: batch.group,
             seqs,
             requested,
+            urgency: batch.min_deadline,
             deadline: batch.max_deadline,
             tx: batch.tx,
         }))
@@ -606,7 +668,12 @@ mod tests {
     use super::*;
 
     fn policy(max_seqs: usize) -> BatchPolicy {
-        BatchPolicy { window: Duration::from_millis(2), max_seqs, ttl: Duration::from_secs(1) }
+        BatchPolicy {
+            window: Duration::from_millis(2),
+            max_seqs,
+            ttl: Duration::from_secs(1),
+            latency_cap: Duration::from_secs(3),
+        }
     }
 
     fn group(name: &str) -> GroupId {
@@ -629,8 +696,8 @@ mod tests {
     fn concurrent_misses_for_a_group_share_batches_of_max_seqs() {
         let c = Coalescer::new(policy(4));
         let far = Instant::now() + Duration::from_secs(10);
-        let a = c.join(&group("g"), None, &seqs(0..3), far, pace(Duration::ZERO)).unwrap();
-        let b = c.join(&group("g"), None, &seqs(2..6), far, pace(Duration::ZERO)).unwrap();
+        let a = c.join(&group("g"), None, &seqs(0..3), None, far, pace(Duration::ZERO)).unwrap();
+        let b = c.join(&group("g"), None, &seqs(2..6), None, far, pace(Duration::ZERO)).unwrap();
         assert!(a.iter().all(|(_, _, j)| *j == Joined::Fetched));
         let kinds: Vec<_> = b.iter().map(|(_, _, j)| *j).collect();
         assert_eq!(kinds, [Joined::Coalesced, Joined::Fetched, Joined::Fetched, Joined::Fetched]);
@@ -642,8 +709,8 @@ mod tests {
     fn the_most_urgent_ready_batch_goes_first() {
         let c = Coalescer::new(policy(1));
         let now = Instant::now();
-        c.join(&group("late"), None, &seqs(0..1), now + Duration::from_secs(9), pace(Duration::ZERO)).unwrap();
-        c.join(&group("soon"), None, &seqs(0..1), now + Duration::from_secs(5), pace(Duration::ZERO)).unwrap();
+        c.join(&group("late"), None, &seqs(0..1), None, now + Duration::from_secs(9), pace(Duration::ZERO)).unwrap();
+        c.join(&group("soon"), None, &seqs(0..1), None, now + Duration::from_secs(5), pace(Duration::ZERO)).unwrap();
         let mut st = c.lock();
         let Some(Job::Batch(first)) = st.pop(Instant::now(), &c.policy, &hist(), Duration::ZERO) else {
             panic!("no batch")
@@ -656,19 +723,27 @@ mod tests {
         let c = Coalescer::new(policy(1));
         let now = Instant::now();
         for i in 0..10 {
-            c.join(&group(&format!("g{i}")), None, &seqs(0..1), now + Duration::from_secs(5), pace(Duration::ZERO))
-                .unwrap();
+            c.join(
+                &group(&format!("g{i}")),
+                None,
+                &seqs(0..1),
+                None,
+                now + Duration::from_secs(5),
+                pace(Duration::ZERO),
+            )
+            .unwrap();
         }
         let urgent = c.join(
             &group("new"),
             None,
             &seqs(0..1),
+            None,
             now + Duration::from_millis(500),
             pace(Duration::from_millis(100)),
         );
         assert!(urgent.is_ok(), "nothing is ahead of an earlier deadline");
         let err = c
-            .join(&group("new2"), None, &seqs(0..1), now + Duration::from_secs(6), pace(Duration::from_secs(1)))
+            .join(&group("new2"), None, &seqs(0..1), None, now + Duration::from_secs(6), pace(Duration::from_secs(1)))
             .unwrap_err();
         assert!(err.retry_after >= Duration::from_secs(11), "{err:?}");
     }
@@ -677,13 +752,46 @@ mod tests {
     fn batches_nobody_waits_for_are_dropped_without_a_token() {
         let c = Coalescer::new(policy(1));
         let soon = Instant::now() + Duration::from_millis(40);
-        let joined = c.join(&group("g"), None, &seqs(0..1), soon, pace(Duration::ZERO)).unwrap();
+        let joined = c.join(&group("g"), None, &seqs(0..1), None, soon, pace(Duration::ZERO)).unwrap();
         std::thread::sleep(Duration::from_millis(20));
         let next = c.lock().next(Instant::now(), &c.policy, Duration::ZERO);
         assert!(matches!(next, Next::Idle));
         let outcome = joined[0].1.borrow().clone().unwrap();
         assert_eq!(outcome.items, vec![(MsgSeq(0), Err(Failure::Expired))]);
         assert_eq!(c.sizes(), (0, 0, 0));
+    }
+
+    #[tokio::test]
+    async fn an_item_fetched_after_the_callers_lookup_is_not_fetched_again() {
+        let c = Coalescer::new(policy(10));
+        let g = group("g");
+        let cache = crate::cache::ReceiptCache::new(&crate::config::CacheConfig {
+            ttl: Duration::from_secs(1),
+            stale: Duration::from_secs(60),
+            negative_ttl: Duration::from_secs(1),
+            max_entries: 100,
+        });
+        let looked = Instant::now();
+        // Between the caller's lookup and its join, a batch fetched MsgSeq 1.
+        let receipt = Receipt { code: 0, read: Some(4), unread: Some(5) };
+        let page = cache.insert(crate::domain::AppId(1), &g, &[(MsgSeq(1), receipt)], Instant::now()).await;
+        c.join(&g, Some(&page), &[MsgSeq(7)], None, looked + Duration::from_secs(5), pace(Duration::ZERO)).unwrap();
+
+        let joined = c.join(
+            &g,
+            None,
+            &[MsgSeq(1), MsgSeq(2)],
+            Some(looked),
+            looked + Duration::from_secs(5),
+            pace(Duration::ZERO),
+        );
+
+        let joined = joined.unwrap();
+        let (seq, waiter, how) = &joined[0];
+        assert_eq!((*seq, *how), (MsgSeq(1), Joined::Coalesced));
+        assert_eq!(waiter.borrow().as_ref().unwrap().get(MsgSeq(1)), Some(&Ok(receipt)));
+        assert_eq!(joined[1].2, Joined::Fetched);
+        assert_eq!(c.sizes(), (1, 0, 2), "only 7 and 2 are in flight");
     }
 
     #[tokio::test]
@@ -705,13 +813,13 @@ mod tests {
         // 1 is read and expires within half a TTL: topped up. 2 is read but fresh for long,
         // 3 is due but nobody read it: not.
         page.read(&[MsgSeq(1), MsgSeq(2)], now);
-        c.join(&g, Some(&page), &[MsgSeq(9)], now + Duration::from_secs(5), pace(Duration::ZERO)).unwrap();
+        c.join(&g, Some(&page), &[MsgSeq(9)], None, now + Duration::from_secs(5), pace(Duration::ZERO)).unwrap();
         let later = Instant::now() + Duration::from_millis(5);
         let Some(Job::Batch(d)) = c.lock().pop(later, &c.policy, &hist(), Duration::ZERO) else { panic!("no batch") };
         assert_eq!(d.seqs, vec![MsgSeq(9), MsgSeq(1)]);
         assert_eq!(d.requested, 1);
         // The topped-up key is now in flight: a caller joins this batch.
-        let j = c.join(&g, None, &[MsgSeq(1)], now + Duration::from_secs(5), pace(Duration::ZERO)).unwrap();
+        let j = c.join(&g, None, &[MsgSeq(1)], None, now + Duration::from_secs(5), pace(Duration::ZERO)).unwrap();
         assert_eq!(j[0].2, Joined::Coalesced);
     }
 }

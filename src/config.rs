@@ -257,12 +257,14 @@ impl Config {
     }
 }
 
-fn millis(key: &str, ms: u64, min: u64) -> Result<Duration, ConfigError> {
-    if ms < min {
-        return Err(invalid(key, format!("must be at least {min}")));
-    }
-    Ok(Duration::from_millis(ms))
+/// Milliseconds within `min..=max` (every duration has a sane ceiling: far beyond it the
+/// timer arithmetic of the cache and runtime stops being meaningful).
+fn millis(key: &str, ms: u64, min: u64, max: u64) -> Result<Duration, ConfigError> {
+    Ok(Duration::from_millis(in_range(key, ms, min, max)?))
 }
+
+const MINUTE_MS: u64 = 60_000;
+const DAY_MS: u64 = 24 * 60 * MINUTE_MS;
 
 fn addr(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
     text.parse().map_err(|_| invalid(key, format!("{text:?} is not an IP:port address")))
@@ -287,26 +289,26 @@ impl RawConfig {
         let server = ServerConfig {
             listen: addr("server.listen", &s.listen)?,
             admin_listen: addr("server.admin_listen", &s.admin_listen)?,
-            request_timeout: millis("server.request_timeout_ms", s.request_timeout_ms, 1)?,
+            request_timeout: millis("server.request_timeout_ms", s.request_timeout_ms, 1, MINUTE_MS)?,
             max_body_bytes: in_range("server.max_body_bytes", s.max_body_bytes, 64, 64 << 20)? as usize,
             max_request_seqs: in_range("server.max_request_seqs", s.max_request_seqs, 1, 100_000)? as usize,
-            shutdown_grace: millis("server.shutdown_grace_ms", s.shutdown_grace_ms, 0)?,
+            shutdown_grace: millis("server.shutdown_grace_ms", s.shutdown_grace_ms, 0, 10 * MINUTE_MS)?,
             client_id_header: http::HeaderName::from_bytes(s.client_id_header.as_bytes())
                 .map_err(|_| invalid("server.client_id_header", "is not a valid header name"))?,
         };
         let c = self.cache;
         let cache = CacheConfig {
-            ttl: millis("cache.ttl_ms", c.ttl_ms, 1)?,
-            stale: millis("cache.stale_ms", c.stale_ms, 0)?,
-            negative_ttl: millis("cache.negative_ttl_ms", c.negative_ttl_ms, 0)?,
+            ttl: millis("cache.ttl_ms", c.ttl_ms, 1, DAY_MS)?,
+            stale: millis("cache.stale_ms", c.stale_ms, 0, 7 * DAY_MS)?,
+            negative_ttl: millis("cache.negative_ttl_ms", c.negative_ttl_ms, 0, DAY_MS)?,
             max_entries: in_range("cache.max_entries", c.max_entries, 1, 1 << 32)?,
         };
         let batch = BatchConfig {
-            window: millis("batch.window_ms", self.batch.window_ms, 0)?,
+            window: millis("batch.window_ms", self.batch.window_ms, 0, MINUTE_MS)?,
             max_seqs: in_range("batch.max_seqs", self.batch.max_seqs, 1, 1000)? as usize,
         };
         let upstream = UpstreamConfig {
-            timeout: millis("upstream.timeout_ms", self.upstream.timeout_ms, 1)?,
+            timeout: millis("upstream.timeout_ms", self.upstream.timeout_ms, 1, 10 * MINUTE_MS)?,
             max_retries: in_range("upstream.max_retries", self.upstream.max_retries.into(), 0, 10)? as u32,
         };
         let budget = self.budget.validate()?;
@@ -411,8 +413,13 @@ fn parse_endpoint(text: &str) -> Result<String, String> {
         Some("http" | "https") => {}
         _ => return Err(format!("{text:?} must start with http:// or https://")),
     }
-    if uri.authority().is_none() {
-        return Err(format!("{text:?} has no host"));
+    match uri.authority() {
+        None => return Err(format!("{text:?} has no host")),
+        // Credentials would be printed by check-config and logged with every call.
+        Some(authority) if authority.as_str().contains('@') => {
+            return Err("must not contain credentials (user:password@)".into());
+        }
+        Some(_) => {}
     }
     if uri.query().is_some() {
         return Err(format!("{text:?} must not have a query"));
@@ -502,6 +509,8 @@ mod tests {
             ("[server]\nlisten = \"nope\"\n", "server.listen"),
             ("[server]\nbogus = 1\n", "unknown field `bogus`"),
             ("[cache]\nttl_ms = 0\n", "cache.ttl_ms"),
+            ("[cache]\nstale_ms = 999999999999\n", "cache.stale_ms"),
+            ("[server]\nrequest_timeout_ms = 60001\n", "server.request_timeout_ms"),
             ("[batch]\nmax_seqs = 0\n", "batch.max_seqs"),
             ("[budget]\nbackend = \"memcached\"\n", "budget.backend"),
             (
@@ -519,6 +528,8 @@ mod tests {
         assert!(error_of(&format!("{MINIMAL}{MINIMAL}")).contains("configured twice"));
         let endpoint = format!("{MINIMAL}endpoint = \"ftp://x\"\n");
         assert!(error_of(&endpoint).contains("apps[0].endpoint"));
+        let secret = format!("{MINIMAL}endpoint = \"https://user:pw@proxy:3128\"\n");
+        assert!(error_of(&secret).contains("credentials"));
     }
 
     #[test]

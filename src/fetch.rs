@@ -82,7 +82,8 @@ type Items = Vec<(MsgSeq, Result<Receipt, Failure>)>;
 /// Runs a dispatched batch: fetch, fill the cache, release the keys, wake the callers.
 pub async fn run(app: Arc<AppRuntime>, batch: Dispatch) {
     let started = Instant::now();
-    let mut items = fetch(&app, &batch.group, batch.seqs.clone(), batch.deadline, Paid::Yes).await;
+    let window = Window { urgency: batch.urgency, deadline: batch.deadline };
+    let mut items = fetch(&app, &batch.group, batch.seqs.clone(), window, Paid::Yes).await;
     let fetched_at = Instant::now();
     items.sort_unstable_by_key(|(s, _)| *s);
     let answers: Vec<(MsgSeq, Receipt)> = items.iter().filter_map(|(s, r)| Some((*s, *r.as_ref().ok()?))).collect();
@@ -94,6 +95,14 @@ pub async fn run(app: Arc<AppRuntime>, batch: Dispatch) {
     let outcome = BatchOutcome { started, fetched_at, items };
     app.coalescer.complete(&batch, &page);
     let _ = batch.tx.send(Some(Arc::new(outcome)));
+}
+
+/// When a batch's retries are due: they queue by its earliest caller's deadline and stop
+/// at its latest.
+#[derive(Clone, Copy)]
+struct Window {
+    urgency: Instant,
+    deadline: Instant,
 }
 
 /// Whether the first attempt already has its token (a dispatched batch) or must ask.
@@ -108,7 +117,7 @@ fn fetch<'a>(
     app: &'a AppRuntime,
     group: &'a GroupId,
     seqs: Vec<MsgSeq>,
-    deadline: Instant,
+    window: Window,
     paid: Paid,
 ) -> Pin<Box<dyn Future<Output = Items> + Send + 'a>> {
     Box::pin(async move {
@@ -117,14 +126,16 @@ fn fetch<'a>(
         let mut resigned = false;
         let mut paid = paid;
         loop {
-            if paid == Paid::No && !wait_for_token(app, deadline).await {
-                return fail(&seqs, Failure::Unavailable("no budget before the deadline".into()));
+            if paid == Paid::No && !wait_for_token(app, window).await {
+                return fail(&seqs, Failure::NoBudget);
             }
             paid = Paid::No;
             let started = Instant::now();
             app.batch_size.observe(seqs.len() as f64);
             let outcome = app.upstream.get_receipts(group, &seqs).await;
-            app.coalescer.observe_latency(started.elapsed());
+            if !matches!(outcome, Outcome::NoAnswer { .. }) {
+                app.coalescer.observe_latency(started.elapsed());
+            }
             let failure = match outcome {
                 Outcome::Items(items) => return match_items(&seqs, items),
                 Outcome::Group { code, info } => return fail(&seqs, Failure::Group { code, info }),
@@ -136,8 +147,8 @@ fn fetch<'a>(
                     let mut left = seqs;
                     let right = left.split_off(left.len() / 2);
                     let (mut a, b) = tokio::join!(
-                        fetch(app, group, left, deadline, Paid::No),
-                        fetch(app, group, right, deadline, Paid::No)
+                        fetch(app, group, left, window, Paid::No),
+                        fetch(app, group, right, window, Paid::No)
                     );
                     a.extend(b);
                     return a;
@@ -157,14 +168,14 @@ fn fetch<'a>(
                 }
                 Outcome::Throttled { code } => {
                     app.budget.throttled();
-                    if retry_later(app, &mut retries, deadline).await {
+                    if retry_later(app, &mut retries, window.deadline).await {
                         continue;
                     }
                     tracing::debug!(code, "throttled until the deadline");
                     Failure::Throttled
                 }
-                Outcome::Retryable { reason } => {
-                    if retry_later(app, &mut retries, deadline).await {
+                Outcome::Retryable { reason } | Outcome::NoAnswer { reason } => {
+                    if retry_later(app, &mut retries, window.deadline).await {
                         continue;
                     }
                     Failure::Unavailable(reason)
@@ -202,7 +213,7 @@ async fn retry_later(app: &AppRuntime, retries: &mut u32, deadline: Instant) -> 
 }
 
 /// Waits in the queue for a token; false if the deadline came first.
-async fn wait_for_token(app: &AppRuntime, deadline: Instant) -> bool {
-    let permit = app.coalescer.permit(deadline);
-    matches!(tokio::time::timeout_at(deadline.into(), permit).await, Ok(Ok(())))
+async fn wait_for_token(app: &AppRuntime, window: Window) -> bool {
+    let permit = app.coalescer.permit(window.urgency);
+    matches!(tokio::time::timeout_at(window.deadline.into(), permit).await, Ok(Ok(())))
 }

@@ -63,7 +63,7 @@ pub mod usersig;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -95,6 +95,8 @@ pub enum RunError {
     Redis(#[from] redis::RedisError),
 }
 
+/// How long the admin port's connections get to close after draining.
+const ADMIN_CLOSE: Duration = Duration::from_secs(1);
 /// How often the cache's deferred maintenance runs and its gauge is refreshed.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
 
@@ -127,31 +129,25 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         drain: drain.clone(),
     });
     let admin = Arc::new(admin::Admin { metrics, cache, drain: drain.clone() });
-    let (stop_data, data_stopped) = watch::channel(false);
-    let (stop_admin, admin_stopped) = watch::channel(false);
-    let grace = config.server.shutdown_grace;
-    let data_server = tokio::spawn(server::serve(
-        listeners.data,
-        move |req| server::handle(req, gateway.clone()),
-        data_stopped,
-        grace,
-    ));
-    let admin_server = tokio::spawn(server::serve(
-        listeners.admin,
-        move |req| admin::handle(req, admin.clone()),
-        admin_stopped,
-        Duration::from_secs(1),
-    ));
+    let (stop_data, data_stopped) = watch::channel(None);
+    let (stop_admin, admin_stopped) = watch::channel(None);
+    let data_server =
+        tokio::spawn(server::serve(listeners.data, move |req| server::handle(req, gateway.clone()), data_stopped));
+    let admin_server =
+        tokio::spawn(server::serve(listeners.admin, move |req| admin::handle(req, admin.clone()), admin_stopped));
 
     shutdown.await;
+    let grace = config.server.shutdown_grace;
+    let end = Instant::now() + grace;
     tracing::info!(grace_ms = grace.as_millis() as u64, "draining");
     drain.start();
-    if tokio::time::timeout(grace, drain.idle()).await.is_err() {
+    if tokio::time::timeout_at(end.into(), drain.idle()).await.is_err() {
         tracing::warn!("requests still in flight when the grace period ended");
     }
-    let _ = stop_data.send(true);
+    // One grace period in all: connections get what draining left of it.
+    let _ = stop_data.send(Some(end));
     let _ = data_server.await;
-    let _ = stop_admin.send(true);
+    let _ = stop_admin.send(Some(Instant::now() + ADMIN_CLOSE));
     let _ = admin_server.await;
     tasks.shutdown().await;
     tracing::info!("stopped");
@@ -174,7 +170,12 @@ fn app_runtime(
         format!("{}:{API_RECEIPT}", app.id),
         metrics.effective_rate.with_label_values(&[label.as_str(), API_RECEIPT]),
     )?;
-    let policy = BatchPolicy { window: config.batch.window, max_seqs: config.batch.max_seqs, ttl: config.cache.ttl };
+    let policy = BatchPolicy {
+        window: config.batch.window,
+        max_seqs: config.batch.max_seqs,
+        ttl: config.cache.ttl,
+        latency_cap: config.upstream.timeout,
+    };
     Ok(AppRuntime::new(
         app.id,
         app.region,

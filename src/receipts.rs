@@ -114,7 +114,8 @@ pub async fn answer(app: &AppRuntime, q: Query) -> Result<Answer, GatewayError> 
         if misses.is_empty() || Instant::now() >= q.deadline {
             break;
         }
-        match app.coalescer.join(&q.group, page.as_ref(), &misses, q.deadline, app.budget.estimate()) {
+        let since = (q.freshness != Freshness::NoCache).then_some(now);
+        match app.coalescer.join(&q.group, page.as_ref(), &misses, since, q.deadline, app.budget.estimate()) {
             Ok(joined) => wait(&mut slots, joined, &q).await,
             Err(overloaded) => {
                 let error = GatewayError::Overloaded { retry_after: overloaded.retry_after };
@@ -172,6 +173,15 @@ async fn wait(slots: &mut [Slot], joined: Vec<(MsgSeq, Waiter, Joined)>, q: &Que
     }
 }
 
+/// Which error to report when items failed differently (lower first).
+fn rank(e: &GatewayError) -> u8 {
+    match e {
+        GatewayError::Overloaded { .. } => 0,
+        GatewayError::Upstream(_) => 1,
+        _ => 2,
+    }
+}
+
 /// Builds the answer from what the slots hold. Items still unanswered fall back to stale
 /// entries when allowed, else the request fails with `unanswered` (or the failure).
 fn settle(app: &AppRuntime, mut slots: Vec<Slot>, q: &Query, unanswered: GatewayError) -> Result<Answer, GatewayError> {
@@ -191,17 +201,17 @@ fn settle(app: &AppRuntime, mut slots: Vec<Slot>, q: &Query, unanswered: Gateway
             (Some(entry), true) => slot.served = Some((entry.receipt, entry.fetched_at, Source::Stale)),
             _ => {
                 let e = match failure {
-                    Some(Failure::Expired) => {
-                        GatewayError::Overloaded { retry_after: app.coalescer.backlog(app.budget.estimate()) }
-                    }
-                    None => unanswered.clone(),
-                    Some(Failure::Throttled) => {
+                    Some(Failure::Expired | Failure::Throttled | Failure::NoBudget) => {
                         GatewayError::Overloaded { retry_after: app.coalescer.backlog(app.budget.estimate()) }
                     }
                     Some(Failure::Unavailable(reason)) => GatewayError::Upstream(reason),
-                    Some(Failure::Group { .. } | Failure::Rejected { .. }) => unanswered.clone(),
+                    None | Some(Failure::Group { .. } | Failure::Rejected { .. }) => unanswered.clone(),
                 };
-                error.get_or_insert(e);
+                // The most actionable error wins: "slow down, retry after N" over
+                // "upstream failed" over "deadline passed".
+                if error.as_ref().is_none_or(|old| rank(&e) < rank(old)) {
+                    error = Some(e);
+                }
             }
         }
     }

@@ -44,9 +44,9 @@ pub struct Gateway {
     pub drain: Arc<Drain>,
 }
 
-/// Serves HTTP/1.1 and h2c on `listener` with `handle` until `stop` turns true, then
-/// closes connections gracefully within `grace`.
-pub async fn serve<H, F>(listener: TcpListener, handle: H, mut stop: watch::Receiver<bool>, grace: Duration)
+/// Serves HTTP/1.1 and h2c on `listener` with `handle` until `stop` names a deadline,
+/// then closes connections gracefully, giving them until that deadline.
+pub async fn serve<H, F>(listener: TcpListener, handle: H, mut stop: watch::Receiver<Option<Instant>>)
 where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
@@ -62,10 +62,13 @@ where
         .keep_alive_interval(Duration::from_secs(30))
         .max_concurrent_streams(MAX_H2_STREAMS);
     let graceful = GracefulShutdown::new();
-    loop {
+    let deadline = loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            _ = stop.wait_for(|s| *s) => break,
+            stopped = stop.wait_for(Option::is_some) => {
+                // A dropped sender means nobody will say when: close at once.
+                break stopped.ok().and_then(|d| *d).unwrap_or_else(Instant::now);
+            }
         };
         let (stream, _) = match accepted {
             Ok(conn) => conn,
@@ -85,9 +88,9 @@ where
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         });
-    }
+    };
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout_at(deadline.into(), graceful.shutdown()).await.is_err() {
         tracing::warn!("connections still open after the shutdown grace period");
     }
 }

@@ -103,13 +103,10 @@ mod tests {
         let request = drain.enter().unwrap();
         drain.start();
         assert!(drain.enter().is_none());
-        let waiting = tokio::spawn({
-            let drain = drain.clone();
-            async move { drain.idle().await }
-        });
-        assert!(!waiting.is_finished());
+        let still_busy = tokio::time::timeout(Duration::from_millis(50), drain.idle()).await;
+        assert!(still_busy.is_err(), "idle while a request is in flight");
         drop(request);
-        tokio::time::timeout(Duration::from_secs(5), waiting).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(5), drain.idle()).await.unwrap();
         assert_eq!(drain.gauge.get(), 0);
     }
 }

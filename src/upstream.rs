@@ -40,6 +40,9 @@ pub enum Outcome {
     Throttled { code: i64 },
     /// Transient: retry with backoff within the deadline.
     Retryable { reason: String },
+    /// No answer at all (timeout, transport failure): retry like `Retryable`, but the
+    /// duration says nothing about how fast Tencent answers.
+    NoAnswer { reason: String },
     /// 70001: sign anew and retry once.
     UserSigExpired,
     /// 70050: too many signature failures; do not retry signing for a minute.
@@ -204,9 +207,9 @@ impl Upstream {
         let (status, bytes) = match tokio::time::timeout(self.timeout, attempt).await {
             Err(_) => {
                 let reason = format!("no answer within {} ms", self.timeout.as_millis());
-                return (Outcome::Retryable { reason }, "timeout".into());
+                return (Outcome::NoAnswer { reason }, "timeout".into());
             }
-            Ok(Err((label, reason))) => return (Outcome::Retryable { reason }, label.into()),
+            Ok(Err((label, reason))) => return (Outcome::NoAnswer { reason }, label.into()),
             Ok(Ok(answer)) => answer,
         };
         if !status.is_success() {

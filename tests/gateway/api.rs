@@ -166,16 +166,19 @@ async fn a_deadline_passing_while_upstream_is_slow_is_a_504() {
 
 #[tokio::test]
 async fn draining_refuses_new_requests_and_readyz_turns_503() {
-    let mut app = TestApp::spawn_with(Setup::sections("[server]\nshutdown_grace_ms = 5000\n")).await;
-    app.sim.inject(Fault::Latency(Duration::from_millis(600)), 1);
+    let mut app = TestApp::spawn_with(Setup::sections("[server]\nshutdown_grace_ms = 8000\n")).await;
+    // Long enough to look at draining while it lasts, even on a busy machine.
+    app.sim.inject(Fault::Latency(Duration::from_millis(2000)), 1);
     let (ready, _) = app.admin_get("/readyz").await;
     let (healthy, _) = app.admin_get("/healthz").await;
     assert_eq!((ready, healthy), (StatusCode::OK, StatusCode::OK));
     // A slow request in flight keeps the gateway draining long enough to look at it.
     let slow = {
         let client = app.client.clone();
-        let request =
-            Request::post(format!("{}{RECEIPT}", app.url)).body(Full::new(Bytes::from(body("g-drain", &[1])))).unwrap();
+        let request = Request::post(format!("{}{RECEIPT}", app.url))
+            .header("x-request-timeout-ms", "6000")
+            .body(Full::new(Bytes::from(body("g-drain", &[1]))))
+            .unwrap();
         tokio::spawn(async move { within(client.request(request)).await.map(|r| r.status()) })
     };
     within(async {

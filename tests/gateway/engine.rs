@@ -54,7 +54,7 @@ async fn until_calls(sim: &Simulator, n: usize) {
 #[tokio::test]
 async fn a_hundred_concurrent_requests_for_a_group_cost_one_call_per_max_seqs_and_a_repeat_costs_none() {
     // A wide window lets every request land before the batches may leave.
-    let app = TestApp::spawn_with(Setup::sections("[batch]\nwindow_ms = 300\n[cache]\nttl_ms = 60000\n")).await;
+    let app = TestApp::spawn_with(Setup::sections("[batch]\nwindow_ms = 1000\n[cache]\nttl_ms = 60000\n")).await;
     let requests: Vec<(String, Vec<u64>)> =
         (0..100u64).map(|i| ("g-hundred".to_owned(), (0..10).map(|k| (i * 7 + k * 13) % 120 + 1).collect())).collect();
     let distinct: std::collections::BTreeSet<u64> = requests.iter().flat_map(|r| r.1.clone()).collect();
@@ -130,14 +130,14 @@ async fn a_caller_that_goes_away_does_not_cancel_the_call_others_wait_on() {
 
 #[tokio::test]
 async fn no_cache_asks_upstream_again_and_max_age_accepts_older_items() {
-    let app = TestApp::spawn_with(Setup::sections("[cache]\nttl_ms = 150\nstale_ms = 60000\n")).await;
+    let app = TestApp::spawn_with(Setup::sections("[cache]\nttl_ms = 500\nstale_ms = 60000\n")).await;
     let first = app.post(&body("g-cc", &[1])).await;
     app.sim.set_receipt("g-cc", 1, 42, 1);
 
     let cached = app.post(&body("g-cc", &[1])).await;
     let no_cache = app.post_with("", &body("g-cc", &[1]), &[("cache-control", "no-cache")]).await;
     // Let the entry age past ttl_ms (time passing is the subject here, not a sync).
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
     let old_ok = app.post_with("", &body("g-cc", &[1]), &[("cache-control", "max-age=60")]).await;
     let calls_before_default = app.sim.call_count();
     let refreshed = app.post(&body("g-cc", &[1])).await;
@@ -185,16 +185,17 @@ async fn negative_answers_are_cached_for_negative_ttl() {
 
 #[tokio::test]
 async fn a_group_refreshes_as_one_cohort() {
-    let app = TestApp::spawn_with(Setup::sections("[cache]\nttl_ms = 400\n")).await;
+    let app = TestApp::spawn_with(Setup::sections("[cache]\nttl_ms = 1000\n")).await;
     let seqs: Vec<u64> = (1..=10).collect();
     app.post(&body("g-cohort", &seqs)).await;
     let read = app.post(&body("g-cohort", &seqs)).await;
     assert_eq!(read.header("x-cache"), Some("HIT"));
     // Past half the TTL, the read messages are due for refresh with the group's next call.
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
 
     let miss = app.post(&body("g-cohort", &[11])).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Past the first fetch's expiry: only the cohort refresh can make these fresh.
+    tokio::time::sleep(Duration::from_millis(600)).await;
     let later = app.post(&body("g-cohort", &seqs)).await;
 
     assert_eq!(miss.items(), vec![expected("g-cohort", 11)]);
