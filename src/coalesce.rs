@@ -122,6 +122,8 @@ const COHORT_MEMORY_TTLS: u32 = 4;
 /// Slack in admission and dispatch decisions for what the estimates do not see
 /// (scheduling delays, the answer's way back to the caller).
 const ADMISSION_MARGIN: Duration = Duration::from_millis(25);
+/// Where background batches queue: far behind any deadline a caller can have.
+const BACKGROUND_KEY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// How often idle groups are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
@@ -168,6 +170,11 @@ impl GroupState {
     fn is_idle(&self) -> bool {
         self.open.is_empty() && self.inflight.is_empty()
     }
+
+    /// The group's open batch that can take another MsgSeq, if any.
+    fn batch_with_room(&self, open: &HashMap<u64, OpenBatch>, max_seqs: usize) -> Option<u64> {
+        self.open.last().copied().filter(|id| open.get(id).is_some_and(|b| b.seqs.len() < max_seqs))
+    }
 }
 
 struct OpenBatch {
@@ -177,6 +184,10 @@ struct OpenBatch {
     ready_at: Instant,
     min_deadline: Instant,
     max_deadline: Instant,
+    /// False while only refused callers' MsgSeqs ride in it (a *background* batch): it is
+    /// queued last, spends only spare budget, and becomes an ordinary batch, queued by
+    /// deadline, when a caller joins it.
+    callers: bool,
     tx: watch::Sender<Option<Arc<BatchOutcome>>>,
 }
 
@@ -223,8 +234,10 @@ impl Coalescer {
     /// `deadline`, joining batches that already carry them, and remembers the group's
     /// cache `page` for cohort top-ups. Refuses when the queue cannot reach this caller's
     /// batches before the deadline, given the budget's `pace`; the refused caller's new
-    /// MsgSeqs still ride along in the group's open batch if it has room (they cost no
-    /// token there, and the next caller will find them cached).
+    /// MsgSeqs still ride along in the group's open batch, or in a background batch that
+    /// spends only spare budget or waits for the next caller of the group — so under
+    /// pressure calls carry as many MsgSeqs as they can and the next caller finds more
+    /// of the group cached (if only stale).
     ///
     /// `fetched_since` is when the caller looked in the cache (None for `no-cache`): an
     /// item a batch fetched since then is taken from the page instead of fetched again.
@@ -254,13 +267,24 @@ impl Coalescer {
             && expected > deadline
         {
             let interval = pace.interval.max(self.observed_interval());
-            let retry_after = pace.next_token + interval * queue.len() as u32 + self.latency();
-            let rider = g.open.last().copied();
-            if let Some(batch) = rider.and_then(|id| open.get_mut(&id).map(|b| (id, b))) {
-                for &seq in misses {
-                    if batch.1.seqs.len() < self.policy.max_seqs && !g.inflight.contains_key(&seq) {
-                        batch.1.seqs.push(seq);
-                        g.inflight.insert(seq, (batch.0, batch.1.tx.subscribe()));
+            let queued = queue.range(..(self.far(), 0)).count() as u32;
+            let retry_after = pace.next_token + interval * queued + self.latency();
+            let room = g.batch_with_room(open, self.policy.max_seqs);
+            let unplaced: Vec<MsgSeq> = misses.iter().copied().filter(|s| !g.inflight.contains_key(s)).collect();
+            if !unplaced.is_empty() {
+                let id = match room {
+                    Some(id) => id,
+                    None => {
+                        let far = self.far();
+                        let id = open_batch(next_id, open, queue, g, group, now + self.policy.window, far, false);
+                        self.wake.notify_one();
+                        id
+                    }
+                };
+                if let Some(batch) = open.get_mut(&id) {
+                    for seq in unplaced.into_iter().take(self.policy.max_seqs.saturating_sub(batch.seqs.len())) {
+                        batch.seqs.push(seq);
+                        g.inflight.insert(seq, (id, batch.tx.subscribe()));
                     }
                 }
             }
@@ -278,29 +302,11 @@ impl Coalescer {
                 joined.push((seq, waiter.clone(), Joined::Coalesced));
                 continue;
             }
-            let room =
-                g.open.last().copied().filter(|id| open.get(id).is_some_and(|b| b.seqs.len() < self.policy.max_seqs));
-            let id = match room {
+            let id = match g.batch_with_room(open, self.policy.max_seqs) {
                 Some(id) => id,
                 None => {
-                    *next_id += 1;
-                    let id = *next_id;
-                    let (tx, _) = watch::channel(None);
-                    open.insert(
-                        id,
-                        OpenBatch {
-                            group: group.clone(),
-                            seqs: Vec::new(),
-                            ready_at: now + self.policy.window,
-                            min_deadline: deadline,
-                            max_deadline: deadline,
-                            tx,
-                        },
-                    );
-                    queue.insert((deadline, id));
-                    g.open.push(id);
                     opened = true;
-                    id
+                    open_batch(next_id, open, queue, g, group, now + self.policy.window, deadline, true)
                 }
             };
             let Some(batch) = open.get_mut(&id) else { continue };
@@ -417,6 +423,11 @@ impl Coalescer {
         Duration::from_micros(estimate as u64).min(self.policy.latency_cap)
     }
 
+    /// The queue key of background batches: later than any caller's deadline.
+    fn far(&self) -> Instant {
+        self.epoch + BACKGROUND_KEY
+    }
+
     fn observed_interval(&self) -> Duration {
         Duration::from_micros(self.interval_us.load(Ordering::Relaxed))
     }
@@ -424,7 +435,7 @@ impl Coalescer {
     /// How long until the queue has drained at the budget's `pace`: a truthful
     /// `Retry-After` for a caller turned away now.
     pub fn backlog(&self, pace: Estimate) -> Duration {
-        let queued = self.lock().queue.len() as u32;
+        let queued = self.lock().queue.range(..(self.far(), 0)).count() as u32;
         pace.next_token + pace.interval.max(self.observed_interval()) * queued + self.latency()
     }
 
@@ -482,6 +493,36 @@ impl Coalescer {
     }
 }
 
+/// Opens a new batch for `group`, queued by `deadline`; returns its id.
+#[allow(clippy::too_many_arguments)]
+fn open_batch(
+    next_id: &mut u64,
+    open: &mut HashMap<u64, OpenBatch>,
+    queue: &mut BTreeSet<(Instant, u64)>,
+    g: &mut GroupState,
+    group: &GroupId,
+    ready_at: Instant,
+    deadline: Instant,
+    callers: bool,
+) -> u64 {
+    *next_id += 1;
+    let id = *next_id;
+    let (tx, _) = watch::channel(None);
+    let batch = OpenBatch {
+        group: group.clone(),
+        seqs: Vec::new(),
+        ready_at,
+        min_deadline: deadline,
+        max_deadline: deadline,
+        callers,
+        tx,
+    };
+    open.insert(id, batch);
+    queue.insert((deadline, id));
+    g.open.push(id);
+    id
+}
+
 /// Splits `misses` into those a batch answered after `since` (already in the group's
 /// page: returned with a resolved waiter) and those still to fetch. This closes the gap
 /// between a caller's cache lookup and its `join`, in which a batch may have finished.
@@ -524,6 +565,12 @@ impl OpenBatch {
     /// Widens the batch's deadlines for one more caller, re-queueing it if it became
     /// more urgent.
     fn add_caller(&mut self, id: u64, deadline: Instant, queue: &mut BTreeSet<(Instant, u64)>) {
+        if !self.callers {
+            queue.remove(&(self.min_deadline, id));
+            queue.insert((deadline, id));
+            (self.min_deadline, self.max_deadline, self.callers) = (deadline, deadline, true);
+            return;
+        }
         if deadline < self.min_deadline {
             queue.remove(&(self.min_deadline, id));
             queue.insert((deadline, id));
@@ -552,7 +599,7 @@ impl State {
                 break;
             }
             let Some(b) = self.open.get(&id) else { continue };
-            if b.max_deadline < now + latency + ADMISSION_MARGIN {
+            if b.callers && b.max_deadline < now + latency + ADMISSION_MARGIN {
                 expired.push(id);
             } else if b.is_ready(now, policy) {
                 ready = true;
@@ -576,7 +623,7 @@ impl State {
         let late: Vec<u64> = self
             .open
             .iter()
-            .filter(|(_, b)| b.max_deadline < now + latency + ADMISSION_MARGIN)
+            .filter(|(_, b)| b.callers && b.max_deadline < now + latency + ADMISSION_MARGIN)
             .map(|(id, _)| *id)
             .collect();
         for id in late {
@@ -617,8 +664,9 @@ impl State {
             group: batch.group,
             seqs,
             requested,
+            // A background batch's retries wait behind everything and give up soon.
             urgency: batch.min_deadline,
-            deadline: batch.max_deadline,
+            deadline: if batch.callers { batch.max_deadline } else { now + policy.latency_cap },
             tx: batch.tx,
         }))
     }
@@ -746,6 +794,31 @@ mod tests {
             .join(&group("new2"), None, &seqs(0..1), None, now + Duration::from_secs(6), pace(Duration::from_secs(1)))
             .unwrap_err();
         assert!(err.retry_after >= Duration::from_secs(11), "{err:?}");
+    }
+
+    #[test]
+    fn a_refused_callers_misses_wait_in_a_background_batch_that_the_next_caller_promotes() {
+        let c = Coalescer::new(policy(10));
+        let now = Instant::now();
+        let slow = pace(Duration::from_secs(1));
+        for i in 0..5 {
+            c.join(&group(&format!("busy{i}")), None, &seqs(0..1), None, now + Duration::from_secs(5), slow).unwrap();
+        }
+
+        // Five batches due first at 1 s each: a little more than this caller has.
+        let refused = c.join(&group("g"), None, &seqs(0..3), None, now + Duration::from_millis(5010), slow);
+        let (open, _, inflight) = c.sizes();
+        let later = c.join(&group("g"), None, &seqs(2..4), None, now + Duration::from_secs(30), slow).unwrap();
+
+        assert!(refused.is_err());
+        assert_eq!((open, inflight), (6, 8), "the refused MsgSeqs wait in a sixth, background batch");
+        let kinds: Vec<_> = later.iter().map(|(_, _, j)| *j).collect();
+        assert_eq!(kinds, [Joined::Coalesced, Joined::Fetched], "the next caller joins it");
+        let st = c.lock();
+        let background = st.open.values().find(|b| b.group == group("g")).unwrap();
+        assert!(background.callers);
+        assert_eq!(background.seqs, seqs(0..4));
+        assert!(st.queue.contains(&(now + Duration::from_secs(30), *st.groups[&group("g")].open.last().unwrap())));
     }
 
     #[test]

@@ -256,9 +256,14 @@ async fn a_burst_of_1000_groups_stays_within_the_budget_and_nobody_hangs() {
     // Measured from the client, so it includes queueing on the shared connection.
     let slowest = answers.iter().map(|a| a.2).max().unwrap_or_default();
     assert!(slowest < deadline + Duration::from_millis(500), "slowest answer took {slowest:?}");
-    assert!(app.sim.max_arrivals_in_any_window(Duration::from_secs(1)) <= 200);
+    let busiest = app.sim.max_arrivals_in_any_window(Duration::from_secs(1));
+    assert!(busiest <= 200, "{busiest} calls in one second");
     assert_eq!(app.sim.count_code(60007), 0);
-    assert_eq!(app.sim.call_count(), ok, "one call per answered group");
+    // Every answered group cost one call; refused groups' MsgSeqs may be fetched later
+    // with spare budget, within the same limit.
+    let calls = app.sim.calls();
+    assert!(calls.len() >= ok);
+    assert!(calls.iter().all(|c| c.error_code == 0));
 }
 
 fn summary(answers: &[(StatusCode, bool, Duration)]) -> Vec<(StatusCode, bool)> {

