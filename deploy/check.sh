@@ -113,10 +113,11 @@ try:
         print("PASS: budget: base per_second x replicas <= 200/s")
     red = tomllib.loads((repo / "deploy/kubernetes/overlays/redis/receipt-gateway.toml").read_text())
     hpa = yaml.safe_load((repo / "deploy/kubernetes/overlays/redis/horizontalpodautoscaler.yaml").read_text())
-    if red["budget"]["fallback_per_second"] * hpa["spec"]["maxReplicas"] > 200 or red["budget"]["per_second"] > 200:
-        print("FAIL: budget: redis overlay fallback x maxReplicas (or per_second) exceeds 200/s"); bad = 1
+    rb = red["budget"]
+    if rb["fallback_per_second"] * hpa["spec"]["maxReplicas"] > 200 or rb["per_second"] + rb["fallback_per_second"] > 200:
+        print("FAIL: budget: redis overlay fallback x maxReplicas, or per_second + fallback, exceeds 200/s"); bad = 1
     else:
-        print("PASS: budget: redis overlay fallback_per_second x maxReplicas <= 200/s")
+        print("PASS: budget: redis overlay fallback x maxReplicas and per_second + fallback <= 200/s")
 except ModuleNotFoundError:
     print("SKIP: budget rules: no PyYAML")
 sys.exit(bad)
