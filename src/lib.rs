@@ -19,7 +19,9 @@
 //!    makes them part of the group's cohort); the misses go on.
 //! 3. [`coalesce`] — puts each missing (group, MsgSeq) in flight exactly once: it joins a
 //!    batch that already carries it or is added to its group's open batch; refuses up
-//!    front (429, or stale items) when the queue cannot reach it before the deadline.
+//!    front (429, or stale items) when the queue cannot reach it before the deadline —
+//!    the refused MsgSeqs then wait in a background batch for spare budget or the
+//!    group's next caller.
 //! 4. [`budget`] — the dispatcher takes one token at a time (governor, or GCRA in Redis,
 //!    at the AIMD effective rate) and spends it on the ready batch whose earliest caller
 //!    deadline comes first, topped up from the group's cache page with the cohort: read

@@ -79,20 +79,12 @@ async fn a_hundred_concurrent_requests_for_a_group_cost_one_call_per_max_seqs_an
 async fn a_key_in_flight_is_never_fetched_twice_and_new_keys_go_in_their_own_call() {
     let app = TestApp::spawn().await;
     app.sim.inject(Fault::Latency(Duration::from_millis(400)), 1);
-    let first = {
-        let (client, url) = (app.client.clone(), app.url.clone());
-        tokio::spawn(async move {
-            let request = Request::post(format!("{url}{RECEIPT}"))
-                .body(Full::new(Bytes::from(body("g-sf", &[1, 2, 3]))))
-                .unwrap();
-            within(client.request(request)).await.map(|r| r.status())
-        })
-    };
+    let first = app.post_in_background(body("g-sf", &[1, 2, 3]), &[]);
     until_calls(&app.sim, 1).await;
 
     let second = app.post(&body("g-sf", &[2, 3, 4])).await;
 
-    assert_eq!(within(first).await.unwrap().unwrap(), StatusCode::OK);
+    assert_eq!(within(first).await.unwrap(), Some(StatusCode::OK));
     assert_eq!(second.status, StatusCode::OK);
     assert_eq!(second.header("x-cache"), Some("MISS"), "joined the in-flight fetch and fetched the rest");
     let seqs: Vec<Vec<u64>> = app.sim.calls().iter().map(|c| c.seqs.clone()).collect();
@@ -104,27 +96,13 @@ async fn a_key_in_flight_is_never_fetched_twice_and_new_keys_go_in_their_own_cal
 async fn a_caller_that_goes_away_does_not_cancel_the_call_others_wait_on() {
     let app = TestApp::spawn().await;
     app.sim.inject(Fault::Latency(Duration::from_millis(300)), 1);
-    let leaver = {
-        let (client, url) = (app.client.clone(), app.url.clone());
-        tokio::spawn(async move {
-            let request =
-                Request::post(format!("{url}{RECEIPT}")).body(Full::new(Bytes::from(body("g-away", &[5])))).unwrap();
-            let _ = client.request(request).await;
-        })
-    };
+    let leaver = app.post_in_background(body("g-away", &[5]), &[]);
     until_calls(&app.sim, 1).await;
-    let stayer = {
-        let (client, url) = (app.client.clone(), app.url.clone());
-        tokio::spawn(async move {
-            let request =
-                Request::post(format!("{url}{RECEIPT}")).body(Full::new(Bytes::from(body("g-away", &[5])))).unwrap();
-            within(client.request(request)).await.map(|r| r.status())
-        })
-    };
+    let stayer = app.post_in_background(body("g-away", &[5]), &[]);
 
     leaver.abort();
 
-    assert_eq!(within(stayer).await.unwrap().unwrap(), StatusCode::OK);
+    assert_eq!(within(stayer).await.unwrap(), Some(StatusCode::OK));
     assert_eq!(app.sim.call_count(), 1);
 }
 

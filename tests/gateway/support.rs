@@ -200,6 +200,18 @@ impl TestApp {
         self.send(request).await
     }
 
+    /// Sends a receipt request from a task of its own (to overlap it with others, or
+    /// abandon it); resolves to the answer's status, or None if the connection failed.
+    pub fn post_in_background(&self, body: String, headers: &[(&str, &str)]) -> JoinHandle<Option<StatusCode>> {
+        let mut builder = Request::post(format!("{}{RECEIPT}", self.url));
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
+        }
+        let request = builder.body(Full::new(Bytes::from(body))).expect("request");
+        let client = self.client.clone();
+        tokio::spawn(async move { within(client.request(request)).await.ok().map(|r| r.status()) })
+    }
+
     pub async fn post(&self, body: &str) -> Reply {
         self.post_with("", body, &[]).await
     }
