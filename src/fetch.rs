@@ -7,6 +7,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -83,7 +84,8 @@ type Items = Vec<(MsgSeq, Result<Receipt, Failure>)>;
 pub async fn run(app: Arc<AppRuntime>, batch: Dispatch) {
     let started = Instant::now();
     let window = Window { urgency: batch.urgency, deadline: batch.deadline };
-    let mut items = fetch(&app, &batch.group, batch.seqs.clone(), window, Paid::Yes).await;
+    let splits = AtomicU32::new(split_allowance(batch.seqs.len()));
+    let mut items = fetch(&app, &batch.group, batch.seqs.clone(), window, Paid::Yes, &splits).await;
     let fetched_at = Instant::now();
     items.sort_unstable_by_key(|(s, _)| *s);
     let answers: Vec<(MsgSeq, Receipt)> = items.iter().filter_map(|(s, r)| Some((*s, *r.as_ref().ok()?))).collect();
@@ -113,12 +115,15 @@ enum Paid {
 }
 
 /// Answers `seqs` of `group` with retries and splits, each attempt paid from the budget.
+///
+/// `splits` counts the split calls this batch may still make to isolate a 10004.
 fn fetch<'a>(
     app: &'a AppRuntime,
     group: &'a GroupId,
     seqs: Vec<MsgSeq>,
     window: Window,
     paid: Paid,
+    splits: &'a AtomicU32,
 ) -> Pin<Box<dyn Future<Output = Items> + Send + 'a>> {
     Box::pin(async move {
         let fail = |seqs: &[MsgSeq], f: Failure| seqs.iter().map(|&s| (s, Err(f.clone()))).collect::<Items>();
@@ -139,7 +144,7 @@ fn fetch<'a>(
             let failure = match outcome {
                 Outcome::Items(items) => return match_items(&seqs, items),
                 Outcome::Group { code, info } => return fail(&seqs, Failure::Group { code, info }),
-                Outcome::InvalidParameter { info } if seqs.len() == 1 => {
+                Outcome::InvalidParameter { info } if seqs.len() == 1 || !take_split(splits) => {
                     return fail(&seqs, Failure::Rejected { code: 10004, info });
                 }
                 Outcome::InvalidParameter { .. } => {
@@ -147,8 +152,8 @@ fn fetch<'a>(
                     let mut left = seqs;
                     let right = left.split_off(left.len() / 2);
                     let (mut a, b) = tokio::join!(
-                        fetch(app, group, left, window, Paid::No),
-                        fetch(app, group, right, window, Paid::No)
+                        fetch(app, group, left, window, Paid::No, splits),
+                        fetch(app, group, right, window, Paid::No, splits)
                     );
                     a.extend(b);
                     return a;
@@ -186,6 +191,20 @@ fn fetch<'a>(
     })
 }
 
+/// How many split calls a batch of `n` MsgSeqs may spend isolating 10004s: enough to
+/// find two bad MsgSeqs by halving (two calls per level), not the `2n - 2` it would take
+/// when Tencent's 10004 is about the whole call (a GroupId it refuses, say) and every
+/// half fails again.
+fn split_allowance(n: usize) -> u32 {
+    let levels = usize::BITS - n.saturating_sub(1).leading_zeros();
+    4 * levels
+}
+
+/// Takes one split (two calls) from the allowance, if it has one.
+fn take_split(splits: &AtomicU32) -> bool {
+    splits.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| left.checked_sub(2)).is_ok()
+}
+
 /// One result per MsgSeq asked for; a MsgSeq Tencent left out is a failure, not a guess.
 fn match_items(seqs: &[MsgSeq], mut items: Vec<(MsgSeq, Receipt)>) -> Items {
     items.sort_unstable_by_key(|(s, _)| *s);
@@ -216,4 +235,18 @@ async fn retry_later(app: &AppRuntime, retries: &mut u32, deadline: Instant) -> 
 async fn wait_for_token(app: &AppRuntime, window: Window) -> bool {
     let permit = app.coalescer.permit(window.urgency);
     matches!(tokio::time::timeout_at(window.deadline.into(), permit).await, Ok(Ok(())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_split_allowance_finds_two_bad_msgseqs_by_halving() {
+        assert_eq!(split_allowance(1), 0);
+        assert_eq!(split_allowance(2), 4);
+        assert_eq!(split_allowance(50), 24);
+        let splits = AtomicU32::new(split_allowance(2));
+        assert!(take_split(&splits) && take_split(&splits) && !take_split(&splits));
+    }
 }

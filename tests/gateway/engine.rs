@@ -238,6 +238,21 @@ async fn a_bad_msgseq_fails_only_the_caller_who_sent_it() {
 }
 
 #[tokio::test]
+async fn a_10004_about_the_whole_call_costs_a_bounded_number_of_splits() {
+    let app = TestApp::spawn().await;
+    // Every call refused with 10004, whatever it carries.
+    app.sim.inject(Fault::ErrorCode(10004), 1000);
+    let seqs: Vec<u64> = (1..=50).collect();
+
+    let reply = app.post(&body("g-all-bad", &seqs)).await;
+
+    assert_eq!((reply.status, reply.code()), (StatusCode::OK, 10004));
+    // Halving to single MsgSeqs would take 99 calls; the split allowance stops at 1 + 24.
+    let calls = app.sim.call_count();
+    assert!(calls <= 25, "{calls} calls");
+}
+
+#[tokio::test]
 async fn a_group_level_error_reaches_only_that_groups_callers() {
     let app = TestApp::spawn().await;
     let requests = vec![("missing-iso".to_owned(), vec![1]), ("g-fine".to_owned(), vec![1])];
