@@ -55,7 +55,7 @@ pub fn pacing_interval(per_second: NonZeroU32) -> Duration {
 /// timers wake a little late; GCRA without tolerance then restarts the schedule from the
 /// late instant and loses that time on every token (measured: 189.8 instead of 194
 /// calls/s at 200/s; with 1 ms of tolerance, rolling seconds still dipped to 189). Up to
-/// [`BURST_ABOVE`] calls a second the tolerance is up to [`LATENESS`] — less than one
+/// `BURST_ABOVE` calls a second the tolerance is up to `LATENESS` — less than one
 /// token, so no rolling second gains a call from it. Above that, intervals approach timer
 /// granularity, and half the guard's slack, in whole tokens, becomes the tolerance.
 pub fn tolerance(per_second: NonZeroU32) -> Duration {
