@@ -55,8 +55,8 @@ pub fn pacing_interval(per_second: NonZeroU32) -> Duration {
 /// timers wake a little late; GCRA without tolerance then restarts the schedule from the
 /// late instant and loses that time on every token (measured: 189.8 instead of 194
 /// calls/s at 200/s; with 1 ms of tolerance, rolling seconds still dipped to 189). Up to
-/// `BURST_ABOVE` calls a second the tolerance is up to `LATENESS` — less than one
-/// token, so no rolling second gains a call from it. Above that, intervals approach timer
+/// `BURST_ABOVE` calls a second the tolerance is up to `LATENESS`, which the guard's
+/// slack covers, so no rolling second gains a call from it. Above that, intervals approach timer
 /// granularity, and half the guard's slack, in whole tokens, becomes the tolerance.
 pub fn tolerance(per_second: NonZeroU32) -> Duration {
     let interval = pacing_interval(per_second);
@@ -89,8 +89,9 @@ fn quota(per_second: NonZeroU32) -> (Quota, NonZeroU32) {
     let cell = pacing_interval(per_second) / cells.get();
     let tolerance_cells = (tolerance(per_second).as_nanos() / cell.as_nanos().max(1)) as u32;
     let burst = NonZeroU32::new(cells.get() + tolerance_cells).unwrap_or(cells);
-    // `with_period` only refuses a zero period, and a cell is at least 1 µs for any u32
-    // rate; the fallback still paces at one call per second.
+    // `with_period` only refuses a zero period, and a cell is about 1 µs even at the
+    // highest configurable rate (1,000,000/s); the fallback still paces at one call per
+    // second.
     let quota = Quota::with_period(cell).unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN)).allow_burst(burst);
     (quota, cells)
 }
@@ -156,7 +157,8 @@ impl Budget {
                 connection: tokio::sync::Mutex::new(None),
                 script: redis::Script::new(GCRA),
                 key: format!("{key_prefix}:{key}"),
-                interval_us: pacing_interval(per_second).as_micros() as u64,
+                // Rounded up: rounding down would eat the guard at very high rates.
+                interval_us: pacing_interval(per_second).as_nanos().div_ceil(1000) as u64,
                 tolerance_us: tolerance(per_second).as_micros() as u64,
                 fallback: limiter(fallback_per_second),
                 fallback_interval: pacing_interval(fallback_per_second),

@@ -43,6 +43,9 @@ pub enum Failure {
     Throttled,
     /// A retry or split half found no token before the deadline.
     NoBudget,
+    /// Tencent refused a merged call with 10004 and the split allowance ran out before
+    /// the offending MsgSeqs were found: `fetch::run` decides what the callers see.
+    Unisolated { info: String },
     /// Transport errors, 5xx or retryable codes until retries or the deadline ran out,
     /// or a code that is not retried.
     Unavailable(String),
@@ -124,6 +127,9 @@ const COHORT_MEMORY_TTLS: u32 = 4;
 const ADMISSION_MARGIN: Duration = Duration::from_millis(25);
 /// Where background batches queue: far behind any deadline a caller can have.
 const BACKGROUND_KEY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// The least a background batch waits for a caller or a spare token before it is dropped
+/// (at least a TTL, so the group's next caller usually finds it).
+const BACKGROUND_LIFETIME: Duration = Duration::from_secs(1);
 /// How often idle groups are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
@@ -185,8 +191,9 @@ struct OpenBatch {
     min_deadline: Instant,
     max_deadline: Instant,
     /// False while only refused callers' MsgSeqs ride in it (a *background* batch): it is
-    /// queued last, spends only spare budget, and becomes an ordinary batch, queued by
-    /// deadline, when a caller joins it.
+    /// queued last, spends only spare budget, is dropped unsent after its lifetime (its
+    /// `max_deadline`), and becomes an ordinary batch, queued by deadline, when a caller
+    /// joins it.
     callers: bool,
     tx: watch::Sender<Option<Arc<BatchOutcome>>>,
 }
@@ -275,8 +282,11 @@ impl Coalescer {
                 let id = match room {
                     Some(id) => id,
                     None => {
-                        let far = self.far();
-                        let id = open_batch(next_id, open, queue, g, group, now + self.policy.window, far, false);
+                        // Queued behind every caller, and dropped unsent if no caller
+                        // joins and no spare token comes within its lifetime.
+                        let lifetime = now + self.policy.ttl.max(BACKGROUND_LIFETIME);
+                        let ready_at = now + self.policy.window;
+                        let id = open_batch(next_id, open, queue, g, group, ready_at, (self.far(), lifetime), false);
                         self.wake.notify_one();
                         id
                     }
@@ -285,6 +295,10 @@ impl Coalescer {
                     for seq in unplaced.into_iter().take(self.policy.max_seqs.saturating_sub(batch.seqs.len())) {
                         batch.seqs.push(seq);
                         g.inflight.insert(seq, (id, batch.tx.subscribe()));
+                    }
+                    if batch.seqs.len() >= self.policy.max_seqs {
+                        batch.ready_at = batch.ready_at.min(now);
+                        self.wake.notify_one();
                     }
                 }
             }
@@ -306,7 +320,7 @@ impl Coalescer {
                 Some(id) => id,
                 None => {
                     opened = true;
-                    open_batch(next_id, open, queue, g, group, now + self.policy.window, deadline, true)
+                    open_batch(next_id, open, queue, g, group, now + self.policy.window, (deadline, deadline), true)
                 }
             };
             let Some(batch) = open.get_mut(&id) else { continue };
@@ -493,7 +507,8 @@ impl Coalescer {
     }
 }
 
-/// Opens a new batch for `group`, queued by `deadline`; returns its id.
+/// Opens a new batch for `group`, queued by the first of `(key, expiry)` and dropped
+/// unsent once the second is near; returns its id.
 #[allow(clippy::too_many_arguments)]
 fn open_batch(
     next_id: &mut u64,
@@ -502,7 +517,7 @@ fn open_batch(
     g: &mut GroupState,
     group: &GroupId,
     ready_at: Instant,
-    deadline: Instant,
+    (key, expiry): (Instant, Instant),
     callers: bool,
 ) -> u64 {
     *next_id += 1;
@@ -512,13 +527,13 @@ fn open_batch(
         group: group.clone(),
         seqs: Vec::new(),
         ready_at,
-        min_deadline: deadline,
-        max_deadline: deadline,
+        min_deadline: key,
+        max_deadline: expiry,
         callers,
         tx,
     };
     open.insert(id, batch);
-    queue.insert((deadline, id));
+    queue.insert((key, id));
     g.open.push(id);
     id
 }
@@ -590,48 +605,53 @@ impl State {
     fn next(&mut self, now: Instant, policy: &BatchPolicy, latency: Duration) -> Next {
         self.sweep(now);
         self.forget_abandoned_permits();
-        let mut expired = Vec::new();
+        self.expire_late(now, latency);
         let mut earliest: Option<Instant> = None;
-        let mut ready = false;
         for &(_, id) in &self.queue {
             if self.permits.contains_key(&id) {
-                ready = true;
-                break;
+                return Next::Ready;
             }
             let Some(b) = self.open.get(&id) else { continue };
-            if b.callers && b.max_deadline < now + latency + ADMISSION_MARGIN {
-                expired.push(id);
-            } else if b.is_ready(now, policy) {
-                ready = true;
+            // Background batches come last in the queue and only take spare budget: none
+            // while a caller's batch is still filling.
+            if !b.callers && earliest.is_some() {
                 break;
-            } else {
-                earliest = Some(earliest.map_or(b.ready_at, |e| e.min(b.ready_at)));
             }
+            if b.is_ready(now, policy) {
+                return Next::Ready;
+            }
+            earliest = Some(earliest.map_or(b.ready_at, |e| e.min(b.ready_at)));
         }
-        for id in expired {
-            self.expire(id, now);
-        }
-        match (ready, earliest) {
-            (true, _) => Next::Ready,
-            (false, Some(t)) => Next::At(t),
-            (false, None) => Next::Idle,
-        }
+        earliest.map_or(Next::Idle, Next::At)
     }
 
-    /// Takes the most urgent ready job off the queue.
-    fn pop(&mut self, now: Instant, policy: &BatchPolicy, budget_wait: &Histogram, latency: Duration) -> Option<Job> {
+    /// Drops, unsent, the open batches whose callers' deadlines (or, for background
+    /// batches, lifetimes) would pass before an answer could arrive.
+    fn expire_late(&mut self, now: Instant, latency: Duration) {
         let late: Vec<u64> = self
             .open
             .iter()
-            .filter(|(_, b)| b.callers && b.max_deadline < now + latency + ADMISSION_MARGIN)
+            .filter(|(_, b)| b.max_deadline < now + latency + ADMISSION_MARGIN)
             .map(|(id, _)| *id)
             .collect();
         for id in late {
             self.expire(id, now);
         }
+    }
+
+    /// Takes the most urgent ready job off the queue.
+    fn pop(&mut self, now: Instant, policy: &BatchPolicy, budget_wait: &Histogram, latency: Duration) -> Option<Job> {
+        self.expire_late(now, latency);
         self.forget_abandoned_permits();
+        let mut filling = false;
         let (key, id) = self.queue.iter().copied().find(|&(_, id)| {
-            self.permits.contains_key(&id) || self.open.get(&id).is_some_and(|b| b.is_ready(now, policy))
+            if self.permits.contains_key(&id) {
+                return true;
+            }
+            let Some(b) = self.open.get(&id) else { return false };
+            let ready = b.is_ready(now, policy) && (b.callers || !filling);
+            filling |= b.callers && !ready;
+            ready
         })?;
         self.queue.remove(&(key, id));
         if let Some(permit) = self.permits.remove(&id) {
@@ -639,7 +659,10 @@ impl State {
             return Some(Job::Permit(permit.tx));
         }
         let batch = self.open.remove(&id)?;
-        budget_wait.observe(now.saturating_duration_since(batch.ready_at).as_secs_f64());
+        if batch.callers {
+            // Background batches wait for spare budget by design; that is not a wait.
+            budget_wait.observe(now.saturating_duration_since(batch.ready_at).as_secs_f64());
+        }
         let g = self.groups.entry(batch.group.clone()).or_default();
         g.open.retain(|&other| other != id);
         let requested = batch.seqs.len();
@@ -664,8 +687,9 @@ impl State {
             group: batch.group,
             seqs,
             requested,
-            // A background batch's retries wait behind everything and give up soon.
-            urgency: batch.min_deadline,
+            // A background batch's retries (a caller may still join it on the wire) queue
+            // like a caller with the upstream timeout as deadline.
+            urgency: if batch.callers { batch.min_deadline } else { now + policy.latency_cap },
             deadline: if batch.callers { batch.max_deadline } else { now + policy.latency_cap },
             tx: batch.tx,
         }))
@@ -819,6 +843,23 @@ mod tests {
         assert!(background.callers);
         assert_eq!(background.seqs, seqs(0..4));
         assert!(st.queue.contains(&(now + Duration::from_secs(30), *st.groups[&group("g")].open.last().unwrap())));
+    }
+
+    #[test]
+    fn a_background_batch_nobody_joins_is_dropped_after_its_lifetime() {
+        let c = Coalescer::new(policy(10));
+        let now = Instant::now();
+        let slow = pace(Duration::from_secs(1));
+        for i in 0..5 {
+            c.join(&group(&format!("busy{i}")), None, &seqs(0..1), None, now + Duration::from_secs(5), slow).unwrap();
+        }
+        assert!(c.join(&group("g"), None, &seqs(0..3), None, now + Duration::from_millis(5010), slow).is_err());
+        assert_eq!(c.sizes(), (6, 0, 8));
+
+        let next = c.lock().next(now + Duration::from_millis(1500), &c.policy, Duration::ZERO);
+
+        assert!(matches!(next, Next::Ready), "the busy batches are still due");
+        assert_eq!(c.sizes(), (5, 0, 5), "the background batch and its keys are gone");
     }
 
     #[test]

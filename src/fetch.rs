@@ -86,6 +86,7 @@ pub async fn run(app: Arc<AppRuntime>, batch: Dispatch) {
     let window = Window { urgency: batch.urgency, deadline: batch.deadline };
     let splits = AtomicU32::new(split_allowance(batch.seqs.len()));
     let mut items = fetch(&app, &batch.group, batch.seqs.clone(), window, Paid::Yes, &splits).await;
+    settle_unisolated(&mut items);
     let fetched_at = Instant::now();
     items.sort_unstable_by_key(|(s, _)| *s);
     let answers: Vec<(MsgSeq, Receipt)> = items.iter().filter_map(|(s, r)| Some((*s, *r.as_ref().ok()?))).collect();
@@ -144,8 +145,11 @@ fn fetch<'a>(
             let failure = match outcome {
                 Outcome::Items(items) => return match_items(&seqs, items),
                 Outcome::Group { code, info } => return fail(&seqs, Failure::Group { code, info }),
-                Outcome::InvalidParameter { info } if seqs.len() == 1 || !take_split(splits) => {
+                Outcome::InvalidParameter { info } if seqs.len() == 1 => {
                     return fail(&seqs, Failure::Rejected { code: 10004, info });
+                }
+                Outcome::InvalidParameter { info } if !take_split(splits) => {
+                    return fail(&seqs, Failure::Unisolated { info });
                 }
                 Outcome::InvalidParameter { .. } => {
                     // One caller's bad MsgSeq must not fail the others merged with it.
@@ -189,6 +193,26 @@ fn fetch<'a>(
             return fail(&seqs, failure);
         }
     })
+}
+
+/// What callers see of a 10004 the split allowance could not narrow down. If nothing in
+/// the batch got an answer, the 10004 is about the whole call (its group, say): Tencent's
+/// error, passed through. If other parts of it did, the unresolved parts may hold
+/// innocent MsgSeqs, which must not be told their input was wrong: an upstream failure.
+fn settle_unisolated(items: &mut Items) {
+    let all_refused =
+        items.iter().all(|(_, r)| matches!(r, Err(Failure::Rejected { .. } | Failure::Unisolated { .. })));
+    for (_, result) in items.iter_mut() {
+        if let Err(Failure::Unisolated { info }) = result {
+            *result = Err(if all_refused {
+                Failure::Rejected { code: 10004, info: std::mem::take(info) }
+            } else {
+                Failure::Unavailable(format!(
+                    "upstream refused a merged call with 10004 ({info}) and it could not be narrowed down"
+                ))
+            });
+        }
+    }
 }
 
 /// How many split calls a batch of `n` MsgSeqs may spend isolating 10004s: enough to
@@ -248,5 +272,19 @@ mod tests {
         assert_eq!(split_allowance(50), 24);
         let splits = AtomicU32::new(split_allowance(2));
         assert!(take_split(&splits) && take_split(&splits) && !take_split(&splits));
+    }
+
+    #[test]
+    fn an_unisolated_10004_is_tencents_answer_only_when_nothing_in_the_batch_succeeded() {
+        let unisolated = || Err(Failure::Unisolated { info: "bad".into() });
+        let mut whole: Items = vec![(MsgSeq(1), unisolated()), (MsgSeq(2), unisolated())];
+        settle_unisolated(&mut whole);
+        assert!(whole.iter().all(|(_, r)| matches!(r, Err(Failure::Rejected { code: 10004, .. }))));
+
+        let ok = Receipt { code: 0, read: Some(1), unread: Some(1) };
+        let mut partial: Items = vec![(MsgSeq(1), unisolated()), (MsgSeq(2), Ok(ok))];
+        settle_unisolated(&mut partial);
+        assert!(matches!(partial[0].1, Err(Failure::Unavailable(_))));
+        assert_eq!(partial[1].1, Ok(ok));
     }
 }

@@ -205,6 +205,8 @@ fn settle(app: &AppRuntime, mut slots: Vec<Slot>, q: &Query, unanswered: Gateway
                         GatewayError::Overloaded { retry_after: app.coalescer.backlog(app.budget.estimate()) }
                     }
                     Some(Failure::Unavailable(reason)) => GatewayError::Upstream(reason),
+                    // `fetch::run` turns these into Rejected or Unavailable before waking anyone.
+                    Some(Failure::Unisolated { info }) => GatewayError::Upstream(info),
                     None | Some(Failure::Group { .. } | Failure::Rejected { .. }) => unanswered.clone(),
                 };
                 // The most actionable error wins: "slow down, retry after N" over
