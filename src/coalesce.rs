@@ -822,21 +822,27 @@ mod tests {
         assert!(err.retry_after >= Duration::from_secs(11), "{err:?}");
     }
 
-    #[test]
-    fn a_refused_callers_misses_wait_in_a_background_batch_that_the_next_caller_promotes() {
+    /// A coalescer with five batches due within 5 s at one token a second, and a caller
+    /// for MsgSeqs 0..3 of group `g` that cannot wait behind them (true if it was refused).
+    fn crowded() -> (Coalescer, Instant, Estimate, bool) {
         let c = Coalescer::new(policy(10));
         let now = Instant::now();
         let slow = pace(Duration::from_secs(1));
         for i in 0..5 {
             c.join(&group(&format!("busy{i}")), None, &seqs(0..1), None, now + Duration::from_secs(5), slow).unwrap();
         }
-
         // Five batches due first at 1 s each: a little more than this caller has.
-        let refused = c.join(&group("g"), None, &seqs(0..3), None, now + Duration::from_millis(5010), slow);
+        let refused = c.join(&group("g"), None, &seqs(0..3), None, now + Duration::from_millis(5010), slow).is_err();
+        (c, now, slow, refused)
+    }
+
+    #[test]
+    fn a_refused_callers_misses_wait_in_a_background_batch_that_the_next_caller_promotes() {
+        let (c, now, slow, refused) = crowded();
         let (open, _, inflight) = c.sizes();
         let later = c.join(&group("g"), None, &seqs(2..4), None, now + Duration::from_secs(30), slow).unwrap();
 
-        assert!(refused.is_err());
+        assert!(refused);
         assert_eq!((open, inflight), (6, 8), "the refused MsgSeqs wait in a sixth, background batch");
         let kinds: Vec<_> = later.iter().map(|(_, _, j)| *j).collect();
         assert_eq!(kinds, [Joined::Coalesced, Joined::Fetched], "the next caller joins it");
@@ -849,13 +855,8 @@ mod tests {
 
     #[test]
     fn a_background_batch_nobody_joins_is_dropped_after_its_lifetime() {
-        let c = Coalescer::new(policy(10));
-        let now = Instant::now();
-        let slow = pace(Duration::from_secs(1));
-        for i in 0..5 {
-            c.join(&group(&format!("busy{i}")), None, &seqs(0..1), None, now + Duration::from_secs(5), slow).unwrap();
-        }
-        assert!(c.join(&group("g"), None, &seqs(0..3), None, now + Duration::from_millis(5010), slow).is_err());
+        let (c, now, _, refused) = crowded();
+        assert!(refused);
         assert_eq!(c.sizes(), (6, 0, 8));
 
         // Four TTLs (the policy's TTL is 1 s) later.
