@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::code::ErrorCode;
 use crate::domain::{GroupId, MsgSeq, Receipt};
 
 /// The path of the receipt call, on Tencent and on the gateway alike.
@@ -109,7 +110,7 @@ impl ReceiptRequest {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReceiptItem {
     #[serde(rename = "Code", default)]
-    pub code: i64,
+    pub code: ErrorCode,
     #[serde(rename = "MsgSeq")]
     pub seq: u64,
     #[serde(rename = "ReadNum", default, skip_serializing_if = "Option::is_none")]
@@ -134,7 +135,7 @@ pub struct ReceiptResponse {
     #[serde(rename = "ActionStatus", default)]
     pub action_status: String,
     #[serde(rename = "ErrorCode", default)]
-    pub error_code: i64,
+    pub error_code: ErrorCode,
     #[serde(rename = "ErrorInfo", default)]
     pub error_info: String,
     #[serde(rename = "GroupMsgReceiptList", default, skip_serializing_if = "Option::is_none")]
@@ -143,10 +144,10 @@ pub struct ReceiptResponse {
 
 impl ReceiptResponse {
     pub fn ok(items: Vec<ReceiptItem>) -> Self {
-        Self { action_status: "OK".into(), error_code: 0, error_info: String::new(), items: Some(items) }
+        Self { action_status: "OK".into(), error_code: ErrorCode::OK, error_info: String::new(), items: Some(items) }
     }
 
-    pub fn fail(code: i64, info: impl Into<String>) -> Self {
+    pub fn fail(code: ErrorCode, info: impl Into<String>) -> Self {
         Self { action_status: "FAIL".into(), error_code: code, error_info: info.into(), items: None }
     }
 
@@ -207,11 +208,11 @@ mod tests {
             "GroupMsgReceiptList":[{"Code":0,"MsgSeq":1,"ReadNum":1,"UnreadNum":6},{"Code":10062,"MsgSeq":9}]}"#;
         let reply: ReceiptResponse = serde_json::from_str(raw).unwrap();
         let items = reply.items.clone().unwrap();
-        assert_eq!(items[1], ReceiptItem { code: 10062, seq: 9, read: None, unread: None });
+        assert_eq!(items[1], ReceiptItem { code: ErrorCode::NO_RECEIPT, seq: 9, read: None, unread: None });
         let again: ReceiptResponse = serde_json::from_slice(&reply.to_bytes()).unwrap();
         assert_eq!(again, reply);
         let fail: ReceiptResponse =
             serde_json::from_str(r#"{"ActionStatus":"FAIL","ErrorCode":10010,"ErrorInfo":"x"}"#).unwrap();
-        assert_eq!(fail, ReceiptResponse::fail(10010, "x"));
+        assert_eq!(fail, ReceiptResponse::fail(ErrorCode::GROUP_NOT_FOUND, "x"));
     }
 }

@@ -12,14 +12,16 @@
 //! per item would put a million items far over the memory budget; per group it is
 //! shared by all of the group's messages, a request reads all its items with one lookup,
 //! and the group's cohort (who was read lately, what is due for refresh) is right there
-//! for the coalescer. Capacity still counts items: a page weighs as many items as it holds.
+//! for the dispatcher. Capacity still counts items: a page weighs as many items as it holds.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use moka::future::Cache;
+use tokio::time::Instant;
 
+use crate::code::ErrorCode;
 use crate::config::CacheConfig;
 use crate::domain::{AppId, GroupId, MsgSeq, Receipt};
 
@@ -30,7 +32,7 @@ struct Stored {
     /// When the upstream answer arrived; `Age` and freshness count from here.
     fetched_at: Instant,
     /// The last read, kept across refreshes: cohort membership is "read lately", not
-    /// "read since the last fetch" (see `coalesce::COHORT_MEMORY_TTLS`).
+    /// "read since the last fetch" (see `BatchPolicy::cohort_memory`).
     last_read: Option<Instant>,
 }
 
@@ -55,7 +57,7 @@ impl Cached {
 /// A group-level answer that applies to every MsgSeq of the group.
 #[derive(Debug, Clone)]
 pub struct GroupAnswer {
-    pub code: i64,
+    pub code: ErrorCode,
     pub info: String,
     pub fetched_at: Instant,
 }
@@ -236,8 +238,8 @@ mod tests {
     }
 
     const APP: AppId = AppId(1);
-    const OK: Receipt = Receipt { code: 0, read: Some(1), unread: Some(2) };
-    const NONE: Receipt = Receipt { code: 10062, read: None, unread: None };
+    const OK: Receipt = Receipt { code: ErrorCode::OK, read: Some(1), unread: Some(2) };
+    const NONE: Receipt = Receipt { code: ErrorCode::NO_RECEIPT, read: None, unread: None };
 
     #[tokio::test]
     async fn items_are_fresh_for_ttl_and_negative_ones_for_negative_ttl() {

@@ -9,6 +9,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::code::ErrorCode;
+
 /// An app's `SDKAppID`, which selects credentials, region and budget.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -65,18 +67,15 @@ pub struct MsgSeq(pub u64);
 /// them and are then omitted in our answer too.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Receipt {
-    pub code: i64,
+    pub code: ErrorCode,
     pub read: Option<u64>,
     pub unread: Option<u64>,
 }
 
-/// Per-item code Tencent uses for "no read receipt exists for this message".
-pub const NO_RECEIPT: i64 = 10062;
-
 impl Receipt {
     /// A negative answer: cached for `negative_ttl`, not `ttl`.
     pub fn is_negative(&self) -> bool {
-        self.code == NO_RECEIPT
+        self.code == ErrorCode::NO_RECEIPT
     }
 }
 

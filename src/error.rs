@@ -6,6 +6,31 @@ use std::time::Duration;
 
 use http::StatusCode;
 
+use crate::code::ErrorCode;
+
+/// Who caused an error: what the request log line and `receipt_gateway_requests_total`
+/// label it with, so an operator sees at once whether to look at callers, at Tencent or
+/// at the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blame {
+    /// The request was wrong (body, headers, path, app).
+    Caller,
+    /// Tencent failed, refused the gateway's call, or did not answer in time.
+    Upstream,
+    /// The gateway chose not to serve: budget exhausted or shutting down.
+    Gateway,
+}
+
+impl Blame {
+    pub fn label(self) -> &'static str {
+        match self {
+            Blame::Caller => "caller",
+            Blame::Upstream => "upstream",
+            Blame::Gateway => "gateway",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GatewayError {
     /// The body or a header is wrong; the text names the field.
@@ -52,15 +77,28 @@ impl GatewayError {
     }
 
     /// Tencent's ErrorCode for the situation.
-    pub fn code(&self) -> i64 {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            Self::BadRequest(_) | Self::BodyTooLarge(_) => 10004,
-            Self::UnknownApp(_) => 60006,
-            Self::NotFound => 60009,
-            Self::MethodNotAllowed => 60002,
-            Self::Overloaded { .. } => 60007,
-            Self::Upstream(_) | Self::Draining => 10002,
-            Self::DeadlineExceeded => 60008,
+            Self::BadRequest(_) | Self::BodyTooLarge(_) => ErrorCode::INVALID_PARAMETER,
+            Self::UnknownApp(_) => ErrorCode::UNKNOWN_APP,
+            Self::NotFound => ErrorCode::UNKNOWN_PATH,
+            Self::MethodNotAllowed => ErrorCode::METHOD_NOT_ALLOWED,
+            Self::Overloaded { .. } => ErrorCode::RATE_LIMITED,
+            Self::Upstream(_) | Self::Draining => ErrorCode::INTERNAL,
+            Self::DeadlineExceeded => ErrorCode::TIMEOUT,
+        }
+    }
+
+    /// Who caused it.
+    pub fn blame(&self) -> Blame {
+        match self {
+            Self::BadRequest(_)
+            | Self::BodyTooLarge(_)
+            | Self::UnknownApp(_)
+            | Self::NotFound
+            | Self::MethodNotAllowed => Blame::Caller,
+            Self::Upstream(_) | Self::DeadlineExceeded => Blame::Upstream,
+            Self::Overloaded { .. } | Self::Draining => Blame::Gateway,
         }
     }
 
@@ -92,8 +130,11 @@ mod tests {
             (GatewayError::Draining, 503, 10002),
         ];
         for (e, status, code) in rows {
-            assert_eq!((e.status().as_u16(), e.code()), (status, code), "{e:?}");
+            assert_eq!((e.status().as_u16(), e.code()), (status, ErrorCode(code)), "{e:?}");
         }
+        assert_eq!(GatewayError::BodyTooLarge(1).blame(), Blame::Caller);
+        assert_eq!(GatewayError::DeadlineExceeded.blame(), Blame::Upstream);
+        assert_eq!(GatewayError::Overloaded { retry_after: Duration::ZERO }.blame(), Blame::Gateway);
         assert_eq!(GatewayError::Overloaded { retry_after: Duration::from_millis(1500) }.retry_after(), Some(2));
         assert_eq!(retry_after_secs(Duration::ZERO), 1);
     }

@@ -7,112 +7,84 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use prometheus::Histogram;
+use tokio::time::Instant;
 
-use crate::budget::Budget;
-use crate::cache::{GroupAnswer, ReceiptCache};
-use crate::coalesce::{BatchOutcome, Coalescer, Dispatch, Failure};
-use crate::domain::{AppId, GroupId, MsgSeq, Receipt, Region};
-use crate::metrics::AppMetrics;
-use crate::upstream::{Outcome, Upstream};
+use crate::app::AppRuntime;
+use crate::batch::{BatchOutcome, Dispatch, Failure, Items, Window};
+use crate::cache::{GroupAnswer, Page};
+use crate::code::ErrorCode;
+use crate::domain::{GroupId, MsgSeq, Receipt};
+use crate::upstream::Outcome;
 
 /// First retry delay; doubled per attempt, with jitter, capped at `BACKOFF_MAX`.
 const BACKOFF_BASE: Duration = Duration::from_millis(25);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
-/// After 70050, no signing-related retries for this long (SPEC 5.3).
-const SIGNING_PAUSE: Duration = Duration::from_secs(60);
-
-/// Everything the request path and the batches of one app share.
-pub struct AppRuntime {
-    pub id: AppId,
-    pub region: Option<Region>,
-    pub upstream: Upstream,
-    pub coalescer: Arc<Coalescer>,
-    pub budget: Arc<Budget>,
-    pub cache: ReceiptCache,
-    pub max_retries: u32,
-    pub metrics: AppMetrics,
-    pub batch_size: Histogram,
-    signing_paused_until: Mutex<Option<Instant>>,
-}
-
-impl AppRuntime {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        id: AppId,
-        region: Option<Region>,
-        upstream: Upstream,
-        coalescer: Arc<Coalescer>,
-        budget: Arc<Budget>,
-        cache: ReceiptCache,
-        max_retries: u32,
-        metrics: AppMetrics,
-        batch_size: Histogram,
-    ) -> Self {
-        Self {
-            id,
-            region,
-            upstream,
-            coalescer,
-            budget,
-            cache,
-            max_retries,
-            metrics,
-            batch_size,
-            signing_paused_until: Mutex::new(None),
-        }
-    }
-
-    fn signing_paused(&self) -> bool {
-        self.signing_paused_until.lock().map(|p| p.is_some_and(|t| Instant::now() < t)).unwrap_or(false)
-    }
-
-    fn pause_signing(&self) {
-        if let Ok(mut p) = self.signing_paused_until.lock() {
-            *p = Some(Instant::now() + SIGNING_PAUSE);
-        }
-    }
-}
-
-type Items = Vec<(MsgSeq, Result<Receipt, Failure>)>;
 
 /// Runs a dispatched batch: fetch, fill the cache, release the keys, wake the callers.
 pub async fn run(app: Arc<AppRuntime>, batch: Dispatch) {
     let started = Instant::now();
-    let window = Window { urgency: batch.urgency, deadline: batch.deadline };
     let splits = AtomicU32::new(split_allowance(batch.seqs.len()));
-    let mut items = fetch(&app, &batch.group, batch.seqs.clone(), window, Paid::Yes, &splits).await;
+    let mut items = fetch(&app, &batch.group, batch.seqs.clone(), batch.window, Token::Paid, &splits).await;
     settle_unisolated(&mut items);
     let fetched_at = Instant::now();
-    items.sort_unstable_by_key(|(s, _)| *s);
+    let page = store(&app, &batch.group, &items, fetched_at).await;
+    app.engine.complete(&batch, &page);
+    let outcome = BatchOutcome { started, ..BatchOutcome::settled(items, fetched_at) };
+    let _ = batch.outcome.send(Some(Arc::new(outcome)));
+}
+
+/// Puts the answers in the cache (and a group-level 10010 / 10015 for the whole group);
+/// failures are never cached.
+async fn store(app: &AppRuntime, group: &GroupId, items: &Items, fetched_at: Instant) -> Arc<Page> {
     let answers: Vec<(MsgSeq, Receipt)> = items.iter().filter_map(|(s, r)| Some((*s, *r.as_ref().ok()?))).collect();
-    let page = app.cache.insert(app.id, &batch.group, &answers, fetched_at).await;
-    if let Some((_, Err(Failure::Group { code: code @ (10010 | 10015), info }))) = items.first() {
+    let page = app.cache.insert(app.id, group, &answers, fetched_at).await;
+    if let Some((_, Err(Failure::Group { code, info }))) = items.first()
+        && matches!(*code, ErrorCode::GROUP_NOT_FOUND | ErrorCode::GROUP_INVALID)
+    {
         let answer = GroupAnswer { code: *code, info: info.clone(), fetched_at };
-        app.cache.insert_group_answer(app.id, &batch.group, answer).await;
+        app.cache.insert_group_answer(app.id, group, answer).await;
     }
-    let outcome = BatchOutcome { started, fetched_at, items };
-    app.coalescer.complete(&batch, &page);
-    let _ = batch.tx.send(Some(Arc::new(outcome)));
+    page
 }
 
-/// When a batch's retries are due: they queue by its earliest caller's deadline and stop
-/// at its latest.
-#[derive(Clone, Copy)]
-struct Window {
-    urgency: Instant,
-    deadline: Instant,
-}
-
-/// Whether the first attempt already has its token (a dispatched batch) or must ask.
+/// Whether the next attempt already has its token (a dispatched batch's first) or must
+/// queue for one.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Paid {
-    Yes,
-    No,
+enum Token {
+    Paid,
+    Owed,
+}
+
+impl Token {
+    /// Gets the token for the next attempt; false if the deadline came first.
+    async fn take(&mut self, app: &AppRuntime, window: Window) -> bool {
+        if std::mem::replace(self, Token::Owed) == Token::Paid {
+            return true;
+        }
+        let permit = app.engine.permit(window.urgency);
+        matches!(tokio::time::timeout_at(window.deadline, permit).await, Ok(Ok(())))
+    }
+}
+
+/// What one attempt's outcome calls for.
+enum Verdict {
+    Done(Items),
+    /// Sign anew and try again at once.
+    RetryNow,
+    /// Back off and try again if the deadline allows; else fail so.
+    RetryLater(Failure),
+    /// A merged call refused with 10004: find the offending MsgSeqs by halving.
+    Split,
+}
+
+/// The retries of one call and its halves' own.
+struct Attempts {
+    retries: u32,
+    resigned: bool,
 }
 
 /// Answers `seqs` of `group` with retries and splits, each attempt paid from the budget.
@@ -123,76 +95,110 @@ fn fetch<'a>(
     group: &'a GroupId,
     seqs: Vec<MsgSeq>,
     window: Window,
-    paid: Paid,
+    mut token: Token,
     splits: &'a AtomicU32,
 ) -> Pin<Box<dyn Future<Output = Items> + Send + 'a>> {
     Box::pin(async move {
-        let fail = |seqs: &[MsgSeq], f: Failure| seqs.iter().map(|&s| (s, Err(f.clone()))).collect::<Items>();
-        let mut retries = 0;
-        let mut resigned = false;
-        let mut paid = paid;
+        let mut attempts = Attempts { retries: 0, resigned: false };
         loop {
-            if paid == Paid::No && !wait_for_token(app, window).await {
+            if !token.take(app, window).await {
                 return fail(&seqs, Failure::NoBudget);
             }
-            paid = Paid::No;
-            let started = Instant::now();
-            app.batch_size.observe(seqs.len() as f64);
-            let outcome = app.upstream.get_receipts(group, &seqs).await;
-            if !matches!(outcome, Outcome::NoAnswer { .. }) {
-                app.coalescer.observe_latency(started.elapsed());
+            let outcome = attempt(app, group, &seqs).await;
+            match judge(app, outcome, &seqs, splits, &mut attempts) {
+                Verdict::Done(items) => return items,
+                Verdict::RetryNow => {}
+                Verdict::RetryLater(failure) => {
+                    if !attempts.back_off(app, window.deadline).await {
+                        return fail(&seqs, failure);
+                    }
+                }
+                Verdict::Split => return split(app, group, seqs, window, splits).await,
             }
-            let failure = match outcome {
-                Outcome::Items(items) => return match_items(&seqs, items),
-                Outcome::Group { code, info } => return fail(&seqs, Failure::Group { code, info }),
-                Outcome::InvalidParameter { info } if seqs.len() == 1 => {
-                    return fail(&seqs, Failure::Rejected { code: 10004, info });
-                }
-                Outcome::InvalidParameter { info } if !take_split(splits) => {
-                    return fail(&seqs, Failure::Unisolated { info });
-                }
-                Outcome::InvalidParameter { .. } => {
-                    // One caller's bad MsgSeq must not fail the others merged with it.
-                    let mut left = seqs;
-                    let right = left.split_off(left.len() / 2);
-                    let (mut a, b) = tokio::join!(
-                        fetch(app, group, left, window, Paid::No, splits),
-                        fetch(app, group, right, window, Paid::No, splits)
-                    );
-                    a.extend(b);
-                    return a;
-                }
-                Outcome::UserSigExpired if !resigned && !app.signing_paused() => {
-                    resigned = true;
-                    app.upstream.resign();
-                    continue;
-                }
-                Outcome::UserSigExpired => Failure::Unavailable("upstream rejected the UserSig as expired".into()),
-                Outcome::SigningLocked => {
-                    app.pause_signing();
-                    Failure::Unavailable("upstream locked signing after repeated failures (70050)".into())
-                }
-                Outcome::Final { code, info } => {
-                    Failure::Unavailable(format!("upstream refused the call (ErrorCode {code}): {info}"))
-                }
-                Outcome::Throttled { code } => {
-                    app.budget.throttled();
-                    if retry_later(app, &mut retries, window.deadline).await {
-                        continue;
-                    }
-                    tracing::debug!(code, "throttled until the deadline");
-                    Failure::Throttled
-                }
-                Outcome::Retryable { reason } | Outcome::NoAnswer { reason } => {
-                    if retry_later(app, &mut retries, window.deadline).await {
-                        continue;
-                    }
-                    Failure::Unavailable(reason)
-                }
-            };
-            return fail(&seqs, failure);
         }
     })
+}
+
+/// One upstream call; its latency feeds admission when Tencent answered at all.
+async fn attempt(app: &AppRuntime, group: &GroupId, seqs: &[MsgSeq]) -> Outcome {
+    let started = Instant::now();
+    app.batch_size.observe(seqs.len() as f64);
+    let outcome = app.upstream.get_receipts(group, seqs).await;
+    if !matches!(outcome, Outcome::NoAnswer { .. }) {
+        app.engine.estimates().observe_latency(started.elapsed());
+    }
+    outcome
+}
+
+/// Decides what an attempt's outcome calls for (SPEC 5.3, 5.4).
+fn judge(app: &AppRuntime, outcome: Outcome, seqs: &[MsgSeq], splits: &AtomicU32, attempts: &mut Attempts) -> Verdict {
+    let failure = match outcome {
+        Outcome::Items(items) => return Verdict::Done(match_items(seqs, items)),
+        Outcome::Group { code, info } => Failure::Group { code, info },
+        Outcome::InvalidParameter { info } if seqs.len() == 1 => {
+            Failure::Rejected { code: ErrorCode::INVALID_PARAMETER, info }
+        }
+        Outcome::InvalidParameter { info } if !take_split(splits) => Failure::Unisolated { info },
+        // One caller's bad MsgSeq must not fail the others merged with it.
+        Outcome::InvalidParameter { .. } => return Verdict::Split,
+        Outcome::UserSigExpired if !std::mem::replace(&mut attempts.resigned, true) => {
+            if app.upstream.signer().renew_after_expiry() {
+                return Verdict::RetryNow;
+            }
+            Failure::Unavailable("upstream rejected the UserSig as expired; signing is locked (70050)".into())
+        }
+        Outcome::UserSigExpired => Failure::Unavailable("upstream rejected the UserSig as expired".into()),
+        Outcome::SigningLocked => {
+            app.upstream.signer().lock_out();
+            Failure::Unavailable("upstream locked signing after repeated failures (70050)".into())
+        }
+        Outcome::Final { code, info } => {
+            Failure::Unavailable(format!("upstream refused the call (ErrorCode {code}): {info}"))
+        }
+        Outcome::Throttled { code } => {
+            app.budget.throttled();
+            tracing::debug!(%code, "upstream throttled; retrying within the deadline");
+            return Verdict::RetryLater(Failure::Throttled);
+        }
+        Outcome::Retryable { reason } | Outcome::NoAnswer { reason } => {
+            return Verdict::RetryLater(Failure::Unavailable(reason));
+        }
+    };
+    Verdict::Done(fail(seqs, failure))
+}
+
+/// Halves a merged call refused with 10004 and fetches both halves, each with a token
+/// of its own.
+async fn split(app: &AppRuntime, group: &GroupId, mut left: Vec<MsgSeq>, window: Window, splits: &AtomicU32) -> Items {
+    let right = left.split_off(left.len() / 2);
+    let (mut a, b) = tokio::join!(
+        fetch(app, group, left, window, Token::Owed, splits),
+        fetch(app, group, right, window, Token::Owed, splits)
+    );
+    a.extend(b);
+    a
+}
+
+fn fail(seqs: &[MsgSeq], failure: Failure) -> Items {
+    seqs.iter().map(|&s| (s, Err(failure.clone()))).collect()
+}
+
+impl Attempts {
+    /// Sleeps an exponential, jittered backoff if another attempt still fits the
+    /// deadline and `upstream.max_retries` allows one.
+    async fn back_off(&mut self, app: &AppRuntime, deadline: Instant) -> bool {
+        if self.retries >= app.max_retries {
+            return false;
+        }
+        let full = BACKOFF_BASE.saturating_mul(1 << self.retries.min(16)).min(BACKOFF_MAX);
+        let backoff = full.mul_f64(0.5 + rand::random::<f64>() / 2.0);
+        if Instant::now() + backoff + app.budget.interval() >= deadline {
+            return false;
+        }
+        self.retries += 1;
+        tokio::time::sleep(backoff).await;
+        true
+    }
 }
 
 /// What callers see of a 10004 the split allowance could not narrow down. If nothing in
@@ -205,7 +211,7 @@ fn settle_unisolated(items: &mut Items) {
     for (_, result) in items.iter_mut() {
         if let Err(Failure::Unisolated { info }) = result {
             *result = Err(if all_refused {
-                Failure::Rejected { code: 10004, info: std::mem::take(info) }
+                Failure::Rejected { code: ErrorCode::INVALID_PARAMETER, info: std::mem::take(info) }
             } else {
                 Failure::Unavailable(format!(
                     "upstream refused a merged call with 10004 ({info}) and it could not be narrowed down"
@@ -240,27 +246,6 @@ fn match_items(seqs: &[MsgSeq], mut items: Vec<(MsgSeq, Receipt)>) -> Items {
         .collect()
 }
 
-/// Sleeps an exponential, jittered backoff if another attempt still fits the deadline.
-async fn retry_later(app: &AppRuntime, retries: &mut u32, deadline: Instant) -> bool {
-    if *retries >= app.max_retries {
-        return false;
-    }
-    let full = BACKOFF_BASE.saturating_mul(1 << (*retries).min(16)).min(BACKOFF_MAX);
-    let backoff = full.mul_f64(0.5 + rand::random::<f64>() / 2.0);
-    if Instant::now() + backoff + app.budget.interval() >= deadline {
-        return false;
-    }
-    *retries += 1;
-    tokio::time::sleep(backoff).await;
-    true
-}
-
-/// Waits in the queue for a token; false if the deadline came first.
-async fn wait_for_token(app: &AppRuntime, window: Window) -> bool {
-    let permit = app.coalescer.permit(window.urgency);
-    matches!(tokio::time::timeout_at(window.deadline.into(), permit).await, Ok(Ok(())))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -279,9 +264,11 @@ mod tests {
         let unisolated = || Err(Failure::Unisolated { info: "bad".into() });
         let mut whole: Items = vec![(MsgSeq(1), unisolated()), (MsgSeq(2), unisolated())];
         settle_unisolated(&mut whole);
-        assert!(whole.iter().all(|(_, r)| matches!(r, Err(Failure::Rejected { code: 10004, .. }))));
+        assert!(
+            whole.iter().all(|(_, r)| matches!(r, Err(Failure::Rejected { code: ErrorCode::INVALID_PARAMETER, .. })))
+        );
 
-        let ok = Receipt { code: 0, read: Some(1), unread: Some(1) };
+        let ok = Receipt { code: ErrorCode::OK, read: Some(1), unread: Some(1) };
         let mut partial: Items = vec![(MsgSeq(1), unisolated()), (MsgSeq(2), Ok(ok))];
         settle_unisolated(&mut partial);
         assert!(matches!(partial[0].1, Err(Failure::Unavailable(_))));

@@ -11,28 +11,32 @@
 //!
 //! A data request passes through these modules, in this order:
 //!
-//! 1. [`server`] — accepts HTTP/1.1 and h2c on one port, routes, picks the app by
-//!    `sdkappid`, reads the deadline and `Cache-Control`, reads the body within limits
-//!    and validates it into [`api::ReceiptRequest`] (typed with [`domain`]).
+//! 1. [`server`] — accepts HTTP/1.1 and h2c on one port, routes, picks the app
+//!    ([`app`]) by `sdkappid`, reads the deadline and `Cache-Control`, reads the body
+//!    within limits and validates it into [`api::ReceiptRequest`] (typed with [`domain`]).
 //! 2. [`receipts`] — answers the query: one lookup of the group's page in the [`cache`]
 //!    serves the fresh items at once (and notes that they were read, which is what
-//!    makes them part of the group's cohort); the misses go on.
-//! 3. [`coalesce`] — puts each missing (group, MsgSeq) in flight exactly once: it joins a
-//!    batch that already carries it or is added to its group's open batch; refuses up
-//!    front (429, or stale items) when the queue cannot reach it before the deadline —
-//!    the refused MsgSeqs then wait in a background batch for spare budget or the
-//!    group's next caller.
-//! 4. [`budget`] — the dispatcher takes one token at a time (governor, or GCRA in Redis,
-//!    at the AIMD effective rate) and spends it on the ready batch whose earliest caller
-//!    deadline comes first, topped up from the group's cache page with the cohort: read
-//!    lately, due to expire within half a TTL.
-//! 5. [`fetch`] — runs the dispatched batch in its own task: one signed regional call via
-//!    [`upstream`] (UserSig from [`usersig`]), retries and 10004 splits each paid with a
-//!    new token, answers stored in the [`cache`], keys released, waiters woken.
-//! 6. back in [`receipts`] — every waiter reads the shared outcome; the answer is
+//!    makes them part of the group's cohort); the misses go to the app's [`engine`],
+//!    which holds the next three stages' tables under one lock.
+//! 3. [`inflight`] — puts each missing (group, MsgSeq) in flight exactly once: it joins
+//!    the [`batch`] that already carries it or is added to its group's open batch.
+//! 4. [`admission`] — before that, decides whether the queue can reach the caller's
+//!    batches before its deadline; if not, the caller gets 429 (or stale items) at once,
+//!    and its misses ride along in a background batch for spare budget or the group's
+//!    next caller.
+//! 5. [`dispatch`] — the dispatcher takes one token at a time from the [`budget`]
+//!    (governor, or GCRA in Redis, at the AIMD effective rate) and spends it on the first
+//!    ready entry of the queue (callers' batches and retry permits by earliest deadline,
+//!    then background batches), topped up from the group's cache page with the cohort:
+//!    read lately, due to expire within half a TTL.
+//! 6. [`fetch`] — runs the dispatched batch in its own task: one signed regional call via
+//!    [`upstream`] (UserSig from the [`signer`], built with [`usersig`]), retries and
+//!    10004 splits each paid with a permit from the queue, answers stored in the
+//!    [`cache`], keys released, waiters woken. Tencent's codes are [`code::ErrorCode`]s.
+//! 7. back in [`receipts`] — every waiter reads the shared outcome; the answer is
 //!    assembled in the caller's order with `X-Cache` and `Age`, or falls back to stale
-//!    items, or becomes a [`error::GatewayError`], which [`server`] turns into HTTP in
-//!    one place.
+//!    items, or becomes a [`error::GatewayError`] (which says who caused it), which
+//!    [`server`] turns into HTTP in one place.
 //!
 //! Around it: [`config`] (the TOML schema and validation), [`metrics`] (the Prometheus
 //! families), [`admin`] (`/metrics`, `/healthz`, `/readyz`), [`shutdown`] (draining on
@@ -45,19 +49,26 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod admission;
 pub mod api;
+pub mod app;
+pub mod batch;
 pub mod budget;
 pub mod cache;
-pub mod coalesce;
+pub mod code;
 pub mod config;
 pub mod demo;
+pub mod dispatch;
 pub mod domain;
+pub mod engine;
 pub mod error;
 pub mod fetch;
+pub mod inflight;
 pub mod metrics;
 pub mod receipts;
 pub mod server;
 pub mod shutdown;
+pub mod signer;
 pub mod simulator;
 pub mod upstream;
 pub mod usersig;
@@ -65,20 +76,18 @@ pub mod usersig;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
-use crate::budget::Budget;
+use crate::app::AppRuntime;
 use crate::cache::ReceiptCache;
-use crate::coalesce::{BatchPolicy, Coalescer};
-use crate::config::{AppConfig, Config};
-use crate::fetch::AppRuntime;
-use crate::metrics::{API_RECEIPT, Metrics};
+use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::shutdown::Drain;
-use crate::upstream::Upstream;
 
 /// The two ports, bound by the caller (so tests can bind port 0).
 pub struct Listeners {
@@ -110,10 +119,9 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     let mut tasks = JoinSet::new();
     let mut apps = HashMap::new();
     for app_config in &config.apps {
-        let app = Arc::new(app_runtime(app_config, &config, &cache, &metrics, client.clone())?);
-        let wait = metrics.budget_wait.with_label_values(&[app.metrics.app_label.as_str(), API_RECEIPT]);
+        let app = Arc::new(AppRuntime::new(app_config, &config, &cache, &metrics, client.clone())?);
         let dispatched = app.clone();
-        tasks.spawn(app.coalescer.clone().dispatch_loop(app.budget.clone(), wait, move |batch| {
+        tasks.spawn(dispatch::run(app.engine.clone(), app.budget.clone(), app.budget_wait.clone(), move |batch| {
             // Batch tasks end on their own: every attempt is bounded by the upstream
             // timeout and every retry by the batch's deadline.
             tokio::spawn(fetch::run(dispatched.clone(), batch));
@@ -143,7 +151,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     let end = Instant::now() + grace;
     tracing::info!(grace_ms = grace.as_millis() as u64, "draining");
     drain.start();
-    if tokio::time::timeout_at(end.into(), drain.idle()).await.is_err() {
+    if tokio::time::timeout_at(end, drain.idle()).await.is_err() {
         tracing::warn!("requests still in flight when the grace period ended");
     }
     // One grace period in all: connections get what draining left of it.
@@ -154,41 +162,6 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     tasks.shutdown().await;
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Builds one app's client, budget, coalescer and their shared runtime.
-fn app_runtime(
-    app: &AppConfig,
-    config: &Config,
-    cache: &ReceiptCache,
-    metrics: &Metrics,
-    client: upstream::HttpClient,
-) -> Result<AppRuntime, RunError> {
-    let label = app.id.to_string();
-    let budget = Budget::new(
-        &config.budget.backend,
-        config.budget.per_second,
-        config.budget.fallback_per_second,
-        format!("{}:{API_RECEIPT}", app.id),
-        metrics.effective_rate.with_label_values(&[label.as_str(), API_RECEIPT]),
-    )?;
-    let policy = BatchPolicy {
-        window: config.batch.window,
-        max_seqs: config.batch.max_seqs,
-        ttl: config.cache.ttl,
-        latency_cap: config.upstream.timeout,
-    };
-    Ok(AppRuntime::new(
-        app.id,
-        app.region,
-        Upstream::new(app, config.upstream.timeout, client, metrics),
-        Arc::new(Coalescer::new(policy)),
-        Arc::new(budget),
-        cache.clone(),
-        config.upstream.max_retries,
-        metrics.for_app(app.id),
-        metrics.batch_size.with_label_values(&[label.as_str()]),
-    ))
 }
 
 /// Keeps moka's bookkeeping current and the cache gauge fresh, idle or not.

@@ -97,8 +97,9 @@ impl Metrics {
         Ok(Self {
             requests: counter(
                 "receipt_gateway_requests_total",
-                "Data requests answered, by app, client and HTTP status.",
-                &["app", "client", "status"],
+                "Data requests answered, by app, client, HTTP status and who caused an error \
+                 (cause: none, caller, upstream, gateway).",
+                &["app", "client", "status", "cause"],
             )?,
             request_duration: histogram(
                 "receipt_gateway_request_duration_seconds",
@@ -191,7 +192,7 @@ mod tests {
         let m = Metrics::new().unwrap();
         let app = m.for_app(AppId(1));
         app.count_items(Source::Stale, 2);
-        m.requests.with_label_values(&["1", "unknown", "200"]).inc();
+        m.requests.with_label_values(&["1", "unknown", "200", "none"]).inc();
         m.request_duration.with_label_values(&["1"]).observe(0.001);
         m.upstream_calls.with_label_values(&["1", API_RECEIPT, "ok"]).inc();
         m.upstream_duration.with_label_values(&["1", API_RECEIPT]).observe(0.01);

@@ -7,14 +7,17 @@
 //! `Cache-Control`. Answers Tencent gives about a group or a MsgSeq (10010, an isolated
 //! 10004) are passed through as Tencent would: HTTP 200 with `ActionStatus` `FAIL`.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use crate::api::{ReceiptItem, ReceiptResponse};
+use crate::app::AppRuntime;
+use crate::batch::{Failure, Joined, Waiter};
 use crate::cache::Cached;
-use crate::coalesce::{Failure, Joined, Waiter};
 use crate::domain::{GroupId, MsgSeq, Receipt};
+use crate::engine::Ask;
 use crate::error::GatewayError;
-use crate::fetch::AppRuntime;
 use crate::metrics::Source;
 
 /// What the caller's `Cache-Control` allows.
@@ -75,6 +78,13 @@ struct Slot {
     failure: Option<Failure>,
 }
 
+impl Slot {
+    /// Neither served nor failed: still to be asked for.
+    fn is_open(&self) -> bool {
+        self.served.is_none() && self.failure.is_none()
+    }
+}
+
 /// A no-cache request may find its keys in flight in calls that started before it
 /// arrived; it waits for those and asks again. Two rounds always suffice, since the
 /// second joins calls that start after the request arrived; the third is slack.
@@ -92,30 +102,17 @@ pub async fn answer(app: &AppRuntime, q: Query) -> Result<Answer, GatewayError> 
     distinct.sort_unstable();
     distinct.dedup();
     let page = app.cache.page(app.id, &q.group).await;
-    let now = Instant::now();
-    let cached = page.as_ref().map(|p| p.read(&distinct, now)).unwrap_or_default();
-    let mut slots: Vec<Slot> = distinct
-        .iter()
-        .enumerate()
-        .map(|(i, &seq)| {
-            let mut slot = Slot { seq, served: None, stale: None, failure: None };
-            match cached.get(i).copied().flatten() {
-                Some(item) if acceptable(&item, q.freshness, now) => {
-                    slot.served = Some((item.receipt, item.fetched_at, Source::Hit));
-                }
-                item => slot.stale = item,
-            }
-            slot
-        })
-        .collect();
+    let looked = Instant::now();
+    let cached = page.as_ref().map(|p| p.read(&distinct, looked)).unwrap_or_default();
+    let mut slots = lookup(&distinct, &cached, q.freshness, looked);
     for _ in 0..MAX_ROUNDS {
-        let misses: Vec<MsgSeq> =
-            slots.iter().filter(|s| s.served.is_none() && s.failure.is_none()).map(|s| s.seq).collect();
+        let misses: Vec<MsgSeq> = slots.iter().filter(|s| s.is_open()).map(|s| s.seq).collect();
         if misses.is_empty() || Instant::now() >= q.deadline {
             break;
         }
-        let since = (q.freshness != Freshness::NoCache).then_some(now);
-        match app.coalescer.join(&q.group, page.as_ref(), &misses, since, q.deadline, app.budget.estimate()) {
+        let fetched_since = (q.freshness != Freshness::NoCache).then_some(looked);
+        let ask = Ask { group: &q.group, page: page.as_ref(), misses: &misses, fetched_since, deadline: q.deadline };
+        match app.engine.join(ask, app.budget.estimate()) {
             Ok(joined) => wait(&mut slots, joined, &q).await,
             Err(overloaded) => {
                 let error = GatewayError::Overloaded { retry_after: overloaded.retry_after };
@@ -124,6 +121,25 @@ pub async fn answer(app: &AppRuntime, q: Query) -> Result<Answer, GatewayError> 
         }
     }
     settle(app, slots, &q, GatewayError::DeadlineExceeded)
+}
+
+/// One slot per distinct MsgSeq: served from the cache if acceptable, else open (with
+/// the stale entry kept in case nothing fresh arrives in time).
+fn lookup(distinct: &[MsgSeq], cached: &[Option<Cached>], freshness: Freshness, now: Instant) -> Vec<Slot> {
+    distinct
+        .iter()
+        .enumerate()
+        .map(|(i, &seq)| {
+            let mut slot = Slot { seq, served: None, stale: None, failure: None };
+            match cached.get(i).copied().flatten() {
+                Some(item) if acceptable(&item, freshness, now) => {
+                    slot.served = Some((item.receipt, item.fetched_at, Source::Hit));
+                }
+                item => slot.stale = item,
+            }
+            slot
+        })
+        .collect()
 }
 
 fn acceptable(entry: &Cached, freshness: Freshness, now: Instant) -> bool {
@@ -147,7 +163,7 @@ async fn wait(slots: &mut [Slot], joined: Vec<(MsgSeq, Waiter, Joined)>, q: &Que
             let _ = w.wait_for(Option::is_some).await;
         }
     };
-    let _ = tokio::time::timeout_at(q.deadline.into(), all).await;
+    let _ = tokio::time::timeout_at(q.deadline, all).await;
     for (seq, waiter, how) in joined {
         let Ok(i) = slots.binary_search_by_key(&seq, |s| s.seq) else { continue };
         let slot = &mut slots[i];
@@ -185,30 +201,20 @@ fn rank(e: &GatewayError) -> u8 {
 /// Builds the answer from what the slots hold. Items still unanswered fall back to stale
 /// entries when allowed, else the request fails with `unanswered` (or the failure).
 fn settle(app: &AppRuntime, mut slots: Vec<Slot>, q: &Query, unanswered: GatewayError) -> Result<Answer, GatewayError> {
-    let stale_allowed = q.freshness == Freshness::Default;
     let mut error: Option<GatewayError> = None;
-    for slot in &mut slots {
-        if slot.served.is_some() {
-            continue;
-        }
+    for slot in slots.iter_mut().filter(|s| s.served.is_none()) {
         let failure = slot.failure.take();
         // Tencent's own answer about the group or the MsgSeq goes to the caller as is.
         if let Some(Failure::Group { code, info } | Failure::Rejected { code, info }) = failure {
             app.metrics.count_items(Source::Failed, q.seqs.len() as u64);
             return Ok(Answer { body: ReceiptResponse::fail(code, info), x_cache: XCache::Miss, age: 0 });
         }
-        match (slot.stale, stale_allowed) {
-            (Some(entry), true) => slot.served = Some((entry.receipt, entry.fetched_at, Source::Stale)),
+        match slot.stale {
+            Some(entry) if q.freshness == Freshness::Default => {
+                slot.served = Some((entry.receipt, entry.fetched_at, Source::Stale));
+            }
             _ => {
-                let e = match failure {
-                    Some(Failure::Expired | Failure::Throttled | Failure::NoBudget) => {
-                        GatewayError::Overloaded { retry_after: app.coalescer.backlog(app.budget.estimate()) }
-                    }
-                    Some(Failure::Unavailable(reason)) => GatewayError::Upstream(reason),
-                    // `fetch::run` turns these into Rejected or Unavailable before waking anyone.
-                    Some(Failure::Unisolated { info }) => GatewayError::Upstream(info),
-                    None | Some(Failure::Group { .. } | Failure::Rejected { .. }) => unanswered.clone(),
-                };
+                let e = blame(app, failure, &unanswered);
                 // The most actionable error wins: "slow down, retry after N" over
                 // "upstream failed" over "deadline passed".
                 if error.as_ref().is_none_or(|old| rank(&e) < rank(old)) {
@@ -221,14 +227,31 @@ fn settle(app: &AppRuntime, mut slots: Vec<Slot>, q: &Query, unanswered: Gateway
         app.metrics.count_items(Source::Failed, slots.len() as u64);
         return Err(e);
     }
+    Ok(assemble(app, &slots, q))
+}
+
+/// The error an item that could not be served stands for.
+fn blame(app: &AppRuntime, failure: Option<Failure>, unanswered: &GatewayError) -> GatewayError {
+    match failure {
+        Some(Failure::Expired | Failure::Throttled | Failure::NoBudget) => {
+            GatewayError::Overloaded { retry_after: app.engine.backlog(app.budget.estimate()) }
+        }
+        Some(Failure::Unavailable(reason)) => GatewayError::Upstream(reason),
+        // `fetch::run` turns these into Rejected or Unavailable before waking anyone.
+        Some(Failure::Unisolated { info }) => GatewayError::Upstream(info),
+        None | Some(Failure::Group { .. } | Failure::Rejected { .. }) => unanswered.clone(),
+    }
+}
+
+/// The OK answer, every slot served: items in the caller's order, `X-Cache`, `Age`, and
+/// the item counters by source.
+fn assemble(app: &AppRuntime, slots: &[Slot], q: &Query) -> Answer {
     let now = Instant::now();
     let mut counts = [0u64; 5];
     let mut oldest = now;
-    for slot in &slots {
-        if let Some((_, fetched_at, source)) = slot.served {
-            counts[source as usize] += 1;
-            oldest = oldest.min(fetched_at);
-        }
+    for (_, fetched_at, source) in slots.iter().filter_map(|s| s.served) {
+        counts[source as usize] += 1;
+        oldest = oldest.min(fetched_at);
     }
     for source in [Source::Hit, Source::Coalesced, Source::Fetched, Source::Stale] {
         app.metrics.count_items(source, counts[source as usize]);
@@ -249,5 +272,5 @@ fn settle(app: &AppRuntime, mut slots: Vec<Slot>, q: &Query, unanswered: Gateway
             Some(ReceiptItem::new(seq, receipt))
         })
         .collect();
-    Ok(Answer { body: ReceiptResponse::ok(items), x_cache, age: now.saturating_duration_since(oldest).as_secs() })
+    Answer { body: ReceiptResponse::ok(items), x_cache, age: now.saturating_duration_since(oldest).as_secs() }
 }

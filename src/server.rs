@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
@@ -20,12 +20,13 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::api::{RECEIPT_PATH, ReceiptRequest, ReceiptResponse};
+use crate::app::AppRuntime;
 use crate::config::ServerConfig;
 use crate::domain::AppId;
-use crate::error::GatewayError;
-use crate::fetch::AppRuntime;
+use crate::error::{Blame, GatewayError};
 use crate::metrics::Metrics;
 use crate::receipts::{self, Answer, Freshness, Query};
 use crate::shutdown::Drain;
@@ -90,7 +91,7 @@ where
         });
     };
     drop(listener);
-    if tokio::time::timeout_at(deadline.into(), graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout_at(deadline, graceful.shutdown()).await.is_err() {
         tracing::warn!("connections still open after the shutdown grace period");
     }
 }
@@ -102,6 +103,8 @@ struct Trace {
     group: Option<String>,
     items: usize,
     x_cache: Option<&'static str>,
+    /// Who caused the error answered, if one was.
+    blame: Option<Blame>,
 }
 
 /// Answers one data request; never fails (errors are answers).
@@ -110,18 +113,23 @@ pub async fn handle(req: Request<Incoming>, gw: Arc<Gateway>) -> Result<Response
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let mut trace = Trace::default();
-    let response = match gw.drain.enter() {
-        None => error_response(&GatewayError::Draining),
-        Some(_in_flight) => match route(req, &gw, arrived, &mut trace).await {
-            Ok(answer) => answer_response(answer),
-            Err(e) => error_response(&e),
-        },
+    let outcome = match gw.drain.enter() {
+        None => Err(GatewayError::Draining),
+        Some(_in_flight) => route(req, &gw, arrived, &mut trace).await,
     };
+    let response = match outcome {
+        Ok(answer) => answer_response(answer),
+        Err(e) => {
+            trace.blame = Some(e.blame());
+            error_response(&e)
+        }
+    };
+    let cause = trace.blame.map_or("none", Blame::label);
     let status = response.status().as_u16();
     // The app's label was formatted once at start-up; no allocation per request.
     let app_label = trace.app.and_then(|a| gw.apps.get(&a)).map_or("none", |a| a.metrics.app_label.as_str());
     let elapsed = arrived.elapsed();
-    gw.metrics.requests.with_label_values(&[app_label, "unknown", status_label(status)]).inc();
+    gw.metrics.requests.with_label_values(&[app_label, "unknown", status_label(status), cause]).inc();
     gw.metrics.request_duration.with_label_values(&[app_label]).observe(elapsed.as_secs_f64());
     tracing::info!(
         method = %method,
@@ -131,6 +139,7 @@ pub async fn handle(req: Request<Incoming>, gw: Arc<Gateway>) -> Result<Response
         items = trace.items,
         x_cache = trace.x_cache.unwrap_or(""),
         status,
+        cause,
         duration_ms = elapsed.as_secs_f64() * 1000.0,
         "request"
     );
@@ -236,7 +245,7 @@ async fn read_body(req: Request<Incoming>, max: usize, deadline: Instant) -> Res
         return Err(GatewayError::BodyTooLarge(max));
     }
     let collect = Limited::new(req.into_body(), max).collect();
-    match tokio::time::timeout_at(deadline.into(), collect).await {
+    match tokio::time::timeout_at(deadline, collect).await {
         Err(_) => Err(GatewayError::BadRequest("the request body did not arrive before the deadline".into())),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(GatewayError::BodyTooLarge(max)),
         Ok(Err(e)) => Err(GatewayError::BadRequest(format!("could not read the request body: {e}"))),

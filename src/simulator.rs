@@ -37,8 +37,9 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderValue};
@@ -50,16 +51,18 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
 
 use crate::api::{RECEIPT_PATH, ReceiptItem, ReceiptRequest, ReceiptResponse};
+use crate::code::ErrorCode;
 use crate::domain::{AppId, MsgSeq};
 use crate::usersig::SecretKey;
 
 use ledger::State;
 pub use ledger::max_in_window;
-use rules::{Fail, QueryParams, code};
+use rules::{Fail, QueryParams};
 
 pub use ledger::{CallRecord, NO_ERROR_CODE};
 pub use rules::{MAX_SEQ_WITH_RECEIPT, default_receipt};
@@ -106,7 +109,7 @@ pub enum Fault {
     /// Wait this long, then answer normally (a slow upstream).
     Latency(Duration),
     /// Answer HTTP 200 `FAIL` with this ErrorCode (e.g. 10002, 70169).
-    ErrorCode(i64),
+    ErrorCode(ErrorCode),
     /// Answer with this HTTP status (500 if it is not a valid status) and a small HTML
     /// body, as a failing load balancer in front of Tencent would.
     HttpStatus(u16),
@@ -127,6 +130,10 @@ struct Inner {
     /// One lock, held briefly and never across an `.await`, so the ledger and the rate
     /// windows always agree.
     state: Mutex<State>,
+    /// True while calls are held (see [`Simulator::hold_calls`]).
+    gate: watch::Sender<bool>,
+    /// Calls recorded and waiting at the gate now.
+    held: AtomicUsize,
 }
 
 impl Simulator {
@@ -136,6 +143,8 @@ impl Simulator {
             limit_per_second: usize::try_from(options.limit_per_second).unwrap_or(usize::MAX),
             max_seqs: options.max_seqs,
             state: Mutex::new(State::default()),
+            gate: watch::Sender::new(false),
+            held: AtomicUsize::new(0),
         };
         Self { inner: Arc::new(inner) }
     }
@@ -218,6 +227,23 @@ impl Simulator {
         self.state().base_latency = latency;
     }
 
+    /// Holds every later call after it is recorded (decided, counted against the limit)
+    /// and before it is answered, until [`Self::release_calls`]: while held, "a fetch is
+    /// in flight" is a fact a test can rely on rather than a window made by latency.
+    pub fn hold_calls(&self) {
+        self.inner.gate.send_replace(true);
+    }
+
+    /// Lets every held call (and every later one) be answered.
+    pub fn release_calls(&self) {
+        self.inner.gate.send_replace(false);
+    }
+
+    /// How many calls are held at the gate now.
+    pub fn held_calls(&self) -> usize {
+        self.inner.held.load(Ordering::SeqCst)
+    }
+
     /// Every call that reached the receipt route, in arrival order.
     pub fn calls(&self) -> Vec<CallRecord> {
         self.state().calls.clone()
@@ -228,16 +254,16 @@ impl Simulator {
     }
 
     /// How many calls were answered with this ErrorCode (0 counts OK answers).
-    pub fn count_code(&self, code: i64) -> usize {
+    pub fn count_code(&self, code: ErrorCode) -> usize {
         self.state().calls.iter().filter(|c| c.error_code == code).count()
     }
 
     /// The most *served* calls (all but those answered 60007, across all apps) whose
     /// arrivals fit in one window of this length. The limiter counts the same calls, so
     /// without injected faults this never exceeds the limit: to prove that a client kept
-    /// its budget, check `count_code(60007) == 0` or [`Self::max_arrivals_in_any_window`].
+    /// its budget, check `count_code(ErrorCode(60007)) == 0` or [`Self::max_arrivals_in_any_window`].
     pub fn max_in_any_window(&self, window: Duration) -> usize {
-        let times = self.state().arrivals(|c| c.error_code != code::RATE_LIMITED);
+        let times = self.state().arrivals(|c| c.error_code != ErrorCode::RATE_LIMITED);
         max_in_window(&times, window)
     }
 
@@ -331,13 +357,14 @@ impl Simulator {
             let (method, path) = (req.method(), req.uri().path());
             tracing::debug!(%method, path, "simulator: unknown path");
             let info = format!("no API at {method} {path}");
-            let body = ReceiptResponse::fail(code::UNKNOWN_PATH, info);
+            let body = ReceiptResponse::fail(ErrorCode::UNKNOWN_PATH, info);
             return Ok(json_response(StatusCode::NOT_FOUND, &body));
         }
         let query = req.uri().query().unwrap_or_default().to_owned();
         let body = read_body(req.into_body()).await;
         let checked = self.check(&query, body);
         let (outcome, delay) = self.decide(checked);
+        self.pass_gate().await;
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
@@ -348,11 +375,29 @@ impl Simulator {
         }
     }
 
+    /// Waits while calls are held; the count stays right if the caller goes away.
+    async fn pass_gate(&self) {
+        struct Held<'a>(&'a AtomicUsize);
+        impl Drop for Held<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        let mut gate = self.inner.gate.subscribe();
+        if !*gate.borrow_and_update() {
+            return;
+        }
+        self.inner.held.fetch_add(1, Ordering::SeqCst);
+        let _held = Held(&self.inner.held);
+        // The sender lives as long as the simulator; if it were gone, nothing could hold.
+        let _ = gate.wait_for(|closed| !closed).await;
+    }
+
     /// Phases 3, 5 and 6, which depend only on the request and the fixed options.
     fn check(&self, query: &str, body: Result<Bytes, Fail>) -> Checked {
         let params = QueryParams::parse(query);
         let body = body.and_then(|b| {
-            ReceiptRequest::parse(&b, usize::MAX).map_err(|e| Fail::new(code::INVALID_BODY, e.to_string()))
+            ReceiptRequest::parse(&b, usize::MAX).map_err(|e| Fail::new(ErrorCode::INVALID_PARAMETER, e.to_string()))
         });
         let parsed = body.as_ref().ok().cloned();
         let call = rules::check_app(&params, &self.inner.apps).map(|app| AppCall {
@@ -390,7 +435,7 @@ impl Simulator {
             app = ?record.app,
             group = record.group.as_deref().unwrap_or(""),
             seqs = record.seqs.len(),
-            error_code = record.error_code,
+            error_code = record.error_code.0,
             http_status = record.http_status,
             delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
             "simulator call"
@@ -405,13 +450,13 @@ impl Simulator {
         let result = checked.call.as_ref().map_err(Fail::clone).and_then(|call| {
             if !state.admit(call.app, at, limit) {
                 let info = format!("more than {limit} calls per second to this API");
-                return Err(Fail::new(code::RATE_LIMITED, info));
+                return Err(Fail::new(ErrorCode::RATE_LIMITED, info));
             }
             let request = call.request.as_ref().map_err(Fail::clone)?;
             let group = request.group.as_str();
             rules::check_group(group)?;
             if let Some(bad) = request.seqs.iter().find(|s| state.rejected.contains(&s.0)) {
-                return Err(Fail::new(code::INVALID_BODY, format!("MsgSeq {} is invalid", bad.0)));
+                return Err(Fail::new(ErrorCode::INVALID_PARAMETER, format!("MsgSeq {} is invalid", bad.0)));
             }
             let items =
                 request.seqs.iter().map(|&MsgSeq(seq)| ReceiptItem::new(MsgSeq(seq), state.receipt(group, seq)));
@@ -427,7 +472,7 @@ impl Simulator {
 /// A fault that replaces Tencent's answer (phase 2). It still spends the app's budget,
 /// unless it plays 60007, to keep the ledger's invariant (see [`ledger`]).
 fn preempt(state: &mut State, checked: &Checked, at: Instant, outcome: Outcome) -> Outcome {
-    let refused = matches!(&outcome, Outcome::Answer(r) if r.error_code == code::RATE_LIMITED);
+    let refused = matches!(&outcome, Outcome::Answer(r) if r.error_code == ErrorCode::RATE_LIMITED);
     if let (Ok(call), false) = (&checked.call, refused) {
         state.spend(call.app, at);
     }
@@ -454,7 +499,7 @@ fn record(at: Instant, checked: &Checked, outcome: &Outcome) -> CallRecord {
 async fn read_body(body: Incoming) -> Result<Bytes, Fail> {
     match Limited::new(body, MAX_BODY_BYTES).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) => Err(Fail::new(code::INVALID_BODY, format!("body could not be read: {e}"))),
+        Err(e) => Err(Fail::new(ErrorCode::INVALID_PARAMETER, format!("body could not be read: {e}"))),
     }
 }
 
@@ -574,7 +619,7 @@ mod tests {
         assert_eq!(calls[0].app, Some(APP));
         assert_eq!(calls[0].group.as_deref(), Some("g1"));
         assert_eq!(calls[0].seqs, vec![3, 1, 3, 2]);
-        assert_eq!((calls[0].error_code, calls[0].http_status), (0, 200));
+        assert_eq!((calls[0].error_code, calls[0].http_status), (ErrorCode::OK, 200));
     }
 
     #[tokio::test]
@@ -586,10 +631,10 @@ mod tests {
         let reply = call_ok(&client, &url, "g", &[7, 1_000_000, 1_000_001]).await;
 
         let items = reply.items.expect("items");
-        assert_eq!(items[0], ReceiptItem { code: 0, seq: 7, read: Some(5), unread: Some(9) });
+        assert_eq!(items[0], ReceiptItem { code: ErrorCode::OK, seq: 7, read: Some(5), unread: Some(9) });
         assert_eq!(items[1], item("g", 1_000_000));
-        assert_eq!(items[1].code, 0);
-        assert_eq!(items[2], ReceiptItem { code: 10062, seq: 1_000_001, read: None, unread: None });
+        assert_eq!(items[1].code, ErrorCode::OK);
+        assert_eq!(items[2], ReceiptItem { code: ErrorCode::NO_RECEIPT, seq: 1_000_001, read: None, unread: None });
     }
 
     #[tokio::test]
@@ -600,8 +645,8 @@ mod tests {
         let missing = call_ok(&client, &url, "missing-1", &[1]).await;
         let invalid = call_ok(&client, &url, "invalid-1", &[1]).await;
 
-        assert_eq!((missing.action_status.as_str(), missing.error_code), ("FAIL", 10010));
-        assert_eq!((invalid.action_status.as_str(), invalid.error_code), ("FAIL", 10015));
+        assert_eq!((missing.action_status.as_str(), missing.error_code), ("FAIL", ErrorCode(10010)));
+        assert_eq!((invalid.action_status.as_str(), invalid.error_code), ("FAIL", ErrorCode(10015)));
         assert!(missing.items.is_none());
     }
 
@@ -626,7 +671,7 @@ mod tests {
 
         for (query, code, info) in &cases {
             let (status, reply) = call(&client, &url, query, body("g", &[1])).await;
-            assert_eq!((status, reply.error_code), (StatusCode::OK, *code), "{query}");
+            assert_eq!((status, reply.error_code), (StatusCode::OK, ErrorCode(*code)), "{query}");
             assert!(reply.error_info.contains(info), "{query}: {}", reply.error_info);
         }
         assert_eq!(sim.call_count(), cases.len());
@@ -643,9 +688,9 @@ mod tests {
         let fifty = call_ok(&client, &url, "g", &fifty_one[..50]).await;
         let (_, huge) = call(&client, &url, &good_query(), " ".repeat(MAX_BODY_BYTES + 1)).await;
 
-        assert_eq!(not_json.error_code, 10004);
-        assert_eq!(huge.error_code, 10004);
-        assert_eq!(too_many.error_code, 10004);
+        assert_eq!(not_json.error_code, ErrorCode(10004));
+        assert_eq!(huge.error_code, ErrorCode(10004));
+        assert_eq!(too_many.error_code, ErrorCode(10004));
         assert!(too_many.error_info.contains("at most 50"), "{}", too_many.error_info);
         assert_eq!(fifty.items.map(|i| i.len()), Some(50));
         // The ledger shows what was asked even when it was refused.
@@ -664,8 +709,8 @@ mod tests {
             codes.push(call_ok(&client, &url, "g", &[seq]).await.error_code);
         }
 
-        assert_eq!(codes, [0, 0, 0, 0, 0, 60007]);
-        assert_eq!(sim.count_code(60007), 1);
+        assert_eq!(codes, [0, 0, 0, 0, 0, 60007].map(ErrorCode));
+        assert_eq!(sim.count_code(ErrorCode::RATE_LIMITED), 1);
         assert_eq!(sim.max_in_any_window(Duration::from_secs(1)), 5);
         assert_eq!(sim.max_arrivals_in_any_window(Duration::from_secs(1)), 6);
         assert_eq!(sim.call_count(), 6);
@@ -676,7 +721,7 @@ mod tests {
         let (sim, url, _server) =
             Simulator::spawn(SimOptions { limit_per_second: 2, ..options() }).await.expect("spawn");
         let client = client();
-        sim.inject(Fault::ErrorCode(60007), 1);
+        sim.inject(Fault::ErrorCode(ErrorCode::RATE_LIMITED), 1);
         sim.inject(Fault::HttpStatus(500), 1);
 
         let path = format!("{RECEIPT_PATH}?{}", good_query());
@@ -686,7 +731,7 @@ mod tests {
         let codes =
             [call_ok(&client, &url, "g", &[1]).await, call_ok(&client, &url, "g", &[1]).await].map(|r| r.error_code);
 
-        assert_eq!(codes, [0, 60007]);
+        assert_eq!(codes, [0, 60007].map(ErrorCode));
         assert_eq!(sim.max_in_any_window(Duration::from_secs(1)), 2);
     }
 
@@ -694,7 +739,7 @@ mod tests {
     async fn faults_are_played_in_order_and_recorded() {
         let (sim, url, _server) = Simulator::spawn(options()).await.expect("spawn");
         let client = client();
-        sim.inject(Fault::ErrorCode(70169), 1);
+        sim.inject(Fault::ErrorCode(ErrorCode::TRANSIENT_70169), 1);
         sim.inject(Fault::HttpStatus(503), 2);
         sim.inject(Fault::Drop, 1);
         sim.inject(Fault::Latency(Duration::from_millis(150)), 1);
@@ -711,7 +756,7 @@ mod tests {
         let normal = post().await.expect("an answer");
 
         let reply: ReceiptResponse = serde_json::from_slice(&coded.1).expect("json");
-        assert_eq!((coded.0, reply.error_code), (StatusCode::OK, 70169));
+        assert_eq!((coded.0, reply.error_code), (StatusCode::OK, ErrorCode(70169)));
         assert_eq!(first_503.0, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(second_503.0, StatusCode::SERVICE_UNAVAILABLE);
         assert!(dropped.is_err(), "the connection should have been closed");
@@ -720,8 +765,18 @@ mod tests {
         let slow_reply: ReceiptResponse = serde_json::from_slice(&slow.1).expect("json");
         assert_eq!(slow_reply, ReceiptResponse::ok(vec![item("g", 1)]));
         assert_eq!(normal.0, StatusCode::OK);
-        let seen: Vec<(i64, u16)> = sim.calls().iter().map(|c| (c.error_code, c.http_status)).collect();
-        assert_eq!(seen, [(70169, 200), (-1, 503), (-1, 503), (-1, 0), (0, 200), (0, 200)]);
+        let seen: Vec<(ErrorCode, u16)> = sim.calls().iter().map(|c| (c.error_code, c.http_status)).collect();
+        assert_eq!(
+            seen,
+            [
+                (ErrorCode(70169), 200),
+                (NO_ERROR_CODE, 503),
+                (NO_ERROR_CODE, 503),
+                (NO_ERROR_CODE, 0),
+                (ErrorCode::OK, 200),
+                (ErrorCode::OK, 200)
+            ]
+        );
     }
 
     #[tokio::test]
@@ -732,7 +787,7 @@ mod tests {
         let started = Instant::now();
         let reply = call_ok(&client(), &url, "g", &[1]).await;
 
-        assert_eq!(reply.error_code, 0);
+        assert_eq!(reply.error_code, ErrorCode::OK);
         assert!(started.elapsed() >= Duration::from_millis(100));
     }
 
@@ -745,7 +800,7 @@ mod tests {
         let (get_status, _) = send(&client, &url, Method::GET, RECEIPT_PATH, String::new()).await.expect("answer");
 
         let reply: ReceiptResponse = serde_json::from_slice(&bytes).expect("json");
-        assert_eq!((status, reply.error_code), (StatusCode::NOT_FOUND, 60009));
+        assert_eq!((status, reply.error_code), (StatusCode::NOT_FOUND, ErrorCode(60009)));
         assert_eq!(get_status, StatusCode::NOT_FOUND);
         assert_eq!(sim.call_count(), 0);
     }

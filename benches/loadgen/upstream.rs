@@ -4,8 +4,11 @@
 //! call with an `Instant` of this process, so the interval is the client's own.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use tokio::time::Instant;
+
+use receipt_gateway::code::ErrorCode;
 use receipt_gateway::domain::AppId;
 use receipt_gateway::simulator::{CallRecord, SimApp, SimOptions, SimServer, Simulator, max_in_window};
 use receipt_gateway::usersig::SecretKey;
@@ -19,8 +22,6 @@ pub const IDENTIFIER: &str = "administrator";
 /// Known to the simulator and (through `LOADGEN_SECRET`) to the gateway; protects nothing.
 pub const SECRET: &str = "receipt-loadgen-key-not-a-secret";
 
-/// Tencent's "over the rate limit" ErrorCode.
-const RATE_LIMITED: i64 = 60007;
 const ROLLING: Duration = Duration::from_secs(1);
 
 pub struct Upstream {
@@ -41,7 +42,7 @@ pub struct UpstreamStats {
     pub rate_limited: usize,
     pub mean_seqs: f64,
     /// Calls by ErrorCode (-1: an HTTP fault or a dropped connection).
-    pub codes: BTreeMap<i64, usize>,
+    pub codes: BTreeMap<ErrorCode, usize>,
 }
 
 impl Upstream {
@@ -60,14 +61,15 @@ impl Upstream {
 
     /// 60007 answers since the simulator started (warm-ups included).
     pub fn rate_limited_total(&self) -> usize {
-        self.sim.count_code(RATE_LIMITED)
+        self.sim.count_code(ErrorCode::RATE_LIMITED)
     }
 
     pub fn call_count(&self) -> usize {
         self.sim.call_count()
     }
 
-    pub fn stats(&self, from: Instant, to: Instant) -> UpstreamStats {
+    pub fn stats(&self, from: std::time::Instant, to: std::time::Instant) -> UpstreamStats {
+        let (from, to) = (Instant::from_std(from), Instant::from_std(to));
         let calls: Vec<CallRecord> = self.sim.calls().into_iter().filter(|c| c.at >= from && c.at < to).collect();
         let arrivals: Vec<Instant> = calls.iter().map(|c| c.at).collect();
         let mut codes = BTreeMap::new();
@@ -80,7 +82,7 @@ impl Upstream {
             per_second: calls.len() as f64 / (to - from).as_secs_f64().max(f64::EPSILON),
             max_rolling: max_in_window(&arrivals, ROLLING),
             min_rolling: min_rolling(&arrivals, from, to),
-            rate_limited: codes.get(&RATE_LIMITED).copied().unwrap_or(0),
+            rate_limited: codes.get(&ErrorCode::RATE_LIMITED).copied().unwrap_or(0),
             mean_seqs: if calls.is_empty() { 0.0 } else { seqs as f64 / calls.len() as f64 },
             codes,
         }

@@ -6,16 +6,19 @@
 //! [`max_in_window`] over the ledger always agree.
 
 use std::collections::{HashMap, VecDeque};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use crate::api::RECEIPT_PATH;
+use crate::code::ErrorCode;
 use crate::domain::{AppId, Receipt};
 
 use super::Fault;
 use super::rules::default_receipt;
 
 /// The `error_code` recorded for calls answered with an HTTP fault or not answered.
-pub const NO_ERROR_CODE: i64 = -1;
+pub const NO_ERROR_CODE: ErrorCode = ErrorCode::NONE;
 
 /// The rolling window of the rate limit.
 const RATE_WINDOW: Duration = Duration::from_secs(1);
@@ -32,7 +35,7 @@ pub struct CallRecord {
     /// The body's MsgSeqs in order, when the body parsed (even if there were too many).
     pub seqs: Vec<u64>,
     /// The ErrorCode answered: 0 for OK, [`NO_ERROR_CODE`] for HTTP faults and drops.
-    pub error_code: i64,
+    pub error_code: ErrorCode,
     /// The HTTP status answered; 0 when the connection was dropped instead.
     pub http_status: u16,
 }
@@ -74,7 +77,7 @@ impl State {
     /// The receipt to report: the test's override if it set one, else the default.
     pub fn receipt(&self, group: &str, seq: u64) -> Receipt {
         match self.overrides.get(&(group.to_owned(), seq)) {
-            Some(&(read, unread)) => Receipt { code: 0, read: Some(read), unread: Some(unread) },
+            Some(&(read, unread)) => Receipt { code: ErrorCode::OK, read: Some(read), unread: Some(unread) },
             None => default_receipt(group, seq),
         }
     }
@@ -150,7 +153,7 @@ mod tests {
         let mut state = State::default();
         state.overrides.insert(("g".into(), 2_000_000), (1, 2));
         let over = state.receipt("g", 2_000_000);
-        assert_eq!((over.code, over.read, over.unread), (0, Some(1), Some(2)));
+        assert_eq!((over.code, over.read, over.unread), (ErrorCode::OK, Some(1), Some(2)));
         assert_eq!(state.receipt("g", 3), default_receipt("g", 3));
     }
 }

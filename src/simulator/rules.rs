@@ -6,24 +6,11 @@
 use std::collections::HashMap;
 
 use crate::api::ReceiptRequest;
-use crate::domain::{AppId, NO_RECEIPT, Receipt};
+use crate::code::ErrorCode;
+use crate::domain::{AppId, Receipt};
 use crate::usersig::{self, VerifyError};
 
 use super::SimApp;
-
-/// Tencent's ErrorCodes the simulator answers with.
-pub(super) mod code {
-    pub const INVALID_BODY: i64 = 10004;
-    pub const GROUP_MISSING: i64 = 10010;
-    pub const GROUP_INVALID: i64 = 10015;
-    pub const BAD_PARAMETER: i64 = 60003;
-    pub const UNKNOWN_APP: i64 = 60006;
-    pub const RATE_LIMITED: i64 = 60007;
-    pub const UNKNOWN_PATH: i64 = 60009;
-    pub const NOT_ADMIN: i64 = 60010;
-    pub const USERSIG_EXPIRED: i64 = 70001;
-    pub const USERSIG_INVALID: i64 = 70009;
-}
 
 /// MsgSeqs above this have no receipt (item Code 10062), unless overridden.
 pub const MAX_SEQ_WITH_RECEIPT: u64 = 1_000_000;
@@ -31,12 +18,12 @@ pub const MAX_SEQ_WITH_RECEIPT: u64 = 1_000_000;
 /// A `FAIL` answer in the making: Tencent's ErrorCode and the ErrorInfo that explains it.
 #[derive(Clone, Debug)]
 pub(super) struct Fail {
-    pub code: i64,
+    pub code: ErrorCode,
     pub info: String,
 }
 
 impl Fail {
-    pub fn new(code: i64, info: impl Into<String>) -> Self {
+    pub fn new(code: ErrorCode, info: impl Into<String>) -> Self {
         Self { code, info: info.into() }
     }
 }
@@ -47,9 +34,9 @@ pub(super) fn check_app<'a>(params: &QueryParams, apps: &'a HashMap<AppId, SimAp
     let raw = params.require("sdkappid")?;
     let app = params.sdkappid().ok_or_else(|| {
         let info = format!("query parameter sdkappid {raw:?} is not a number");
-        Fail::new(code::BAD_PARAMETER, info)
+        Fail::new(ErrorCode::BAD_QUERY, info)
     })?;
-    apps.get(&app).ok_or_else(|| Fail::new(code::UNKNOWN_APP, format!("sdkappid {app} is not configured")))
+    apps.get(&app).ok_or_else(|| Fail::new(ErrorCode::UNKNOWN_APP, format!("sdkappid {app} is not configured")))
 }
 
 /// The remaining query parameters (60003) and the UserSig, checked at `now` (Unix
@@ -60,19 +47,19 @@ pub(super) fn check_caller(params: &QueryParams, app: &SimApp, now: u64) -> Resu
     let sig = params.require("usersig")?;
     if params.require("random")?.parse::<u32>().is_err() {
         let info = "query parameter random must be an unsigned 32-bit integer";
-        return Err(Fail::new(code::BAD_PARAMETER, info));
+        return Err(Fail::new(ErrorCode::BAD_QUERY, info));
     }
     if params.require("contenttype")? != "json" {
         let info = "query parameter contenttype must be json";
-        return Err(Fail::new(code::BAD_PARAMETER, info));
+        return Err(Fail::new(ErrorCode::BAD_QUERY, info));
     }
     usersig::verify(sig, app.app, identifier, &app.key, now).map_err(|e| match e {
-        VerifyError::Expired => Fail::new(code::USERSIG_EXPIRED, e.to_string()),
-        other => Fail::new(code::USERSIG_INVALID, other.to_string()),
+        VerifyError::Expired => Fail::new(ErrorCode::USERSIG_EXPIRED, e.to_string()),
+        other => Fail::new(ErrorCode::USERSIG_INVALID, other.to_string()),
     })?;
     if identifier != app.identifier {
         let info = format!("identifier {identifier} is not an app admin");
-        return Err(Fail::new(code::NOT_ADMIN, info));
+        return Err(Fail::new(ErrorCode::NOT_ADMIN, info));
     }
     Ok(())
 }
@@ -83,7 +70,7 @@ pub(super) fn check_body(parsed: Result<ReceiptRequest, Fail>, max_seqs: usize) 
     let got = request.seqs.len();
     if got > max_seqs {
         let info = format!("MsgSeqList has {got} entries; at most {max_seqs} are allowed");
-        return Err(Fail::new(code::INVALID_BODY, info));
+        return Err(Fail::new(ErrorCode::INVALID_PARAMETER, info));
     }
     Ok(request)
 }
@@ -93,29 +80,29 @@ pub(super) fn check_body(parsed: Result<ReceiptRequest, Fail>, max_seqs: usize) 
 pub(super) fn check_group(group: &str) -> Result<(), Fail> {
     if group.starts_with("missing") {
         let info = format!("group {group} does not exist");
-        return Err(Fail::new(code::GROUP_MISSING, info));
+        return Err(Fail::new(ErrorCode::GROUP_NOT_FOUND, info));
     }
     if group.starts_with("invalid") {
         let info = format!("group {group} does not support read receipts");
-        return Err(Fail::new(code::GROUP_INVALID, info));
+        return Err(Fail::new(ErrorCode::GROUP_INVALID, info));
     }
     Ok(())
 }
 
 /// The counts the simulator reports for (`group`, `seq`) when no override is set:
-/// [`NO_RECEIPT`] above [`MAX_SEQ_WITH_RECEIPT`], otherwise counts derived from a
+/// [`ErrorCode::NO_RECEIPT`] above [`MAX_SEQ_WITH_RECEIPT`], otherwise counts derived from a
 /// 64-bit FNV-1a hash `h` of the group's bytes, a 0xff separator and the seq's
 /// little-endian bytes: `members = 2 + h % 200`, `read = (h >> 16) % (members + 1)`,
 /// `unread = members - read`. The hash is fixed (never std's randomly seeded one), so a
 /// test computes the same answer as a simulator in another process.
 pub fn default_receipt(group: &str, seq: u64) -> Receipt {
     if seq > MAX_SEQ_WITH_RECEIPT {
-        return Receipt { code: NO_RECEIPT, read: None, unread: None };
+        return Receipt { code: ErrorCode::NO_RECEIPT, read: None, unread: None };
     }
     let h = fnv1a(group.as_bytes().iter().chain(&[0xff]).chain(&seq.to_le_bytes()));
     let members = 2 + h % 200;
     let read = (h >> 16) % (members + 1);
-    Receipt { code: 0, read: Some(read), unread: Some(members - read) }
+    Receipt { code: ErrorCode::OK, read: Some(read), unread: Some(members - read) }
 }
 
 fn fnv1a<'a>(bytes: impl Iterator<Item = &'a u8>) -> u64 {
@@ -152,7 +139,7 @@ impl QueryParams {
             Some(value) if !value.is_empty() => Ok(value),
             _ => {
                 let info = format!("query parameter {name} is required");
-                Err(Fail::new(code::BAD_PARAMETER, info))
+                Err(Fail::new(ErrorCode::BAD_QUERY, info))
             }
         }
     }
@@ -189,7 +176,7 @@ mod tests {
     use super::*;
 
     /// Computed independently (Python, same FNV-1a recipe) for ("g1", 1).
-    const PINNED: Receipt = Receipt { code: 0, read: Some(4), unread: Some(165) };
+    const PINNED: Receipt = Receipt { code: ErrorCode::OK, read: Some(4), unread: Some(165) };
 
     #[test]
     fn default_receipts_are_stable_and_plausible() {
@@ -198,12 +185,12 @@ mod tests {
         for seq in 0..500 {
             let r = default_receipt("group", seq);
             let members = r.read.unwrap_or(0) + r.unread.unwrap_or(0);
-            assert_eq!(r.code, 0);
+            assert_eq!(r.code, ErrorCode::OK);
             assert!((2..202).contains(&members), "{seq}: {r:?}");
         }
         assert_ne!(default_receipt("a", 1), default_receipt("b", 1));
         assert!(default_receipt("g", 1_000_000).read.is_some());
-        let none = Receipt { code: NO_RECEIPT, read: None, unread: None };
+        let none = Receipt { code: ErrorCode::NO_RECEIPT, read: None, unread: None };
         assert_eq!(default_receipt("g", 1_000_001), none);
     }
 
@@ -222,7 +209,7 @@ mod tests {
     fn group_rules_go_by_prefix() {
         assert!(check_group("g").is_ok());
         assert!(check_group("a-missing").is_ok());
-        assert_eq!(check_group("missing-1").map_err(|f| f.code).unwrap_err(), 10010);
-        assert_eq!(check_group("invalid").map_err(|f| f.code).unwrap_err(), 10015);
+        assert_eq!(check_group("missing-1").map_err(|f| f.code).unwrap_err(), ErrorCode(10010));
+        assert_eq!(check_group("invalid").map_err(|f| f.code).unwrap_err(), ErrorCode(10015));
     }
 }

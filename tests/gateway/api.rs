@@ -8,6 +8,7 @@ use http::{Request, StatusCode};
 use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use receipt_gateway::code::ErrorCode;
 use receipt_gateway::simulator::Fault;
 
 use crate::support::{APP, APP2, RECEIPT, Setup, TestApp, body, expected, within};
@@ -122,13 +123,13 @@ async fn two_apps_are_selected_by_sdkappid_and_each_signs_its_own_calls() {
     let apps: Vec<_> = app.sim.calls().iter().map(|c| c.app.map(|a| a.0)).collect();
     assert_eq!(apps, vec![Some(APP), Some(APP2)]);
     // The simulator verified every UserSig the gateway sent: none was refused.
-    assert!(app.sim.calls().iter().all(|c| c.error_code == 0), "{:?}", app.sim.calls());
+    assert!(app.sim.calls().iter().all(|c| c.error_code == ErrorCode::OK), "{:?}", app.sim.calls());
 }
 
 #[tokio::test]
 async fn transient_upstream_failures_are_retried() {
     let app = TestApp::spawn().await;
-    app.sim.inject(Fault::ErrorCode(10002), 1);
+    app.sim.inject(Fault::ErrorCode(ErrorCode(10002)), 1);
     app.sim.inject(Fault::HttpStatus(502), 1);
 
     let reply = app.post(&body("g-retry", &[7])).await;
@@ -136,7 +137,7 @@ async fn transient_upstream_failures_are_retried() {
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
     assert_eq!(reply.items(), vec![expected("g-retry", 7)]);
     let answered: Vec<_> = app.sim.calls().iter().map(|c| (c.error_code, c.http_status)).collect();
-    assert_eq!(answered, vec![(10002, 200), (-1, 502), (0, 200)]);
+    assert_eq!(answered, vec![(ErrorCode(10002), 200), (ErrorCode::NONE, 502), (ErrorCode::OK, 200)]);
 }
 
 #[tokio::test]
@@ -254,12 +255,12 @@ async fn a_burst_of_1000_groups_stays_within_the_budget_and_nobody_hangs() {
     assert!(slowest < deadline + Duration::from_millis(500), "slowest answer took {slowest:?}");
     let busiest = app.sim.max_arrivals_in_any_window(Duration::from_secs(1));
     assert!(busiest <= 200, "{busiest} calls in one second");
-    assert_eq!(app.sim.count_code(60007), 0);
+    assert_eq!(app.sim.count_code(ErrorCode(60007)), 0);
     // Every answered group cost one call; refused groups' MsgSeqs may be fetched later
     // with spare budget, within the same limit.
     let calls = app.sim.calls();
     assert!(calls.len() >= ok);
-    assert!(calls.iter().all(|c| c.error_code == 0));
+    assert!(calls.iter().all(|c| c.error_code == ErrorCode::OK));
 }
 
 fn summary(answers: &[(StatusCode, bool, Duration)]) -> Vec<(StatusCode, bool)> {

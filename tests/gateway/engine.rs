@@ -9,6 +9,7 @@ use http::{Request, StatusCode};
 use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use receipt_gateway::code::ErrorCode;
 use receipt_gateway::simulator::{Fault, Simulator};
 
 use crate::support::{RECEIPT, Reply, Setup, TestApp, body, expected, within};
@@ -204,13 +205,13 @@ async fn when_the_budget_cannot_make_the_deadline_callers_get_429_with_retry_aft
     }
     assert!(started.elapsed() < Duration::from_millis(1500));
     assert!(app.sim.max_arrivals_in_any_window(Duration::from_secs(1)) <= 5);
-    assert_eq!(app.sim.count_code(60007), 0);
+    assert_eq!(app.sim.count_code(ErrorCode(60007)), 0);
 }
 
 #[tokio::test]
 async fn throttling_lowers_the_effective_rate_and_is_retried() {
     let app = TestApp::spawn().await;
-    app.sim.inject(Fault::ErrorCode(60007), 1);
+    app.sim.inject(Fault::ErrorCode(ErrorCode(60007)), 1);
 
     let reply = app.post(&body("g-throttled", &[1])).await;
     let rate =
@@ -241,7 +242,7 @@ async fn a_bad_msgseq_fails_only_the_caller_who_sent_it() {
 async fn a_10004_about_the_whole_call_costs_a_bounded_number_of_splits() {
     let app = TestApp::spawn().await;
     // Every call refused with 10004, whatever it carries.
-    app.sim.inject(Fault::ErrorCode(10004), 1000);
+    app.sim.inject(Fault::ErrorCode(ErrorCode(10004)), 1000);
     let seqs: Vec<u64> = (1..=50).collect();
 
     let reply = app.post(&body("g-all-bad", &seqs)).await;
@@ -317,7 +318,7 @@ mod mixes {
                 }
                 prop_assert!(seen.values().all(|&n| n == 1), "a key was fetched twice: {:?}", seen);
                 prop_assert!(app.sim.max_arrivals_in_any_window(Duration::from_secs(1)) <= 40);
-                prop_assert_eq!(app.sim.count_code(60007), 0);
+                prop_assert_eq!(app.sim.count_code(ErrorCode(60007)), 0);
                 Ok(())
             })?;
         }

@@ -137,7 +137,7 @@ pub fn body(group: &str, seqs: &[u64]) -> String {
 /// What the simulator answers for (group, seq) by default, as an item tuple.
 pub fn expected(group: &str, seq: u64) -> (u64, u64, u64, i64) {
     let r = receipt_gateway::simulator::default_receipt(group, seq);
-    (seq, r.read.unwrap_or(0), r.unread.unwrap_or(0), r.code)
+    (seq, r.read.unwrap_or(0), r.unread.unwrap_or(0), r.code.0)
 }
 
 impl TestApp {

@@ -1,0 +1,69 @@
+//! One configured app at run time: everything the request path and its batches share,
+//! built from the app's configuration in one place.
+
+use std::sync::Arc;
+
+use prometheus::Histogram;
+
+use crate::batch::BatchPolicy;
+use crate::budget::Budget;
+use crate::cache::ReceiptCache;
+use crate::config::{AppConfig, Config};
+use crate::domain::{AppId, Region};
+use crate::engine::Engine;
+use crate::metrics::{API_RECEIPT, AppMetrics, Metrics};
+use crate::upstream::{HttpClient, Upstream};
+
+pub struct AppRuntime {
+    pub id: AppId,
+    pub region: Option<Region>,
+    pub upstream: Upstream,
+    pub engine: Arc<Engine>,
+    pub budget: Arc<Budget>,
+    pub cache: ReceiptCache,
+    pub max_retries: u32,
+    pub metrics: AppMetrics,
+    /// `receipt_gateway_upstream_batch_size` for this app.
+    pub batch_size: Histogram,
+    /// `receipt_gateway_budget_wait_seconds` for this app's receipt API.
+    pub budget_wait: Histogram,
+}
+
+impl AppRuntime {
+    /// Builds `app`'s budget, engine and signed client from the gateway's `config`.
+    pub fn new(
+        app: &AppConfig,
+        config: &Config,
+        cache: &ReceiptCache,
+        metrics: &Metrics,
+        client: HttpClient,
+    ) -> Result<Self, redis::RedisError> {
+        let label = app.id.to_string();
+        let labels = [label.as_str(), API_RECEIPT];
+        let budget = Budget::new(
+            &config.budget.backend,
+            config.budget.per_second,
+            config.budget.fallback_per_second,
+            format!("{}:{API_RECEIPT}", app.id),
+            metrics.effective_rate.with_label_values(&labels),
+        )?;
+        let policy = BatchPolicy {
+            window: config.batch.window,
+            max_seqs: config.batch.max_seqs,
+            ttl: config.cache.ttl,
+            upstream_timeout: config.upstream.timeout,
+        };
+        Ok(Self {
+            id: app.id,
+            region: app.region,
+            upstream: Upstream::new(app, config.upstream.timeout, client, metrics),
+            engine: Arc::new(Engine::new(policy)),
+            budget: Arc::new(budget),
+            cache: cache.clone(),
+            max_retries: config.upstream.max_retries,
+            metrics: metrics.for_app(app.id),
+            batch_size: metrics.batch_size.with_label_values(&[label.as_str()]),
+            budget_wait: metrics.budget_wait.with_label_values(&labels),
+        })
+    }
+}

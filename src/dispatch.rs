@@ -1,0 +1,355 @@
+//! The queue that spends one (app, API)'s budget (SPEC 5.3), and its dispatcher.
+//!
+//! It owns the open batches and the retry permits (a retry or a split half of a
+//! dispatched batch asking for one more token), in one order: callers' work by the
+//! earliest deadline it serves, then background batches by expiry. The dispatcher takes
+//! one token from the [`Budget`] at a time and spends it on the first ready entry. When a
+//! batch leaves, it is topped up with its group's cohort: cached messages read lately that
+//! expire within half a TTL, so the group refreshes in one call per TTL.
+//!
+//! Invariants: a token is spent only on work somebody can still use — a batch whose
+//! callers' deadlines would pass before an answer could arrive, or a permit whose retry
+//! gave up, leaves the queue unpaid — and background batches take only budget no
+//! caller's work is waiting for, not even a batch still filling.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::Histogram;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::admission::MARGIN;
+use crate::batch::{BatchId, BatchKind, BatchPolicy, Dispatch, OpenBatch, Waiter, Window};
+use crate::budget::Budget;
+use crate::domain::MsgSeq;
+use crate::engine::Engine;
+use crate::inflight::{GroupState, Groups};
+
+/// A retry permit's identity (a space of its own, apart from batches).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PermitId(u64);
+
+/// Callers' work comes before background batches, whatever their times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Lane {
+    Callers,
+    Background,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Work {
+    Batch(BatchId),
+    Permit(PermitId),
+}
+
+/// A place in the queue: lane, then time (deadline or expiry), then identity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Entry {
+    lane: Lane,
+    at: Instant,
+    work: Work,
+}
+
+impl Entry {
+    fn of_batch(id: BatchId, kind: BatchKind) -> Self {
+        match kind {
+            BatchKind::Callers { earliest, .. } => Self { lane: Lane::Callers, at: earliest, work: Work::Batch(id) },
+            BatchKind::Background { expires } => Self { lane: Lane::Background, at: expires, work: Work::Batch(id) },
+        }
+    }
+
+    /// Where a batch not opened yet would queue for a caller with `deadline`: behind
+    /// everything due no later.
+    fn new_batch(deadline: Instant) -> Self {
+        Self { lane: Lane::Callers, at: deadline, work: Work::Batch(BatchId(u64::MAX)) }
+    }
+}
+
+struct Permit {
+    tx: oneshot::Sender<()>,
+    since: Instant,
+}
+
+/// The open batches and permits of one (app, API), in dispatch order.
+#[derive(Default)]
+pub struct Queue {
+    order: BTreeSet<Entry>,
+    batches: HashMap<BatchId, OpenBatch>,
+    permits: HashMap<PermitId, (Entry, Permit)>,
+    next_batch: u64,
+    next_permit: u64,
+    /// Set when work appeared or became ready: the dispatcher must look again.
+    wake: bool,
+}
+
+/// What the dispatcher does next.
+pub enum Next {
+    Ready,
+    At(Instant),
+    Idle,
+}
+
+/// A unit of work that a token was spent on.
+pub enum Job {
+    Batch(Dispatch),
+    Permit(oneshot::Sender<()>),
+}
+
+impl Queue {
+    pub fn open(&mut self, batch: OpenBatch) -> BatchId {
+        self.next_batch += 1;
+        let id = BatchId(self.next_batch);
+        self.order.insert(Entry::of_batch(id, batch.kind));
+        self.batches.insert(id, batch);
+        self.wake = true;
+        id
+    }
+
+    pub fn has_room(&self, id: BatchId, max_seqs: usize) -> bool {
+        self.batches.get(&id).is_some_and(|b| b.has_room(max_seqs))
+    }
+
+    /// Adds `seq` to open batch `id` if it has room; the waiter for its answer.
+    pub fn push(&mut self, id: BatchId, seq: MsgSeq, now: Instant, max_seqs: usize) -> Option<Waiter> {
+        let batch = self.batches.get_mut(&id).filter(|b| b.has_room(max_seqs))?;
+        let waiter = batch.push(seq, now, max_seqs);
+        self.wake |= !batch.has_room(max_seqs);
+        Some(waiter)
+    }
+
+    /// A caller with `deadline` waits for batch `id` (if it is still open): its deadlines
+    /// widen, and it moves up the queue if it became more urgent.
+    pub fn add_caller(&mut self, id: BatchId, deadline: Instant) {
+        let Some(batch) = self.batches.get_mut(&id) else { return };
+        let before = Entry::of_batch(id, batch.kind);
+        batch.kind = batch.kind.with_caller(deadline);
+        let after = Entry::of_batch(id, batch.kind);
+        if before != after {
+            self.order.remove(&before);
+            self.order.insert(after);
+        }
+    }
+
+    /// Queues a request for one token, ordered by `urgency` like a caller's batch.
+    pub fn permit(&mut self, urgency: Instant, now: Instant) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        self.next_permit += 1;
+        let id = PermitId(self.next_permit);
+        let entry = Entry { lane: Lane::Callers, at: urgency, work: Work::Permit(id) };
+        self.order.insert(entry);
+        self.permits.insert(id, (entry, Permit { tx, since: now }));
+        self.wake = true;
+        rx
+    }
+
+    /// Whether the dispatcher must be woken; clears the flag.
+    pub fn take_wake(&mut self) -> bool {
+        std::mem::take(&mut self.wake)
+    }
+
+    /// Callers' entries queued (background batches do not hold callers up).
+    pub fn callers_queued(&self) -> u32 {
+        self.order.iter().take_while(|e| e.lane == Lane::Callers).count() as u32
+    }
+
+    /// How many entries are queued ahead of the last batch a caller with `deadline`
+    /// would wait for, if `misses` of group `g` joined now; None when every one of them
+    /// is already on the wire.
+    pub fn ahead_of(&self, g: &GroupState, misses: &[MsgSeq], deadline: Instant, max_seqs: usize) -> Option<u32> {
+        let place = |id: BatchId| self.batches.get(&id).map(|b| Entry::of_batch(id, b.kind.with_caller(deadline)));
+        let mut unplaced = 0;
+        let mut last: Option<Entry> = None;
+        for &seq in misses {
+            match g.carrier(seq) {
+                Some(id) => last = last.max(place(id)),
+                None => unplaced += 1,
+            }
+        }
+        if unplaced > 0 {
+            let newest = g.newest_open().and_then(|id| Some((id, self.batches.get(&id)?)));
+            last = last.max(match newest {
+                Some((id, b)) if unplaced <= max_seqs.saturating_sub(b.seqs.len()) => place(id),
+                _ => Some(Entry::new_batch(deadline)),
+            });
+        }
+        Some(self.order.range(..last?).count() as u32)
+    }
+
+    /// Drops what nobody can use any more, and tells when work is next ready.
+    pub fn next(&mut self, groups: &mut Groups, now: Instant, max_seqs: usize, latency: Duration) -> Next {
+        groups.sweep(now);
+        self.drop_useless(groups, now, latency);
+        let mut earliest: Option<Instant> = None;
+        for entry in &self.order {
+            let Work::Batch(id) = entry.work else { return Next::Ready };
+            let Some(b) = self.batches.get(&id) else { continue };
+            // Background batches take only spare budget: none while a caller's batch
+            // is still filling.
+            if entry.lane == Lane::Background && earliest.is_some() {
+                break;
+            }
+            if b.is_ready(now, max_seqs) {
+                return Next::Ready;
+            }
+            earliest = Some(earliest.map_or(b.ready_at, |e| e.min(b.ready_at)));
+        }
+        earliest.map_or(Next::Idle, Next::At)
+    }
+
+    /// Takes the first ready entry off the queue, tops a batch up with its group's
+    /// cohort, and observes how long the work waited for its token in `budget_wait`.
+    pub fn pop(
+        &mut self,
+        groups: &mut Groups,
+        now: Instant,
+        policy: &BatchPolicy,
+        latency: Duration,
+        budget_wait: &Histogram,
+    ) -> Option<Job> {
+        self.drop_useless(groups, now, latency);
+        let entry = self.first_ready(now, policy.max_seqs)?;
+        self.order.remove(&entry);
+        match entry.work {
+            Work::Permit(id) => {
+                let (_, permit) = self.permits.remove(&id)?;
+                budget_wait.observe(now.saturating_duration_since(permit.since).as_secs_f64());
+                Some(Job::Permit(permit.tx))
+            }
+            Work::Batch(id) => {
+                let batch = self.batches.remove(&id)?;
+                if entry.lane == Lane::Callers {
+                    // Background batches wait for spare budget by design; that is no wait.
+                    budget_wait.observe(now.saturating_duration_since(batch.ready_at).as_secs_f64());
+                }
+                Some(Job::Batch(dispatch(groups, id, batch, now, policy)))
+            }
+        }
+    }
+
+    /// The first entry that may take a token now.
+    fn first_ready(&self, now: Instant, max_seqs: usize) -> Option<Entry> {
+        let mut filling = false;
+        self.order.iter().copied().find(|entry| {
+            let Work::Batch(id) = entry.work else { return true };
+            let Some(b) = self.batches.get(&id) else { return false };
+            let callers = entry.lane == Lane::Callers;
+            let ready = b.is_ready(now, max_seqs) && (callers || !filling);
+            filling |= callers && !ready;
+            ready
+        })
+    }
+
+    /// Drops permits whose retry gave up, and resolves unsent the batches whose callers'
+    /// deadlines (or background lifetimes) would pass before an answer could arrive.
+    fn drop_useless(&mut self, groups: &mut Groups, now: Instant, latency: Duration) {
+        let Self { order, permits, batches, .. } = self;
+        permits.retain(|_, (entry, p)| {
+            let alive = !p.tx.is_closed();
+            if !alive {
+                order.remove(entry);
+            }
+            alive
+        });
+        let late: Vec<BatchId> = batches
+            .iter()
+            .filter(|(_, b)| b.kind.useless_after() < now + latency + MARGIN)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in late {
+            let Some(batch) = batches.remove(&id) else { continue };
+            order.remove(&Entry::of_batch(id, batch.kind));
+            groups.release(&batch.group, id, &batch.seqs, None);
+            batch.expire(now);
+        }
+    }
+
+    /// Open batches, permits (for tests and debugging).
+    pub fn sizes(&self) -> (usize, usize) {
+        (self.batches.len(), self.permits.len())
+    }
+}
+
+/// A batch leaving the queue: detached from its group's open list and topped up with
+/// the group's cohort (read lately, within half a TTL of expiry, not in flight).
+fn dispatch(groups: &mut Groups, id: BatchId, batch: OpenBatch, now: Instant, policy: &BatchPolicy) -> Dispatch {
+    let requested = batch.seqs.len();
+    let mut seqs = batch.seqs;
+    if let Some(g) = groups.get_mut(&batch.group) {
+        g.detach(id);
+        top_up(g, id, &mut seqs, &batch.outcome.subscribe(), now, policy);
+    }
+    Dispatch {
+        id,
+        group: batch.group,
+        seqs,
+        requested,
+        window: Window::of(batch.kind, now, policy.upstream_timeout),
+        outcome: batch.outcome,
+    }
+}
+
+/// Group cohort top-up (SPEC 5.2): never displaces a requested MsgSeq, never adds one
+/// nobody read, never one already in flight (the batch's own are in flight with it).
+fn top_up(
+    g: &mut GroupState,
+    id: BatchId,
+    seqs: &mut Vec<MsgSeq>,
+    waiter: &Waiter,
+    now: Instant,
+    policy: &BatchPolicy,
+) {
+    let room = policy.max_seqs.saturating_sub(seqs.len());
+    let Some(page) = g.page().filter(|_| room > 0).cloned() else { return };
+    let horizon = now + policy.ttl / 2;
+    let due = page.due_for_refresh(now, horizon, policy.cohort_memory(), room, |seq| g.carrier(seq).is_none());
+    for seq in due {
+        seqs.push(seq);
+        g.carry(seq, id, waiter.clone());
+    }
+}
+
+/// The dispatcher of one (app, API): forever, wait for ready work, take a token, spend
+/// it on the first ready entry; a batch is handed to `run` (`fetch::run` in its own
+/// task). Owned and aborted by the gateway's task set.
+pub async fn run(
+    engine: Arc<Engine>,
+    budget: Arc<Budget>,
+    budget_wait: Histogram,
+    mut run: impl FnMut(Dispatch) + Send,
+) {
+    let mut last_grant: Option<Instant> = None;
+    loop {
+        if !engine.wait_for_ready_work().await {
+            // Waiting for work is not the budget's slowness: restart the measurement.
+            last_grant = None;
+        }
+        budget.acquire().await;
+        let granted = Instant::now();
+        if let Some(previous) = last_grant {
+            engine.estimates().observe_interval(granted - previous);
+        }
+        last_grant = Some(granted);
+        match engine.pop(granted, &budget_wait) {
+            Some(Job::Batch(dispatch)) => run(dispatch),
+            // A retry whose caller gave up meanwhile: the token is spent, as it must be
+            // counted anyway (it cannot be un-taken from Redis).
+            Some(Job::Permit(tx)) => drop(tx.send(())),
+            None => {}
+        }
+    }
+}
+
+#[cfg(test)]
+impl Queue {
+    /// The open batches, for assertions.
+    pub(crate) fn open_batches(&self) -> impl Iterator<Item = (&BatchId, &OpenBatch)> {
+        self.batches.iter()
+    }
+
+    /// Whether batch `id` queues in the callers' lane at `at`.
+    pub(crate) fn queues_for_callers_at(&self, id: BatchId, at: Instant) -> bool {
+        self.order.contains(&Entry { lane: Lane::Callers, at, work: Work::Batch(id) })
+    }
+}

@@ -1,0 +1,412 @@
+//! One (app, API)'s engine: the tables the stages share, under one short-held lock, and
+//! the operations the request path, the dispatcher and the batch tasks call.
+//!
+//! The tables are the in-flight table ([`inflight`](crate::inflight)) and the queue of
+//! open batches and permits ([`dispatch`](crate::dispatch)); they change together (a
+//! caller joining a batch may move it up the queue), so one lock keeps them consistent.
+//! It is never held across an `.await`. Each operation here is a short composition of
+//! the stages: this module decides nothing of its own.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use prometheus::Histogram;
+use tokio::sync::{Notify, oneshot};
+use tokio::time::Instant;
+
+use crate::admission::{self, Estimators};
+use crate::batch::{BatchPolicy, Dispatch, Joined, Waiter};
+use crate::budget::Estimate;
+use crate::cache::Page;
+use crate::dispatch::{Job, Next, Queue};
+use crate::domain::{GroupId, MsgSeq};
+use crate::inflight::Groups;
+
+/// What the lock guards.
+#[derive(Default)]
+struct Tables {
+    groups: Groups,
+    queue: Queue,
+}
+
+/// A caller's misses for one group, to put in flight.
+pub struct Ask<'a> {
+    pub group: &'a GroupId,
+    /// The group's cache page the caller looked at, if any (kept for cohort top-ups).
+    pub page: Option<&'a Arc<Page>>,
+    /// Distinct MsgSeqs.
+    pub misses: &'a [MsgSeq],
+    /// When the caller looked in the cache (None for `no-cache`): an item a batch fetched
+    /// since then is taken from the page instead of fetched again.
+    pub fetched_since: Option<Instant>,
+    pub deadline: Instant,
+}
+
+/// The queue ahead is too long to serve this request before its deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Overloaded {
+    /// When the queue will have drained enough to serve a new request.
+    pub retry_after: Duration,
+}
+
+pub struct Engine {
+    tables: Mutex<Tables>,
+    wake: Notify,
+    policy: BatchPolicy,
+    estimates: Estimators,
+}
+
+impl Engine {
+    pub fn new(policy: BatchPolicy) -> Self {
+        Self {
+            tables: Mutex::default(),
+            wake: Notify::new(),
+            policy,
+            estimates: Estimators::new(policy.upstream_timeout),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Tables> {
+        // The tables stay consistent between statements, so a panic elsewhere while they
+        // were held leaves nothing half-done worth refusing service over.
+        self.tables.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wakes the dispatcher if the queue says work appeared, after the lock is released.
+    fn release(&self, mut tables: MutexGuard<'_, Tables>) {
+        let wake = tables.queue.take_wake();
+        drop(tables);
+        if wake {
+            self.wake.notify_one();
+        }
+    }
+
+    pub fn estimates(&self) -> &Estimators {
+        &self.estimates
+    }
+
+    /// Puts `ask.misses` in flight, joining batches that already carry them. Refuses when
+    /// the queue cannot reach this caller's batches before its deadline, given the
+    /// budget's `pace`; the refused caller's misses still ride along, without a caller
+    /// ([`GroupState::park`](crate::inflight::GroupState::park)), so under pressure calls
+    /// carry as much as they can and the next caller finds more of the group cached.
+    pub fn join(&self, ask: Ask<'_>, pace: Estimate) -> Result<Vec<(MsgSeq, Waiter, Joined)>, Overloaded> {
+        let now = Instant::now();
+        let forecast = self.estimates.forecast(pace);
+        let mut tables = self.lock();
+        let Tables { groups, queue } = &mut *tables;
+        let g = groups.enter(ask.group, ask.page);
+        let (mut joined, misses) = g.answered_meanwhile(ask.misses, ask.fetched_since, now);
+        let expected = queue
+            .ahead_of(g, &misses, ask.deadline, self.policy.max_seqs)
+            .map(|ahead| admission::expected_answer(now, ahead, forecast, self.policy.window));
+        if expected.is_some_and(|at| at > ask.deadline) {
+            let expires = now + self.policy.background_lifetime();
+            g.park(queue, ask.group, &misses, expires, now, &self.policy);
+            let retry_after = admission::retry_after(forecast, queue.callers_queued());
+            groups.forget_if_idle(ask.group);
+            self.release(tables);
+            return Err(Overloaded { retry_after });
+        }
+        for &seq in &misses {
+            joined.extend(g.join(queue, ask.group, seq, ask.deadline, now, &self.policy));
+        }
+        self.release(tables);
+        Ok(joined)
+    }
+
+    /// Queues a request for one token (a retry or a split half of a dispatched batch),
+    /// ordered by `urgency` (its batch's earliest caller) like batches are.
+    pub fn permit(&self, urgency: Instant) -> oneshot::Receiver<()> {
+        let mut tables = self.lock();
+        let permit = tables.queue.permit(urgency, Instant::now());
+        self.release(tables);
+        permit
+    }
+
+    /// A dispatched batch has its answer: take its keys out of flight. Call after the
+    /// answers are in the cache (`page`), so no request can slip between the two and
+    /// fetch a key again.
+    pub fn complete(&self, batch: &Dispatch, page: &Arc<Page>) {
+        self.lock().groups.release(&batch.group, batch.id, &batch.seqs, Some(page));
+    }
+
+    /// How long until the queue has drained at the budget's `pace`: a truthful
+    /// `Retry-After` for a caller turned away now.
+    pub fn backlog(&self, pace: Estimate) -> Duration {
+        let queued = self.lock().queue.callers_queued();
+        admission::retry_after(self.estimates.forecast(pace), queued)
+    }
+
+    /// Waits until some work is ready for a token. True if it was ready at once (the
+    /// dispatcher kept busy, so the time between tokens measures the budget).
+    pub(crate) async fn wait_for_ready_work(&self) -> bool {
+        let mut at_once = true;
+        loop {
+            let next = {
+                let mut tables = self.lock();
+                let Tables { groups, queue } = &mut *tables;
+                queue.next(groups, Instant::now(), self.policy.max_seqs, self.estimates.latency())
+            };
+            match next {
+                Next::Ready => return at_once,
+                Next::At(t) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(t) => {}
+                        _ = self.wake.notified() => {}
+                    }
+                }
+                Next::Idle => {
+                    self.estimates.forget_interval();
+                    self.wake.notified().await;
+                }
+            }
+            at_once = false;
+        }
+    }
+
+    /// Takes the most urgent ready job off the queue, now that a token was granted.
+    pub(crate) fn pop(&self, now: Instant, budget_wait: &Histogram) -> Option<Job> {
+        let mut tables = self.lock();
+        let Tables { groups, queue } = &mut *tables;
+        queue.pop(groups, now, &self.policy, self.estimates.latency(), budget_wait)
+    }
+
+    /// Counts of open batches, permits, and keys in flight (for tests and debugging).
+    pub fn sizes(&self) -> (usize, usize, usize) {
+        let tables = self.lock();
+        let (open, permits) = tables.queue.sizes();
+        (open, permits, tables.groups.inflight_len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::batch::{BatchKind, Failure};
+    use crate::cache::ReceiptCache;
+    use crate::code::ErrorCode;
+    use crate::config::CacheConfig;
+    use crate::domain::{AppId, Receipt};
+
+    const MS: Duration = Duration::from_millis(1);
+    const S: Duration = Duration::from_secs(1);
+
+    fn engine(max_seqs: usize) -> Engine {
+        Engine::new(BatchPolicy { window: 2 * MS, max_seqs, ttl: S, upstream_timeout: 3 * S })
+    }
+
+    fn group(name: &str) -> GroupId {
+        GroupId::parse(name).unwrap()
+    }
+
+    fn seqs(r: std::ops::Range<u64>) -> Vec<MsgSeq> {
+        r.map(MsgSeq).collect()
+    }
+
+    fn pace(interval: Duration) -> Estimate {
+        Estimate { next_token: Duration::ZERO, interval }
+    }
+
+    fn hist() -> Histogram {
+        Histogram::with_opts(prometheus::HistogramOpts::new("h", "h")).unwrap()
+    }
+
+    fn cache() -> ReceiptCache {
+        ReceiptCache::new(&CacheConfig { ttl: S, stale: 60 * S, negative_ttl: S, max_entries: 100 })
+    }
+
+    /// Joins `misses` of `name` for a caller with `deadline` (no page, no lookup time).
+    fn join(
+        e: &Engine,
+        name: &str,
+        misses: &[MsgSeq],
+        deadline: Instant,
+        pace: Estimate,
+    ) -> Result<Vec<(MsgSeq, Waiter, Joined)>, Overloaded> {
+        let g = group(name);
+        e.join(Ask { group: &g, page: None, misses, fetched_since: None, deadline }, pace)
+    }
+
+    fn kinds(joined: &[(MsgSeq, Waiter, Joined)]) -> Vec<Joined> {
+        joined.iter().map(|(_, _, j)| *j).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_misses_for_a_group_share_batches_of_max_seqs() {
+        let e = engine(4);
+        let far = Instant::now() + 10 * S;
+
+        let a = join(&e, "g", &seqs(0..3), far, pace(Duration::ZERO)).unwrap();
+        let b = join(&e, "g", &seqs(2..6), far, pace(Duration::ZERO)).unwrap();
+
+        assert_eq!(kinds(&a), [Joined::Fetched; 3]);
+        assert_eq!(kinds(&b), [Joined::Coalesced, Joined::Fetched, Joined::Fetched, Joined::Fetched]);
+        // 6 distinct MsgSeqs in batches of at most 4: two batches, no key twice.
+        assert_eq!(e.sizes(), (2, 0, 6));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_most_urgent_ready_batch_goes_first() {
+        let e = engine(1);
+        let now = Instant::now();
+        join(&e, "late", &seqs(0..1), now + 9 * S, pace(Duration::ZERO)).unwrap();
+        join(&e, "soon", &seqs(0..1), now + 5 * S, pace(Duration::ZERO)).unwrap();
+
+        let Some(Job::Batch(first)) = e.pop(Instant::now(), &hist()) else { panic!("no batch") };
+
+        assert_eq!(first.group, group("soon"));
+        assert_eq!(first.window.urgency, now + 5 * S);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_cannot_make_its_deadline_is_refused_with_a_retry_after() {
+        let e = engine(1);
+        let now = Instant::now();
+        for i in 0..10 {
+            join(&e, &format!("g{i}"), &seqs(0..1), now + 5 * S, pace(Duration::ZERO)).unwrap();
+        }
+
+        let urgent = join(&e, "new", &seqs(0..1), now + 500 * MS, pace(100 * MS));
+        let late = join(&e, "new2", &seqs(0..1), now + 6 * S, pace(S));
+
+        assert!(urgent.is_ok(), "nothing is ahead of an earlier deadline");
+        // Eleven callers' batches queued at one token a second.
+        assert_eq!(late.unwrap_err().retry_after, 11 * S);
+    }
+
+    /// An engine with five batches due within 5 s at one token a second, and a caller for
+    /// MsgSeqs 0..3 of group `g` that cannot wait behind them (true if it was refused).
+    fn crowded() -> (Engine, Instant, Estimate, bool) {
+        let e = engine(10);
+        let now = Instant::now();
+        let slow = pace(S);
+        for i in 0..5 {
+            join(&e, &format!("busy{i}"), &seqs(0..1), now + 5 * S, slow).unwrap();
+        }
+        // Five batches due first at 1 s each: a little more than this caller has.
+        let refused = join(&e, "g", &seqs(0..3), now + 5010 * MS, slow).is_err();
+        (e, now, slow, refused)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_callers_misses_wait_in_a_background_batch_that_the_next_caller_promotes() {
+        let (e, now, slow, refused) = crowded();
+        let (open, _, inflight) = e.sizes();
+
+        let later = join(&e, "g", &seqs(2..4), now + 30 * S, slow).unwrap();
+
+        assert!(refused);
+        assert_eq!((open, inflight), (6, 8), "the refused MsgSeqs wait in a sixth, background batch");
+        assert_eq!(kinds(&later), [Joined::Coalesced, Joined::Fetched], "the next caller joins it");
+        let tables = e.lock();
+        let (id, batch) = tables.queue.open_batches().find(|(_, b)| b.group == group("g")).unwrap();
+        assert_eq!(batch.kind, BatchKind::for_caller(now + 30 * S));
+        assert_eq!(batch.seqs, seqs(0..4));
+        assert!(tables.queue.queues_for_callers_at(*id, now + 30 * S));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_background_batch_nobody_joins_is_dropped_after_its_lifetime() {
+        let (e, _, _, refused) = crowded();
+        assert!(refused);
+        assert_eq!(e.sizes(), (6, 0, 8));
+
+        // Four TTLs (the policy's TTL is 1 s) later.
+        tokio::time::advance(4500 * MS).await;
+        let next = {
+            let mut t = e.lock();
+            let Tables { groups, queue } = &mut *t;
+            queue.next(groups, Instant::now(), 10, Duration::ZERO)
+        };
+
+        assert!(matches!(next, Next::Ready), "the busy batches are still due");
+        assert_eq!(e.sizes(), (5, 0, 5), "the background batch and its keys are gone");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn batches_nobody_waits_for_are_dropped_without_a_token() {
+        let e = engine(1);
+        let joined = join(&e, "g", &seqs(0..1), Instant::now() + 40 * MS, pace(Duration::ZERO)).unwrap();
+
+        // Less than the margin (25 ms) before the deadline: no answer could arrive in time.
+        tokio::time::advance(20 * MS).await;
+        let job = e.pop(Instant::now(), &hist());
+
+        assert!(job.is_none());
+        let outcome = joined[0].1.borrow().clone().unwrap();
+        assert_eq!(outcome.items, vec![(MsgSeq(0), Err(Failure::Expired))]);
+        assert_eq!(e.sizes(), (0, 0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_item_fetched_after_the_callers_lookup_is_not_fetched_again() {
+        let e = engine(10);
+        let g = group("g");
+        let looked = Instant::now();
+        let deadline = looked + 5 * S;
+        // Between the caller's lookup and its join, a batch fetched MsgSeq 1.
+        let receipt = Receipt { code: ErrorCode::OK, read: Some(4), unread: Some(5) };
+        let page = cache().insert(AppId(1), &g, &[(MsgSeq(1), receipt)], Instant::now()).await;
+        let ask = Ask { group: &g, page: Some(&page), misses: &[MsgSeq(7)], fetched_since: None, deadline };
+        e.join(ask, pace(Duration::ZERO)).unwrap();
+
+        let misses = [MsgSeq(1), MsgSeq(2)];
+        let ask = Ask { group: &g, page: None, misses: &misses, fetched_since: Some(looked), deadline };
+        let joined = e.join(ask, pace(Duration::ZERO)).unwrap();
+
+        let (seq, waiter, how) = &joined[0];
+        assert_eq!((*seq, *how), (MsgSeq(1), Joined::Coalesced));
+        assert_eq!(waiter.borrow().as_ref().unwrap().get(MsgSeq(1)), Some(&Ok(receipt)));
+        assert_eq!(joined[1].2, Joined::Fetched);
+        assert_eq!(e.sizes(), (1, 0, 2), "only 7 and 2 are in flight");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dispatch_tops_up_with_read_messages_near_expiry_only() {
+        let e = engine(10);
+        let g = group("g");
+        let now = Instant::now();
+        let cache = cache();
+        let receipt = Receipt { code: ErrorCode::OK, read: Some(1), unread: Some(1) };
+        let app = AppId(1);
+        cache.insert(app, &g, &[(MsgSeq(1), receipt)], now - 700 * MS).await;
+        cache.insert(app, &g, &[(MsgSeq(2), receipt)], now - 100 * MS).await;
+        let page = cache.insert(app, &g, &[(MsgSeq(3), receipt)], now - 700 * MS).await;
+        // 1 is read and expires within half a TTL: topped up. 2 is read but fresh for long,
+        // 3 is due but nobody read it: not.
+        page.read(&[MsgSeq(1), MsgSeq(2)], now);
+        let deadline = now + 5 * S;
+        let ask = Ask { group: &g, page: Some(&page), misses: &[MsgSeq(9)], fetched_since: None, deadline };
+        e.join(ask, pace(Duration::ZERO)).unwrap();
+        tokio::time::advance(5 * MS).await;
+
+        let Some(Job::Batch(d)) = e.pop(Instant::now(), &hist()) else { panic!("no batch") };
+
+        assert_eq!(d.seqs, vec![MsgSeq(9), MsgSeq(1)]);
+        assert_eq!(d.requested, 1);
+        // The topped-up key is now in flight: a caller joins this batch.
+        let j = join(&e, "g", &[MsgSeq(1)], deadline, pace(Duration::ZERO)).unwrap();
+        assert_eq!(j[0].2, Joined::Coalesced);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_permits_queue_by_urgency_among_batches_and_abandoned_ones_cost_nothing() {
+        let e = engine(1);
+        let now = Instant::now();
+        join(&e, "batch", &seqs(0..1), now + 5 * S, pace(Duration::ZERO)).unwrap();
+        let urgent = e.permit(now + 2 * S);
+        let abandoned = e.permit(now + S);
+        drop(abandoned);
+
+        let first = e.pop(now, &hist());
+        let second = e.pop(now, &hist());
+
+        assert!(matches!(first, Some(Job::Permit(_))), "the live permit is more urgent than the batch");
+        assert!(matches!(second, Some(Job::Batch(_))));
+        assert_eq!(e.sizes(), (0, 0, 1));
+        drop(urgent);
+    }
+}
