@@ -12,10 +12,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http::Uri;
-use serde::Deserialize;
 
 use crate::domain::{AppId, Region};
 use crate::usersig::SecretKey;
+
+mod file;
+
+use file::{RawApp, RawBudget, RawConfig};
 
 /// A configuration problem, naming the key and what is wrong with it.
 #[derive(Debug, thiserror::Error)]
@@ -30,125 +33,6 @@ pub enum ConfigError {
 
 fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { key: key.into(), problem: problem.into() }
-}
-
-// ---- the file, as written ----
-
-#[derive(Deserialize, Debug, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawConfig {
-    server: RawServer,
-    cache: RawCache,
-    batch: RawBatch,
-    upstream: RawUpstream,
-    budget: RawBudget,
-    apps: Vec<RawApp>,
-}
-
-#[derive(Deserialize, Debug)]
-#[serde(deny_unknown_fields, default)]
-struct RawServer {
-    listen: String,
-    admin_listen: String,
-    request_timeout_ms: u64,
-    max_body_bytes: u64,
-    max_request_seqs: u64,
-    shutdown_grace_ms: u64,
-    client_id_header: String,
-}
-
-impl Default for RawServer {
-    fn default() -> Self {
-        Self {
-            listen: "0.0.0.0:8080".into(),
-            admin_listen: "0.0.0.0:9090".into(),
-            request_timeout_ms: 2000,
-            max_body_bytes: 65536,
-            max_request_seqs: 1000,
-            shutdown_grace_ms: 20000,
-            client_id_header: "x-client-id".into(),
-        }
-    }
-}
-
-#[derive(Deserialize, Debug)]
-#[serde(deny_unknown_fields, default)]
-struct RawCache {
-    ttl_ms: u64,
-    stale_ms: u64,
-    negative_ttl_ms: u64,
-    max_entries: u64,
-}
-
-impl Default for RawCache {
-    fn default() -> Self {
-        Self { ttl_ms: 1000, stale_ms: 60000, negative_ttl_ms: 1000, max_entries: 1_000_000 }
-    }
-}
-
-#[derive(Deserialize, Debug)]
-#[serde(deny_unknown_fields, default)]
-struct RawBatch {
-    window_ms: u64,
-    max_seqs: u64,
-}
-
-impl Default for RawBatch {
-    fn default() -> Self {
-        Self { window_ms: 2, max_seqs: 50 }
-    }
-}
-
-#[derive(Deserialize, Debug)]
-#[serde(deny_unknown_fields, default)]
-struct RawUpstream {
-    timeout_ms: u64,
-    max_retries: u32,
-}
-
-impl Default for RawUpstream {
-    fn default() -> Self {
-        Self { timeout_ms: 3000, max_retries: 2 }
-    }
-}
-
-#[derive(Deserialize, Debug)]
-#[serde(deny_unknown_fields, default)]
-struct RawBudget {
-    per_second: u64,
-    backend: String,
-    redis_url: String,
-    redis_key_prefix: String,
-    fallback_per_second: u64,
-}
-
-impl Default for RawBudget {
-    fn default() -> Self {
-        Self {
-            per_second: 200,
-            backend: "local".into(),
-            redis_url: "redis://127.0.0.1:6379/0".into(),
-            redis_key_prefix: "receipt-gateway".into(),
-            fallback_per_second: 50,
-        }
-    }
-}
-
-#[derive(Deserialize, Debug)]
-#[serde(deny_unknown_fields)]
-struct RawApp {
-    sdkappid: Option<u64>,
-    region: Option<Region>,
-    identifier: Option<String>,
-    secret_key_env: Option<String>,
-    secret_key_file: Option<PathBuf>,
-    endpoint: Option<String>,
-    #[serde(default = "default_usersig_ttl")]
-    usersig_ttl_s: u64,
-}
-
-fn default_usersig_ttl() -> u64 {
-    86400
 }
 
 // ---- the validated configuration ----

@@ -18,12 +18,11 @@
 //!    serves the fresh items at once (and notes that they were read, which is what
 //!    makes them part of the group's cohort); the misses go to the app's [`engine`],
 //!    which holds the next three stages' tables under one lock.
-//! 3. [`inflight`] — puts each missing (group, MsgSeq) in flight exactly once: it joins
+//! 3. [`admission`] — decides whether the queue can reach the caller's batches before
+//!    its deadline; if not, the caller gets 429 (or stale items) at once, and its misses
+//!    ride along in a background batch for spare budget or the group's next caller.
+//! 4. [`inflight`] — puts each missing (group, MsgSeq) in flight exactly once: it joins
 //!    the [`batch`] that already carries it or is added to its group's open batch.
-//! 4. [`admission`] — before that, decides whether the queue can reach the caller's
-//!    batches before its deadline; if not, the caller gets 429 (or stale items) at once,
-//!    and its misses ride along in a background batch for spare budget or the group's
-//!    next caller.
 //! 5. [`dispatch`] — the dispatcher takes one token at a time from the [`budget`]
 //!    (governor, or GCRA in Redis, at the AIMD effective rate) and spends it on the first
 //!    ready entry of the queue (callers' batches and retry permits by earliest deadline,

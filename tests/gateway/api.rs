@@ -11,7 +11,7 @@ use hyper_util::rt::TokioExecutor;
 use receipt_gateway::code::ErrorCode;
 use receipt_gateway::simulator::Fault;
 
-use crate::support::{APP, APP2, RECEIPT, Setup, TestApp, body, expected, within};
+use crate::support::{APP, APP2, RECEIPT, Setup, TestApp, body, expected, until, within};
 
 #[tokio::test]
 async fn a_query_is_answered_with_the_simulators_receipts() {
@@ -168,19 +168,13 @@ async fn a_deadline_passing_while_upstream_is_slow_is_a_504() {
 #[tokio::test]
 async fn draining_refuses_new_requests_and_readyz_turns_503() {
     let mut app = TestApp::spawn_with(Setup::sections("[server]\nshutdown_grace_ms = 8000\n")).await;
-    // Long enough to look at draining while it lasts, even on a busy machine.
-    app.sim.inject(Fault::Latency(Duration::from_millis(2000)), 1);
     let (ready, _) = app.admin_get("/readyz").await;
     let (healthy, _) = app.admin_get("/healthz").await;
     assert_eq!((ready, healthy), (StatusCode::OK, StatusCode::OK));
-    // A slow request in flight keeps the gateway draining long enough to look at it.
+    // A request held upstream keeps the gateway draining for as long as we look at it.
+    app.sim.hold_calls();
     let slow = app.post_in_background(body("g-drain", &[1]), &[("x-request-timeout-ms", "6000")]);
-    within(async {
-        while app.sim.call_count() == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    until(|| app.sim.held_calls() == 1).await;
 
     let stopped = app.begin_stop();
     let (ready, _) = within(async {
@@ -193,6 +187,7 @@ async fn draining_refuses_new_requests_and_readyz_turns_503() {
     })
     .await;
     let refused = app.post(&body("g-drain", &[2])).await;
+    app.sim.release_calls();
 
     assert_eq!(ready, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!((refused.status, refused.code()), (StatusCode::SERVICE_UNAVAILABLE, 10002));

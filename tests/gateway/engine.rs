@@ -10,9 +10,9 @@ use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use receipt_gateway::code::ErrorCode;
-use receipt_gateway::simulator::{Fault, Simulator};
+use receipt_gateway::simulator::Fault;
 
-use crate::support::{RECEIPT, Reply, Setup, TestApp, body, expected, within};
+use crate::support::{RECEIPT, Reply, Setup, TestApp, body, expected, until, within};
 
 /// Sends every (group, seqs) at once over one h2 connection; replies in the same order.
 async fn concurrently(app: &TestApp, requests: &[(String, Vec<u64>)], headers: &[(&str, &str)]) -> Vec<Reply> {
@@ -42,16 +42,6 @@ async fn concurrently(app: &TestApp, requests: &[(String, Vec<u64>)], headers: &
     replies
 }
 
-/// Waits until the simulator has recorded `n` calls (a call is then in flight).
-async fn until_calls(sim: &Simulator, n: usize) {
-    within(async {
-        while sim.call_count() < n {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    })
-    .await;
-}
-
 #[tokio::test]
 async fn a_hundred_concurrent_requests_for_a_group_cost_one_call_per_max_seqs_and_a_repeat_costs_none() {
     // A wide window lets every request land before the batches may leave.
@@ -79,11 +69,15 @@ async fn a_hundred_concurrent_requests_for_a_group_cost_one_call_per_max_seqs_an
 #[tokio::test]
 async fn a_key_in_flight_is_never_fetched_twice_and_new_keys_go_in_their_own_call() {
     let app = TestApp::spawn().await;
-    app.sim.inject(Fault::Latency(Duration::from_millis(400)), 1);
+    app.sim.hold_calls();
     let first = app.post_in_background(body("g-sf", &[1, 2, 3]), &[]);
-    until_calls(&app.sim, 1).await;
-
-    let second = app.post(&body("g-sf", &[2, 3, 4])).await;
+    until(|| app.sim.held_calls() == 1).await;
+    // 1, 2, 3 are on the wire now: the second caller joins them and fetches 4.
+    let later = body("g-sf", &[2, 3, 4]);
+    let (second, ()) = tokio::join!(app.post(&later), async {
+        until(|| app.sim.held_calls() == 2).await;
+        app.sim.release_calls();
+    });
 
     assert_eq!(within(first).await.unwrap(), Some(StatusCode::OK));
     assert_eq!(second.status, StatusCode::OK);
@@ -96,15 +90,30 @@ async fn a_key_in_flight_is_never_fetched_twice_and_new_keys_go_in_their_own_cal
 #[tokio::test]
 async fn a_caller_that_goes_away_does_not_cancel_the_call_others_wait_on() {
     let app = TestApp::spawn().await;
-    app.sim.inject(Fault::Latency(Duration::from_millis(300)), 1);
-    let leaver = app.post_in_background(body("g-away", &[5]), &[]);
-    until_calls(&app.sim, 1).await;
-    let stayer = app.post_in_background(body("g-away", &[5]), &[]);
+    let inflight = "receipt_gateway_inflight_requests";
+    let h2 = Client::builder(TokioExecutor::new()).http2_only(true).build_http::<Full<Bytes>>();
+    let send = |group: &str| {
+        let request = Request::post(format!("{}{RECEIPT}", app.url)).body(Full::new(Bytes::from(body(group, &[5]))));
+        let h2 = h2.clone();
+        tokio::spawn(async move { within(h2.request(request.unwrap())).await.map(|r| r.status()).ok() })
+    };
+    app.sim.hold_calls();
+    let leaver = send("g-away");
+    until(|| app.sim.held_calls() == 1).await;
+    let stayer = send("g-away");
+    app.until_metric(inflight, 2.0).await;
 
+    // The leaver resets its stream while the call it started is still held upstream.
     leaver.abort();
+    app.until_metric(inflight, 1.0).await;
+    let still_held = app.sim.held_calls();
+    app.sim.release_calls();
 
+    assert_eq!(still_held, 1, "the gateway saw the caller leave before upstream answered");
     assert_eq!(within(stayer).await.unwrap(), Some(StatusCode::OK));
     assert_eq!(app.sim.call_count(), 1);
+    let cached = app.post(&body("g-away", &[5])).await;
+    assert_eq!(cached.header("x-cache"), Some("HIT"), "the call completed and filled the cache");
 }
 
 #[tokio::test]
@@ -248,9 +257,9 @@ async fn a_10004_about_the_whole_call_costs_a_bounded_number_of_splits() {
     let reply = app.post(&body("g-all-bad", &seqs)).await;
 
     assert_eq!((reply.status, reply.code()), (StatusCode::OK, 10004));
-    // Halving to single MsgSeqs would take 99 calls; the split allowance stops at 1 + 24.
-    let calls = app.sim.call_count();
-    assert!(calls <= 25, "{calls} calls");
+    // Halving to single MsgSeqs would take 99 calls; the split allowance (README: four
+    // split calls per halving level, 24 for 50 MsgSeqs) stops at exactly 1 + 24.
+    assert_eq!(app.sim.call_count(), 25, "{:?}", app.sim.calls());
 }
 
 #[tokio::test]

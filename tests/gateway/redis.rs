@@ -124,15 +124,24 @@ async fn without_redis_a_replica_paces_on_its_fallback_and_recovers_when_redis_r
     let during_outage = burst(&app, "down", 20).await;
     let outage_peak = app.sim.max_arrivals_in_any_window(Duration::from_secs(1));
     let redis = RedisServer::start(&dir).await;
-    // The replica retries Redis a second after its last failure; traffic brings it back.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // The replica retries Redis a second after its last failure: wait until a call's
+    // token came from Redis again (its budget key exists).
+    let mut conn = redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    within(async {
+        for i in 0.. {
+            app.post(&crate::support::body(&format!("g-probe-{i}"), &[1])).await;
+            let keys: Vec<String> = redis::cmd("KEYS").arg("test-*").query_async(&mut conn).await.unwrap();
+            if !keys.is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
     app.sim.reset_calls();
     let recovered = burst(&app, "up", 20).await;
     let recovered_peak = app.sim.max_arrivals_in_any_window(Duration::from_secs(1));
-    let keys: Vec<String> = {
-        let mut conn = redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
-        redis::cmd("KEYS").arg("test-*").query_async(&mut conn).await.unwrap()
-    };
+    let keys: Vec<String> = redis::cmd("KEYS").arg("test-*").query_async(&mut conn).await.unwrap();
 
     assert!(during_outage > 0, "served during the outage");
     assert!(outage_peak <= 4, "{outage_peak} calls in a second on a fallback of 4");

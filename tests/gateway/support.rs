@@ -128,6 +128,16 @@ pub async fn within<T>(f: impl Future<Output = T>) -> T {
     }
 }
 
+/// Waits, within [`WAIT`], until `condition` holds (polled every few milliseconds).
+pub async fn until(mut condition: impl FnMut() -> bool) {
+    within(async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await;
+}
+
 /// A receipt body for `group` and `seqs`.
 pub fn body(group: &str, seqs: &[u64]) -> String {
     let list: Vec<String> = seqs.iter().map(|s| format!(r#"{{"MsgSeq":{s}}}"#)).collect();
@@ -238,6 +248,16 @@ impl TestApp {
             (status, String::from_utf8_lossy(&bytes).into_owned())
         })
         .await
+    }
+
+    /// Waits, within [`WAIT`], until the metric sample reads `value`.
+    pub async fn until_metric(&self, sample: &str, value: f64) {
+        within(async {
+            while self.metric(sample).await != value {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await;
     }
 
     /// The value of one metric sample line, e.g. `receipt_gateway_items_total{app="1",source="hit"}`.

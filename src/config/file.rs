@@ -1,0 +1,126 @@
+//! The configuration file as written (SPEC 6.2): every section's keys with their
+//! defaults, in one place. Unknown keys are an error. `super` validates these into the
+//! typed [`Config`](super::Config).
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::domain::Region;
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawConfig {
+    pub(super) server: RawServer,
+    pub(super) cache: RawCache,
+    pub(super) batch: RawBatch,
+    pub(super) upstream: RawUpstream,
+    pub(super) budget: RawBudget,
+    pub(super) apps: Vec<RawApp>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawServer {
+    pub(super) listen: String,
+    pub(super) admin_listen: String,
+    pub(super) request_timeout_ms: u64,
+    pub(super) max_body_bytes: u64,
+    pub(super) max_request_seqs: u64,
+    pub(super) shutdown_grace_ms: u64,
+    pub(super) client_id_header: String,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8080".into(),
+            admin_listen: "0.0.0.0:9090".into(),
+            request_timeout_ms: 2000,
+            max_body_bytes: 65536,
+            max_request_seqs: 1000,
+            shutdown_grace_ms: 20000,
+            client_id_header: "x-client-id".into(),
+        }
+    }
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawCache {
+    pub(super) ttl_ms: u64,
+    pub(super) stale_ms: u64,
+    pub(super) negative_ttl_ms: u64,
+    pub(super) max_entries: u64,
+}
+
+impl Default for RawCache {
+    fn default() -> Self {
+        Self { ttl_ms: 1000, stale_ms: 60000, negative_ttl_ms: 1000, max_entries: 1_000_000 }
+    }
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawBatch {
+    pub(super) window_ms: u64,
+    pub(super) max_seqs: u64,
+}
+
+impl Default for RawBatch {
+    fn default() -> Self {
+        Self { window_ms: 2, max_seqs: 50 }
+    }
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawUpstream {
+    pub(super) timeout_ms: u64,
+    pub(super) max_retries: u32,
+}
+
+impl Default for RawUpstream {
+    fn default() -> Self {
+        Self { timeout_ms: 3000, max_retries: 2 }
+    }
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawBudget {
+    pub(super) per_second: u64,
+    pub(super) backend: String,
+    pub(super) redis_url: String,
+    pub(super) redis_key_prefix: String,
+    pub(super) fallback_per_second: u64,
+}
+
+impl Default for RawBudget {
+    fn default() -> Self {
+        Self {
+            per_second: 200,
+            backend: "local".into(),
+            redis_url: "redis://127.0.0.1:6379/0".into(),
+            redis_key_prefix: "receipt-gateway".into(),
+            fallback_per_second: 50,
+        }
+    }
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawApp {
+    pub(super) sdkappid: Option<u64>,
+    pub(super) region: Option<Region>,
+    pub(super) identifier: Option<String>,
+    pub(super) secret_key_env: Option<String>,
+    pub(super) secret_key_file: Option<PathBuf>,
+    pub(super) endpoint: Option<String>,
+    #[serde(default = "default_usersig_ttl")]
+    pub(super) usersig_ttl_s: u64,
+}
+
+fn default_usersig_ttl() -> u64 {
+    86400
+}
