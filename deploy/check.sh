@@ -54,7 +54,8 @@ KEYS = {
     "cache": {"ttl_ms", "stale_ms", "negative_ttl_ms", "max_entries"},
     "batch": {"window_ms", "max_seqs"},
     "upstream": {"timeout_ms", "max_retries"},
-    "budget": {"per_second", "backend", "redis_url", "redis_key_prefix", "fallback_per_second"},
+    "budget": {"per_second", "backend", "fallback_per_second"},
+    "redis": {"url", "key_prefix"},
 }
 APP = {"sdkappid", "region", "identifier", "secret_key_env", "secret_key_file", "endpoint", "usersig_ttl_s"}
 REGIONS = {"china", "singapore", "seoul", "tokyo", "frankfurt", "silicon-valley", "jakarta"}

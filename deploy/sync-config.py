@@ -66,7 +66,7 @@ TARGETS = {
                 "cluster: 200 - fallback_per_second",
             ),
             ("budget", "backend"): ("redis", [], "cluster"),
-            ("budget", "redis_url"): ("redis://redis:6379/0", [], "cluster: the Service in redis.yaml"),
+            ("redis", "url"): ("redis://redis:6379/0", [], "cluster: the Service in redis.yaml"),
             ("budget", "fallback_per_second"): (
                 20,
                 ["cluster: fallback_per_second x the HPA's maxReplicas (10) must stay <= 200,",

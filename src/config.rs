@@ -18,7 +18,7 @@ use crate::usersig::SecretKey;
 
 mod file;
 
-use file::{RawApp, RawBudget, RawConfig};
+use file::{RawApp, RawBudget, RawConfig, RawRedis};
 
 /// A configuration problem, naming the key and what is wrong with it.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +45,7 @@ pub struct Config {
     pub batch: BatchConfig,
     pub upstream: UpstreamConfig,
     pub budget: BudgetConfig,
+    pub redis: RedisConfig,
     pub apps: Vec<AppConfig>,
 }
 
@@ -84,6 +85,15 @@ pub struct BudgetConfig {
     pub per_second: NonZeroU32,
     pub backend: BudgetBackend,
     pub fallback_per_second: NonZeroU32,
+}
+
+/// The fleet's shared tier (`[redis]`): where `budget.backend = "redis"` keeps its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// `redis://`, `rediss://` or `unix://`.
+    pub url: String,
+    /// Every key the gateway writes starts with it, so several fleets can share a Redis.
+    pub key_prefix: String,
 }
 
 /// Where upstream call tokens come from.
@@ -195,7 +205,8 @@ impl RawConfig {
             timeout: millis("upstream.timeout_ms", self.upstream.timeout_ms, 1, 10 * MINUTE_MS)?,
             max_retries: in_range("upstream.max_retries", self.upstream.max_retries.into(), 0, 10)? as u32,
         };
-        let budget = self.budget.validate()?;
+        let redis = self.redis.validate()?;
+        let budget = self.budget.validate(&redis)?;
         if self.apps.is_empty() {
             return Err(invalid("apps", "at least one [[apps]] entry is required"));
         }
@@ -208,34 +219,37 @@ impl RawConfig {
             }
             apps.push(app);
         }
-        Ok(Config { server, cache, batch, upstream, budget, apps })
+        Ok(Config { server, cache, batch, upstream, budget, redis, apps })
+    }
+}
+
+impl RawRedis {
+    fn validate(self) -> Result<RedisConfig, ConfigError> {
+        const SCHEMES: [&str; 4] = ["redis://", "rediss://", "redis+unix://", "unix://"];
+        if !SCHEMES.iter().any(|scheme| self.url.starts_with(scheme)) {
+            return Err(invalid("redis.url", "must be a redis://, rediss:// or unix:// URL"));
+        }
+        if self.key_prefix.is_empty() {
+            return Err(invalid("redis.key_prefix", "must not be empty"));
+        }
+        Ok(RedisConfig { url: self.url, key_prefix: self.key_prefix })
     }
 }
 
 impl RawBudget {
-    fn validate(self) -> Result<BudgetConfig, ConfigError> {
+    fn validate(self, redis: &RedisConfig) -> Result<BudgetConfig, ConfigError> {
         let per_second = rate("budget.per_second", self.per_second)?;
         let fallback_per_second = rate("budget.fallback_per_second", self.fallback_per_second)?;
         let backend = match self.backend.as_str() {
             "local" => BudgetBackend::Local,
             "redis" => {
-                if !(self.redis_url.starts_with("redis://")
-                    || self.redis_url.starts_with("rediss://")
-                    || self.redis_url.starts_with("redis+unix://")
-                    || self.redis_url.starts_with("unix://"))
-                {
-                    return Err(invalid("budget.redis_url", "must be a redis://, rediss:// or unix:// URL"));
-                }
                 if fallback_per_second > per_second {
                     return Err(invalid(
                         "budget.fallback_per_second",
                         "must not exceed budget.per_second (it is one replica's share while Redis is down)",
                     ));
                 }
-                if self.redis_key_prefix.is_empty() {
-                    return Err(invalid("budget.redis_key_prefix", "must not be empty"));
-                }
-                BudgetBackend::Redis { url: self.redis_url, key_prefix: self.redis_key_prefix }
+                BudgetBackend::Redis { url: redis.url.clone(), key_prefix: redis.key_prefix.clone() }
             }
             other => {
                 return Err(invalid("budget.backend", format!("{other:?} is neither \"local\" nor \"redis\"")));
@@ -402,6 +416,9 @@ mod tests {
                 "budget.fallback_per_second",
             ),
             ("[server]\nclient_id_header = \"bad header\"\n", "server.client_id_header"),
+            ("[redis]\nurl = \"http://redis:6379\"\n", "redis.url"),
+            ("[redis]\nkey_prefix = \"\"\n", "redis.key_prefix"),
+            ("[budget]\nredis_url = \"redis://x\"\n", "unknown field `redis_url`"),
         ];
         for (prefix, expected) in cases {
             let err = error_of(&format!("{prefix}{MINIMAL}"));

@@ -101,7 +101,7 @@ pub enum RunError {
     Metrics(#[from] prometheus::Error),
     #[error("TLS client setup: {0}")]
     Tls(#[from] rustls::Error),
-    #[error("budget.redis_url: {0}")]
+    #[error("redis.url: {0}")]
     Redis(#[from] redis::RedisError),
 }
 

@@ -16,6 +16,7 @@ pub(super) struct RawConfig {
     pub(super) batch: RawBatch,
     pub(super) upstream: RawUpstream,
     pub(super) budget: RawBudget,
+    pub(super) redis: RawRedis,
     pub(super) apps: Vec<RawApp>,
 }
 
@@ -91,20 +92,26 @@ impl Default for RawUpstream {
 pub(super) struct RawBudget {
     pub(super) per_second: u64,
     pub(super) backend: String,
-    pub(super) redis_url: String,
-    pub(super) redis_key_prefix: String,
     pub(super) fallback_per_second: u64,
 }
 
 impl Default for RawBudget {
     fn default() -> Self {
-        Self {
-            per_second: 200,
-            backend: "local".into(),
-            redis_url: "redis://127.0.0.1:6379/0".into(),
-            redis_key_prefix: "receipt-gateway".into(),
-            fallback_per_second: 50,
-        }
+        Self { per_second: 200, backend: "local".into(), fallback_per_second: 50 }
+    }
+}
+
+/// The connection to the fleet's shared tier, used by `budget.backend = "redis"`.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawRedis {
+    pub(super) url: String,
+    pub(super) key_prefix: String,
+}
+
+impl Default for RawRedis {
+    fn default() -> Self {
+        Self { url: "redis://127.0.0.1:6379/0".into(), key_prefix: "receipt-gateway".into() }
     }
 }
 

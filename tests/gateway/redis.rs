@@ -70,8 +70,8 @@ fn scratch(name: &str) -> PathBuf {
 
 fn redis_config(url: &str, per_second: u32, fallback: u32) -> String {
     format!(
-        "[budget]\nbackend = \"redis\"\nredis_url = \"{url}\"\nredis_key_prefix = \"test-{}\"\n\
-         per_second = {per_second}\nfallback_per_second = {fallback}\n",
+        "[budget]\nbackend = \"redis\"\nper_second = {per_second}\nfallback_per_second = {fallback}\n\
+         [redis]\nurl = \"{url}\"\nkey_prefix = \"test-{}\"\n",
         std::process::id()
     )
 }
