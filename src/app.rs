@@ -41,11 +41,10 @@ impl AppRuntime {
         let label = app.id.to_string();
         let labels = [label.as_str(), API_RECEIPT];
         let budget = Budget::new(
-            &config.budget.backend,
-            config.budget.per_second,
-            config.budget.fallback_per_second,
+            &config.budget,
             format!("{}:{API_RECEIPT}", app.id),
             metrics.effective_rate.with_label_values(&labels),
+            metrics.budget_backend_up.clone(),
         )?;
         let policy = BatchPolicy {
             window: config.batch.window,

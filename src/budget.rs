@@ -24,11 +24,11 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use prometheus::Gauge;
+use prometheus::{Gauge, IntGauge};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::time::Instant;
 
-use crate::config::BudgetBackend;
+use crate::config::{BudgetBackend, BudgetConfig};
 
 /// Slack added to every second of budget, absorbing delivery jitter (see module docs).
 pub const GUARD: Duration = Duration::from_millis(30);
@@ -142,15 +142,16 @@ struct Pace {
 }
 
 impl Budget {
-    /// `key` names this budget in Redis (e.g. `<prefix>:<sdkappid>:<api>`).
+    /// `key` names this budget in Redis (e.g. `<prefix>:<sdkappid>:<api>`); `rate_gauge`
+    /// shows its effective rate, `backend_up` whether its Redis answers.
     pub fn new(
-        backend: &BudgetBackend,
-        per_second: NonZeroU32,
-        fallback_per_second: NonZeroU32,
+        config: &BudgetConfig,
         key: String,
         rate_gauge: Gauge,
+        backend_up: IntGauge,
     ) -> Result<Self, redis::RedisError> {
-        let source = match backend {
+        let (per_second, fallback_per_second) = (config.per_second, config.fallback_per_second);
+        let source = match &config.backend {
             BudgetBackend::Local => Source::Local(limiter(per_second)),
             BudgetBackend::Redis { url, key_prefix } => Source::Redis(Box::new(RedisSource {
                 client: redis::Client::open(url.as_str())?,
@@ -163,6 +164,7 @@ impl Budget {
                 fallback: limiter(fallback_per_second),
                 fallback_interval: pacing_interval(fallback_per_second),
                 down_until: Mutex::new(None),
+                up: backend_up,
             })),
         };
         rate_gauge.set(per_second.get() as f64);
@@ -277,6 +279,8 @@ struct RedisSource {
     fallback_interval: Duration,
     /// While set and in the future, tokens come from `fallback` without asking Redis.
     down_until: Mutex<Option<Instant>>,
+    /// `receipt_gateway_budget_backend_up`: 1 after Redis answered, 0 after it failed.
+    up: IntGauge,
 }
 
 impl RedisSource {
@@ -289,7 +293,9 @@ impl RedisSource {
             if self.is_down() {
                 return take(&self.fallback).await;
             }
-            match self.try_take().await {
+            let answer = self.try_take().await;
+            self.up.set(answer.is_ok().into());
+            match answer {
                 Ok(0) => return,
                 Ok(wait_us) => tokio::time::sleep(Duration::from_micros(wait_us)).await,
                 Err(e) => {
@@ -381,7 +387,9 @@ mod tests {
     async fn throttling_halves_the_rate_once_per_burst_and_it_recovers() {
         let gauge = Gauge::new("g", "g").unwrap();
         let per_second = NonZeroU32::new(200).unwrap();
-        let b = Budget::new(&BudgetBackend::Local, per_second, per_second, "k".into(), gauge.clone()).unwrap();
+        let config = BudgetConfig { per_second, backend: BudgetBackend::Local, fallback_per_second: per_second };
+        let up = IntGauge::new("up", "up").unwrap();
+        let b = Budget::new(&config, "k".into(), gauge.clone(), up).unwrap();
         b.throttled();
         b.throttled();
         let rate = b.effective_rate();

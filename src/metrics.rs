@@ -52,6 +52,7 @@ pub struct Metrics {
     pub effective_rate: GaugeVec,
     pub cache_entries: IntGauge,
     pub inflight: IntGauge,
+    pub budget_backend_up: IntGauge,
     pub usersig_expiry: GaugeVec,
 }
 
@@ -142,6 +143,10 @@ impl Metrics {
             )?,
             cache_entries: int_gauge("receipt_gateway_cache_entries", "Receipt items held in the cache.")?,
             inflight: int_gauge("receipt_gateway_inflight_requests", "Data requests being answered now.")?,
+            budget_backend_up: int_gauge(
+                "receipt_gateway_budget_backend_up",
+                "1 while the Redis budget answers (budget.backend = \"redis\"), 0 while replicas run on their fallback.",
+            )?,
             usersig_expiry: gauge(
                 "receipt_gateway_usersig_expiry_timestamp_seconds",
                 "Unix time at which the app's current UserSig expires.",
@@ -212,6 +217,7 @@ mod tests {
             "receipt_gateway_budget_effective_rate",
             "receipt_gateway_cache_entries",
             "receipt_gateway_inflight_requests",
+            "receipt_gateway_budget_backend_up",
             "receipt_gateway_usersig_expiry_timestamp_seconds",
             "receipt_gateway_build_info{version=",
             "process_resident_memory_bytes",

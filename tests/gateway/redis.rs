@@ -123,6 +123,7 @@ async fn without_redis_a_replica_paces_on_its_fallback_and_recovers_when_redis_r
 
     let during_outage = burst(&app, "down", 20).await;
     let outage_peak = app.sim.max_arrivals_in_any_window(Duration::from_secs(1));
+    let up_during_outage = app.metric("receipt_gateway_budget_backend_up").await;
     let redis = RedisServer::start(&dir).await;
     // The replica retries Redis a second after its last failure: wait until a call's
     // token came from Redis again (its budget key exists).
@@ -142,10 +143,12 @@ async fn without_redis_a_replica_paces_on_its_fallback_and_recovers_when_redis_r
     let recovered = burst(&app, "up", 20).await;
     let recovered_peak = app.sim.max_arrivals_in_any_window(Duration::from_secs(1));
     let keys: Vec<String> = redis::cmd("KEYS").arg("test-*").query_async(&mut conn).await.unwrap();
+    let up_after = app.metric("receipt_gateway_budget_backend_up").await;
 
     assert!(during_outage > 0, "served during the outage");
     assert!(outage_peak <= 4, "{outage_peak} calls in a second on a fallback of 4");
     assert!(recovered_peak > 4 && recovered_peak <= 40, "{recovered_peak} calls in a second after recovery");
     assert_eq!(recovered, 20);
     assert!(!keys.is_empty(), "the budget lives in Redis again");
+    assert_eq!((up_during_outage, up_after), (0.0, 1.0), "receipt_gateway_budget_backend_up follows Redis");
 }
