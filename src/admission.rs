@@ -7,9 +7,9 @@
 //! budget make slower than the configured pace). The decisions themselves are pure
 //! functions of a [`Forecast`], testable without a runtime.
 //!
-//! Invariant: an estimate never exceeds the upstream timeout, and fades without samples,
-//! so a high estimate cannot lock admission shut (with no call sent, no sample could ever
-//! bring it down).
+//! Invariant: the latency estimate never exceeds the upstream timeout, and fades without
+//! samples, so a high estimate cannot lock admission shut (with no call sent, no sample
+//! could ever bring it down); the drain interval is forgotten whenever the queue is idle.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;

@@ -38,10 +38,32 @@ enum Lane {
     Background,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+/// Batches and permits draw their ids from one counter, so at equal times work queues in
+/// the order it was created, whatever its kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Work {
     Batch(BatchId),
     Permit(PermitId),
+}
+
+impl Work {
+    fn created(self) -> u64 {
+        match self {
+            Work::Batch(BatchId(n)) | Work::Permit(PermitId(n)) => n,
+        }
+    }
+}
+
+impl Ord for Work {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.created().cmp(&other.created())
+    }
+}
+
+impl PartialOrd for Work {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
 }
 
 /// A place in the queue: lane, then time (deadline or expiry), then identity.
@@ -78,8 +100,8 @@ pub struct Queue {
     order: BTreeSet<Entry>,
     batches: HashMap<BatchId, OpenBatch>,
     permits: HashMap<PermitId, (Entry, Permit)>,
-    next_batch: u64,
-    next_permit: u64,
+    /// The last id handed out, to a batch or a permit.
+    next_id: u64,
     /// Set when work appeared or became ready: the dispatcher must look again.
     wake: bool,
 }
@@ -99,8 +121,8 @@ pub enum Job {
 
 impl Queue {
     pub fn open(&mut self, batch: OpenBatch) -> BatchId {
-        self.next_batch += 1;
-        let id = BatchId(self.next_batch);
+        self.next_id += 1;
+        let id = BatchId(self.next_id);
         self.order.insert(Entry::of_batch(id, batch.kind));
         self.batches.insert(id, batch);
         self.wake = true;
@@ -135,8 +157,8 @@ impl Queue {
     /// Queues a request for one token, ordered by `urgency` like a caller's batch.
     pub fn permit(&mut self, urgency: Instant, now: Instant) -> oneshot::Receiver<()> {
         let (tx, rx) = oneshot::channel();
-        self.next_permit += 1;
-        let id = PermitId(self.next_permit);
+        self.next_id += 1;
+        let id = PermitId(self.next_id);
         let entry = Entry { lane: Lane::Callers, at: urgency, work: Work::Permit(id) };
         self.order.insert(entry);
         self.permits.insert(id, (entry, Permit { tx, since: now }));
@@ -311,13 +333,13 @@ fn top_up(
 }
 
 /// The dispatcher of one (app, API): forever, wait for ready work, take a token, spend
-/// it on the first ready entry; a batch is handed to `run` (`fetch::run` in its own
+/// it on the first ready entry; a batch is handed to `send` (`fetch::run` in its own
 /// task). Owned and aborted by the gateway's task set.
 pub async fn run(
     engine: Arc<Engine>,
     budget: Arc<Budget>,
     budget_wait: Histogram,
-    mut run: impl FnMut(Dispatch) + Send,
+    mut send: impl FnMut(Dispatch) + Send,
 ) {
     let mut last_grant: Option<Instant> = None;
     loop {
@@ -332,7 +354,7 @@ pub async fn run(
         }
         last_grant = Some(granted);
         match engine.pop(granted, &budget_wait) {
-            Some(Job::Batch(dispatch)) => run(dispatch),
+            Some(Job::Batch(dispatch)) => send(dispatch),
             // A retry whose caller gave up meanwhile: the token is spent, as it must be
             // counted anyway (it cannot be un-taken from Redis).
             Some(Job::Permit(tx)) => drop(tx.send(())),

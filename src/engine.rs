@@ -4,8 +4,9 @@
 //! The tables are the in-flight table ([`inflight`](crate::inflight)) and the queue of
 //! open batches and permits ([`dispatch`](crate::dispatch)); they change together (a
 //! caller joining a batch may move it up the queue), so one lock keeps them consistent.
-//! It is never held across an `.await`. Each operation here is a short composition of
-//! the stages: this module decides nothing of its own.
+//! It is never held across an `.await`. The admission estimators are atomics, read
+//! without it. Each operation here is a short composition of the stages: [`Engine::join`]
+//! is where a caller is admitted or refused, on [`admission`]'s forecast.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -408,5 +409,19 @@ mod tests {
         assert!(matches!(second, Some(Job::Batch(_))));
         assert_eq!(e.sizes(), (0, 0, 1));
         drop(urgent);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_equal_deadlines_work_queues_in_the_order_it_was_created() {
+        let e = engine(1);
+        let deadline = Instant::now() + 5 * S;
+        let early_permit = e.permit(deadline);
+        join(&e, "g", &seqs(0..1), deadline, pace(Duration::ZERO)).unwrap();
+        let late_permit = e.permit(deadline);
+
+        let order: Vec<bool> = (0..3).map(|_| matches!(e.pop(Instant::now(), &hist()), Some(Job::Permit(_)))).collect();
+
+        assert_eq!(order, [true, false, true], "permit, batch, permit");
+        drop((early_permit, late_permit));
     }
 }

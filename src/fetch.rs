@@ -30,15 +30,14 @@ pub async fn run(app: Arc<AppRuntime>, batch: Dispatch) {
     let splits = AtomicU32::new(split_allowance(batch.seqs.len()));
     let mut items = fetch(&app, &batch.group, batch.seqs.clone(), batch.window, Token::Paid, &splits).await;
     settle_unisolated(&mut items);
-    let fetched_at = Instant::now();
-    let page = store(&app, &batch.group, &items, fetched_at).await;
+    let outcome = BatchOutcome { started, ..BatchOutcome::settled(items, Instant::now()) };
+    let page = store(&app, &batch.group, &outcome.items, outcome.fetched_at).await;
     app.engine.complete(&batch, &page);
-    let outcome = BatchOutcome { started, ..BatchOutcome::settled(items, fetched_at) };
     let _ = batch.outcome.send(Some(Arc::new(outcome)));
 }
 
-/// Puts the answers in the cache (and a group-level 10010 / 10015 for the whole group);
-/// failures are never cached.
+/// Puts the answers (`items` sorted by MsgSeq) in the cache, and a group-level 10010 /
+/// 10015 for the whole group; failures are never cached.
 async fn store(app: &AppRuntime, group: &GroupId, items: &Items, fetched_at: Instant) -> Arc<Page> {
     let answers: Vec<(MsgSeq, Receipt)> = items.iter().filter_map(|(s, r)| Some((*s, *r.as_ref().ok()?))).collect();
     let page = app.cache.insert(app.id, group, &answers, fetched_at).await;
@@ -157,7 +156,7 @@ fn judge(app: &AppRuntime, outcome: Outcome, seqs: &[MsgSeq], splits: &AtomicU32
         }
         Outcome::Throttled { code } => {
             app.budget.throttled();
-            tracing::debug!(%code, "upstream throttled; retrying within the deadline");
+            tracing::debug!(%code, "upstream throttled");
             return Verdict::RetryLater(Failure::Throttled);
         }
         Outcome::Retryable { reason } | Outcome::NoAnswer { reason } => {

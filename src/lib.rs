@@ -17,12 +17,14 @@
 //! 2. [`receipts`] — answers the query: one lookup of the group's page in the [`cache`]
 //!    serves the fresh items at once (and notes that they were read, which is what
 //!    makes them part of the group's cohort); the misses go to the app's [`engine`],
-//!    which holds the next three stages' tables under one lock.
-//! 3. [`admission`] — decides whether the queue can reach the caller's batches before
-//!    its deadline; if not, the caller gets 429 (or stale items) at once, and its misses
-//!    ride along in a background batch for spare budget or the group's next caller.
-//! 4. [`inflight`] — puts each missing (group, MsgSeq) in flight exactly once: it joins
-//!    the [`batch`] that already carries it or is added to its group's open batch.
+//!    which keeps the in-flight table and the queue under one lock.
+//! 3. [`inflight`] — first takes out the misses a batch answered since the caller's
+//!    lookup; then [`admission`] decides, from how much of the queue is ahead of the
+//!    batches the caller would wait for, whether they can be answered before its
+//!    deadline. If not, the caller gets 429 (or stale items) at once, and its misses ride
+//!    along in a background batch for spare budget or the group's next caller.
+//! 4. [`inflight`] — puts each admitted miss in flight exactly once: it joins the
+//!    [`batch`] that already carries it or is added to its group's open batch.
 //! 5. [`dispatch`] — the dispatcher takes one token at a time from the [`budget`]
 //!    (governor, or GCRA in Redis, at the AIMD effective rate) and spends it on the first
 //!    ready entry of the queue (callers' batches and retry permits by earliest deadline,

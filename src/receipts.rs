@@ -214,7 +214,7 @@ fn settle(app: &AppRuntime, mut slots: Vec<Slot>, q: &Query, unanswered: Gateway
                 slot.served = Some((entry.receipt, entry.fetched_at, Source::Stale));
             }
             _ => {
-                let e = blame(app, failure, &unanswered);
+                let e = failure_error(app, failure, &unanswered);
                 // The most actionable error wins: "slow down, retry after N" over
                 // "upstream failed" over "deadline passed".
                 if error.as_ref().is_none_or(|old| rank(&e) < rank(old)) {
@@ -231,7 +231,7 @@ fn settle(app: &AppRuntime, mut slots: Vec<Slot>, q: &Query, unanswered: Gateway
 }
 
 /// The error an item that could not be served stands for.
-fn blame(app: &AppRuntime, failure: Option<Failure>, unanswered: &GatewayError) -> GatewayError {
+fn failure_error(app: &AppRuntime, failure: Option<Failure>, unanswered: &GatewayError) -> GatewayError {
     match failure {
         Some(Failure::Expired | Failure::Throttled | Failure::NoBudget) => {
             GatewayError::Overloaded { retry_after: app.engine.backlog(app.budget.estimate()) }

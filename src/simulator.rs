@@ -390,7 +390,7 @@ impl Simulator {
         self.inner.held.fetch_add(1, Ordering::SeqCst);
         let _held = Held(&self.inner.held);
         // The sender lives as long as the simulator; if it were gone, nothing could hold.
-        let _ = gate.wait_for(|closed| !closed).await;
+        let _ = gate.wait_for(|holding| !holding).await;
     }
 
     /// Phases 3, 5 and 6, which depend only on the request and the fixed options.
