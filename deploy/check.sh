@@ -55,6 +55,7 @@ KEYS = {
     "batch": {"window_ms", "max_seqs"},
     "upstream": {"timeout_ms", "max_retries"},
     "budget": {"per_second", "backend", "fallback_per_second"},
+    "fleet": {"backend"},
     "redis": {"url", "key_prefix"},
 }
 APP = {"sdkappid", "region", "identifier", "secret_key_env", "secret_key_file", "endpoint", "usersig_ttl_s"}

@@ -18,7 +18,7 @@ use crate::usersig::SecretKey;
 
 mod file;
 
-use file::{RawApp, RawBudget, RawConfig, RawRedis};
+use file::{RawApp, RawBudget, RawConfig, RawFleet, RawRedis};
 
 /// A configuration problem, naming the key and what is wrong with it.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +45,7 @@ pub struct Config {
     pub batch: BatchConfig,
     pub upstream: UpstreamConfig,
     pub budget: BudgetConfig,
+    pub fleet: FleetBackend,
     pub redis: RedisConfig,
     pub apps: Vec<AppConfig>,
 }
@@ -85,6 +86,15 @@ pub struct BudgetConfig {
     pub per_second: NonZeroU32,
     pub backend: BudgetBackend,
     pub fallback_per_second: NonZeroU32,
+}
+
+/// What replicas share (`fleet.backend`, SPEC 5.6).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FleetBackend {
+    /// Each replica caches, coalesces and batches on its own.
+    None,
+    /// Items, in-flight fetches, batches and cohorts are shared through `[redis]`.
+    Redis(RedisConfig),
 }
 
 /// The fleet's shared tier (`[redis]`): where `budget.backend = "redis"` keeps its state.
@@ -207,6 +217,7 @@ impl RawConfig {
         };
         let redis = self.redis.validate()?;
         let budget = self.budget.validate(&redis)?;
+        let fleet = self.fleet.validate(&redis)?;
         if self.apps.is_empty() {
             return Err(invalid("apps", "at least one [[apps]] entry is required"));
         }
@@ -219,7 +230,7 @@ impl RawConfig {
             }
             apps.push(app);
         }
-        Ok(Config { server, cache, batch, upstream, budget, redis, apps })
+        Ok(Config { server, cache, batch, upstream, budget, fleet, redis, apps })
     }
 }
 
@@ -229,10 +240,20 @@ impl RawRedis {
         if !SCHEMES.iter().any(|scheme| self.url.starts_with(scheme)) {
             return Err(invalid("redis.url", "must be a redis://, rediss:// or unix:// URL"));
         }
-        if self.key_prefix.is_empty() {
-            return Err(invalid("redis.key_prefix", "must not be empty"));
+        if self.key_prefix.is_empty() || self.key_prefix.contains(['{', '}']) {
+            return Err(invalid("redis.key_prefix", "must be non-empty and free of { and } (they make hash tags)"));
         }
         Ok(RedisConfig { url: self.url, key_prefix: self.key_prefix })
+    }
+}
+
+impl RawFleet {
+    fn validate(self, redis: &RedisConfig) -> Result<FleetBackend, ConfigError> {
+        match self.backend.as_str() {
+            "none" => Ok(FleetBackend::None),
+            "redis" => Ok(FleetBackend::Redis(redis.clone())),
+            other => Err(invalid("fleet.backend", format!("{other:?} is neither \"none\" nor \"redis\""))),
+        }
     }
 }
 
@@ -418,6 +439,8 @@ mod tests {
             ("[server]\nclient_id_header = \"bad header\"\n", "server.client_id_header"),
             ("[redis]\nurl = \"http://redis:6379\"\n", "redis.url"),
             ("[redis]\nkey_prefix = \"\"\n", "redis.key_prefix"),
+            ("[redis]\nkey_prefix = \"a{b}\"\n", "redis.key_prefix"),
+            ("[fleet]\nbackend = \"gossip\"\n", "fleet.backend"),
             ("[budget]\nredis_url = \"redis://x\"\n", "unknown field `redis_url`"),
         ];
         for (prefix, expected) in cases {

@@ -16,6 +16,7 @@ pub(super) struct RawConfig {
     pub(super) batch: RawBatch,
     pub(super) upstream: RawUpstream,
     pub(super) budget: RawBudget,
+    pub(super) fleet: RawFleet,
     pub(super) redis: RawRedis,
     pub(super) apps: Vec<RawApp>,
 }
@@ -101,7 +102,20 @@ impl Default for RawBudget {
     }
 }
 
-/// The connection to the fleet's shared tier, used by `budget.backend = "redis"`.
+/// Whether replicas share items, fetches, batches and cohorts (SPEC 5.6).
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawFleet {
+    pub(super) backend: String,
+}
+
+impl Default for RawFleet {
+    fn default() -> Self {
+        Self { backend: "none".into() }
+    }
+}
+
+/// The connection to the fleet's shared tier, used by `budget.backend` and `fleet.backend = "redis"`.
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawRedis {
