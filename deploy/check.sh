@@ -92,6 +92,8 @@ for path in sorted((repo / "deploy").rglob("*.toml")):
         problems.append("budget.fallback_per_second must not exceed budget.per_second")
     if b.get("backend", "local") not in ("local", "redis"):
         problems.append("budget.backend must be local or redis")
+    if cfg.get("fleet", {}).get("backend", "none") not in ("none", "redis"):
+        problems.append("fleet.backend must be none or redis")
     s = cfg.get("server", {})
     if s.get("listen", "0.0.0.0:8080") != "0.0.0.0:8080" or s.get("admin_listen", "0.0.0.0:9090") != "0.0.0.0:9090":
         problems.append("server.listen / admin_listen must match the container ports 8080 / 9090")
@@ -120,6 +122,11 @@ try:
         print("FAIL: budget: redis overlay fallback x maxReplicas, or per_second + fallback, exceeds 200/s"); bad = 1
     else:
         print("PASS: budget: redis overlay fallback x maxReplicas and per_second + fallback <= 200/s")
+    # The overlay's 4..10 replicas share the cache, fetches and batches (README "fleet tier").
+    if red.get("fleet", {}).get("backend") != "redis" or rb.get("backend") != "redis":
+        print("FAIL: fleet: redis overlay must use budget.backend and fleet.backend = \"redis\""); bad = 1
+    else:
+        print("PASS: fleet: redis overlay shares budget and fleet tier through Redis")
 except ModuleNotFoundError:
     print("SKIP: budget rules: no PyYAML")
 sys.exit(bad)

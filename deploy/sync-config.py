@@ -56,7 +56,7 @@ TARGETS = {
         },
     ),
     REPO / "deploy/kubernetes/overlays/redis/receipt-gateway.toml": (
-        "overlays/redis: every replica takes its tokens from one budget held in Redis.",
+        "overlays/redis: the replicas share one budget and the fleet tier (SPEC 5.6) through Redis.",
         {
             **COMMON,
             ("budget", "per_second"): (
@@ -66,6 +66,12 @@ TARGETS = {
                 "cluster: 200 - fallback_per_second",
             ),
             ("budget", "backend"): ("redis", [], "cluster"),
+            ("fleet", "backend"): (
+                "redis",
+                ["cluster: the replicas share items, fetches and batches through the same Redis",
+                 "as the budget; while it is unreachable each one caches and batches on its own."],
+                "cluster",
+            ),
             ("redis", "url"): ("redis://redis:6379/0", [], "cluster: the Service in redis.yaml"),
             ("budget", "fallback_per_second"): (
                 20,

@@ -11,6 +11,7 @@ use crate::cache::ReceiptCache;
 use crate::config::{AppConfig, Config};
 use crate::domain::{AppId, Region};
 use crate::engine::Engine;
+use crate::fleet::{Fleet, FleetCounters, Lifetimes};
 use crate::metrics::{API_RECEIPT, AppMetrics, Metrics};
 use crate::upstream::{HttpClient, Upstream};
 
@@ -27,6 +28,15 @@ pub struct AppRuntime {
     pub batch_size: Histogram,
     /// `receipt_gateway_budget_wait_seconds` for this app's receipt API.
     pub budget_wait: Histogram,
+    /// The fleet tier, with `fleet.backend = "redis"`.
+    pub fleet: Option<SharedTier>,
+}
+
+/// The fleet tier as one app uses it.
+pub struct SharedTier {
+    pub fleet: Arc<Fleet>,
+    pub counters: FleetCounters,
+    pub lifetimes: Lifetimes,
 }
 
 impl AppRuntime {
@@ -37,6 +47,7 @@ impl AppRuntime {
         cache: &ReceiptCache,
         metrics: &Metrics,
         client: HttpClient,
+        fleet: Option<&Arc<Fleet>>,
     ) -> Result<Self, redis::RedisError> {
         let label = app.id.to_string();
         let labels = [label.as_str(), API_RECEIPT];
@@ -63,6 +74,20 @@ impl AppRuntime {
             metrics: metrics.for_app(app.id),
             batch_size: metrics.batch_size.with_label_values(&[label.as_str()]),
             budget_wait: metrics.budget_wait.with_label_values(&labels),
+            fleet: fleet.map(|fleet| SharedTier {
+                fleet: fleet.clone(),
+                counters: FleetCounters {
+                    shared_hit: metrics.fleet_items.with_label_values(&[label.as_str(), "shared_hit"]),
+                    shared_wait: metrics.fleet_items.with_label_values(&[label.as_str(), "shared_wait"]),
+                    miss: metrics.fleet_items.with_label_values(&[label.as_str(), "miss"]),
+                },
+                lifetimes: Lifetimes {
+                    ttl: config.cache.ttl,
+                    negative_ttl: config.cache.negative_ttl,
+                    stale: config.cache.stale,
+                    claim: config.upstream.timeout + config.batch.window,
+                },
+            }),
         })
     }
 }

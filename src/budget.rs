@@ -38,6 +38,11 @@ const RECOVERY: Duration = Duration::from_secs(20);
 const DECREASE_HOLDOFF: Duration = Duration::from_secs(1);
 /// After a Redis failure, how long a replica stays on its fallback before trying again.
 const REDIS_RETRY: Duration = Duration::from_secs(1);
+/// The least share of the budget admission assumes a replica gets, however busy the
+/// others look (their rate is an estimate; a replica must still be able to admit).
+const MIN_SHARE: f64 = 0.05;
+/// Two grants further apart than this say nothing about the others' rate now.
+const OTHERS_HORIZON: Duration = Duration::from_secs(2);
 
 /// The interval between tokens that keeps `per_second` in every rolling second: the
 /// guard's slack, and at low rates (where 30 ms is less than one token) at least one
@@ -165,6 +170,7 @@ impl Budget {
                 fallback_interval: pacing_interval(fallback_per_second),
                 down_until: Mutex::new(None),
                 up: backend_up,
+                others: Mutex::new(Others::default()),
             })),
         };
         rate_gauge.set(per_second.get() as f64);
@@ -198,10 +204,29 @@ impl Budget {
     }
 
     /// When this replica expects to hand out tokens: the next one, then one per interval.
-    /// Admission control plans with it (with Redis, other replicas may make it later).
+    /// Admission control plans with it. With Redis, the interval is this replica's share
+    /// of what the other replicas leave of the effective rate (SPEC 5.3: admission counts
+    /// the tokens the other replicas take).
     pub fn estimate(&self) -> Estimate {
         let next_slot = self.pace(|p| p.next_slot);
-        Estimate { next_token: next_slot.saturating_duration_since(Instant::now()), interval: self.interval() }
+        let interval = match &self.source {
+            Source::Redis(redis) if !redis.is_down() => {
+                let rate = self.effective_rate();
+                let left = (rate - redis.others_rate()).max(rate * MIN_SHARE);
+                self.interval().max(Duration::from_secs_f64(1.0 / left.max(0.1)))
+            }
+            _ => self.interval(),
+        };
+        Estimate { next_token: next_slot.saturating_duration_since(Instant::now()), interval }
+    }
+
+    /// Whether other replicas are spending the shared budget now, so that a token taken
+    /// here for work nobody waits for (a background batch) would be taken from them.
+    pub fn contended(&self) -> bool {
+        match &self.source {
+            Source::Redis(redis) => redis.others_rate() > self.per_second.get() as f64 * MIN_SHARE,
+            Source::Local(_) => false,
+        }
     }
 
     /// The time between tokens at the current effective rate (never shorter than the
@@ -251,20 +276,64 @@ impl Budget {
 }
 
 /// GCRA in Redis, with Redis's own clock so replicas need not agree on time: ARGV[1] is
-/// the interval and ARGV[2] the burst tolerance, in µs. Returns 0 when a token was taken,
-/// else the microseconds to wait before asking again.
+/// the interval and ARGV[2] the burst tolerance, in µs. The key holds `tat:grants`, the
+/// theoretical arrival time and a count of every token the fleet took. Returns {0, grants}
+/// when a token was taken, else {µs to wait before asking again, grants}; the count tells
+/// a replica how many tokens the others took between two of its own.
 const GCRA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
-local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), now)
-if tat - now > tolerance then
-  return tat - now - tolerance
+local tat, grants = 0, 0
+local held = redis.call('GET', KEYS[1])
+if held then
+  local a, b = string.match(held, '^([%d.e+]+):?(%d*)$')
+  tat = tonumber(a) or 0
+  grants = tonumber(b) or 0
 end
-redis.call('SET', KEYS[1], tat + interval, 'PX', math.floor((tat + interval - now) / 1000) + 1000)
-return 0
+tat = math.max(tat, now)
+if tat - now > tolerance then
+  return {tat - now - tolerance, grants}
+end
+grants = grants + 1
+local next = string.format('%.0f', tat + interval) .. ':' .. string.format('%.0f', grants)
+redis.call('SET', KEYS[1], next, 'PX', math.floor((tat + interval - now) / 1000) + 1000)
+return {0, grants}
 "#;
+
+/// What this replica knows of the other replicas' use of the shared budget.
+#[derive(Default)]
+struct Others {
+    /// The fleet's grant count at this replica's last token, and when.
+    last: Option<(u64, Instant)>,
+    /// Tokens per second the others took, smoothed.
+    rate: f64,
+    sampled: Option<Instant>,
+}
+
+impl Others {
+    fn grant(&mut self, grants: u64, now: Instant) {
+        if let Some((before, at)) = self.last {
+            let dt = now.saturating_duration_since(at);
+            // A smaller count: the key expired (the fleet was idle) and started over.
+            if dt <= OTHERS_HORIZON && grants > before && !dt.is_zero() {
+                let sample = (grants - before - 1) as f64 / dt.as_secs_f64();
+                let fresh = self.sampled.is_some_and(|t| now.saturating_duration_since(t) <= OTHERS_HORIZON);
+                self.rate = if fresh { self.rate * 0.75 + sample * 0.25 } else { sample };
+                self.sampled = Some(now);
+            }
+        }
+        self.last = Some((grants, now));
+    }
+
+    fn rate(&self, now: Instant) -> f64 {
+        match self.sampled {
+            Some(t) if now.saturating_duration_since(t) <= OTHERS_HORIZON => self.rate,
+            _ => 0.0,
+        }
+    }
+}
 
 struct RedisSource {
     client: redis::Client,
@@ -281,6 +350,7 @@ struct RedisSource {
     down_until: Mutex<Option<Instant>>,
     /// `receipt_gateway_budget_backend_up`: 1 after Redis answered, 0 after it failed.
     up: IntGauge,
+    others: Mutex<Others>,
 }
 
 impl RedisSource {
@@ -296,8 +366,13 @@ impl RedisSource {
             let answer = self.try_take().await;
             self.up.set(answer.is_ok().into());
             match answer {
-                Ok(0) => return,
-                Ok(wait_us) => tokio::time::sleep(Duration::from_micros(wait_us)).await,
+                Ok((0, grants)) => {
+                    if let Ok(mut others) = self.others.lock() {
+                        others.grant(grants, Instant::now());
+                    }
+                    return;
+                }
+                Ok((wait_us, _)) => tokio::time::sleep(Duration::from_micros(wait_us)).await,
                 Err(e) => {
                     tracing::warn!(error = %e, "redis budget unreachable; pacing on budget.fallback_per_second");
                     if let Ok(mut d) = self.down_until.lock() {
@@ -308,7 +383,12 @@ impl RedisSource {
         }
     }
 
-    async fn try_take(&self) -> redis::RedisResult<u64> {
+    /// Tokens per second the other replicas are taking, as last seen.
+    fn others_rate(&self) -> f64 {
+        self.others.lock().map(|o| o.rate(Instant::now())).unwrap_or(0.0)
+    }
+
+    async fn try_take(&self) -> redis::RedisResult<(u64, u64)> {
         let mut guard = self.connection.lock().await;
         let connection = match &mut *guard {
             Some(connection) => connection,
@@ -381,6 +461,21 @@ mod tests {
             late.iter().filter(|t| (Duration::from_secs(1)..Duration::from_secs(2)).contains(t)).count();
         assert!(in_second_two >= 194, "{in_second_two}");
         assert!(busiest(&late) <= 195);
+    }
+
+    #[test]
+    fn the_others_rate_is_what_the_fleet_took_between_two_of_our_tokens() {
+        let t = Instant::now();
+        let mut others = Others::default();
+        others.grant(10, t);
+        assert_eq!(others.rate(t), 0.0, "one grant says nothing yet");
+        // 20 grants by others in the half second between ours.
+        others.grant(31, t + Duration::from_millis(500));
+        assert_eq!(others.rate(t + Duration::from_millis(500)), 40.0);
+        // The key expired and started over: no sample, the old one ages out.
+        others.grant(1, t + Duration::from_millis(600));
+        assert_eq!(others.rate(t + Duration::from_millis(600)), 40.0);
+        assert_eq!(others.rate(t + Duration::from_secs(3)), 0.0);
     }
 
     #[tokio::test]

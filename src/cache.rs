@@ -174,6 +174,17 @@ impl ReceiptCache {
         answers: &[(MsgSeq, Receipt)],
         fetched_at: Instant,
     ) -> Arc<Page> {
+        self.insert_each(app, group, answers.iter().map(|&(seq, receipt)| (seq, receipt, fetched_at))).await
+    }
+
+    /// Stores answers fetched at different times (another replica's, from the fleet
+    /// tier); an item never replaces one fetched later. Returns the group's page.
+    pub async fn insert_each(
+        &self,
+        app: AppId,
+        group: &GroupId,
+        answers: impl IntoIterator<Item = (MsgSeq, Receipt, Instant)>,
+    ) -> Arc<Page> {
         let key = (app, group.clone());
         let lifetimes = self.lifetimes;
         let page = self
@@ -185,8 +196,12 @@ impl ReceiptCache {
             let now = Instant::now();
             // Items past their stale window leave as the group is refreshed.
             items.retain(|_, s| now < s.fetched_at + lifetimes.fresh_for(&s.receipt) + lifetimes.stale);
-            for &(seq, receipt) in answers {
-                let last_read = items.get(&seq).and_then(|s| s.last_read);
+            for (seq, receipt, fetched_at) in answers {
+                let held = items.get(&seq);
+                if held.is_some_and(|s| s.fetched_at > fetched_at) {
+                    continue;
+                }
+                let last_read = held.and_then(|s| s.last_read);
                 items.insert(seq, Stored { receipt, fetched_at, last_read });
             }
         }

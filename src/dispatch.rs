@@ -27,6 +27,10 @@ use crate::domain::MsgSeq;
 use crate::engine::Engine;
 use crate::inflight::{GroupState, Groups};
 
+/// While the shared budget is contended, how often the dispatcher looks again whether
+/// background batches may go.
+const CONTENTION_RECHECK: Duration = Duration::from_millis(100);
+
 /// A retry permit's identity (a space of its own, apart from batches).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PermitId(u64);
@@ -129,6 +133,11 @@ impl Queue {
         id
     }
 
+    /// Whether batch `id` is still waiting for its token.
+    pub fn is_open(&self, id: BatchId) -> bool {
+        self.batches.contains_key(&id)
+    }
+
     pub fn has_room(&self, id: BatchId, max_seqs: usize) -> bool {
         self.batches.get(&id).is_some_and(|b| b.has_room(max_seqs))
     }
@@ -199,8 +208,10 @@ impl Queue {
         Some(self.order.range(..last?).count() as u32)
     }
 
-    /// Drops what nobody can use any more, and tells when work is next ready.
-    pub fn next(&mut self, groups: &mut Groups, now: Instant, max_seqs: usize, latency: Duration) -> Next {
+    /// Drops what nobody can use any more, and tells when work is next ready. `spare`
+    /// says whether the budget has tokens nobody else waits for (with a shared budget,
+    /// other replicas may be waiting).
+    pub fn next(&mut self, groups: &mut Groups, now: Instant, max_seqs: usize, latency: Duration, spare: bool) -> Next {
         groups.sweep(now);
         self.drop_useless(groups, now, latency);
         let mut earliest: Option<Instant> = None;
@@ -208,8 +219,11 @@ impl Queue {
             let Work::Batch(id) = entry.work else { return Next::Ready };
             let Some(b) = self.batches.get(&id) else { continue };
             // Background batches take only spare budget: none while a caller's batch
-            // is still filling.
-            if entry.lane == Lane::Background && earliest.is_some() {
+            // is still filling, none while other replicas spend the shared budget.
+            if entry.lane == Lane::Background && (earliest.is_some() || !spare) {
+                if earliest.is_none() {
+                    return Next::At(now + CONTENTION_RECHECK);
+                }
                 break;
             }
             if b.is_ready(now, max_seqs) {
@@ -229,9 +243,10 @@ impl Queue {
         policy: &BatchPolicy,
         latency: Duration,
         budget_wait: &Histogram,
+        spare: bool,
     ) -> Option<Job> {
         self.drop_useless(groups, now, latency);
-        let entry = self.first_ready(now, policy.max_seqs)?;
+        let entry = self.first_ready(now, policy.max_seqs, spare)?;
         self.order.remove(&entry);
         match entry.work {
             Work::Permit(id) => {
@@ -251,8 +266,8 @@ impl Queue {
     }
 
     /// The first entry that may take a token now.
-    fn first_ready(&self, now: Instant, max_seqs: usize) -> Option<Entry> {
-        let mut filling = false;
+    fn first_ready(&self, now: Instant, max_seqs: usize, spare: bool) -> Option<Entry> {
+        let mut filling = !spare;
         self.order.iter().copied().find(|entry| {
             let Work::Batch(id) = entry.work else { return true };
             let Some(b) = self.batches.get(&id) else { return false };
@@ -312,8 +327,8 @@ fn dispatch(groups: &mut Groups, id: BatchId, batch: OpenBatch, now: Instant, po
     }
 }
 
-/// Group cohort top-up (SPEC 5.2): never displaces a requested MsgSeq, never adds one
-/// nobody read, never one already in flight (the batch's own are in flight with it).
+/// Fills the rest of a leaving batch: with the group's cohort if the group has been
+/// fetched before, else with its neighbourhood.
 fn top_up(
     g: &mut GroupState,
     id: BatchId,
@@ -323,13 +338,31 @@ fn top_up(
     policy: &BatchPolicy,
 ) {
     let room = policy.max_seqs.saturating_sub(seqs.len());
-    let Some(page) = g.page().filter(|_| room > 0).cloned() else { return };
-    let horizon = now + policy.ttl / 2;
-    let due = page.due_for_refresh(now, horizon, policy.cohort_memory(), room, |seq| g.carrier(seq).is_none());
-    for seq in due {
+    if room == 0 {
+        return;
+    }
+    let extra = match g.page().cloned() {
+        // Group cohort (SPEC 5.2): read lately, within half a TTL of expiry, not in flight
+        // (the batch's own are in flight with it); never one nobody read.
+        Some(page) => {
+            let horizon = now + policy.ttl / 2;
+            page.due_for_refresh(now, horizon, policy.cohort_memory(), room, |seq| g.carrier(seq).is_none())
+        }
+        None => neighbourhood(g, seqs, room),
+    };
+    for seq in extra {
         seqs.push(seq);
         g.carry(seq, id, waiter.clone());
     }
+}
+
+/// A group nobody has fetched yet (a cold start, or a cache that lost it): the MsgSeqs
+/// just below the highest one requested, which exist since a group's MsgSeqs only grow,
+/// so that the group's next callers find them cached instead of costing a call each.
+/// They join the cohort only once someone reads them (the cache keeps them unread).
+fn neighbourhood(g: &GroupState, seqs: &[MsgSeq], room: usize) -> Vec<MsgSeq> {
+    let Some(&MsgSeq(top)) = seqs.iter().max() else { return Vec::new() };
+    (1..top).rev().map(MsgSeq).filter(|s| !seqs.contains(s) && g.carrier(*s).is_none()).take(room).collect()
 }
 
 /// The dispatcher of one (app, API): forever, wait for ready work, take a token, spend
@@ -343,7 +376,7 @@ pub async fn run(
 ) {
     let mut last_grant: Option<Instant> = None;
     loop {
-        if !engine.wait_for_ready_work().await {
+        if !engine.wait_for_ready_work(|| !budget.contended()).await {
             // Waiting for work is not the budget's slowness: restart the measurement.
             last_grant = None;
         }
@@ -353,7 +386,7 @@ pub async fn run(
             engine.estimates().observe_interval(granted - previous);
         }
         last_grant = Some(granted);
-        match engine.pop(granted, &budget_wait) {
+        match engine.pop(granted, &budget_wait, !budget.contended()) {
             Some(Job::Batch(dispatch)) => send(dispatch),
             // A retry whose caller gave up meanwhile: the token is spent, as it must be
             // counted anyway (it cannot be un-taken from Redis).

@@ -86,6 +86,10 @@ impl Engine {
         &self.estimates
     }
 
+    pub fn policy(&self) -> &BatchPolicy {
+        &self.policy
+    }
+
     /// Puts `ask.misses` in flight, joining batches that already carry them. Refuses when
     /// the queue cannot reach this caller's batches before its deadline, given the
     /// budget's `pace`; the refused caller's misses still ride along, without a caller
@@ -132,6 +136,27 @@ impl Engine {
         self.lock().groups.release(&batch.group, batch.id, &batch.seqs, Some(page));
     }
 
+    /// `seqs` joined dispatched `batch` on its way out (other replicas' misses, from the
+    /// fleet tier): they are in flight with it, so no caller here fetches them again.
+    pub fn carry(&self, batch: &Dispatch, seqs: &[MsgSeq]) {
+        let mut tables = self.lock();
+        let g = tables.groups.enter(&batch.group, None);
+        for &seq in seqs {
+            if g.carrier(seq).is_none() {
+                g.carry(seq, batch.id, batch.outcome.subscribe());
+            }
+        }
+    }
+
+    /// Which of `seqs` of `group` wait in a batch that has not left yet: at a caller's
+    /// deadline, these were refused by the budget (429), not late upstream (504).
+    pub fn unsent(&self, group: &GroupId, seqs: &[MsgSeq]) -> Vec<MsgSeq> {
+        let mut tables = self.lock();
+        let Tables { groups, queue } = &mut *tables;
+        let Some(g) = groups.get_mut(group) else { return Vec::new() };
+        seqs.iter().copied().filter(|&s| g.carrier(s).is_some_and(|id| queue.is_open(id))).collect()
+    }
+
     /// How long until the queue has drained at the budget's `pace`: a truthful
     /// `Retry-After` for a caller turned away now.
     pub fn backlog(&self, pace: Estimate) -> Duration {
@@ -141,13 +166,14 @@ impl Engine {
 
     /// Waits until some work is ready for a token. True if it was ready at once (the
     /// dispatcher kept busy, so the time between tokens measures the budget).
-    pub(crate) async fn wait_for_ready_work(&self) -> bool {
+    /// `spare` says whether background batches may take a token now.
+    pub(crate) async fn wait_for_ready_work(&self, spare: impl Fn() -> bool) -> bool {
         let mut at_once = true;
         loop {
             let next = {
                 let mut tables = self.lock();
                 let Tables { groups, queue } = &mut *tables;
-                queue.next(groups, Instant::now(), self.policy.max_seqs, self.estimates.latency())
+                queue.next(groups, Instant::now(), self.policy.max_seqs, self.estimates.latency(), spare())
             };
             match next {
                 Next::Ready => return at_once,
@@ -167,10 +193,10 @@ impl Engine {
     }
 
     /// Takes the most urgent ready job off the queue, now that a token was granted.
-    pub(crate) fn pop(&self, now: Instant, budget_wait: &Histogram) -> Option<Job> {
+    pub(crate) fn pop(&self, now: Instant, budget_wait: &Histogram, spare: bool) -> Option<Job> {
         let mut tables = self.lock();
         let Tables { groups, queue } = &mut *tables;
-        queue.pop(groups, now, &self.policy, self.estimates.latency(), budget_wait)
+        queue.pop(groups, now, &self.policy, self.estimates.latency(), budget_wait, spare)
     }
 
     /// Counts of open batches, permits, and keys in flight (for tests and debugging).
@@ -256,7 +282,7 @@ mod tests {
         join(&e, "late", &seqs(0..1), now + 9 * S, pace(Duration::ZERO)).unwrap();
         join(&e, "soon", &seqs(0..1), now + 5 * S, pace(Duration::ZERO)).unwrap();
 
-        let Some(Job::Batch(first)) = e.pop(Instant::now(), &hist()) else { panic!("no batch") };
+        let Some(Job::Batch(first)) = e.pop(Instant::now(), &hist(), true) else { panic!("no batch") };
 
         assert_eq!(first.group, group("soon"));
         assert_eq!(first.window.urgency, now + 5 * S);
@@ -320,7 +346,7 @@ mod tests {
         let next = {
             let mut t = e.lock();
             let Tables { groups, queue } = &mut *t;
-            queue.next(groups, Instant::now(), 10, Duration::ZERO)
+            queue.next(groups, Instant::now(), 10, Duration::ZERO, true)
         };
 
         assert!(matches!(next, Next::Ready), "the busy batches are still due");
@@ -334,7 +360,7 @@ mod tests {
 
         // Less than the margin (25 ms) before the deadline: no answer could arrive in time.
         tokio::time::advance(20 * MS).await;
-        let job = e.pop(Instant::now(), &hist());
+        let job = e.pop(Instant::now(), &hist(), true);
 
         assert!(job.is_none());
         let outcome = joined[0].1.borrow().clone().unwrap();
@@ -384,7 +410,7 @@ mod tests {
         e.join(ask, pace(Duration::ZERO)).unwrap();
         tokio::time::advance(5 * MS).await;
 
-        let Some(Job::Batch(d)) = e.pop(Instant::now(), &hist()) else { panic!("no batch") };
+        let Some(Job::Batch(d)) = e.pop(Instant::now(), &hist(), true) else { panic!("no batch") };
 
         assert_eq!(d.seqs, vec![MsgSeq(9), MsgSeq(1)]);
         assert_eq!(d.requested, 1);
@@ -402,8 +428,8 @@ mod tests {
         let abandoned = e.permit(now + S);
         drop(abandoned);
 
-        let first = e.pop(now, &hist());
-        let second = e.pop(now, &hist());
+        let first = e.pop(now, &hist(), true);
+        let second = e.pop(now, &hist(), true);
 
         assert!(matches!(first, Some(Job::Permit(_))), "the live permit is more urgent than the batch");
         assert!(matches!(second, Some(Job::Batch(_))));
@@ -419,7 +445,8 @@ mod tests {
         join(&e, "g", &seqs(0..1), deadline, pace(Duration::ZERO)).unwrap();
         let late_permit = e.permit(deadline);
 
-        let order: Vec<bool> = (0..3).map(|_| matches!(e.pop(Instant::now(), &hist()), Some(Job::Permit(_)))).collect();
+        let order: Vec<bool> =
+            (0..3).map(|_| matches!(e.pop(Instant::now(), &hist(), true), Some(Job::Permit(_)))).collect();
 
         assert_eq!(order, [true, false, true], "permit, batch, permit");
         drop((early_permit, late_permit));

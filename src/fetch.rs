@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::app::AppRuntime;
+use crate::app::{AppRuntime, SharedTier};
 use crate::batch::{BatchOutcome, Dispatch, Failure, Items, Window};
 use crate::cache::{GroupAnswer, Page};
 use crate::code::ErrorCode;
@@ -24,16 +24,40 @@ use crate::upstream::Outcome;
 const BACKOFF_BASE: Duration = Duration::from_millis(25);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-/// Runs a dispatched batch: fetch, fill the cache, release the keys, wake the callers.
-pub async fn run(app: Arc<AppRuntime>, batch: Dispatch) {
+/// Runs a dispatched batch: fetch, fill the cache, release the keys, wake the callers;
+/// with the fleet tier, the call first takes what other replicas wait for, and its
+/// answer is shared with them last.
+pub async fn run(app: Arc<AppRuntime>, mut batch: Dispatch) {
     let started = Instant::now();
+    if let Some(tier) = &app.fleet {
+        take_wanted(&app, tier, &mut batch).await;
+    }
     let splits = AtomicU32::new(split_allowance(batch.seqs.len()));
     let mut items = fetch(&app, &batch.group, batch.seqs.clone(), batch.window, Token::Paid, &splits).await;
     settle_unisolated(&mut items);
-    let outcome = BatchOutcome { started, ..BatchOutcome::settled(items, Instant::now()) };
+    let outcome = Arc::new(BatchOutcome { started, ..BatchOutcome::settled(items, Instant::now()) });
     let page = store(&app, &batch.group, &outcome.items, outcome.fetched_at).await;
     app.engine.complete(&batch, &page);
-    let _ = batch.outcome.send(Some(Arc::new(outcome)));
+    let _ = batch.outcome.send(Some(outcome.clone()));
+    if let Some(tier) = &app.fleet
+        && let Err(e) = tier.fleet.store(app.id, &batch.group, &outcome.items, outcome.fetched_at, tier.lifetimes).await
+    {
+        tracing::debug!(error = %e, "fleet: answer not shared");
+    }
+}
+
+/// Tops the call up with MsgSeqs other replicas wait for (SPEC 5.6), as far as
+/// `batch.max_seqs` allows; they are in flight with this batch from now on.
+async fn take_wanted(app: &AppRuntime, tier: &SharedTier, batch: &mut Dispatch) {
+    let room = app.engine.policy().max_seqs.saturating_sub(batch.seqs.len());
+    match tier.fleet.take(app.id, &batch.group, &batch.seqs, room, tier.lifetimes).await {
+        Ok(taken) => {
+            let extra: Vec<MsgSeq> = taken.into_iter().filter(|s| !batch.seqs.contains(s)).take(room).collect();
+            app.engine.carry(batch, &extra);
+            batch.seqs.extend(extra);
+        }
+        Err(e) => tracing::debug!(error = %e, "fleet: wanted MsgSeqs not taken"),
+    }
 }
 
 /// Puts the answers (`items` sorted by MsgSeq) in the cache, and a group-level 10010 /

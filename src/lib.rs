@@ -64,6 +64,7 @@ pub mod domain;
 pub mod engine;
 pub mod error;
 pub mod fetch;
+pub mod fleet;
 pub mod inflight;
 pub mod metrics;
 pub mod receipts;
@@ -86,7 +87,8 @@ use tokio::time::Instant;
 
 use crate::app::AppRuntime;
 use crate::cache::ReceiptCache;
-use crate::config::Config;
+use crate::config::{Config, FleetBackend};
+use crate::fleet::Fleet;
 use crate::metrics::Metrics;
 use crate::shutdown::Drain;
 
@@ -118,9 +120,16 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     let cache = ReceiptCache::new(&config.cache);
     let client = upstream::http_client()?;
     let mut tasks = JoinSet::new();
+    let fleet = match &config.fleet {
+        FleetBackend::None => None,
+        FleetBackend::Redis(redis) => Some(Arc::new(Fleet::new(redis, metrics.fleet_backend_up.clone())?)),
+    };
+    if let Some(fleet) = &fleet {
+        tasks.spawn(fleet.clone().subscribe());
+    }
     let mut apps = HashMap::new();
     for app_config in &config.apps {
-        let app = Arc::new(AppRuntime::new(app_config, &config, &cache, &metrics, client.clone())?);
+        let app = Arc::new(AppRuntime::new(app_config, &config, &cache, &metrics, client.clone(), fleet.as_ref())?);
         let dispatched = app.clone();
         tasks.spawn(dispatch::run(app.engine.clone(), app.budget.clone(), app.budget_wait.clone(), move |batch| {
             // Batch tasks end on their own: every attempt is bounded by the upstream

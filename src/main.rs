@@ -132,7 +132,9 @@ fn serve(path: PathBuf) -> ExitCode {
         };
         let data = bind(config.server.listen).await?;
         let admin = bind(config.server.admin_listen).await?;
-        tracing::info!(listen = %config.server.listen, admin = %config.server.admin_listen, "serving");
+        // The bound addresses, so that port 0 in the config is usable (tests, benchmarks).
+        let local = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        tracing::info!(listen = %local(&data), admin = %local(&admin), "serving");
         receipt_gateway::run(config, Listeners { data, admin }, shutdown::signal()).await.map_err(|e| e.to_string())
     })
 }

@@ -53,6 +53,8 @@ pub struct Metrics {
     pub cache_entries: IntGauge,
     pub inflight: IntGauge,
     pub budget_backend_up: IntGauge,
+    pub fleet_items: IntCounterVec,
+    pub fleet_backend_up: IntGauge,
     pub usersig_expiry: GaugeVec,
 }
 
@@ -143,6 +145,16 @@ impl Metrics {
             )?,
             cache_entries: int_gauge("receipt_gateway_cache_entries", "Receipt items held in the cache.")?,
             inflight: int_gauge("receipt_gateway_inflight_requests", "Data requests being answered now.")?,
+            fleet_items: counter(
+                "receipt_gateway_fleet_items_total",
+                "Cache misses of this replica, by what the fleet tier did: shared_hit (found in Redis), \
+                 shared_wait (waited for another replica's fetch), miss (fetched here).",
+                &["app", "source"],
+            )?,
+            fleet_backend_up: int_gauge(
+                "receipt_gateway_fleet_backend_up",
+                "1 while the fleet tier's Redis answers (fleet.backend = \"redis\"), 0 while replicas work alone.",
+            )?,
             budget_backend_up: int_gauge(
                 "receipt_gateway_budget_backend_up",
                 "1 while the Redis budget answers (budget.backend = \"redis\"), 0 while replicas run on their fallback.",
@@ -218,6 +230,7 @@ mod tests {
             "receipt_gateway_cache_entries",
             "receipt_gateway_inflight_requests",
             "receipt_gateway_budget_backend_up",
+            "receipt_gateway_fleet_backend_up",
             "receipt_gateway_usersig_expiry_timestamp_seconds",
             "receipt_gateway_build_info{version=",
             "process_resident_memory_bytes",

@@ -20,6 +20,8 @@ use crate::engine::Ask;
 use crate::error::GatewayError;
 use crate::metrics::Source;
 
+mod shared;
+
 /// What the caller's `Cache-Control` allows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Freshness {
@@ -70,7 +72,7 @@ pub struct Answer {
 }
 
 /// One distinct MsgSeq's way through the request.
-struct Slot {
+pub(crate) struct Slot {
     seq: MsgSeq,
     served: Option<(Receipt, Instant, Source)>,
     /// A cached item past freshness, kept in case nothing fresh arrives in time.
@@ -90,6 +92,10 @@ impl Slot {
 /// second joins calls that start after the request arrived; the third is slack.
 const MAX_ROUNDS: usize = 3;
 
+/// With the fleet tier, a request may wait for other replicas' calls several times
+/// (each wait at most [`POLL_EVERY`](crate::fleet::POLL_EVERY)); the deadline ends it.
+const MAX_FLEET_ROUNDS: usize = 64;
+
 pub async fn answer(app: &AppRuntime, q: Query) -> Result<Answer, GatewayError> {
     if q.freshness != Freshness::NoCache
         && let Some(g) = app.cache.group_answer(app.id, &q.group).await
@@ -101,24 +107,54 @@ pub async fn answer(app: &AppRuntime, q: Query) -> Result<Answer, GatewayError> 
     let mut distinct = q.seqs.clone();
     distinct.sort_unstable();
     distinct.dedup();
-    let page = app.cache.page(app.id, &q.group).await;
+    let mut page = app.cache.page(app.id, &q.group).await;
     let looked = Instant::now();
     let cached = page.as_ref().map(|p| p.read(&distinct, looked)).unwrap_or_default();
     let mut slots = lookup(&distinct, &cached, q.freshness, looked);
-    for _ in 0..MAX_ROUNDS {
+    // `no-cache` wants calls that start after it arrived: the shared items cannot help.
+    let tier = app.fleet.as_ref().filter(|_| q.freshness != Freshness::NoCache);
+    let rounds = if tier.is_some() { MAX_FLEET_ROUNDS } else { MAX_ROUNDS };
+    let mut waiting = Vec::new();
+    for round in 0..rounds {
         let misses: Vec<MsgSeq> = slots.iter().filter(|s| s.is_open()).map(|s| s.seq).collect();
         if misses.is_empty() || Instant::now() >= q.deadline {
             break;
         }
-        let fetched_since = (q.freshness != Freshness::NoCache).then_some(looked);
-        let ask = Ask { group: &q.group, page: page.as_ref(), misses: &misses, fetched_since, deadline: q.deadline };
-        match app.engine.join(ask, app.budget.estimate()) {
-            Ok(joined) => wait(&mut slots, joined, &q).await,
-            Err(overloaded) => {
-                let error = GatewayError::Overloaded { retry_after: overloaded.retry_after };
-                return settle(app, slots, &q, error);
+        let mut elsewhere = shared::Elsewhere::default();
+        let local = match tier {
+            None => misses,
+            Some(tier) => match shared::round(app, tier, &q, &mut slots, &misses, round).await {
+                shared::Round::Group(answer) => return Ok(answer),
+                shared::Round::Split { local, wait, page: fed } => {
+                    page = fed.or(page);
+                    elsewhere = wait;
+                    local
+                }
+            },
+        };
+        let joined = if local.is_empty() {
+            Vec::new()
+        } else {
+            let fetched_since = (q.freshness != Freshness::NoCache).then_some(looked);
+            let ask = Ask { group: &q.group, page: page.as_ref(), misses: &local, fetched_since, deadline: q.deadline };
+            match app.engine.join(ask, app.budget.estimate()) {
+                Ok(joined) => joined,
+                Err(overloaded) => {
+                    shared::give_up(app, &q.group, &local);
+                    let error = GatewayError::Overloaded { retry_after: overloaded.retry_after };
+                    return settle(app, slots, &q, error);
+                }
             }
-        }
+        };
+        waiting = elsewhere.seqs.clone();
+        tokio::join!(wait(&mut slots, joined, &q), shared::wait(app, tier, &q, &elsewhere));
+    }
+    // Still queued here, or waiting for another replica's call, at the deadline: the
+    // budget (the fleet's) could not serve it in time, as a refusal would have said.
+    let open: Vec<MsgSeq> = slots.iter().filter(|s| s.is_open()).map(|s| s.seq).collect();
+    let unsent = if open.is_empty() { Vec::new() } else { app.engine.unsent(&q.group, &open) };
+    for slot in slots.iter_mut().filter(|s| s.is_open() && (waiting.contains(&s.seq) || unsent.contains(&s.seq))) {
+        slot.failure = Some(Failure::NoBudget);
     }
     settle(app, slots, &q, GatewayError::DeadlineExceeded)
 }
@@ -142,7 +178,7 @@ fn lookup(distinct: &[MsgSeq], cached: &[Option<Cached>], freshness: Freshness, 
         .collect()
 }
 
-fn acceptable(entry: &Cached, freshness: Freshness, now: Instant) -> bool {
+pub(crate) fn acceptable(entry: &Cached, freshness: Freshness, now: Instant) -> bool {
     match freshness {
         Freshness::Default => entry.is_fresh(now),
         Freshness::NoCache => false,

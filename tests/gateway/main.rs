@@ -4,6 +4,8 @@
 
 mod api;
 mod cli;
+mod cluster;
 mod engine;
+mod fleet;
 mod redis;
 mod support;

@@ -11,14 +11,14 @@ use http::StatusCode;
 use crate::support::{Setup, TestApp, within};
 
 /// A private redis-server, killed on drop.
-struct RedisServer {
+pub struct RedisServer {
     child: Child,
     dir: PathBuf,
 }
 
 impl RedisServer {
     /// Starts redis-server on `<dir>/redis.sock` and waits until it answers PING.
-    async fn start(dir: &Path) -> Self {
+    pub async fn start(dir: &Path) -> Self {
         std::fs::create_dir_all(dir).unwrap();
         let socket = dir.join("redis.sock");
         let child = Command::new("redis-server")
@@ -48,7 +48,7 @@ impl RedisServer {
         server
     }
 
-    fn url(&self) -> String {
+    pub fn url(&self) -> String {
         socket_url(&self.dir)
     }
 }

@@ -1,0 +1,458 @@
+//! The fleet tier (SPEC 5.6): N replicas behave as one gateway by sharing, through Redis,
+//! the cached items, the in-flight fetches, the per-group batches and the cohorts.
+//!
+//! Each replica's in-memory cache stays the first tier: hits never touch Redis. On a miss
+//! the request asks Redis once for its group ([`Fleet::claim`]): items another replica
+//! fetched are served from there (`shared_hit`); items another replica is fetching, or
+//! that the replica *leading* the group will take into its next call, are waited for
+//! (`shared_wait`, woken by pub/sub with polling as the fallback, never past the caller's
+//! deadline); the rest are claimed and fetched here (`miss`), through the local engine as
+//! before. The leader's call, just before it leaves, takes what the others wait for
+//! ([`Fleet::take`]); its answer is stored for everyone ([`Fleet::store`]). Claims and
+//! leases expire after the upstream timeout, so a replica that dies holding one delays
+//! its group by at most that.
+//!
+//! Redis is never load-bearing: a call that fails or takes longer than [`CALL_TIMEOUT`]
+//! is abandoned for that request, which then behaves as a lone replica would; after a
+//! failure the tier is skipped for [`RETRY_AFTER_FAILURE`], and
+//! `receipt_gateway_fleet_backend_up` says which state it is in.
+
+pub mod scripts;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus::{IntCounter, IntGauge};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+pub use scripts::Scripts;
+
+use crate::batch::{Failure, Items};
+use crate::code::ErrorCode;
+use crate::config::RedisConfig;
+use crate::domain::{AppId, GroupId, MsgSeq, Receipt};
+
+/// The longest a request waits for one Redis round trip before going on alone.
+pub const CALL_TIMEOUT: Duration = Duration::from_millis(15);
+/// After a Redis failure, how long the tier is skipped before it is tried again.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
+/// How often a waiting request looks again if no message came (a lost message, a
+/// subscription being re-established).
+pub const POLL_EVERY: Duration = Duration::from_millis(50);
+
+/// What an app's requests and batches need from the tier: the lifetimes that decide
+/// freshness (the same on every replica) and how long a claim lasts.
+#[derive(Clone, Copy, Debug)]
+pub struct Lifetimes {
+    pub ttl: Duration,
+    pub negative_ttl: Duration,
+    pub stale: Duration,
+    /// Claims and leases last this long (the upstream timeout plus the batch window).
+    pub claim: Duration,
+}
+
+/// One item as another replica stored it, its fetch time translated to this process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SharedItem {
+    pub receipt: Receipt,
+    pub fetched_at: Instant,
+    pub fresh: bool,
+}
+
+/// What Redis said about a request's misses.
+#[derive(Debug, Default)]
+pub struct Claim {
+    /// A group-level answer (10010 / 10015) someone cached: answer every MsgSeq with it.
+    pub group: Option<(ErrorCode, String, Instant)>,
+    /// Items Redis holds (fresh or not), by MsgSeq.
+    pub items: Vec<(MsgSeq, SharedItem)>,
+    /// Claimed for this replica: fetch them here.
+    pub mine: Vec<MsgSeq>,
+    /// Fetched (or about to be) by another replica: wait, then ask again.
+    pub wait: Vec<MsgSeq>,
+    /// When a claim or lease that blocks `wait` expires, at the latest.
+    pub retry_at: Option<Instant>,
+}
+
+/// Why the tier could not answer: the request goes on alone.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("redis did not answer within {} ms", CALL_TIMEOUT.as_millis())]
+    Timeout,
+    #[error("skipped after a recent failure")]
+    Down,
+    #[error("unexpected reply from a fleet script")]
+    Reply,
+}
+
+/// Where L1 misses went (`receipt_gateway_fleet_items_total{source}`), per app.
+#[derive(Clone)]
+pub struct FleetCounters {
+    pub shared_hit: IntCounter,
+    pub shared_wait: IntCounter,
+    pub miss: IntCounter,
+}
+
+/// The shared tier of one gateway process, for all its apps. Cheap to share (`Arc`).
+pub struct Fleet {
+    client: redis::Client,
+    /// Created on first use (Redis may be down at start); reconnects by itself after.
+    connection: Mutex<Option<ConnectionManager>>,
+    scripts: Scripts,
+    prefix: String,
+    /// This replica's name in claims and leases: random per process.
+    me: String,
+    channel: String,
+    down_until: Mutex<Option<Instant>>,
+    up: IntGauge,
+    /// Requests waiting on another replica's answer, by `<app>:<group>`.
+    waiters: Mutex<HashMap<String, Arc<Notify>>>,
+}
+
+impl Fleet {
+    pub fn new(config: &RedisConfig, up: IntGauge) -> Result<Self, redis::RedisError> {
+        Ok(Self {
+            client: redis::Client::open(config.url.as_str())?,
+            connection: Mutex::new(None),
+            scripts: Scripts::new(),
+            prefix: config.key_prefix.clone(),
+            me: format!("{:016x}", rand::random::<u64>()),
+            channel: format!("{}:fleet:stored", config.key_prefix),
+            down_until: Mutex::new(None),
+            up,
+            waiters: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The keys of one group: items, inflight, lease, wanted, group answer.
+    fn keys(&self, app: AppId, group: &GroupId) -> [String; 5] {
+        let base = group_key(&self.prefix, app, group);
+        ["items", "inflight", "lease", "wanted", "group"].map(|k| format!("{base}:{k}"))
+    }
+
+    /// Asks Redis about `misses` of `group` and claims what nobody fetches; `extra` are
+    /// this replica's cohort MsgSeqs, handed to the leading replica if another leads.
+    pub async fn claim(
+        &self,
+        app: AppId,
+        group: &GroupId,
+        misses: &[MsgSeq],
+        extra: &[MsgSeq],
+        lifetimes: Lifetimes,
+    ) -> Result<Claim, FleetError> {
+        let keys = self.keys(app, group);
+        let mut call = self.scripts.claim.prepare_invoke();
+        call.key(&keys[..]);
+        call.arg(&self.me).arg(ms(lifetimes.ttl)).arg(ms(lifetimes.negative_ttl)).arg(ms(lifetimes.claim));
+        call.arg(misses.len()).arg(misses.iter().map(|s| s.0).collect::<Vec<_>>());
+        call.arg(extra.iter().map(|s| s.0).collect::<Vec<_>>());
+        let reply: Vec<redis::Value> = self.run(|mut c| async move { call.invoke_async(&mut c).await }).await?;
+        decode_claim(&reply, misses, Instant::now()).ok_or(FleetError::Reply)
+    }
+
+    /// Just before the leader's call for `group` leaves with `seqs`: renews their claims
+    /// and takes up to `room` MsgSeqs other replicas wait for.
+    pub async fn take(
+        &self,
+        app: AppId,
+        group: &GroupId,
+        seqs: &[MsgSeq],
+        room: usize,
+        lifetimes: Lifetimes,
+    ) -> Result<Vec<MsgSeq>, FleetError> {
+        let keys = self.keys(app, group);
+        let mut call = self.scripts.take.prepare_invoke();
+        call.key(&keys[..4]);
+        call.arg(&self.me).arg(ms(lifetimes.ttl)).arg(ms(lifetimes.negative_ttl)).arg(ms(lifetimes.claim));
+        call.arg(room).arg(seqs.iter().map(|s| s.0).collect::<Vec<_>>());
+        let taken: Vec<u64> = self.run(|mut c| async move { call.invoke_async(&mut c).await }).await?;
+        Ok(taken.into_iter().map(MsgSeq).collect())
+    }
+
+    /// A call's outcome (`items` sorted, answered at `fetched_at`): stores the answers,
+    /// releases every claim of the call, and wakes the replicas waiting for the group.
+    pub async fn store(
+        &self,
+        app: AppId,
+        group: &GroupId,
+        items: &Items,
+        fetched_at: Instant,
+        lifetimes: Lifetimes,
+    ) -> Result<(), FleetError> {
+        let keys = self.keys(app, group);
+        let mut stored = Vec::new();
+        let mut released = Vec::new();
+        let mut group_answer = String::new();
+        for (seq, result) in items {
+            match result {
+                Ok(receipt) => stored.push((seq.0, encode(receipt))),
+                Err(Failure::Group { code, info })
+                    if matches!(*code, ErrorCode::GROUP_NOT_FOUND | ErrorCode::GROUP_INVALID) =>
+                {
+                    group_answer = format!("{code},{info}");
+                    released.push(seq.0);
+                }
+                Err(_) => released.push(seq.0),
+            }
+        }
+        let mut call = self.scripts.store.prepare_invoke();
+        call.key(&keys[..]);
+        call.arg(&self.me)
+            .arg(ms(fetched_at.elapsed()))
+            .arg(ms(lifetimes.ttl.max(lifetimes.negative_ttl) + lifetimes.stale));
+        call.arg(&self.channel).arg(waiter_key(app, group));
+        call.arg(group_answer).arg(ms(lifetimes.negative_ttl));
+        call.arg(stored.len());
+        for (seq, value) in &stored {
+            call.arg(seq).arg(value);
+        }
+        call.arg(released);
+        let _: i64 = self.run(|mut c| async move { call.invoke_async(&mut c).await }).await?;
+        Ok(())
+    }
+
+    /// Gives up this replica's claims on `seqs` (its caller was refused): other replicas
+    /// need not wait for them to expire.
+    pub async fn release(&self, app: AppId, group: &GroupId, seqs: &[MsgSeq], lifetimes: Lifetimes) {
+        let items: Items = seqs.iter().map(|&s| (s, Err(Failure::Expired))).collect();
+        if let Err(e) = self.store(app, group, &items, Instant::now(), lifetimes).await {
+            tracing::debug!(error = %e, "fleet: could not release claims");
+        }
+    }
+
+    /// Waits until another replica stores an answer for `group`, `retry_at` (a blocking
+    /// claim expires), [`POLL_EVERY`], or `deadline`, whichever comes first.
+    pub async fn wait(&self, app: AppId, group: &GroupId, retry_at: Option<Instant>, deadline: Instant) {
+        let key = waiter_key(app, group);
+        let notify = {
+            let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+            waiters.entry(key.clone()).or_default().clone()
+        };
+        let until = retry_at.map_or(deadline, |t| t.min(deadline)).min(Instant::now() + POLL_EVERY);
+        let _ = tokio::time::timeout_at(until, notify.notified()).await;
+        let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        // The map's own reference and ours: nobody else waits, so forget the group.
+        if waiters.get(&key).is_some_and(|n| Arc::strong_count(n) <= 2) {
+            waiters.remove(&key);
+        }
+    }
+
+    /// Wakes the requests waiting on `message` (`<app>:<group>`), from the subscription.
+    fn wake(&self, message: &str) {
+        let waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(notify) = waiters.get(message) {
+            notify.notify_waiters();
+        }
+    }
+
+    /// Listens for stored answers and wakes waiting requests, forever; reconnects after
+    /// a failure. Owned and aborted by the gateway's task set.
+    pub async fn subscribe(self: Arc<Self>) {
+        use futures_util::StreamExt;
+        loop {
+            match self.client.get_async_pubsub().await {
+                Ok(mut pubsub) => {
+                    if pubsub.subscribe(&self.channel).await.is_ok() {
+                        let mut messages = pubsub.on_message();
+                        while let Some(message) = messages.next().await {
+                            if let Ok(payload) = message.get_payload::<String>() {
+                                self.wake(&payload);
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "fleet: subscription failed"),
+            }
+            tokio::time::sleep(RETRY_AFTER_FAILURE).await;
+        }
+    }
+
+    /// Runs one script call on the shared connection, within [`CALL_TIMEOUT`], keeping
+    /// the up/down state.
+    async fn run<T, F, Fut>(&self, call: F) -> Result<T, FleetError>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        if self.down_until.lock().map(|d| d.is_some_and(|t| Instant::now() < t)).unwrap_or(false) {
+            return Err(FleetError::Down);
+        }
+        let attempt = async {
+            let connection = self.connection().await?;
+            call(connection).await
+        };
+        match tokio::time::timeout(CALL_TIMEOUT, attempt).await {
+            Err(_) => Err(FleetError::Timeout),
+            Ok(Ok(value)) => {
+                if self.up.get() == 0 {
+                    tracing::info!("fleet: redis answers; sharing items, fetches and batches");
+                }
+                self.up.set(1);
+                Ok(value)
+            }
+            Ok(Err(e)) => {
+                if self.up.get() == 1 || self.connection.lock().map(|c| c.is_none()).unwrap_or(true) {
+                    tracing::warn!(error = %e, "fleet: redis unreachable; replicas cache and batch on their own");
+                }
+                self.up.set(0);
+                if let Ok(mut d) = self.down_until.lock() {
+                    *d = Some(Instant::now() + RETRY_AFTER_FAILURE);
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn connection(&self) -> redis::RedisResult<ConnectionManager> {
+        if let Some(c) = self.connection.lock().ok().and_then(|c| c.clone()) {
+            return Ok(c);
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(250)))
+            .set_response_timeout(Some(Duration::from_millis(250)))
+            .set_number_of_retries(1);
+        let c = self.client.get_connection_manager_with_config(config).await?;
+        if let Ok(mut slot) = self.connection.lock() {
+            *slot = Some(c.clone());
+        }
+        Ok(c)
+    }
+}
+
+/// `<prefix>:{<app>:<group>}`: every key of a group shares the `{…}` hash tag, and so one
+/// Redis Cluster slot.
+pub fn group_key(prefix: &str, app: AppId, group: &GroupId) -> String {
+    format!("{prefix}:{{{app}:{group}}}")
+}
+
+/// The pub/sub message (and waiter key) of a group.
+fn waiter_key(app: AppId, group: &GroupId) -> String {
+    format!("{app}:{group}")
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis().min(u64::MAX as u128) as u64
+}
+
+/// `code,read,unread`, the counts empty when absent.
+fn encode(r: &Receipt) -> String {
+    let count = |c: Option<u64>| c.map(|n| n.to_string()).unwrap_or_default();
+    format!("{},{},{}", r.code, count(r.read), count(r.unread))
+}
+
+/// `fetched_ms,code,read,unread` → the receipt and its fetch time in Redis ms.
+fn decode(value: &str) -> Option<(u64, Receipt)> {
+    let mut parts = value.split(',');
+    let fetched = parts.next()?.parse().ok()?;
+    let code = ErrorCode(parts.next()?.parse().ok()?);
+    let count = |p: Option<&str>| -> Option<Option<u64>> {
+        match p? {
+            "" => Some(None),
+            n => n.parse().ok().map(Some),
+        }
+    };
+    let read = count(parts.next())?;
+    let unread = count(parts.next())?;
+    Some((fetched, Receipt { code, read, unread }))
+}
+
+fn text(v: &redis::Value) -> Option<String> {
+    redis::from_redis_value::<String>(v.clone()).ok()
+}
+
+fn int(v: &redis::Value) -> Option<u64> {
+    redis::from_redis_value::<u64>(v.clone()).ok()
+}
+
+/// Reads the claim script's reply (see `scripts::CLAIM`); Redis ms become instants
+/// relative to `now` (the reply's own time is Redis's now).
+pub fn decode_claim(reply: &[redis::Value], misses: &[MsgSeq], now: Instant) -> Option<Claim> {
+    let redis_now = int(reply.first()?)?;
+    let at = |ms: u64| now.checked_sub(Duration::from_millis(redis_now.saturating_sub(ms))).unwrap_or(now);
+    let answer = text(reply.get(1)?)?;
+    if !answer.is_empty() {
+        let mut parts = answer.splitn(3, ',');
+        let fetched = parts.next()?.parse().ok()?;
+        let code = ErrorCode(parts.next()?.parse().ok()?);
+        let info = parts.next().unwrap_or_default().to_owned();
+        return Some(Claim { group: Some((code, info, at(fetched))), ..Claim::default() });
+    }
+    let roles = text(reply.get(2 + misses.len())?)?;
+    let retry = int(reply.get(3 + misses.len())?)?;
+    let mut claim = Claim {
+        retry_at: (retry > 0).then(|| now + Duration::from_millis(retry.saturating_sub(redis_now))),
+        ..Claim::default()
+    };
+    for (i, (&seq, role)) in misses.iter().zip(roles.bytes()).enumerate() {
+        if let Some((fetched, receipt)) = text(reply.get(2 + i)?).as_deref().and_then(decode) {
+            claim.items.push((seq, SharedItem { receipt, fetched_at: at(fetched), fresh: role == b'f' }));
+        }
+        match role {
+            b'm' => claim.mine.push(seq),
+            b'w' => claim.wait.push(seq),
+            _ => {}
+        }
+    }
+    Some(claim)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn items_round_trip_with_and_without_counts() {
+        let full = Receipt { code: ErrorCode::OK, read: Some(3), unread: Some(4) };
+        let none = Receipt { code: ErrorCode::NO_RECEIPT, read: None, unread: None };
+        for r in [full, none] {
+            assert_eq!(decode(&format!("1700,{}", encode(&r))), Some((1700, r)));
+        }
+        assert_eq!(decode("x,0,1,2"), None);
+        assert_eq!(decode("1,0,1"), None);
+    }
+
+    #[test]
+    fn every_key_of_a_group_shares_one_hash_tag() {
+        let g = GroupId::parse("@TGS#2T{T}").unwrap();
+        let key = group_key("rg", AppId(7), &g);
+        assert_eq!(key, "rg:{7:@TGS#2T{T}}");
+        // Redis hashes what lies between the first { and the next }: the same for every key.
+        let tag = |k: &str| k[k.find('{').unwrap() + 1..].split('}').next().unwrap().to_owned();
+        assert_eq!(tag(&format!("{key}:items")), tag(&format!("{key}:lease")));
+    }
+
+    #[test]
+    fn a_claim_reply_is_read_into_items_roles_and_times() {
+        use redis::Value;
+        let now = Instant::now();
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let reply = [
+            Value::Int(10_000),
+            bulk(""),
+            bulk("9000,0,1,2"),
+            bulk(""),
+            bulk("2000,0,5,5"),
+            bulk("fmw"),
+            Value::Int(10_300),
+        ];
+        let seqs = [MsgSeq(1), MsgSeq(2), MsgSeq(3)];
+
+        let claim = decode_claim(&reply, &seqs, now).unwrap();
+
+        assert_eq!((claim.mine, claim.wait), (vec![MsgSeq(2)], vec![MsgSeq(3)]));
+        assert_eq!(claim.items.len(), 2);
+        assert_eq!(claim.items[0].1.fetched_at, now - Duration::from_millis(1000));
+        assert!(claim.items[0].1.fresh && !claim.items[1].1.fresh);
+        assert_eq!(claim.retry_at, Some(now + Duration::from_millis(300)));
+        let group = decode_claim(&[Value::Int(10_000), bulk("9500,10010,gone, really")], &seqs, now).unwrap();
+        assert_eq!(
+            group.group,
+            Some((ErrorCode::GROUP_NOT_FOUND, "gone, really".into(), now - Duration::from_millis(500)))
+        );
+    }
+}

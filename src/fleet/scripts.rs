@@ -1,0 +1,177 @@
+//! The fleet tier's Redis scripts and the encoding of what they store.
+//!
+//! Every script touches the keys of exactly one group, all named `<prefix>:{<app>:<group>}:…`
+//! so that they share one Redis Cluster hash slot (the `{…}` hash tag), and takes the time
+//! from Redis (`TIME`), so replicas need not agree on a clock: an item's age is Redis's
+//! now minus the Redis time it was fetched at, the same on every replica.
+//!
+//! Per group:
+//! - `items` — hash MsgSeq → `fetched_ms,code,read,unread` (counts empty when absent);
+//!   expires `ttl + stale` after its last write;
+//! - `inflight` — hash MsgSeq → `owner,expires_ms`: the replica fetching it, until when;
+//! - `lease` — the replica whose next call for the group takes the `wanted` set;
+//! - `wanted` — set of MsgSeqs other replicas wait for, taken by the lease holder's call;
+//! - `group` — a group-level answer (10010 / 10015): `fetched_ms,code,info`.
+
+use redis::Script;
+
+/// Looks up and claims one request's misses. KEYS: items, inflight, lease, wanted, group.
+/// ARGV: me, ttl_ms, negative_ttl_ms, lease_ms, n, then n requested MsgSeqs, then extra
+/// MsgSeqs (this replica's cohort, wanted only when another replica leads).
+/// Returns {now_ms, group_answer or "", items…, roles} where roles is one character per
+/// requested MsgSeq: `f` fresh in Redis, `m` claimed by me, `w` wait for another replica;
+/// then the earliest time (ms) a blocking claim or lease expires (0: none).
+pub const CLAIM: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local me, ttl, neg, lease_ms, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local answer = redis.call('GET', KEYS[5])
+if answer then return {now, answer} end
+local lease = redis.call('GET', KEYS[3])
+local other_leads = lease and lease ~= me
+local lease_end = 0
+if other_leads then lease_end = now + math.max(redis.call('PTTL', KEYS[3]), 0) end
+local function fresh(v)
+  if not v then return false end
+  local f, code = string.match(v, '^(%d+),(%-?%d+)')
+  local life = ttl
+  if code == '10062' then life = neg end
+  return now - tonumber(f) < life
+end
+local function holder(seq)
+  local v = redis.call('HGET', KEYS[2], seq)
+  if not v then return nil, 0 end
+  local owner, exp = string.match(v, '^(.*),(%d+)$')
+  exp = tonumber(exp)
+  if exp <= now then return nil, 0 end
+  return owner, exp
+end
+local out, roles, retry, claimed = {now, ''}, '', 0, false
+local function wait_until(at)
+  if retry == 0 or at < retry then retry = at end
+end
+for i = 1, n do
+  local seq = ARGV[5 + i]
+  local v = redis.call('HGET', KEYS[1], seq)
+  out[#out + 1] = v or ''
+  if fresh(v) then
+    roles = roles .. 'f'
+  else
+    local owner, exp = holder(seq)
+    if owner and owner ~= me then
+      roles = roles .. 'w'
+      wait_until(exp)
+    elseif other_leads and not owner then
+      redis.call('SADD', KEYS[4], seq)
+      roles = roles .. 'w'
+      wait_until(lease_end)
+    else
+      redis.call('HSET', KEYS[2], seq, me .. ',' .. (now + lease_ms))
+      roles = roles .. 'm'
+      claimed = true
+    end
+  end
+end
+if other_leads then
+  for i = 6 + n, #ARGV do
+    local seq = ARGV[i]
+    if not fresh(redis.call('HGET', KEYS[1], seq)) and not holder(seq) then redis.call('SADD', KEYS[4], seq) end
+  end
+  redis.call('PEXPIRE', KEYS[4], lease_ms * 4)
+end
+if claimed then
+  redis.call('SET', KEYS[3], me, 'PX', lease_ms)
+  redis.call('PEXPIRE', KEYS[2], lease_ms * 4)
+end
+out[#out + 1] = roles
+out[#out + 1] = retry
+return out
+"#;
+
+/// The lease holder's call is about to leave: takes up to `room` MsgSeqs other replicas
+/// wait for (not fresh, not in flight) and claims them with the call's own. KEYS: items,
+/// inflight, lease, wanted. ARGV: me, ttl_ms, negative_ttl_ms, lease_ms, room, then the
+/// call's own MsgSeqs (their claims are renewed). Returns the MsgSeqs taken.
+pub const TAKE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local me, ttl, neg, lease_ms, room = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local claim = me .. ',' .. (now + lease_ms)
+for i = 6, #ARGV do redis.call('HSET', KEYS[2], ARGV[i], claim) end
+local taken = {}
+if room > 0 then
+  for _, seq in ipairs(redis.call('SMEMBERS', KEYS[4])) do
+    if #taken >= room then break end
+    redis.call('SREM', KEYS[4], seq)
+    local v = redis.call('HGET', KEYS[1], seq)
+    local is_fresh = false
+    if v then
+      local f, code = string.match(v, '^(%d+),(%-?%d+)')
+      local life = ttl
+      if code == '10062' then life = neg end
+      is_fresh = now - tonumber(f) < life
+    end
+    local held = redis.call('HGET', KEYS[2], seq)
+    local busy = false
+    if held then busy = tonumber(string.match(held, ',(%d+)$')) > now end
+    if not is_fresh and not busy then
+      redis.call('HSET', KEYS[2], seq, claim)
+      taken[#taken + 1] = seq
+    end
+  end
+end
+local lease = redis.call('GET', KEYS[3])
+if not lease or lease == me then redis.call('SET', KEYS[3], me, 'PX', lease_ms) end
+redis.call('PEXPIRE', KEYS[2], lease_ms * 4)
+return taken
+"#;
+
+/// A call's answer: stores its items, releases its claims (answered or not), drops the
+/// lease if this replica holds it, and tells every replica. KEYS: items, inflight, lease,
+/// wanted, group. ARGV: me, age_ms (how long ago the answer arrived), keep_ms, channel,
+/// message, group answer (`code,info` or ""), group_ttl_ms, n stored, then n pairs of
+/// MsgSeq and `code,read,unread`, then MsgSeqs only released.
+pub const STORE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local me, age, keep, channel, message = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5]
+local fetched = now - age
+if ARGV[6] ~= '' and tonumber(ARGV[7]) > 0 then
+  redis.call('SET', KEYS[5], fetched .. ',' .. ARGV[6], 'PX', ARGV[7])
+end
+local n = tonumber(ARGV[8])
+local function release(seq)
+  local held = redis.call('HGET', KEYS[2], seq)
+  if held and string.match(held, '^(.*),%d+$') == me then redis.call('HDEL', KEYS[2], seq) end
+  redis.call('SREM', KEYS[4], seq)
+end
+for i = 0, n - 1 do
+  local seq = ARGV[9 + 2 * i]
+  redis.call('HSET', KEYS[1], seq, fetched .. ',' .. ARGV[10 + 2 * i])
+  release(seq)
+end
+for i = 9 + 2 * n, #ARGV do release(ARGV[i]) end
+if n > 0 then redis.call('PEXPIRE', KEYS[1], keep) end
+if redis.call('GET', KEYS[3]) == me then redis.call('DEL', KEYS[3]) end
+redis.call('PUBLISH', channel, message)
+return n
+"#;
+
+/// The three scripts, hashed once; sent by SHA and reloaded by the crate on NOSCRIPT.
+pub struct Scripts {
+    pub claim: Script,
+    pub take: Script,
+    pub store: Script,
+}
+
+impl Scripts {
+    pub fn new() -> Self {
+        Self { claim: Script::new(CLAIM), take: Script::new(TAKE), store: Script::new(STORE) }
+    }
+}
+
+impl Default for Scripts {
+    fn default() -> Self {
+        Self::new()
+    }
+}

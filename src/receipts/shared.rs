@@ -1,0 +1,122 @@
+//! A request's round through the fleet tier (SPEC 5.6): what the local cache missed is
+//! looked up in Redis once per round for the whole group; found items are served and
+//! copied into the local cache; the rest is split into what this replica fetches (through
+//! the local engine, as a lone replica would) and what it waits for another replica to
+//! fetch. When Redis cannot answer in time, everything is fetched here.
+
+use std::sync::Arc;
+
+use tokio::time::Instant;
+
+use super::{Answer, Query, Slot, XCache, acceptable};
+use crate::api::ReceiptResponse;
+use crate::app::{AppRuntime, SharedTier};
+use crate::cache::{Cached, GroupAnswer, Page};
+use crate::domain::{GroupId, MsgSeq};
+use crate::metrics::Source;
+
+/// What one round decided.
+pub(super) enum Round {
+    /// Another replica cached Tencent's answer about the whole group.
+    Group(Answer),
+    Split {
+        /// Fetch these here.
+        local: Vec<MsgSeq>,
+        /// Wait for another replica's call for these.
+        wait: Elsewhere,
+        /// The group's local page, if the round filled it.
+        page: Option<Arc<Page>>,
+    },
+}
+
+/// MsgSeqs another replica is fetching, and when its claim on them runs out at the latest.
+#[derive(Default)]
+pub(super) struct Elsewhere {
+    pub seqs: Vec<MsgSeq>,
+    pub retry_at: Option<Instant>,
+}
+
+/// Asks Redis about `misses` (the request's open slots) and serves what it holds.
+pub(super) async fn round(
+    app: &AppRuntime,
+    tier: &SharedTier,
+    q: &Query,
+    slots: &mut [Slot],
+    misses: &[MsgSeq],
+    round: usize,
+) -> Round {
+    let extra = if round == 0 { cohort(app, tier, &q.group).await } else { Vec::new() };
+    let claim = match tier.fleet.claim(app.id, &q.group, misses, &extra, tier.lifetimes).await {
+        Ok(claim) => claim,
+        Err(e) => {
+            tracing::debug!(error = %e, "fleet tier skipped for this request");
+            tier.counters.miss.inc_by(misses.len() as u64);
+            return Round::Split { local: misses.to_vec(), wait: Elsewhere::default(), page: None };
+        }
+    };
+    if let Some((code, info, fetched_at)) = claim.group {
+        app.cache.insert_group_answer(app.id, &q.group, GroupAnswer { code, info: info.clone(), fetched_at }).await;
+        tier.counters.shared_hit.inc_by(misses.len() as u64);
+        app.metrics.count_items(Source::Hit, q.seqs.len() as u64);
+        let age = fetched_at.elapsed().as_secs();
+        return Round::Group(Answer { body: ReceiptResponse::fail(code, info), x_cache: XCache::Hit, age });
+    }
+    let page = if claim.items.is_empty() {
+        None
+    } else {
+        let items = claim.items.iter().map(|(seq, item)| (*seq, item.receipt, item.fetched_at));
+        Some(app.cache.insert_each(app.id, &q.group, items).await)
+    };
+    let now = Instant::now();
+    let mut served = Vec::new();
+    for (seq, item) in &claim.items {
+        let Ok(i) = slots.binary_search_by_key(seq, |s| s.seq) else { continue };
+        let fresh_for = if item.receipt.is_negative() { tier.lifetimes.negative_ttl } else { tier.lifetimes.ttl };
+        let cached =
+            Cached { receipt: item.receipt, fetched_at: item.fetched_at, fresh_until: item.fetched_at + fresh_for };
+        let slot = &mut slots[i];
+        if acceptable(&cached, q.freshness, now) {
+            let source = if round == 0 { Source::Hit } else { Source::Coalesced };
+            slot.served = Some((cached.receipt, cached.fetched_at, source));
+            served.push(*seq);
+        } else if slot.stale.is_none_or(|old| old.fetched_at < cached.fetched_at) {
+            slot.stale = Some(cached);
+        }
+    }
+    if let Some(page) = &page {
+        // Read here: part of the group's cohort on this replica too.
+        page.read(&served, now);
+    }
+    let counter = if round == 0 { &tier.counters.shared_hit } else { &tier.counters.shared_wait };
+    counter.inc_by(served.len() as u64);
+    // `max-age` may accept an item Redis thought due, and claimed: not fetched after all.
+    let (local, needless): (Vec<MsgSeq>, Vec<MsgSeq>) = claim.mine.into_iter().partition(|s| !served.contains(s));
+    give_up(app, &q.group, &needless);
+    tier.counters.miss.inc_by(local.len() as u64);
+    Round::Split { local, wait: Elsewhere { seqs: claim.wait, retry_at: claim.retry_at }, page }
+}
+
+/// This replica's cohort of the group (read lately, due within half a TTL): handed to the
+/// replica that leads the group, if another does, so it rides in that call.
+async fn cohort(app: &AppRuntime, tier: &SharedTier, group: &GroupId) -> Vec<MsgSeq> {
+    let Some(page) = app.cache.page(app.id, group).await else { return Vec::new() };
+    let now = Instant::now();
+    let memory = app.engine.policy().cohort_memory();
+    page.due_for_refresh(now, now + tier.lifetimes.ttl / 2, memory, app.engine.policy().max_seqs, |_| true)
+}
+
+/// Waits for another replica's call for `elsewhere` (never past the deadline).
+pub(super) async fn wait(app: &AppRuntime, tier: Option<&SharedTier>, q: &Query, elsewhere: &Elsewhere) {
+    if let Some(tier) = tier.filter(|_| !elsewhere.seqs.is_empty()) {
+        tier.fleet.wait(app.id, &q.group, elsewhere.retry_at, q.deadline).await;
+    }
+}
+
+/// Gives up this replica's claims on `seqs` in the background, so other replicas need
+/// not wait for them to expire (its caller was refused, or did not need them).
+pub(super) fn give_up(app: &AppRuntime, group: &GroupId, seqs: &[MsgSeq]) {
+    let Some(tier) = app.fleet.as_ref().filter(|_| !seqs.is_empty()) else { return };
+    let (fleet, id, group, seqs, lifetimes) =
+        (tier.fleet.clone(), app.id, group.clone(), seqs.to_vec(), tier.lifetimes);
+    tokio::spawn(async move { fleet.release(id, &group, &seqs, lifetimes).await });
+}

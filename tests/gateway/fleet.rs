@@ -1,0 +1,398 @@
+//! The fleet (SPEC 5.6): gateway *processes* (the release of `cargo test`'s build of the
+//! binary) on one real `redis-server` and one simulator behave as one gateway. Savings
+//! are proven by counting the simulator's calls.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use receipt_gateway::domain::AppId;
+use receipt_gateway::simulator::{SimApp, SimOptions, SimServer, Simulator};
+use receipt_gateway::usersig::SecretKey;
+use serde_json::Value;
+use tokio::time::Instant;
+
+use crate::redis::RedisServer;
+use crate::support::{APP, RECEIPT, Reply, body, until, within};
+
+const KEY: &str = "fleet-test-key";
+
+/// One gateway process, killed (SIGKILL) on drop.
+pub struct Replica {
+    child: Child,
+    pub url: String,
+    pub admin: String,
+}
+
+impl Replica {
+    /// Starts the gateway binary with `sections` in front of the simulator at `sim_url`,
+    /// on port 0, and waits until it says where it listens.
+    pub fn start(dir: &Path, name: &str, sim_url: &str, sections: &str) -> Replica {
+        std::fs::create_dir_all(dir).unwrap();
+        let config = dir.join(format!("{name}.toml"));
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{sections}\n\
+             [[apps]]\nsdkappid = {APP}\nregion = \"singapore\"\nidentifier = \"administrator\"\n\
+             secret_key_env = \"FLEET_TEST_KEY\"\nendpoint = \"{sim_url}\"\n"
+        );
+        std::fs::write(&config, text).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_receipt-gateway"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("FLEET_TEST_KEY", KEY)
+            .env("RECEIPT_GATEWAY_LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the gateway binary starts");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Drains stdout for the process's whole life (a full pipe would block it).
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line)
+                    && v["message"] == "serving"
+                {
+                    let _ = tx.send((v["listen"].as_str().map(str::to_owned), v["admin"].as_str().map(str::to_owned)));
+                }
+            }
+        });
+        let (listen, admin) = rx.recv_timeout(Duration::from_secs(20)).expect("the gateway says where it listens");
+        Replica {
+            child,
+            url: format!("http://{}", listen.expect("listen address")),
+            admin: format!("http://{}", admin.expect("admin address")),
+        }
+    }
+
+    /// SIGKILL: no draining, no cleanup, claims left behind.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A simulator serving the test app, and a client for the replicas.
+pub struct Fixture {
+    pub sim: Simulator,
+    pub sim_url: String,
+    _server: SimServer,
+    pub client: Client<HttpConnector, Full<Bytes>>,
+    pub dir: PathBuf,
+}
+
+impl Fixture {
+    pub async fn new(name: &str, limit: u32) -> Fixture {
+        let app = SimApp { app: AppId(APP), identifier: "administrator".into(), key: SecretKey::new(KEY) };
+        let options = SimOptions { apps: vec![app], limit_per_second: limit, max_seqs: 50 };
+        let (sim, sim_url, server) = Simulator::spawn(options).await.expect("simulator starts");
+        let dir = std::env::temp_dir().join(format!("receipt-gateway-fleet-{}-{name}", std::process::id()));
+        let client = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(256).build_http();
+        Fixture { sim, sim_url, _server: server, client, dir }
+    }
+
+    /// A replica sharing `redis` (fleet and budget), with `extra` sections.
+    pub fn replica(&self, name: &str, redis: &RedisServer, extra: &str) -> Replica {
+        Replica::start(&self.dir, name, &self.sim_url, &fleet_sections(redis, extra))
+    }
+
+    pub async fn post(&self, replica: &Replica, body: &str, headers: &[(&str, &str)]) -> Reply {
+        post(&self.client, &replica.url, body, headers).await
+    }
+}
+
+pub async fn post(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    url: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> Reply {
+    let mut builder = Request::post(format!("{url}{RECEIPT}"));
+    for (k, v) in headers {
+        builder = builder.header(*k, *v);
+    }
+    let request = builder.body(Full::new(Bytes::from(body.to_owned()))).unwrap();
+    within(async {
+        let response = client.request(request).await.expect("the replica answers");
+        let (status, headers) = (response.status(), response.headers().clone());
+        let bytes = response.into_body().collect().await.expect("body").to_bytes();
+        Reply { status, headers, body: serde_json::from_slice(&bytes).unwrap_or(Value::Null) }
+    })
+    .await
+}
+
+/// One sample of a replica's metrics, e.g. `receipt_gateway_inflight_requests`.
+pub async fn metric(client: &Client<HttpConnector, Full<Bytes>>, replica: &Replica, sample: &str) -> f64 {
+    let request = Request::get(format!("{}/metrics", replica.admin)).body(Full::new(Bytes::new())).unwrap();
+    let text = within(async {
+        let response = client.request(request).await.expect("admin answers");
+        response.into_body().collect().await.expect("body").to_bytes()
+    })
+    .await;
+    String::from_utf8_lossy(&text)
+        .lines()
+        .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
+/// Waits, within the support's bound, until `sample` on `replica` reads `value`.
+async fn until_metric(f: &Fixture, replica: &Replica, sample: &str, value: f64) {
+    within(async {
+        while metric(&f.client, replica, sample).await != value {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
+const SHARED_HIT: &str = "receipt_gateway_fleet_items_total{app=\"1400000000\",source=\"shared_hit\"}";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_item_asked_of_three_replicas_at_once_costs_exactly_one_call() {
+    let f = Fixture::new("once", 200).await;
+    let redis = RedisServer::start(&f.dir.join("redis")).await;
+    let replicas: Vec<Replica> = ["a", "b", "c"].iter().map(|n| f.replica(n, &redis, "")).collect();
+    f.sim.hold_calls();
+
+    let once = body("g-once", &[7]);
+    let asks = replicas.iter().map(|r| f.post(r, &once, &[("x-request-timeout-ms", "10000")]));
+    let release = async {
+        until(|| f.sim.held_calls() == 1).await;
+        for r in &replicas {
+            until_metric(&f, r, "receipt_gateway_inflight_requests", 1.0).await;
+        }
+        f.sim.release_calls();
+    };
+    let (replies, ()) = tokio::join!(futures_util::future::join_all(asks), release);
+
+    for reply in &replies {
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        assert_eq!(reply.items(), replies[0].items());
+    }
+    assert_eq!(f.sim.call_count(), 1, "{:?}", f.sim.calls());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_started_into_a_warm_fleet_answers_from_shared_items_without_a_call() {
+    let f = Fixture::new("warm", 200).await;
+    let redis = RedisServer::start(&f.dir.join("redis")).await;
+    let first = f.replica("first", &redis, "[cache]\nttl_ms = 60000\n");
+    for g in 0..5 {
+        let reply = f.post(&first, &body(&format!("g-warm-{g}"), &[1, 2, 3]), &[]).await;
+        assert_eq!(reply.status, StatusCode::OK);
+    }
+    let calls = f.sim.call_count();
+
+    let late = f.replica("late", &redis, "[cache]\nttl_ms = 60000\n");
+    let mut replies = Vec::new();
+    for g in 0..5 {
+        replies.push(f.post(&late, &body(&format!("g-warm-{g}"), &[3, 1]), &[]).await);
+    }
+
+    for reply in &replies {
+        assert_eq!((reply.status, reply.header("x-cache")), (StatusCode::OK, Some("HIT")), "{reply:?}");
+    }
+    assert_eq!(f.sim.call_count(), calls, "no upstream call for the new replica");
+    assert_eq!(metric(&f.client, &late, SHARED_HIT).await, 10.0);
+    // And now from its own memory: no more shared hits.
+    f.post(&late, &body("g-warm-0", &[1]), &[]).await;
+    assert_eq!(metric(&f.client, &late, SHARED_HIT).await, 10.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_while_fetching_delays_its_group_by_at_most_the_upstream_timeout() {
+    let f = Fixture::new("kill", 200).await;
+    let redis = RedisServer::start(&f.dir.join("redis")).await;
+    let timeout = Duration::from_millis(1000);
+    let sections = "[upstream]\ntimeout_ms = 1000\nmax_retries = 0\n";
+    let mut doomed = Replica::start(&f.dir, "doomed", &f.sim_url, &fleet_sections(&redis, sections));
+    let survivor = f.replica("survivor", &redis, sections);
+    f.sim.hold_calls();
+    let client = f.client.clone();
+    let url = doomed.url.clone();
+    let abandoned = tokio::spawn(async move {
+        let request =
+            Request::post(format!("{url}{RECEIPT}")).body(Full::new(Bytes::from(body("g-kill", &[4])))).unwrap();
+        let _ = client.request(request).await;
+    });
+    until(|| f.sim.held_calls() == 1).await;
+
+    doomed.kill();
+    f.sim.release_calls();
+    let started = Instant::now();
+    let reply = f.post(&survivor, &body("g-kill", &[4]), &[("x-request-timeout-ms", "5000")]).await;
+
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert!(started.elapsed() < timeout + Duration::from_millis(500), "served after {:?}", started.elapsed());
+    assert_eq!(f.sim.call_count(), 2, "the dead replica's call and the survivor's own");
+    abandoned.abort();
+}
+
+fn fleet_sections(redis: &RedisServer, extra: &str) -> String {
+    format!(
+        "{extra}\n[fleet]\nbackend = \"redis\"\n[budget]\nbackend = \"redis\"\n[redis]\nurl = \"{}\"\nkey_prefix = \"fleet-{}\"\n",
+        redis.url(),
+        std::process::id()
+    )
+}
+
+/// Requests at `rate` per second for `duration`, round-robin over `replicas`, for
+/// `groups` groups, 5 of the latest 50 MsgSeqs each (deterministically spread); the
+/// replies' statuses.
+async fn load(
+    f: &Fixture,
+    replicas: &[&Replica],
+    tag: &str,
+    groups: usize,
+    rate: u32,
+    duration: Duration,
+) -> Vec<StatusCode> {
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
+    let end = Instant::now() + duration;
+    let mut tasks = Vec::new();
+    let mut i = 0usize;
+    while Instant::now() < end {
+        tick.tick().await;
+        let replica = replicas[i % replicas.len()];
+        let group = format!("g-{tag}-{}", (i * 7) % groups);
+        let seqs: Vec<u64> = (0..5).map(|k| 1 + ((i * 13 + k * 11) % 50) as u64).collect();
+        let (client, url) = (f.client.clone(), replica.url.clone());
+        tasks.push(tokio::spawn(async move {
+            post(&client, &url, &body(&group, &seqs), &[("x-request-timeout-ms", "1000")]).await.status
+        }));
+        i += 1;
+    }
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(within(t).await.unwrap());
+    }
+    statuses
+}
+
+/// Upstream calls the simulator recorded in the last `window` (the steady state).
+fn calls_in_last(sim: &Simulator, window: Duration) -> usize {
+    let since = Instant::now() - window;
+    sim.calls().iter().filter(|c| c.at >= since).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_cost_what_one_does_in_the_steady_state() {
+    let f = Fixture::new("steady", 200).await;
+    let redis = RedisServer::start(&f.dir.join("redis")).await;
+    let single = Replica::start(&f.dir, "single", &f.sim_url, "");
+    let fleet: Vec<Replica> = ["a", "b", "c"].iter().map(|n| f.replica(n, &redis, "")).collect();
+    let (rate, run, steady) = (150, Duration::from_secs(5), Duration::from_secs(3));
+
+    let alone = load(&f, &[&single], "alone", 20, rate, run).await;
+    let single_calls = calls_in_last(&f.sim, steady);
+    let shared = load(&f, &fleet.iter().collect::<Vec<_>>(), "fleet", 20, rate, run).await;
+    let fleet_calls = calls_in_last(&f.sim, steady);
+
+    assert!(alone.iter().chain(&shared).all(|s| *s == StatusCode::OK));
+    // One call per group per TTL (1 s) for 20 groups: about 60 in three seconds.
+    assert!(single_calls > 0);
+    let ratio = fleet_calls as f64 / single_calls as f64;
+    assert!(ratio <= 1.25, "fleet {fleet_calls} calls vs single {single_calls} in the steady state ({ratio:.2}x)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_the_limit_three_replicas_answer_about_as_many_as_one_and_keep_the_budget() {
+    // Each setup has a simulator of its own: one setup's leftovers (background batches)
+    // must not spend the other's Tencent limit.
+    let (alone_sim, fleet_sim) = (Fixture::new("over-single", 20).await, Fixture::new("over-fleet", 20).await);
+    let redis = RedisServer::start(&fleet_sim.dir.join("redis")).await;
+    let single = Replica::start(&alone_sim.dir, "single", &alone_sim.sim_url, "[budget]\nper_second = 20\n");
+    let sections =
+        fleet_sections(&redis, "").replace("[budget]\n", "[budget]\nper_second = 20\nfallback_per_second = 5\n");
+    let fleet: Vec<Replica> =
+        ["a", "b", "c"].iter().map(|n| Replica::start(&fleet_sim.dir, n, &fleet_sim.sim_url, &sections)).collect();
+    let run = Duration::from_secs(4);
+
+    let (lone, replicas) = ([&single], fleet.iter().collect::<Vec<_>>());
+    let (alone, shared) = tokio::join!(
+        load(&alone_sim, &lone, "over", 300, 100, run),
+        load(&fleet_sim, &replicas, "over", 300, 100, run)
+    );
+
+    let ok = |s: &[StatusCode]| s.iter().filter(|s| **s == StatusCode::OK).count() as f64 / s.len() as f64;
+    let count = |s: &[StatusCode]| {
+        let mut by = std::collections::BTreeMap::new();
+        for status in s {
+            *by.entry(status.as_u16()).or_insert(0) += 1;
+        }
+        by
+    };
+    let fine = |s: &StatusCode| *s == StatusCode::OK || *s == StatusCode::TOO_MANY_REQUESTS;
+    assert!(shared.iter().all(fine), "no 504: fleet {:?}, single {:?}", count(&shared), count(&alone));
+    assert!(ok(&shared) >= 0.9 * ok(&alone), "fleet {:?} vs single {:?}", count(&shared), count(&alone));
+    assert!(fleet_sim.sim.max_arrivals_in_any_window(Duration::from_secs(1)) <= 20);
+    assert_eq!(fleet_sim.sim.count_code(receipt_gateway::code::ErrorCode::RATE_LIMITED), 0);
+}
+
+const FLEET_UP: &str = "receipt_gateway_fleet_backend_up";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_stopped_every_request_is_answered_on_the_fallback_and_the_fleet_rejoins() {
+    let f = Fixture::new("outage", 200).await;
+    let dir = f.dir.join("redis");
+    let redis = RedisServer::start(&dir).await;
+    let sections = fleet_sections(&redis, "").replace("[budget]\n", "[budget]\nfallback_per_second = 10\n");
+    let fleet: Vec<Replica> =
+        ["a", "b", "c"].iter().map(|n| Replica::start(&f.dir, n, &f.sim_url, &sections)).collect();
+    let all: Vec<&Replica> = fleet.iter().collect();
+    load(&f, &all, "outage", 20, 100, Duration::from_secs(1)).await;
+
+    drop(redis);
+    f.sim.reset_calls();
+    let during = load(&f, &all, "outage", 20, 100, Duration::from_secs(3)).await;
+    let peak = f.sim.max_arrivals_in_any_window(Duration::from_secs(1));
+    let up_during = metric(&f.client, &fleet[0], FLEET_UP).await;
+    let redis = RedisServer::start(&dir).await;
+    // Traffic brings a replica back to Redis a second after its last failure.
+    within(async {
+        let mut i = 0;
+        while metric(&f.client, &fleet[0], FLEET_UP).await != 1.0 {
+            f.post(&fleet[0], &body(&format!("g-probe-{i}"), &[1]), &[]).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            i += 1;
+        }
+    })
+    .await;
+    let shared_before = metric(&f.client, &fleet[1], SHARED_HIT).await;
+    let reply = within(async {
+        for i in 0.. {
+            // What one replica fetched, another finds in Redis again (once it stopped
+            // skipping Redis, up to a second after its last failure).
+            let group = format!("g-after-{i}");
+            f.post(&fleet[0], &body(&group, &[1, 2]), &[]).await;
+            let reply = f.post(&fleet[1], &body(&group, &[1, 2]), &[]).await;
+            if metric(&f.client, &fleet[1], SHARED_HIT).await > shared_before {
+                return reply;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        unreachable!("the loop only ends by returning")
+    })
+    .await;
+    drop(redis);
+
+    let answered = |s: &StatusCode| *s == StatusCode::OK || *s == StatusCode::TOO_MANY_REQUESTS;
+    assert!(during.iter().all(answered), "every request answered during the outage");
+    assert!(peak <= 30, "{peak} calls in a second on 3 replicas with a fallback of 10");
+    assert_eq!(up_during, 0.0);
+    assert_eq!(reply.status, StatusCode::OK);
+}
