@@ -7,7 +7,8 @@
 //!
 //! Per group:
 //! - `items` — hash MsgSeq → `fetched_ms,code,read,unread` (counts empty when absent);
-//!   expires `ttl + stale` after its last write;
+//!   expires `ttl + stale` after its last write, and past 256 items a write drops those
+//!   past their stale window;
 //! - `inflight` — hash MsgSeq → `owner,expires_ms`: the replica fetching it, until when;
 //! - `lease` — the replica whose next call for the group takes the `wanted` set;
 //! - `wanted` — set of MsgSeqs other replicas wait for, taken by the lease holder's call;
@@ -132,6 +133,7 @@ return taken
 /// message, group answer (`code,info` or ""), group_ttl_ms, n stored, then n pairs of
 /// MsgSeq and `code,read,unread`, then MsgSeqs only released.
 pub const STORE: &str = r#"
+local PRUNE_ABOVE = 256
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local me, age, keep, channel, message = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5]
@@ -151,7 +153,18 @@ for i = 0, n - 1 do
   release(seq)
 end
 for i = 9 + 2 * n, #ARGV do release(ARGV[i]) end
-if n > 0 then redis.call('PEXPIRE', KEYS[1], keep) end
+if n > 0 then
+  redis.call('PEXPIRE', KEYS[1], keep)
+  -- A busy group's hash would keep every MsgSeq it was ever asked for: past PRUNE_ABOVE
+  -- items, drop those older than their stale window.
+  if redis.call('HLEN', KEYS[1]) > PRUNE_ABOVE then
+    local all = redis.call('HGETALL', KEYS[1])
+    for i = 1, #all, 2 do
+      local f = tonumber(string.match(all[i + 1], '^(%d+),'))
+      if not f or now - f > keep then redis.call('HDEL', KEYS[1], all[i]) end
+    end
+  end
+end
 if redis.call('GET', KEYS[3]) == me then redis.call('DEL', KEYS[3]) end
 redis.call('PUBLISH', channel, message)
 return n

@@ -396,3 +396,31 @@ async fn with_redis_stopped_every_request_is_answered_on_the_fallback_and_the_fl
     assert_eq!(up_during, 0.0);
     assert_eq!(reply.status, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn a_large_groups_items_past_their_stale_window_are_pruned_when_it_is_written() {
+    let dir = std::env::temp_dir().join(format!("receipt-gateway-fleet-{}-prune", std::process::id()));
+    let redis = RedisServer::start(&dir).await;
+    let mut conn = within(redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection()).await.unwrap();
+    let scripts = receipt_gateway::fleet::Scripts::new();
+    let base =
+        receipt_gateway::fleet::group_key("prune", AppId(APP), &receipt_gateway::domain::GroupId::parse("g").unwrap());
+    let keys: Vec<String> =
+        ["items", "inflight", "lease", "wanted", "group"].iter().map(|k| format!("{base}:{k}")).collect();
+    let store = |age_ms: u64, seqs: std::ops::Range<u64>| {
+        let mut call = scripts.store.prepare_invoke();
+        call.key(&keys[..]).arg("me").arg(age_ms).arg(61_000).arg("prune:fleet:stored").arg("m").arg("").arg(1000);
+        call.arg(seqs.end - seqs.start);
+        for seq in seqs {
+            call.arg(seq).arg("0,1,2");
+        }
+        call
+    };
+
+    let _: i64 = within(store(100_000, 0..200).invoke_async(&mut conn)).await.unwrap();
+    let before: usize = within(redis::cmd("HLEN").arg(&keys[0]).query_async(&mut conn)).await.unwrap();
+    let _: i64 = within(store(0, 200..300).invoke_async(&mut conn)).await.unwrap();
+    let after: usize = within(redis::cmd("HLEN").arg(&keys[0]).query_async(&mut conn)).await.unwrap();
+
+    assert_eq!((before, after), (200, 100), "past 256 items, the 200 past their stale window go");
+}
