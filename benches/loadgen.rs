@@ -17,6 +17,13 @@
 //! - from the gateway: the hit/coalesced/fetched/stale/failed shares of served items
 //!   (`/metrics`, counted over the measured interval) and its resident memory (`/proc`).
 //!
+//! With `--replicas N` (N > 1) the benchmark also starts a private `redis-server` on a Unix
+//! socket, and each scenario that takes replicas (under, over, cold, custom) runs twice:
+//! against one gateway as above, then against N gateways sharing that Redis
+//! (`budget.backend` and `fleet.backend` = "redis"), requests round-robin over them; the two
+//! are printed side by side and each gets its verdict. The `cold` scenario measures the
+//! upstream calls of the first second from an empty cache.
+//!
 //! The `warm` scenario also runs a trivial hyper server (this binary again, in its own
 //! process) that answers a fixed body of the gateway's answer size: the speed-of-light
 //! baseline under the same load. Each scenario ends with a verdict against issue 3's
@@ -24,6 +31,7 @@
 //! when the benchmark could not be set up).
 //!
 //! Run: `cargo build --release --bins && target/release/receipt-loadgen --scenario all`
+//! (a fleet of three: `... --scenario all --replicas 3`)
 
 #![forbid(unsafe_code)]
 
@@ -41,6 +49,8 @@ mod gateway;
 mod mix;
 #[path = "loadgen/record.rs"]
 mod record;
+#[path = "loadgen/redis_server.rs"]
+mod redis_server;
 #[path = "loadgen/scenarios.rs"]
 mod scenarios;
 #[path = "loadgen/upstream.rs"]

@@ -16,9 +16,19 @@ use crate::Result;
              in-process Tencent simulator and reports throughput, latency, upstream calls and memory"
 )]
 pub struct Args {
-    /// Which scenario to run; `all` runs warm, under, over and memory in sequence.
+    /// Which scenario to run; `all` runs warm, under, over and memory in sequence (with
+    /// `--replicas` above 1: under, over and cold).
     #[arg(long, value_enum, default_value_t = ScenarioName::All)]
     pub scenario: ScenarioName,
+    /// Gateways in the fleet. Above 1, every scenario runs twice: one gateway as usual, then
+    /// this many sharing a private `redis-server` (`budget.backend` and `fleet.backend` =
+    /// "redis"), requests spread round-robin over them; the two are reported side by side.
+    /// (`warm` and `memory` measure one gateway and take no replicas.)
+    #[arg(long, default_value_t = 1)]
+    pub replicas: usize,
+    /// The `redis-server` binary the fleet shares (with `--replicas` above 1).
+    #[arg(long, default_value = "redis-server")]
+    pub redis_server: PathBuf,
     /// The gateway binary [default: `receipt-gateway` next to this binary].
     #[arg(long)]
     pub gateway_bin: Option<PathBuf>,
@@ -105,8 +115,18 @@ pub enum ScenarioName {
     Over,
     /// 1,000,000 cached items: resident memory.
     Memory,
+    /// 600 req/s over 20 groups from an empty cache: upstream calls in the first second.
+    Cold,
     /// The mix given by the flags (defaults as `under`), reported without a verdict.
     Custom,
+}
+
+impl ScenarioName {
+    /// Whether the scenario can run against a fleet: `warm` compares one gateway with the
+    /// baseline and `memory` reads one gateway's resident set.
+    pub fn takes_replicas(self) -> bool {
+        !matches!(self, ScenarioName::Warm | ScenarioName::Memory)
+    }
 }
 
 impl ScenarioName {
@@ -117,6 +137,7 @@ impl ScenarioName {
             ScenarioName::Under => "under",
             ScenarioName::Over => "over",
             ScenarioName::Memory => "memory",
+            ScenarioName::Cold => "cold",
             ScenarioName::Custom => "custom",
         }
     }
@@ -186,6 +207,9 @@ impl Defaults {
                 sim_limit: 20_000,
                 ..BASE
             },
+            // No warm-up: what an empty cache costs is the measurement. One second is what
+            // the verdict looks at; a longer `--duration` is reported too.
+            ScenarioName::Cold => Defaults { groups: 20, rate: 600.0, warmup_s: 0.0, duration_s: 1.0, ..BASE },
             ScenarioName::All | ScenarioName::Under | ScenarioName::Custom => BASE,
         }
     }

@@ -1,5 +1,6 @@
 //! The HTTP side of the load: one pooled hyper-util client (HTTP/1.1 keep-alive), a
-//! [`Target`] that knows where to send a receipt query, and what came back ([`Outcome`]).
+//! [`Target`] that knows where to send a receipt query ([`Targets`] when a fleet of
+//! gateways shares the load, round-robin), and what came back ([`Outcome`]).
 //! Every request is bounded by the caller's deadline plus one second, so nothing hangs the
 //! benchmark: a request that runs out of that is reported as hung.
 
@@ -45,6 +46,44 @@ pub struct Target {
     uri: Uri,
     deadline: Duration,
     deadline_header: String,
+}
+
+/// The gateways a load goes to (one, or a fleet): request `n` goes to gateway `n % len`,
+/// so numbered requests are spread round-robin and evenly. The pooled client keeps its
+/// connections per gateway, so they are spread alike.
+pub struct Targets {
+    /// Never empty.
+    targets: Vec<Target>,
+    deadline: Duration,
+}
+
+impl Targets {
+    pub fn new(addrs: &[SocketAddr], deadline: Duration) -> Result<Targets> {
+        if addrs.is_empty() {
+            return Err("no gateway to send requests to".into());
+        }
+        let targets = addrs.iter().map(|&addr| Target::new(addr, deadline)).collect::<Result<Vec<_>>>()?;
+        Ok(Targets { targets, deadline })
+    }
+
+    pub fn one(addr: SocketAddr, deadline: Duration) -> Result<Targets> {
+        Targets::new(&[addr], deadline)
+    }
+
+    /// The target of request number `n`.
+    pub fn pick(&self, n: u64) -> &Target {
+        &self.targets[round_robin(n, self.targets.len())]
+    }
+
+    pub fn deadline(&self) -> Duration {
+        self.deadline
+    }
+}
+
+/// The index request `n` goes to among `len` targets (`new` makes sure there is one).
+fn round_robin(n: u64, len: usize) -> usize {
+    // Below `len`, so it fits a usize.
+    (n % len.max(1) as u64) as usize
 }
 
 /// What one request came to.
@@ -106,10 +145,6 @@ impl Target {
         Ok(Target { uri, deadline, deadline_header: deadline.as_millis().to_string() })
     }
 
-    pub fn deadline(&self) -> Duration {
-        self.deadline
-    }
-
     /// Sends one query and reads the whole answer.
     pub async fn send(&self, client: &HttpClient, body: Bytes) -> Outcome {
         let request = Request::builder()
@@ -151,5 +186,32 @@ pub async fn get(client: &HttpClient, url: &str) -> Result<(u16, Bytes)> {
     match tokio::time::timeout(ADMIN_TIMEOUT, exchange).await {
         Ok(result) => result.map_err(|e| format!("GET {url}: {e}").into()),
         Err(_) => Err(format!("GET {url}: no answer within {ADMIN_TIMEOUT:?}").into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbered_requests_are_spread_round_robin_and_evenly() {
+        let mut counts = [0usize; 3];
+        for n in 0..3000 {
+            counts[round_robin(n, 3)] += 1;
+        }
+        assert_eq!(counts, [1000, 1000, 1000]);
+        assert_eq!((0..6).map(|n| round_robin(n, 3)).collect::<Vec<_>>(), [0, 1, 2, 0, 1, 2]);
+        assert!((0..10).all(|n| round_robin(n, 1) == 0));
+    }
+
+    #[test]
+    fn targets_need_a_gateway_and_pick_each_in_turn() {
+        let deadline = Duration::from_millis(700);
+        assert!(Targets::new(&[], deadline).is_err());
+        let addrs: Vec<SocketAddr> = (1..=3).map(|port| SocketAddr::from(([127, 0, 0, 1], port))).collect();
+        let targets = Targets::new(&addrs, deadline).expect("targets");
+        let ports: Vec<Option<u16>> = (0..4).map(|n| targets.pick(n).uri.port_u16()).collect();
+        assert_eq!(ports, [Some(1), Some(2), Some(3), Some(1)]);
+        assert_eq!(targets.deadline(), deadline);
     }
 }

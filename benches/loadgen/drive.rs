@@ -11,7 +11,9 @@
 //!   per request but one atomic counter.
 //! - [`fill`]: every group once with all its latest MsgSeqs, to fill the cache.
 //!
-//! Requests scheduled during the warm-up are sent but not recorded.
+//! Requests scheduled during the warm-up are sent but not recorded. With several gateways
+//! (a fleet), requests go round-robin over them: the open loop by ticket number, the
+//! closed loop by each worker's running count (offset by the worker), the fill by group.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -21,7 +23,7 @@ use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use tokio::task::JoinSet;
 
-use crate::client::{HttpClient, Target};
+use crate::client::{HttpClient, Targets};
 use crate::mix::Mix;
 use crate::record::{Recorder, Sample};
 
@@ -55,7 +57,7 @@ impl Schedule {
 #[derive(Clone)]
 pub struct Load {
     pub client: HttpClient,
-    pub target: Arc<Target>,
+    pub targets: Arc<Targets>,
     pub mix: Arc<Mix>,
     pub connections: usize,
     pub seed: u64,
@@ -82,19 +84,20 @@ pub async fn closed_loop(load: &Load, schedule: Schedule) -> Recorder {
         let (load, mut rng) = (load.clone(), load.rng(worker));
         workers.spawn(async move {
             let mut recorder = Recorder::default();
-            loop {
+            for n in worker as u64.. {
                 let body = load.mix.next_body(&mut rng);
                 let sent = Instant::now();
                 if sent >= schedule.end {
-                    return recorder;
+                    break;
                 }
-                let outcome = load.target.send(&load.client, body).await;
+                let outcome = load.targets.pick(n).send(&load.client, body).await;
                 if schedule.is_measured(sent) {
                     let took = sent.elapsed();
-                    let sample = Sample { outcome, latency: took, service: took, queued: Duration::ZERO };
-                    recorder.record(sample, load.target.deadline());
+                    let sample = Sample { outcome, sent, latency: took, service: took, queued: Duration::ZERO };
+                    recorder.record(sample, load.targets.deadline());
                 }
             }
+            recorder
         });
     }
     merge_workers(workers).await
@@ -116,16 +119,17 @@ pub async fn open_loop(load: &Load, rate: f64, schedule: Schedule) -> Recorder {
                 let body = load.mix.next_body(&mut rng);
                 wait_for_turn(at).await;
                 let sent = Instant::now();
-                let outcome = load.target.send(&load.client, body).await;
+                let outcome = load.targets.pick(ticket).send(&load.client, body).await;
                 let done = Instant::now();
                 if schedule.is_measured(at) {
                     let sample = Sample {
                         outcome,
+                        sent,
                         latency: done.duration_since(at.min(sent)),
                         service: done - sent,
                         queued: sent.saturating_duration_since(at),
                     };
-                    recorder.record(sample, load.target.deadline());
+                    recorder.record(sample, load.targets.deadline());
                 }
             }
         });
@@ -158,10 +162,10 @@ pub async fn fill(load: &Load) -> Recorder {
                     return recorder;
                 }
                 let sent = Instant::now();
-                let outcome = load.target.send(&load.client, load.mix.fill_body(group)).await;
+                let outcome = load.targets.pick(group as u64).send(&load.client, load.mix.fill_body(group)).await;
                 let took = sent.elapsed();
-                let sample = Sample { outcome, latency: took, service: took, queued: Duration::ZERO };
-                recorder.record(sample, load.target.deadline());
+                let sample = Sample { outcome, sent, latency: took, service: took, queued: Duration::ZERO };
+                recorder.record(sample, load.targets.deadline());
             }
         });
     }

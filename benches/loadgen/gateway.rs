@@ -1,7 +1,8 @@
 //! The gateway under test: the release binary as a subprocess, as it runs in production.
 //!
 //! It gets a fresh config in a temporary directory (the simulator as its one app's
-//! endpoint, the scenario's cache and budget settings), logs there, and is stopped with
+//! endpoint, the scenario's cache and budget settings, and for a fleet the [`SharedTier`]
+//! its replicas share through Redis), logs there, and is stopped with
 //! SIGTERM at the end (killed if it does not stop, or if the benchmark bails out early).
 //! [`Snapshot`] reads the counters of `/metrics` the report needs; [`Memory`] reads the
 //! resident set from `/proc`.
@@ -32,6 +33,19 @@ pub struct Gateway {
     keep_dir: bool,
 }
 
+/// What the replicas of a fleet share: the Redis-held budget (`budget.backend`) and the
+/// shared tier (`fleet.backend`), both through `[redis]`.
+#[derive(Clone, Debug)]
+pub struct SharedTier {
+    /// `unix://…` (the loadgen's private redis-server).
+    pub url: String,
+    /// Fresh per fleet, so no state of an earlier run is read.
+    pub key_prefix: String,
+    /// Gateways in the fleet: each one's `budget.fallback_per_second` is its share of
+    /// `per_second` (what it may spend on its own while Redis is down).
+    pub replicas: usize,
+}
+
 /// The gateway binary: `--gateway-bin`, else `receipt-gateway` next to this binary.
 pub fn binary(flag: Option<&Path>) -> Result<PathBuf> {
     let bin = match flag {
@@ -47,7 +61,13 @@ pub fn binary(flag: Option<&Path>) -> Result<PathBuf> {
 
 impl Gateway {
     /// Writes the config, starts the binary and waits until `/readyz` answers 200.
-    pub async fn start(bin: &Path, s: &GatewaySettings, sim_url: &str, admin: &HttpClient) -> Result<Gateway> {
+    pub async fn start(
+        bin: &Path,
+        s: &GatewaySettings,
+        sim_url: &str,
+        shared: Option<&SharedTier>,
+        admin: &HttpClient,
+    ) -> Result<Gateway> {
         let dir = temp_dir()?;
         // Ports must be known before the subprocess binds them: ask the OS for two free
         // ones and release them just before the spawn. Another process could take one in
@@ -56,7 +76,7 @@ impl Gateway {
         let data = SocketAddr::from(([127, 0, 0, 1], data_port.0));
         let admin_addr = SocketAddr::from(([127, 0, 0, 1], admin_port.0));
         let config = dir.join("receipt-gateway.toml");
-        fs::write(&config, config_toml(s, data, admin_addr, sim_url))?;
+        fs::write(&config, config_toml(s, data, admin_addr, sim_url, shared))?;
         let log = dir.join("gateway.log");
         let out = File::create(&log)?;
         let err = out.try_clone()?;
@@ -96,10 +116,7 @@ impl Gateway {
     /// An error with the end of the gateway's log; the directory is kept for a look.
     fn failure(&mut self, what: &str) -> crate::Error {
         self.keep_dir = true;
-        let log = fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        let tail = lines[lines.len().saturating_sub(15)..].join("\n");
-        format!("{what}; log {}:\n{tail}", self.log.display()).into()
+        format!("{what}; log {}:\n{}", self.log.display(), log_tail(&self.log)).into()
     }
 
     pub fn pid(&self) -> u32 {
@@ -146,7 +163,15 @@ impl Drop for Gateway {
     }
 }
 
-fn temp_dir() -> Result<PathBuf> {
+/// The last lines of a log file (empty if it cannot be read).
+pub fn log_tail(log: &Path) -> String {
+    let log = fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+/// A fresh directory for one process's config, socket and log.
+pub fn temp_dir() -> Result<PathBuf> {
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default();
     let dir = std::env::temp_dir().join(format!("receipt-loadgen-{}-{nanos}", std::process::id()));
     fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
@@ -162,7 +187,36 @@ fn free_ports() -> Result<((u16, TcpListener), (u16, TcpListener))> {
     Ok((hold()?, hold()?))
 }
 
-fn config_toml(s: &GatewaySettings, data: SocketAddr, admin: SocketAddr, sim_url: &str) -> String {
+/// A replica's `budget.fallback_per_second`: its share of the fleet's `per_second`, what
+/// it may spend on its own while Redis is down (at least one call a second).
+pub fn fallback_per_second(per_second: u32, replicas: usize) -> u32 {
+    (per_second / u32::try_from(replicas.max(1)).unwrap_or(u32::MAX)).max(1)
+}
+
+fn config_toml(
+    s: &GatewaySettings,
+    data: SocketAddr,
+    admin: SocketAddr,
+    sim_url: &str,
+    shared: Option<&SharedTier>,
+) -> String {
+    let shared = shared.map_or_else(String::new, |t| {
+        let fallback = fallback_per_second(s.per_second, t.replicas);
+        format!(
+            r#"backend = "redis"
+fallback_per_second = {fallback}
+
+[fleet]
+backend = "redis"
+
+[redis]
+url = {url}
+key_prefix = {key_prefix}
+"#,
+            url = toml::Value::String(t.url.clone()),
+            key_prefix = toml::Value::String(t.key_prefix.clone()),
+        )
+    });
     format!(
         r#"# Written by receipt-loadgen for one benchmark run.
 [server]
@@ -181,7 +235,7 @@ max_seqs = {max_seqs}
 
 [budget]
 per_second = {per_second}
-
+{shared}
 [[apps]]
 sdkappid = {SDKAPPID}
 identifier = "{IDENTIFIER}"
@@ -219,6 +273,21 @@ impl Snapshot {
             }
         }
         snapshot
+    }
+
+    /// The figures of several gateways (a fleet) added up.
+    pub fn sum(snapshots: impl IntoIterator<Item = Snapshot>) -> Snapshot {
+        let mut total = Snapshot::default();
+        for snapshot in snapshots {
+            for (source, n) in snapshot.items {
+                *total.items.entry(source).or_default() += n;
+            }
+            total.cache_entries = match (total.cache_entries, snapshot.cache_entries) {
+                (Some(a), Some(b)) => Some(a + b),
+                (a, b) => a.or(b),
+            };
+        }
+        total
     }
 
     /// Items by source counted between `before` and `self`.
@@ -267,7 +336,62 @@ impl Memory {
 
 #[cfg(test)]
 mod tests {
+    use receipt_gateway::config::{BudgetBackend, Config, FleetBackend, RedisConfig, SecretSource};
+
     use super::*;
+
+    struct LoadgenSecret;
+
+    impl SecretSource for LoadgenSecret {
+        fn env(&self, name: &str) -> Option<String> {
+            (name == SECRET_ENV).then(|| SECRET.to_owned())
+        }
+
+        fn file(&self, path: &Path) -> std::io::Result<String> {
+            Err(std::io::Error::new(std::io::ErrorKind::NotFound, path.display().to_string()))
+        }
+    }
+
+    fn settings() -> GatewaySettings {
+        GatewaySettings {
+            ttl_ms: 1000,
+            stale_ms: 60_000,
+            max_entries: 1_000_000,
+            per_second: 200,
+            max_seqs: 50,
+            request_timeout_ms: 1000,
+            log_level: "warn".into(),
+            keep_temp: false,
+        }
+    }
+
+    fn parse(shared: Option<&SharedTier>) -> Config {
+        let data = SocketAddr::from(([127, 0, 0, 1], 8080));
+        let admin = SocketAddr::from(([127, 0, 0, 1], 9090));
+        let text = config_toml(&settings(), data, admin, "http://127.0.0.1:1234", shared);
+        Config::parse(&text, &LoadgenSecret).unwrap_or_else(|e| panic!("{e}\n{text}"))
+    }
+
+    #[test]
+    fn one_gateway_keeps_its_budget_local_and_shares_nothing() {
+        let config = parse(None);
+        assert_eq!(config.budget.backend, BudgetBackend::Local);
+        assert_eq!(config.fleet, FleetBackend::None);
+        assert_eq!(config.budget.per_second.get(), 200);
+    }
+
+    #[test]
+    fn a_fleet_replica_shares_budget_and_tier_through_the_private_redis() {
+        let url = "unix:///tmp/receipt-loadgen-1-2/redis.sock".to_owned();
+        let shared = SharedTier { url: url.clone(), key_prefix: "loadgen-1-under".into(), replicas: 3 };
+        let config = parse(Some(&shared));
+        let redis = RedisConfig { url: url.clone(), key_prefix: "loadgen-1-under".into() };
+        assert_eq!(config.budget.backend, BudgetBackend::Redis { url, key_prefix: "loadgen-1-under".into() });
+        assert_eq!(config.fleet, FleetBackend::Redis(redis));
+        assert_eq!(config.budget.per_second.get(), 200, "per_second is the fleet's, as for one gateway");
+        assert_eq!(config.budget.fallback_per_second.get(), 66, "a replica's share while Redis is down");
+        assert_eq!(config.cache.ttl, Duration::from_millis(1000));
+    }
 
     #[test]
     fn the_snapshot_reads_items_by_source_and_the_cache_gauge() {
@@ -279,5 +403,29 @@ mod tests {
         assert_eq!(snapshot.items.get("hit"), Some(&10.0));
         assert_eq!(snapshot.items.get("fetched"), Some(&2.0));
         assert_eq!(snapshot.cache_entries, Some(1_000_000.0));
+    }
+
+    #[test]
+    fn each_replica_falls_back_to_its_share_of_the_budget() {
+        assert_eq!(fallback_per_second(200, 1), 200);
+        assert_eq!(fallback_per_second(200, 3), 66);
+        assert_eq!(fallback_per_second(2, 3), 1);
+        assert_eq!(fallback_per_second(200, 0), 200);
+    }
+
+    #[test]
+    fn a_fleets_snapshots_add_up() {
+        let one = Snapshot::parse(
+            "receipt_gateway_items_total{app=\"1\",source=\"hit\"} 7\nreceipt_gateway_cache_entries 5\n",
+        );
+        let two = Snapshot::parse(
+            "receipt_gateway_items_total{app=\"1\",source=\"hit\"} 3\n\
+                                   receipt_gateway_items_total{app=\"1\",source=\"fetched\"} 2\n",
+        );
+        let total = Snapshot::sum([one, two]);
+        assert_eq!(total.items.get("hit"), Some(&10.0));
+        assert_eq!(total.items.get("fetched"), Some(&2.0));
+        assert_eq!(total.cache_entries, Some(5.0));
+        assert!(Snapshot::sum([]).items.is_empty());
     }
 }

@@ -1,16 +1,19 @@
 //! What the client saw: every measured request's latency (all samples are kept, so the
-//! percentiles are exact), counts by HTTP status and `X-Cache`, and the failures the
+//! percentiles are exact, also per `X-Cache`), counts by HTTP status and `X-Cache`, when
+//! the first request went out, and the failures the
 //! targets care about (429 without `Retry-After`, answers after the deadline, hung
 //! requests, transport errors).
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::client::{Outcome, XCache};
 
 /// One finished request.
 pub struct Sample {
     pub outcome: Outcome,
+    /// When the request went out.
+    pub sent: Instant,
     /// To the whole answer from the scheduled send time, or from the send if that was
     /// earlier or there was no schedule (closed loop): what the caller experienced.
     pub latency: Duration,
@@ -25,6 +28,8 @@ pub struct Sample {
 pub struct Recorder {
     /// Latencies of answered requests, in microseconds.
     latencies_us: Vec<u32>,
+    /// The same, by the answer's `X-Cache`.
+    latencies_by_x_cache_us: BTreeMap<XCache, Vec<u32>>,
     /// Client-side queueing of every request, in microseconds.
     queued_us: Vec<u32>,
     pub statuses: BTreeMap<u16, u64>,
@@ -38,6 +43,8 @@ pub struct Recorder {
     in_time: u64,
     /// Size of the last answer body (to size the baseline's).
     pub last_body_bytes: usize,
+    /// When the earliest recorded request went out.
+    pub first_sent: Option<Instant>,
 }
 
 /// Latency percentiles of the answered requests.
@@ -51,12 +58,14 @@ pub struct Percentiles {
 impl Recorder {
     pub fn record(&mut self, sample: Sample, deadline: Duration) {
         self.queued_us.push(micros(sample.queued));
+        self.first_sent = Some(self.first_sent.map_or(sample.sent, |first| first.min(sample.sent)));
         let answer = match sample.outcome {
             Outcome::Hung => return self.hung += 1,
             Outcome::Failed => return self.failed += 1,
             Outcome::Answered(answer) => answer,
         };
         self.latencies_us.push(micros(sample.latency));
+        self.latencies_by_x_cache_us.entry(answer.x_cache).or_default().push(micros(sample.latency));
         *self.statuses.entry(answer.status).or_default() += 1;
         *self.x_cache.entry(answer.x_cache).or_default() += 1;
         self.last_body_bytes = answer.body_bytes;
@@ -73,6 +82,9 @@ impl Recorder {
 
     pub fn merge(&mut self, other: Recorder) {
         self.latencies_us.extend(other.latencies_us);
+        for (x_cache, latencies) in other.latencies_by_x_cache_us {
+            self.latencies_by_x_cache_us.entry(x_cache).or_default().extend(latencies);
+        }
         self.queued_us.extend(other.queued_us);
         for (status, n) in other.statuses {
             *self.statuses.entry(status).or_default() += n;
@@ -86,6 +98,10 @@ impl Recorder {
         self.failed += other.failed;
         self.in_time += other.in_time;
         self.last_body_bytes = self.last_body_bytes.max(other.last_body_bytes);
+        self.first_sent = match (self.first_sent, other.first_sent) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
     }
 
     /// Requests that got an HTTP answer, whatever its status.
@@ -109,6 +125,11 @@ impl Recorder {
 
     pub fn percentiles(&mut self) -> Option<Percentiles> {
         percentiles(&mut self.latencies_us)
+    }
+
+    /// Latency percentiles of the requests answered with `x_cache`.
+    pub fn percentiles_of(&mut self, x_cache: XCache) -> Option<Percentiles> {
+        percentiles(self.latencies_by_x_cache_us.get_mut(&x_cache)?)
     }
 
     /// The 99th percentile of how late requests were sent: large values mean that
@@ -138,4 +159,36 @@ fn micros(d: Duration) -> u32 {
 pub fn ms(d: Duration) -> String {
     let ms = d.as_secs_f64() * 1000.0;
     if ms < 10.0 { format!("{ms:.2} ms") } else { format!("{ms:.1} ms") }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::Answer;
+
+    fn answered(sent: Instant, x_cache: XCache, latency_ms: u64) -> Sample {
+        let answer = Answer { status: 200, x_cache, retry_after: false, body_bytes: 10 };
+        let latency = Duration::from_millis(latency_ms);
+        Sample { outcome: Outcome::Answered(answer), sent, latency, service: latency, queued: Duration::ZERO }
+    }
+
+    #[test]
+    fn latencies_are_kept_per_x_cache_and_the_first_send_across_merges() {
+        let t0 = Instant::now();
+        let deadline = Duration::from_secs(1);
+        let (mut a, mut b) = (Recorder::default(), Recorder::default());
+        a.record(answered(t0 + Duration::from_millis(5), XCache::Hit, 1), deadline);
+        a.record(answered(t0 + Duration::from_millis(6), XCache::Miss, 30), deadline);
+        b.record(answered(t0 + Duration::from_millis(2), XCache::Miss, 10), deadline);
+        b.record(answered(t0 + Duration::from_millis(3), XCache::Miss, 20), deadline);
+        a.merge(b);
+        assert_eq!(a.first_sent, Some(t0 + Duration::from_millis(2)));
+        let miss = a.percentiles_of(XCache::Miss).expect("misses");
+        assert_eq!((miss.p50, miss.p99), (Duration::from_millis(20), Duration::from_millis(30)));
+        let hit = a.percentiles_of(XCache::Hit).expect("hits");
+        assert_eq!(hit.max, Duration::from_millis(1));
+        assert!(a.percentiles_of(XCache::Stale).is_none());
+        assert_eq!(a.percentiles().map(|p| p.max), Some(Duration::from_millis(30)));
+        assert!(Recorder::default().first_sent.is_none());
+    }
 }

@@ -1,6 +1,7 @@
 //! The Tencent side: the simulator, in this process, and what its call ledger says about a
 //! measured interval — calls per second, the most and the fewest calls in any rolling
-//! second, 60007 answers and how many MsgSeqs each call carried. The simulator stamps each
+//! second, 60007 answers, how many MsgSeqs each call carried and how many calls each group
+//! took. The simulator stamps each
 //! call with an `Instant` of this process, so the interval is the client's own.
 
 use std::collections::BTreeMap;
@@ -70,7 +71,7 @@ impl Upstream {
 
     pub fn stats(&self, from: std::time::Instant, to: std::time::Instant) -> UpstreamStats {
         let (from, to) = (Instant::from_std(from), Instant::from_std(to));
-        let calls: Vec<CallRecord> = self.sim.calls().into_iter().filter(|c| c.at >= from && c.at < to).collect();
+        let calls = self.calls_between(from, to);
         let arrivals: Vec<Instant> = calls.iter().map(|c| c.at).collect();
         let mut codes = BTreeMap::new();
         for call in &calls {
@@ -87,6 +88,25 @@ impl Upstream {
             codes,
         }
     }
+
+    /// Calls in `[from, to)` by the group they asked about.
+    pub fn calls_by_group(&self, from: std::time::Instant, to: std::time::Instant) -> BTreeMap<String, usize> {
+        let calls = self.calls_between(Instant::from_std(from), Instant::from_std(to));
+        per_group(&calls)
+    }
+
+    fn calls_between(&self, from: Instant, to: Instant) -> Vec<CallRecord> {
+        self.sim.calls().into_iter().filter(|c| c.at >= from && c.at < to).collect()
+    }
+}
+
+/// How many of `calls` each group took (`?` for a call whose body did not parse).
+fn per_group(calls: &[CallRecord]) -> BTreeMap<String, usize> {
+    let mut groups = BTreeMap::new();
+    for call in calls {
+        *groups.entry(call.group.clone().unwrap_or_else(|| "?".to_owned())).or_default() += 1;
+    }
+    groups
 }
 
 fn distinct(seqs: &[u64]) -> usize {
@@ -124,5 +144,22 @@ mod tests {
         // [0, 3000): the window starting just after 1000 ms holds only 1950.
         assert_eq!(min_rolling(&arrivals, at(0), at(3000)), Some(1));
         assert_eq!(min_rolling(&arrivals, at(0), at(900)), None);
+    }
+
+    #[test]
+    fn calls_are_counted_per_group() {
+        let call = |group: Option<&str>| CallRecord {
+            at: Instant::now(),
+            app: Some(AppId(SDKAPPID)),
+            group: group.map(str::to_owned),
+            seqs: vec![1, 2],
+            error_code: ErrorCode::OK,
+            http_status: 200,
+        };
+        let calls = [call(Some("loadgen-1")), call(Some("loadgen-2")), call(Some("loadgen-1")), call(None)];
+        let groups = per_group(&calls);
+        assert_eq!(groups.get("loadgen-1"), Some(&2));
+        assert_eq!(groups.get("loadgen-2"), Some(&1));
+        assert_eq!(groups.get("?"), Some(&1));
     }
 }
