@@ -86,6 +86,7 @@ impl AppRuntime {
                     negative_ttl: config.cache.negative_ttl,
                     stale: config.cache.stale,
                     claim: config.upstream.timeout + config.batch.window,
+                    cohort_memory: policy.cohort_memory(),
                 },
             }),
         })

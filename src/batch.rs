@@ -51,7 +51,12 @@ const BACKGROUND_LIFETIME: Duration = Duration::from_secs(1);
 impl BatchPolicy {
     /// How long ago a read may be for its message to join the group's refreshes.
     pub fn cohort_memory(&self) -> Duration {
-        self.ttl * COHORT_MEMORY_TTLS
+        Self::cohort_memory_for(self.ttl)
+    }
+
+    /// The cohort memory for a cache TTL.
+    pub fn cohort_memory_for(ttl: Duration) -> Duration {
+        ttl * COHORT_MEMORY_TTLS
     }
 
     /// How long a background batch waits before it is dropped unsent.

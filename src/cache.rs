@@ -15,6 +15,7 @@
 //! for the dispatcher. Capacity still counts items: a page weighs as many items as it holds.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -76,11 +77,31 @@ impl Lifetimes {
     }
 }
 
+/// The pages read since the fleet tier last shared their reads: with several replicas,
+/// a group's cohort is what *any* replica read (SPEC 5.6), and reads never touch Redis
+/// on the request path, so they are collected here and shared in the background.
+#[derive(Debug, Default)]
+pub struct ReadLog {
+    pages: Mutex<Vec<Arc<Page>>>,
+}
+
+impl ReadLog {
+    /// The pages read since the last call (each at most once).
+    pub fn drain(&self) -> Vec<Arc<Page>> {
+        std::mem::take(&mut *self.pages.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
 /// One group's items. Locked briefly, never across an `.await`.
 #[derive(Debug)]
 pub struct Page {
     items: Mutex<HashMap<MsgSeq, Stored>>,
     lifetimes: Lifetimes,
+    /// Which group it is, for the read log.
+    key: (AppId, GroupId),
+    log: Option<Arc<ReadLog>>,
+    /// Set once it is in the read log, until the log is drained.
+    logged: AtomicBool,
 }
 
 impl Page {
@@ -90,19 +111,39 @@ impl Page {
     }
 
     /// Looks up `seqs` (sorted, distinct) and records that they were read at `now`.
-    pub fn read(&self, seqs: &[MsgSeq], now: Instant) -> Vec<Option<Cached>> {
-        let mut items = self.items();
-        seqs.iter()
-            .map(|seq| {
-                let stored = items.get_mut(seq)?;
-                let fresh_until = stored.fetched_at + self.lifetimes.fresh_for(&stored.receipt);
-                if now >= fresh_until + self.lifetimes.stale {
-                    return None;
-                }
-                stored.last_read = Some(now);
-                Some(Cached { receipt: stored.receipt, fetched_at: stored.fetched_at, fresh_until })
-            })
-            .collect()
+    pub fn read(self: &Arc<Self>, seqs: &[MsgSeq], now: Instant) -> Vec<Option<Cached>> {
+        let found: Vec<Option<Cached>> = {
+            let mut items = self.items();
+            seqs.iter()
+                .map(|seq| {
+                    let stored = items.get_mut(seq)?;
+                    let fresh_until = stored.fetched_at + self.lifetimes.fresh_for(&stored.receipt);
+                    if now >= fresh_until + self.lifetimes.stale {
+                        return None;
+                    }
+                    stored.last_read = Some(now);
+                    Some(Cached { receipt: stored.receipt, fetched_at: stored.fetched_at, fresh_until })
+                })
+                .collect()
+        };
+        if let Some(log) = &self.log
+            && found.iter().any(Option::is_some)
+            && !self.logged.swap(true, Ordering::Relaxed)
+        {
+            log.pages.lock().unwrap_or_else(|p| p.into_inner()).push(self.clone());
+        }
+        found
+    }
+
+    pub fn key(&self) -> &(AppId, GroupId) {
+        &self.key
+    }
+
+    /// The items read since `since`, with when; the page may enter the read log again.
+    pub fn reads_since(&self, since: Instant) -> Vec<(MsgSeq, Instant)> {
+        self.logged.store(false, Ordering::Relaxed);
+        let items = self.items();
+        items.iter().filter_map(|(seq, s)| s.last_read.filter(|&t| t >= since).map(|t| (*seq, t))).collect()
     }
 
     /// The group's cohort due for refresh (SPEC 5.2): positive items read within
@@ -138,6 +179,8 @@ impl Page {
 #[derive(Clone)]
 pub struct ReceiptCache {
     pages: Cache<(AppId, GroupId), Arc<Page>>,
+    /// With the fleet tier: where read pages are noted.
+    log: Option<Arc<ReadLog>>,
     groups: Cache<(AppId, GroupId), Arc<GroupAnswer>>,
     lifetimes: Lifetimes,
     negative_ttl: Duration,
@@ -158,7 +201,13 @@ impl ReceiptCache {
             .max_capacity(100_000)
             .time_to_live(config.negative_ttl.max(Duration::from_millis(1)))
             .build();
-        Self { pages, groups, lifetimes, negative_ttl: config.negative_ttl }
+        Self { pages, groups, lifetimes, negative_ttl: config.negative_ttl, log: None }
+    }
+
+    /// Notes read pages in `log` (the fleet tier shares their reads).
+    pub fn with_read_log(mut self, log: Arc<ReadLog>) -> Self {
+        self.log = Some(log);
+        self
     }
 
     /// The group's page, if any of its items is cached.
@@ -187,9 +236,18 @@ impl ReceiptCache {
     ) -> Arc<Page> {
         let key = (app, group.clone());
         let lifetimes = self.lifetimes;
+        let (page_key, log) = (key.clone(), self.log.clone());
         let page = self
             .pages
-            .get_with(key.clone(), async move { Arc::new(Page { items: Mutex::default(), lifetimes }) })
+            .get_with(key.clone(), async move {
+                Arc::new(Page {
+                    items: Mutex::default(),
+                    lifetimes,
+                    key: page_key,
+                    log,
+                    logged: AtomicBool::new(false),
+                })
+            })
             .await;
         {
             let mut items = page.items();

@@ -314,7 +314,7 @@ fn dispatch(groups: &mut Groups, id: BatchId, batch: OpenBatch, now: Instant, po
     let requested = batch.seqs.len();
     let mut seqs = batch.seqs;
     if let Some(g) = groups.get_mut(&batch.group) {
-        g.detach(id);
+        g.detach(id, now);
         top_up(g, id, &mut seqs, &batch.outcome.subscribe(), now, policy);
     }
     Dispatch {

@@ -148,13 +148,17 @@ impl Engine {
         }
     }
 
-    /// Which of `seqs` of `group` wait in a batch that has not left yet: at a caller's
-    /// deadline, these were refused by the budget (429), not late upstream (504).
-    pub fn unsent(&self, group: &GroupId, seqs: &[MsgSeq]) -> Vec<MsgSeq> {
+    /// Which of `seqs` of `group` wait in a batch that had not left in time for a caller
+    /// with `deadline` (still queued, or sent for a later caller too late for an answer to
+    /// reach this one): at the deadline, these were refused by the budget (429), not late
+    /// upstream (504).
+    pub fn unsent(&self, group: &GroupId, seqs: &[MsgSeq], deadline: Instant) -> Vec<MsgSeq> {
+        let latest_useful = deadline.checked_sub(self.estimates.latency()).unwrap_or(deadline);
         let mut tables = self.lock();
         let Tables { groups, queue } = &mut *tables;
         let Some(g) = groups.get_mut(group) else { return Vec::new() };
-        seqs.iter().copied().filter(|&s| g.carrier(s).is_some_and(|id| queue.is_open(id))).collect()
+        let late = |id| queue.is_open(id) || g.sent_at(id).is_some_and(|at| at > latest_useful);
+        seqs.iter().copied().filter(|&s| g.carrier(s).is_some_and(late)).collect()
     }
 
     /// How long until the queue has drained at the budget's `pace`: a truthful

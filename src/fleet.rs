@@ -31,6 +31,7 @@ use tokio::time::Instant;
 pub use scripts::Scripts;
 
 use crate::batch::{Failure, Items};
+use crate::cache::{Page, ReadLog};
 use crate::code::ErrorCode;
 use crate::config::RedisConfig;
 use crate::domain::{AppId, GroupId, MsgSeq, Receipt};
@@ -52,6 +53,8 @@ pub struct Lifetimes {
     pub stale: Duration,
     /// Claims and leases last this long (the upstream timeout plus the batch window).
     pub claim: Duration,
+    /// How long a read keeps a message in its group's cohort.
+    pub cohort_memory: Duration,
 }
 
 /// One item as another replica stored it, its fetch time translated to this process.
@@ -129,34 +132,31 @@ impl Fleet {
         })
     }
 
-    /// The keys of one group: items, inflight, lease, wanted, group answer.
-    fn keys(&self, app: AppId, group: &GroupId) -> [String; 5] {
+    /// The keys of one group: items, inflight, lease, wanted, group answer, reads.
+    fn keys(&self, app: AppId, group: &GroupId) -> [String; 6] {
         let base = group_key(&self.prefix, app, group);
-        ["items", "inflight", "lease", "wanted", "group"].map(|k| format!("{base}:{k}"))
+        ["items", "inflight", "lease", "wanted", "group", "reads"].map(|k| format!("{base}:{k}"))
     }
 
-    /// Asks Redis about `misses` of `group` and claims what nobody fetches; `extra` are
-    /// this replica's cohort MsgSeqs, handed to the leading replica if another leads.
+    /// Asks Redis about `misses` of `group` and claims what nobody fetches.
     pub async fn claim(
         &self,
         app: AppId,
         group: &GroupId,
         misses: &[MsgSeq],
-        extra: &[MsgSeq],
         lifetimes: Lifetimes,
     ) -> Result<Claim, FleetError> {
         let keys = self.keys(app, group);
         let mut call = self.scripts.claim.prepare_invoke();
-        call.key(&keys[..]);
+        call.key(&keys[..5]);
         call.arg(&self.me).arg(ms(lifetimes.ttl)).arg(ms(lifetimes.negative_ttl)).arg(ms(lifetimes.claim));
         call.arg(misses.len()).arg(misses.iter().map(|s| s.0).collect::<Vec<_>>());
-        call.arg(extra.iter().map(|s| s.0).collect::<Vec<_>>());
         let reply: Vec<redis::Value> = self.run(|mut c| async move { call.invoke_async(&mut c).await }).await?;
         decode_claim(&reply, misses, Instant::now()).ok_or(FleetError::Reply)
     }
 
     /// Just before the leader's call for `group` leaves with `seqs`: renews their claims
-    /// and takes up to `room` MsgSeqs other replicas wait for.
+    /// and takes up to `room` MsgSeqs other replicas wait for, then of the fleet's cohort.
     pub async fn take(
         &self,
         app: AppId,
@@ -167,9 +167,9 @@ impl Fleet {
     ) -> Result<Vec<MsgSeq>, FleetError> {
         let keys = self.keys(app, group);
         let mut call = self.scripts.take.prepare_invoke();
-        call.key(&keys[..4]);
+        call.key(&keys[..4]).key(&keys[5]);
         call.arg(&self.me).arg(ms(lifetimes.ttl)).arg(ms(lifetimes.negative_ttl)).arg(ms(lifetimes.claim));
-        call.arg(room).arg(seqs.iter().map(|s| s.0).collect::<Vec<_>>());
+        call.arg(room).arg(ms(lifetimes.cohort_memory)).arg(seqs.iter().map(|s| s.0).collect::<Vec<_>>());
         let taken: Vec<u64> = self.run(|mut c| async move { call.invoke_async(&mut c).await }).await?;
         Ok(taken.into_iter().map(MsgSeq).collect())
     }
@@ -201,7 +201,7 @@ impl Fleet {
             }
         }
         let mut call = self.scripts.store.prepare_invoke();
-        call.key(&keys[..]);
+        call.key(&keys[..5]);
         call.arg(&self.me)
             .arg(ms(fetched_at.elapsed()))
             .arg(ms(lifetimes.ttl.max(lifetimes.negative_ttl) + lifetimes.stale));
@@ -248,6 +248,44 @@ impl Fleet {
         if let Some(notify) = waiters.get(message) {
             notify.notify_waiters();
         }
+    }
+
+    /// Shares this replica's reads with the fleet every `every`, so that the replica
+    /// leading a group refreshes what any replica read (SPEC 5.6). Forever; owned and
+    /// aborted by the gateway's task set.
+    pub async fn share_reads(self: Arc<Self>, log: Arc<ReadLog>, every: Duration, keep: Duration) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut since = Instant::now();
+        loop {
+            tick.tick().await;
+            let now = Instant::now();
+            let pages = log.drain();
+            let writes = pages.iter().map(|page| self.write_reads(page, since, now, keep));
+            for result in futures_util::future::join_all(writes).await {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "fleet: reads not shared");
+                    break;
+                }
+            }
+            since = now;
+        }
+    }
+
+    async fn write_reads(&self, page: &Page, since: Instant, now: Instant, keep: Duration) -> Result<(), FleetError> {
+        let reads = page.reads_since(since);
+        if reads.is_empty() {
+            return Ok(());
+        }
+        let (app, group) = page.key();
+        let key = format!("{}:reads", group_key(&self.prefix, *app, group));
+        let mut call = self.scripts.reads.prepare_invoke();
+        call.key(key).arg(ms(keep));
+        for (seq, at) in reads {
+            call.arg(seq.0).arg(ms(now.saturating_duration_since(at)));
+        }
+        let _: i64 = self.run(|mut c| async move { call.invoke_async(&mut c).await }).await?;
+        Ok(())
     }
 
     /// Listens for stored answers and wakes waiting requests, forever; reconnects after

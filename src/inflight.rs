@@ -40,6 +40,8 @@ pub struct GroupState {
     inflight: HashMap<MsgSeq, (BatchId, Waiter)>,
     /// The group's cache page, where its cohort is read from at dispatch.
     page: Option<Arc<Page>>,
+    /// When each of its batches on the wire was dispatched.
+    sent: HashMap<BatchId, Instant>,
 }
 
 impl Groups {
@@ -82,6 +84,7 @@ impl Groups {
             g.page = Some(page.clone());
         }
         g.open.retain(|&other| other != batch);
+        g.sent.remove(&batch);
         for seq in seqs {
             if g.inflight.get(seq).is_some_and(|(owner, _)| *owner == batch) {
                 g.inflight.remove(seq);
@@ -97,7 +100,7 @@ impl Groups {
 
 impl GroupState {
     fn is_idle(&self) -> bool {
-        self.open.is_empty() && self.inflight.is_empty()
+        self.open.is_empty() && self.inflight.is_empty() && self.sent.is_empty()
     }
 
     /// The batch carrying `seq`, if it is in flight.
@@ -114,9 +117,15 @@ impl GroupState {
         self.page.as_ref()
     }
 
-    /// The batch has left the group's open list (dispatched).
-    pub fn detach(&mut self, batch: BatchId) {
+    /// The batch has left the group's open list: dispatched at `now`.
+    pub fn detach(&mut self, batch: BatchId, now: Instant) {
         self.open.retain(|&other| other != batch);
+        self.sent.insert(batch, now);
+    }
+
+    /// When batch `id` was dispatched, if it is on the wire.
+    pub fn sent_at(&self, id: BatchId) -> Option<Instant> {
+        self.sent.get(&id).copied()
     }
 
     /// Puts `seq` in flight with `batch`, which already holds it (a cohort top-up).

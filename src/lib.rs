@@ -86,7 +86,8 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::app::AppRuntime;
-use crate::cache::ReceiptCache;
+use crate::batch::BatchPolicy;
+use crate::cache::{ReadLog, ReceiptCache};
 use crate::config::{Config, FleetBackend};
 use crate::fleet::Fleet;
 use crate::metrics::Metrics;
@@ -111,13 +112,16 @@ pub enum RunError {
 
 /// How long the admin port's connections get to close after draining.
 const ADMIN_CLOSE: Duration = Duration::from_secs(1);
+/// Bounds on how often a replica shares its reads with the fleet.
+const READS_EVERY_MIN: Duration = Duration::from_millis(50);
+const READS_EVERY_MAX: Duration = Duration::from_secs(1);
 /// How often the cache's deferred maintenance runs and its gauge is refreshed.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
 
 /// Runs the gateway until `shutdown` resolves, then drains (see [`shutdown`]).
 pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     let metrics = Metrics::new()?;
-    let cache = ReceiptCache::new(&config.cache);
+    let mut cache = ReceiptCache::new(&config.cache);
     let client = upstream::http_client()?;
     let mut tasks = JoinSet::new();
     let fleet = match &config.fleet {
@@ -125,7 +129,13 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         FleetBackend::Redis(redis) => Some(Arc::new(Fleet::new(redis, metrics.fleet_backend_up.clone())?)),
     };
     if let Some(fleet) = &fleet {
+        let log = Arc::new(ReadLog::default());
+        cache = cache.with_read_log(log.clone());
         tasks.spawn(fleet.clone().subscribe());
+        // Reads are shared four times a TTL, and kept as long as a read counts.
+        let every = (config.cache.ttl / 4).clamp(READS_EVERY_MIN, READS_EVERY_MAX);
+        let keep = BatchPolicy::cohort_memory_for(config.cache.ttl) + config.cache.ttl;
+        tasks.spawn(fleet.clone().share_reads(log, every, keep));
     }
     let mut apps = HashMap::new();
     for app_config in &config.apps {

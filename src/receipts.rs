@@ -152,7 +152,7 @@ pub async fn answer(app: &AppRuntime, q: Query) -> Result<Answer, GatewayError> 
     // Still queued here, or waiting for another replica's call, at the deadline: the
     // budget (the fleet's) could not serve it in time, as a refusal would have said.
     let open: Vec<MsgSeq> = slots.iter().filter(|s| s.is_open()).map(|s| s.seq).collect();
-    let unsent = if open.is_empty() { Vec::new() } else { app.engine.unsent(&q.group, &open) };
+    let unsent = if open.is_empty() { Vec::new() } else { app.engine.unsent(&q.group, &open, q.deadline) };
     for slot in slots.iter_mut().filter(|s| s.is_open() && (waiting.contains(&s.seq) || unsent.contains(&s.seq))) {
         slot.failure = Some(Failure::NoBudget);
     }

@@ -12,13 +12,13 @@
 //! - `inflight` — hash MsgSeq → `owner,expires_ms`: the replica fetching it, until when;
 //! - `lease` — the replica whose next call for the group takes the `wanted` set;
 //! - `wanted` — set of MsgSeqs other replicas wait for, taken by the lease holder's call;
-//! - `group` — a group-level answer (10010 / 10015): `fetched_ms,code,info`.
+//! - `group` — a group-level answer (10010 / 10015): `fetched_ms,code,info`;
+//! - `reads` — hash MsgSeq → when any replica last read it (ms): the fleet's cohort.
 
 use redis::Script;
 
 /// Looks up and claims one request's misses. KEYS: items, inflight, lease, wanted, group.
-/// ARGV: me, ttl_ms, negative_ttl_ms, lease_ms, n, then n requested MsgSeqs, then extra
-/// MsgSeqs (this replica's cohort, wanted only when another replica leads).
+/// ARGV: me, ttl_ms, negative_ttl_ms, lease_ms, n, then n requested MsgSeqs.
 /// Returns {now_ms, group_answer or "", items…, roles} where roles is one character per
 /// requested MsgSeq: `f` fresh in Redis, `m` claimed by me, `w` wait for another replica;
 /// then the earliest time (ms) a blocking claim or lease expires (0: none).
@@ -73,13 +73,7 @@ for i = 1, n do
     end
   end
 end
-if other_leads then
-  for i = 6 + n, #ARGV do
-    local seq = ARGV[i]
-    if not fresh(redis.call('HGET', KEYS[1], seq)) and not holder(seq) then redis.call('SADD', KEYS[4], seq) end
-  end
-  redis.call('PEXPIRE', KEYS[4], lease_ms * 4)
-end
+if other_leads then redis.call('PEXPIRE', KEYS[4], lease_ms * 4) end
 if claimed then
   redis.call('SET', KEYS[3], me, 'PX', lease_ms)
   redis.call('PEXPIRE', KEYS[2], lease_ms * 4)
@@ -89,16 +83,23 @@ out[#out + 1] = retry
 return out
 "#;
 
-/// The lease holder's call is about to leave: takes up to `room` MsgSeqs other replicas
-/// wait for (not fresh, not in flight) and claims them with the call's own. KEYS: items,
-/// inflight, lease, wanted. ARGV: me, ttl_ms, negative_ttl_ms, lease_ms, room, then the
-/// call's own MsgSeqs (their claims are renewed). Returns the MsgSeqs taken.
+/// The lease holder's call is about to leave: takes up to `room` MsgSeqs, first those
+/// other replicas wait for (not fresh, not in flight), then the fleet's cohort (read by
+/// any replica within `memory_ms`, positive, due within half a TTL, not in flight), and
+/// claims them with the call's own. KEYS: items, inflight, lease, wanted, reads. ARGV:
+/// me, ttl_ms, negative_ttl_ms, lease_ms, room, memory_ms, then the call's own MsgSeqs
+/// (their claims are renewed). Returns the MsgSeqs taken.
 pub const TAKE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local me, ttl, neg, lease_ms, room = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local memory = tonumber(ARGV[6])
 local claim = me .. ',' .. (now + lease_ms)
-for i = 6, #ARGV do redis.call('HSET', KEYS[2], ARGV[i], claim) end
+local chosen = {}
+for i = 7, #ARGV do
+  redis.call('HSET', KEYS[2], ARGV[i], claim)
+  chosen[ARGV[i]] = true
+end
 local taken = {}
 if room > 0 then
   for _, seq in ipairs(redis.call('SMEMBERS', KEYS[4])) do
@@ -115,9 +116,30 @@ if room > 0 then
     local held = redis.call('HGET', KEYS[2], seq)
     local busy = false
     if held then busy = tonumber(string.match(held, ',(%d+)$')) > now end
-    if not is_fresh and not busy then
+    if not is_fresh and not busy and not chosen[seq] then
       redis.call('HSET', KEYS[2], seq, claim)
       taken[#taken + 1] = seq
+      chosen[seq] = true
+    end
+  end
+end
+if #taken < room then
+  local reads = redis.call('HGETALL', KEYS[5])
+  for i = 1, #reads, 2 do
+    if #taken >= room then break end
+    local seq = reads[i]
+    if not chosen[seq] and now - tonumber(reads[i + 1]) <= memory then
+      local v = redis.call('HGET', KEYS[1], seq)
+      if v then
+        local f, code = string.match(v, '^(%d+),(%-?%d+)')
+        local held = redis.call('HGET', KEYS[2], seq)
+        local busy = held and tonumber(string.match(held, ',(%d+)$')) > now
+        if code ~= '10062' and tonumber(f) + ttl <= now + ttl / 2 and not busy then
+          redis.call('HSET', KEYS[2], seq, claim)
+          taken[#taken + 1] = seq
+          chosen[seq] = true
+        end
+      end
     end
   end
 end
@@ -170,16 +192,37 @@ redis.call('PUBLISH', channel, message)
 return n
 "#;
 
-/// The three scripts, hashed once; sent by SHA and reloaded by the crate on NOSCRIPT.
+/// A replica's reads of one group since it last shared them. KEYS: reads. ARGV:
+/// keep_ms, then pairs of MsgSeq and how long ago it was read (ms). Keeps the latest
+/// read per MsgSeq; the hash expires `keep_ms` after its last write.
+pub const READS: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for i = 2, #ARGV, 2 do
+  local at = now - tonumber(ARGV[i + 1])
+  local held = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0')
+  if at > held then redis.call('HSET', KEYS[1], ARGV[i], at) end
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
+"#;
+
+/// The scripts, hashed once; sent by SHA and reloaded by the crate on NOSCRIPT.
 pub struct Scripts {
     pub claim: Script,
     pub take: Script,
     pub store: Script,
+    pub reads: Script,
 }
 
 impl Scripts {
     pub fn new() -> Self {
-        Self { claim: Script::new(CLAIM), take: Script::new(TAKE), store: Script::new(STORE) }
+        Self {
+            claim: Script::new(CLAIM),
+            take: Script::new(TAKE),
+            store: Script::new(STORE),
+            reads: Script::new(READS),
+        }
     }
 }
 

@@ -45,8 +45,7 @@ pub(super) async fn round(
     misses: &[MsgSeq],
     round: usize,
 ) -> Round {
-    let extra = if round == 0 { cohort(app, tier, &q.group).await } else { Vec::new() };
-    let claim = match tier.fleet.claim(app.id, &q.group, misses, &extra, tier.lifetimes).await {
+    let claim = match tier.fleet.claim(app.id, &q.group, misses, tier.lifetimes).await {
         Ok(claim) => claim,
         Err(e) => {
             tracing::debug!(error = %e, "fleet tier skipped for this request");
@@ -94,15 +93,6 @@ pub(super) async fn round(
     give_up(app, &q.group, &needless);
     tier.counters.miss.inc_by(local.len() as u64);
     Round::Split { local, wait: Elsewhere { seqs: claim.wait, retry_at: claim.retry_at }, page }
-}
-
-/// This replica's cohort of the group (read lately, due within half a TTL): handed to the
-/// replica that leads the group, if another does, so it rides in that call.
-async fn cohort(app: &AppRuntime, tier: &SharedTier, group: &GroupId) -> Vec<MsgSeq> {
-    let Some(page) = app.cache.page(app.id, group).await else { return Vec::new() };
-    let now = Instant::now();
-    let memory = app.engine.policy().cohort_memory();
-    page.due_for_refresh(now, now + tier.lifetimes.ttl / 2, memory, app.engine.policy().max_seqs, |_| true)
 }
 
 /// Waits for another replica's call for `elsewhere` (never past the deadline).

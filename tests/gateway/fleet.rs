@@ -391,7 +391,8 @@ async fn with_redis_stopped_every_request_is_answered_on_the_fallback_and_the_fl
     drop(redis);
 
     let answered = |s: &StatusCode| *s == StatusCode::OK || *s == StatusCode::TOO_MANY_REQUESTS;
-    assert!(during.iter().all(answered), "every request answered during the outage");
+    let odd: Vec<u16> = during.iter().filter(|s| !answered(s)).map(|s| s.as_u16()).collect();
+    assert!(odd.is_empty(), "every request answered during the outage, not {odd:?}");
     assert!(peak <= 30, "{peak} calls in a second on 3 replicas with a fallback of 10");
     assert_eq!(up_during, 0.0);
     assert_eq!(reply.status, StatusCode::OK);
