@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use prometheus::Histogram;
 
-use crate::batch::BatchPolicy;
+use crate::batch::{BatchPolicy, Neighbourhood};
 use crate::budget::Budget;
 use crate::cache::ReceiptCache;
 use crate::config::{AppConfig, Config};
@@ -62,6 +62,9 @@ impl AppRuntime {
             max_seqs: config.batch.max_seqs,
             ttl: config.cache.ttl,
             upstream_timeout: config.upstream.timeout,
+            // With the fleet tier, Redis knows what the fleet holds: the call's
+            // neighbourhood is filled there, just before it leaves.
+            neighbourhood: if fleet.is_some() { Neighbourhood::Fleet } else { Neighbourhood::Here },
         };
         Ok(Self {
             id: app.id,
@@ -87,6 +90,7 @@ impl AppRuntime {
                     stale: config.cache.stale,
                     claim: config.upstream.timeout + config.batch.window,
                     cohort_memory: policy.cohort_memory(),
+                    neighbourhood: config.batch.max_seqs,
                 },
             }),
         })

@@ -32,6 +32,16 @@ pub struct BatchPolicy {
     pub ttl: Duration,
     /// No call takes longer, so no estimate needs to either.
     pub upstream_timeout: Duration,
+    pub neighbourhood: Neighbourhood,
+}
+
+/// Who fills a leaving call's neighbourhood (the uncached MsgSeqs below its highest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Neighbourhood {
+    /// The dispatcher, from this replica's cache.
+    Here,
+    /// The fleet tier, from what the whole fleet holds.
+    Fleet,
 }
 
 /// How long a read keeps a message in its group's cohort (the cache page keeps the last

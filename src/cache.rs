@@ -135,6 +135,11 @@ impl Page {
         found
     }
 
+    /// Whether the page holds `seq` (fresh or not).
+    pub fn holds(&self, seq: MsgSeq) -> bool {
+        self.items().contains_key(&seq)
+    }
+
     pub fn key(&self) -> &(AppId, GroupId) {
         &self.key
     }

@@ -21,7 +21,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::admission::MARGIN;
-use crate::batch::{BatchId, BatchKind, BatchPolicy, Dispatch, OpenBatch, Waiter, Window};
+use crate::batch::{BatchId, BatchKind, BatchPolicy, Dispatch, Neighbourhood, OpenBatch, Waiter, Window};
 use crate::budget::Budget;
 use crate::domain::MsgSeq;
 use crate::engine::Engine;
@@ -327,8 +327,8 @@ fn dispatch(groups: &mut Groups, id: BatchId, batch: OpenBatch, now: Instant, po
     }
 }
 
-/// Fills the rest of a leaving batch: with the group's cohort if the group has been
-/// fetched before, else with its neighbourhood.
+/// Fills the rest of a leaving batch: with the group's cohort, then with its
+/// neighbourhood.
 fn top_up(
     g: &mut GroupState,
     id: BatchId,
@@ -341,28 +341,45 @@ fn top_up(
     if room == 0 {
         return;
     }
-    let extra = match g.page().cloned() {
-        // Group cohort (SPEC 5.2): read lately, within half a TTL of expiry, not in flight
-        // (the batch's own are in flight with it); never one nobody read.
-        Some(page) => {
-            let horizon = now + policy.ttl / 2;
-            page.due_for_refresh(now, horizon, policy.cohort_memory(), room, |seq| g.carrier(seq).is_none())
-        }
-        None => neighbourhood(g, seqs, room),
-    };
+    // Group cohort (SPEC 5.2): read lately, within half a TTL of expiry, not in flight
+    // (the batch's own are in flight with it); never one nobody read.
+    let page = g.page().cloned();
+    let mut extra = page.as_ref().map_or_else(Vec::new, |page| {
+        let horizon = now + policy.ttl / 2;
+        page.due_for_refresh(now, horizon, policy.cohort_memory(), room, |seq| g.carrier(seq).is_none())
+    });
+    let room = room - extra.len();
+    if room > 0 && policy.neighbourhood == Neighbourhood::Here {
+        let known = |seq: MsgSeq| extra.contains(&seq) || page.as_ref().is_some_and(|p| p.holds(seq));
+        let near = neighbourhood(g, seqs, policy.max_seqs, room, known);
+        extra.extend(near);
+    }
     for seq in extra {
         seqs.push(seq);
         g.carry(seq, id, waiter.clone());
     }
 }
 
-/// A group nobody has fetched yet (a cold start, or a cache that lost it): the MsgSeqs
-/// just below the highest one requested, which exist since a group's MsgSeqs only grow,
-/// so that the group's next callers find them cached instead of costing a call each.
-/// They join the cohort only once someone reads them (the cache keeps them unread).
-fn neighbourhood(g: &GroupState, seqs: &[MsgSeq], room: usize) -> Vec<MsgSeq> {
+/// The MsgSeqs just below the highest one requested (within `max_seqs` of it) that the
+/// group has not cached: they exist, since a group's MsgSeqs only grow, and a group that
+/// nobody has fetched yet (a cold start, or a cache that lost it) is then fetched in one
+/// or two calls instead of one per caller. They join the cohort only once someone reads
+/// them (the cache keeps them unread); for a warm group there is nothing to add.
+fn neighbourhood(
+    g: &GroupState,
+    seqs: &[MsgSeq],
+    max_seqs: usize,
+    room: usize,
+    known: impl Fn(MsgSeq) -> bool,
+) -> Vec<MsgSeq> {
     let Some(&MsgSeq(top)) = seqs.iter().max() else { return Vec::new() };
-    (1..top).rev().map(MsgSeq).filter(|s| !seqs.contains(s) && g.carrier(*s).is_none()).take(room).collect()
+    let floor = top.saturating_sub(max_seqs as u64).max(1);
+    (floor..top)
+        .rev()
+        .map(MsgSeq)
+        .filter(|s| !seqs.contains(s) && g.carrier(*s).is_none() && !known(*s))
+        .take(room)
+        .collect()
 }
 
 /// The dispatcher of one (app, API): forever, wait for ready work, take a token, spend

@@ -216,7 +216,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::batch::{BatchKind, Failure};
+    use crate::batch::{BatchKind, Failure, Neighbourhood};
     use crate::cache::ReceiptCache;
     use crate::code::ErrorCode;
     use crate::config::CacheConfig;
@@ -226,7 +226,13 @@ mod tests {
     const S: Duration = Duration::from_secs(1);
 
     fn engine(max_seqs: usize) -> Engine {
-        Engine::new(BatchPolicy { window: 2 * MS, max_seqs, ttl: S, upstream_timeout: 3 * S })
+        Engine::new(BatchPolicy {
+            window: 2 * MS,
+            max_seqs,
+            ttl: S,
+            upstream_timeout: 3 * S,
+            neighbourhood: Neighbourhood::Here,
+        })
     }
 
     fn group(name: &str) -> GroupId {
@@ -396,7 +402,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn dispatch_tops_up_with_read_messages_near_expiry_only() {
+    async fn dispatch_tops_up_with_read_messages_near_expiry_then_uncached_neighbours() {
         let e = engine(10);
         let g = group("g");
         let now = Instant::now();
@@ -416,7 +422,8 @@ mod tests {
 
         let Some(Job::Batch(d)) = e.pop(Instant::now(), &hist(), true) else { panic!("no batch") };
 
-        assert_eq!(d.seqs, vec![MsgSeq(9), MsgSeq(1)]);
+        // The cohort first (1), then the neighbourhood below 9 the group has not cached.
+        assert_eq!(d.seqs, [9, 1, 8, 7, 6, 5, 4].map(MsgSeq).to_vec());
         assert_eq!(d.requested, 1);
         // The topped-up key is now in flight: a caller joins this batch.
         let j = join(&e, "g", &[MsgSeq(1)], deadline, pace(Duration::ZERO)).unwrap();

@@ -55,6 +55,8 @@ pub struct Lifetimes {
     pub claim: Duration,
     /// How long a read keeps a message in its group's cohort.
     pub cohort_memory: Duration,
+    /// How far below a call's highest MsgSeq its neighbourhood reaches (`batch.max_seqs`).
+    pub neighbourhood: usize,
 }
 
 /// One item as another replica stored it, its fetch time translated to this process.
@@ -169,7 +171,8 @@ impl Fleet {
         let mut call = self.scripts.take.prepare_invoke();
         call.key(&keys[..4]).key(&keys[5]);
         call.arg(&self.me).arg(ms(lifetimes.ttl)).arg(ms(lifetimes.negative_ttl)).arg(ms(lifetimes.claim));
-        call.arg(room).arg(ms(lifetimes.cohort_memory)).arg(seqs.iter().map(|s| s.0).collect::<Vec<_>>());
+        call.arg(room).arg(ms(lifetimes.cohort_memory)).arg(lifetimes.neighbourhood);
+        call.arg(seqs.iter().map(|s| s.0).collect::<Vec<_>>());
         let taken: Vec<u64> = self.run(|mut c| async move { call.invoke_async(&mut c).await }).await?;
         Ok(taken.into_iter().map(MsgSeq).collect())
     }

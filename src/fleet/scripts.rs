@@ -86,19 +86,23 @@ return out
 /// The lease holder's call is about to leave: takes up to `room` MsgSeqs, first those
 /// other replicas wait for (not fresh, not in flight), then the fleet's cohort (read by
 /// any replica within `memory_ms`, positive, due within half a TTL, not in flight), and
-/// claims them with the call's own. KEYS: items, inflight, lease, wanted, reads. ARGV:
-/// me, ttl_ms, negative_ttl_ms, lease_ms, room, memory_ms, then the call's own MsgSeqs
-/// (their claims are renewed). Returns the MsgSeqs taken.
+/// claims them with the call's own; then, for a group the fleet has not cached near the
+/// top, its neighbourhood: the MsgSeqs within `window` below the highest in the call
+/// that Redis does not hold and nobody fetches. KEYS: items, inflight, lease, wanted,
+/// reads. ARGV: me, ttl_ms, negative_ttl_ms, lease_ms, room, memory_ms, window, then the
+/// call's own MsgSeqs (their claims are renewed). Returns the MsgSeqs taken.
 pub const TAKE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local me, ttl, neg, lease_ms, room = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local memory = tonumber(ARGV[6])
+local memory, window = tonumber(ARGV[6]), tonumber(ARGV[7])
 local claim = me .. ',' .. (now + lease_ms)
 local chosen = {}
-for i = 7, #ARGV do
+local top = 0
+for i = 8, #ARGV do
   redis.call('HSET', KEYS[2], ARGV[i], claim)
   chosen[ARGV[i]] = true
+  top = math.max(top, tonumber(ARGV[i]))
 end
 local taken = {}
 if room > 0 then
@@ -142,6 +146,20 @@ if #taken < room then
       end
     end
   end
+end
+for i = 1, #taken do top = math.max(top, tonumber(taken[i])) end
+local seq = top - 1
+while #taken < room and seq >= 1 and seq >= top - window do
+  local key = string.format('%.0f', seq)
+  if not chosen[key] and redis.call('HEXISTS', KEYS[1], key) == 0 then
+    local held = redis.call('HGET', KEYS[2], key)
+    if not held or tonumber(string.match(held, ',(%d+)$')) <= now then
+      redis.call('HSET', KEYS[2], key, claim)
+      taken[#taken + 1] = key
+      chosen[key] = true
+    end
+  end
+  seq = seq - 1
 end
 local lease = redis.call('GET', KEYS[3])
 if not lease or lease == me then redis.call('SET', KEYS[3], me, 'PX', lease_ms) end

@@ -11,7 +11,7 @@ use hyper_util::rt::TokioExecutor;
 use receipt_gateway::code::ErrorCode;
 use receipt_gateway::simulator::Fault;
 
-use crate::support::{APP, APP2, RECEIPT, Setup, TestApp, body, expected, until, within};
+use crate::support::{APP, APP2, RECEIPT, Setup, TestApp, body, expected, heavy, until, within};
 
 #[tokio::test]
 async fn a_query_is_answered_with_the_simulators_receipts() {
@@ -214,6 +214,7 @@ async fn h2c_with_prior_knowledge_is_served_on_the_same_port() {
 /// every request is answered — with receipts or 429 + Retry-After — before its deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_1000_groups_stays_within_the_budget_and_nobody_hangs() {
+    let _heavy = heavy().await;
     let app = TestApp::spawn().await;
     let deadline = Duration::from_millis(2000);
     // One h2 connection carries the whole burst: no thousand sockets on a small machine.

@@ -12,7 +12,7 @@ use receipt_gateway::fleet::{Scripts, group_key};
 use redis::Value;
 use redis::cluster::ClusterClient;
 
-use crate::support::within;
+use crate::support::{heavy, within};
 
 /// Three cluster-enabled redis-servers joined into one cluster; killed on drop.
 struct Cluster {
@@ -108,6 +108,7 @@ fn roles(reply: &[Value], n: usize) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fleet_scripts_run_on_a_three_master_cluster() {
+    let _heavy = heavy().await;
     let dir = std::env::temp_dir().join(format!("receipt-gateway-cluster-{}", std::process::id()));
     let cluster = Cluster::start(&dir).await;
     let client = ClusterClient::new(cluster.urls()).unwrap();

@@ -120,6 +120,15 @@ impl Reply {
     }
 }
 
+/// Tests that load the machine (several gateway processes, bursts of a thousand
+/// requests) take this first, so that on a small machine they do not starve each other's
+/// timing: they run one at a time, beside the light tests.
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+pub async fn heavy() -> tokio::sync::MutexGuard<'static, ()> {
+    HEAVY.lock().await
+}
+
 /// Bounds a future by [`WAIT`].
 pub async fn within<T>(f: impl Future<Output = T>) -> T {
     match tokio::time::timeout(WAIT, f).await {
