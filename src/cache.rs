@@ -126,7 +126,10 @@ impl Page {
                 })
                 .collect()
         };
+        // Load before swap: a hot page is read from every core, and a write per read would
+        // bounce its cache line between them.
         if let Some(log) = &self.log
+            && !self.logged.load(Ordering::Relaxed)
             && found.iter().any(Option::is_some)
             && !self.logged.swap(true, Ordering::Relaxed)
         {
