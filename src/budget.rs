@@ -170,6 +170,7 @@ impl Budget {
                 fallback_interval: pacing_interval(fallback_per_second),
                 down_until: Mutex::new(None),
                 up: backend_up,
+                down_logged: std::sync::atomic::AtomicBool::new(false),
                 others: Mutex::new(Others::default()),
             })),
         };
@@ -350,6 +351,8 @@ struct RedisSource {
     down_until: Mutex<Option<Instant>>,
     /// `receipt_gateway_budget_backend_up`: 1 after Redis answered, 0 after it failed.
     up: IntGauge,
+    /// Whether the outage under way was logged (once per outage, not per retry).
+    down_logged: std::sync::atomic::AtomicBool,
     others: Mutex<Others>,
 }
 
@@ -365,6 +368,9 @@ impl RedisSource {
             }
             let answer = self.try_take().await;
             self.up.set(answer.is_ok().into());
+            if answer.is_ok() && self.down_logged.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                tracing::info!("redis budget answers again");
+            }
             match answer {
                 Ok((0, grants)) => {
                     if let Ok(mut others) = self.others.lock() {
@@ -374,7 +380,9 @@ impl RedisSource {
                 }
                 Ok((wait_us, _)) => tokio::time::sleep(Duration::from_micros(wait_us)).await,
                 Err(e) => {
-                    tracing::warn!(error = %e, "redis budget unreachable; pacing on budget.fallback_per_second");
+                    if !self.down_logged.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        tracing::warn!(error = %e, "redis budget unreachable; pacing on budget.fallback_per_second");
+                    }
                     if let Ok(mut d) = self.down_until.lock() {
                         *d = Some(Instant::now() + REDIS_RETRY);
                     }

@@ -153,7 +153,8 @@ impl Engine {
     /// reach this one): at the deadline, these were refused by the budget (429), not late
     /// upstream (504).
     pub fn unsent(&self, group: &GroupId, seqs: &[MsgSeq], deadline: Instant) -> Vec<MsgSeq> {
-        let latest_useful = deadline.checked_sub(self.estimates.latency()).unwrap_or(deadline);
+        // The dispatcher's own rule for a batch that can still make a deadline.
+        let latest_useful = deadline.checked_sub(self.estimates.latency() + admission::MARGIN).unwrap_or(deadline);
         let mut tables = self.lock();
         let Tables { groups, queue } = &mut *tables;
         let Some(g) = groups.get_mut(group) else { return Vec::new() };

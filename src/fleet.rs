@@ -20,6 +20,7 @@
 pub mod scripts;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -115,6 +116,8 @@ pub struct Fleet {
     channel: String,
     down_until: Mutex<Option<Instant>>,
     up: IntGauge,
+    /// Whether the outage under way was logged (once per outage, not per retry).
+    down_logged: AtomicBool,
     /// Requests waiting on another replica's answer, by `<app>:<group>`.
     waiters: Mutex<HashMap<String, Arc<Notify>>>,
 }
@@ -130,6 +133,7 @@ impl Fleet {
             channel: format!("{}:fleet:stored", config.key_prefix),
             down_until: Mutex::new(None),
             up,
+            down_logged: AtomicBool::new(false),
             waiters: Mutex::new(HashMap::new()),
         })
     }
@@ -330,15 +334,15 @@ impl Fleet {
         match tokio::time::timeout(CALL_TIMEOUT, attempt).await {
             Err(_) => Err(FleetError::Timeout),
             Ok(Ok(value)) => {
-                if self.up.get() == 0 {
-                    tracing::info!("fleet: redis answers; sharing items, fetches and batches");
+                if self.down_logged.swap(false, Ordering::Relaxed) {
+                    tracing::info!("fleet: redis answers again; sharing items, fetches and batches");
                 }
                 self.up.set(1);
                 Ok(value)
             }
             Ok(Err(e)) => {
-                if self.up.get() == 1 || self.connection.lock().map(|c| c.is_none()).unwrap_or(true) {
-                    tracing::warn!(error = %e, "fleet: redis unreachable; replicas cache and batch on their own");
+                if !self.down_logged.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "fleet: redis unreachable; each replica caches and batches on its own");
                 }
                 self.up.set(0);
                 if let Ok(mut d) = self.down_until.lock() {
