@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use crate::admission::MARGIN;
 use crate::batch::{BatchId, BatchKind, BatchPolicy, Dispatch, Neighbourhood, OpenBatch, Waiter, Window};
 use crate::budget::Budget;
-use crate::domain::MsgSeq;
+use crate::domain::{GroupId, MsgSeq};
 use crate::engine::Engine;
 use crate::inflight::{GroupState, Groups};
 
@@ -108,6 +108,9 @@ pub struct Queue {
     next_id: u64,
     /// Set when work appeared or became ready: the dispatcher must look again.
     wake: bool,
+    /// Batches dropped unsent since the dispatcher last looked: their MsgSeqs are free
+    /// for others to fetch (with the fleet tier, other replicas waited on them).
+    dropped: Vec<(GroupId, Vec<MsgSeq>)>,
 }
 
 /// What the dispatcher does next.
@@ -281,7 +284,7 @@ impl Queue {
     /// Drops permits whose retry gave up, and resolves unsent the batches whose callers'
     /// deadlines (or background lifetimes) would pass before an answer could arrive.
     fn drop_useless(&mut self, groups: &mut Groups, now: Instant, latency: Duration) {
-        let Self { order, permits, batches, .. } = self;
+        let Self { order, permits, batches, dropped, .. } = self;
         permits.retain(|_, (entry, p)| {
             let alive = !p.tx.is_closed();
             if !alive {
@@ -298,8 +301,14 @@ impl Queue {
             let Some(batch) = batches.remove(&id) else { continue };
             order.remove(&Entry::of_batch(id, batch.kind));
             groups.release(&batch.group, id, &batch.seqs, None);
+            dropped.push((batch.group.clone(), batch.seqs.clone()));
             batch.expire(now);
         }
+    }
+
+    /// The batches dropped unsent since the last call.
+    pub fn take_dropped(&mut self) -> Vec<(GroupId, Vec<MsgSeq>)> {
+        std::mem::take(&mut self.dropped)
     }
 
     /// Open batches, permits (for tests and debugging).
@@ -390,10 +399,11 @@ pub async fn run(
     budget: Arc<Budget>,
     budget_wait: Histogram,
     mut send: impl FnMut(Dispatch) + Send,
+    dropped: impl Fn(GroupId, Vec<MsgSeq>) + Send + Sync,
 ) {
     let mut last_grant: Option<Instant> = None;
     loop {
-        if !engine.wait_for_ready_work(|| !budget.contended()).await {
+        if !engine.wait_for_ready_work(|| !budget.contended(), &dropped).await {
             // Waiting for work is not the budget's slowness: restart the measurement.
             last_grant = None;
         }
@@ -409,6 +419,9 @@ pub async fn run(
             // counted anyway (it cannot be un-taken from Redis).
             Some(Job::Permit(tx)) => drop(tx.send(())),
             None => {}
+        }
+        for (group, seqs) in engine.take_dropped() {
+            dropped(group, seqs);
         }
     }
 }

@@ -172,14 +172,23 @@ impl Engine {
     /// Waits until some work is ready for a token. True if it was ready at once (the
     /// dispatcher kept busy, so the time between tokens measures the budget).
     /// `spare` says whether background batches may take a token now.
-    pub(crate) async fn wait_for_ready_work(&self, spare: impl Fn() -> bool) -> bool {
+    /// Batches dropped unsent meanwhile are handed to `dropped`.
+    pub(crate) async fn wait_for_ready_work(
+        &self,
+        spare: impl Fn() -> bool,
+        dropped: &impl Fn(GroupId, Vec<MsgSeq>),
+    ) -> bool {
         let mut at_once = true;
         loop {
-            let next = {
+            let (next, gone) = {
                 let mut tables = self.lock();
                 let Tables { groups, queue } = &mut *tables;
-                queue.next(groups, Instant::now(), self.policy.max_seqs, self.estimates.latency(), spare())
+                let next = queue.next(groups, Instant::now(), self.policy.max_seqs, self.estimates.latency(), spare());
+                (next, queue.take_dropped())
             };
+            for (group, seqs) in gone {
+                dropped(group, seqs);
+            }
             match next {
                 Next::Ready => return at_once,
                 Next::At(t) => {
@@ -202,6 +211,11 @@ impl Engine {
         let mut tables = self.lock();
         let Tables { groups, queue } = &mut *tables;
         queue.pop(groups, now, &self.policy, self.estimates.latency(), budget_wait, spare)
+    }
+
+    /// The batches dropped unsent since the last call.
+    pub(crate) fn take_dropped(&self) -> Vec<(GroupId, Vec<MsgSeq>)> {
+        self.lock().queue.take_dropped()
     }
 
     /// Counts of open batches, permits, and keys in flight (for tests and debugging).

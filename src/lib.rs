@@ -89,6 +89,7 @@ use crate::app::AppRuntime;
 use crate::batch::BatchPolicy;
 use crate::cache::{ReadLog, ReceiptCache};
 use crate::config::{Config, FleetBackend};
+use crate::domain::{GroupId, MsgSeq};
 use crate::fleet::Fleet;
 use crate::metrics::Metrics;
 use crate::shutdown::Drain;
@@ -140,12 +141,16 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     let mut apps = HashMap::new();
     for app_config in &config.apps {
         let app = Arc::new(AppRuntime::new(app_config, &config, &cache, &metrics, client.clone(), fleet.as_ref())?);
-        let dispatched = app.clone();
-        tasks.spawn(dispatch::run(app.engine.clone(), app.budget.clone(), app.budget_wait.clone(), move |batch| {
+        let (dispatched, dropped) = (app.clone(), app.clone());
+        let send = move |batch| {
             // Batch tasks end on their own: every attempt is bounded by the upstream
             // timeout and every retry by the batch's deadline.
             tokio::spawn(fetch::run(dispatched.clone(), batch));
-        }));
+        };
+        // A batch dropped unsent gives its fleet claims up, so that a caller on another
+        // replica need not wait for them to expire.
+        let dropped = move |group: GroupId, seqs: Vec<MsgSeq>| receipts::give_up(&dropped, &group, &seqs);
+        tasks.spawn(dispatch::run(app.engine.clone(), app.budget.clone(), app.budget_wait.clone(), send, dropped));
         tracing::info!(sdkappid = %app.id, region = ?app.region, endpoint = %app_config.endpoint, "app configured");
         apps.insert(app.id, app);
     }

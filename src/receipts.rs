@@ -22,6 +22,8 @@ use crate::metrics::Source;
 
 mod shared;
 
+pub use shared::give_up;
+
 /// What the caller's `Cache-Control` allows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Freshness {

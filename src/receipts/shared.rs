@@ -104,7 +104,7 @@ pub(super) async fn wait(app: &AppRuntime, tier: Option<&SharedTier>, q: &Query,
 
 /// Gives up this replica's claims on `seqs` in the background, so other replicas need
 /// not wait for them to expire (its caller was refused, or did not need them).
-pub(super) fn give_up(app: &AppRuntime, group: &GroupId, seqs: &[MsgSeq]) {
+pub fn give_up(app: &AppRuntime, group: &GroupId, seqs: &[MsgSeq]) {
     let Some(tier) = app.fleet.as_ref().filter(|_| !seqs.is_empty()) else { return };
     let (fleet, id, group, seqs, lifetimes) =
         (tier.fleet.clone(), app.id, group.clone(), seqs.to_vec(), tier.lifetimes);
