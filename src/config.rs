@@ -18,7 +18,7 @@ use crate::usersig::SecretKey;
 
 mod file;
 
-use file::{RawApp, RawBudget, RawConfig, RawFleet, RawRedis};
+use file::{RawApp, RawBudget, RawClient, RawConfig, RawFleet, RawRedis};
 
 /// A configuration problem, naming the key and what is wrong with it.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +48,20 @@ pub struct Config {
     pub fleet: FleetBackend,
     pub redis: RedisConfig,
     pub apps: Vec<AppConfig>,
+    /// The configured callers (SPEC 6.5), ids unique.
+    pub clients: Vec<ClientConfig>,
+}
+
+/// One configured caller, its token resolved.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub id: String,
+    /// With a token, the caller must send `Authorization: Bearer <token>`.
+    pub token: Option<SecretKey>,
+    /// Requests (not items) per rolling second.
+    pub requests_per_second: Option<NonZeroU32>,
+    /// Share of the upstream budget when it is contended.
+    pub weight: NonZeroU32,
 }
 
 #[derive(Debug, Clone)]
@@ -59,6 +73,8 @@ pub struct ServerConfig {
     pub max_request_seqs: usize,
     pub shutdown_grace: Duration,
     pub client_id_header: http::HeaderName,
+    /// Refuse callers without a configured client id (403).
+    pub require_client_auth: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -199,6 +215,7 @@ impl RawConfig {
             shutdown_grace: millis("server.shutdown_grace_ms", s.shutdown_grace_ms, 0, 10 * MINUTE_MS)?,
             client_id_header: http::HeaderName::from_bytes(s.client_id_header.as_bytes())
                 .map_err(|_| invalid("server.client_id_header", "is not a valid header name"))?,
+            require_client_auth: s.require_client_auth,
         };
         let c = self.cache;
         let cache = CacheConfig {
@@ -230,7 +247,16 @@ impl RawConfig {
             }
             apps.push(app);
         }
-        Ok(Config { server, cache, batch, upstream, budget, fleet, redis, apps })
+        let mut ids = HashSet::new();
+        let mut clients = Vec::with_capacity(self.clients.len());
+        for (i, raw) in self.clients.into_iter().enumerate() {
+            let client = raw.validate(i, secrets)?;
+            if !ids.insert(client.id.clone()) {
+                return Err(invalid(format!("clients[{i}].id"), format!("{:?} is configured twice", client.id)));
+            }
+            clients.push(client);
+        }
+        Ok(Config { server, cache, batch, upstream, budget, fleet, redis, apps, clients })
     }
 }
 
@@ -244,6 +270,40 @@ impl RawRedis {
             return Err(invalid("redis.key_prefix", "must be non-empty and free of { and } (they make hash tags)"));
         }
         Ok(RedisConfig { url: self.url, key_prefix: self.key_prefix })
+    }
+}
+
+/// The longest client id: it becomes a metric label.
+const MAX_CLIENT_ID_BYTES: usize = 64;
+
+impl RawClient {
+    fn validate(self, i: usize, secrets: &dyn SecretSource) -> Result<ClientConfig, ConfigError> {
+        let key = |field: &str| format!("clients[{i}].{field}");
+        let id = self.id.ok_or_else(|| invalid(key("id"), "is required"))?;
+        let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+        if id.is_empty() || id.len() > MAX_CLIENT_ID_BYTES || !id.chars().all(valid) {
+            return Err(invalid(key("id"), "must be 1 to 64 of A-Z a-z 0-9 - _ . (it is a metric label)"));
+        }
+        let token = match self.token_env {
+            None => None,
+            Some(var) => {
+                let token = secrets
+                    .env(&var)
+                    .ok_or_else(|| invalid(key("token_env"), format!("environment variable {var} is not set")))?;
+                if token.trim().is_empty() {
+                    return Err(invalid(key("token_env"), format!("environment variable {var} is empty")));
+                }
+                Some(SecretKey::new(token.trim()))
+            }
+        };
+        let requests_per_second = match self.requests_per_second {
+            None => None,
+            Some(n) => Some(rate(&key("requests_per_second"), n)?),
+        };
+        let weight = in_range(&key("weight"), self.weight, 1, 1000)?;
+        // in_range bounds it to 1..=1000.
+        let weight = NonZeroU32::new(weight as u32).ok_or_else(|| invalid(key("weight"), "must be at least 1"))?;
+        Ok(ClientConfig { id, token, requests_per_second, weight })
     }
 }
 
@@ -441,6 +501,12 @@ mod tests {
             ("[redis]\nkey_prefix = \"\"\n", "redis.key_prefix"),
             ("[redis]\nkey_prefix = \"a{b}\"\n", "redis.key_prefix"),
             ("[fleet]\nbackend = \"gossip\"\n", "fleet.backend"),
+            ("[[clients]]\nweight = 2\n", "clients[0].id"),
+            ("[[clients]]\nid = \"has space\"\n", "clients[0].id"),
+            ("[[clients]]\nid = \"a\"\n[[clients]]\nid = \"a\"\n", "clients[1].id: \"a\" is configured twice"),
+            ("[[clients]]\nid = \"a\"\ntoken_env = \"NOPE\"\n", "clients[0].token_env"),
+            ("[[clients]]\nid = \"a\"\nweight = 0\n", "clients[0].weight"),
+            ("[[clients]]\nid = \"a\"\nrequests_per_second = 0\n", "clients[0].requests_per_second"),
             ("[budget]\nredis_url = \"redis://x\"\n", "unknown field `redis_url`"),
         ];
         for (prefix, expected) in cases {

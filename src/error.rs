@@ -41,6 +41,15 @@ pub enum GatewayError {
     /// `sdkappid` missing (several apps configured), malformed or not configured.
     #[error("{0}")]
     UnknownApp(String),
+    /// A configured client's bearer token is missing or wrong.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// `server.require_client_auth` and no configured client id.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The client's `requests_per_second` is spent.
+    #[error("this client's quota of requests per second is spent; retry after {}s", retry_after_secs(*.retry_after))]
+    QuotaExceeded { retry_after: Duration },
     #[error("no such path")]
     NotFound,
     #[error("method not allowed: use POST")]
@@ -67,6 +76,9 @@ impl GatewayError {
         match self {
             Self::BadRequest(_) | Self::UnknownApp(_) => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::QuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -81,6 +93,8 @@ impl GatewayError {
         match self {
             Self::BadRequest(_) | Self::BodyTooLarge(_) => ErrorCode::INVALID_PARAMETER,
             Self::UnknownApp(_) => ErrorCode::UNKNOWN_APP,
+            Self::Unauthorized(_) | Self::Forbidden(_) => ErrorCode::UNAUTHORIZED,
+            Self::QuotaExceeded { .. } => ErrorCode::RATE_LIMITED,
             Self::NotFound => ErrorCode::UNKNOWN_PATH,
             Self::MethodNotAllowed => ErrorCode::METHOD_NOT_ALLOWED,
             Self::Overloaded { .. } => ErrorCode::RATE_LIMITED,
@@ -95,6 +109,9 @@ impl GatewayError {
             Self::BadRequest(_)
             | Self::BodyTooLarge(_)
             | Self::UnknownApp(_)
+            | Self::Unauthorized(_)
+            | Self::Forbidden(_)
+            | Self::QuotaExceeded { .. }
             | Self::NotFound
             | Self::MethodNotAllowed => Blame::Caller,
             Self::Upstream(_) | Self::DeadlineExceeded => Blame::Upstream,
@@ -105,7 +122,9 @@ impl GatewayError {
     /// The `Retry-After` value, for the errors that have one.
     pub fn retry_after(&self) -> Option<u64> {
         match self {
-            Self::Overloaded { retry_after } => Some(retry_after_secs(*retry_after)),
+            Self::Overloaded { retry_after } | Self::QuotaExceeded { retry_after } => {
+                Some(retry_after_secs(*retry_after))
+            }
             Self::Draining => Some(1),
             _ => None,
         }
@@ -122,6 +141,9 @@ mod tests {
             (GatewayError::BadRequest("x".into()), 400, 10004),
             (GatewayError::BodyTooLarge(1), 413, 10004),
             (GatewayError::UnknownApp("x".into()), 400, 60006),
+            (GatewayError::Unauthorized("x".into()), 401, 60004),
+            (GatewayError::Forbidden("x".into()), 403, 60004),
+            (GatewayError::QuotaExceeded { retry_after: Duration::from_millis(10) }, 429, 60007),
             (GatewayError::NotFound, 404, 60009),
             (GatewayError::MethodNotAllowed, 405, 60002),
             (GatewayError::Overloaded { retry_after: Duration::from_millis(1500) }, 429, 60007),

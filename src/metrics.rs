@@ -1,7 +1,7 @@
 //! The metric families of SPEC 7, registered once on the registry `run()` builds.
 //!
 //! Names are the contract with dashboards and alerts. Labels are bounded: an app is a
-//! configured sdkappid, a client a configured id or `unknown`, a result an ErrorCode or
+//! configured sdkappid, a client a configured id or `default`, a result an ErrorCode or
 //! a fixed word — never a group id, a MsgSeq or anything a caller can invent.
 
 use prometheus::{
@@ -54,6 +54,7 @@ pub struct Metrics {
     pub inflight: IntGauge,
     pub budget_backend_up: IntGauge,
     pub fleet_items: IntCounterVec,
+    pub client_rejected: IntCounterVec,
     pub fleet_backend_up: IntGauge,
     pub usersig_expiry: GaugeVec,
 }
@@ -100,7 +101,7 @@ impl Metrics {
         Ok(Self {
             requests: counter(
                 "receipt_gateway_requests_total",
-                "Data requests answered, by app, client, HTTP status and who caused an error \
+                "Data requests answered, by app, client (a configured id, or default), HTTP status and who caused an error \
                  (cause: none, caller, upstream, gateway).",
                 &["app", "client", "status", "cause"],
             )?,
@@ -145,6 +146,11 @@ impl Metrics {
             )?,
             cache_entries: int_gauge("receipt_gateway_cache_entries", "Receipt items held in the cache.")?,
             inflight: int_gauge("receipt_gateway_inflight_requests", "Data requests being answered now.")?,
+            client_rejected: counter(
+                "receipt_gateway_client_rejected_total",
+                "Requests refused, by client and reason (auth, quota, deadline: the budget could not serve it in time).",
+                &["client", "reason"],
+            )?,
             fleet_items: counter(
                 "receipt_gateway_fleet_items_total",
                 "Cache misses of this replica, by what the fleet tier did: shared_hit (found in Redis), \

@@ -1,7 +1,8 @@
 //! The data API (SPEC 2.1, 4): the accept loop (HTTP/1.1 and h2c on one port), routing,
 //! request parsing, and responses. A request passes, in this order:
-//! drain check → route → app → deadline and `Cache-Control` → body (size-capped, within
-//! the deadline) → validation → [`receipts::answer`] → response, metrics, one log line.
+//! drain check → route → app → client (who, its token, its quota) → deadline and
+//! `Cache-Control` → body (size-capped, within the deadline) → validation →
+//! [`receipts::answer`] → response, metrics, one log line.
 //! Errors become HTTP in exactly one place, [`error_response`].
 
 use std::collections::HashMap;
@@ -24,6 +25,7 @@ use tokio::time::Instant;
 
 use crate::api::{RECEIPT_PATH, ReceiptRequest, ReceiptResponse};
 use crate::app::AppRuntime;
+use crate::clients::{self, Client, Clients, Rejection};
 use crate::config::ServerConfig;
 use crate::domain::AppId;
 use crate::error::{Blame, GatewayError};
@@ -40,6 +42,7 @@ const MAX_H2_STREAMS: u32 = 4096;
 /// What every data request shares.
 pub struct Gateway {
     pub apps: HashMap<AppId, Arc<AppRuntime>>,
+    pub clients: Clients,
     pub config: ServerConfig,
     pub metrics: Metrics,
     pub drain: Arc<Drain>,
@@ -105,6 +108,10 @@ struct Trace {
     x_cache: Option<&'static str>,
     /// Who caused the error answered, if one was.
     blame: Option<Blame>,
+    /// Who called, once known.
+    client: Option<Arc<Client>>,
+    /// Why the caller was turned away, if it was.
+    rejected: Option<Rejection>,
 }
 
 /// Answers one data request; never fails (errors are answers).
@@ -121,20 +128,28 @@ pub async fn handle(req: Request<Incoming>, gw: Arc<Gateway>) -> Result<Response
         Ok(answer) => answer_response(answer),
         Err(e) => {
             trace.blame = Some(e.blame());
+            if matches!(e, GatewayError::Overloaded { .. }) {
+                trace.rejected = Some(Rejection::Deadline);
+            }
             error_response(&e)
         }
     };
     let cause = trace.blame.map_or("none", Blame::label);
+    let client = trace.client.as_ref().map_or(clients::DEFAULT, |c| c.id.as_str());
+    if let Some(reason) = trace.rejected {
+        gw.metrics.client_rejected.with_label_values(&[client, reason.label()]).inc();
+    }
     let status = response.status().as_u16();
     // The app's label was formatted once at start-up; no allocation per request.
     let app_label = trace.app.and_then(|a| gw.apps.get(&a)).map_or("none", |a| a.metrics.app_label.as_str());
     let elapsed = arrived.elapsed();
-    gw.metrics.requests.with_label_values(&[app_label, "unknown", status_label(status), cause]).inc();
+    gw.metrics.requests.with_label_values(&[app_label, client, status_label(status), cause]).inc();
     gw.metrics.request_duration.with_label_values(&[app_label]).observe(elapsed.as_secs_f64());
     tracing::info!(
         method = %method,
         path = %path,
         sdkappid = %app_label,
+        client,
         group_id = trace.group.as_deref().unwrap_or(""),
         items = trace.items,
         x_cache = trace.x_cache.unwrap_or(""),
@@ -151,6 +166,8 @@ fn status_label(status: u16) -> &'static str {
     match status {
         200 => "200",
         400 => "400",
+        401 => "401",
+        403 => "403",
         404 => "404",
         405 => "405",
         413 => "413",
@@ -176,6 +193,13 @@ async fn route(
     }
     let app = select_app(gw, req.uri().query())?;
     trace.app = Some(app.id);
+    let client = gw.clients.identify(req.headers()).map_err(|(client, e)| {
+        trace.client = Some(client);
+        trace.rejected = Some(Rejection::Auth);
+        e
+    })?;
+    trace.client = Some(client.clone());
+    client.admit(arrived).inspect_err(|_| trace.rejected = Some(Rejection::Quota))?;
     let deadline = arrived + deadline(req.headers(), gw.config.request_timeout)?;
     let freshness = freshness(req.headers());
     let body = read_body(req, gw.config.max_body_bytes, deadline).await?;

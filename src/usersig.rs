@@ -31,6 +31,11 @@ impl SecretKey {
     fn bytes(&self) -> &[u8] {
         self.0.as_bytes()
     }
+
+    /// The secret itself, for the one place that must compare or send it.
+    pub(crate) fn expose(&self) -> &str {
+        &self.0
+    }
 }
 
 impl fmt::Debug for SecretKey {

@@ -19,6 +19,7 @@ pub(super) struct RawConfig {
     pub(super) fleet: RawFleet,
     pub(super) redis: RawRedis,
     pub(super) apps: Vec<RawApp>,
+    pub(super) clients: Vec<RawClient>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -31,6 +32,7 @@ pub(super) struct RawServer {
     pub(super) max_request_seqs: u64,
     pub(super) shutdown_grace_ms: u64,
     pub(super) client_id_header: String,
+    pub(super) require_client_auth: bool,
 }
 
 impl Default for RawServer {
@@ -43,6 +45,7 @@ impl Default for RawServer {
             max_request_seqs: 1000,
             shutdown_grace_ms: 20000,
             client_id_header: "x-client-id".into(),
+            require_client_auth: false,
         }
     }
 }
@@ -144,4 +147,19 @@ pub(super) struct RawApp {
 
 fn default_usersig_ttl() -> u64 {
     86400
+}
+
+/// One calling service (SPEC 6.5).
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawClient {
+    pub(super) id: Option<String>,
+    pub(super) token_env: Option<String>,
+    pub(super) requests_per_second: Option<u64>,
+    #[serde(default = "default_weight")]
+    pub(super) weight: u64,
+}
+
+fn default_weight() -> u64 {
+    1
 }

@@ -29,6 +29,8 @@ pub const WAIT: Duration = Duration::from_secs(20);
 
 const KEY: &str = "test-key-of-app-one";
 const KEY2: &str = "test-key-of-app-two";
+/// The bearer token of the test config's `billing` client.
+pub const BILLING_TOKEN: &str = "billing-secret-token-0123";
 
 /// Secrets for the test config: each app's key under its own variable.
 struct TestSecrets;
@@ -38,6 +40,7 @@ impl SecretSource for TestSecrets {
         match name {
             "KEY_ONE" => Some(KEY.into()),
             "KEY_TWO" => Some(KEY2.into()),
+            "BILLING_TOKEN" => Some(BILLING_TOKEN.into()),
             _ => None,
         }
     }

@@ -1,0 +1,190 @@
+//! Who is calling (SPEC 6.5): the configured client named by the client id header, or
+//! the `default` client; its bearer token, checked in constant time; and its quota of
+//! requests per rolling second, which refuses at once (429) rather than making anyone
+//! wait.
+//!
+//! Tokens never leave this module: they are kept as SHA-256 digests, compared digest to
+//! digest, and never logged, counted or echoed.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName, header};
+use sha2::{Digest, Sha256};
+use tokio::time::Instant;
+
+use crate::config::{ClientConfig, Config};
+use crate::error::GatewayError;
+
+/// The id of the client every unconfigured caller is.
+pub const DEFAULT: &str = "default";
+
+/// The rolling window of a quota.
+const QUOTA_WINDOW: Duration = Duration::from_secs(1);
+
+/// One calling service.
+pub struct Client {
+    /// A configured id, or [`DEFAULT`]: the `client` metric label.
+    pub id: String,
+    token: Option<[u8; 32]>,
+    quota: Option<Quota>,
+}
+
+/// At most `limit` requests in any rolling second: the times of the last `limit` admitted
+/// requests, exactly (a token bucket with a burst lets up to twice the limit into one
+/// second).
+struct Quota {
+    limit: usize,
+    admitted: Mutex<VecDeque<Instant>>,
+}
+
+impl Quota {
+    /// Admits a request at `now`, or says how long until one would be admitted.
+    fn admit(&self, now: Instant) -> Result<(), Duration> {
+        let mut admitted = self.admitted.lock().unwrap_or_else(|p| p.into_inner());
+        while admitted.front().is_some_and(|&t| now.saturating_duration_since(t) >= QUOTA_WINDOW) {
+            admitted.pop_front();
+        }
+        if admitted.len() < self.limit {
+            admitted.push_back(now);
+            return Ok(());
+        }
+        // Full: the oldest admission leaves the window first.
+        let oldest = admitted.front().copied().unwrap_or(now);
+        Err((oldest + QUOTA_WINDOW).saturating_duration_since(now))
+    }
+}
+
+/// Why a caller was turned away (`receipt_gateway_client_rejected_total{reason}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rejection {
+    Auth,
+    Quota,
+    Deadline,
+}
+
+impl Rejection {
+    pub fn label(self) -> &'static str {
+        match self {
+            Rejection::Auth => "auth",
+            Rejection::Quota => "quota",
+            Rejection::Deadline => "deadline",
+        }
+    }
+}
+
+/// Every configured client, by id.
+pub struct Clients {
+    by_id: HashMap<String, Arc<Client>>,
+    default: Arc<Client>,
+    header: HeaderName,
+    require_auth: bool,
+}
+
+fn digest(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// Equal digests, compared in constant time.
+fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Client {
+    fn new(config: &ClientConfig) -> Self {
+        Self {
+            id: config.id.clone(),
+            token: config.token.as_ref().map(|t| digest(t.expose().as_bytes())),
+            quota: config.requests_per_second.map(|n| Quota {
+                limit: n.get() as usize,
+                admitted: Mutex::new(VecDeque::with_capacity(n.get().min(4096) as usize)),
+            }),
+        }
+    }
+
+    /// Checks the caller's `Authorization: Bearer` against this client's token.
+    fn authenticate(&self, headers: &HeaderMap) -> Result<(), GatewayError> {
+        let Some(expected) = &self.token else { return Ok(()) };
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .map(str::trim);
+        match presented {
+            Some(token) if same(&digest(token.as_bytes()), expected) => Ok(()),
+            Some(_) => Err(GatewayError::Unauthorized(format!("the bearer token of client {} is wrong", self.id))),
+            None => Err(GatewayError::Unauthorized(format!("client {} must send Authorization: Bearer", self.id))),
+        }
+    }
+
+    /// Counts one request against the quota; 429 with a truthful `Retry-After` over it.
+    pub fn admit(&self, now: Instant) -> Result<(), GatewayError> {
+        match &self.quota {
+            None => Ok(()),
+            Some(quota) => quota.admit(now).map_err(|retry_after| GatewayError::QuotaExceeded { retry_after }),
+        }
+    }
+}
+
+impl Clients {
+    pub fn new(config: &Config) -> Self {
+        let by_id: HashMap<String, Arc<Client>> =
+            config.clients.iter().map(|c| (c.id.clone(), Arc::new(Client::new(c)))).collect();
+        let default = by_id
+            .get(DEFAULT)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(Client { id: DEFAULT.to_owned(), token: None, quota: None }));
+        Self {
+            by_id,
+            default,
+            header: config.server.client_id_header.clone(),
+            require_auth: config.server.require_client_auth,
+        }
+    }
+
+    /// The caller of a request: who it says it is, if configured, and authenticated. The
+    /// client is returned with the error too, for the metrics.
+    pub fn identify(&self, headers: &HeaderMap) -> Result<Arc<Client>, (Arc<Client>, GatewayError)> {
+        let named = headers.get(&self.header).and_then(|v| v.to_str().ok()).and_then(|id| self.by_id.get(id.trim()));
+        let client = match named {
+            Some(client) => client.clone(),
+            None if self.require_auth => {
+                let e = GatewayError::Forbidden(format!("callers must name a configured client in {}", self.header));
+                return Err((self.default.clone(), e));
+            }
+            None => self.default.clone(),
+        };
+        match client.authenticate(headers) {
+            Ok(()) => Ok(client),
+            Err(e) => Err((client, e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quota_admits_its_limit_in_any_rolling_second_and_says_when_to_retry() {
+        let quota = Quota { limit: 3, admitted: Mutex::new(VecDeque::new()) };
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+
+        let first: Vec<bool> = (0..4).map(|i| quota.admit(t + ms(i * 100)).is_ok()).collect();
+        let refused = quota.admit(t + ms(400)).unwrap_err();
+        let after = quota.admit(t + ms(1000)).is_ok();
+
+        assert_eq!(first, [true, true, true, false]);
+        assert_eq!(refused, ms(600), "the first admission leaves the window at 1 s");
+        assert!(after);
+        assert!(quota.admit(t + ms(1050)).is_err(), "100 ms and 200 ms are still in the window");
+    }
+
+    #[test]
+    fn digests_compare_equal_only_when_equal() {
+        assert!(same(&digest(b"token"), &digest(b"token")));
+        assert!(!same(&digest(b"token"), &digest(b"tokem")));
+    }
+}
