@@ -97,68 +97,58 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local me, ttl, neg, lease_ms, room = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local memory, window = tonumber(ARGV[6]), tonumber(ARGV[7])
 local claim = me .. ',' .. (now + lease_ms)
-local chosen = {}
-local top = 0
+local chosen, taken, top = {}, {}, 0
+-- Redis's answer for seq, if any: its fetch time and whether it is still fresh.
+local function item(seq)
+  local v = redis.call('HGET', KEYS[1], seq)
+  if not v then return nil end
+  local f, code = string.match(v, '^(%d+),(%-?%d+)')
+  local life = ttl
+  if code == '10062' then life = neg end
+  return tonumber(f), now - tonumber(f) < life, code
+end
+-- Whether some replica's unexpired claim holds seq.
+local function busy(seq)
+  local held = redis.call('HGET', KEYS[2], seq)
+  return held ~= false and held ~= nil and tonumber(string.match(held, ',(%d+)$')) > now
+end
+local function take(seq)
+  redis.call('HSET', KEYS[2], seq, claim)
+  taken[#taken + 1] = seq
+  chosen[seq] = true
+end
 for i = 8, #ARGV do
   redis.call('HSET', KEYS[2], ARGV[i], claim)
   chosen[ARGV[i]] = true
   top = math.max(top, tonumber(ARGV[i]))
 end
-local taken = {}
+-- 1. What other replicas wait for.
 if room > 0 then
   for _, seq in ipairs(redis.call('SMEMBERS', KEYS[4])) do
     if #taken >= room then break end
     redis.call('SREM', KEYS[4], seq)
-    local v = redis.call('HGET', KEYS[1], seq)
-    local is_fresh = false
-    if v then
-      local f, code = string.match(v, '^(%d+),(%-?%d+)')
-      local life = ttl
-      if code == '10062' then life = neg end
-      is_fresh = now - tonumber(f) < life
-    end
-    local held = redis.call('HGET', KEYS[2], seq)
-    local busy = false
-    if held then busy = tonumber(string.match(held, ',(%d+)$')) > now end
-    if not is_fresh and not busy and not chosen[seq] then
-      redis.call('HSET', KEYS[2], seq, claim)
-      taken[#taken + 1] = seq
-      chosen[seq] = true
-    end
+    local _, fresh = item(seq)
+    if not fresh and not busy(seq) and not chosen[seq] then take(seq) end
   end
 end
+-- 2. The fleet's cohort: read lately by any replica, positive, due within half a TTL.
 if #taken < room then
   local reads = redis.call('HGETALL', KEYS[5])
   for i = 1, #reads, 2 do
     if #taken >= room then break end
     local seq = reads[i]
     if not chosen[seq] and now - tonumber(reads[i + 1]) <= memory then
-      local v = redis.call('HGET', KEYS[1], seq)
-      if v then
-        local f, code = string.match(v, '^(%d+),(%-?%d+)')
-        local held = redis.call('HGET', KEYS[2], seq)
-        local busy = held and tonumber(string.match(held, ',(%d+)$')) > now
-        if code ~= '10062' and tonumber(f) + ttl <= now + ttl / 2 and not busy then
-          redis.call('HSET', KEYS[2], seq, claim)
-          taken[#taken + 1] = seq
-          chosen[seq] = true
-        end
-      end
+      local f, _, code = item(seq)
+      if f and code ~= '10062' and f + ttl <= now + ttl / 2 and not busy(seq) then take(seq) end
     end
   end
 end
+-- 3. The neighbourhood the fleet has not cached (MsgSeqs above 2^53 are not exact here).
 for i = 1, #taken do top = math.max(top, tonumber(taken[i])) end
 local seq = top - 1
-while #taken < room and seq >= 1 and seq >= top - window do
+while #taken < room and seq >= 1 and seq >= top - window and top < 9007199254740992 do
   local key = string.format('%.0f', seq)
-  if not chosen[key] and redis.call('HEXISTS', KEYS[1], key) == 0 then
-    local held = redis.call('HGET', KEYS[2], key)
-    if not held or tonumber(string.match(held, ',(%d+)$')) <= now then
-      redis.call('HSET', KEYS[2], key, claim)
-      taken[#taken + 1] = key
-      chosen[key] = true
-    end
-  end
+  if not chosen[key] and redis.call('HEXISTS', KEYS[1], key) == 0 and not busy(key) then take(key) end
   seq = seq - 1
 end
 local lease = redis.call('GET', KEYS[3])
