@@ -5,6 +5,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -23,12 +24,16 @@ use crate::redis::RedisServer;
 use crate::support::{APP, RECEIPT, Reply, body, heavy, until, within};
 
 const KEY: &str = "fleet-test-key";
+/// The bearer token of a client some tests configure.
+const TOKEN: &str = "fleet-test-bearer-token-4711";
 
 /// One gateway process, killed (SIGKILL) on drop.
 pub struct Replica {
     child: Child,
     pub url: String,
     pub admin: String,
+    /// Every line it logged (JSON), for assertions about its logs.
+    pub log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Replica {
@@ -47,6 +52,7 @@ impl Replica {
             .args(["serve", "--config"])
             .arg(&config)
             .env("FLEET_TEST_KEY", KEY)
+            .env("FLEET_TEST_TOKEN", TOKEN)
             .env("RECEIPT_GATEWAY_LOG_FORMAT", "json")
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
@@ -55,6 +61,8 @@ impl Replica {
             .expect("the gateway binary starts");
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = std::sync::mpsc::channel();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let lines = log.clone();
         // Drains stdout for the process's whole life (a full pipe would block it).
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -63,6 +71,7 @@ impl Replica {
                 {
                     let _ = tx.send((v["listen"].as_str().map(str::to_owned), v["admin"].as_str().map(str::to_owned)));
                 }
+                lines.lock().unwrap_or_else(|p| p.into_inner()).push(line);
             }
         });
         let (listen, admin) = rx.recv_timeout(Duration::from_secs(20)).expect("the gateway says where it listens");
@@ -70,6 +79,7 @@ impl Replica {
             child,
             url: format!("http://{}", listen.expect("listen address")),
             admin: format!("http://{}", admin.expect("admin address")),
+            log,
         }
     }
 
@@ -431,4 +441,30 @@ async fn a_large_groups_items_past_their_stale_window_are_pruned_when_it_is_writ
     let after: usize = within(redis::cmd("HLEN").arg(&keys[0]).query_async(&mut conn)).await.unwrap();
 
     assert_eq!((before, after), (200, 100), "past 256 items, the 200 past their stale window go");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_a_log_line() {
+    let _heavy = heavy().await;
+    let f = Fixture::new("secrets", 200).await;
+    let clients = "[[clients]]\nid = \"billing\"\ntoken_env = \"FLEET_TEST_TOKEN\"\n";
+    let replica = Replica::start(&f.dir, "secrets", &f.sim_url, clients);
+    let bearer = format!("Bearer {TOKEN}");
+    let b = body("g-secrets", &[1, 2]);
+
+    let right = f.post(&replica, &b, &[("x-client-id", "billing"), ("authorization", &bearer)]).await;
+    let wrong = f.post(&replica, &b, &[("x-client-id", "billing"), ("authorization", "Bearer guess")]).await;
+    let spoofed = format!("{}{RECEIPT}?usersig=caller-usersig-xyz&identifier=admin", replica.url);
+    let request = Request::post(spoofed).body(Full::new(Bytes::from(b.clone()))).unwrap();
+    let ignored = within(f.client.request(request)).await.unwrap().status();
+    // Wait until the last request's line is logged.
+    until(|| replica.log.lock().unwrap().iter().filter(|l| l.contains("\"message\":\"request\"")).count() >= 3).await;
+
+    assert_eq!((right.status, wrong.status, ignored), (StatusCode::OK, StatusCode::UNAUTHORIZED, StatusCode::OK));
+    let log = replica.log.lock().unwrap().join("\n");
+    for secret in [TOKEN, KEY, "caller-usersig-xyz", "guess"] {
+        assert!(!log.contains(secret), "{secret:?} appears in the log");
+    }
+    assert!(log.contains("\"client\":\"billing\""), "the client id is logged");
+    assert!(log.contains("upstream call"), "the upstream call was logged (with its signed URL's endpoint only)");
 }
