@@ -85,3 +85,43 @@ async fn a_quota_admits_no_more_than_its_requests_per_second_and_refuses_at_once
     let other = app.post(&b).await;
     assert_eq!(other.status, StatusCode::OK, "another client's quota is its own");
 }
+
+/// Both clients ask far more than the budget, each for groups of its own: the tokens
+/// split by weight, and `receipt_gateway_budget_calls_total` shows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contended_budget_is_split_by_weight() {
+    let _heavy = crate::support::heavy().await;
+    let clients = "[[clients]]\nid = \"bulk\"\nweight = 3\n\n[[clients]]\nid = \"batchjob\"\nweight = 1\n";
+    let app = TestApp::spawn_with(Setup {
+        sim_limit: 20,
+        ..Setup::sections(&format!("[budget]\nper_second = 20\n{clients}"))
+    })
+    .await;
+    let flood = |client: &'static str| {
+        let tasks: Vec<_> = (0..120)
+            .map(|i| {
+                app.post_in_background(
+                    body(&format!("g-{client}-{i}"), &[1]),
+                    &[("x-client-id", client), ("x-request-timeout-ms", "3000")],
+                )
+            })
+            .collect();
+        async move {
+            for t in tasks {
+                let _ = crate::support::within(t).await;
+            }
+        }
+    };
+
+    tokio::join!(flood("bulk"), flood("batchjob"));
+
+    let calls = |client: &str| {
+        format!(
+            "receipt_gateway_budget_calls_total{{api=\"get_group_msg_receipt\",app=\"1400000000\",client=\"{client}\"}}"
+        )
+    };
+    let (bulk, job) = (app.metric(&calls("bulk")).await, app.metric(&calls("batchjob")).await);
+    let ratio = bulk / job.max(1.0);
+    assert!(bulk + job >= 40.0, "the budget was used: {bulk} + {job}");
+    assert!((2.55..=3.45).contains(&ratio), "3 : 1 within 15 %: {bulk} : {job} = {ratio:.2}");
+}
