@@ -18,6 +18,7 @@ use crate::batch::{BatchOutcome, Dispatch, Failure, Items, Window};
 use crate::cache::{GroupAnswer, Page};
 use crate::code::ErrorCode;
 use crate::domain::{GroupId, MsgSeq, Receipt};
+use crate::fleet;
 use crate::upstream::Outcome;
 
 /// First retry delay; doubled per attempt, with jitter, capped at `BACKOFF_MAX`.
@@ -49,6 +50,12 @@ pub async fn run(app: Arc<AppRuntime>, mut batch: Dispatch) {
 /// Tops the call up with MsgSeqs other replicas wait for (SPEC 5.6), as far as
 /// `batch.max_seqs` allows; they are in flight with this batch from now on.
 async fn take_wanted(app: &AppRuntime, tier: &SharedTier, batch: &mut Dispatch) {
+    // A Redis round trip may take up to its timeout: not for a call whose most urgent
+    // caller has less than a few of them left (others' MsgSeqs wait for the next call).
+    let left = batch.window.urgency.saturating_duration_since(Instant::now());
+    if left < fleet::CALL_TIMEOUT * 4 + app.engine.estimates().latency() {
+        return;
+    }
     let room = app.engine.policy().max_seqs.saturating_sub(batch.seqs.len());
     match tier.fleet.take(app.id, &batch.group, &batch.seqs, room, tier.lifetimes).await {
         Ok(taken) => {

@@ -44,6 +44,7 @@ async fn concurrently(app: &TestApp, requests: &[(String, Vec<u64>)], headers: &
 
 #[tokio::test]
 async fn a_hundred_concurrent_requests_for_a_group_cost_one_call_per_max_seqs_and_a_repeat_costs_none() {
+    let _heavy = crate::support::heavy().await;
     // A wide window lets every request land before the batches may leave.
     let app = TestApp::spawn_with(Setup::sections("[batch]\nwindow_ms = 1000\n[cache]\nttl_ms = 60000\n")).await;
     let requests: Vec<(String, Vec<u64>)> =
@@ -314,6 +315,7 @@ mod mixes {
         fn every_caller_gets_its_own_items_and_each_key_is_fetched_once(requests in mix(), latency_ms in 0u64..40) {
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
             runtime.block_on(async {
+                let _heavy = crate::support::heavy().await;
                 let app = TestApp::spawn_with(Setup { sim_limit: 40, ..Setup::sections("[budget]\nper_second = 40\n[cache]\nttl_ms = 60000\n") }).await;
                 app.sim.set_latency(Duration::from_millis(latency_ms));
 
