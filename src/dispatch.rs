@@ -3,12 +3,9 @@
 //! It owns the open batches and the retry permits (a retry or a split half of a
 //! dispatched batch asking for one more token), in one order: callers' work by the
 //! earliest deadline it serves, then background batches by expiry. The dispatcher takes
-//! one token from the [`Budget`] at a time and spends it on a permit that comes first,
-//! else on the ready batch of the client that start-time fair queuing picks (by weight;
-//! within a client, the earliest deadline), else on a background batch. When a batch
-//! leaves, it is topped up with its group's cohort (cached messages read lately that
-//! expire within half a TTL, so the group refreshes in one call per TTL), then with its
-//! uncached neighbourhood.
+//! one token from the [`Budget`] at a time and spends it on the first ready entry. When a
+//! batch leaves, it is topped up with its group's cohort: cached messages read lately that
+//! expire within half a TTL, so the group refreshes in one call per TTL.
 //!
 //! Invariants: a token is spent only on work somebody can still use — a batch whose
 //! callers' deadlines would pass before an answer could arrive, or a permit whose retry

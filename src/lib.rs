@@ -27,11 +27,10 @@
 //! 4. [`inflight`] — puts each admitted miss in flight exactly once: it joins the
 //!    [`batch`] that already carries it or is added to its group's open batch.
 //! 5. [`dispatch`] — the dispatcher takes one token at a time from the [`budget`]
-//!    (governor, or GCRA in Redis, at the AIMD effective rate) and spends it on a retry
-//!    permit, else on the ready batch of the client fair queuing picks (by weight; within
-//!    a client, the earliest deadline), else on a background batch; the batch is topped up
-//!    from the group's cache page with the cohort (read lately, due within half a TTL) and
-//!    the uncached neighbourhood.
+//!    (governor, or GCRA in Redis, at the AIMD effective rate) and spends it on the first
+//!    ready entry of the queue (callers' batches and retry permits by earliest deadline,
+//!    then background batches), topped up from the group's cache page with the cohort:
+//!    read lately, due to expire within half a TTL.
 //! 6. [`fetch`] — runs the dispatched batch in its own task: one signed regional call via
 //!    [`upstream`] (UserSig from the [`signer`], built with [`usersig`]), retries and
 //!    10004 splits each paid with a permit from the queue, answers stored in the
