@@ -40,12 +40,12 @@ impl Forecast {
     }
 }
 
-/// When an answer could arrive for a caller whose last batch has `ahead` tokens going to
-/// other work before it: after the batch window, one token per interval for everything
-/// ahead, then one call.
-pub fn expected_answer(now: Instant, ahead: f64, forecast: Forecast, window: Duration) -> Instant {
+/// When an answer could arrive for a caller whose last batch has `ahead` entries queued
+/// before it: after the batch window, one token per interval for everything ahead, then
+/// one call.
+pub fn expected_answer(now: Instant, ahead: u32, forecast: Forecast, window: Duration) -> Instant {
     let first = forecast.pace.next_token.max(window);
-    now + first + forecast.interval().mul_f64(ahead.max(0.0)) + forecast.latency + MARGIN
+    now + first + forecast.interval() * ahead + forecast.latency + MARGIN
 }
 
 /// How long until `queued` callers' entries have drained: a truthful `Retry-After` for a
@@ -155,10 +155,10 @@ mod tests {
     fn an_answer_is_expected_after_the_window_the_queue_ahead_and_one_call() {
         let now = Instant::now();
         // Next token in 1 ms, but the batch window (2 ms) comes later; 10 ahead at 5 ms.
-        let at = expected_answer(now, 10.0, forecast(1, 5, 0, 20), 2 * MS);
+        let at = expected_answer(now, 10, forecast(1, 5, 0, 20), 2 * MS);
         assert_eq!(at, now + 2 * MS + 50 * MS + 20 * MS + MARGIN);
         // A slower drain than the pace is what counts.
-        let slow = expected_answer(now, 10.0, forecast(1, 5, 8, 20), 2 * MS);
+        let slow = expected_answer(now, 10, forecast(1, 5, 8, 20), 2 * MS);
         assert_eq!(slow, now + 2 * MS + 80 * MS + 20 * MS + MARGIN);
     }
 

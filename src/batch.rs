@@ -75,20 +75,6 @@ impl BatchPolicy {
     }
 }
 
-/// A calling client's claim on the budget (SPEC 5.3, 6.5): who, and with what weight.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Share {
-    pub client: Arc<str>,
-    pub weight: u32,
-}
-
-impl Share {
-    /// The `default` client's share when no client is configured: weight 1.
-    pub fn default_client() -> Self {
-        Self { client: Arc::from(crate::clients::DEFAULT), weight: 1 }
-    }
-}
-
 /// A batch's identity in its app's queue (never reused within a process).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BatchId(pub(crate) u64);
@@ -195,15 +181,13 @@ pub struct OpenBatch {
     /// When it becomes ready: `window` after opening, or when it filled up.
     pub ready_at: Instant,
     pub kind: BatchKind,
-    /// The clients whose callers wait for it, each once.
-    pub shares: Vec<Share>,
     pub outcome: Outcome,
 }
 
 impl OpenBatch {
     pub fn new(group: GroupId, kind: BatchKind, ready_at: Instant) -> Self {
         let (outcome, _) = watch::channel(None);
-        Self { group, seqs: Vec::new(), ready_at, kind, shares: Vec::new(), outcome }
+        Self { group, seqs: Vec::new(), ready_at, kind, outcome }
     }
 
     pub fn has_room(&self, max_seqs: usize) -> bool {
@@ -264,8 +248,6 @@ pub struct Dispatch {
     /// How many of `seqs` callers asked for (the rest are top-up).
     pub requested: usize,
     pub window: Window,
-    /// The client whose turn paid for it (None: a background batch).
-    pub charged: Option<Arc<str>>,
     pub outcome: Outcome,
 }
 

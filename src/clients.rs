@@ -14,7 +14,6 @@ use http::{HeaderMap, HeaderName, header};
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
-use crate::batch::Share;
 use crate::config::{ClientConfig, Config};
 use crate::error::GatewayError;
 
@@ -28,8 +27,6 @@ const QUOTA_WINDOW: Duration = Duration::from_secs(1);
 pub struct Client {
     /// A configured id, or [`DEFAULT`]: the `client` metric label.
     pub id: String,
-    /// Its claim on the budget: id and weight.
-    pub share: Share,
     token: Option<[u8; 32]>,
     quota: Option<Quota>,
 }
@@ -98,7 +95,6 @@ impl Client {
     fn new(config: &ClientConfig) -> Self {
         Self {
             id: config.id.clone(),
-            share: Share { client: Arc::from(config.id.as_str()), weight: config.weight.get() },
             token: config.token.as_ref().map(|t| digest(t.expose().as_bytes())),
             quota: config.requests_per_second.map(|n| Quota {
                 limit: n.get() as usize,
@@ -135,9 +131,10 @@ impl Clients {
     pub fn new(config: &Config) -> Self {
         let by_id: HashMap<String, Arc<Client>> =
             config.clients.iter().map(|c| (c.id.clone(), Arc::new(Client::new(c)))).collect();
-        let default = by_id.get(DEFAULT).cloned().unwrap_or_else(|| {
-            Arc::new(Client { id: DEFAULT.to_owned(), share: Share::default_client(), token: None, quota: None })
-        });
+        let default = by_id
+            .get(DEFAULT)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(Client { id: DEFAULT.to_owned(), token: None, quota: None }));
         Self {
             by_id,
             default,

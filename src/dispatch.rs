@@ -21,7 +21,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::admission::MARGIN;
-use crate::batch::{BatchId, BatchKind, BatchPolicy, Dispatch, Neighbourhood, OpenBatch, Share, Waiter, Window};
+use crate::batch::{BatchId, BatchKind, BatchPolicy, Dispatch, Neighbourhood, OpenBatch, Waiter, Window};
 use crate::budget::Budget;
 use crate::domain::{GroupId, MsgSeq};
 use crate::engine::Engine;
@@ -111,29 +111,6 @@ pub struct Queue {
     /// Batches dropped unsent since the dispatcher last looked: their MsgSeqs are free
     /// for others to fetch (with the fleet tier, other replicas waited on them).
     dropped: Vec<(GroupId, Vec<MsgSeq>)>,
-    fair: Fair,
-}
-
-/// Start-time fair queuing over the clients whose callers wait (SPEC 5.3, 6.5): the next
-/// token goes to the waiting client with the smallest start tag `max(V, F_c)`; serving it
-/// sets its finish tag to that plus `1 / weight` and the virtual time `V` to that start.
-/// A client that was idle starts at `V`: it banks no credit.
-#[derive(Default)]
-struct Fair {
-    virtual_time: f64,
-    finish: HashMap<Arc<str>, f64>,
-}
-
-impl Fair {
-    fn start(&self, client: &str) -> f64 {
-        self.finish.get(client).map_or(self.virtual_time, |f| f.max(self.virtual_time))
-    }
-
-    fn charge(&mut self, share: &Share) {
-        let start = self.start(&share.client);
-        self.finish.insert(share.client.clone(), start + 1.0 / f64::from(share.weight.max(1)));
-        self.virtual_time = start;
-    }
 }
 
 /// What the dispatcher does next.
@@ -178,11 +155,8 @@ impl Queue {
 
     /// A caller with `deadline` waits for batch `id` (if it is still open): its deadlines
     /// widen, and it moves up the queue if it became more urgent.
-    pub fn add_caller(&mut self, id: BatchId, deadline: Instant, share: &Share) {
+    pub fn add_caller(&mut self, id: BatchId, deadline: Instant) {
         let Some(batch) = self.batches.get_mut(&id) else { return };
-        if !batch.shares.iter().any(|s| s.client == share.client) {
-            batch.shares.push(share.clone());
-        }
         let before = Entry::of_batch(id, batch.kind);
         batch.kind = batch.kind.with_caller(deadline);
         let after = Entry::of_batch(id, batch.kind);
@@ -214,18 +188,10 @@ impl Queue {
         self.order.iter().take_while(|e| e.lane == Lane::Callers).count() as u32
     }
 
-    /// How many tokens will go to other work before the last batch a caller with
-    /// `deadline` of client `share` would wait for, if `misses` of group `g` joined now;
-    /// None when every one of them is already on the wire. The caller's client gets its
-    /// fair share of the tokens: the entries ahead of it that are its own (or retries),
-    /// times the clients' weights over its own.
-    pub fn ahead_of(
-        &self,
-        g: &GroupState,
-        misses: &[MsgSeq],
-        (deadline, share): (Instant, &Share),
-        max_seqs: usize,
-    ) -> Option<f64> {
+    /// How many entries are queued ahead of the last batch a caller with `deadline`
+    /// would wait for, if `misses` of group `g` joined now; None when every one of them
+    /// is already on the wire.
+    pub fn ahead_of(&self, g: &GroupState, misses: &[MsgSeq], deadline: Instant, max_seqs: usize) -> Option<u32> {
         let place = |id: BatchId| self.batches.get(&id).map(|b| Entry::of_batch(id, b.kind.with_caller(deadline)));
         let mut unplaced = 0;
         let mut last: Option<Entry> = None;
@@ -242,24 +208,7 @@ impl Queue {
                 _ => Some(Entry::new_batch(deadline)),
             });
         }
-        let last = last?;
-        let mut own = 0u32;
-        let mut weights: HashMap<&str, u32> = HashMap::from([(&*share.client, share.weight.max(1))]);
-        for entry in self.order.iter().take_while(|e| e.lane == Lane::Callers) {
-            let Work::Batch(id) = entry.work else {
-                own += u32::from(*entry < last);
-                continue;
-            };
-            let Some(b) = self.batches.get(&id) else { continue };
-            for s in &b.shares {
-                weights.entry(&s.client).or_insert(s.weight.max(1));
-            }
-            if *entry < last && b.shares.iter().any(|s| s.client == share.client) {
-                own += 1;
-            }
-        }
-        let total: u32 = weights.values().sum();
-        Some(f64::from(own) * f64::from(total) / f64::from(share.weight.max(1)))
+        Some(self.order.range(..last?).count() as u32)
     }
 
     /// Drops what nobody can use any more, and tells when work is next ready. `spare`
@@ -300,10 +249,7 @@ impl Queue {
         spare: bool,
     ) -> Option<Job> {
         self.drop_useless(groups, now, latency);
-        let (entry, share) = self.first_ready(now, policy.max_seqs, spare)?;
-        if let Some(share) = &share {
-            self.fair.charge(share);
-        }
+        let entry = self.first_ready(now, policy.max_seqs, spare)?;
         self.order.remove(&entry);
         match entry.work {
             Work::Permit(id) => {
@@ -317,43 +263,22 @@ impl Queue {
                     // Background batches wait for spare budget by design; that is no wait.
                     budget_wait.observe(now.saturating_duration_since(batch.ready_at).as_secs_f64());
                 }
-                Some(Job::Batch(dispatch(groups, id, batch, now, policy, share.map(|s| s.client))))
+                Some(Job::Batch(dispatch(groups, id, batch, now, policy)))
             }
         }
     }
 
-    /// The entry that takes the token now, and the client charged for it: a permit that
-    /// comes before every ready callers' batch; else, of the clients whose callers wait in
-    /// ready batches, the one fair queuing picks, with its earliest ready batch; else a
-    /// ready background batch, if no caller's batch is still filling.
-    fn first_ready(&self, now: Instant, max_seqs: usize, spare: bool) -> Option<(Entry, Option<Share>)> {
+    /// The first entry that may take a token now.
+    fn first_ready(&self, now: Instant, max_seqs: usize, spare: bool) -> Option<Entry> {
         let mut filling = !spare;
-        let mut best: Option<(f64, Entry, &Share)> = None;
-        for entry in &self.order {
-            let Work::Batch(id) = entry.work else {
-                if best.is_none() {
-                    return Some((*entry, None));
-                }
-                continue;
-            };
-            let Some(b) = self.batches.get(&id) else { continue };
+        self.order.iter().copied().find(|entry| {
+            let Work::Batch(id) = entry.work else { return true };
+            let Some(b) = self.batches.get(&id) else { return false };
             let callers = entry.lane == Lane::Callers;
             let ready = b.is_ready(now, max_seqs) && (callers || !filling);
             filling |= callers && !ready;
-            if !ready {
-                continue;
-            }
-            if !callers {
-                return best.map_or(Some((*entry, None)), |(_, e, share)| Some((e, Some(share.clone()))));
-            }
-            for share in &b.shares {
-                let start = self.fair.start(&share.client);
-                if best.is_none_or(|(s, _, _)| start < s) {
-                    best = Some((start, *entry, share));
-                }
-            }
-        }
-        best.map(|(_, e, share)| (e, Some(share.clone())))
+            ready
+        })
     }
 
     /// Drops permits whose retry gave up, and resolves unsent the batches whose callers'
@@ -394,14 +319,7 @@ impl Queue {
 
 /// A batch leaving the queue: detached from its group's open list and topped up with
 /// the group's cohort (read lately, within half a TTL of expiry, not in flight).
-fn dispatch(
-    groups: &mut Groups,
-    id: BatchId,
-    batch: OpenBatch,
-    now: Instant,
-    policy: &BatchPolicy,
-    charged: Option<Arc<str>>,
-) -> Dispatch {
+fn dispatch(groups: &mut Groups, id: BatchId, batch: OpenBatch, now: Instant, policy: &BatchPolicy) -> Dispatch {
     let requested = batch.seqs.len();
     let mut seqs = batch.seqs;
     if let Some(g) = groups.get_mut(&batch.group) {
@@ -414,7 +332,6 @@ fn dispatch(
         seqs,
         requested,
         window: Window::of(batch.kind, now, policy.upstream_timeout),
-        charged,
         outcome: batch.outcome,
     }
 }

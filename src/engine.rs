@@ -16,7 +16,7 @@ use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
 use crate::admission::{self, Estimators};
-use crate::batch::{BatchPolicy, Dispatch, Joined, Share, Waiter};
+use crate::batch::{BatchPolicy, Dispatch, Joined, Waiter};
 use crate::budget::Estimate;
 use crate::cache::Page;
 use crate::dispatch::{Job, Next, Queue};
@@ -41,8 +41,6 @@ pub struct Ask<'a> {
     /// since then is taken from the page instead of fetched again.
     pub fetched_since: Option<Instant>,
     pub deadline: Instant,
-    /// The caller's client: its batches are served by fair share.
-    pub share: &'a Share,
 }
 
 /// The queue ahead is too long to serve this request before its deadline.
@@ -105,7 +103,7 @@ impl Engine {
         let g = groups.enter(ask.group, ask.page);
         let (mut joined, misses) = g.answered_meanwhile(ask.misses, ask.fetched_since, now);
         let expected = queue
-            .ahead_of(g, &misses, (ask.deadline, ask.share), self.policy.max_seqs)
+            .ahead_of(g, &misses, ask.deadline, self.policy.max_seqs)
             .map(|ahead| admission::expected_answer(now, ahead, forecast, self.policy.window));
         if expected.is_some_and(|at| at > ask.deadline) {
             let expires = now + self.policy.background_lifetime();
@@ -116,7 +114,7 @@ impl Engine {
             return Err(Overloaded { retry_after });
         }
         for &seq in &misses {
-            joined.extend(g.join(queue, ask.group, seq, (ask.deadline, ask.share), now, &self.policy));
+            joined.extend(g.join(queue, ask.group, seq, ask.deadline, now, &self.policy));
         }
         self.release(tables);
         Ok(joined)
@@ -233,7 +231,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::batch::{BatchKind, Failure, Neighbourhood, Share};
+    use crate::batch::{BatchKind, Failure, Neighbourhood};
     use crate::cache::ReceiptCache;
     use crate::code::ErrorCode;
     use crate::config::CacheConfig;
@@ -281,8 +279,7 @@ mod tests {
         pace: Estimate,
     ) -> Result<Vec<(MsgSeq, Waiter, Joined)>, Overloaded> {
         let g = group(name);
-        let share = Share::default_client();
-        e.join(Ask { group: &g, page: None, misses, fetched_since: None, deadline, share: &share }, pace)
+        e.join(Ask { group: &g, page: None, misses, fetched_since: None, deadline }, pace)
     }
 
     fn kinds(joined: &[(MsgSeq, Waiter, Joined)]) -> Vec<Joined> {
@@ -405,13 +402,11 @@ mod tests {
         // Between the caller's lookup and its join, a batch fetched MsgSeq 1.
         let receipt = Receipt { code: ErrorCode::OK, read: Some(4), unread: Some(5) };
         let page = cache().insert(AppId(1), &g, &[(MsgSeq(1), receipt)], Instant::now()).await;
-        let share = Share::default_client();
-        let ask =
-            Ask { group: &g, page: Some(&page), misses: &[MsgSeq(7)], fetched_since: None, deadline, share: &share };
+        let ask = Ask { group: &g, page: Some(&page), misses: &[MsgSeq(7)], fetched_since: None, deadline };
         e.join(ask, pace(Duration::ZERO)).unwrap();
 
         let misses = [MsgSeq(1), MsgSeq(2)];
-        let ask = Ask { group: &g, page: None, misses: &misses, fetched_since: Some(looked), deadline, share: &share };
+        let ask = Ask { group: &g, page: None, misses: &misses, fetched_since: Some(looked), deadline };
         let joined = e.join(ask, pace(Duration::ZERO)).unwrap();
 
         let (seq, waiter, how) = &joined[0];
@@ -436,9 +431,7 @@ mod tests {
         // 3 is due but nobody read it: not.
         page.read(&[MsgSeq(1), MsgSeq(2)], now);
         let deadline = now + 5 * S;
-        let share = Share::default_client();
-        let ask =
-            Ask { group: &g, page: Some(&page), misses: &[MsgSeq(9)], fetched_since: None, deadline, share: &share };
+        let ask = Ask { group: &g, page: Some(&page), misses: &[MsgSeq(9)], fetched_since: None, deadline };
         e.join(ask, pace(Duration::ZERO)).unwrap();
         tokio::time::advance(5 * MS).await;
 
@@ -483,67 +476,5 @@ mod tests {
 
         assert_eq!(order, [true, false, true], "permit, batch, permit");
         drop((early_permit, late_permit));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn contended_tokens_go_to_clients_in_proportion_to_their_weights() {
-        let e = engine(1);
-        let now = Instant::now();
-        let heavy = Share { client: Arc::from("bulk"), weight: 3 };
-        let light = Share { client: Arc::from("checkout"), weight: 1 };
-        // Both clients keep more ready batches waiting than 40 tokens can serve; the light
-        // client's deadlines all come first, so by deadline alone it would take every token.
-        for i in 0..40u64 {
-            for (share, deadline) in [(&light, now + S + MS * i as u32), (&heavy, now + 5 * S + MS * i as u32)] {
-                let g = group(&format!("{}-{i}", share.client));
-                let ask = Ask { group: &g, page: None, misses: &[MsgSeq(1)], fetched_since: None, deadline, share };
-                e.join(ask, pace(Duration::ZERO)).unwrap();
-            }
-        }
-
-        let mut served = std::collections::HashMap::new();
-        for _ in 0..40 {
-            let Some(Job::Batch(d)) = e.pop(Instant::now(), &hist(), true) else { panic!("no batch") };
-            *served.entry(d.charged.unwrap().to_string()).or_insert(0) += 1;
-        }
-
-        assert_eq!((served["bulk"], served["checkout"]), (30, 10));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn an_idle_client_banks_no_credit_and_one_client_alone_gets_every_token() {
-        let e = engine(1);
-        let now = Instant::now();
-        let a = Share { client: Arc::from("a"), weight: 1 };
-        let b = Share { client: Arc::from("b"), weight: 1 };
-        let ask = |name: String, share: &Share| {
-            let g = group(&name);
-            e.join(
-                Ask { group: &g, page: None, misses: &[MsgSeq(1)], fetched_since: None, deadline: now + 5 * S, share },
-                pace(Duration::ZERO),
-            )
-            .unwrap();
-        };
-        for i in 0..10 {
-            ask(format!("a-{i}"), &a);
-        }
-        for _ in 0..10 {
-            assert!(
-                matches!(e.pop(Instant::now(), &hist(), true), Some(Job::Batch(d)) if d.charged.as_deref() == Some("a"))
-            );
-        }
-        // b was idle while a took ten tokens: when both wait, they alternate from here.
-        for i in 0..4 {
-            ask(format!("a-more-{i}"), &a);
-            ask(format!("b-{i}"), &b);
-        }
-        let order: Vec<String> = (0..8)
-            .map(|_| match e.pop(Instant::now(), &hist(), true) {
-                Some(Job::Batch(d)) => d.charged.unwrap().to_string(),
-                _ => panic!("no batch"),
-            })
-            .collect();
-        assert_eq!(order.iter().filter(|c| *c == "b").count(), 4);
-        assert!(order.windows(3).all(|w| !(w[0] == w[1] && w[1] == w[2])), "no run of three: {order:?}");
     }
 }

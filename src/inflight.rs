@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::batch::{BatchId, BatchKind, BatchOutcome, BatchPolicy, Joined, OpenBatch, Share, Waiter};
+use crate::batch::{BatchId, BatchKind, BatchOutcome, BatchPolicy, Joined, OpenBatch, Waiter};
 use crate::cache::Page;
 use crate::dispatch::Queue;
 use crate::domain::{GroupId, MsgSeq};
@@ -133,23 +133,23 @@ impl GroupState {
         self.inflight.insert(seq, (batch, waiter));
     }
 
-    /// Join-or-add for a caller with `deadline` of client `share`: joins the batch that
-    /// carries `seq`, or adds `seq` to the group's open batch (opening one if none has room).
+    /// Join-or-add for a caller with `deadline`: joins the batch that carries `seq`, or
+    /// adds `seq` to the group's open batch (opening one if none has room).
     pub fn join(
         &mut self,
         queue: &mut Queue,
         group: &GroupId,
         seq: MsgSeq,
-        (deadline, share): (Instant, &Share),
+        deadline: Instant,
         now: Instant,
         policy: &BatchPolicy,
     ) -> Option<(MsgSeq, Waiter, Joined)> {
         if let Some((id, waiter)) = self.inflight.get(&seq) {
-            queue.add_caller(*id, deadline, share);
+            queue.add_caller(*id, deadline);
             return Some((seq, waiter.clone(), Joined::Coalesced));
         }
         let id = self.room_or_open(queue, group, BatchKind::for_caller(deadline), now, policy);
-        queue.add_caller(id, deadline, share);
+        queue.add_caller(id, deadline);
         let waiter = queue.push(id, seq, now, policy.max_seqs)?;
         self.inflight.insert(seq, (id, waiter.clone()));
         Some((seq, waiter, Joined::Fetched))

@@ -55,7 +55,6 @@ pub struct Metrics {
     pub budget_backend_up: IntGauge,
     pub fleet_items: IntCounterVec,
     pub client_rejected: IntCounterVec,
-    pub budget_calls: IntCounterVec,
     pub fleet_backend_up: IntGauge,
     pub usersig_expiry: GaugeVec,
 }
@@ -147,11 +146,6 @@ impl Metrics {
             )?,
             cache_entries: int_gauge("receipt_gateway_cache_entries", "Receipt items held in the cache.")?,
             inflight: int_gauge("receipt_gateway_inflight_requests", "Data requests being answered now.")?,
-            budget_calls: counter(
-                "receipt_gateway_budget_calls_total",
-                "Upstream calls dispatched for each client's turn of the fair share (background batches: none).",
-                &["app", "api", "client"],
-            )?,
             client_rejected: counter(
                 "receipt_gateway_client_rejected_total",
                 "Requests refused, by client and reason (auth, quota, deadline: the budget could not serve it in time).",

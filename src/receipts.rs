@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use crate::api::{ReceiptItem, ReceiptResponse};
 use crate::app::AppRuntime;
-use crate::batch::{Failure, Joined, Share, Waiter};
+use crate::batch::{Failure, Joined, Waiter};
 use crate::cache::Cached;
 use crate::domain::{GroupId, MsgSeq, Receipt};
 use crate::engine::Ask;
@@ -43,8 +43,6 @@ pub struct Query {
     pub freshness: Freshness,
     pub arrived: Instant,
     pub deadline: Instant,
-    /// The caller's client, for the fair share of the budget.
-    pub share: Share,
 }
 
 /// `X-Cache` (SPEC 2.1).
@@ -140,14 +138,7 @@ pub async fn answer(app: &AppRuntime, q: Query) -> Result<Answer, GatewayError> 
             Vec::new()
         } else {
             let fetched_since = (q.freshness != Freshness::NoCache).then_some(looked);
-            let ask = Ask {
-                group: &q.group,
-                page: page.as_ref(),
-                misses: &local,
-                fetched_since,
-                deadline: q.deadline,
-                share: &q.share,
-            };
+            let ask = Ask { group: &q.group, page: page.as_ref(), misses: &local, fetched_since, deadline: q.deadline };
             match app.engine.join(ask, app.budget.estimate()) {
                 Ok(joined) => joined,
                 Err(overloaded) => {
