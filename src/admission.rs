@@ -20,7 +20,7 @@ use crate::budget::Estimate;
 
 /// Slack in admission and dispatch decisions for what the estimates do not see
 /// (scheduling delays, the answer's way back to the caller).
-pub const MARGIN: Duration = Duration::from_millis(25);
+pub const MARGIN: Duration = Duration::from_millis(50);
 
 /// What admission plans with: the budget's pace, the observed drain interval and the
 /// latency estimate.

@@ -83,6 +83,7 @@ pub struct TestApp {
     stop: Option<oneshot::Sender<()>>,
     gateway: Option<JoinHandle<Result<(), RunError>>>,
     _sim_server: Option<receipt_gateway::simulator::SimServer>,
+    _light: Option<Light>,
 }
 
 /// One answer: status, headers and the JSON body.
@@ -124,12 +125,56 @@ impl Reply {
 }
 
 /// Tests that load the machine (several gateway processes, bursts of a thousand
-/// requests) take this first, so that on a small machine they do not starve each other's
-/// timing: they run one at a time, beside the light tests.
-static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// requests) take it for writing, so that on a small machine nothing else starves their
+/// timing: they run alone. Every other test's gateway ([`TestApp`]) holds it for reading.
+static HEAVY: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
-pub async fn heavy() -> tokio::sync::MutexGuard<'static, ()> {
-    HEAVY.lock().await
+thread_local! {
+    /// Set while this thread's test holds [`HEAVY`] for writing (its own `TestApp`s must
+    /// not wait for a read).
+    static HOLDS_HEAVY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Set while one of this thread's `TestApp`s holds [`HEAVY`] for reading: a second one
+    /// must not queue behind a waiting writer (that would deadlock).
+    static HOLDS_LIGHT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// A light test's share of the machine.
+pub struct Light {
+    _share: tokio::sync::RwLockReadGuard<'static, ()>,
+}
+
+impl Drop for Light {
+    fn drop(&mut self) {
+        HOLDS_LIGHT.with(|h| h.set(false));
+    }
+}
+
+/// A heavy test's exclusive turn.
+pub struct Heavy {
+    _turn: tokio::sync::RwLockWriteGuard<'static, ()>,
+}
+
+impl Drop for Heavy {
+    fn drop(&mut self) {
+        HOLDS_HEAVY.with(|h| h.set(false));
+    }
+}
+
+pub async fn heavy() -> Heavy {
+    let turn = HEAVY.write().await;
+    HOLDS_HEAVY.with(|h| h.set(true));
+    Heavy { _turn: turn }
+}
+
+/// A light test's share of the machine, unless its thread holds one already or is a
+/// heavy test's.
+async fn light() -> Option<Light> {
+    if HOLDS_HEAVY.with(|h| h.get()) || HOLDS_LIGHT.with(|h| h.get()) {
+        return None;
+    }
+    let share = HEAVY.read().await;
+    HOLDS_LIGHT.with(|h| h.set(true));
+    Some(Light { _share: share })
 }
 
 /// Bounds a future by [`WAIT`].
@@ -168,6 +213,7 @@ impl TestApp {
     }
 
     pub async fn spawn_with(setup: Setup) -> Self {
+        let light = light().await;
         let mut apps = vec![SimApp { app: AppId(APP), identifier: "administrator".into(), key: SecretKey::new(KEY) }];
         if setup.two_apps {
             apps.push(SimApp { app: AppId(APP2), identifier: "admin2".into(), key: SecretKey::new(KEY2) });
@@ -209,6 +255,7 @@ impl TestApp {
             stop: Some(stop),
             gateway: Some(gateway),
             _sim_server: sim_server,
+            _light: light,
         }
     }
 
