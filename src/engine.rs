@@ -381,10 +381,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn batches_nobody_waits_for_are_dropped_without_a_token() {
         let e = engine(1);
-        let joined = join(&e, "g", &seqs(0..1), Instant::now() + 40 * MS, pace(Duration::ZERO)).unwrap();
+        let joined = join(&e, "g", &seqs(0..1), Instant::now() + 80 * MS, pace(Duration::ZERO)).unwrap();
 
-        // Less than the margin (25 ms) before the deadline: no answer could arrive in time.
-        tokio::time::advance(20 * MS).await;
+        // Less than the margin (50 ms) before the deadline: no answer could arrive in time.
+        tokio::time::advance(40 * MS).await;
         let job = e.pop(Instant::now(), &hist(), true);
 
         assert!(job.is_none());
