@@ -113,13 +113,18 @@ pub struct BatchOutcome {
     pub fetched_at: Instant,
     /// Sorted by MsgSeq.
     pub items: Items,
+    /// Answered by the batch's first call (no retry, no split): its callers' wait
+    /// measures the delivery of a batch ([`Estimators::observe_delivery`]).
+    ///
+    /// [`Estimators::observe_delivery`]: crate::admission::Estimators::observe_delivery
+    pub first_call: bool,
 }
 
 impl BatchOutcome {
     /// An outcome of `items` (in any order), all settled at `at`.
     pub fn settled(mut items: Items, at: Instant) -> Self {
         items.sort_unstable_by_key(|(s, _)| *s);
-        Self { started: at, fetched_at: at, items }
+        Self { started: at, fetched_at: at, items, first_call: false }
     }
 
     pub fn get(&self, seq: MsgSeq) -> Option<&Result<Receipt, Failure>> {

@@ -20,7 +20,6 @@ use prometheus::Histogram;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::admission::MARGIN;
 use crate::batch::{BatchId, BatchKind, BatchPolicy, Dispatch, Neighbourhood, OpenBatch, Waiter, Window};
 use crate::budget::Budget;
 use crate::domain::{GroupId, MsgSeq};
@@ -214,9 +213,9 @@ impl Queue {
     /// Drops what nobody can use any more, and tells when work is next ready. `spare`
     /// says whether the budget has tokens nobody else waits for (with a shared budget,
     /// other replicas may be waiting).
-    pub fn next(&mut self, groups: &mut Groups, now: Instant, max_seqs: usize, latency: Duration, spare: bool) -> Next {
+    pub fn next(&mut self, groups: &mut Groups, now: Instant, max_seqs: usize, reach: Duration, spare: bool) -> Next {
         groups.sweep(now);
-        self.drop_useless(groups, now, latency);
+        self.drop_useless(groups, now, reach);
         let mut earliest: Option<Instant> = None;
         for entry in &self.order {
             let Work::Batch(id) = entry.work else { return Next::Ready };
@@ -244,11 +243,11 @@ impl Queue {
         groups: &mut Groups,
         now: Instant,
         policy: &BatchPolicy,
-        latency: Duration,
+        reach: Duration,
         budget_wait: &Histogram,
         spare: bool,
     ) -> Option<Job> {
-        self.drop_useless(groups, now, latency);
+        self.drop_useless(groups, now, reach);
         let entry = self.first_ready(now, policy.max_seqs, spare)?;
         self.order.remove(&entry);
         match entry.work {
@@ -282,8 +281,9 @@ impl Queue {
     }
 
     /// Drops permits whose retry gave up, and resolves unsent the batches whose callers'
-    /// deadlines (or background lifetimes) would pass before an answer could arrive.
-    fn drop_useless(&mut self, groups: &mut Groups, now: Instant, latency: Duration) {
+    /// deadlines (or background lifetimes) would pass before an answer could reach them
+    /// (`reach`: [`Estimators::reach`](crate::admission::Estimators::reach)).
+    fn drop_useless(&mut self, groups: &mut Groups, now: Instant, reach: Duration) {
         let Self { order, permits, batches, dropped, .. } = self;
         permits.retain(|_, (entry, p)| {
             let alive = !p.tx.is_closed();
@@ -292,11 +292,8 @@ impl Queue {
             }
             alive
         });
-        let late: Vec<BatchId> = batches
-            .iter()
-            .filter(|(_, b)| b.kind.useless_after() < now + latency + MARGIN)
-            .map(|(id, _)| *id)
-            .collect();
+        let late: Vec<BatchId> =
+            batches.iter().filter(|(_, b)| b.kind.useless_after() < now + reach).map(|(id, _)| *id).collect();
         for id in late {
             let Some(batch) = batches.remove(&id) else { continue };
             order.remove(&Entry::of_batch(id, batch.kind));

@@ -154,7 +154,7 @@ impl Engine {
     /// upstream (504).
     pub fn unsent(&self, group: &GroupId, seqs: &[MsgSeq], deadline: Instant) -> Vec<MsgSeq> {
         // The dispatcher's own rule for a batch that can still make a deadline.
-        let latest_useful = deadline.checked_sub(self.estimates.latency() + admission::MARGIN).unwrap_or(deadline);
+        let latest_useful = deadline.checked_sub(self.estimates.reach()).unwrap_or(deadline);
         let mut tables = self.lock();
         let Tables { groups, queue } = &mut *tables;
         let Some(g) = groups.get_mut(group) else { return Vec::new() };
@@ -183,7 +183,7 @@ impl Engine {
             let (next, gone) = {
                 let mut tables = self.lock();
                 let Tables { groups, queue } = &mut *tables;
-                let next = queue.next(groups, Instant::now(), self.policy.max_seqs, self.estimates.latency(), spare());
+                let next = queue.next(groups, Instant::now(), self.policy.max_seqs, self.estimates.reach(), spare());
                 (next, queue.take_dropped())
             };
             for (group, seqs) in gone {
@@ -210,7 +210,7 @@ impl Engine {
     pub(crate) fn pop(&self, now: Instant, budget_wait: &Histogram, spare: bool) -> Option<Job> {
         let mut tables = self.lock();
         let Tables { groups, queue } = &mut *tables;
-        queue.pop(groups, now, &self.policy, self.estimates.latency(), budget_wait, spare)
+        queue.pop(groups, now, &self.policy, self.estimates.reach(), budget_wait, spare)
     }
 
     /// The batches dropped unsent since the last call.
@@ -325,8 +325,9 @@ mod tests {
         let late = join(&e, "new2", &seqs(0..1), now + 6 * S, pace(S));
 
         assert!(urgent.is_ok(), "nothing is ahead of an earlier deadline");
-        // Eleven callers' batches queued at one token a second.
-        assert_eq!(late.unwrap_err().retry_after, 11 * S);
+        // Eleven callers' batches queued at one token a second, then one call's reach
+        // (no call measured yet: the margin).
+        assert_eq!(late.unwrap_err().retry_after, 11 * S + admission::MARGIN);
     }
 
     /// An engine with five batches due within 5 s at one token a second, and a caller for
@@ -383,8 +384,9 @@ mod tests {
         let e = engine(1);
         let joined = join(&e, "g", &seqs(0..1), Instant::now() + 80 * MS, pace(Duration::ZERO)).unwrap();
 
-        // Less than the margin (50 ms) before the deadline: no answer could arrive in time.
-        tokio::time::advance(40 * MS).await;
+        // Less than the margin (10 ms, no call measured yet) before the deadline: no
+        // answer could reach the caller in time.
+        tokio::time::advance(75 * MS).await;
         let job = e.pop(Instant::now(), &hist(), true);
 
         assert!(job.is_none());

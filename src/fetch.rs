@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::admission;
 use crate::app::{AppRuntime, SharedTier};
 use crate::batch::{BatchOutcome, Dispatch, Failure, Items, Window};
 use crate::cache::{GroupAnswer, Page};
@@ -33,10 +34,11 @@ pub async fn run(app: Arc<AppRuntime>, mut batch: Dispatch) {
     if let Some(tier) = &app.fleet {
         take_wanted(&app, tier, &mut batch).await;
     }
-    let splits = AtomicU32::new(split_allowance(batch.seqs.len()));
-    let mut items = fetch(&app, &batch.group, batch.seqs.clone(), batch.window, Token::Paid, &splits).await;
+    let tally = Tally { splits: AtomicU32::new(split_allowance(batch.seqs.len())), calls: AtomicU32::new(0) };
+    let mut items = fetch(&app, &batch.group, batch.seqs.clone(), batch.window, Token::Paid, &tally).await;
     settle_unisolated(&mut items);
-    let outcome = Arc::new(BatchOutcome { started, ..BatchOutcome::settled(items, Instant::now()) });
+    let first_call = tally.calls.into_inner() == 1;
+    let outcome = Arc::new(BatchOutcome { started, first_call, ..BatchOutcome::settled(items, Instant::now()) });
     let page = store(&app, &batch.group, &outcome.items, outcome.fetched_at).await;
     app.engine.complete(&batch, &page);
     let _ = batch.outcome.send(Some(outcome.clone()));
@@ -50,14 +52,19 @@ pub async fn run(app: Arc<AppRuntime>, mut batch: Dispatch) {
 /// Tops the call up with MsgSeqs other replicas wait for (SPEC 5.6), as far as
 /// `batch.max_seqs` allows; they are in flight with this batch from now on.
 async fn take_wanted(app: &AppRuntime, tier: &SharedTier, batch: &mut Dispatch) {
-    // A Redis round trip may take up to its timeout: not for a call whose most urgent
-    // caller has less than a few of them left (others' MsgSeqs wait for the next call).
-    let left = batch.window.urgency.saturating_duration_since(Instant::now());
-    if left < fleet::CALL_TIMEOUT * 4 + app.engine.estimates().latency() {
+    // The Redis round trip may use what the most urgent caller the call can still serve
+    // can spare beyond the call's latency and the answer's write (the dispatcher sent it
+    // with the margin to spare); with too little, others' MsgSeqs wait for the next call.
+    let now = Instant::now();
+    let estimates = app.engine.estimates();
+    let serves =
+        if batch.window.urgency >= now + estimates.reach() { batch.window.urgency } else { batch.window.deadline };
+    let spare = serves.saturating_duration_since(now).saturating_sub(estimates.latency() + admission::WRITE_BACK);
+    if spare < fleet::SHORTEST_CALL {
         return;
     }
     let room = app.engine.policy().max_seqs.saturating_sub(batch.seqs.len());
-    match tier.fleet.take(app.id, &batch.group, &batch.seqs, room, tier.lifetimes).await {
+    match tier.fleet.take(app.id, &batch.group, &batch.seqs, room, tier.lifetimes, spare).await {
         Ok(taken) => {
             let extra: Vec<MsgSeq> = taken.into_iter().filter(|s| !batch.seqs.contains(s)).take(room).collect();
             app.engine.carry(batch, &extra);
@@ -111,6 +118,14 @@ enum Verdict {
     Split,
 }
 
+/// What a batch's attempts have spent, across its split halves.
+struct Tally {
+    /// The split calls this batch may still make to isolate a 10004.
+    splits: AtomicU32,
+    /// Upstream calls made.
+    calls: AtomicU32,
+}
+
 /// The retries of one call and its halves' own.
 struct Attempts {
     retries: u32,
@@ -118,15 +133,13 @@ struct Attempts {
 }
 
 /// Answers `seqs` of `group` with retries and splits, each attempt paid from the budget.
-///
-/// `splits` counts the split calls this batch may still make to isolate a 10004.
 fn fetch<'a>(
     app: &'a AppRuntime,
     group: &'a GroupId,
     seqs: Vec<MsgSeq>,
     window: Window,
     mut token: Token,
-    splits: &'a AtomicU32,
+    tally: &'a Tally,
 ) -> Pin<Box<dyn Future<Output = Items> + Send + 'a>> {
     Box::pin(async move {
         let mut attempts = Attempts { retries: 0, resigned: false };
@@ -134,8 +147,9 @@ fn fetch<'a>(
             if !token.take(app, window).await {
                 return fail(&seqs, Failure::NoBudget);
             }
+            tally.calls.fetch_add(1, Ordering::Relaxed);
             let outcome = attempt(app, group, &seqs).await;
-            match judge(app, outcome, &seqs, splits, &mut attempts) {
+            match judge(app, outcome, &seqs, &tally.splits, &mut attempts) {
                 Verdict::Done(items) => return items,
                 Verdict::RetryNow => {}
                 Verdict::RetryLater(failure) => {
@@ -143,7 +157,7 @@ fn fetch<'a>(
                         return fail(&seqs, failure);
                     }
                 }
-                Verdict::Split => return split(app, group, seqs, window, splits).await,
+                Verdict::Split => return split(app, group, seqs, window, tally).await,
             }
         }
     })
@@ -199,11 +213,11 @@ fn judge(app: &AppRuntime, outcome: Outcome, seqs: &[MsgSeq], splits: &AtomicU32
 
 /// Halves a merged call refused with 10004 and fetches both halves, each with a token
 /// of its own.
-async fn split(app: &AppRuntime, group: &GroupId, mut left: Vec<MsgSeq>, window: Window, splits: &AtomicU32) -> Items {
+async fn split(app: &AppRuntime, group: &GroupId, mut left: Vec<MsgSeq>, window: Window, tally: &Tally) -> Items {
     let right = left.split_off(left.len() / 2);
     let (mut a, b) = tokio::join!(
-        fetch(app, group, left, window, Token::Owed, splits),
-        fetch(app, group, right, window, Token::Owed, splits)
+        fetch(app, group, left, window, Token::Owed, tally),
+        fetch(app, group, right, window, Token::Owed, tally)
     );
     a.extend(b);
     a

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::admission;
 use crate::api::{ReceiptItem, ReceiptResponse};
 use crate::app::AppRuntime;
 use crate::batch::{Failure, Joined, Waiter};
@@ -117,9 +118,15 @@ pub async fn answer(app: &AppRuntime, q: Query) -> Result<Answer, GatewayError> 
     let tier = app.fleet.as_ref().filter(|_| q.freshness != Freshness::NoCache);
     let rounds = if tier.is_some() { MAX_FLEET_ROUNDS } else { MAX_ROUNDS };
     let mut waiting = Vec::new();
+    let mut pending = Vec::new();
     for round in 0..rounds {
         let misses: Vec<MsgSeq> = slots.iter().filter(|s| s.is_open()).map(|s| s.seq).collect();
-        if misses.is_empty() || Instant::now() >= q.deadline {
+        let last_round = match (round, tier) {
+            (0, _) => q.deadline,
+            (_, Some(_)) => shared::last_round(&q),
+            (_, None) => answer_by(&q),
+        };
+        if misses.is_empty() || Instant::now() >= last_round {
             break;
         }
         let mut elsewhere = shared::Elsewhere::default();
@@ -149,7 +156,9 @@ pub async fn answer(app: &AppRuntime, q: Query) -> Result<Answer, GatewayError> 
             }
         };
         waiting = elsewhere.seqs.clone();
-        tokio::join!(wait(&mut slots, joined, &q), shared::wait(app, tier, &q, &elsewhere));
+        let (left, ()) =
+            tokio::join!(wait(app, &mut slots, joined, &q, answer_by(&q)), shared::wait(app, tier, &q, &elsewhere));
+        pending = left;
     }
     // Still queued here, or waiting for another replica's call, at the deadline: the
     // budget (the fleet's) could not serve it in time, as a refusal would have said.
@@ -158,7 +167,22 @@ pub async fn answer(app: &AppRuntime, q: Query) -> Result<Answer, GatewayError> 
     for slot in slots.iter_mut().filter(|s| s.is_open() && (waiting.contains(&s.seq) || unsent.contains(&s.seq))) {
         slot.failure = Some(Failure::NoBudget);
     }
+    // Sent in time and still on its way: an answer at the deadline beats a 504 before it.
+    let on_the_way: Vec<_> = pending.into_iter().filter(|(seq, _, _)| is_open(&slots, *seq)).collect();
+    if !on_the_way.is_empty() {
+        wait(app, &mut slots, on_the_way, &q, q.deadline).await;
+    }
     settle(app, slots, &q, GatewayError::DeadlineExceeded)
+}
+
+/// When a request stops waiting for the queue: [`admission::WRITE_BACK`] before its
+/// deadline, to write what it has (stale items, or 429) in time.
+fn answer_by(q: &Query) -> Instant {
+    q.deadline.checked_sub(admission::WRITE_BACK).unwrap_or(q.deadline)
+}
+
+fn is_open(slots: &[Slot], seq: MsgSeq) -> bool {
+    slots.binary_search_by_key(&seq, |s| s.seq).is_ok_and(|i| slots[i].is_open())
 }
 
 /// One slot per distinct MsgSeq: served from the cache if acceptable, else open (with
@@ -188,8 +212,16 @@ pub(crate) fn acceptable(entry: &Cached, freshness: Freshness, now: Instant) -> 
     }
 }
 
-/// Waits, until the deadline, for the batches carrying this round's misses.
-async fn wait(slots: &mut [Slot], joined: Vec<(MsgSeq, Waiter, Joined)>, q: &Query) {
+/// Waits, until `until`, for the batches carrying this round's misses, and returns the
+/// ones still unanswered; each batch answered by its first call tells admission how long
+/// its delivery took.
+async fn wait(
+    app: &AppRuntime,
+    slots: &mut [Slot],
+    joined: Vec<(MsgSeq, Waiter, Joined)>,
+    q: &Query,
+    until: Instant,
+) -> Vec<(MsgSeq, Waiter, Joined)> {
     let mut waiters: Vec<Waiter> = Vec::new();
     for (_, w, _) in &joined {
         if !waiters.iter().any(|other| other.same_channel(w)) {
@@ -198,18 +230,27 @@ async fn wait(slots: &mut [Slot], joined: Vec<(MsgSeq, Waiter, Joined)>, q: &Que
     }
     let all = async {
         for w in &mut waiters {
-            let _ = w.wait_for(Option::is_some).await;
+            // An answer that came while this request waited for another says nothing
+            // about how long it took to arrive.
+            let answered_meanwhile = w.borrow().is_some();
+            let Ok(outcome) = w.wait_for(Option::is_some).await else { continue };
+            if let Some(outcome) = outcome.as_ref().filter(|o| o.first_call && !answered_meanwhile) {
+                app.engine.estimates().observe_delivery(outcome.started.elapsed());
+            }
         }
     };
-    let _ = tokio::time::timeout_at(q.deadline, all).await;
+    let _ = tokio::time::timeout_at(until, all).await;
+    let mut unanswered = Vec::new();
     for (seq, waiter, how) in joined {
         let Ok(i) = slots.binary_search_by_key(&seq, |s| s.seq) else { continue };
         let slot = &mut slots[i];
         let outcome = waiter.borrow().clone();
         let Some(outcome) = outcome else {
-            // Deadline passed first (or the batch vanished): settled below.
             if waiter.has_changed().is_err() {
                 slot.failure = Some(Failure::Unavailable("the upstream call was abandoned".into()));
+            } else {
+                // Time ran out first: the caller settles it.
+                unanswered.push((seq, waiter, how));
             }
             continue;
         };
@@ -225,6 +266,7 @@ async fn wait(slots: &mut [Slot], joined: Vec<(MsgSeq, Waiter, Joined)>, q: &Que
             None => slot.failure = Some(Failure::Unavailable("missing from the upstream answer".into())),
         }
     }
+    unanswered
 }
 
 /// Which error to report when items failed differently (lower first).

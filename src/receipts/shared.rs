@@ -9,10 +9,12 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use super::{Answer, Query, Slot, XCache, acceptable};
+use crate::admission;
 use crate::api::ReceiptResponse;
 use crate::app::{AppRuntime, SharedTier};
 use crate::cache::{Cached, GroupAnswer, Page};
 use crate::domain::{GroupId, MsgSeq};
+use crate::fleet;
 use crate::metrics::Source;
 
 /// What one round decided.
@@ -95,10 +97,17 @@ pub(super) async fn round(
     Round::Split { local, wait: Elsewhere { seqs: claim.wait, retry_at: claim.retry_at }, page }
 }
 
-/// Waits for another replica's call for `elsewhere` (never past the deadline).
+/// When the last round of a request must start: a round costs a Redis round trip (at
+/// most [`fleet::CALL_TIMEOUT`]) before the answer is written, so a request waiting for
+/// another replica's call stops early enough to answer — stale, or 429 — in time.
+pub(super) fn last_round(q: &Query) -> Instant {
+    q.deadline.checked_sub(fleet::CALL_TIMEOUT + admission::MARGIN).unwrap_or(q.deadline)
+}
+
+/// Waits for another replica's call for `elsewhere`, no later than [`last_round`].
 pub(super) async fn wait(app: &AppRuntime, tier: Option<&SharedTier>, q: &Query, elsewhere: &Elsewhere) {
     if let Some(tier) = tier.filter(|_| !elsewhere.seqs.is_empty()) {
-        tier.fleet.wait(app.id, &q.group, elsewhere.retry_at, q.deadline).await;
+        tier.fleet.wait(app.id, &q.group, elsewhere.retry_at, last_round(q)).await;
     }
 }
 
