@@ -8,7 +8,9 @@ use prometheus::Histogram;
 use crate::batch::{BatchPolicy, Neighbourhood};
 use crate::budget::Budget;
 use crate::cache::ReceiptCache;
+use crate::clients::Clients;
 use crate::config::{AppConfig, Config};
+use crate::dispatch::Share;
 use crate::domain::{AppId, Region};
 use crate::engine::Engine;
 use crate::fleet::{Fleet, FleetCounters, Lifetimes};
@@ -40,6 +42,20 @@ pub struct SharedTier {
 }
 
 impl AppRuntime {
+    /// Gives each client its share of this app's budget (at start, and on reload).
+    pub fn share_budget(&self, clients: &Clients, metrics: &Metrics) {
+        let app = self.id.to_string();
+        let shares = clients
+            .shares()
+            .into_iter()
+            .map(|(client, weight)| Share {
+                weight,
+                calls: Some(metrics.budget_calls.with_label_values(&[app.as_str(), API_RECEIPT, client])),
+            })
+            .collect();
+        self.engine.set_shares(shares);
+    }
+
     /// Builds `app`'s budget, engine and signed client from the gateway's `config`.
     pub fn new(
         app: &AppConfig,

@@ -19,6 +19,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::clients::ClientSlot;
 use crate::code::ErrorCode;
 use crate::domain::{GroupId, MsgSeq, Receipt};
 
@@ -138,6 +139,21 @@ pub type Waiter = watch::Receiver<Option<Arc<BatchOutcome>>>;
 /// The sending side of a batch's outcome.
 pub type Outcome = watch::Sender<Option<Arc<BatchOutcome>>>;
 
+/// A caller joining a batch: when it stops waiting, and whose share pays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub deadline: Instant,
+    pub client: ClientSlot,
+}
+
+/// A refused caller's misses riding along without it (SPEC 5.3): whose refused caller
+/// they were, and when they are no longer worth a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Parked {
+    pub client: ClientSlot,
+    pub expires: Instant,
+}
+
 /// Did this caller put the MsgSeq in a batch, or join one that already had it?
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Joined {
@@ -186,13 +202,16 @@ pub struct OpenBatch {
     /// When it becomes ready: `window` after opening, or when it filled up.
     pub ready_at: Instant,
     pub kind: BatchKind,
+    /// The client whose share pays for it: its most urgent caller's (the client whose
+    /// refused caller opened a background batch, until a caller joins).
+    pub client: ClientSlot,
     pub outcome: Outcome,
 }
 
 impl OpenBatch {
-    pub fn new(group: GroupId, kind: BatchKind, ready_at: Instant) -> Self {
+    pub fn new(group: GroupId, kind: BatchKind, ready_at: Instant, client: ClientSlot) -> Self {
         let (outcome, _) = watch::channel(None);
-        Self { group, seqs: Vec::new(), ready_at, kind, outcome }
+        Self { group, seqs: Vec::new(), ready_at, kind, client, outcome }
     }
 
     pub fn has_room(&self, max_seqs: usize) -> bool {
@@ -226,18 +245,20 @@ pub struct Window {
     pub urgency: Instant,
     /// The latest deadline among its callers: retries stop there.
     pub deadline: Instant,
+    /// The client it was dispatched for: its retries are paid from that client's share.
+    pub client: ClientSlot,
 }
 
 impl Window {
     /// A batch's window when dispatched at `now`. A background batch's retries (a caller
     /// may still join it on the wire) queue like a caller whose deadline is the upstream
     /// timeout.
-    pub fn of(kind: BatchKind, now: Instant, upstream_timeout: Duration) -> Self {
+    pub fn of(kind: BatchKind, client: ClientSlot, now: Instant, upstream_timeout: Duration) -> Self {
         match kind {
-            BatchKind::Callers { earliest, latest } => Self { urgency: earliest, deadline: latest },
+            BatchKind::Callers { earliest, latest } => Self { urgency: earliest, deadline: latest, client },
             BatchKind::Background { .. } => {
                 let deadline = now + upstream_timeout;
-                Self { urgency: deadline, deadline }
+                Self { urgency: deadline, deadline, client }
             }
         }
     }
@@ -278,8 +299,12 @@ mod tests {
     #[test]
     fn a_full_batch_is_ready_at_once_and_an_expired_one_answers_every_seq() {
         let t = Instant::now();
-        let mut batch =
-            OpenBatch::new(GroupId::parse("g").unwrap(), BatchKind::for_caller(t), t + Duration::from_secs(1));
+        let mut batch = OpenBatch::new(
+            GroupId::parse("g").unwrap(),
+            BatchKind::for_caller(t),
+            t + Duration::from_secs(1),
+            ClientSlot::DEFAULT,
+        );
         let waiter = batch.push(MsgSeq(2), t, 2);
         assert!(!batch.is_ready(t, 2));
         batch.push(MsgSeq(1), t, 2);

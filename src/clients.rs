@@ -23,12 +23,26 @@ pub const DEFAULT: &str = "default";
 /// The rolling window of a quota.
 const QUOTA_WINDOW: Duration = Duration::from_secs(1);
 
+/// A client's place in the engines' fair-share tables: stable for the process's life
+/// (a reload keeps every id's slot; a new id gets a new one), so work queued before a
+/// reload keeps its client.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ClientSlot(pub u16);
+
+impl ClientSlot {
+    /// The `default` client's.
+    pub const DEFAULT: ClientSlot = ClientSlot(0);
+}
+
 /// One calling service.
 pub struct Client {
     /// A configured id, or [`DEFAULT`]: the `client` metric label.
     pub id: String,
+    pub slot: ClientSlot,
+    /// Its share of the upstream budget when contended (SPEC 6.5).
+    pub weight: u32,
     token: Option<[u8; 32]>,
-    quota: Option<Quota>,
+    quota: Option<Arc<Quota>>,
 }
 
 /// At most `limit` requests in any rolling second: the times of the last `limit` admitted
@@ -80,6 +94,8 @@ pub struct Clients {
     default: Arc<Client>,
     header: HeaderName,
     require_auth: bool,
+    /// Every id that ever had a slot, by slot (ids a reload removed keep theirs).
+    slots: Vec<String>,
 }
 
 fn digest(bytes: &[u8]) -> [u8; 32] {
@@ -92,15 +108,26 @@ fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
 }
 
 impl Client {
-    fn new(config: &ClientConfig) -> Self {
+    /// The client `config` describes, in `slot`; its quota's window carries over from
+    /// `before` (the same client before a reload) when the limit is unchanged.
+    fn new(config: &ClientConfig, slot: ClientSlot, before: Option<&Client>) -> Self {
+        let limit = config.requests_per_second.map(|n| n.get() as usize);
+        let kept = before.and_then(|c| c.quota.clone()).filter(|q| Some(q.limit) == limit);
         Self {
             id: config.id.clone(),
+            slot,
+            weight: config.weight.get(),
             token: config.token.as_ref().map(|t| digest(t.expose().as_bytes())),
-            quota: config.requests_per_second.map(|n| Quota {
-                limit: n.get() as usize,
-                admitted: Mutex::new(VecDeque::with_capacity(n.get().min(4096) as usize)),
+            quota: kept.or_else(|| {
+                limit.map(|limit| {
+                    Arc::new(Quota { limit, admitted: Mutex::new(VecDeque::with_capacity(limit.min(4096))) })
+                })
             }),
         }
+    }
+
+    fn unconfigured_default() -> Self {
+        Self { id: DEFAULT.to_owned(), slot: ClientSlot::DEFAULT, weight: 1, token: None, quota: None }
     }
 
     /// Checks the caller's `Authorization: Bearer` against this client's token.
@@ -129,18 +156,50 @@ impl Client {
 
 impl Clients {
     pub fn new(config: &Config) -> Self {
-        let by_id: HashMap<String, Arc<Client>> =
-            config.clients.iter().map(|c| (c.id.clone(), Arc::new(Client::new(c)))).collect();
-        let default = by_id
-            .get(DEFAULT)
-            .cloned()
-            .unwrap_or_else(|| Arc::new(Client { id: DEFAULT.to_owned(), token: None, quota: None }));
+        Self::build(config, None)
+    }
+
+    /// The clients of a reloaded `config`: slots and quota windows carry over by id.
+    pub fn reload(&self, config: &Config) -> Self {
+        Self::build(config, Some(self))
+    }
+
+    fn build(config: &Config, before: Option<&Clients>) -> Self {
+        let mut slots = before.map_or_else(|| vec![DEFAULT.to_owned()], |b| b.slots.clone());
+        let mut by_id = HashMap::with_capacity(config.clients.len());
+        for c in &config.clients {
+            let slot = match slots.iter().position(|id| *id == c.id) {
+                Some(i) => ClientSlot(i as u16),
+                None => {
+                    slots.push(c.id.clone());
+                    ClientSlot(slots.len() as u16 - 1)
+                }
+            };
+            let old = before.and_then(|b| b.by_id.get(&c.id)).map(Arc::as_ref);
+            by_id.insert(c.id.clone(), Arc::new(Client::new(c, slot, old)));
+        }
+        let default = by_id.get(DEFAULT).cloned().unwrap_or_else(|| Arc::new(Client::unconfigured_default()));
         Self {
             by_id,
             default,
             header: config.server.client_id_header.clone(),
             require_auth: config.server.require_client_auth,
+            slots,
         }
+    }
+
+    /// Every slot's client id and weight, by slot (an id a reload removed: weight 1,
+    /// for the work it left queued).
+    pub fn shares(&self) -> Vec<(&str, u32)> {
+        self.slots
+            .iter()
+            .map(|id| {
+                (
+                    id.as_str(),
+                    self.by_id.get(id).map_or(if id == DEFAULT { self.default.weight } else { 1 }, |c| c.weight),
+                )
+            })
+            .collect()
     }
 
     /// The caller of a request: who it says it is, if configured, and authenticated. The

@@ -1,11 +1,15 @@
-//! The queue that spends one (app, API)'s budget (SPEC 5.3), and its dispatcher.
+//! The queue that spends one (app, API)'s budget (SPEC 5.3, 6.5), and its dispatcher.
 //!
 //! It owns the open batches and the retry permits (a retry or a split half of a
-//! dispatched batch asking for one more token), in one order: callers' work by the
-//! earliest deadline it serves, then background batches by expiry. The dispatcher takes
-//! one token from the [`Budget`] at a time and spends it on the first ready entry. When a
-//! batch leaves, it is topped up with its group's cohort: cached messages read lately that
-//! expire within half a TTL, so the group refreshes in one call per TTL.
+//! dispatched batch asking for one more token), in lines: one per client for callers'
+//! work, by the earliest deadline it serves, and one for background batches, by expiry.
+//! The dispatcher takes one token from the [`Budget`] at a time and spends it on the
+//! client the weighted fair share picks (start-time fair queuing over the clients with
+//! work waiting; see [`Fair`]), on that client's most urgent ready work; background
+//! batches only when no caller's work waits. A batch belongs to the client of its most
+//! urgent caller, and serves every caller in it. When a batch leaves, it is topped up
+//! with its group's cohort: cached messages read lately that expire within half a TTL,
+//! so the group refreshes in one call per TTL.
 //!
 //! Invariants: a token is spent only on work somebody can still use — a batch whose
 //! callers' deadlines would pass before an answer could arrive, or a permit whose retry
@@ -16,12 +20,13 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus::Histogram;
+use prometheus::{Histogram, IntCounter};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::batch::{BatchId, BatchKind, BatchPolicy, Dispatch, Neighbourhood, OpenBatch, Waiter, Window};
 use crate::budget::Budget;
+use crate::clients::ClientSlot;
 use crate::domain::{GroupId, MsgSeq};
 use crate::engine::Engine;
 use crate::inflight::{GroupState, Groups};
@@ -69,26 +74,134 @@ impl PartialOrd for Work {
     }
 }
 
-/// A place in the queue: lane, then time (deadline or expiry), then identity.
+/// A place within one line of the queue: time (deadline or expiry), then identity.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct Entry {
-    lane: Lane,
+struct Spot {
     at: Instant,
     work: Work,
 }
 
+/// A place in the queue: the callers' lane of one client, or the background lane.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Entry {
+    lane: Lane,
+    /// Whose line, in the callers' lane.
+    client: ClientSlot,
+    spot: Spot,
+}
+
 impl Entry {
-    fn of_batch(id: BatchId, kind: BatchKind) -> Self {
+    fn of_batch(id: BatchId, kind: BatchKind, client: ClientSlot) -> Self {
+        let work = Work::Batch(id);
         match kind {
-            BatchKind::Callers { earliest, .. } => Self { lane: Lane::Callers, at: earliest, work: Work::Batch(id) },
-            BatchKind::Background { expires } => Self { lane: Lane::Background, at: expires, work: Work::Batch(id) },
+            BatchKind::Callers { earliest, .. } => {
+                Self { lane: Lane::Callers, client, spot: Spot { at: earliest, work } }
+            }
+            BatchKind::Background { expires } => {
+                Self { lane: Lane::Background, client: ClientSlot::DEFAULT, spot: Spot { at: expires, work } }
+            }
         }
     }
 
-    /// Where a batch not opened yet would queue for a caller with `deadline`: behind
-    /// everything due no later.
-    fn new_batch(deadline: Instant) -> Self {
-        Self { lane: Lane::Callers, at: deadline, work: Work::Batch(BatchId(u64::MAX)) }
+    /// Where a batch not opened yet would queue for `client`'s caller with `deadline`:
+    /// behind everything of that client due no later.
+    fn new_batch(deadline: Instant, client: ClientSlot) -> Self {
+        Self { lane: Lane::Callers, client, spot: Spot { at: deadline, work: Work::Batch(BatchId(u64::MAX)) } }
+    }
+}
+
+/// The queue's lines: one per client for callers' work, ordered by deadline, and one
+/// background line ordered by expiry.
+#[derive(Default)]
+struct Lines {
+    callers: Vec<BTreeSet<Spot>>,
+    background: BTreeSet<Spot>,
+}
+
+impl Lines {
+    fn insert(&mut self, e: Entry) {
+        match e.lane {
+            Lane::Callers => {
+                let i = e.client.0 as usize;
+                if self.callers.len() <= i {
+                    self.callers.resize_with(i + 1, BTreeSet::new);
+                }
+                self.callers[i].insert(e.spot);
+            }
+            Lane::Background => {
+                self.background.insert(e.spot);
+            }
+        }
+    }
+
+    fn remove(&mut self, e: &Entry) {
+        match e.lane {
+            Lane::Callers => {
+                if let Some(line) = self.callers.get_mut(e.client.0 as usize) {
+                    line.remove(&e.spot);
+                }
+            }
+            Lane::Background => {
+                self.background.remove(&e.spot);
+            }
+        }
+    }
+
+    /// The clients with callers' work queued, and their lines.
+    fn busy(&self) -> impl Iterator<Item = (ClientSlot, &BTreeSet<Spot>)> {
+        self.callers.iter().enumerate().filter(|(_, l)| !l.is_empty()).map(|(i, l)| (ClientSlot(i as u16), l))
+    }
+
+    fn line(&self, client: ClientSlot) -> Option<&BTreeSet<Spot>> {
+        self.callers.get(client.0 as usize)
+    }
+}
+
+/// One client's share of this (app, API)'s budget (SPEC 5.3, 6.5): its weight, and the
+/// counter of the calls spent for it (`receipt_gateway_budget_calls_total`).
+#[derive(Clone)]
+pub struct Share {
+    pub weight: u32,
+    pub calls: Option<IntCounter>,
+}
+
+/// Start-time fair queuing over the clients whose callers wait: each client's next call
+/// starts at the later of the virtual time and the end of its last call, and lasts
+/// `1 / weight`; the ready client that starts first is served. A client that was idle
+/// starts at the virtual time, so idleness banks no credit.
+#[derive(Default)]
+struct Fair {
+    shares: Vec<Share>,
+    /// Virtual time: the start of the call last served.
+    now: f64,
+    /// Per client slot: when its last call ends, in virtual time.
+    finish: Vec<f64>,
+}
+
+impl Fair {
+    fn weight(&self, client: ClientSlot) -> u32 {
+        self.shares.get(client.0 as usize).map_or(1, |s| s.weight.max(1))
+    }
+
+    fn start(&self, client: ClientSlot) -> f64 {
+        self.finish.get(client.0 as usize).copied().unwrap_or(0.0).max(self.now)
+    }
+
+    /// `client` was served: its call is charged.
+    fn serve(&mut self, client: ClientSlot) {
+        let i = client.0 as usize;
+        let start = self.start(client);
+        if self.finish.len() <= i {
+            self.finish.resize(i + 1, 0.0);
+        }
+        self.now = start;
+        self.finish[i] = start + 1.0 / f64::from(self.weight(client));
+    }
+
+    fn charge(&self, client: ClientSlot) {
+        if let Some(calls) = self.shares.get(client.0 as usize).and_then(|s| s.calls.as_ref()) {
+            calls.inc();
+        }
     }
 }
 
@@ -100,7 +213,8 @@ struct Permit {
 /// The open batches and permits of one (app, API), in dispatch order.
 #[derive(Default)]
 pub struct Queue {
-    order: BTreeSet<Entry>,
+    lines: Lines,
+    fair: Fair,
     batches: HashMap<BatchId, OpenBatch>,
     permits: HashMap<PermitId, (Entry, Permit)>,
     /// The last id handed out, to a batch or a permit.
@@ -126,10 +240,15 @@ pub enum Job {
 }
 
 impl Queue {
+    /// The clients' shares, by slot (replaced on reload; work queued keeps its client).
+    pub fn set_shares(&mut self, shares: Vec<Share>) {
+        self.fair.shares = shares;
+    }
+
     pub fn open(&mut self, batch: OpenBatch) -> BatchId {
         self.next_id += 1;
         let id = BatchId(self.next_id);
-        self.order.insert(Entry::of_batch(id, batch.kind));
+        self.lines.insert(Entry::of_batch(id, batch.kind, batch.client));
         self.batches.insert(id, batch);
         self.wake = true;
         id
@@ -152,26 +271,29 @@ impl Queue {
         Some(waiter)
     }
 
-    /// A caller with `deadline` waits for batch `id` (if it is still open): its deadlines
-    /// widen, and it moves up the queue if it became more urgent.
-    pub fn add_caller(&mut self, id: BatchId, deadline: Instant) {
+    /// `client`'s caller with `deadline` waits for batch `id` (if it is still open): its
+    /// deadlines widen, and it moves up the queue if it became more urgent — into the
+    /// line of the client whose caller is now its most urgent.
+    pub fn add_caller(&mut self, id: BatchId, deadline: Instant, client: ClientSlot) {
         let Some(batch) = self.batches.get_mut(&id) else { return };
-        let before = Entry::of_batch(id, batch.kind);
-        batch.kind = batch.kind.with_caller(deadline);
-        let after = Entry::of_batch(id, batch.kind);
+        let before = Entry::of_batch(id, batch.kind, batch.client);
+        let (kind, owner) = joined(batch.kind, batch.client, deadline, client);
+        (batch.kind, batch.client) = (kind, owner);
+        let after = Entry::of_batch(id, kind, owner);
         if before != after {
-            self.order.remove(&before);
-            self.order.insert(after);
+            self.lines.remove(&before);
+            self.lines.insert(after);
         }
     }
 
-    /// Queues a request for one token, ordered by `urgency` like a caller's batch.
-    pub fn permit(&mut self, urgency: Instant, now: Instant) -> oneshot::Receiver<()> {
+    /// Queues a request for one token, ordered by `urgency` in `client`'s line like a
+    /// caller's batch.
+    pub fn permit(&mut self, urgency: Instant, client: ClientSlot, now: Instant) -> oneshot::Receiver<()> {
         let (tx, rx) = oneshot::channel();
         self.next_id += 1;
         let id = PermitId(self.next_id);
-        let entry = Entry { lane: Lane::Callers, at: urgency, work: Work::Permit(id) };
-        self.order.insert(entry);
+        let entry = Entry { lane: Lane::Callers, client, spot: Spot { at: urgency, work: Work::Permit(id) } };
+        self.lines.insert(entry);
         self.permits.insert(id, (entry, Permit { tx, since: now }));
         self.wake = true;
         rx
@@ -184,30 +306,68 @@ impl Queue {
 
     /// Callers' entries queued (background batches do not hold callers up).
     pub fn callers_queued(&self) -> u32 {
-        self.order.iter().take_while(|e| e.lane == Lane::Callers).count() as u32
+        self.lines.busy().map(|(_, line)| line.len() as u32).sum()
     }
 
-    /// How many entries are queued ahead of the last batch a caller with `deadline`
-    /// would wait for, if `misses` of group `g` joined now; None when every one of them
-    /// is already on the wire.
-    pub fn ahead_of(&self, g: &GroupState, misses: &[MsgSeq], deadline: Instant, max_seqs: usize) -> Option<u32> {
-        let place = |id: BatchId| self.batches.get(&id).map(|b| Entry::of_batch(id, b.kind.with_caller(deadline)));
+    /// `client`'s entries queued, in tokens of the whole budget: its line, divided by its
+    /// share among the clients waiting (itself included).
+    pub fn queued_for(&self, client: ClientSlot) -> u32 {
+        let own = self.lines.line(client).map_or(0, BTreeSet::len) as u32;
+        self.in_tokens(client, own)
+    }
+
+    /// `n` entries of `client`'s line, in tokens of the whole budget: with other clients
+    /// waiting, it gets `weight / total weight` of the tokens.
+    fn in_tokens(&self, client: ClientSlot, n: u32) -> u32 {
+        let own = self.fair.weight(client);
+        let others: u32 = self.lines.busy().filter(|(c, _)| *c != client).map(|(c, _)| self.fair.weight(c)).sum();
+        if others == 0 {
+            return n;
+        }
+        (u64::from(n) * u64::from(own + others)).div_ceil(u64::from(own)).min(u64::from(u32::MAX)) as u32
+    }
+
+    /// How many tokens are spent ahead of the last batch `client`'s caller with
+    /// `deadline` would wait for, if `misses` of group `g` joined now: the entries ahead
+    /// in the line it would wait in, scaled by that client's share; None when every one
+    /// of them is already on the wire.
+    pub fn ahead_of(
+        &self,
+        g: &GroupState,
+        misses: &[MsgSeq],
+        deadline: Instant,
+        max_seqs: usize,
+        client: ClientSlot,
+    ) -> Option<u32> {
+        let place = |id: BatchId| {
+            self.batches.get(&id).map(|b| {
+                let (kind, owner) = joined(b.kind, b.client, deadline, client);
+                Entry::of_batch(id, kind, owner)
+            })
+        };
         let mut unplaced = 0;
-        let mut last: Option<Entry> = None;
+        let mut places: Vec<Entry> = Vec::new();
         for &seq in misses {
             match g.carrier(seq) {
-                Some(id) => last = last.max(place(id)),
+                Some(id) => places.extend(place(id)),
                 None => unplaced += 1,
             }
         }
         if unplaced > 0 {
             let newest = g.newest_open().and_then(|id| Some((id, self.batches.get(&id)?)));
-            last = last.max(match newest {
+            places.extend(match newest {
                 Some((id, b)) if unplaced <= max_seqs.saturating_sub(b.seqs.len()) => place(id),
-                _ => Some(Entry::new_batch(deadline)),
+                _ => Some(Entry::new_batch(deadline, client)),
             });
         }
-        Some(self.order.range(..last?).count() as u32)
+        places.dedup();
+        places
+            .iter()
+            .map(|e| {
+                let ahead = self.lines.line(e.client).map_or(0, |line| line.range(..e.spot).count()) as u32;
+                self.in_tokens(e.client, ahead)
+            })
+            .max()
     }
 
     /// Drops what nobody can use any more, and tells when work is next ready. `spare`
@@ -217,17 +377,27 @@ impl Queue {
         groups.sweep(now);
         self.drop_useless(groups, now, reach);
         let mut earliest: Option<Instant> = None;
-        for entry in &self.order {
-            let Work::Batch(id) = entry.work else { return Next::Ready };
-            let Some(b) = self.batches.get(&id) else { continue };
-            // Background batches take only spare budget: none while a caller's batch
-            // is still filling, none while other replicas spend the shared budget.
-            if entry.lane == Lane::Background && (earliest.is_some() || !spare) {
-                if earliest.is_none() {
-                    return Next::At(now + CONTENTION_RECHECK);
+        for (_, line) in self.lines.busy() {
+            for spot in line {
+                let Work::Batch(id) = spot.work else { return Next::Ready };
+                let Some(b) = self.batches.get(&id) else { continue };
+                if b.is_ready(now, max_seqs) {
+                    return Next::Ready;
                 }
-                break;
+                earliest = Some(earliest.map_or(b.ready_at, |e| e.min(b.ready_at)));
             }
+        }
+        // Background batches take only spare budget: none while a caller's batch is
+        // still filling, none while other replicas spend the shared budget.
+        if earliest.is_some() {
+            return earliest.map_or(Next::Idle, Next::At);
+        }
+        if !self.lines.background.is_empty() && !spare {
+            return Next::At(now + CONTENTION_RECHECK);
+        }
+        for spot in &self.lines.background {
+            let Work::Batch(id) = spot.work else { return Next::Ready };
+            let Some(b) = self.batches.get(&id) else { continue };
             if b.is_ready(now, max_seqs) {
                 return Next::Ready;
             }
@@ -236,8 +406,9 @@ impl Queue {
         earliest.map_or(Next::Idle, Next::At)
     }
 
-    /// Takes the first ready entry off the queue, tops a batch up with its group's
-    /// cohort, and observes how long the work waited for its token in `budget_wait`.
+    /// Takes the next ready entry off the queue — the fair share's client, then its most
+    /// urgent ready work — tops a batch up with its group's cohort, charges the call to
+    /// its client, and observes how long the work waited for its token in `budget_wait`.
     pub fn pop(
         &mut self,
         groups: &mut Groups,
@@ -249,46 +420,66 @@ impl Queue {
     ) -> Option<Job> {
         self.drop_useless(groups, now, reach);
         let entry = self.first_ready(now, policy.max_seqs, spare)?;
-        self.order.remove(&entry);
-        match entry.work {
+        self.lines.remove(&entry);
+        match entry.spot.work {
             Work::Permit(id) => {
                 let (_, permit) = self.permits.remove(&id)?;
+                self.fair.serve(entry.client);
+                self.fair.charge(entry.client);
                 budget_wait.observe(now.saturating_duration_since(permit.since).as_secs_f64());
                 Some(Job::Permit(permit.tx))
             }
             Work::Batch(id) => {
                 let batch = self.batches.remove(&id)?;
                 if entry.lane == Lane::Callers {
+                    self.fair.serve(entry.client);
                     // Background batches wait for spare budget by design; that is no wait.
                     budget_wait.observe(now.saturating_duration_since(batch.ready_at).as_secs_f64());
                 }
+                self.fair.charge(batch.client);
                 Some(Job::Batch(dispatch(groups, id, batch, now, policy)))
             }
         }
     }
 
-    /// The first entry that may take a token now.
+    /// The entry that may take a token now: among the clients with ready work, the one
+    /// whose next call starts first in the fair share (at a tie, the one whose work is
+    /// due first); then background batches, if no caller's work waits at all.
     fn first_ready(&self, now: Instant, max_seqs: usize, spare: bool) -> Option<Entry> {
-        let mut filling = !spare;
-        self.order.iter().copied().find(|entry| {
-            let Work::Batch(id) = entry.work else { return true };
-            let Some(b) = self.batches.get(&id) else { return false };
-            let callers = entry.lane == Lane::Callers;
-            let ready = b.is_ready(now, max_seqs) && (callers || !filling);
-            filling |= callers && !ready;
-            ready
-        })
+        let mut best: Option<(f64, Entry)> = None;
+        let mut waiting = false;
+        for (client, line) in self.lines.busy() {
+            waiting = true;
+            let ready = line.iter().find(|spot| match spot.work {
+                Work::Permit(_) => true,
+                Work::Batch(id) => self.batches.get(&id).is_some_and(|b| b.is_ready(now, max_seqs)),
+            });
+            let Some(&spot) = ready else { continue };
+            let start = self.fair.start(client);
+            let better = best.is_none_or(|(s, e)| start < s || (start == s && spot < e.spot));
+            if better {
+                best = Some((start, Entry { lane: Lane::Callers, client, spot }));
+            }
+        }
+        if best.is_some() || waiting || !spare {
+            return best.map(|(_, e)| e);
+        }
+        let spot = self.lines.background.iter().copied().find(|spot| match spot.work {
+            Work::Permit(_) => true,
+            Work::Batch(id) => self.batches.get(&id).is_some_and(|b| b.is_ready(now, max_seqs)),
+        })?;
+        Some(Entry { lane: Lane::Background, client: ClientSlot::DEFAULT, spot })
     }
 
     /// Drops permits whose retry gave up, and resolves unsent the batches whose callers'
     /// deadlines (or background lifetimes) would pass before an answer could reach them
     /// (`reach`: [`Estimators::reach`](crate::admission::Estimators::reach)).
     fn drop_useless(&mut self, groups: &mut Groups, now: Instant, reach: Duration) {
-        let Self { order, permits, batches, dropped, .. } = self;
+        let Self { lines, permits, batches, dropped, .. } = self;
         permits.retain(|_, (entry, p)| {
             let alive = !p.tx.is_closed();
             if !alive {
-                order.remove(entry);
+                lines.remove(entry);
             }
             alive
         });
@@ -296,7 +487,7 @@ impl Queue {
             batches.iter().filter(|(_, b)| b.kind.useless_after() < now + reach).map(|(id, _)| *id).collect();
         for id in late {
             let Some(batch) = batches.remove(&id) else { continue };
-            order.remove(&Entry::of_batch(id, batch.kind));
+            lines.remove(&Entry::of_batch(id, batch.kind, batch.client));
             groups.release(&batch.group, id, &batch.seqs, None);
             dropped.push((batch.group.clone(), batch.seqs.clone()));
             batch.expire(now);
@@ -314,6 +505,18 @@ impl Queue {
     }
 }
 
+/// A batch of `kind` paid by `owner`, once `client`'s caller with `deadline` joins it: it
+/// moves to the joining client's line if that caller is now its most urgent (or it was a
+/// background batch, which no caller's client paid for).
+fn joined(kind: BatchKind, owner: ClientSlot, deadline: Instant, client: ClientSlot) -> (BatchKind, ClientSlot) {
+    let after = kind.with_caller(deadline);
+    let takes_over = match kind {
+        BatchKind::Background { .. } => true,
+        BatchKind::Callers { earliest, .. } => deadline < earliest,
+    };
+    (after, if takes_over { client } else { owner })
+}
+
 /// A batch leaving the queue: detached from its group's open list and topped up with
 /// the group's cohort (read lately, within half a TTL of expiry, not in flight).
 fn dispatch(groups: &mut Groups, id: BatchId, batch: OpenBatch, now: Instant, policy: &BatchPolicy) -> Dispatch {
@@ -328,7 +531,7 @@ fn dispatch(groups: &mut Groups, id: BatchId, batch: OpenBatch, now: Instant, po
         group: batch.group,
         seqs,
         requested,
-        window: Window::of(batch.kind, now, policy.upstream_timeout),
+        window: Window::of(batch.kind, batch.client, now, policy.upstream_timeout),
         outcome: batch.outcome,
     }
 }
@@ -430,8 +633,8 @@ impl Queue {
         self.batches.iter()
     }
 
-    /// Whether batch `id` queues in the callers' lane at `at`.
-    pub(crate) fn queues_for_callers_at(&self, id: BatchId, at: Instant) -> bool {
-        self.order.contains(&Entry { lane: Lane::Callers, at, work: Work::Batch(id) })
+    /// Whether batch `id` queues in `client`'s line of the callers' lane at `at`.
+    pub(crate) fn queues_for_callers_at(&self, id: BatchId, at: Instant, client: ClientSlot) -> bool {
+        self.lines.line(client).is_some_and(|line| line.contains(&Spot { at, work: Work::Batch(id) }))
     }
 }

@@ -16,10 +16,11 @@ use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
 use crate::admission::{self, Estimators};
-use crate::batch::{BatchPolicy, Dispatch, Joined, Waiter};
+use crate::batch::{BatchPolicy, Caller, Dispatch, Joined, Parked, Waiter};
 use crate::budget::Estimate;
 use crate::cache::Page;
-use crate::dispatch::{Job, Next, Queue};
+use crate::clients::ClientSlot;
+use crate::dispatch::{Job, Next, Queue, Share};
 use crate::domain::{GroupId, MsgSeq};
 use crate::inflight::Groups;
 
@@ -41,6 +42,8 @@ pub struct Ask<'a> {
     /// since then is taken from the page instead of fetched again.
     pub fetched_since: Option<Instant>,
     pub deadline: Instant,
+    /// The caller's client: its line in the queue and its share of the budget.
+    pub client: ClientSlot,
 }
 
 /// The queue ahead is too long to serve this request before its deadline.
@@ -103,28 +106,35 @@ impl Engine {
         let g = groups.enter(ask.group, ask.page);
         let (mut joined, misses) = g.answered_meanwhile(ask.misses, ask.fetched_since, now);
         let expected = queue
-            .ahead_of(g, &misses, ask.deadline, self.policy.max_seqs)
+            .ahead_of(g, &misses, ask.deadline, self.policy.max_seqs, ask.client)
             .map(|ahead| admission::expected_answer(now, ahead, forecast, self.policy.window));
         if expected.is_some_and(|at| at > ask.deadline) {
-            let expires = now + self.policy.background_lifetime();
-            g.park(queue, ask.group, &misses, expires, now, &self.policy);
-            let retry_after = admission::retry_after(forecast, queue.callers_queued());
+            let parked = Parked { client: ask.client, expires: now + self.policy.background_lifetime() };
+            g.park(queue, ask.group, &misses, parked, now, &self.policy);
+            let retry_after = admission::retry_after(forecast, queue.queued_for(ask.client));
             groups.forget_if_idle(ask.group);
             self.release(tables);
             return Err(Overloaded { retry_after });
         }
+        let caller = Caller { deadline: ask.deadline, client: ask.client };
         for &seq in &misses {
-            joined.extend(g.join(queue, ask.group, seq, ask.deadline, now, &self.policy));
+            joined.extend(g.join(queue, ask.group, seq, caller, now, &self.policy));
         }
         self.release(tables);
         Ok(joined)
     }
 
+    /// The clients' shares of the budget, by slot (at start and on reload).
+    pub fn set_shares(&self, shares: Vec<Share>) {
+        self.lock().queue.set_shares(shares);
+    }
+
     /// Queues a request for one token (a retry or a split half of a dispatched batch),
-    /// ordered by `urgency` (its batch's earliest caller) like batches are.
-    pub fn permit(&self, urgency: Instant) -> oneshot::Receiver<()> {
+    /// in the line of the `client` it was dispatched for, ordered by `urgency` (its
+    /// batch's earliest caller) like batches are.
+    pub fn permit(&self, urgency: Instant, client: ClientSlot) -> oneshot::Receiver<()> {
         let mut tables = self.lock();
-        let permit = tables.queue.permit(urgency, Instant::now());
+        let permit = tables.queue.permit(urgency, client, Instant::now());
         self.release(tables);
         permit
     }
@@ -235,6 +245,7 @@ mod tests {
     use crate::cache::ReceiptCache;
     use crate::code::ErrorCode;
     use crate::config::CacheConfig;
+    use crate::dispatch::Share;
     use crate::domain::{AppId, Receipt};
 
     const MS: Duration = Duration::from_millis(1);
@@ -279,7 +290,7 @@ mod tests {
         pace: Estimate,
     ) -> Result<Vec<(MsgSeq, Waiter, Joined)>, Overloaded> {
         let g = group(name);
-        e.join(Ask { group: &g, page: None, misses, fetched_since: None, deadline }, pace)
+        e.join(Ask { group: &g, page: None, misses, fetched_since: None, deadline, client: ClientSlot::DEFAULT }, pace)
     }
 
     fn kinds(joined: &[(MsgSeq, Waiter, Joined)]) -> Vec<Joined> {
@@ -358,7 +369,7 @@ mod tests {
         let (id, batch) = tables.queue.open_batches().find(|(_, b)| b.group == group("g")).unwrap();
         assert_eq!(batch.kind, BatchKind::for_caller(now + 30 * S));
         assert_eq!(batch.seqs, seqs(0..4));
-        assert!(tables.queue.queues_for_callers_at(*id, now + 30 * S));
+        assert!(tables.queue.queues_for_callers_at(*id, now + 30 * S, ClientSlot::DEFAULT));
     }
 
     #[tokio::test(start_paused = true)]
@@ -404,11 +415,25 @@ mod tests {
         // Between the caller's lookup and its join, a batch fetched MsgSeq 1.
         let receipt = Receipt { code: ErrorCode::OK, read: Some(4), unread: Some(5) };
         let page = cache().insert(AppId(1), &g, &[(MsgSeq(1), receipt)], Instant::now()).await;
-        let ask = Ask { group: &g, page: Some(&page), misses: &[MsgSeq(7)], fetched_since: None, deadline };
+        let ask = Ask {
+            group: &g,
+            page: Some(&page),
+            misses: &[MsgSeq(7)],
+            fetched_since: None,
+            deadline,
+            client: ClientSlot::DEFAULT,
+        };
         e.join(ask, pace(Duration::ZERO)).unwrap();
 
         let misses = [MsgSeq(1), MsgSeq(2)];
-        let ask = Ask { group: &g, page: None, misses: &misses, fetched_since: Some(looked), deadline };
+        let ask = Ask {
+            group: &g,
+            page: None,
+            misses: &misses,
+            fetched_since: Some(looked),
+            deadline,
+            client: ClientSlot::DEFAULT,
+        };
         let joined = e.join(ask, pace(Duration::ZERO)).unwrap();
 
         let (seq, waiter, how) = &joined[0];
@@ -433,7 +458,14 @@ mod tests {
         // 3 is due but nobody read it: not.
         page.read(&[MsgSeq(1), MsgSeq(2)], now);
         let deadline = now + 5 * S;
-        let ask = Ask { group: &g, page: Some(&page), misses: &[MsgSeq(9)], fetched_since: None, deadline };
+        let ask = Ask {
+            group: &g,
+            page: Some(&page),
+            misses: &[MsgSeq(9)],
+            fetched_since: None,
+            deadline,
+            client: ClientSlot::DEFAULT,
+        };
         e.join(ask, pace(Duration::ZERO)).unwrap();
         tokio::time::advance(5 * MS).await;
 
@@ -452,8 +484,8 @@ mod tests {
         let e = engine(1);
         let now = Instant::now();
         join(&e, "batch", &seqs(0..1), now + 5 * S, pace(Duration::ZERO)).unwrap();
-        let urgent = e.permit(now + 2 * S);
-        let abandoned = e.permit(now + S);
+        let urgent = e.permit(now + 2 * S, ClientSlot::DEFAULT);
+        let abandoned = e.permit(now + S, ClientSlot::DEFAULT);
         drop(abandoned);
 
         let first = e.pop(now, &hist(), true);
@@ -465,13 +497,112 @@ mod tests {
         drop(urgent);
     }
 
+    /// An engine whose client 0 has weight 3 and client 1 weight 1, each with `n` ready
+    /// batches of distinct groups due at the same time.
+    fn two_clients(n: usize) -> (Engine, Instant) {
+        let e = engine(1);
+        e.set_shares(vec![Share { weight: 3, calls: None }, Share { weight: 1, calls: None }]);
+        let deadline = Instant::now() + 100 * S;
+        for i in 0..n {
+            for client in [ClientSlot(0), ClientSlot(1)] {
+                let g = group(&format!("c{}-{i}", client.0));
+                let ask = Ask { group: &g, page: None, misses: &seqs(0..1), fetched_since: None, deadline, client };
+                e.join(ask, pace(Duration::ZERO)).unwrap();
+            }
+        }
+        (e, deadline)
+    }
+
+    /// Pops `n` batches and counts them by the client whose group they carry.
+    fn pop_clients(e: &Engine, n: usize) -> [usize; 2] {
+        let mut served = [0; 2];
+        for _ in 0..n {
+            let Some(Job::Batch(d)) = e.pop(Instant::now(), &hist(), true) else { panic!("no batch") };
+            served[usize::from(d.group.to_string().starts_with("c1-"))] += 1;
+        }
+        served
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn contended_tokens_split_by_weight_and_an_idle_client_banks_no_credit() {
+        let (e, _) = two_clients(40);
+        tokio::time::advance(5 * MS).await;
+
+        assert_eq!(pop_clients(&e, 40), [30, 10], "weights 3 : 1");
+
+        // Client 0 alone for a while: client 1 does not come back with credit saved up.
+        let (e, deadline) = two_clients(0);
+        for i in 0..40 {
+            let g = group(&format!("c0-{i}"));
+            let ask = Ask {
+                group: &g,
+                page: None,
+                misses: &seqs(0..1),
+                fetched_since: None,
+                deadline,
+                client: ClientSlot(0),
+            };
+            e.join(ask, pace(Duration::ZERO)).unwrap();
+        }
+        tokio::time::advance(5 * MS).await;
+        assert_eq!(pop_clients(&e, 20), [20, 0], "work conserving: the only client gets every token");
+        for i in 0..20 {
+            let g = group(&format!("c1-{i}"));
+            let ask = Ask {
+                group: &g,
+                page: None,
+                misses: &seqs(0..1),
+                fetched_since: None,
+                deadline,
+                client: ClientSlot(1),
+            };
+            e.join(ask, pace(Duration::ZERO)).unwrap();
+        }
+        tokio::time::advance(5 * MS).await;
+        assert_eq!(pop_clients(&e, 8), [6, 2], "3 : 1 again at once, not 0 : 8");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn admission_counts_a_callers_own_line_by_its_share() {
+        let (e, _) = two_clients(0);
+        let now = Instant::now();
+        // Client 0 (weight 3) floods: 30 batches due in 2 s, admitted while tokens came
+        // every 10 ms.
+        for i in 0..30 {
+            let g = group(&format!("flood-{i}"));
+            let deadline = now + 2 * S;
+            let ask = Ask {
+                group: &g,
+                page: None,
+                misses: &seqs(0..1),
+                fetched_since: None,
+                deadline,
+                client: ClientSlot(0),
+            };
+            e.join(ask, pace(10 * MS)).unwrap();
+        }
+        let slow = pace(100 * MS);
+        let ask = |name: &str, client| {
+            let g = group(name);
+            let deadline = now + 3500 * MS;
+            e.join(Ask { group: &g, page: None, misses: &seqs(0..1), fetched_since: None, deadline, client }, slow)
+        };
+
+        // Client 1 has nobody ahead in its line: served at its next turn.
+        assert!(ask("b", ClientSlot(1)).is_ok());
+        // Client 0's caller has its 30 ahead, served at 3/4 of 10 tokens a second with
+        // client 1 waiting: 4 s, past its 3.5 s (alone, 3 s would have been in time).
+        let refused = ask("a", ClientSlot(0)).unwrap_err();
+        assert_eq!(refused.retry_after, 4 * S + admission::MARGIN);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn at_equal_deadlines_work_queues_in_the_order_it_was_created() {
         let e = engine(1);
         let deadline = Instant::now() + 5 * S;
-        let early_permit = e.permit(deadline);
+        let early_permit = e.permit(deadline, ClientSlot::DEFAULT);
         join(&e, "g", &seqs(0..1), deadline, pace(Duration::ZERO)).unwrap();
-        let late_permit = e.permit(deadline);
+        let late_permit = e.permit(deadline, ClientSlot::DEFAULT);
 
         let order: Vec<bool> =
             (0..3).map(|_| matches!(e.pop(Instant::now(), &hist(), true), Some(Job::Permit(_)))).collect();

@@ -102,7 +102,7 @@ impl Token {
         if std::mem::replace(self, Token::Owed) == Token::Paid {
             return true;
         }
-        let permit = app.engine.permit(window.urgency);
+        let permit = app.engine.permit(window.urgency, window.client);
         matches!(tokio::time::timeout_at(window.deadline, permit).await, Ok(Ok(())))
     }
 }

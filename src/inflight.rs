@@ -17,8 +17,9 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::batch::{BatchId, BatchKind, BatchOutcome, BatchPolicy, Joined, OpenBatch, Waiter};
+use crate::batch::{BatchId, BatchKind, BatchOutcome, BatchPolicy, Caller, Joined, OpenBatch, Parked, Waiter};
 use crate::cache::Page;
+use crate::clients::ClientSlot;
 use crate::dispatch::Queue;
 use crate::domain::{GroupId, MsgSeq};
 
@@ -140,16 +141,17 @@ impl GroupState {
         queue: &mut Queue,
         group: &GroupId,
         seq: MsgSeq,
-        deadline: Instant,
+        caller: Caller,
         now: Instant,
         policy: &BatchPolicy,
     ) -> Option<(MsgSeq, Waiter, Joined)> {
         if let Some((id, waiter)) = self.inflight.get(&seq) {
-            queue.add_caller(*id, deadline);
+            queue.add_caller(*id, caller.deadline, caller.client);
             return Some((seq, waiter.clone(), Joined::Coalesced));
         }
-        let id = self.room_or_open(queue, group, BatchKind::for_caller(deadline), now, policy);
-        queue.add_caller(id, deadline);
+        let kind = BatchKind::for_caller(caller.deadline);
+        let id = self.room_or_open(queue, group, kind, caller.client, now, policy);
+        queue.add_caller(id, caller.deadline, caller.client);
         let waiter = queue.push(id, seq, now, policy.max_seqs)?;
         self.inflight.insert(seq, (id, waiter.clone()));
         Some((seq, waiter, Joined::Fetched))
@@ -163,7 +165,7 @@ impl GroupState {
         queue: &mut Queue,
         group: &GroupId,
         misses: &[MsgSeq],
-        expires: Instant,
+        parked: Parked,
         now: Instant,
         policy: &BatchPolicy,
     ) {
@@ -171,7 +173,8 @@ impl GroupState {
         if unplaced.is_empty() {
             return;
         }
-        let id = self.room_or_open(queue, group, BatchKind::Background { expires }, now, policy);
+        let kind = BatchKind::Background { expires: parked.expires };
+        let id = self.room_or_open(queue, group, kind, parked.client, now, policy);
         for seq in unplaced {
             let Some(waiter) = queue.push(id, seq, now, policy.max_seqs) else { break };
             self.inflight.insert(seq, (id, waiter));
@@ -184,13 +187,14 @@ impl GroupState {
         queue: &mut Queue,
         group: &GroupId,
         kind: BatchKind,
+        client: ClientSlot,
         now: Instant,
         policy: &BatchPolicy,
     ) -> BatchId {
         if let Some(id) = self.newest_open().filter(|&id| queue.has_room(id, policy.max_seqs)) {
             return id;
         }
-        let id = queue.open(OpenBatch::new(group.clone(), kind, now + policy.window));
+        let id = queue.open(OpenBatch::new(group.clone(), kind, now + policy.window, client));
         self.open.push(id);
         id
     }

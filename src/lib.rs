@@ -159,13 +159,14 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     }
     tasks.spawn(housekeeping(cache.clone(), metrics.clone()));
 
-    if config.clients.iter().any(|c| c.weight.get() != 1) {
-        tracing::warn!("clients[].weight is not applied yet: the budget goes to the earliest deadline, whoever calls");
+    let clients = Clients::new(&config);
+    for app in apps.values() {
+        app.share_budget(&clients, &metrics);
     }
     let drain = Drain::new(metrics.inflight.clone());
     let gateway = Arc::new(server::Gateway {
         apps,
-        clients: Clients::new(&config),
+        clients,
         config: config.server.clone(),
         metrics: metrics.clone(),
         drain: drain.clone(),

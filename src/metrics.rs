@@ -55,6 +55,8 @@ pub struct Metrics {
     pub budget_backend_up: IntGauge,
     pub fleet_items: IntCounterVec,
     pub client_rejected: IntCounterVec,
+    pub budget_calls: IntCounterVec,
+    pub config_reloads: IntCounterVec,
     pub fleet_backend_up: IntGauge,
     pub usersig_expiry: GaugeVec,
 }
@@ -151,6 +153,17 @@ impl Metrics {
                 "Requests refused, by client and reason (auth, quota, deadline: the budget could not serve it in time).",
                 &["client", "reason"],
             )?,
+            budget_calls: counter(
+                "receipt_gateway_budget_calls_total",
+                "Upstream calls (retries included) spent for each client's batches, by the fair share (SPEC 6.5).",
+                &["app", "api", "client"],
+            )?,
+            config_reloads: counter(
+                "receipt_gateway_config_reloads_total",
+                "Configuration reloads (SIGHUP, or the file changed): ok, invalid (the file did not validate), \
+                 refused (it changed what needs a restart).",
+                &["result"],
+            )?,
             fleet_items: counter(
                 "receipt_gateway_fleet_items_total",
                 "Cache misses of this replica, by what the fleet tier did: shared_hit (found in Redis), \
@@ -223,6 +236,8 @@ mod tests {
         m.budget_wait.with_label_values(&["1", API_RECEIPT]).observe(0.0);
         m.effective_rate.with_label_values(&["1", API_RECEIPT]).set(200.0);
         m.usersig_expiry.with_label_values(&["1"]).set(1.0);
+        m.budget_calls.with_label_values(&["1", API_RECEIPT, "default"]).inc();
+        m.config_reloads.with_label_values(&["ok"]).inc();
         let text = String::from_utf8(m.render()).unwrap();
         for name in [
             "receipt_gateway_requests_total",
@@ -238,6 +253,8 @@ mod tests {
             "receipt_gateway_budget_backend_up",
             "receipt_gateway_fleet_backend_up",
             "receipt_gateway_usersig_expiry_timestamp_seconds",
+            "receipt_gateway_budget_calls_total{api=\"get_group_msg_receipt\",app=\"1\",client=\"default\"} 1",
+            "receipt_gateway_config_reloads_total{result=\"ok\"} 1",
             "receipt_gateway_build_info{version=",
             "process_resident_memory_bytes",
         ] {

@@ -16,6 +16,7 @@ use crate::api::{ReceiptItem, ReceiptResponse};
 use crate::app::AppRuntime;
 use crate::batch::{Failure, Joined, Waiter};
 use crate::cache::Cached;
+use crate::clients::ClientSlot;
 use crate::domain::{GroupId, MsgSeq, Receipt};
 use crate::engine::Ask;
 use crate::error::GatewayError;
@@ -44,6 +45,8 @@ pub struct Query {
     pub freshness: Freshness,
     pub arrived: Instant,
     pub deadline: Instant,
+    /// Who asks: the line its misses queue in, and the share that pays for them.
+    pub client: ClientSlot,
 }
 
 /// `X-Cache` (SPEC 2.1).
@@ -145,7 +148,14 @@ pub async fn answer(app: &AppRuntime, q: Query) -> Result<Answer, GatewayError> 
             Vec::new()
         } else {
             let fetched_since = (q.freshness != Freshness::NoCache).then_some(looked);
-            let ask = Ask { group: &q.group, page: page.as_ref(), misses: &local, fetched_since, deadline: q.deadline };
+            let ask = Ask {
+                group: &q.group,
+                page: page.as_ref(),
+                misses: &local,
+                fetched_since,
+                deadline: q.deadline,
+                client: q.client,
+            };
             match app.engine.join(ask, app.budget.estimate()) {
                 Ok(joined) => joined,
                 Err(overloaded) => {

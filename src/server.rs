@@ -207,7 +207,7 @@ async fn route(
         .map_err(|e| GatewayError::BadRequest(e.to_string()))?;
     trace.group = Some(parsed.group.to_string());
     trace.items = parsed.seqs.len();
-    let query = Query { group: parsed.group, seqs: parsed.seqs, freshness, arrived, deadline };
+    let query = Query { group: parsed.group, seqs: parsed.seqs, freshness, arrived, deadline, client: client.slot };
     let answer = receipts::answer(app, query).await?;
     trace.x_cache = Some(answer.x_cache.as_str());
     Ok(answer)

@@ -1,9 +1,12 @@
 //! Callers (SPEC 6.5): who is calling, bearer tokens, `require_client_auth`, quotas that
 //! refuse at once, and the `client` label of the request metrics.
 
-use http::StatusCode;
+use std::time::Duration;
 
-use crate::support::{BILLING_TOKEN, Setup, TestApp, body};
+use http::StatusCode;
+use receipt_gateway::code::ErrorCode;
+
+use crate::support::{BILLING_TOKEN, Setup, TestApp, body, heavy, within};
 
 const CLIENTS: &str = "[[clients]]\nid = \"billing\"\ntoken_env = \"BILLING_TOKEN\"\n\n\
                        [[clients]]\nid = \"search\"\nrequests_per_second = 20\n";
@@ -84,4 +87,102 @@ async fn a_quota_admits_no_more_than_its_requests_per_second_and_refuses_at_once
     assert_eq!(app.metric("receipt_gateway_client_rejected_total{client=\"search\",reason=\"quota\"}").await, 40.0);
     let other = app.post(&b).await;
     assert_eq!(other.status, StatusCode::OK, "another client's quota is its own");
+}
+
+/// Two clients of weights 3 and 1 on a budget of 40 calls a second.
+const WEIGHTED: &str = "[budget]\nper_second = 40\n\n[[clients]]\nid = \"checkout\"\nweight = 3\n\n\
+                        [[clients]]\nid = \"nightly\"\nweight = 1\n";
+
+/// Sends `per_second` requests a second for `seconds` as `client`, each for a group
+/// nobody asked for before (one upstream call each); the answers' statuses.
+async fn flood(app: &TestApp, client: &'static str, per_second: u32, seconds: u32) -> Vec<Option<StatusCode>> {
+    let every = Duration::from_secs(1) / per_second;
+    let mut tick = tokio::time::interval(every);
+    let mut sent = Vec::new();
+    for i in 0..per_second * seconds {
+        tick.tick().await;
+        let headers = [("x-client-id", client), ("x-request-timeout-ms", "1000")];
+        sent.push(app.post_in_background(body(&format!("{client}-{i}"), &[1]), &headers));
+    }
+    let mut statuses = Vec::new();
+    for task in sent {
+        statuses.push(within(task).await.ok().flatten());
+    }
+    statuses
+}
+
+fn calls_for(client: &str) -> String {
+    format!(
+        "receipt_gateway_budget_calls_total{{api=\"get_group_msg_receipt\",app=\"1400000000\",client=\"{client}\"}}"
+    )
+}
+
+fn ok(statuses: &[Option<StatusCode>]) -> usize {
+    statuses.iter().filter(|s| **s == Some(StatusCode::OK)).count()
+}
+
+/// Both clients ask for four times the budget: the calls, and so the answered requests,
+/// split 3 : 1; the budget is spent in full and never overspent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contended_budget_is_shared_by_weight() {
+    let _heavy = heavy().await;
+    let app = TestApp::spawn_with(Setup { sim_limit: 40, ..Setup::sections(WEIGHTED) }).await;
+
+    let (checkout, nightly) = tokio::join!(flood(&app, "checkout", 160, 3), flood(&app, "nightly", 160, 3));
+
+    let (a, b) = (app.metric(&calls_for("checkout")).await, app.metric(&calls_for("nightly")).await);
+    assert!((2.55..=3.45).contains(&(a / b)), "calls split {a} : {b}, not 3 : 1 within 15 %");
+    let (a, b) = (ok(&checkout) as f64, ok(&nightly) as f64);
+    assert!((2.55..=3.45).contains(&(a / b)), "answered 200 split {a} : {b}, not 3 : 1 within 15 %");
+    assert!(app.sim.max_arrivals_in_any_window(Duration::from_secs(1)) <= 40);
+    assert_eq!(app.sim.count_code(ErrorCode(60007)), 0);
+    let statuses = checkout.iter().chain(&nightly);
+    assert!(statuses.clone().all(|s| matches!(*s, Some(StatusCode::OK | StatusCode::TOO_MANY_REQUESTS))));
+}
+
+/// With the weight-3 client idle, the weight-1 client gets the whole budget; and while
+/// it floods, a client asking for less than its share gets everything it asks for, in
+/// time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_share_is_lent_and_a_modest_client_is_isolated_from_a_flood() {
+    let _heavy = heavy().await;
+    let app = TestApp::spawn_with(Setup { sim_limit: 40, ..Setup::sections(WEIGHTED) }).await;
+
+    let started = tokio::time::Instant::now();
+    let alone = flood(&app, "nightly", 160, 2).await;
+    let calls = app.sim.calls();
+    let settled = calls.iter().filter(|c| c.at >= started + Duration::from_millis(500)).count();
+    assert!(ok(&alone) > 0);
+    // 1.5 s of a 40/s budget (the first half second may still be filling).
+    assert!(settled >= 54, "work conservation: {settled} calls in the last 1.5 s, expected >= 90 % of 60");
+
+    // The modest client asks for 10 % of the budget (4 uncached groups a second, as 20
+    // would be of 200) while the other floods at ten times the budget: every request of
+    // the modest one answered 200 within 100 ms (12 requests: the slowest is the p99).
+    let started = tokio::time::Instant::now();
+    let (modest, _) = tokio::join!(timed(&app, "checkout", 4, 3), flood(&app, "nightly", 400, 3));
+    assert!(modest.iter().all(|(s, _)| *s == Some(StatusCode::OK)), "{modest:?}");
+    let slowest = modest.iter().map(|(_, took)| *took).max().unwrap_or_default();
+    assert!(slowest < Duration::from_millis(100), "the modest client waited {slowest:?} (started {started:?})");
+}
+
+/// Like [`flood`], but each answer with how long it took.
+async fn timed(
+    app: &TestApp,
+    client: &'static str,
+    per_second: u32,
+    seconds: u32,
+) -> Vec<(Option<StatusCode>, Duration)> {
+    let every = Duration::from_secs(1) / per_second;
+    let mut tick = tokio::time::interval(every);
+    let mut answers = Vec::new();
+    for i in 0..per_second * seconds {
+        tick.tick().await;
+        let headers = [("x-client-id", client), ("x-request-timeout-ms", "1000")];
+        let begun = tokio::time::Instant::now();
+        let status =
+            within(app.post_in_background(body(&format!("{client}-{i}"), &[1]), &headers)).await.ok().flatten();
+        answers.push((status, begun.elapsed()));
+    }
+    answers
 }
