@@ -4,7 +4,7 @@
 //! Tencent allows 200 calls per second per app, one budget for everyone. The gateway
 //! speaks Tencent's own request and response format, answers from a short per-message
 //! cache, never asks twice at once for the same message, merges concurrent callers'
-//! misses for a group into one call, spends the budget as one deadline-ordered queue,
+//! misses for a group into one call, spends the budget as one fair, deadline-ordered queue,
 //! signs with a cached UserSig and routes to the app's region.
 //!
 //! # Layout
@@ -27,9 +27,10 @@
 //! 4. [`inflight`] — puts each admitted miss in flight exactly once: it joins the
 //!    [`batch`] that already carries it or is added to its group's open batch.
 //! 5. [`dispatch`] — the dispatcher takes one token at a time from the [`budget`]
-//!    (governor, or GCRA in Redis, at the AIMD effective rate) and spends it on the first
-//!    ready entry of the queue (callers' batches and retry permits by earliest deadline,
-//!    then background batches), topped up from the group's cache page with the cohort:
+//!    (governor, or GCRA in Redis, at the AIMD effective rate) and spends it on the
+//!    client the weighted fair share picks, on that client's most urgent ready entry
+//!    (callers' batches and retry permits by earliest deadline; background batches only
+//!    when no caller waits), topped up from the group's cache page with the cohort:
 //!    read lately, due to expire within half a TTL.
 //! 6. [`fetch`] — runs the dispatched batch in its own task: one signed regional call via
 //!    [`upstream`] (UserSig from the [`signer`], built with [`usersig`]), retries and
@@ -40,10 +41,11 @@
 //!    items, or becomes a [`error::GatewayError`] (which says who caused it), which
 //!    [`server`] turns into HTTP in one place.
 //!
-//! Around it: [`config`] (the TOML schema and validation), [`metrics`] (the Prometheus
-//! families), [`admin`] (`/metrics`, `/healthz`, `/readyz`), [`shutdown`] (draining on
-//! SIGTERM), [`simulator`] (a faithful Tencent stand-in for tests, demo and benchmarks)
-//! and [`demo`].
+//! Around it: [`config`] (the TOML schema and validation), [`reload`] (SIGHUP and file
+//! changes apply new clients), [`metrics`] (the Prometheus families), [`admin`]
+//! (`/metrics`, `/healthz`, `/readyz`), [`shutdown`] (draining on SIGTERM),
+//! [`simulator`] (a faithful Tencent stand-in for tests, demo and benchmarks) and
+//! [`demo`].
 //!
 //! [`run`] is what `main`, the demo and the tests call: it takes bound listeners and a
 //! shutdown future, so tests bind port 0 and decide when it stops.
@@ -70,6 +72,7 @@ pub mod fleet;
 pub mod inflight;
 pub mod metrics;
 pub mod receipts;
+pub mod reload;
 pub mod server;
 pub mod shutdown;
 pub mod signer;
@@ -79,6 +82,7 @@ pub mod usersig;
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -95,6 +99,7 @@ use crate::config::{Config, FleetBackend};
 use crate::domain::{GroupId, MsgSeq};
 use crate::fleet::Fleet;
 use crate::metrics::Metrics;
+use crate::reload::ClientsCell;
 use crate::shutdown::Drain;
 
 /// The two ports, bound by the caller (so tests can bind port 0).
@@ -124,6 +129,17 @@ const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
 
 /// Runs the gateway until `shutdown` resolves, then drains (see [`shutdown`]).
 pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    run_reloading(config, None, listeners, shutdown).await
+}
+
+/// [`run`], reloading the configuration from `path` on SIGHUP and when the file changes
+/// ([`reload`]).
+pub async fn run_reloading(
+    config: Config,
+    path: Option<PathBuf>,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
     let metrics = Metrics::new()?;
     let mut cache = ReceiptCache::new(&config.cache);
     let client = upstream::http_client()?;
@@ -166,11 +182,14 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     let drain = Drain::new(metrics.inflight.clone());
     let gateway = Arc::new(server::Gateway {
         apps,
-        clients,
+        clients: ClientsCell::new(clients),
         config: config.server.clone(),
         metrics: metrics.clone(),
         drain: drain.clone(),
     });
+    if let Some(path) = path {
+        tasks.spawn(reload::watch(path, reload::hangups(), config.clone(), gateway.clone(), metrics.clone()));
+    }
     let admin = Arc::new(admin::Admin { metrics, cache, drain: drain.clone() });
     let (stop_data, data_stopped) = watch::channel(None);
     let (stop_admin, admin_stopped) = watch::channel(None);

@@ -135,7 +135,9 @@ fn serve(path: PathBuf) -> ExitCode {
         // The bound addresses, so that port 0 in the config is usable (tests, benchmarks).
         let local = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
         tracing::info!(listen = %local(&data), admin = %local(&admin), "serving");
-        receipt_gateway::run(config, Listeners { data, admin }, shutdown::signal()).await.map_err(|e| e.to_string())
+        receipt_gateway::run_reloading(config, Some(path), Listeners { data, admin }, shutdown::signal())
+            .await
+            .map_err(|e| e.to_string())
     })
 }
 

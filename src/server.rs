@@ -25,12 +25,13 @@ use tokio::time::Instant;
 
 use crate::api::{RECEIPT_PATH, ReceiptRequest, ReceiptResponse};
 use crate::app::AppRuntime;
-use crate::clients::{self, Client, Clients, Rejection};
+use crate::clients::{self, Client, Rejection};
 use crate::config::ServerConfig;
 use crate::domain::AppId;
 use crate::error::{Blame, GatewayError};
 use crate::metrics::Metrics;
 use crate::receipts::{self, Answer, Freshness, Query};
+use crate::reload::ClientsCell;
 use crate::shutdown::Drain;
 
 /// The longest deadline a caller may ask for.
@@ -42,7 +43,8 @@ const MAX_H2_STREAMS: u32 = 4096;
 /// What every data request shares.
 pub struct Gateway {
     pub apps: HashMap<AppId, Arc<AppRuntime>>,
-    pub clients: Clients,
+    /// Swapped whole by a configuration reload.
+    pub clients: ClientsCell,
     pub config: ServerConfig,
     pub metrics: Metrics,
     pub drain: Arc<Drain>,
@@ -193,7 +195,7 @@ async fn route(
     }
     let app = select_app(gw, req.uri().query())?;
     trace.app = Some(app.id);
-    let client = gw.clients.identify(req.headers()).map_err(|(client, e)| {
+    let client = gw.clients.current().identify(req.headers()).map_err(|(client, e)| {
         trace.client = Some(client);
         trace.rejected = Some(Rejection::Auth);
         e

@@ -30,6 +30,8 @@ const TOKEN: &str = "fleet-test-bearer-token-4711";
 /// One gateway process, killed (SIGKILL) on drop.
 pub struct Replica {
     child: Child,
+    /// Its configuration file (rewrite it and [`hangup`](Replica::hangup) to reload).
+    pub config: PathBuf,
     pub url: String,
     pub admin: String,
     /// Every line it logged (JSON), for assertions about its logs.
@@ -77,10 +79,17 @@ impl Replica {
         let (listen, admin) = rx.recv_timeout(Duration::from_secs(20)).expect("the gateway says where it listens");
         Replica {
             child,
+            config,
             url: format!("http://{}", listen.expect("listen address")),
             admin: format!("http://{}", admin.expect("admin address")),
             log,
         }
+    }
+
+    /// Sends SIGHUP: reload the configuration file.
+    pub fn hangup(&self) {
+        let status = Command::new("kill").arg("-HUP").arg(self.child.id().to_string()).status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -HUP");
     }
 
     /// SIGKILL: no draining, no cleanup, claims left behind.
@@ -160,7 +169,7 @@ pub async fn metric(client: &Client<HttpConnector, Full<Bytes>>, replica: &Repli
 }
 
 /// Waits, within the support's bound, until `sample` on `replica` reads `value`.
-async fn until_metric(f: &Fixture, replica: &Replica, sample: &str, value: f64) {
+pub async fn until_metric(f: &Fixture, replica: &Replica, sample: &str, value: f64) {
     within(async {
         while metric(&f.client, replica, sample).await != value {
             tokio::time::sleep(Duration::from_millis(5)).await;

@@ -9,4 +9,5 @@ mod cluster;
 mod engine;
 mod fleet;
 mod redis;
+mod reload;
 mod support;

@@ -1,0 +1,190 @@
+//! Reloading the configuration (SPEC 6.1): on SIGHUP, or when the file's content changes
+//! (a Kubernetes ConfigMap update reaches a mounted file without a signal), the file is
+//! read and validated again and applied without dropping a request.
+//!
+//! What a reload applies: the clients — ids, tokens, quotas, weights — with
+//! `server.client_id_header` and `server.require_client_auth`. Each client keeps its
+//! place in the engines' fair share and its quota window. A reload that changes anything
+//! else is refused as a whole and the running configuration stays: the listen addresses
+//! and the app list (SPEC 6.1), and — in this version — the cache TTLs, batch, budget,
+//! upstream, fleet and Redis settings and the other server keys, which the gateway reads
+//! once at start (a restart applies them). An invalid file is logged with the reason and
+//! changes nothing. Each attempt counts in `receipt_gateway_config_reloads_total{result}`.
+//!
+//! Tokens are read from the environment, which a running process cannot see change: a
+//! rotated token (a Kubernetes Secret) takes a restart (see `deploy/README.md`).
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio::signal::unix::{Signal, SignalKind, signal};
+
+use crate::clients::Clients;
+use crate::config::{Config, ServerConfig};
+use crate::metrics::Metrics;
+use crate::server::Gateway;
+
+/// How often the file is read to see whether its content changed.
+pub const WATCH_EVERY: Duration = Duration::from_secs(2);
+
+/// The clients every request reads, swapped whole by a reload.
+pub struct ClientsCell(RwLock<Arc<Clients>>);
+
+impl ClientsCell {
+    pub fn new(clients: Clients) -> Self {
+        Self(RwLock::new(Arc::new(clients)))
+    }
+
+    pub fn current(&self) -> Arc<Clients> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn replace(&self, clients: Clients) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(clients);
+    }
+}
+
+/// What one reload attempt came to (the `result` label).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Applied,
+    /// The file did not validate.
+    Invalid(String),
+    /// It changed what needs a restart: these keys.
+    Refused(Vec<&'static str>),
+    /// The file is as it was.
+    Unchanged,
+}
+
+/// SIGHUP, caught from now on (before the gateway serves, so that a signal sent as soon
+/// as it answers is a reload, not the default action's exit).
+pub fn hangups() -> Option<Signal> {
+    match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGHUP handler: reloads only when the file changes");
+            None
+        }
+    }
+}
+
+/// Reloads `path` on each of `hangup` and whenever its content changes, forever; owned
+/// and aborted by the gateway's task set.
+pub async fn watch(
+    path: PathBuf,
+    mut hangup: Option<Signal>,
+    mut running: Config,
+    gateway: Arc<Gateway>,
+    metrics: Metrics,
+) {
+    let mut seen = digest(&path).await;
+    let mut tick = tokio::time::interval(WATCH_EVERY);
+    tick.tick().await;
+    loop {
+        let signalled = tokio::select! {
+            Some(()) = async { hangup.as_mut()?.recv().await } => true,
+            _ = tick.tick() => false,
+        };
+        let now = digest(&path).await;
+        if !signalled && now == seen {
+            continue;
+        }
+        seen = now;
+        let outcome = match Config::load(&path) {
+            Err(e) => Outcome::Invalid(e.to_string()),
+            Ok(new) => apply(&gateway, &metrics, &mut running, new),
+        };
+        report(&outcome, &path, signalled, &metrics);
+    }
+}
+
+/// Applies `new` over `running` if it changes only what a reload may change.
+pub fn apply(gateway: &Gateway, metrics: &Metrics, running: &mut Config, new: Config) -> Outcome {
+    let refused = restart_only_changes(running, &new);
+    if !refused.is_empty() {
+        return Outcome::Refused(refused);
+    }
+    if format!("{:?}", running.clients) == format!("{:?}", new.clients) && same_callers(&running.server, &new.server) {
+        return Outcome::Unchanged;
+    }
+    let clients = gateway.clients.current().reload(&new);
+    // The engines learn the new shares first, so a request of a new client finds its
+    // slot (an unknown slot counts as weight 1 meanwhile).
+    for app in gateway.apps.values() {
+        app.share_budget(&clients, metrics);
+    }
+    gateway.clients.replace(clients);
+    *running = new;
+    Outcome::Applied
+}
+
+fn report(outcome: &Outcome, path: &std::path::Path, signalled: bool, metrics: &Metrics) {
+    let file = path.display();
+    let result = match outcome {
+        Outcome::Applied => {
+            tracing::info!(%file, signalled, "configuration reloaded: clients, tokens, quotas and weights applied");
+            "ok"
+        }
+        Outcome::Unchanged => {
+            tracing::info!(%file, signalled, "configuration reloaded: nothing a reload applies changed");
+            "ok"
+        }
+        Outcome::Invalid(reason) => {
+            tracing::warn!(%file, %reason, "configuration reload failed: the running configuration stays");
+            "invalid"
+        }
+        Outcome::Refused(keys) => {
+            tracing::warn!(
+                %file,
+                changed = %keys.join(", "),
+                "configuration reload refused: these need a restart; the running configuration stays"
+            );
+            "refused"
+        }
+    };
+    metrics.config_reloads.with_label_values(&[result]).inc();
+}
+
+/// The sections a reload may not change that `new` changes.
+fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
+    let same = |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
+    let mut changed = Vec::new();
+    if running.server.listen != new.server.listen || running.server.admin_listen != new.server.admin_listen {
+        changed.push("server.listen / server.admin_listen");
+    }
+    let (mut a, mut b) = (running.server.clone(), new.server.clone());
+    for s in [&mut a, &mut b] {
+        // Compared above, or applied by a reload.
+        s.listen = running.server.listen;
+        s.admin_listen = running.server.admin_listen;
+        s.client_id_header = running.server.client_id_header.clone();
+        s.require_client_auth = running.server.require_client_auth;
+    }
+    let sections: [(&'static str, &dyn std::fmt::Debug, &dyn std::fmt::Debug); 8] = [
+        ("apps", &running.apps, &new.apps),
+        ("server (other than the clients' keys)", &a, &b),
+        ("cache", &running.cache, &new.cache),
+        ("batch", &running.batch, &new.batch),
+        ("budget", &running.budget, &new.budget),
+        ("upstream", &running.upstream, &new.upstream),
+        ("fleet", &running.fleet, &new.fleet),
+        ("redis", &running.redis, &new.redis),
+    ];
+    for (name, old, new) in sections {
+        if !same(old, new) {
+            changed.push(name);
+        }
+    }
+    changed
+}
+
+fn same_callers(a: &ServerConfig, b: &ServerConfig) -> bool {
+    a.client_id_header == b.client_id_header && a.require_client_auth == b.require_client_auth
+}
+
+/// The file's content digest (None when it cannot be read: a ConfigMap mid-swap).
+async fn digest(path: &std::path::Path) -> Option<[u8; 32]> {
+    tokio::fs::read(path).await.ok().map(|bytes| Sha256::digest(&bytes).into())
+}

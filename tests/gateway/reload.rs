@@ -1,0 +1,134 @@
+//! Reloading the configuration (SPEC 6.1) of a gateway process: SIGHUP, or the file's
+//! content changing, applies new clients, tokens, quotas and weights without a failed
+//! request; an invalid file, or one that changes what needs a restart, changes nothing.
+
+use std::time::Duration;
+
+use http::StatusCode;
+
+use crate::fleet::{Fixture, Replica, metric, post, until_metric};
+use crate::support::{body, heavy, within};
+
+/// Two clients and a budget of 40 calls a second; `weight` for `checkout`.
+fn sections(weight: u32) -> String {
+    format!(
+        "[budget]\nper_second = 40\n\n[[clients]]\nid = \"checkout\"\nweight = {weight}\n\n\
+         [[clients]]\nid = \"nightly\"\nweight = 1\n"
+    )
+}
+
+fn reloads(result: &str) -> String {
+    format!("receipt_gateway_config_reloads_total{{result=\"{result}\"}}")
+}
+
+fn calls_for(client: &str) -> String {
+    format!(
+        "receipt_gateway_budget_calls_total{{api=\"get_group_msg_receipt\",app=\"1400000000\",client=\"{client}\"}}"
+    )
+}
+
+/// Rewrites `replica`'s file with `sections` in place of the ones it started with.
+fn rewrite(replica: &Replica, from: &str, to: &str) {
+    let text = std::fs::read_to_string(&replica.config).expect("config readable");
+    assert!(text.contains(from), "the file holds what is replaced");
+    std::fs::write(&replica.config, text.replacen(from, to, 1)).expect("config writable");
+}
+
+/// Both clients send `per_second` requests a second each, for `seconds`, every one for a
+/// group nobody asked for; every status.
+async fn both_flood(
+    f: &Fixture,
+    replica: &Replica,
+    tag: &str,
+    per_second: u32,
+    seconds: u32,
+) -> Vec<Option<StatusCode>> {
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / per_second);
+    let mut sent = Vec::new();
+    for i in 0..per_second * seconds {
+        tick.tick().await;
+        for client in ["checkout", "nightly"] {
+            let (c, url, b) = (f.client.clone(), replica.url.clone(), body(&format!("{tag}-{client}-{i}"), &[1]));
+            sent.push(tokio::spawn(async move {
+                let headers = [("x-client-id", client), ("x-request-timeout-ms", "1000")];
+                Some(post(&c, &url, &b, &headers).await.status)
+            }));
+        }
+    }
+    let mut statuses = Vec::new();
+    for task in sent {
+        statuses.push(within(task).await.ok().flatten());
+    }
+    statuses
+}
+
+/// Calls spent for checkout and nightly since `before`.
+async fn split(f: &Fixture, replica: &Replica, before: (f64, f64)) -> (f64, f64) {
+    let a = metric(&f.client, replica, &calls_for("checkout")).await - before.0;
+    let b = metric(&f.client, replica, &calls_for("nightly")).await - before.1;
+    (a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_a_new_weight_under_load_without_a_failed_request() {
+    let _heavy = heavy().await;
+    let f = Fixture::new("reload-weight", 40).await;
+    let replica = Replica::start(&f.dir, "weights", &f.sim_url, &sections(1));
+
+    let equal = both_flood(&f, &replica, "equal", 120, 2).await;
+    let (a, b) = split(&f, &replica, (0.0, 0.0)).await;
+    assert!((0.8..=1.25).contains(&(a / b)), "weights 1 : 1 split {a} : {b}");
+
+    rewrite(&replica, "weight = 1\n\n[[clients]]\nid = \"nightly\"", "weight = 3\n\n[[clients]]\nid = \"nightly\"");
+    let load = both_flood(&f, &replica, "weighted", 120, 3);
+    let reload = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        replica.hangup();
+        until_metric(&f, &replica, &reloads("ok"), 1.0).await;
+        split(&f, &replica, (0.0, 0.0)).await
+    };
+    let (weighted, at_reload) = tokio::join!(load, reload);
+
+    let (a, b) = split(&f, &replica, at_reload).await;
+    assert!((2.4..=3.6).contains(&(a / b)), "after the reload, weights 3 : 1 split {a} : {b}");
+    let failed =
+        equal.iter().chain(&weighted).filter(|s| !matches!(s, Some(StatusCode::OK | StatusCode::TOO_MANY_REQUESTS)));
+    assert_eq!(failed.count(), 0, "every request answered 200 or 429 across the reload");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_or_restart_only_change_keeps_the_running_configuration() {
+    let _heavy = heavy().await;
+    let f = Fixture::new("reload-refused", 200).await;
+    let replica = Replica::start(&f.dir, "refused", &f.sim_url, &format!("{}\n[cache]\nttl_ms = 60000\n", sections(1)));
+    let quota = "id = \"nightly\"\nweight = 1\n";
+    let ask = |client: &'static str| {
+        let (c, url) = (f.client.clone(), replica.url.clone());
+        async move { post(&c, &url, &body("g-reload", &[1]), &[("x-client-id", client)]).await.status }
+    };
+    assert_eq!(ask("nightly").await, StatusCode::OK);
+
+    // Not TOML: logged, counted, nothing changes.
+    let good = std::fs::read_to_string(&replica.config).expect("config readable");
+    std::fs::write(&replica.config, "[[clients]\nid = ").expect("config writable");
+    replica.hangup();
+    until_metric(&f, &replica, &reloads("invalid"), 1.0).await;
+    assert_eq!(ask("nightly").await, StatusCode::OK);
+
+    // A quota for nightly, with a TTL change that needs a restart: refused as a whole.
+    std::fs::write(&replica.config, &good).expect("config writable");
+    rewrite(&replica, quota, &format!("{quota}requests_per_second = 1\n"));
+    rewrite(&replica, "ttl_ms = 60000", "ttl_ms = 30000");
+    replica.hangup();
+    until_metric(&f, &replica, &reloads("refused"), 1.0).await;
+    let refused = [ask("nightly").await, ask("nightly").await];
+    assert_eq!(refused, [StatusCode::OK; 2], "the quota did not apply");
+    let logged = replica.log.lock().unwrap_or_else(|p| p.into_inner()).join("\n");
+    assert!(logged.contains("configuration reload refused") && logged.contains("cache"), "the refusal names the key");
+
+    // The same quota alone, picked up from the file's change without a signal.
+    rewrite(&replica, "ttl_ms = 30000", "ttl_ms = 60000");
+    until_metric(&f, &replica, &reloads("ok"), 1.0).await;
+    let statuses = [ask("nightly").await, ask("nightly").await, ask("nightly").await];
+    assert!(statuses.contains(&StatusCode::TOO_MANY_REQUESTS), "the quota of 1 a second applies: {statuses:?}");
+}
