@@ -4,6 +4,8 @@
 #   YAML      every *.yaml parses                                  (python3 + PyYAML)
 #   TOML      the cluster configs parse and use only SPEC 6.2 keys (python3 >= 3.11 tomllib),
 #             and are what deploy/sync-config.py makes of config/receipt-gateway.toml
+#   reload    each variable the configs name has a secretKeyRef env entry, an example Secret
+#             and the Reloader annotation; the ConfigMap is a directory mount with a fixed name
 #   JSON      the Grafana dashboard parses, and its PromQL too     (python3, promtool)
 #   kustomize base and overlays/redis render                      (kubectl kustomize or kustomize)
 #   schemas   rendered objects against Kubernetes' OpenAPI schemas (kubernetes-validate, PyPI)
@@ -42,7 +44,7 @@ fi
 
 # ---- TOML: parse, known keys only, and the budget rules of the README
 python3 - "$repo" <<'PY' || failed=1
-import sys, pathlib
+import sys, pathlib, re
 try:
     import tomllib
 except ModuleNotFoundError:
@@ -50,15 +52,19 @@ except ModuleNotFoundError:
 repo = pathlib.Path(sys.argv[1])
 KEYS = {
     "server": {"listen", "admin_listen", "request_timeout_ms", "max_body_bytes", "max_request_seqs",
-               "shutdown_grace_ms", "client_id_header"},
-    "cache": {"ttl_ms", "stale_ms", "negative_ttl_ms", "max_entries"},
+               "shutdown_grace_ms", "client_id_header", "require_client_auth"},
+    "cache": {"ttl_ms", "stale_ms", "negative_ttl_ms", "callback_ttl_ms", "max_entries"},
     "batch": {"window_ms", "max_seqs"},
     "upstream": {"timeout_ms", "max_retries"},
     "budget": {"per_second", "backend", "fallback_per_second"},
     "fleet": {"backend"},
     "redis": {"url", "key_prefix"},
 }
-APP = {"sdkappid", "region", "identifier", "secret_key_env", "secret_key_file", "endpoint", "usersig_ttl_s"}
+APP = {"sdkappid", "region", "identifier", "secret_key_env", "secret_key_file", "endpoint", "usersig_ttl_s",
+       "callbacks", "callback_token_env", "callback_forward_url", "callback_forward_timeout_ms"}
+CLIENT = {"id", "token_env", "requests_per_second", "weight"}   # SPEC 6.5
+CLIENT_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 REGIONS = {"china", "singapore", "seoul", "tokyo", "frankfurt", "silicon-valley", "jakarta"}
 bad = 0
 for path in sorted((repo / "deploy").rglob("*.toml")):
@@ -81,6 +87,26 @@ for path in sorted((repo / "deploy").rglob("*.toml")):
                     problems.append(f"apps[{i}].region: {app.get('region')!r} is not a region")
                 if "secret_key_env" in app and "secret_key_file" in app:
                     problems.append(f"apps[{i}]: secret_key_env and secret_key_file are exclusive")
+        elif section == "clients":
+            if not isinstance(value, list):
+                problems.append("clients must be an array of tables ([[clients]])")
+                continue
+            ids = [c.get("id") for c in value]
+            for i, c in enumerate(value):
+                for k in set(c) - CLIENT:
+                    problems.append(f"clients[{i}].{k}: unknown key")
+                if not isinstance(c.get("id"), str) or not CLIENT_ID.fullmatch(c["id"]):
+                    problems.append(f"clients[{i}].id: required, 1 to 64 of A-Z a-z 0-9 - _ .")
+                elif ids.count(c["id"]) > 1:
+                    problems.append(f"clients[{i}].id: {c['id']!r} is configured twice")
+                if "token_env" in c and not (isinstance(c["token_env"], str) and ENV_NAME.fullmatch(c["token_env"])):
+                    problems.append(f"clients[{i}].token_env: must name an environment variable")
+                rps = c.get("requests_per_second", 1)
+                if type(rps) is not int or rps < 1:
+                    problems.append(f"clients[{i}].requests_per_second: must be a positive integer")
+                w = c.get("weight", 1)
+                if type(w) is not int or not 1 <= w <= 1000:
+                    problems.append(f"clients[{i}].weight: must be an integer from 1 to 1000")
         elif section in KEYS:
             for k in set(value) - KEYS[section]:
                 problems.append(f"{section}.{k}: unknown key")
@@ -129,6 +155,69 @@ try:
         print("PASS: fleet: redis overlay shares budget and fleet tier through Redis")
 except ModuleNotFoundError:
     print("SKIP: budget rules: no PyYAML")
+sys.exit(bad)
+PY
+
+# ---- callers and reloads (README "Callers and reloads"): every variable a config names
+#      comes from a Secret in the Deployment, every such Secret is documented by an example
+#      and watched by Reloader, and the ConfigMap is mounted so that it can change in place
+python3 - "$repo" <<'PY' || failed=1
+import sys, pathlib
+try:
+    import tomllib, yaml
+except ModuleNotFoundError:
+    print("SKIP: reload: needs python3 >= 3.11 and PyYAML"); sys.exit(0)
+repo = pathlib.Path(sys.argv[1])
+k8s = repo / "deploy/kubernetes"
+bad = 0
+def check(ok, what):
+    global bad
+    print(f"{'PASS' if ok else 'FAIL'}: {what}")
+    bad |= not ok
+dep = yaml.safe_load((k8s / "base/deployment.yaml").read_text())
+pod = dep["spec"]["template"]["spec"]
+(c,) = [c for c in pod["containers"] if c["name"] == "receipt-gateway"]
+env = {e["name"]: e for e in c.get("env", [])}
+refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in env.values() if "secretKeyRef" in e.get("valueFrom", {})}
+# 1. each *_env of each cluster config is filled from a Secret
+for toml in sorted(k8s.rglob("receipt-gateway.toml")):
+    cfg = tomllib.loads(toml.read_text())
+    names = [a[k] for a in cfg.get("apps", []) for k in ("secret_key_env", "callback_token_env") if k in a]
+    names += [cl["token_env"] for cl in cfg.get("clients", []) if "token_env" in cl]
+    missing = [n for n in names if n not in refs]
+    check(not missing, f"env: {toml.relative_to(repo)}: every secret_key_env / token_env has a secretKeyRef env entry"
+          + (f" (missing: {', '.join(missing)})" if missing else ""))
+# 2. each Secret the Deployment reads has an example (name and key), and Reloader watches it
+examples = {}
+for f in sorted((k8s / "base").glob("secret*.example.yaml")):
+    for d in yaml.safe_load_all(f.read_text()):
+        if d and d.get("kind") == "Secret":
+            examples[d["metadata"]["name"]] = set(d.get("stringData", {})) | set(d.get("data", {}))
+undocumented = sorted(f"{r['name']}/{r['key']}" for r in refs.values() if r["key"] not in examples.get(r["name"], set()))
+check(not undocumented, "secrets: every secretKeyRef has its name and key in a base/secret*.example.yaml"
+      + (f" (missing: {', '.join(undocumented)})" if undocumented else ""))
+watched = set(filter(None, (dep["metadata"].get("annotations", {})
+                            .get("secret.reloader.stakater.com/reload", "").replace(" ", "").split(","))))
+unwatched = sorted({r["name"] for r in refs.values()} - watched)
+check(not unwatched, "reloader: secret.reloader.stakater.com/reload names every Secret the Deployment reads"
+      + (f" (missing: {', '.join(unwatched)})" if unwatched else ""))
+# 3. the config is a whole-directory ConfigMap volume (a subPath mount never updates),
+#    --config and RECEIPT_GATEWAY_CONFIG name the file inside it, and the ConfigMap keeps a
+#    fixed name (a hash suffix would roll the pods on every change instead of reloading)
+vols = {v["name"]: v for v in pod.get("volumes", [])}
+mounts = [m for m in c.get("volumeMounts", []) if "configMap" in vols.get(m["name"], {})
+          and vols[m["name"]]["configMap"]["name"] == "receipt-gateway-config"]
+args = c.get("args", [])
+path = args[args.index("--config") + 1] if "--config" in args else None
+ok = (len(mounts) == 1 and "subPath" not in mounts[0] and "subPathExpr" not in mounts[0] and path is not None
+      and path == mounts[0]["mountPath"].rstrip("/") + "/receipt-gateway.toml"
+      and env.get("RECEIPT_GATEWAY_CONFIG", {}).get("value", path) == path)
+check(ok, f"reload: ConfigMap receipt-gateway-config mounted as a directory (no subPath), --config {path} inside it")
+for kz in ("base", "overlays/redis"):
+    gens = yaml.safe_load((k8s / kz / "kustomization.yaml").read_text()).get("configMapGenerator", [])
+    fixed = [g for g in gens if g["name"] == "receipt-gateway-config"
+             and g.get("options", {}).get("disableNameSuffixHash") is True]
+    check(len(fixed) == 1, f"reload: {kz} generates receipt-gateway-config with disableNameSuffixHash")
 sys.exit(bad)
 PY
 

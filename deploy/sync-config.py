@@ -12,6 +12,9 @@ shows exactly what the cluster changes, and nothing drifts unnoticed.
 
     python3 deploy/sync-config.py            # rewrite both files
     python3 deploy/sync-config.py --check    # exit 1 if either file is out of date
+
+Both files also get the example callers of CLIENTS appended (SPEC 6.5): the reference
+only describes [[clients]] in comments.
 """
 
 import pathlib
@@ -27,7 +30,8 @@ HEADER = """\
 # {what}
 # Lines changed for the cluster carry a "cluster:" comment; see them all with
 #     diff -u config/receipt-gateway.toml {path}
-# Before deploying, replace the example [[apps]] entry (sdkappid, region, identifier).
+# Before deploying, replace the example [[apps]] entry (sdkappid, region, identifier)
+# and the example [[clients]] at the end (deploy/README.md, "Callers and reloads").
 """
 
 LOCAL_BUDGET = [
@@ -39,6 +43,13 @@ LOCAL_BUDGET = [
 
 # (section, key) -> (value, comment lines put above the key, trailing comment)
 COMMON = {
+    ("server", "require_client_auth"): (
+        False,
+        ["cluster: false while callers are being moved onto [[clients]]: a caller that names",
+         "no configured client is served as \"default\" (weight 1, no quota). Set it to true",
+         "once every caller sends server.client_id_header; a reload applies it."],
+        "cluster",
+    ),
     ("server", "listen"): ("0.0.0.0:8080", [], "cluster: containerPort / Service port \"http\""),
     ("server", "admin_listen"): ("0.0.0.0:9090", [], "cluster: containerPort / Service port \"admin\" (probes, metrics)"),
     ("apps", "sdkappid"): (None, [], "example: replace with yours"),
@@ -83,11 +94,40 @@ TARGETS = {
     ),
 }
 
+# Appended to both files: example callers (SPEC 6.5). The tokens come from the Secret
+# "receipt-gateway-clients" through the env entries of base/deployment.yaml, one per
+# token_env (deploy/check.sh checks that each one has its entry).
+CLIENTS = """\
+# cluster: example callers (SPEC 6.5); replace them with your own services. Each
+# token_env needs an env entry in base/deployment.yaml, from the Secret
+# "receipt-gateway-clients" (base/secret-clients.example.yaml). Quotas, weights and
+# clients added or removed are applied in place when this ConfigMap changes (the gateway
+# reloads its file). Tokens are environment variables: a new token value, or a new
+# token_env, takes new pods (Reloader, or kubectl rollout restart). deploy/README.md,
+# "Callers and reloads".
+
+# The checkout service: interactive, so three shares of the upstream budget when it is
+# contended, and a token (Authorization: Bearer <token>).
+[[clients]]
+id = "checkout"
+token_env = "CHECKOUT_TOKEN"  # cluster: from the Secret "receipt-gateway-clients"
+weight = 3
+
+# The nightly report: a batch job that may ask for a lot; its quota makes its excess
+# requests get 429 at once instead of queueing for the budget.
+[[clients]]
+id = "nightly-report"
+requests_per_second = 50
+weight = 1
+"""
+
 SECTION = re.compile(r"^\s*\[\[?\s*([A-Za-z0-9_.-]+)\s*\]\]?")
 ASSIGN = re.compile(r"^(\s*)([A-Za-z0-9_-]+)(\s*=\s*)(.*)$")
 
 
 def toml_value(v):
+    if isinstance(v, bool):
+        return "true" if v else "false"
     if isinstance(v, str):
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return str(v)
@@ -121,7 +161,10 @@ def render(reference: str, what: str, path: pathlib.Path, changes: dict) -> str:
     missing = set(changes) - seen
     if missing:
         raise SystemExit(f"sync-config: {REFERENCE.relative_to(REPO)} no longer sets {sorted(missing)}")
-    return "\n".join(out) + "\n"
+    if any(SECTION.match(line) and SECTION.match(line).group(1) == "clients" for line in reference.splitlines()):
+        raise SystemExit(f"sync-config: {REFERENCE.relative_to(REPO)} now has a [[clients]] table of its own: "
+                         "merge it with CLIENTS in deploy/sync-config.py")
+    return "\n".join(out) + "\n\n" + CLIENTS
 
 
 def main() -> int:
