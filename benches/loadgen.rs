@@ -24,6 +24,12 @@
 //! are printed side by side and each gets its verdict. The `cold` scenario measures the
 //! upstream calls of the first second from an empty cache.
 //!
+//! The `clients` scenario (issue 8) puts two callers, each with its own `x-client-id`, on
+//! one budget with every request for an uncached group: first two floods with weights
+//! 3 : 1, judged on the split of upstream calls per 10 s window (the gateway's
+//! `receipt_gateway_budget_calls_total`), then an interactive caller at a tenth of the
+//! budget beside a bulk flood, judged on the interactive caller's 429s and p99 latency.
+//!
 //! The `warm` scenario also runs a trivial hyper server (this binary again, in its own
 //! process) that answers a fixed body of the gateway's answer size: the speed-of-light
 //! baseline under the same load. Each scenario ends with a verdict against issue 3's

@@ -16,14 +16,14 @@ use crate::Result;
              in-process Tencent simulator and reports throughput, latency, upstream calls and memory"
 )]
 pub struct Args {
-    /// Which scenario to run; `all` runs warm, under, over and memory in sequence (with
-    /// `--replicas` above 1: under, over and cold).
+    /// Which scenario to run; `all` runs warm, under, over, memory and clients in sequence
+    /// (with `--replicas` above 1: under, over and cold).
     #[arg(long, value_enum, default_value_t = ScenarioName::All)]
     pub scenario: ScenarioName,
     /// Gateways in the fleet. Above 1, every scenario runs twice: one gateway as usual, then
     /// this many sharing a private `redis-server` (`budget.backend` and `fleet.backend` =
     /// "redis"), requests spread round-robin over them; the two are reported side by side.
-    /// (`warm` and `memory` measure one gateway and take no replicas.)
+    /// (`warm`, `memory` and `clients` measure one gateway and take no replicas.)
     #[arg(long, default_value_t = 1)]
     pub replicas: usize,
     /// The `redis-server` binary the fleet shares (with `--replicas` above 1).
@@ -52,7 +52,8 @@ pub struct Args {
     pub zipf_exponent: f64,
     /// Requests per second, open loop (latency counted from the scheduled send time);
     /// 0 = closed loop, as fast as `--connections` workers go. (`warm` picks its own
-    /// rates: full speed, then half of it; `memory` fills as fast as it can.)
+    /// rates: full speed, then half of it; `memory` fills as fast as it can; `clients`
+    /// derives its callers' rates from `--per-second`.)
     #[arg(long)]
     pub rate: Option<f64>,
     /// Measured seconds (after the warm-up).
@@ -74,6 +75,9 @@ pub struct Args {
     /// second later and counts the request as hung).
     #[arg(long)]
     pub deadline_ms: Option<u64>,
+    /// The gateway's `batch.window_ms`: how long a batch waits for more MsgSeqs.
+    #[arg(long)]
+    pub window_ms: Option<u64>,
     /// The gateway's `budget.per_second`.
     #[arg(long)]
     pub per_second: Option<u32>,
@@ -117,15 +121,19 @@ pub enum ScenarioName {
     Memory,
     /// 600 req/s over 20 groups from an empty cache: upstream calls in the first second.
     Cold,
+    /// Two callers on one budget, every request an uncached group: weighted shares (3 : 1)
+    /// when both flood, then an interactive caller's latency beside a bulk flood.
+    Clients,
     /// The mix given by the flags (defaults as `under`), reported without a verdict.
     Custom,
 }
 
 impl ScenarioName {
     /// Whether the scenario can run against a fleet: `warm` compares one gateway with the
-    /// baseline and `memory` reads one gateway's resident set.
+    /// baseline, `memory` reads one gateway's resident set and `clients` judges one
+    /// gateway's fair share.
     pub fn takes_replicas(self) -> bool {
-        !matches!(self, ScenarioName::Warm | ScenarioName::Memory)
+        !matches!(self, ScenarioName::Warm | ScenarioName::Memory | ScenarioName::Clients)
     }
 }
 
@@ -138,6 +146,7 @@ impl ScenarioName {
             ScenarioName::Over => "over",
             ScenarioName::Memory => "memory",
             ScenarioName::Cold => "cold",
+            ScenarioName::Clients => "clients",
             ScenarioName::Custom => "custom",
         }
     }
@@ -163,6 +172,7 @@ pub struct Defaults {
     pub stale_ms: u64,
     pub max_entries: u64,
     pub deadline_ms: u64,
+    pub window_ms: u64,
     pub per_second: u32,
     pub sim_limit: u32,
     pub max_seqs: usize,
@@ -183,6 +193,7 @@ const BASE: Defaults = Defaults {
     stale_ms: 60_000,
     max_entries: 1_000_000,
     deadline_ms: 1000,
+    window_ms: 2,
     per_second: 200,
     sim_limit: 200,
     max_seqs: 50,
@@ -210,6 +221,10 @@ impl Defaults {
             // No warm-up: what an empty cache costs is the measurement. One second is what
             // the verdict looks at; a longer `--duration` is reported too.
             ScenarioName::Cold => Defaults { groups: 20, rate: 600.0, warmup_s: 0.0, duration_s: 1.0, ..BASE },
+            // Two phases of 2 s + 20 s each (two of the 10 s windows the shares are judged
+            // on), about 50 s in all with the gateways' starts and stops. The connections
+            // are split between the two callers of a phase.
+            ScenarioName::Clients => Defaults { warmup_s: 2.0, ..BASE },
             ScenarioName::All | ScenarioName::Under | ScenarioName::Custom => BASE,
         }
     }
@@ -249,11 +264,23 @@ pub struct GatewaySettings {
     pub ttl_ms: u64,
     pub stale_ms: u64,
     pub max_entries: u64,
+    pub window_ms: u64,
     pub per_second: u32,
     pub max_seqs: usize,
     pub request_timeout_ms: u64,
+    /// The `[[clients]]` of the config (none but in the `clients` scenario).
+    pub clients: Vec<ClientSpec>,
     pub log_level: String,
     pub keep_temp: bool,
+}
+
+/// One `[[clients]]` entry: a caller the gateway knows by its `x-client-id` header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientSpec {
+    /// Also the `client` label of the gateway's metrics.
+    pub id: &'static str,
+    /// Its share of the upstream budget when contended.
+    pub weight: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -288,9 +315,11 @@ impl Args {
             ttl_ms: self.ttl_ms.unwrap_or(d.ttl_ms),
             stale_ms: self.stale_ms.unwrap_or(d.stale_ms),
             max_entries: self.max_entries.unwrap_or(d.max_entries),
+            window_ms: self.window_ms.unwrap_or(d.window_ms),
             per_second: self.per_second.unwrap_or(d.per_second),
             max_seqs,
             request_timeout_ms: deadline_ms,
+            clients: Vec::new(),
             log_level: self.gateway_log.clone(),
             keep_temp: self.keep_temp,
         };

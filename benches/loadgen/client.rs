@@ -1,6 +1,7 @@
 //! The HTTP side of the load: one pooled hyper-util client (HTTP/1.1 keep-alive), a
 //! [`Target`] that knows where to send a receipt query ([`Targets`] when a fleet of
-//! gateways shares the load, round-robin), and what came back ([`Outcome`]).
+//! gateways shares the load, round-robin; sent as one caller with [`Targets::with_client_id`]),
+//! and what came back ([`Outcome`]).
 //! Every request is bounded by the caller's deadline plus one second, so nothing hangs the
 //! benchmark: a request that runs out of that is reported as hung.
 
@@ -9,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, RETRY_AFTER};
-use http::{Method, Request, Uri};
+use http::{HeaderValue, Method, Request, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -21,6 +22,9 @@ pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 /// The receipt route, with the one app the benchmark configures.
 const RECEIPT_PATH_AND_QUERY: &str = "/v4/group_open_http_svc/get_group_msg_receipt?sdkappid=1400000000";
+
+/// The gateway's default `server.client_id_header` (SPEC 2.1), which the benchmark keeps.
+const CLIENT_ID_HEADER: &str = "x-client-id";
 
 /// How long past its deadline a request may take before it counts as hung.
 const HUNG_AFTER_DEADLINE: Duration = Duration::from_secs(1);
@@ -46,6 +50,8 @@ pub struct Target {
     uri: Uri,
     deadline: Duration,
     deadline_header: String,
+    /// Who is calling; without it the gateway counts the request as its `default` client.
+    client_id: Option<HeaderValue>,
 }
 
 /// The gateways a load goes to (one, or a fleet): request `n` goes to gateway `n % len`,
@@ -68,6 +74,15 @@ impl Targets {
 
     pub fn one(addr: SocketAddr, deadline: Duration) -> Result<Targets> {
         Targets::new(&[addr], deadline)
+    }
+
+    /// The same targets, every request sent as the configured client `id`.
+    pub fn with_client_id(mut self, id: &str) -> Result<Targets> {
+        let id = HeaderValue::from_str(id).map_err(|e| format!("client id {id:?}: {e}"))?;
+        for target in &mut self.targets {
+            target.client_id = Some(id.clone());
+        }
+        Ok(self)
     }
 
     /// The target of request number `n`.
@@ -142,17 +157,20 @@ impl XCache {
 impl Target {
     pub fn new(addr: SocketAddr, deadline: Duration) -> Result<Target> {
         let uri = format!("http://{addr}{RECEIPT_PATH_AND_QUERY}").parse::<Uri>()?;
-        Ok(Target { uri, deadline, deadline_header: deadline.as_millis().to_string() })
+        Ok(Target { uri, deadline, deadline_header: deadline.as_millis().to_string(), client_id: None })
     }
 
     /// Sends one query and reads the whole answer.
     pub async fn send(&self, client: &HttpClient, body: Bytes) -> Outcome {
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(Method::POST)
             .uri(self.uri.clone())
             .header(CONTENT_TYPE, "application/json")
-            .header("x-request-timeout-ms", self.deadline_header.as_str())
-            .body(Full::new(body));
+            .header("x-request-timeout-ms", self.deadline_header.as_str());
+        if let Some(id) = &self.client_id {
+            request = request.header(CLIENT_ID_HEADER, id.clone());
+        }
+        let request = request.body(Full::new(body));
         let Ok(request) = request else {
             // Every part was validated when the target was built.
             return Outcome::Failed;
@@ -213,5 +231,16 @@ mod tests {
         let ports: Vec<Option<u16>> = (0..4).map(|n| targets.pick(n).uri.port_u16()).collect();
         assert_eq!(ports, [Some(1), Some(2), Some(3), Some(1)]);
         assert_eq!(targets.deadline(), deadline);
+        assert!(targets.pick(0).client_id.is_none());
+    }
+
+    #[test]
+    fn a_client_id_goes_to_every_target_and_must_be_a_header_value() {
+        let addrs: Vec<SocketAddr> = (1..=2).map(|port| SocketAddr::from(([127, 0, 0, 1], port))).collect();
+        let targets =
+            Targets::new(&addrs, Duration::from_secs(1)).and_then(|t| t.with_client_id("bulk")).expect("targets");
+        assert!((0..2).all(|n| targets.pick(n).client_id.as_ref().is_some_and(|id| id == "bulk")));
+        let bad = Targets::one(addrs[0], Duration::from_secs(1)).and_then(|t| t.with_client_id("line\nbreak"));
+        assert!(bad.is_err());
     }
 }

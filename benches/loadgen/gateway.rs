@@ -4,6 +4,7 @@
 //! endpoint, the scenario's cache and budget settings, and for a fleet the [`SharedTier`]
 //! its replicas share through Redis), logs there, and is stopped with
 //! SIGTERM at the end (killed if it does not stop, or if the benchmark bails out early).
+//! The `clients` scenario adds its callers as `[[clients]]` (SPEC 6.5).
 //! [`Snapshot`] reads the counters of `/metrics` the report needs; [`Memory`] reads the
 //! resident set from `/proc`.
 
@@ -15,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::Result;
-use crate::cli::GatewaySettings;
+use crate::cli::{ClientSpec, GatewaySettings};
 use crate::client::{self, HttpClient};
 use crate::upstream::{IDENTIFIER, SDKAPPID, SECRET};
 
@@ -217,6 +218,7 @@ key_prefix = {key_prefix}
             key_prefix = toml::Value::String(t.key_prefix.clone()),
         )
     });
+    let clients: String = s.clients.iter().map(client_toml).collect();
     format!(
         r#"# Written by receipt-loadgen for one benchmark run.
 [server]
@@ -231,6 +233,7 @@ stale_ms = {stale}
 max_entries = {max_entries}
 
 [batch]
+window_ms = {window_ms}
 max_seqs = {max_seqs}
 
 [budget]
@@ -241,14 +244,20 @@ sdkappid = {SDKAPPID}
 identifier = "{IDENTIFIER}"
 secret_key_env = "{SECRET_ENV}"
 endpoint = "{sim_url}"
-"#,
+{clients}"#,
         timeout = s.request_timeout_ms,
         ttl = s.ttl_ms,
         stale = s.stale_ms,
         max_entries = s.max_entries,
+        window_ms = s.window_ms,
         max_seqs = s.max_seqs,
         per_second = s.per_second,
     )
+}
+
+/// A `[[clients]]` entry, without token or quota: the scenario measures the shares alone.
+fn client_toml(c: &ClientSpec) -> String {
+    format!("\n[[clients]]\nid = {}\nweight = {}\n", toml::Value::String(c.id.to_owned()), c.weight)
 }
 
 /// The `/metrics` figures the report uses.
@@ -257,7 +266,17 @@ pub struct Snapshot {
     /// `receipt_gateway_items_total` summed over apps, by `source`.
     pub items: BTreeMap<String, f64>,
     pub cache_entries: Option<f64>,
+    /// `receipt_gateway_budget_calls_total` of the receipt API summed over apps, by
+    /// `client`; `None` when the gateway exposes no such series (a build without it, or
+    /// before its first call).
+    pub budget_calls: Option<BTreeMap<String, f64>>,
+    /// `receipt_gateway_requests_total` summed over apps and causes, by `client` and
+    /// `status`.
+    pub requests: BTreeMap<(String, String), f64>,
 }
+
+/// The API label of the receipt call (SPEC 7).
+const API_RECEIPT: &str = "get_group_msg_receipt";
 
 impl Snapshot {
     fn parse(text: &str) -> Snapshot {
@@ -270,6 +289,15 @@ impl Snapshot {
             } else if let Some(labels) = series.strip_prefix("receipt_gateway_items_total{") {
                 let source = label(labels, "source").unwrap_or("?").to_owned();
                 *snapshot.items.entry(source).or_default() += value;
+            } else if let Some(labels) = series.strip_prefix("receipt_gateway_budget_calls_total{") {
+                let calls = snapshot.budget_calls.get_or_insert_default();
+                if label(labels, "api") == Some(API_RECEIPT) {
+                    *calls.entry(label(labels, "client").unwrap_or("?").to_owned()).or_default() += value;
+                }
+            } else if let Some(labels) = series.strip_prefix("receipt_gateway_requests_total{") {
+                let client = label(labels, "client").unwrap_or("?").to_owned();
+                let status = label(labels, "status").unwrap_or("?").to_owned();
+                *snapshot.requests.entry((client, status)).or_default() += value;
             }
         }
         snapshot
@@ -286,6 +314,15 @@ impl Snapshot {
                 (Some(a), Some(b)) => Some(a + b),
                 (a, b) => a.or(b),
             };
+            if let Some(calls) = snapshot.budget_calls {
+                let total = total.budget_calls.get_or_insert_default();
+                for (client, n) in calls {
+                    *total.entry(client).or_default() += n;
+                }
+            }
+            for (key, n) in snapshot.requests {
+                *total.requests.entry(key).or_default() += n;
+            }
         }
         total
     }
@@ -294,6 +331,23 @@ impl Snapshot {
     pub fn items_since(&self, before: &Snapshot) -> BTreeMap<String, f64> {
         let was = |source: &str| before.items.get(source).copied().unwrap_or(0.0);
         self.items.iter().map(|(source, &now)| (source.clone(), now - was(source))).collect()
+    }
+
+    /// `client`'s budget calls counted between `before` and `self`; `None` when the
+    /// gateway exposes none (a client without a series yet has had none).
+    pub fn budget_calls_since(&self, before: &Snapshot, client: &str) -> Option<f64> {
+        let count = |calls: &BTreeMap<String, f64>| calls.get(client).copied().unwrap_or(0.0);
+        let now = count(self.budget_calls.as_ref()?);
+        Some(now - before.budget_calls.as_ref().map_or(0.0, count))
+    }
+
+    /// `client`'s requests answered with each HTTP status between `before` and `self`.
+    pub fn requests_since(&self, before: &Snapshot, client: &str) -> BTreeMap<String, f64> {
+        self.requests
+            .iter()
+            .filter(|((c, _), _)| c == client)
+            .map(|(key, &now)| (key.1.clone(), now - before.requests.get(key).copied().unwrap_or(0.0)))
+            .collect()
     }
 }
 
@@ -357,19 +411,36 @@ mod tests {
             ttl_ms: 1000,
             stale_ms: 60_000,
             max_entries: 1_000_000,
+            window_ms: 2,
             per_second: 200,
             max_seqs: 50,
             request_timeout_ms: 1000,
+            clients: Vec::new(),
             log_level: "warn".into(),
             keep_temp: false,
         }
     }
 
     fn parse(shared: Option<&SharedTier>) -> Config {
+        parse_with(&settings(), shared)
+    }
+
+    fn parse_with(s: &GatewaySettings, shared: Option<&SharedTier>) -> Config {
         let data = SocketAddr::from(([127, 0, 0, 1], 8080));
         let admin = SocketAddr::from(([127, 0, 0, 1], 9090));
-        let text = config_toml(&settings(), data, admin, "http://127.0.0.1:1234", shared);
+        let text = config_toml(s, data, admin, "http://127.0.0.1:1234", shared);
         Config::parse(&text, &LoadgenSecret).unwrap_or_else(|e| panic!("{e}\n{text}"))
+    }
+
+    #[test]
+    fn the_clients_scenario_configures_its_callers_with_their_weights_and_the_batch_window() {
+        let clients = vec![ClientSpec { id: "bulk", weight: 3 }, ClientSpec { id: "backfill", weight: 1 }];
+        let config = parse_with(&GatewaySettings { clients, window_ms: 1, ..settings() }, None);
+        let weights: Vec<(&str, u32)> = config.clients.iter().map(|c| (c.id.as_str(), c.weight.get())).collect();
+        assert_eq!(weights, [("bulk", 3), ("backfill", 1)]);
+        assert!(config.clients.iter().all(|c| c.token.is_none() && c.requests_per_second.is_none()));
+        assert_eq!(config.batch.window, Duration::from_millis(1));
+        assert!(parse(None).clients.is_empty());
     }
 
     #[test]
@@ -411,6 +482,29 @@ mod tests {
         assert_eq!(fallback_per_second(200, 3), 66);
         assert_eq!(fallback_per_second(2, 3), 1);
         assert_eq!(fallback_per_second(200, 0), 200);
+    }
+
+    #[test]
+    fn the_snapshot_reads_budget_calls_and_requests_by_client() {
+        let before = Snapshot::parse(
+            "receipt_gateway_budget_calls_total{api=\"get_group_msg_receipt\",app=\"1\",client=\"bulk\"} 10\n\
+             receipt_gateway_requests_total{app=\"1\",cause=\"none\",client=\"bulk\",status=\"200\"} 4\n",
+        );
+        let after = Snapshot::parse(
+            "receipt_gateway_budget_calls_total{api=\"get_group_msg_receipt\",app=\"1\",client=\"bulk\"} 40\n\
+             receipt_gateway_budget_calls_total{api=\"get_group_msg_receipt_detail\",app=\"1\",client=\"bulk\"} 9\n\
+             receipt_gateway_budget_calls_total{api=\"get_group_msg_receipt\",app=\"1\",client=\"backfill\"} 12\n\
+             receipt_gateway_requests_total{app=\"1\",cause=\"none\",client=\"bulk\",status=\"200\"} 6\n\
+             receipt_gateway_requests_total{app=\"1\",cause=\"gateway\",client=\"bulk\",status=\"429\"} 5\n\
+             receipt_gateway_requests_total{app=\"1\",cause=\"none\",client=\"backfill\",status=\"200\"} 1\n",
+        );
+        assert_eq!(after.budget_calls_since(&before, "bulk"), Some(30.0), "the receipt API only");
+        assert_eq!(after.budget_calls_since(&before, "backfill"), Some(12.0));
+        assert_eq!(after.budget_calls_since(&before, "interactive"), Some(0.0));
+        let bulk = after.requests_since(&before, "bulk");
+        assert_eq!((bulk.get("200"), bulk.get("429")), (Some(&2.0), Some(&5.0)));
+        let without = Snapshot::parse("receipt_gateway_cache_entries 5\n");
+        assert_eq!(without.budget_calls_since(&before, "bulk"), None, "no such series: no figure");
     }
 
     #[test]

@@ -1,8 +1,9 @@
-//! The request mix: which group each request asks about (uniform or Zipf) and which of
-//! the group's latest MsgSeqs. Bodies are Tencent's request shape, built as bytes once per
-//! request before it is timed.
+//! The request mix: which group each request asks about (uniform or Zipf over a fixed
+//! set, or a fresh group every time) and which of the group's latest MsgSeqs. Bodies are
+//! Tencent's request shape, built as bytes once per request before it is timed.
 
-use std::fmt::Write;
+use std::fmt::{Display, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use rand::RngExt;
@@ -26,6 +27,12 @@ enum Groups {
     Uniform(usize),
     /// The cumulative distribution over groups 0..n, for inverse-transform sampling.
     Zipf(Vec<f64>),
+    /// `<prefix><n>` for the next n, shared by every worker: no request asks for a group
+    /// asked for before, so none is answered from cache or joins another's fetch.
+    Fresh {
+        prefix: String,
+        next: AtomicU64,
+    },
 }
 
 impl Mix {
@@ -37,10 +44,23 @@ impl Mix {
         Mix { groups, per_request: s.seqs_per_request, latest: s.latest }
     }
 
+    /// Every request for a group nobody asked for before, named `<prefix><n>`, with the
+    /// MsgSeqs of `s` (its groups and distribution do not apply). The prefix must not
+    /// start with `missing` or `invalid`, which the simulator fails.
+    pub fn fresh(prefix: String, s: &MixSettings) -> Mix {
+        Mix {
+            groups: Groups::Fresh { prefix, next: AtomicU64::new(0) },
+            per_request: s.seqs_per_request,
+            latest: s.latest,
+        }
+    }
+
+    /// The groups of a fixed set (0 for fresh groups: there is nothing to fill).
     pub fn group_count(&self) -> usize {
         match &self.groups {
             Groups::Uniform(n) => *n,
             Groups::Zipf(cdf) => cdf.len(),
+            Groups::Fresh { .. } => 0,
         }
     }
 
@@ -49,23 +69,34 @@ impl Mix {
         let group = self.draw_group(rng);
         // `Settings::check` guarantees per_request <= latest, so `sample` cannot panic.
         let seqs = index::sample(rng, self.latest, self.per_request).into_iter().map(|i| i as u64 + 1);
-        body(group, seqs)
+        match group {
+            Drawn::Numbered(group) => body(format_args!("{GROUP_PREFIX}{group}"), seqs),
+            Drawn::Fresh(prefix, n) => body(format_args!("{prefix}{n}"), seqs),
+        }
     }
 
     /// A request for all of `group`'s latest MsgSeqs (to fill the cache).
     pub fn fill_body(&self, group: usize) -> Bytes {
-        body(group, 1..=self.latest as u64)
+        body(format_args!("{GROUP_PREFIX}{group}"), 1..=self.latest as u64)
     }
 
-    fn draw_group(&self, rng: &mut SmallRng) -> usize {
+    fn draw_group(&self, rng: &mut SmallRng) -> Drawn<'_> {
         match &self.groups {
-            Groups::Uniform(n) => rng.random_range(0..*n),
+            Groups::Uniform(n) => Drawn::Numbered(rng.random_range(0..*n)),
             Groups::Zipf(cdf) => {
                 let u: f64 = rng.random();
-                cdf.partition_point(|&c| c < u).min(cdf.len() - 1)
+                Drawn::Numbered(cdf.partition_point(|&c| c < u).min(cdf.len() - 1))
             }
+            Groups::Fresh { prefix, next } => Drawn::Fresh(prefix, next.fetch_add(1, Ordering::Relaxed)),
         }
     }
+}
+
+/// The group a request asks about.
+enum Drawn<'a> {
+    /// `loadgen-<n>`, of the fixed set.
+    Numbered(usize),
+    Fresh(&'a str, u64),
 }
 
 fn zipf_cdf(n: usize, exponent: f64) -> Vec<f64> {
@@ -81,11 +112,12 @@ fn zipf_cdf(n: usize, exponent: f64) -> Vec<f64> {
         .collect()
 }
 
-/// `{"GroupId":"loadgen-7","MsgSeqList":[{"MsgSeq":3},…]}`
-pub fn body(group: usize, seqs: impl Iterator<Item = u64>) -> Bytes {
+/// `{"GroupId":"loadgen-7","MsgSeqList":[{"MsgSeq":3},…]}`; `group` is written as it is
+/// (the mix's ids need no JSON escaping).
+fn body(group: impl Display, seqs: impl Iterator<Item = u64>) -> Bytes {
     let mut json = String::with_capacity(64 + 16 * 50);
     // Writing to a String cannot fail.
-    let _ = write!(json, r#"{{"GroupId":"{GROUP_PREFIX}{group}","MsgSeqList":["#);
+    let _ = write!(json, r#"{{"GroupId":"{group}","MsgSeqList":["#);
     for (i, seq) in seqs.enumerate() {
         let comma = if i == 0 { "" } else { "," };
         let _ = write!(json, r#"{comma}{{"MsgSeq":{seq}}}"#);
@@ -121,5 +153,29 @@ mod tests {
             assert_eq!(seqs.len(), 5);
             assert!(seqs.iter().all(|s| (1..=6).contains(s)));
         }
+    }
+
+    #[test]
+    fn a_fresh_mix_never_asks_for_a_group_twice() {
+        let settings = MixSettings {
+            groups: 3,
+            seqs_per_request: 2,
+            latest: 50,
+            distribution: Distribution::Uniform,
+            zipf_exponent: 1.0,
+            seed: 1,
+        };
+        let mix = Mix::fresh("clients-bulk-".to_owned(), &settings);
+        let mut rng = SmallRng::seed_from_u64(1);
+        let groups: Vec<String> = (0..5)
+            .map(|_| {
+                let json: serde_json::Value = serde_json::from_slice(&mix.next_body(&mut rng)).expect("json");
+                assert_eq!(json["MsgSeqList"].as_array().map(Vec::len), Some(2));
+                json["GroupId"].as_str().unwrap_or_default().to_owned()
+            })
+            .collect();
+        assert_eq!(groups, ["clients-bulk-0", "clients-bulk-1", "clients-bulk-2", "clients-bulk-3", "clients-bulk-4"]);
+        assert_eq!(mix.group_count(), 0);
+        assert!(mix.fill_body(7).starts_with(br#"{"GroupId":"loadgen-7","#));
     }
 }

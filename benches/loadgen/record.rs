@@ -1,5 +1,5 @@
 //! What the client saw: every measured request's latency (all samples are kept, so the
-//! percentiles are exact, also per `X-Cache`), counts by HTTP status and `X-Cache`, when
+//! percentiles are exact, also per `X-Cache` and per HTTP status), counts by HTTP status and `X-Cache`, when
 //! the first request went out, and the failures the
 //! targets care about (429 without `Retry-After`, answers after the deadline, hung
 //! requests, transport errors).
@@ -30,6 +30,8 @@ pub struct Recorder {
     latencies_us: Vec<u32>,
     /// The same, by the answer's `X-Cache`.
     latencies_by_x_cache_us: BTreeMap<XCache, Vec<u32>>,
+    /// The same, by HTTP status (a 429 is answered at once, a 200 may have waited).
+    latencies_by_status_us: BTreeMap<u16, Vec<u32>>,
     /// Client-side queueing of every request, in microseconds.
     queued_us: Vec<u32>,
     pub statuses: BTreeMap<u16, u64>,
@@ -74,6 +76,7 @@ impl Recorder {
         };
         self.latencies_us.push(micros(sample.latency));
         self.latencies_by_x_cache_us.entry(answer.x_cache).or_default().push(micros(sample.latency));
+        self.latencies_by_status_us.entry(answer.status).or_default().push(micros(sample.latency));
         *self.statuses.entry(answer.status).or_default() += 1;
         *self.x_cache.entry(answer.x_cache).or_default() += 1;
         self.last_body_bytes = answer.body_bytes;
@@ -92,6 +95,9 @@ impl Recorder {
         self.latencies_us.extend(other.latencies_us);
         for (x_cache, latencies) in other.latencies_by_x_cache_us {
             self.latencies_by_x_cache_us.entry(x_cache).or_default().extend(latencies);
+        }
+        for (status, latencies) in other.latencies_by_status_us {
+            self.latencies_by_status_us.entry(status).or_default().extend(latencies);
         }
         self.queued_us.extend(other.queued_us);
         for (status, n) in other.statuses {
@@ -138,6 +144,11 @@ impl Recorder {
     /// Latency percentiles of the requests answered with `x_cache`.
     pub fn percentiles_of(&mut self, x_cache: XCache) -> Option<Percentiles> {
         percentiles(self.latencies_by_x_cache_us.get_mut(&x_cache)?)
+    }
+
+    /// Latency percentiles of the requests answered with HTTP `status`.
+    pub fn percentiles_of_status(&mut self, status: u16) -> Option<Percentiles> {
+        percentiles(self.latencies_by_status_us.get_mut(&status)?)
     }
 
     /// The 99th percentile of how late requests were sent: large values mean that
@@ -196,6 +207,8 @@ mod tests {
         let hit = a.percentiles_of(XCache::Hit).expect("hits");
         assert_eq!(hit.max, Duration::from_millis(1));
         assert!(a.percentiles_of(XCache::Stale).is_none());
+        assert_eq!(a.percentiles_of_status(200).map(|p| p.p50), Some(Duration::from_millis(10)));
+        assert!(a.percentiles_of_status(429).is_none());
         assert_eq!(a.percentiles().map(|p| p.max), Some(Duration::from_millis(30)));
         assert!(Recorder::default().first_sent.is_none());
     }

@@ -7,6 +7,8 @@
 //! private redis-server (a fresh key prefix each time), requests spread round-robin over
 //! them. Both blocks are followed by a side-by-side comparison and a verdict each: the
 //! single gateway's against issue 3's targets, the fleet's against the fleet's.
+//!
+//! The `clients` scenario (issue 8's fair share between callers) lives in [`fair_share`].
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -26,6 +28,9 @@ use crate::mix::Mix;
 use crate::record::{Percentiles, Recorder, ms};
 use crate::redis_server::RedisServer;
 use crate::upstream::{Upstream, UpstreamStats};
+
+#[path = "fair_share.rs"]
+mod fair_share;
 
 /// How long the memory scenario waits for moka's lagging entry count to catch up.
 const ENTRIES_SETTLE_WITHIN: Duration = Duration::from_secs(15);
@@ -67,6 +72,7 @@ pub async fn run(args: &Args) -> Result<()> {
             ScenarioName::Over => over(&ctx, &settings).await?,
             ScenarioName::Memory => single(memory(&ctx.bin, &settings).await?),
             ScenarioName::Cold => cold(&ctx, &settings).await?,
+            ScenarioName::Clients => fair_share::clients(&ctx.bin, &settings).await?,
             ScenarioName::Custom | ScenarioName::All => custom(&ctx, scenario, &settings).await?,
         };
         for (label, verdict) in outcome {
@@ -98,8 +104,8 @@ fn plan(args: &Args) -> Result<Vec<(ScenarioName, Settings)>> {
         .collect()
 }
 
-/// What `--scenario` runs: `all` is warm, under, over and memory for one gateway; a fleet
-/// runs the scenarios that take replicas.
+/// What `--scenario` runs: `all` is warm, under, over, memory and clients for one gateway;
+/// a fleet runs the scenarios that take replicas.
 fn scenarios(scenario: ScenarioName, replicas: usize) -> Result<Vec<ScenarioName>> {
     let fleet = match replicas {
         0 => return Err("--replicas must be at least 1".into()),
@@ -107,7 +113,13 @@ fn scenarios(scenario: ScenarioName, replicas: usize) -> Result<Vec<ScenarioName
     };
     Ok(match scenario {
         ScenarioName::All if fleet => vec![ScenarioName::Under, ScenarioName::Over, ScenarioName::Cold],
-        ScenarioName::All => vec![ScenarioName::Warm, ScenarioName::Under, ScenarioName::Over, ScenarioName::Memory],
+        ScenarioName::All => vec![
+            ScenarioName::Warm,
+            ScenarioName::Under,
+            ScenarioName::Over,
+            ScenarioName::Memory,
+            ScenarioName::Clients,
+        ],
         one if fleet && !one.takes_replicas() => {
             let what = "measures one gateway; --replicas applies to under, over, cold and custom";
             return Err(format!("--scenario {} {what}", one.label()).into());
@@ -145,10 +157,12 @@ impl Ctx<'_> {
 
 fn print_settings(scenario: ScenarioName, s: &Settings) {
     let (m, l, g) = (&s.mix, &s.load, &s.gateway);
-    if scenario == ScenarioName::Memory {
-        println!("fill: {} groups x their latest {} MsgSeqs, {} connections", m.groups, m.latest, l.connections);
-    } else {
-        print_load(s);
+    match scenario {
+        ScenarioName::Memory => {
+            println!("fill: {} groups x their latest {} MsgSeqs, {} connections", m.groups, m.latest, l.connections);
+        }
+        ScenarioName::Clients => fair_share::print_load(s),
+        _ => print_load(s),
     }
     println!(
         "gateway: ttl_ms {}, stale_ms {}, max_entries {}, per_second {}, max_seqs {}; simulator: limit {}/s, latency {} ms",
@@ -824,14 +838,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn all_is_todays_four_for_one_gateway_and_the_fleet_scenarios_for_a_fleet() {
+    fn all_is_todays_five_for_one_gateway_and_the_fleet_scenarios_for_a_fleet() {
         use ScenarioName::*;
-        assert_eq!(scenarios(All, 1).ok(), Some(vec![Warm, Under, Over, Memory]));
+        assert_eq!(scenarios(All, 1).ok(), Some(vec![Warm, Under, Over, Memory, Clients]));
         assert_eq!(scenarios(All, 3).ok(), Some(vec![Under, Over, Cold]));
         assert_eq!(scenarios(Cold, 1).ok(), Some(vec![Cold]));
         assert_eq!(scenarios(Custom, 2).ok(), Some(vec![Custom]));
         assert!(scenarios(Warm, 3).is_err());
         assert!(scenarios(Memory, 2).is_err());
+        assert!(scenarios(Clients, 3).is_err());
         assert!(scenarios(Under, 0).is_err());
     }
 
