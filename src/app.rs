@@ -1,7 +1,7 @@
 //! One configured app at run time: everything the request path and its batches share,
 //! built from the app's configuration in one place.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use prometheus::Histogram;
 
@@ -38,7 +38,15 @@ pub struct AppRuntime {
 pub struct SharedTier {
     pub fleet: Arc<Fleet>,
     pub counters: FleetCounters,
-    pub lifetimes: Lifetimes,
+    /// Replaced by a reload.
+    lifetimes: Mutex<Lifetimes>,
+}
+
+impl SharedTier {
+    /// The lifetimes every replica must agree on, now.
+    pub fn lifetimes(&self) -> Lifetimes {
+        *self.lifetimes.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl AppRuntime {
@@ -73,15 +81,7 @@ impl AppRuntime {
             metrics.effective_rate.with_label_values(&labels),
             metrics.budget_backend_up.clone(),
         )?;
-        let policy = BatchPolicy {
-            window: config.batch.window,
-            max_seqs: config.batch.max_seqs,
-            ttl: config.cache.ttl,
-            upstream_timeout: config.upstream.timeout,
-            // With the fleet tier, Redis knows what the fleet holds: the call's
-            // neighbourhood is filled there, just before it leaves.
-            neighbourhood: if fleet.is_some() { Neighbourhood::Fleet } else { Neighbourhood::Here },
-        };
+        let policy = batch_policy(config, fleet.is_some());
         Ok(Self {
             id: app.id,
             region: app.region,
@@ -100,15 +100,45 @@ impl AppRuntime {
                     shared_wait: metrics.fleet_items.with_label_values(&[label.as_str(), "shared_wait"]),
                     miss: metrics.fleet_items.with_label_values(&[label.as_str(), "miss"]),
                 },
-                lifetimes: Lifetimes {
-                    ttl: config.cache.ttl,
-                    negative_ttl: config.cache.negative_ttl,
-                    stale: config.cache.stale,
-                    claim: config.upstream.timeout + config.batch.window,
-                    cohort_memory: policy.cohort_memory(),
-                    neighbourhood: config.batch.max_seqs,
-                },
+                lifetimes: Mutex::new(fleet_lifetimes(config, &policy)),
             }),
         })
+    }
+
+    /// Applies a reloaded `config`'s TTLs, batch and budget settings (SPEC 6.1; the
+    /// caller checked that nothing else changed). The cache is shared by every app:
+    /// [`ReceiptCache::set_lifetimes`] is the caller's, once.
+    pub fn reload(&self, config: &Config) {
+        let policy = batch_policy(config, self.fleet.is_some());
+        self.engine.set_policy(policy);
+        if let Some(tier) = &self.fleet {
+            *tier.lifetimes.lock().unwrap_or_else(|p| p.into_inner()) = fleet_lifetimes(config, &policy);
+        }
+        self.budget.set_rates(config.budget.per_second, config.budget.fallback_per_second);
+    }
+}
+
+/// How batches are formed, from `config`.
+fn batch_policy(config: &Config, fleet: bool) -> BatchPolicy {
+    BatchPolicy {
+        window: config.batch.window,
+        max_seqs: config.batch.max_seqs,
+        ttl: config.cache.ttl,
+        upstream_timeout: config.upstream.timeout,
+        // With the fleet tier, Redis knows what the fleet holds: the call's neighbourhood
+        // is filled there, just before it leaves.
+        neighbourhood: if fleet { Neighbourhood::Fleet } else { Neighbourhood::Here },
+    }
+}
+
+/// What every replica must agree on, from `config`.
+fn fleet_lifetimes(config: &Config, policy: &BatchPolicy) -> Lifetimes {
+    Lifetimes {
+        ttl: config.cache.ttl,
+        negative_ttl: config.cache.negative_ttl,
+        stale: config.cache.stale,
+        claim: config.upstream.timeout + config.batch.window,
+        cohort_memory: policy.cohort_memory(),
+        neighbourhood: config.batch.max_seqs,
     }
 }

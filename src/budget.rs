@@ -20,7 +20,7 @@
 //! (`coalesce`), the only caller of [`Budget::acquire`] for its (app, API).
 
 use std::num::NonZeroU32;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -128,14 +128,43 @@ pub struct Estimate {
 /// One (app, API)'s budget.
 pub struct Budget {
     source: Source,
-    per_second: NonZeroU32,
+    /// Replaced whole by a reload ([`Budget::set_rates`]).
+    rates: Mutex<Arc<Rates>>,
     state: Mutex<Pace>,
     rate_gauge: Gauge,
 }
 
 enum Source {
-    Local((DefaultDirectRateLimiter, NonZeroU32)),
+    Local,
     Redis(Box<RedisSource>),
+}
+
+/// What follows from `per_second` and `fallback_per_second`: the local limiters and the
+/// GCRA parameters.
+struct Rates {
+    per_second: NonZeroU32,
+    /// The limiter with `backend = "local"`.
+    local: (DefaultDirectRateLimiter, NonZeroU32),
+    /// GCRA in Redis, in µs. Rounded up: rounding down would eat the guard at very high
+    /// rates.
+    interval_us: u64,
+    tolerance_us: u64,
+    /// While Redis is down.
+    fallback: (DefaultDirectRateLimiter, NonZeroU32),
+    fallback_interval: Duration,
+}
+
+impl Rates {
+    fn new(per_second: NonZeroU32, fallback_per_second: NonZeroU32) -> Self {
+        Self {
+            per_second,
+            local: limiter(per_second),
+            interval_us: pacing_interval(per_second).as_nanos().div_ceil(1000) as u64,
+            tolerance_us: tolerance(per_second).as_micros() as u64,
+            fallback: limiter(fallback_per_second),
+            fallback_interval: pacing_interval(fallback_per_second),
+        }
+    }
 }
 
 /// Effective-rate bookkeeping (AIMD) and the pacing slot it implies.
@@ -155,19 +184,14 @@ impl Budget {
         rate_gauge: Gauge,
         backend_up: IntGauge,
     ) -> Result<Self, redis::RedisError> {
-        let (per_second, fallback_per_second) = (config.per_second, config.fallback_per_second);
+        let per_second = config.per_second;
         let source = match &config.backend {
-            BudgetBackend::Local => Source::Local(limiter(per_second)),
+            BudgetBackend::Local => Source::Local,
             BudgetBackend::Redis { url, key_prefix } => Source::Redis(Box::new(RedisSource {
                 client: redis::Client::open(url.as_str())?,
                 connection: tokio::sync::Mutex::new(None),
                 script: redis::Script::new(GCRA),
                 key: format!("{key_prefix}:{key}"),
-                // Rounded up: rounding down would eat the guard at very high rates.
-                interval_us: pacing_interval(per_second).as_nanos().div_ceil(1000) as u64,
-                tolerance_us: tolerance(per_second).as_micros() as u64,
-                fallback: limiter(fallback_per_second),
-                fallback_interval: pacing_interval(fallback_per_second),
                 down_until: Mutex::new(None),
                 up: backend_up,
                 down_logged: std::sync::atomic::AtomicBool::new(false),
@@ -178,7 +202,7 @@ impl Budget {
         let now = Instant::now();
         Ok(Self {
             source,
-            per_second,
+            rates: Mutex::new(Arc::new(Rates::new(per_second, config.fallback_per_second))),
             state: Mutex::new(Pace {
                 rate: per_second.get() as f64,
                 updated: now,
@@ -189,16 +213,41 @@ impl Budget {
         })
     }
 
+    fn rates(&self) -> Arc<Rates> {
+        self.rates.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn per_second(&self) -> NonZeroU32 {
+        self.rates().per_second
+    }
+
+    /// A reloaded `budget.per_second` and `fallback_per_second` (the backend is not
+    /// reloaded). The limit applies from the next token; with Redis, the fleet's GCRA
+    /// state carries over, so the fleet stays within the new limit at once; a local
+    /// limiter starts afresh, so a lowered limit holds in every rolling second from one
+    /// second after the reload. The effective rate starts at the new limit.
+    pub fn set_rates(&self, per_second: NonZeroU32, fallback_per_second: NonZeroU32) {
+        let mut rates = self.rates.lock().unwrap_or_else(|p| p.into_inner());
+        *rates = Arc::new(Rates::new(per_second, fallback_per_second));
+        drop(rates);
+        let rate = self.pace(|p| {
+            p.rate = per_second.get() as f64;
+            p.rate
+        });
+        self.rate_gauge.set(rate);
+    }
+
     /// Waits for the next token. Only the dispatcher calls this, one call at a time.
     pub async fn acquire(&self) {
-        let (slot, throttled) = self.pace(|p| (p.next_slot, p.rate < self.per_second.get() as f64));
+        let rates = self.rates();
+        let (slot, throttled) = self.pace(|p| (p.next_slot, p.rate < rates.per_second.get() as f64));
         if throttled {
             // Below the full rate, space tokens out ourselves; the hard limit still applies.
             tokio::time::sleep_until(slot).await;
         }
         match &self.source {
-            Source::Local(limiter) => take(limiter).await,
-            Source::Redis(redis) => redis.acquire().await,
+            Source::Local => take(&rates.local).await,
+            Source::Redis(redis) => redis.acquire(&rates).await,
         }
         let interval = self.interval();
         self.pace(|p| p.next_slot = Instant::now() + interval);
@@ -225,8 +274,8 @@ impl Budget {
     /// here for work nobody waits for (a background batch) would be taken from them.
     pub fn contended(&self) -> bool {
         match &self.source {
-            Source::Redis(redis) => redis.others_rate() > self.per_second.get() as f64 * MIN_SHARE,
-            Source::Local(_) => false,
+            Source::Redis(redis) => redis.others_rate() > self.per_second().get() as f64 * MIN_SHARE,
+            Source::Local => false,
         }
     }
 
@@ -234,9 +283,10 @@ impl Budget {
     /// hard limit's pacing).
     pub fn interval(&self) -> Duration {
         let rate = self.effective_rate();
+        let rates = self.rates();
         let hard = match &self.source {
-            Source::Redis(redis) if redis.is_down() => redis.fallback_interval,
-            _ => pacing_interval(self.per_second),
+            Source::Redis(redis) if redis.is_down() => rates.fallback_interval,
+            _ => pacing_interval(rates.per_second),
         };
         hard.max(Duration::from_secs_f64(1.0 / rate.max(0.1)))
     }
@@ -263,7 +313,7 @@ impl Budget {
 
     /// Runs `f` on the pacing state after applying recovery up to now.
     fn pace<T>(&self, f: impl FnOnce(&mut Pace) -> T) -> T {
-        let max = self.per_second.get() as f64;
+        let max = self.per_second().get() as f64;
         let mut p = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let now = Instant::now();
         if p.rate < max {
@@ -343,11 +393,8 @@ struct RedisSource {
     /// The GCRA script, hashed once; sent by SHA and reloaded by the crate on NOSCRIPT.
     script: redis::Script,
     key: String,
-    interval_us: u64,
-    tolerance_us: u64,
-    fallback: (DefaultDirectRateLimiter, NonZeroU32),
-    fallback_interval: Duration,
-    /// While set and in the future, tokens come from `fallback` without asking Redis.
+    /// While set and in the future, tokens come from the fallback limiter without asking
+    /// Redis.
     down_until: Mutex<Option<Instant>>,
     /// `receipt_gateway_budget_backend_up`: 1 after Redis answered, 0 after it failed.
     up: IntGauge,
@@ -361,12 +408,12 @@ impl RedisSource {
         self.down_until.lock().map(|d| d.is_some_and(|t| Instant::now() < t)).unwrap_or(false)
     }
 
-    async fn acquire(&self) {
+    async fn acquire(&self, rates: &Rates) {
         loop {
             if self.is_down() {
-                return take(&self.fallback).await;
+                return take(&rates.fallback).await;
             }
-            let answer = self.try_take().await;
+            let answer = self.try_take(rates).await;
             self.up.set(answer.is_ok().into());
             if answer.is_ok() && self.down_logged.swap(false, std::sync::atomic::Ordering::Relaxed) {
                 tracing::info!("redis budget answers again");
@@ -396,7 +443,7 @@ impl RedisSource {
         self.others.lock().map(|o| o.rate(Instant::now())).unwrap_or(0.0)
     }
 
-    async fn try_take(&self) -> redis::RedisResult<(u64, u64)> {
+    async fn try_take(&self, rates: &Rates) -> redis::RedisResult<(u64, u64)> {
         let mut guard = self.connection.lock().await;
         let connection = match &mut *guard {
             Some(connection) => connection,
@@ -408,7 +455,7 @@ impl RedisSource {
                 empty.insert(self.client.get_connection_manager_with_config(config).await?)
             }
         };
-        self.script.key(&self.key).arg(self.interval_us).arg(self.tolerance_us).invoke_async(connection).await
+        self.script.key(&self.key).arg(rates.interval_us).arg(rates.tolerance_us).invoke_async(connection).await
     }
 }
 
@@ -501,5 +548,26 @@ mod tests {
         b.pace(|p| p.updated = p.updated.checked_sub(RECOVERY).unwrap_or(p.updated));
         assert_eq!(b.effective_rate(), 200.0);
         assert_eq!(gauge.get(), 200.0);
+    }
+
+    /// In real time: governor keeps its own clock.
+    #[tokio::test]
+    async fn a_reloaded_limit_paces_the_next_tokens() {
+        let gauge = Gauge::new("g", "g").unwrap();
+        let per_second = NonZeroU32::new(200).unwrap();
+        let config = BudgetConfig { per_second, backend: BudgetBackend::Local, fallback_per_second: per_second };
+        let b = Budget::new(&config, "k".into(), gauge.clone(), IntGauge::new("up", "up").unwrap()).unwrap();
+        let ten = NonZeroU32::new(10).unwrap();
+
+        b.set_rates(ten, ten);
+        let start = Instant::now();
+        for _ in 0..5 {
+            b.acquire().await;
+        }
+
+        assert_eq!((b.effective_rate(), gauge.get()), (10.0, 10.0));
+        assert_eq!(b.interval(), pacing_interval(ten));
+        // Five tokens at 10/s: the burst tolerance, then about 100 ms apart.
+        assert!(start.elapsed() >= Duration::from_millis(300), "{:?}", start.elapsed());
     }
 }

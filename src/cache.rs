@@ -15,7 +15,7 @@
 //! for the dispatcher. Capacity still counts items: a page weighs as many items as it holds.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -63,7 +63,7 @@ pub struct GroupAnswer {
     pub fetched_at: Instant,
 }
 
-/// Lifetimes, shared by every page.
+/// Lifetimes, as one snapshot.
 #[derive(Debug, Clone, Copy)]
 struct Lifetimes {
     ttl: Duration,
@@ -76,6 +76,33 @@ impl Lifetimes {
         if receipt.is_negative() { self.negative_ttl } else { self.ttl }
     }
 }
+
+/// The lifetimes every page reads, in atomics (µs) so a reload can change them and a
+/// read costs three loads.
+#[derive(Debug, Default)]
+struct SharedLifetimes {
+    ttl_us: AtomicU64,
+    negative_ttl_us: AtomicU64,
+    stale_us: AtomicU64,
+}
+
+impl SharedLifetimes {
+    fn get(&self) -> Lifetimes {
+        let us = |a: &AtomicU64| Duration::from_micros(a.load(Ordering::Relaxed));
+        Lifetimes { ttl: us(&self.ttl_us), negative_ttl: us(&self.negative_ttl_us), stale: us(&self.stale_us) }
+    }
+
+    fn set(&self, l: Lifetimes) {
+        let us = |d: Duration| d.as_micros().min(u128::from(u64::MAX)) as u64;
+        self.ttl_us.store(us(l.ttl), Ordering::Relaxed);
+        self.negative_ttl_us.store(us(l.negative_ttl), Ordering::Relaxed);
+        self.stale_us.store(us(l.stale), Ordering::Relaxed);
+    }
+}
+
+/// A reload asked for lifetimes longer than the cache can keep without a restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LongerThanAtStart;
 
 /// The pages read since the fleet tier last shared their reads: with several replicas,
 /// a group's cohort is what *any* replica read (SPEC 5.6), and reads never touch Redis
@@ -96,7 +123,7 @@ impl ReadLog {
 #[derive(Debug)]
 pub struct Page {
     items: Mutex<HashMap<MsgSeq, Stored>>,
-    lifetimes: Lifetimes,
+    lifetimes: Arc<SharedLifetimes>,
     /// Which group it is, for the read log.
     key: (AppId, GroupId),
     log: Option<Arc<ReadLog>>,
@@ -114,11 +141,12 @@ impl Page {
     pub fn read(self: &Arc<Self>, seqs: &[MsgSeq], now: Instant) -> Vec<Option<Cached>> {
         let found: Vec<Option<Cached>> = {
             let mut items = self.items();
+            let lifetimes = self.lifetimes.get();
             seqs.iter()
                 .map(|seq| {
                     let stored = items.get_mut(seq)?;
-                    let fresh_until = stored.fetched_at + self.lifetimes.fresh_for(&stored.receipt);
-                    if now >= fresh_until + self.lifetimes.stale {
+                    let fresh_until = stored.fetched_at + lifetimes.fresh_for(&stored.receipt);
+                    if now >= fresh_until + lifetimes.stale {
                         return None;
                     }
                     stored.last_read = Some(now);
@@ -166,9 +194,10 @@ impl Page {
         mut eligible: impl FnMut(MsgSeq) -> bool,
     ) -> Vec<MsgSeq> {
         let items = self.items();
+        let ttl = self.lifetimes.get().ttl;
         let mut due: Vec<(Instant, MsgSeq)> = items
             .iter()
-            .filter(|(_, s)| !s.receipt.is_negative() && s.fetched_at + self.lifetimes.ttl <= horizon)
+            .filter(|(_, s)| !s.receipt.is_negative() && s.fetched_at + ttl <= horizon)
             .filter(|(_, s)| s.last_read.is_some_and(|read| now.saturating_duration_since(read) <= memory))
             .filter(|(seq, _)| eligible(**seq))
             .map(|(seq, s)| (s.fetched_at, *seq))
@@ -190,26 +219,43 @@ pub struct ReceiptCache {
     /// With the fleet tier: where read pages are noted.
     log: Option<Arc<ReadLog>>,
     groups: Cache<(AppId, GroupId), Arc<GroupAnswer>>,
-    lifetimes: Lifetimes,
-    negative_ttl: Duration,
+    lifetimes: Arc<SharedLifetimes>,
+    /// What moka keeps pages and group answers for, fixed at start: a reload may shorten
+    /// lifetimes within these, not lengthen them past.
+    page_bound: Duration,
+    group_bound: Duration,
 }
 
 impl ReceiptCache {
     pub fn new(config: &CacheConfig) -> Self {
-        let lifetimes = Lifetimes { ttl: config.ttl, negative_ttl: config.negative_ttl, stale: config.stale };
+        let lifetimes = Arc::new(SharedLifetimes::default());
+        lifetimes.set(Lifetimes { ttl: config.ttl, negative_ttl: config.negative_ttl, stale: config.stale });
+        let page_bound = config.ttl.max(config.negative_ttl) + config.stale;
+        let group_bound = config.negative_ttl.max(Duration::from_millis(1));
         let pages = Cache::builder()
             .max_capacity(config.max_entries)
             // A page weighs its items (at its last fill), so capacity counts items.
             .weigher(|_, page: &Arc<Page>| page.len().try_into().unwrap_or(u32::MAX).max(1))
             // Every fill re-inserts its page, so a page outlives its newest item's
             // stale window and no longer.
-            .time_to_live(config.ttl.max(config.negative_ttl) + config.stale)
+            .time_to_live(page_bound)
             .build();
-        let groups = Cache::builder()
-            .max_capacity(100_000)
-            .time_to_live(config.negative_ttl.max(Duration::from_millis(1)))
-            .build();
-        Self { pages, groups, lifetimes, negative_ttl: config.negative_ttl, log: None }
+        let groups = Cache::builder().max_capacity(100_000).time_to_live(group_bound).build();
+        Self { pages, groups, lifetimes, page_bound, group_bound, log: None }
+    }
+
+    /// Reloaded lifetimes (SPEC 6.1): items are fresh and stale by them from now on,
+    /// whenever they were fetched. Refused when they would outlast what the cache was
+    /// built to keep (`ttl_ms`, `negative_ttl_ms` + `stale_ms` at start): that takes a
+    /// restart.
+    pub fn set_lifetimes(&self, config: &CacheConfig) -> Result<(), LongerThanAtStart> {
+        if config.ttl.max(config.negative_ttl) + config.stale > self.page_bound
+            || config.negative_ttl.max(Duration::from_millis(1)) > self.group_bound
+        {
+            return Err(LongerThanAtStart);
+        }
+        self.lifetimes.set(Lifetimes { ttl: config.ttl, negative_ttl: config.negative_ttl, stale: config.stale });
+        Ok(())
     }
 
     /// Notes read pages in `log` (the fleet tier shares their reads).
@@ -243,14 +289,15 @@ impl ReceiptCache {
         answers: impl IntoIterator<Item = (MsgSeq, Receipt, Instant)>,
     ) -> Arc<Page> {
         let key = (app, group.clone());
-        let lifetimes = self.lifetimes;
+        let shared = self.lifetimes.clone();
+        let lifetimes = shared.get();
         let (page_key, log) = (key.clone(), self.log.clone());
         let page = self
             .pages
             .get_with(key.clone(), async move {
                 Arc::new(Page {
                     items: Mutex::default(),
-                    lifetimes,
+                    lifetimes: shared,
                     key: page_key,
                     log,
                     logged: AtomicBool::new(false),
@@ -278,11 +325,13 @@ impl ReceiptCache {
 
     /// A cached group-level answer (10010 / 10015) if one is fresh.
     pub async fn group_answer(&self, app: AppId, group: &GroupId) -> Option<Arc<GroupAnswer>> {
-        self.groups.get(&(app, group.clone())).await
+        let answer = self.groups.get(&(app, group.clone())).await?;
+        // moka keeps it for the negative TTL at start; a reload may have shortened it.
+        (answer.fetched_at.elapsed() < self.lifetimes.get().negative_ttl).then_some(answer)
     }
 
     pub async fn insert_group_answer(&self, app: AppId, group: &GroupId, answer: GroupAnswer) {
-        if !self.negative_ttl.is_zero() {
+        if !self.lifetimes.get().negative_ttl.is_zero() {
             self.groups.insert((app, group.clone()), Arc::new(answer)).await;
         }
     }
@@ -321,6 +370,21 @@ mod tests {
     const APP: AppId = AppId(1);
     const OK: Receipt = Receipt { code: ErrorCode::OK, read: Some(1), unread: Some(2) };
     const NONE: Receipt = Receipt { code: ErrorCode::NO_RECEIPT, read: None, unread: None };
+
+    #[tokio::test]
+    async fn reloaded_lifetimes_apply_to_cached_items_within_what_the_cache_keeps() {
+        let cache = ReceiptCache::new(&config(1000, 60_000, 100));
+        let t0 = Instant::now();
+        cache.insert(APP, &group(), &[(MsgSeq(1), OK)], t0).await;
+        let page = cache.page(APP, &group()).await.unwrap();
+
+        assert_eq!(cache.set_lifetimes(&config(500, 1000, 100)), Ok(()));
+        let item = page.read(&[MsgSeq(1)], t0)[0].unwrap();
+        assert!(!item.is_fresh(t0 + Duration::from_millis(500)), "the shorter TTL applies to an item cached before");
+        assert!(page.read(&[MsgSeq(1)], t0 + Duration::from_millis(1500))[0].is_none(), "and the shorter stale window");
+        assert_eq!(cache.set_lifetimes(&config(1000, 61_000, 100)), Err(LongerThanAtStart));
+        assert_eq!(cache.set_lifetimes(&config(1000, 60_000, 200)), Err(LongerThanAtStart));
+    }
 
     #[tokio::test]
     async fn items_are_fresh_for_ttl_and_negative_ones_for_negative_ttl() {

@@ -25,10 +25,11 @@ use crate::domain::{GroupId, MsgSeq};
 use crate::inflight::Groups;
 
 /// What the lock guards.
-#[derive(Default)]
 struct Tables {
     groups: Groups,
     queue: Queue,
+    /// Under the lock too, so that a reload changes it between two operations.
+    policy: BatchPolicy,
 }
 
 /// A caller's misses for one group, to put in flight.
@@ -56,16 +57,14 @@ pub struct Overloaded {
 pub struct Engine {
     tables: Mutex<Tables>,
     wake: Notify,
-    policy: BatchPolicy,
     estimates: Estimators,
 }
 
 impl Engine {
     pub fn new(policy: BatchPolicy) -> Self {
         Self {
-            tables: Mutex::default(),
+            tables: Mutex::new(Tables { groups: Groups::default(), queue: Queue::default(), policy }),
             wake: Notify::new(),
-            policy,
             estimates: Estimators::new(policy.upstream_timeout),
         }
     }
@@ -89,8 +88,19 @@ impl Engine {
         &self.estimates
     }
 
-    pub fn policy(&self) -> &BatchPolicy {
-        &self.policy
+    /// The batch policy now (a reload may change it: [`Engine::set_policy`]).
+    pub fn policy(&self) -> BatchPolicy {
+        self.lock().policy
+    }
+
+    /// A reloaded batch policy (window, max_seqs, TTL): open batches keep the window they
+    /// opened with; what joins or leaves from now on follows the new one. The upstream
+    /// timeout stays (it is not reloaded).
+    pub fn set_policy(&self, policy: BatchPolicy) {
+        let mut tables = self.lock();
+        tables.policy = BatchPolicy { upstream_timeout: tables.policy.upstream_timeout, ..policy };
+        self.release(tables);
+        self.wake.notify_one();
     }
 
     /// Puts `ask.misses` in flight, joining batches that already carry them. Refuses when
@@ -102,15 +112,15 @@ impl Engine {
         let now = Instant::now();
         let forecast = self.estimates.forecast(pace);
         let mut tables = self.lock();
-        let Tables { groups, queue } = &mut *tables;
+        let Tables { groups, queue, policy } = &mut *tables;
         let g = groups.enter(ask.group, ask.page);
         let (mut joined, misses) = g.answered_meanwhile(ask.misses, ask.fetched_since, now);
         let expected = queue
-            .ahead_of(g, &misses, ask.deadline, self.policy.max_seqs, ask.client)
-            .map(|ahead| admission::expected_answer(now, ahead, forecast, self.policy.window));
+            .ahead_of(g, &misses, ask.deadline, policy.max_seqs, ask.client)
+            .map(|ahead| admission::expected_answer(now, ahead, forecast, policy.window));
         if expected.is_some_and(|at| at > ask.deadline) {
-            let parked = Parked { client: ask.client, expires: now + self.policy.background_lifetime() };
-            g.park(queue, ask.group, &misses, parked, now, &self.policy);
+            let parked = Parked { client: ask.client, expires: now + policy.background_lifetime() };
+            g.park(queue, ask.group, &misses, parked, now, policy);
             let retry_after = admission::retry_after(forecast, queue.queued_for(ask.client));
             groups.forget_if_idle(ask.group);
             self.release(tables);
@@ -118,7 +128,7 @@ impl Engine {
         }
         let caller = Caller { deadline: ask.deadline, client: ask.client };
         for &seq in &misses {
-            joined.extend(g.join(queue, ask.group, seq, caller, now, &self.policy));
+            joined.extend(g.join(queue, ask.group, seq, caller, now, policy));
         }
         self.release(tables);
         Ok(joined)
@@ -166,7 +176,7 @@ impl Engine {
         // The dispatcher's own rule for a batch that can still make a deadline.
         let latest_useful = deadline.checked_sub(self.estimates.reach()).unwrap_or(deadline);
         let mut tables = self.lock();
-        let Tables { groups, queue } = &mut *tables;
+        let Tables { groups, queue, .. } = &mut *tables;
         let Some(g) = groups.get_mut(group) else { return Vec::new() };
         let late = |id| queue.is_open(id) || g.sent_at(id).is_some_and(|at| at > latest_useful);
         seqs.iter().copied().filter(|&s| g.carrier(s).is_some_and(late)).collect()
@@ -192,8 +202,8 @@ impl Engine {
         loop {
             let (next, gone) = {
                 let mut tables = self.lock();
-                let Tables { groups, queue } = &mut *tables;
-                let next = queue.next(groups, Instant::now(), self.policy.max_seqs, self.estimates.reach(), spare());
+                let Tables { groups, queue, policy } = &mut *tables;
+                let next = queue.next(groups, Instant::now(), policy.max_seqs, self.estimates.reach(), spare());
                 (next, queue.take_dropped())
             };
             for (group, seqs) in gone {
@@ -219,8 +229,8 @@ impl Engine {
     /// Takes the most urgent ready job off the queue, now that a token was granted.
     pub(crate) fn pop(&self, now: Instant, budget_wait: &Histogram, spare: bool) -> Option<Job> {
         let mut tables = self.lock();
-        let Tables { groups, queue } = &mut *tables;
-        queue.pop(groups, now, &self.policy, self.estimates.reach(), budget_wait, spare)
+        let Tables { groups, queue, policy } = &mut *tables;
+        queue.pop(groups, now, policy, self.estimates.reach(), budget_wait, spare)
     }
 
     /// The batches dropped unsent since the last call.
@@ -382,7 +392,7 @@ mod tests {
         tokio::time::advance(4500 * MS).await;
         let next = {
             let mut t = e.lock();
-            let Tables { groups, queue } = &mut *t;
+            let Tables { groups, queue, .. } = &mut *t;
             queue.next(groups, Instant::now(), 10, Duration::ZERO, true)
         };
 

@@ -43,7 +43,8 @@ pub async fn run(app: Arc<AppRuntime>, mut batch: Dispatch) {
     app.engine.complete(&batch, &page);
     let _ = batch.outcome.send(Some(outcome.clone()));
     if let Some(tier) = &app.fleet
-        && let Err(e) = tier.fleet.store(app.id, &batch.group, &outcome.items, outcome.fetched_at, tier.lifetimes).await
+        && let Err(e) =
+            tier.fleet.store(app.id, &batch.group, &outcome.items, outcome.fetched_at, tier.lifetimes()).await
     {
         tracing::debug!(error = %e, "fleet: answer not shared");
     }
@@ -64,7 +65,7 @@ async fn take_wanted(app: &AppRuntime, tier: &SharedTier, batch: &mut Dispatch) 
         return;
     }
     let room = app.engine.policy().max_seqs.saturating_sub(batch.seqs.len());
-    match tier.fleet.take(app.id, &batch.group, &batch.seqs, room, tier.lifetimes, spare).await {
+    match tier.fleet.take(app.id, &batch.group, &batch.seqs, room, tier.lifetimes(), spare).await {
         Ok(taken) => {
             let extra: Vec<MsgSeq> = taken.into_iter().filter(|s| !batch.seqs.contains(s)).take(room).collect();
             app.engine.carry(batch, &extra);

@@ -2,14 +2,21 @@
 //! (a Kubernetes ConfigMap update reaches a mounted file without a signal), the file is
 //! read and validated again and applied without dropping a request.
 //!
-//! What a reload applies: the clients — ids, tokens, quotas, weights — with
-//! `server.client_id_header` and `server.require_client_auth`. Each client keeps its
-//! place in the engines' fair share and its quota window. A reload that changes anything
-//! else is refused as a whole and the running configuration stays: the listen addresses
-//! and the app list (SPEC 6.1), and — in this version — the cache TTLs, batch, budget,
-//! upstream, fleet and Redis settings and the other server keys, which the gateway reads
-//! once at start (a restart applies them). An invalid file is logged with the reason and
-//! changes nothing. Each attempt counts in `receipt_gateway_config_reloads_total{result}`.
+//! What a reload applies:
+//! - the clients — ids, tokens, quotas, weights — with `server.client_id_header` and
+//!   `server.require_client_auth`; each client keeps its place in the engines' fair share
+//!   and its quota window;
+//! - the cache lifetimes (`ttl_ms`, `stale_ms`, `negative_ttl_ms`), to every item from
+//!   then on, as long as they do not outlast what the cache was built to keep at start;
+//! - `[batch]` (batches opened from then on) and `budget.per_second` /
+//!   `fallback_per_second` (from the next token).
+//!
+//! A reload that changes anything else is refused as a whole and the running
+//! configuration stays: the listen addresses and the app list (SPEC 6.1), and what the
+//! gateway builds once at start — `cache.max_entries`, `budget.backend`, `[upstream]`,
+//! `[fleet]`, `[redis]` and the other server keys. An invalid file is logged with the
+//! reason and changes nothing. Each attempt counts in
+//! `receipt_gateway_config_reloads_total{result}`.
 //!
 //! Tokens are read from the environment, which a running process cannot see change: a
 //! rotated token (a Kubernetes Secret) takes a restart (see `deploy/README.md`).
@@ -22,7 +29,7 @@ use sha2::{Digest, Sha256};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::clients::Clients;
-use crate::config::{Config, ServerConfig};
+use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::server::Gateway;
 
@@ -106,14 +113,21 @@ pub fn apply(gateway: &Gateway, metrics: &Metrics, running: &mut Config, new: Co
     if !refused.is_empty() {
         return Outcome::Refused(refused);
     }
-    if format!("{:?}", running.clients) == format!("{:?}", new.clients) && same_callers(&running.server, &new.server) {
+    if format!("{running:?}") == format!("{new:?}") {
         return Outcome::Unchanged;
+    }
+    // Every app shares the one cache; first, since it is the one part that may refuse.
+    if let Some(app) = gateway.apps.values().next()
+        && app.cache.set_lifetimes(&new.cache).is_err()
+    {
+        return Outcome::Refused(vec!["cache lifetimes longer than at start (ttl_ms or negative_ttl_ms, + stale_ms)"]);
     }
     let clients = gateway.clients.current().reload(&new);
     // The engines learn the new shares first, so a request of a new client finds its
     // slot (an unknown slot counts as weight 1 meanwhile).
     for app in gateway.apps.values() {
         app.share_budget(&clients, metrics);
+        app.reload(&new);
     }
     gateway.clients.replace(clients);
     *running = new;
@@ -124,7 +138,7 @@ fn report(outcome: &Outcome, path: &std::path::Path, signalled: bool, metrics: &
     let file = path.display();
     let result = match outcome {
         Outcome::Applied => {
-            tracing::info!(%file, signalled, "configuration reloaded: clients, tokens, quotas and weights applied");
+            tracing::info!(%file, signalled, "configuration reloaded: clients, cache lifetimes, batch and budget applied");
             "ok"
         }
         Outcome::Unchanged => {
@@ -162,12 +176,11 @@ fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
         s.client_id_header = running.server.client_id_header.clone();
         s.require_client_auth = running.server.require_client_auth;
     }
-    let sections: [(&'static str, &dyn std::fmt::Debug, &dyn std::fmt::Debug); 8] = [
+    let sections: [(&'static str, &dyn std::fmt::Debug, &dyn std::fmt::Debug); 7] = [
         ("apps", &running.apps, &new.apps),
         ("server (other than the clients' keys)", &a, &b),
-        ("cache", &running.cache, &new.cache),
-        ("batch", &running.batch, &new.batch),
-        ("budget", &running.budget, &new.budget),
+        ("cache.max_entries", &running.cache.max_entries, &new.cache.max_entries),
+        ("budget.backend", &running.budget.backend, &new.budget.backend),
         ("upstream", &running.upstream, &new.upstream),
         ("fleet", &running.fleet, &new.fleet),
         ("redis", &running.redis, &new.redis),
@@ -178,10 +191,6 @@ fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
         }
     }
     changed
-}
-
-fn same_callers(a: &ServerConfig, b: &ServerConfig) -> bool {
-    a.client_id_header == b.client_id_header && a.require_client_auth == b.require_client_auth
 }
 
 /// The file's content digest (None when it cannot be read: a ConfigMap mid-swap).

@@ -47,7 +47,7 @@ pub(super) async fn round(
     misses: &[MsgSeq],
     round: usize,
 ) -> Round {
-    let claim = match tier.fleet.claim(app.id, &q.group, misses, tier.lifetimes).await {
+    let claim = match tier.fleet.claim(app.id, &q.group, misses, tier.lifetimes()).await {
         Ok(claim) => claim,
         Err(e) => {
             tracing::debug!(error = %e, "fleet tier skipped for this request");
@@ -72,7 +72,7 @@ pub(super) async fn round(
     let mut served = Vec::new();
     for (seq, item) in &claim.items {
         let Ok(i) = slots.binary_search_by_key(seq, |s| s.seq) else { continue };
-        let fresh_for = if item.receipt.is_negative() { tier.lifetimes.negative_ttl } else { tier.lifetimes.ttl };
+        let fresh_for = if item.receipt.is_negative() { tier.lifetimes().negative_ttl } else { tier.lifetimes().ttl };
         let cached =
             Cached { receipt: item.receipt, fetched_at: item.fetched_at, fresh_until: item.fetched_at + fresh_for };
         let slot = &mut slots[i];
@@ -116,6 +116,6 @@ pub(super) async fn wait(app: &AppRuntime, tier: Option<&SharedTier>, q: &Query,
 pub fn give_up(app: &AppRuntime, group: &GroupId, seqs: &[MsgSeq]) {
     let Some(tier) = app.fleet.as_ref().filter(|_| !seqs.is_empty()) else { return };
     let (fleet, id, group, seqs, lifetimes) =
-        (tier.fleet.clone(), app.id, group.clone(), seqs.to_vec(), tier.lifetimes);
+        (tier.fleet.clone(), app.id, group.clone(), seqs.to_vec(), tier.lifetimes());
     tokio::spawn(async move { fleet.release(id, &group, &seqs, lifetimes).await });
 }

@@ -1,6 +1,7 @@
 //! Reloading the configuration (SPEC 6.1) of a gateway process: SIGHUP, or the file's
-//! content changing, applies new clients, tokens, quotas and weights without a failed
-//! request; an invalid file, or one that changes what needs a restart, changes nothing.
+//! content changing, applies new clients, tokens, quotas, weights, TTLs and budget
+//! without a failed request; an invalid file, or one that changes what needs a restart,
+//! changes nothing.
 
 use std::time::Duration;
 
@@ -115,20 +116,28 @@ async fn an_invalid_or_restart_only_change_keeps_the_running_configuration() {
     until_metric(&f, &replica, &reloads("invalid"), 1.0).await;
     assert_eq!(ask("nightly").await, StatusCode::OK);
 
-    // A quota for nightly, with a TTL change that needs a restart: refused as a whole.
+    // A quota for nightly, with a cache size change that needs a restart: refused as a
+    // whole.
     std::fs::write(&replica.config, &good).expect("config writable");
     rewrite(&replica, quota, &format!("{quota}requests_per_second = 1\n"));
-    rewrite(&replica, "ttl_ms = 60000", "ttl_ms = 30000");
+    rewrite(&replica, "ttl_ms = 60000", "ttl_ms = 60000\nmax_entries = 5000");
     replica.hangup();
     until_metric(&f, &replica, &reloads("refused"), 1.0).await;
     let refused = [ask("nightly").await, ask("nightly").await];
     assert_eq!(refused, [StatusCode::OK; 2], "the quota did not apply");
     let logged = replica.log.lock().unwrap_or_else(|p| p.into_inner()).join("\n");
-    assert!(logged.contains("configuration reload refused") && logged.contains("cache"), "the refusal names the key");
+    assert!(logged.contains("configuration reload refused") && logged.contains("cache.max_entries"), "names the key");
 
-    // The same quota alone, picked up from the file's change without a signal.
-    rewrite(&replica, "ttl_ms = 30000", "ttl_ms = 60000");
+    // The quota with a shorter TTL and a lower budget, picked up from the file's change
+    // without a signal.
+    let calls = f.sim.call_count();
+    rewrite(&replica, "ttl_ms = 60000\nmax_entries = 5000", "ttl_ms = 1");
+    rewrite(&replica, "per_second = 40", "per_second = 30");
     until_metric(&f, &replica, &reloads("ok"), 1.0).await;
     let statuses = [ask("nightly").await, ask("nightly").await, ask("nightly").await];
     assert!(statuses.contains(&StatusCode::TOO_MANY_REQUESTS), "the quota of 1 a second applies: {statuses:?}");
+    assert_eq!(ask("checkout").await, StatusCode::OK);
+    assert!(f.sim.call_count() > calls, "cached for 60 s at start, stale after 1 ms now: fetched again");
+    let rate = "receipt_gateway_budget_effective_rate{api=\"get_group_msg_receipt\",app=\"1400000000\"}";
+    assert_eq!(metric(&f.client, &replica, rate).await, 30.0, "the new budget");
 }
