@@ -14,6 +14,7 @@
 //! is computed once and shared.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -115,17 +116,19 @@ pub struct BatchOutcome {
     /// Sorted by MsgSeq.
     pub items: Items,
     /// Answered by the batch's first call (no retry, no split): its callers' wait
-    /// measures the delivery of a batch ([`Estimators::observe_delivery`]).
+    /// measures the delivery of a batch ([`Estimators::observe_delivery`]), once — the
+    /// first caller to see it takes `sampled`.
     ///
     /// [`Estimators::observe_delivery`]: crate::admission::Estimators::observe_delivery
     pub first_call: bool,
+    pub sampled: AtomicBool,
 }
 
 impl BatchOutcome {
     /// An outcome of `items` (in any order), all settled at `at`.
     pub fn settled(mut items: Items, at: Instant) -> Self {
         items.sort_unstable_by_key(|(s, _)| *s);
-        Self { started: at, fetched_at: at, items, first_call: false }
+        Self { started: at, fetched_at: at, items, first_call: false, sampled: AtomicBool::new(false) }
     }
 
     pub fn get(&self, seq: MsgSeq) -> Option<&Result<Receipt, Failure>> {
@@ -275,6 +278,8 @@ pub struct Dispatch {
     pub requested: usize,
     pub window: Window,
     pub outcome: Outcome,
+    /// When the dispatcher took it off the queue (its delivery counts from here).
+    pub dispatched: Instant,
 }
 
 #[cfg(test)]

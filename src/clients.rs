@@ -172,7 +172,8 @@ impl Clients {
                 Some(i) => ClientSlot(i as u16),
                 None => {
                     slots.push(c.id.clone());
-                    ClientSlot(slots.len() as u16 - 1)
+                    // Past 65,535 ids ever configured, the newest share the last slot.
+                    ClientSlot(u16::try_from(slots.len() - 1).unwrap_or(u16::MAX))
                 }
             };
             let old = before.and_then(|b| b.by_id.get(&c.id)).map(Arc::as_ref);

@@ -143,6 +143,19 @@ pub struct AppConfig {
     pub usersig_ttl: Duration,
 }
 
+/// A TOML error without the quoted source line, which could hold a secret someone put in
+/// the file by mistake (the error is logged): where, and what.
+fn without_snippet(message: &str) -> String {
+    let mut lines = message.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines.next().unwrap_or_default();
+    let quoted = |l: &&str| l.starts_with('|') || l.chars().next().is_some_and(|c| c.is_ascii_digit());
+    let what = lines.rev().find(|l| !quoted(l));
+    match what {
+        Some(what) => format!("{first}: {what}"),
+        None => first.to_owned(),
+    }
+}
+
 /// Where the secrets named by a config come from; tests substitute their own.
 pub trait SecretSource {
     fn env(&self, name: &str) -> Option<String>;
@@ -172,7 +185,7 @@ impl Config {
 
     /// Parses and validates TOML text.
     pub fn parse(text: &str, secrets: &dyn SecretSource) -> Result<Self, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse(without_snippet(&e.to_string())))?;
         raw.validate(secrets)
     }
 }
@@ -439,6 +452,15 @@ mod tests {
 
     fn error_of(text: &str) -> String {
         Config::parse(text, &secrets()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_toml_error_names_the_place_but_never_quotes_the_line() {
+        let e = Config::parse("[server]\nlisten = \"a\"\ntoken = s3cr3t-value\n", &FakeSecrets(HashMap::new()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 3"), "{e}");
+        assert!(!e.contains("s3cr3t"), "{e}");
     }
 
     #[test]

@@ -316,15 +316,18 @@ impl Queue {
         self.in_tokens(client, own)
     }
 
-    /// `n` entries of `client`'s line, in tokens of the whole budget: with other clients
-    /// waiting, it gets `weight / total weight` of the tokens.
+    /// `n` entries of `client`'s line, in tokens of the whole budget: while they drain,
+    /// each other waiting client takes its weight's worth per token of this one's, up to
+    /// what it has queued.
     fn in_tokens(&self, client: ClientSlot, n: u32) -> u32 {
-        let own = self.fair.weight(client);
-        let others: u32 = self.lines.busy().filter(|(c, _)| *c != client).map(|(c, _)| self.fair.weight(c)).sum();
-        if others == 0 {
-            return n;
-        }
-        (u64::from(n) * u64::from(own + others)).div_ceil(u64::from(own)).min(u64::from(u32::MAX)) as u32
+        let own = u64::from(self.fair.weight(client));
+        let others: u64 = self
+            .lines
+            .busy()
+            .filter(|(c, _)| *c != client)
+            .map(|(c, line)| (u64::from(n) * u64::from(self.fair.weight(c))).div_ceil(own).min(line.len() as u64))
+            .sum();
+        (u64::from(n) + others).min(u64::from(u32::MAX)) as u32
     }
 
     /// How many tokens are spent ahead of the last batch `client`'s caller with
@@ -533,6 +536,7 @@ fn dispatch(groups: &mut Groups, id: BatchId, batch: OpenBatch, now: Instant, po
         requested,
         window: Window::of(batch.kind, batch.client, now, policy.upstream_timeout),
         outcome: batch.outcome,
+        dispatched: now,
     }
 }
 

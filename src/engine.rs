@@ -405,7 +405,7 @@ mod tests {
         let e = engine(1);
         let joined = join(&e, "g", &seqs(0..1), Instant::now() + 80 * MS, pace(Duration::ZERO)).unwrap();
 
-        // Less than the margin (10 ms, no call measured yet) before the deadline: no
+        // Less than the margin (25 ms, no call measured yet) before the deadline: no
         // answer could reach the caller in time.
         tokio::time::advance(75 * MS).await;
         let job = e.pop(Instant::now(), &hist(), true);
@@ -576,21 +576,18 @@ mod tests {
     async fn admission_counts_a_callers_own_line_by_its_share() {
         let (e, _) = two_clients(0);
         let now = Instant::now();
-        // Client 0 (weight 3) floods: 30 batches due in 2 s, admitted while tokens came
-        // every 10 ms.
-        for i in 0..30 {
-            let g = group(&format!("flood-{i}"));
-            let deadline = now + 2 * S;
-            let ask = Ask {
-                group: &g,
-                page: None,
-                misses: &seqs(0..1),
-                fetched_since: None,
-                deadline,
-                client: ClientSlot(0),
-            };
-            e.join(ask, pace(10 * MS)).unwrap();
-        }
+        // Admitted while tokens came every 10 ms: client 0 (weight 3) floods, 30 batches
+        // due in 2 s; client 1 has 5.
+        let queue = |client: ClientSlot, n: usize| {
+            for i in 0..n {
+                let g = group(&format!("c{}-q{i}", client.0));
+                let deadline = now + 2 * S;
+                let ask = Ask { group: &g, page: None, misses: &seqs(0..1), fetched_since: None, deadline, client };
+                e.join(ask, pace(10 * MS)).unwrap();
+            }
+        };
+        queue(ClientSlot(0), 30);
+        queue(ClientSlot(1), 5);
         let slow = pace(100 * MS);
         let ask = |name: &str, client| {
             let g = group(name);
@@ -598,12 +595,13 @@ mod tests {
             e.join(Ask { group: &g, page: None, misses: &seqs(0..1), fetched_since: None, deadline, client }, slow)
         };
 
-        // Client 1 has nobody ahead in its line: served at its next turn.
+        // Client 1's caller: its 5, and client 0's 3 per one of them (15): 2 s at 10
+        // tokens a second, in time.
         assert!(ask("b", ClientSlot(1)).is_ok());
-        // Client 0's caller has its 30 ahead, served at 3/4 of 10 tokens a second with
-        // client 1 waiting: 4 s, past its 3.5 s (alone, 3 s would have been in time).
+        // Client 0's caller: its 30 and client 1's 6 (at most 10 while client 0 drains 30):
+        // 3.6 s, past its 3.5 s; alone, 3 s would have been in time.
         let refused = ask("a", ClientSlot(0)).unwrap_err();
-        assert_eq!(refused.retry_after, 4 * S + admission::MARGIN);
+        assert_eq!(refused.retry_after, 36 * 100 * MS + admission::MARGIN);
     }
 
     #[tokio::test(start_paused = true)]

@@ -30,7 +30,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// with the fleet tier, the call first takes what other replicas wait for, and its
 /// answer is shared with them last.
 pub async fn run(app: Arc<AppRuntime>, mut batch: Dispatch) {
-    let started = Instant::now();
+    // From the dispatcher's decision: the task's start is part of the delivery, and a
+    // `no-cache` caller counts the call as no later than this.
+    let started = batch.dispatched;
     if let Some(tier) = &app.fleet {
         take_wanted(&app, tier, &mut batch).await;
     }
@@ -65,14 +67,29 @@ async fn take_wanted(app: &AppRuntime, tier: &SharedTier, batch: &mut Dispatch) 
         return;
     }
     let room = app.engine.policy().max_seqs.saturating_sub(batch.seqs.len());
-    match tier.fleet.take(app.id, &batch.group, &batch.seqs, room, tier.lifetimes(), spare).await {
-        Ok(taken) => {
-            let extra: Vec<MsgSeq> = taken.into_iter().filter(|s| !batch.seqs.contains(s)).take(room).collect();
-            app.engine.carry(batch, &extra);
-            batch.seqs.extend(extra);
+    let (fleet, id, group, seqs, lifetimes) =
+        (tier.fleet.clone(), app.id, batch.group.clone(), batch.seqs.clone(), tier.lifetimes());
+    let mut take = tokio::spawn(async move { fleet.take(id, &group, &seqs, room, lifetimes).await });
+    let taken = match tokio::time::timeout(spare, &mut take).await {
+        Ok(Ok(Ok(taken))) => taken,
+        Ok(Ok(Err(e))) => return tracing::debug!(error = %e, "fleet: wanted MsgSeqs not taken"),
+        Ok(Err(_)) => return,
+        Err(_) => {
+            // The call leaves without them, but Redis may have run the script: whatever it
+            // took is claimed for this replica, so give it back when the answer comes.
+            let (fleet, id, group, own) = (tier.fleet.clone(), app.id, batch.group.clone(), batch.seqs.clone());
+            tokio::spawn(async move {
+                if let Ok(Ok(taken)) = take.await {
+                    let extra: Vec<MsgSeq> = taken.into_iter().filter(|s| !own.contains(s)).collect();
+                    fleet.release(id, &group, &extra, lifetimes).await;
+                }
+            });
+            return tracing::debug!("fleet: Redis too slow for this call's slack; wanted MsgSeqs left for the next");
         }
-        Err(e) => tracing::debug!(error = %e, "fleet: wanted MsgSeqs not taken"),
-    }
+    };
+    let extra: Vec<MsgSeq> = taken.into_iter().filter(|s| !batch.seqs.contains(s)).take(room).collect();
+    app.engine.carry(batch, &extra);
+    batch.seqs.extend(extra);
 }
 
 /// Puts the answers (`items` sorted by MsgSeq) in the cache, and a group-level 10010 /

@@ -91,7 +91,7 @@ pub struct Claim {
 pub enum FleetError {
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
-    #[error("redis did not answer in time (at most {} ms)", CALL_TIMEOUT.as_millis())]
+    #[error("redis did not answer within {} ms", CALL_TIMEOUT.as_millis())]
     Timeout,
     #[error("skipped after a recent failure")]
     Down,
@@ -165,8 +165,7 @@ impl Fleet {
     }
 
     /// Just before the leader's call for `group` leaves with `seqs`: renews their claims
-    /// and takes up to `room` MsgSeqs other replicas wait for, then of the fleet's cohort;
-    /// abandoned after `within` (at most [`CALL_TIMEOUT`]), the call's slack.
+    /// and takes up to `room` MsgSeqs other replicas wait for, then of the fleet's cohort.
     pub async fn take(
         &self,
         app: AppId,
@@ -174,7 +173,6 @@ impl Fleet {
         seqs: &[MsgSeq],
         room: usize,
         lifetimes: Lifetimes,
-        within: Duration,
     ) -> Result<Vec<MsgSeq>, FleetError> {
         let keys = self.keys(app, group);
         let mut call = self.scripts.take.prepare_invoke();
@@ -182,7 +180,7 @@ impl Fleet {
         call.arg(&self.me).arg(ms(lifetimes.ttl)).arg(ms(lifetimes.negative_ttl)).arg(ms(lifetimes.claim));
         call.arg(room).arg(ms(lifetimes.cohort_memory)).arg(lifetimes.neighbourhood);
         call.arg(seqs.iter().map(|s| s.0).collect::<Vec<_>>());
-        let taken: Vec<u64> = self.run_within(within, |mut c| async move { call.invoke_async(&mut c).await }).await?;
+        let taken: Vec<u64> = self.run(|mut c| async move { call.invoke_async(&mut c).await }).await?;
         Ok(taken.into_iter().map(MsgSeq).collect())
     }
 
@@ -329,15 +327,6 @@ impl Fleet {
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        self.run_within(CALL_TIMEOUT, call).await
-    }
-
-    /// [`run`](Self::run), abandoned after `within` (never more than [`CALL_TIMEOUT`]).
-    async fn run_within<T, F, Fut>(&self, within: Duration, call: F) -> Result<T, FleetError>
-    where
-        F: FnOnce(ConnectionManager) -> Fut,
-        Fut: std::future::Future<Output = redis::RedisResult<T>>,
-    {
         if self.down_until.lock().map(|d| d.is_some_and(|t| Instant::now() < t)).unwrap_or(false) {
             return Err(FleetError::Down);
         }
@@ -345,7 +334,7 @@ impl Fleet {
             let connection = self.connection().await?;
             call(connection).await
         };
-        match tokio::time::timeout(within.min(CALL_TIMEOUT), attempt).await {
+        match tokio::time::timeout(CALL_TIMEOUT, attempt).await {
             Err(_) => Err(FleetError::Timeout),
             Ok(Ok(value)) => {
                 if self.down_logged.swap(false, Ordering::Relaxed) {

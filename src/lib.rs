@@ -47,7 +47,8 @@
 //! [`simulator`] (a faithful Tencent stand-in for tests, demo and benchmarks) and
 //! [`demo`].
 //!
-//! [`run`] is what `main`, the demo and the tests call: it takes bound listeners and a
+//! [`run`] is what the demo and the tests call, and [`run_reloading`] (the same, with
+//! [`reload`] watching the file) what `main` calls: they take bound listeners and a
 //! shutdown future, so tests bind port 0 and decide when it stops.
 
 #![forbid(unsafe_code)]

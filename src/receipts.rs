@@ -7,6 +7,8 @@
 //! `Cache-Control`. Answers Tencent gives about a group or a MsgSeq (10010, an isolated
 //! 10004) are passed through as Tencent would: HTTP 200 with `ActionStatus` `FAIL`.
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -14,7 +16,7 @@ use tokio::time::Instant;
 use crate::admission;
 use crate::api::{ReceiptItem, ReceiptResponse};
 use crate::app::AppRuntime;
-use crate::batch::{Failure, Joined, Waiter};
+use crate::batch::{BatchOutcome, Failure, Joined, Waiter};
 use crate::cache::Cached;
 use crate::clients::ClientSlot;
 use crate::domain::{GroupId, MsgSeq, Receipt};
@@ -244,7 +246,8 @@ async fn wait(
             // about how long it took to arrive.
             let answered_meanwhile = w.borrow().is_some();
             let Ok(outcome) = w.wait_for(Option::is_some).await else { continue };
-            if let Some(outcome) = outcome.as_ref().filter(|o| o.first_call && !answered_meanwhile) {
+            let first = |o: &&Arc<BatchOutcome>| !o.sampled.swap(true, Ordering::Relaxed);
+            if let Some(outcome) = outcome.as_ref().filter(|o| o.first_call && !answered_meanwhile).filter(first) {
                 app.engine.estimates().observe_delivery(outcome.started.elapsed());
             }
         }

@@ -61,8 +61,6 @@ pub enum Outcome {
     Invalid(String),
     /// It changed what needs a restart: these keys.
     Refused(Vec<&'static str>),
-    /// The file is as it was.
-    Unchanged,
 }
 
 /// SIGHUP, caught from now on (before the gateway serves, so that a signal sent as soon
@@ -113,9 +111,6 @@ pub fn apply(gateway: &Gateway, metrics: &Metrics, running: &mut Config, new: Co
     if !refused.is_empty() {
         return Outcome::Refused(refused);
     }
-    if format!("{running:?}") == format!("{new:?}") {
-        return Outcome::Unchanged;
-    }
     // Every app shares the one cache; first, since it is the one part that may refuse.
     if let Some(app) = gateway.apps.values().next()
         && app.cache.set_lifetimes(&new.cache).is_err()
@@ -139,10 +134,6 @@ fn report(outcome: &Outcome, path: &std::path::Path, signalled: bool, metrics: &
     let result = match outcome {
         Outcome::Applied => {
             tracing::info!(%file, signalled, "configuration reloaded: clients, cache lifetimes, batch and budget applied");
-            "ok"
-        }
-        Outcome::Unchanged => {
-            tracing::info!(%file, signalled, "configuration reloaded: nothing a reload applies changed");
             "ok"
         }
         Outcome::Invalid(reason) => {
@@ -189,6 +180,12 @@ fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
         if !same(old, new) {
             changed.push(name);
         }
+    }
+    // Secrets print redacted: compared as they are (tokens need no check, a reload
+    // applies whatever the clients' now are).
+    let keys = |c: &Config| c.apps.iter().map(|a| a.secret.expose().to_owned()).collect::<Vec<_>>();
+    if keys(running) != keys(new) && !changed.contains(&"apps") {
+        changed.push("apps (a secret key)");
     }
     changed
 }

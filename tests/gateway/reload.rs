@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 
-use crate::fleet::{Fixture, Replica, metric, post, until_metric};
+use crate::fleet::{Fixture, Replica, metric, post};
 use crate::support::{body, heavy, within};
 
 /// Two clients and a budget of 40 calls a second; `weight` for `checkout`.
@@ -28,11 +28,29 @@ fn calls_for(client: &str) -> String {
     )
 }
 
-/// Rewrites `replica`'s file with `sections` in place of the ones it started with.
+/// Rewrites `replica`'s file with `to` in place of `from`.
 fn rewrite(replica: &Replica, from: &str, to: &str) {
     let text = std::fs::read_to_string(&replica.config).expect("config readable");
     assert!(text.contains(from), "the file holds what is replaced");
-    std::fs::write(&replica.config, text.replacen(from, to, 1)).expect("config writable");
+    write(replica, &text.replacen(from, to, 1));
+}
+
+/// Replaces `replica`'s file at once (a rename), so that the gateway's watcher never
+/// reads it half written.
+fn write(replica: &Replica, text: &str) {
+    let next = replica.config.with_extension("next");
+    std::fs::write(&next, text).expect("config writable");
+    std::fs::rename(&next, &replica.config).expect("config replaced");
+}
+
+/// Waits until `sample` reads at least `value`.
+async fn until_at_least(f: &Fixture, replica: &Replica, sample: &str, value: f64) {
+    within(async {
+        while metric(&f.client, replica, sample).await < value {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
 }
 
 /// Both clients send `per_second` requests a second each, for `seconds`, every one for a
@@ -85,10 +103,21 @@ async fn sighup_applies_a_new_weight_under_load_without_a_failed_request() {
     let reload = async {
         tokio::time::sleep(Duration::from_millis(200)).await;
         replica.hangup();
-        until_metric(&f, &replica, &reloads("ok"), 1.0).await;
+        // The file's watcher may have applied it first; then the signal reloads it again.
+        until_at_least(&f, &replica, &reloads("ok"), 1.0).await;
         split(&f, &replica, (0.0, 0.0)).await
     };
     let (weighted, at_reload) = tokio::join!(load, reload);
+    let signalled = || {
+        let log = replica.log.lock().unwrap_or_else(|p| p.into_inner());
+        log.iter().any(|l| l.contains("configuration reloaded") && l.contains("\"signalled\":true"))
+    };
+    within(async {
+        while !signalled() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
 
     let (a, b) = split(&f, &replica, at_reload).await;
     assert!((2.4..=3.6).contains(&(a / b)), "after the reload, weights 3 : 1 split {a} : {b}");
@@ -111,18 +140,21 @@ async fn an_invalid_or_restart_only_change_keeps_the_running_configuration() {
 
     // Not TOML: logged, counted, nothing changes.
     let good = std::fs::read_to_string(&replica.config).expect("config readable");
-    std::fs::write(&replica.config, "[[clients]\nid = ").expect("config writable");
+    write(&replica, "[[clients]\nid = ");
     replica.hangup();
-    until_metric(&f, &replica, &reloads("invalid"), 1.0).await;
+    until_at_least(&f, &replica, &reloads("invalid"), 1.0).await;
     assert_eq!(ask("nightly").await, StatusCode::OK);
 
     // A quota for nightly, with a cache size change that needs a restart: refused as a
     // whole.
-    std::fs::write(&replica.config, &good).expect("config writable");
-    rewrite(&replica, quota, &format!("{quota}requests_per_second = 1\n"));
-    rewrite(&replica, "ttl_ms = 60000", "ttl_ms = 60000\nmax_entries = 5000");
+    let refused_text = good.replacen(quota, &format!("{quota}requests_per_second = 1\n"), 1).replacen(
+        "ttl_ms = 60000",
+        "ttl_ms = 60000\nmax_entries = 5000",
+        1,
+    );
+    write(&replica, &refused_text);
     replica.hangup();
-    until_metric(&f, &replica, &reloads("refused"), 1.0).await;
+    until_at_least(&f, &replica, &reloads("refused"), 1.0).await;
     let refused = [ask("nightly").await, ask("nightly").await];
     assert_eq!(refused, [StatusCode::OK; 2], "the quota did not apply");
     let logged = replica.log.lock().unwrap_or_else(|p| p.into_inner()).join("\n");
@@ -131,9 +163,13 @@ async fn an_invalid_or_restart_only_change_keeps_the_running_configuration() {
     // The quota with a shorter TTL and a lower budget, picked up from the file's change
     // without a signal.
     let calls = f.sim.call_count();
-    rewrite(&replica, "ttl_ms = 60000\nmax_entries = 5000", "ttl_ms = 1");
-    rewrite(&replica, "per_second = 40", "per_second = 30");
-    until_metric(&f, &replica, &reloads("ok"), 1.0).await;
+    let applied = refused_text.replacen("ttl_ms = 60000\nmax_entries = 5000", "ttl_ms = 1", 1).replacen(
+        "per_second = 40",
+        "per_second = 30",
+        1,
+    );
+    write(&replica, &applied);
+    until_at_least(&f, &replica, &reloads("ok"), 1.0).await;
     let statuses = [ask("nightly").await, ask("nightly").await, ask("nightly").await];
     assert!(statuses.contains(&StatusCode::TOO_MANY_REQUESTS), "the quota of 1 a second applies: {statuses:?}");
     assert_eq!(ask("checkout").await, StatusCode::OK);
