@@ -100,9 +100,58 @@ impl SharedLifetimes {
     }
 }
 
-/// A reload asked for lifetimes longer than the cache can keep without a restart.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LongerThanAtStart;
+/// How long moka keeps an entry after its last write, by the lifetimes at that write (so
+/// that a reload applies from each entry's next write): a page outlives its newest item's
+/// stale window and no longer; a group answer, the negative TTL.
+struct KeepFor(Arc<SharedLifetimes>);
+
+impl KeepFor {
+    fn page(&self) -> Duration {
+        let l = self.0.get();
+        l.ttl.max(l.negative_ttl) + l.stale
+    }
+
+    fn group(&self) -> Duration {
+        self.0.get().negative_ttl.max(Duration::from_millis(1))
+    }
+}
+
+impl moka::Expiry<(AppId, GroupId), Arc<Page>> for KeepFor {
+    fn expire_after_create(&self, _: &(AppId, GroupId), _: &Arc<Page>, _: std::time::Instant) -> Option<Duration> {
+        Some(self.page())
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &(AppId, GroupId),
+        _: &Arc<Page>,
+        _: std::time::Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(self.page())
+    }
+}
+
+impl moka::Expiry<(AppId, GroupId), Arc<GroupAnswer>> for KeepFor {
+    fn expire_after_create(
+        &self,
+        _: &(AppId, GroupId),
+        _: &Arc<GroupAnswer>,
+        _: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(self.group())
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &(AppId, GroupId),
+        _: &Arc<GroupAnswer>,
+        _: std::time::Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(self.group())
+    }
+}
 
 /// The pages read since the fleet tier last shared their reads: with several replicas,
 /// a group's cohort is what *any* replica read (SPEC 5.6), and reads never touch Redis
@@ -220,42 +269,29 @@ pub struct ReceiptCache {
     log: Option<Arc<ReadLog>>,
     groups: Cache<(AppId, GroupId), Arc<GroupAnswer>>,
     lifetimes: Arc<SharedLifetimes>,
-    /// What moka keeps pages and group answers for, fixed at start: a reload may shorten
-    /// lifetimes within these, not lengthen them past.
-    page_bound: Duration,
-    group_bound: Duration,
 }
 
 impl ReceiptCache {
     pub fn new(config: &CacheConfig) -> Self {
         let lifetimes = Arc::new(SharedLifetimes::default());
         lifetimes.set(Lifetimes { ttl: config.ttl, negative_ttl: config.negative_ttl, stale: config.stale });
-        let page_bound = config.ttl.max(config.negative_ttl) + config.stale;
-        let group_bound = config.negative_ttl.max(Duration::from_millis(1));
         let pages = Cache::builder()
             .max_capacity(config.max_entries)
             // A page weighs its items (at its last fill), so capacity counts items.
             .weigher(|_, page: &Arc<Page>| page.len().try_into().unwrap_or(u32::MAX).max(1))
             // Every fill re-inserts its page, so a page outlives its newest item's
             // stale window and no longer.
-            .time_to_live(page_bound)
+            .expire_after(KeepFor(lifetimes.clone()))
             .build();
-        let groups = Cache::builder().max_capacity(100_000).time_to_live(group_bound).build();
-        Self { pages, groups, lifetimes, page_bound, group_bound, log: None }
+        let groups = Cache::builder().max_capacity(100_000).expire_after(KeepFor(lifetimes.clone())).build();
+        Self { pages, groups, lifetimes, log: None }
     }
 
     /// Reloaded lifetimes (SPEC 6.1): items are fresh and stale by them from now on,
-    /// whenever they were fetched. Refused when they would outlast what the cache was
-    /// built to keep (`ttl_ms`, `negative_ttl_ms` + `stale_ms` at start): that takes a
-    /// restart.
-    pub fn set_lifetimes(&self, config: &CacheConfig) -> Result<(), LongerThanAtStart> {
-        if config.ttl.max(config.negative_ttl) + config.stale > self.page_bound
-            || config.negative_ttl.max(Duration::from_millis(1)) > self.group_bound
-        {
-            return Err(LongerThanAtStart);
-        }
+    /// whenever they were fetched; a page is kept by them from its group's next fill
+    /// (until then, by the lifetimes of its last one).
+    pub fn set_lifetimes(&self, config: &CacheConfig) {
         self.lifetimes.set(Lifetimes { ttl: config.ttl, negative_ttl: config.negative_ttl, stale: config.stale });
-        Ok(())
     }
 
     /// Notes read pages in `log` (the fleet tier shares their reads).
@@ -372,18 +408,19 @@ mod tests {
     const NONE: Receipt = Receipt { code: ErrorCode::NO_RECEIPT, read: None, unread: None };
 
     #[tokio::test]
-    async fn reloaded_lifetimes_apply_to_cached_items_within_what_the_cache_keeps() {
+    async fn reloaded_lifetimes_apply_to_cached_items() {
         let cache = ReceiptCache::new(&config(1000, 60_000, 100));
         let t0 = Instant::now();
         cache.insert(APP, &group(), &[(MsgSeq(1), OK)], t0).await;
         let page = cache.page(APP, &group()).await.unwrap();
 
-        assert_eq!(cache.set_lifetimes(&config(500, 1000, 100)), Ok(()));
+        cache.set_lifetimes(&config(500, 1000, 100));
         let item = page.read(&[MsgSeq(1)], t0)[0].unwrap();
         assert!(!item.is_fresh(t0 + Duration::from_millis(500)), "the shorter TTL applies to an item cached before");
         assert!(page.read(&[MsgSeq(1)], t0 + Duration::from_millis(1500))[0].is_none(), "and the shorter stale window");
-        assert_eq!(cache.set_lifetimes(&config(1000, 61_000, 100)), Err(LongerThanAtStart));
-        assert_eq!(cache.set_lifetimes(&config(1000, 60_000, 200)), Err(LongerThanAtStart));
+        cache.set_lifetimes(&config(5000, 60_000, 100));
+        let item = page.read(&[MsgSeq(1)], t0)[0].unwrap();
+        assert!(item.is_fresh(t0 + Duration::from_millis(4999)), "a longer TTL too");
     }
 
     #[tokio::test]

@@ -7,7 +7,7 @@
 //!   `server.require_client_auth`; each client keeps its place in the engines' fair share
 //!   and its quota window;
 //! - the cache lifetimes (`ttl_ms`, `stale_ms`, `negative_ttl_ms`), to every item from
-//!   then on, as long as they do not outlast what the cache was built to keep at start;
+//!   then on (a page is kept by them from its group's next fill);
 //! - `[batch]` (batches opened from then on) and `budget.per_second` /
 //!   `fallback_per_second` (from the next token).
 //!
@@ -111,11 +111,9 @@ pub fn apply(gateway: &Gateway, metrics: &Metrics, running: &mut Config, new: Co
     if !refused.is_empty() {
         return Outcome::Refused(refused);
     }
-    // Every app shares the one cache; first, since it is the one part that may refuse.
-    if let Some(app) = gateway.apps.values().next()
-        && app.cache.set_lifetimes(&new.cache).is_err()
-    {
-        return Outcome::Refused(vec!["cache lifetimes longer than at start (ttl_ms or negative_ttl_ms, + stale_ms)"]);
+    // Every app shares the one cache.
+    if let Some(app) = gateway.apps.values().next() {
+        app.cache.set_lifetimes(&new.cache);
     }
     let clients = gateway.clients.current().reload(&new);
     // The engines learn the new shares first, so a request of a new client finds its
