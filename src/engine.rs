@@ -515,12 +515,19 @@ mod tests {
         let deadline = Instant::now() + 100 * S;
         for i in 0..n {
             for client in [ClientSlot(0), ClientSlot(1)] {
-                let g = group(&format!("c{}-{i}", client.0));
-                let ask = Ask { group: &g, page: None, misses: &seqs(0..1), fetched_since: None, deadline, client };
-                e.join(ask, pace(Duration::ZERO)).unwrap();
+                queue_for(&e, client, i..i + 1, deadline, pace(Duration::ZERO));
             }
         }
         (e, deadline)
+    }
+
+    /// Joins one miss of each group `c<client>-<i>` for `i` in `range`, as `client`.
+    fn queue_for(e: &Engine, client: ClientSlot, range: std::ops::Range<usize>, deadline: Instant, pace: Estimate) {
+        for i in range {
+            let g = group(&format!("c{}-{i}", client.0));
+            let ask = Ask { group: &g, page: None, misses: &seqs(0..1), fetched_since: None, deadline, client };
+            e.join(ask, pace).unwrap();
+        }
     }
 
     /// Pops `n` batches and counts them by the client whose group they carry.
@@ -542,32 +549,10 @@ mod tests {
 
         // Client 0 alone for a while: client 1 does not come back with credit saved up.
         let (e, deadline) = two_clients(0);
-        for i in 0..40 {
-            let g = group(&format!("c0-{i}"));
-            let ask = Ask {
-                group: &g,
-                page: None,
-                misses: &seqs(0..1),
-                fetched_since: None,
-                deadline,
-                client: ClientSlot(0),
-            };
-            e.join(ask, pace(Duration::ZERO)).unwrap();
-        }
+        queue_for(&e, ClientSlot(0), 0..40, deadline, pace(Duration::ZERO));
         tokio::time::advance(5 * MS).await;
         assert_eq!(pop_clients(&e, 20), [20, 0], "work conserving: the only client gets every token");
-        for i in 0..20 {
-            let g = group(&format!("c1-{i}"));
-            let ask = Ask {
-                group: &g,
-                page: None,
-                misses: &seqs(0..1),
-                fetched_since: None,
-                deadline,
-                client: ClientSlot(1),
-            };
-            e.join(ask, pace(Duration::ZERO)).unwrap();
-        }
+        queue_for(&e, ClientSlot(1), 0..20, deadline, pace(Duration::ZERO));
         tokio::time::advance(5 * MS).await;
         assert_eq!(pop_clients(&e, 8), [6, 2], "3 : 1 again at once, not 0 : 8");
     }
@@ -578,16 +563,8 @@ mod tests {
         let now = Instant::now();
         // Admitted while tokens came every 10 ms: client 0 (weight 3) floods, 30 batches
         // due in 2 s; client 1 has 5.
-        let queue = |client: ClientSlot, n: usize| {
-            for i in 0..n {
-                let g = group(&format!("c{}-q{i}", client.0));
-                let deadline = now + 2 * S;
-                let ask = Ask { group: &g, page: None, misses: &seqs(0..1), fetched_since: None, deadline, client };
-                e.join(ask, pace(10 * MS)).unwrap();
-            }
-        };
-        queue(ClientSlot(0), 30);
-        queue(ClientSlot(1), 5);
+        queue_for(&e, ClientSlot(0), 0..30, now + 2 * S, pace(10 * MS));
+        queue_for(&e, ClientSlot(1), 0..5, now + 2 * S, pace(10 * MS));
         let slow = pace(100 * MS);
         let ask = |name: &str, client| {
             let g = group(name);
