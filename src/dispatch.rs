@@ -5,7 +5,7 @@
 //! work, by the earliest deadline it serves, and one for background batches, by expiry.
 //! The dispatcher takes one token from the [`Budget`] at a time and spends it on the
 //! client the weighted fair share picks (start-time fair queuing over the clients with
-//! work waiting; see [`Fair`]), on that client's most urgent ready work; background
+//! work waiting; see `Fair`), on that client's most urgent ready work; background
 //! batches only when no caller's work waits. A batch belongs to the client of its most
 //! urgent caller, and serves every caller in it. When a batch leaves, it is topped up
 //! with its group's cohort: cached messages read lately that expire within half a TTL,
