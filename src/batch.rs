@@ -205,8 +205,9 @@ pub struct OpenBatch {
     /// When it becomes ready: `window` after opening, or when it filled up.
     pub ready_at: Instant,
     pub kind: BatchKind,
-    /// The client whose share pays for it: its most urgent caller's (the client whose
-    /// refused caller opened a background batch, until a caller joins).
+    /// The client whose share pays for it and in whose line it waits: among its callers'
+    /// clients, the one whose line serves it first (the client whose refused caller
+    /// opened a background batch, until a caller joins).
     pub client: ClientSlot,
     pub outcome: Outcome,
 }

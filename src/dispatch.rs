@@ -6,8 +6,9 @@
 //! The dispatcher takes one token from the [`Budget`] at a time and spends it on the
 //! client the weighted fair share picks (start-time fair queuing over the clients with
 //! work waiting; see `Fair`), on that client's most urgent ready work; background
-//! batches only when no caller's work waits. A batch belongs to the client of its most
-//! urgent caller, and serves every caller in it. When a batch leaves, it is topped up
+//! batches only when no caller's work waits. A batch several clients' callers share waits
+//! in the line of whichever of them serves it first, and serves every caller in it; that
+//! client pays. When a batch leaves, it is topped up
 //! with its group's cohort: cached messages read lately that expire within half a TTL,
 //! so the group refreshes in one call per TTL.
 //!
@@ -272,12 +273,13 @@ impl Queue {
     }
 
     /// `client`'s caller with `deadline` waits for batch `id` (if it is still open): its
-    /// deadlines widen, and it moves up the queue if it became more urgent — into the
-    /// line of the client whose caller is now its most urgent.
+    /// deadlines widen, it moves up the queue if it became more urgent, and into the
+    /// joining client's line if that one serves it first ([`Queue::joined`]).
     pub fn add_caller(&mut self, id: BatchId, deadline: Instant, client: ClientSlot) {
+        let Some((kind, owner)) = self.batches.get(&id).map(|b| (b.kind, b.client)) else { return };
+        let before = Entry::of_batch(id, kind, owner);
+        let (kind, owner) = self.joined(id, kind, owner, deadline, client);
         let Some(batch) = self.batches.get_mut(&id) else { return };
-        let before = Entry::of_batch(id, batch.kind, batch.client);
-        let (kind, owner) = joined(batch.kind, batch.client, deadline, client);
         (batch.kind, batch.client) = (kind, owner);
         let after = Entry::of_batch(id, kind, owner);
         if before != after {
@@ -344,7 +346,7 @@ impl Queue {
     ) -> Option<u32> {
         let place = |id: BatchId| {
             self.batches.get(&id).map(|b| {
-                let (kind, owner) = joined(b.kind, b.client, deadline, client);
+                let (kind, owner) = self.joined(id, b.kind, b.client, deadline, client);
                 Entry::of_batch(id, kind, owner)
             })
         };
@@ -506,18 +508,34 @@ impl Queue {
     pub fn sizes(&self) -> (usize, usize) {
         (self.batches.len(), self.permits.len())
     }
-}
 
-/// A batch of `kind` paid by `owner`, once `client`'s caller with `deadline` joins it: it
-/// moves to the joining client's line if that caller is now its most urgent (or it was a
-/// background batch, which no caller's client paid for).
-fn joined(kind: BatchKind, owner: ClientSlot, deadline: Instant, client: ClientSlot) -> (BatchKind, ClientSlot) {
-    let after = kind.with_caller(deadline);
-    let takes_over = match kind {
-        BatchKind::Background { .. } => true,
-        BatchKind::Callers { earliest, .. } => deadline < earliest,
-    };
-    (after, if takes_over { client } else { owner })
+    /// Batch `id` of `kind`, in `owner`'s line, once `client`'s caller with `deadline`
+    /// joins it: its kind, and the line it belongs in — the joining client's if that line
+    /// would spend fewer tokens before it (so a modest client never waits behind a
+    /// heavier client's queue for a batch it shares), and always for a background batch,
+    /// which no caller's client paid for. The client whose line it leaves from pays.
+    fn joined(
+        &self,
+        id: BatchId,
+        kind: BatchKind,
+        owner: ClientSlot,
+        deadline: Instant,
+        client: ClientSlot,
+    ) -> (BatchKind, ClientSlot) {
+        let after = kind.with_caller(deadline);
+        if matches!(kind, BatchKind::Background { .. }) {
+            return (after, client);
+        }
+        if client == owner {
+            return (after, owner);
+        }
+        let spot = Entry::of_batch(id, after, owner).spot;
+        let tokens_before = |c: ClientSlot| {
+            let ahead = self.lines.line(c).map_or(0, |line| line.range(..spot).count());
+            self.in_tokens(c, ahead as u32)
+        };
+        (after, if tokens_before(client) < tokens_before(owner) { client } else { owner })
+    }
 }
 
 /// A batch leaving the queue: detached from its group's open list and topped up with

@@ -558,6 +558,30 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_batch_two_clients_share_waits_in_the_line_that_serves_it_first() {
+        let (e, deadline) = two_clients(0);
+        // Client 0 (weight 3) has 30 batches due before the shared group's.
+        queue_for(&e, ClientSlot(0), 0..30, deadline, pace(Duration::ZERO));
+        let g = group("shared");
+        let later = deadline + S;
+        for (client, at) in [(ClientSlot(0), later), (ClientSlot(1), later + S)] {
+            let ask = Ask { group: &g, page: None, misses: &seqs(0..1), fetched_since: None, deadline: at, client };
+            e.join(ask, pace(Duration::ZERO)).unwrap();
+        }
+        tokio::time::advance(5 * MS).await;
+
+        let order: Vec<String> = (0..2)
+            .map(|_| match e.pop(Instant::now(), &hist(), true) {
+                Some(Job::Batch(d)) => d.group.to_string(),
+                _ => String::new(),
+            })
+            .collect();
+
+        // Client 1's empty line serves it at client 1's first turn, not after client 0's 30.
+        assert_eq!(order, ["c0-0", "shared"]);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn admission_counts_a_callers_own_line_by_its_share() {
         let (e, _) = two_clients(0);
         let now = Instant::now();
