@@ -103,53 +103,39 @@ impl SharedLifetimes {
 /// How long moka keeps an entry after its last write, by the lifetimes at that write (so
 /// that a reload applies from each entry's next write): a page outlives its newest item's
 /// stale window and no longer; a group answer, the negative TTL.
-struct KeepFor(Arc<SharedLifetimes>);
+struct KeepFor {
+    lifetimes: Arc<SharedLifetimes>,
+    /// Which of them: a page's, or a group answer's.
+    of: fn(Lifetimes) -> Duration,
+}
 
 impl KeepFor {
-    fn page(&self) -> Duration {
-        let l = self.0.get();
-        l.ttl.max(l.negative_ttl) + l.stale
+    fn pages(lifetimes: &Arc<SharedLifetimes>) -> Self {
+        Self { lifetimes: lifetimes.clone(), of: |l| l.ttl.max(l.negative_ttl) + l.stale }
     }
 
-    fn group(&self) -> Duration {
-        self.0.get().negative_ttl.max(Duration::from_millis(1))
+    fn group_answers(lifetimes: &Arc<SharedLifetimes>) -> Self {
+        Self { lifetimes: lifetimes.clone(), of: |l| l.negative_ttl.max(Duration::from_millis(1)) }
+    }
+
+    fn now(&self) -> Option<Duration> {
+        Some((self.of)(self.lifetimes.get()))
     }
 }
 
-impl moka::Expiry<(AppId, GroupId), Arc<Page>> for KeepFor {
-    fn expire_after_create(&self, _: &(AppId, GroupId), _: &Arc<Page>, _: std::time::Instant) -> Option<Duration> {
-        Some(self.page())
+impl<V> moka::Expiry<(AppId, GroupId), V> for KeepFor {
+    fn expire_after_create(&self, _: &(AppId, GroupId), _: &V, _: std::time::Instant) -> Option<Duration> {
+        self.now()
     }
 
     fn expire_after_update(
         &self,
         _: &(AppId, GroupId),
-        _: &Arc<Page>,
+        _: &V,
         _: std::time::Instant,
         _: Option<Duration>,
     ) -> Option<Duration> {
-        Some(self.page())
-    }
-}
-
-impl moka::Expiry<(AppId, GroupId), Arc<GroupAnswer>> for KeepFor {
-    fn expire_after_create(
-        &self,
-        _: &(AppId, GroupId),
-        _: &Arc<GroupAnswer>,
-        _: std::time::Instant,
-    ) -> Option<Duration> {
-        Some(self.group())
-    }
-
-    fn expire_after_update(
-        &self,
-        _: &(AppId, GroupId),
-        _: &Arc<GroupAnswer>,
-        _: std::time::Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(self.group())
+        self.now()
     }
 }
 
@@ -281,9 +267,9 @@ impl ReceiptCache {
             .weigher(|_, page: &Arc<Page>| page.len().try_into().unwrap_or(u32::MAX).max(1))
             // Every fill re-inserts its page, so a page outlives its newest item's
             // stale window and no longer.
-            .expire_after(KeepFor(lifetimes.clone()))
+            .expire_after(KeepFor::pages(&lifetimes))
             .build();
-        let groups = Cache::builder().max_capacity(100_000).expire_after(KeepFor(lifetimes.clone())).build();
+        let groups = Cache::builder().max_capacity(100_000).expire_after(KeepFor::group_answers(&lifetimes)).build();
         Self { pages, groups, lifetimes, log: None }
     }
 
