@@ -243,7 +243,7 @@ async fn a_burst_of_1000_groups_stays_within_the_budget_and_nobody_hangs() {
     let ok = answers.iter().filter(|(s, _, _)| *s == StatusCode::OK).count();
     let refused = answers.iter().filter(|(s, r, _)| *s == StatusCode::TOO_MANY_REQUESTS && *r).count();
     assert_eq!(ok + refused, 1000, "only 200 or 429 with Retry-After: {:?}", summary(&answers));
-    // About 390 fit in two seconds at 195/s; admission is conservative when the machine
+    // About 390 fit in two seconds at 194/s; admission is conservative when the machine
     // is busy — it plans with the drain rate it observes, and a debug build taking in a
     // thousand requests on two cores hands out tokens 40 ms apart for a while (measured:
     // 70 answered while another build ran) — so the bound is loose: it only shows the
