@@ -14,6 +14,9 @@ use crate::domain::{GroupId, MsgSeq, Receipt};
 /// The path of the receipt call, on Tencent and on the gateway alike.
 pub const RECEIPT_PATH: &str = "/v4/group_open_http_svc/get_group_msg_receipt";
 
+/// The path of the detail call ("who has read"), on Tencent and on the gateway alike.
+pub const DETAIL_PATH: &str = "/v4/group_open_http_svc/get_group_msg_receipt_detail";
+
 /// A validated receipt query: one group, the MsgSeqs in the caller's order (duplicates
 /// kept, because the answer repeats them).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -59,6 +59,7 @@ pub mod api;
 pub mod app;
 pub mod batch;
 pub mod budget;
+pub mod callback;
 pub mod cache;
 pub mod clients;
 pub mod code;
