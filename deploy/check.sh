@@ -4,10 +4,13 @@
 #   YAML      every *.yaml parses                                  (python3 + PyYAML)
 #   TOML      the cluster configs parse and use only SPEC 6.2 keys (python3 >= 3.11 tomllib),
 #             and are what deploy/sync-config.py makes of config/receipt-gateway.toml
-#   reload    each variable the configs name has a secretKeyRef env entry, an example Secret
+#   reload    each variable the configs name has a (non-optional) secretKeyRef env entry, an example Secret
 #             and the Reloader annotation; the ConfigMap is a directory mount with a fixed name
 #   JSON      the Grafana dashboard parses, and its PromQL too     (python3, promtool)
-#   kustomize base and overlays/redis render                      (kubectl kustomize or kustomize)
+#   kustomize base and overlays/redis render, alone and with components/callback-*
+#                                                                  (kubectl kustomize or kustomize)
+#   callbacks the public route exposes exactly POST /callback over TLS, nothing else is
+#             exposed, and the tee's egress component targets a TCP port
 #   schemas   rendered objects against Kubernetes' OpenAPI schemas (kubernetes-validate, PyPI)
 #   operator  ServiceMonitor / PrometheusRule against the operator's CRD models
 #                                                                  (PyPI cloudcoil-models-prometheus-operator)
@@ -185,8 +188,14 @@ for toml in sorted(k8s.rglob("receipt-gateway.toml")):
     names = [a[k] for a in cfg.get("apps", []) for k in ("secret_key_env", "callback_token_env") if k in a]
     names += [cl["token_env"] for cl in cfg.get("clients", []) if "token_env" in cl]
     missing = [n for n in names if n not in refs]
-    check(not missing, f"env: {toml.relative_to(repo)}: every secret_key_env / token_env has a secretKeyRef env entry"
-          + (f" (missing: {', '.join(missing)})" if missing else ""))
+    # optional: true would start a pod without the variable, which the config requires
+    # (exit 64 in a crash loop instead of a clear CreateContainerConfigError).
+    optional = [n for n in names if n in refs and refs[n].get("optional")]
+    check(not missing and not optional,
+          f"env: {toml.relative_to(repo)}: every secret_key_env / callback_token_env / token_env has a "
+          "secretKeyRef env entry, not optional"
+          + (f" (missing: {', '.join(missing)})" if missing else "")
+          + (f" (optional: {', '.join(optional)})" if optional else ""))
 # 2. each Secret the Deployment reads has an example (name and key), and Reloader watches it
 examples = {}
 for f in sorted((k8s / "base").glob("secret*.example.yaml")):
@@ -239,6 +248,27 @@ if [ ${#kbuild[@]} -gt 0 ]; then
     else
       fail "kustomize $k"
     fi
+    # The optional callback components (README "Callbacks") on top of each, as an
+    # operator's overlay would add them. kustomize wants relative paths.
+    combo="$tmp/combo-$(echo "$k" | tr / _)"
+    mkdir -p "$combo"
+    rel="$(python3 -c 'import os, sys; print(os.path.relpath(sys.argv[1], sys.argv[2]))' "$here/kubernetes" "$combo")"
+    cat > "$combo/kustomization.yaml" <<YAML
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+namespace: receipt-gateway
+resources:
+  - $rel/$k
+components:
+  - $rel/components/callback-ingress
+  - $rel/components/callback-forward
+YAML
+    out="$tmp/$(echo "$k" | tr / _)_callbacks.yaml"
+    if "${kbuild[@]}" "$combo" > "$out"; then
+      pass "kustomize $k + components/callback-ingress, callback-forward ($(grep -c '^kind:' "$out") objects)"
+    else
+      fail "kustomize $k + components/callback-ingress, callback-forward"
+    fi
   done
 else
   skip "kustomize: neither kustomize nor kubectl installed"
@@ -246,7 +276,7 @@ fi
 
 # ---- Kubernetes schemas (the Prometheus Operator kinds are not in them: checked below)
 if have kubernetes-validate && ls "$tmp"/*.yaml >/dev/null 2>&1; then
-  for f in "$tmp"/base.yaml "$tmp"/overlays_redis.yaml; do
+  for f in "$tmp"/base.yaml "$tmp"/overlays_redis.yaml "$tmp"/base_callbacks.yaml "$tmp"/overlays_redis_callbacks.yaml; do
     [ -f "$f" ] || continue
     for v in 1.30.0 1.37.0; do
       if kubernetes-validate --strict --quiet --no-warn -k "$v" "$f"; then
@@ -259,6 +289,87 @@ if have kubernetes-validate && ls "$tmp"/*.yaml >/dev/null 2>&1; then
 else
   skip "schemas: kubernetes-validate not installed (pip install kubernetes-validate) or nothing rendered"
 fi
+
+# ---- the public callback route (README "Callbacks"): Tencent must reach POST /callback
+#      from the internet, and nothing else of the gateway may be reachable from there
+python3 - "$repo" "$tmp" <<'PY' || failed=1
+import sys, pathlib
+try:
+    import yaml
+except ModuleNotFoundError:
+    print("SKIP: callbacks: no PyYAML"); sys.exit(0)
+repo, tmp = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+bad = 0
+def check(ok, what):
+    global bad
+    print(f"{'PASS' if ok else 'FAIL'}: {what}")
+    bad |= not ok
+def routes(docs):
+    return [d for d in docs if d and d.get("kind") in ("Ingress", "HTTPRoute")]
+def problems(d):
+    """Why this route exposes more than POST /callback over TLS to the gateway's data port."""
+    p, spec = [], d.get("spec", {})
+    if d["kind"] == "Ingress":
+        if "defaultBackend" in spec:
+            p.append("has a defaultBackend")
+        hosts = [r.get("host") for r in spec.get("rules", [])]
+        tls_hosts = {h for t in spec.get("tls", []) for h in t.get("hosts", [])}
+        if not hosts or None in hosts or not set(hosts) <= tls_hosts:
+            p.append("every rule needs a host listed under spec.tls")
+        for r in spec.get("rules", []):
+            for path in r.get("http", {}).get("paths", []):
+                svc = path.get("backend", {}).get("service", {})
+                if (path.get("path"), path.get("pathType")) != ("/callback", "Exact"):
+                    p.append(f"path {path.get('path')!r} ({path.get('pathType')}) is not exactly /callback")
+                if svc.get("name") != "receipt-gateway" or svc.get("port") not in ({"name": "http"}, {"number": 8080}):
+                    p.append(f"backend {svc} is not the Service receipt-gateway, port http")
+    else:
+        if not spec.get("hostnames") or not all(r.get("sectionName") for r in spec.get("parentRefs", [{}])):
+            p.append("needs hostnames and a parentRef sectionName (the HTTPS listener)")
+        for rule in spec.get("rules", []):
+            matches = rule.get("matches") or [{}]
+            for m in matches:
+                if m.get("path") != {"type": "Exact", "value": "/callback"}:
+                    p.append(f"match {m} is not exactly /callback")
+            for b in rule.get("backendRefs", []):
+                if b.get("name") != "receipt-gateway" or b.get("port") != 8080 or b.get("kind", "Service") != "Service":
+                    p.append(f"backendRef {b} is not the Service receipt-gateway, port 8080")
+    return p
+# 1. the component's manifests, the used one and the alternative
+comp = repo / "deploy/kubernetes/components/callback-ingress"
+found = []
+for f in sorted(comp.glob("*.yaml")):
+    if f.name == "kustomization.yaml":
+        continue
+    for d in routes(yaml.safe_load_all(f.read_text())):
+        found.append(d["kind"])
+        p = problems(d)
+        check(not p, f"callbacks: {f.relative_to(repo)} {d['kind']} exposes exactly /callback over TLS"
+              + (f" ({'; '.join(p)})" if p else ""))
+check({"Ingress", "HTTPRoute"} <= set(found), "callbacks: components/callback-ingress has an Ingress and an HTTPRoute")
+# 2. what is rendered: the base and the overlay expose nothing; with the components, only
+#    that route, and the Service stays internal
+for name in ("base", "overlays_redis", "base_callbacks", "overlays_redis_callbacks"):
+    f = tmp / f"{name}.yaml"
+    if not f.exists():
+        continue
+    docs = list(yaml.safe_load_all(f.read_text()))
+    rs = routes(docs)
+    svcs = [d for d in docs if d and d["kind"] == "Service" and d["metadata"]["name"] == "receipt-gateway"]
+    internal = all(s["spec"].get("type", "ClusterIP") == "ClusterIP" for s in svcs)
+    if name.endswith("_callbacks"):
+        p = [x for d in rs for x in problems(d)]
+        check(len(rs) == 1 and not p and internal,
+              f"callbacks: {name}: one public route, exactly /callback; Service ClusterIP" + (f" ({'; '.join(p)})" if p else ""))
+        nps = [d for d in docs if d and d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "receipt-gateway-callback-forward"]
+        ok = len(nps) == 1 and all(pt.get("protocol", "TCP") == "TCP" and "port" in pt
+                                   for e in nps[0]["spec"].get("egress", []) for pt in e.get("ports", [])) \
+             and nps[0]["spec"].get("policyTypes") == ["Egress"]
+        check(ok, f"callbacks: {name}: callback-forward adds an egress-only NetworkPolicy with TCP ports")
+    else:
+        check(not rs and internal, f"callbacks: {name}: no Ingress / HTTPRoute, Service ClusterIP (the data API stays internal)")
+sys.exit(bad)
+PY
 
 # ---- Prometheus Operator objects (typed models generated from the CRDs; a round trip that
 #      loses a field means the field is unknown to the CRD)

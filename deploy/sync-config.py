@@ -8,7 +8,10 @@ settings below changed, each change marked with a "cluster:" comment. So
 
     diff -u config/receipt-gateway.toml deploy/kubernetes/base/receipt-gateway.toml
 
-shows exactly what the cluster changes, and nothing drifts unnoticed.
+shows exactly what the cluster changes, and nothing drifts unnoticed. A cluster setting
+the reference does not show yet (a key of SPEC 6.2 it still lacks) is inserted after the
+key its "after" option names, and moves to the reference's own line, comments included,
+as soon as the reference has it (then rerun this script).
 
     python3 deploy/sync-config.py            # rewrite both files
     python3 deploy/sync-config.py --check    # exit 1 if either file is out of date
@@ -41,7 +44,15 @@ LOCAL_BUDGET = [
     "replicas or an HPA to this configuration; use overlays/redis for more replicas.",
 ]
 
-# (section, key) -> (value, comment lines put above the key, trailing comment)
+# (section, key) -> (value, comment lines put above the key, trailing comment[, options])
+# options:
+#   "after": (section, key) - where to insert the key when the reference does not have it
+#            (neither set nor commented out), so that the cluster files can show a key
+#            before the reference documents it; once the reference has it, its place wins.
+#   "commented": True - written commented out (an example to uncomment), e.g.
+#            "# key = value  # trailing"; a commented-out key of the reference is
+#            replaced, and a key the reference sets is commented out.
+# A key the reference only shows commented out ("# key = ...") is written set.
 COMMON = {
     ("server", "require_client_auth"): (
         False,
@@ -55,7 +66,57 @@ COMMON = {
     ("apps", "sdkappid"): (None, [], "example: replace with yours"),
     ("apps", "region"): (None, [], "example: replace with your app's data centre"),
     ("apps", "secret_key_env"): ("TENCENT_IM_SECRET_KEY", [], "cluster: from the Secret \"receipt-gateway-secret\""),
+    # Callbacks (SPEC 2.3, 5.1): the example app's callback URL points at the gateway,
+    # through components/callback-ingress or the company's callback router (README
+    # "Callbacks").
+    ("cache", "callback_ttl_ms"): (
+        10000,
+        ["cluster: items of apps with callbacks = true (pushed by Group.CallbackAfterReadReceipt,",
+         "or fetched) stay fresh this long instead of ttl_ms: every read is pushed, so this only",
+         "bounds how long a lost callback can leave a count behind. A reload applies it."],
+        "cluster",
+        {"after": ("cache", "negative_ttl_ms")},
+    ),
+    ("apps", "callback_token_env"): (
+        "TENCENT_IM_CALLBACK_TOKEN",
+        ["cluster: the callback authentication token of the app's callback configuration in",
+         "the Chat console: /callback refuses a missing or wrong Sign (401 / 60004). The same",
+         "value must be in the console and in the Secret."],
+        "cluster: from the Secret \"receipt-gateway-secret\"",
+        {"after": ("apps", "callbacks")},
+    ),
+    ("apps", "callback_forward_url"): (
+        "http://callback-router.callbacks.svc.cluster.local:8080/tencent",
+        ["cluster: tee. Uncomment when the gateway takes the app's one callback URL and the",
+         "company's own callback handler (this URL) must still get every callback: its answer",
+         "is relayed to Tencent (502 after callback_forward_timeout_ms, default 2000). The pods",
+         "need egress to it: components/callback-forward (README \"Callbacks\")."],
+        None,
+        {"after": ("apps", "callback_token_env"), "commented": True},
+    ),
 }
+
+# apps.callbacks = true makes items fetched for the app fresh for callback_ttl_ms: right
+# only where every replica sees every callback, i.e. one replica or fleet.backend = "redis".
+CALLBACKS_ON = (
+    True,
+    ["cluster: this app's callbacks reach POST /callback (Tencent's callback URL, or the",
+     "company's callback router, points at it) and, through the fleet tier, every replica,",
+     "so its items are fresh for cache.callback_ttl_ms. Set false if they do not: counts",
+     "would then lag by up to callback_ttl_ms. A change to [[apps]] takes a rollout restart."],
+    "cluster",
+    {"after": ("apps", "usersig_ttl_s")},
+)
+CALLBACKS_OFF = (
+    False,
+    ["cluster: false in the base although callbacks come in: its 2 replicas share no cache",
+     "(fleet.backend = \"none\"), so a callback reaches only the replica it landed on, and",
+     "with true the other would keep counts fetched up to callback_ttl_ms ago. Callbacks",
+     "still refresh the replica that takes them (and the tee works). true needs one replica,",
+     "or overlays/redis (fleet.backend = \"redis\")."],
+    "cluster",
+    {"after": ("apps", "usersig_ttl_s")},
+)
 
 TARGETS = {
     REPO / "deploy/kubernetes/base/receipt-gateway.toml": (
@@ -64,6 +125,7 @@ TARGETS = {
             **COMMON,
             ("budget", "per_second"): (100, LOCAL_BUDGET, "cluster: 200 / 2 replicas"),
             ("budget", "backend"): ("local", [], None),
+            ("apps", "callbacks"): CALLBACKS_OFF,
         },
     ),
     REPO / "deploy/kubernetes/overlays/redis/receipt-gateway.toml": (
@@ -84,6 +146,7 @@ TARGETS = {
                 "cluster",
             ),
             ("redis", "url"): ("redis://redis:6379/0", [], "cluster: the Service in redis.yaml"),
+            ("apps", "callbacks"): CALLBACKS_ON,
             ("budget", "fallback_per_second"): (
                 20,
                 ["cluster: fallback_per_second x the HPA's maxReplicas (10) must stay <= 200,",
@@ -123,6 +186,9 @@ weight = 1
 
 SECTION = re.compile(r"^\s*\[\[?\s*([A-Za-z0-9_.-]+)\s*\]\]?")
 ASSIGN = re.compile(r"^(\s*)([A-Za-z0-9_-]+)(\s*=\s*)(.*)$")
+# A key shown commented out, "# key = value": the reference's way of documenting an
+# optional key.
+COMMENTED = re.compile(r"^(\s*)#\s?([A-Za-z0-9_-]+)(\s*=\s*)(.*)$")
 
 
 def toml_value(v):
@@ -133,31 +199,75 @@ def toml_value(v):
     return str(v)
 
 
+def scan(reference: str):
+    """(section, key) pairs the reference sets, and those it shows commented out."""
+    set_keys, commented = set(), set()
+    section = None
+    for line in reference.splitlines():
+        m = SECTION.match(line)
+        if m:
+            section = m.group(1)
+            continue
+        a = ASSIGN.match(line)
+        if a:
+            set_keys.add((section, a.group(2)))
+            continue
+        c = COMMENTED.match(line)
+        if c:
+            commented.add((section, c.group(2)))
+    return set_keys, commented
+
+
 def render(reference: str, what: str, path: pathlib.Path, changes: dict) -> str:
     out = HEADER.format(what=what, path=path.relative_to(REPO)).splitlines() + [""]
+    set_keys, commented_keys = scan(reference)
+    known = set_keys | commented_keys
     section = None
     seen = set()
+
+    def opts(key):
+        change = changes[key]
+        return change[3] if len(change) > 3 else {}
+
+    def emit(key, indent, sep, reference_text):
+        """The cluster's line for key (its comments above, the value, the trailing comment),
+        then the keys to insert after it that the reference lacks."""
+        seen.add(key)
+        value, above, trailing = changes[key][:3]
+        out.extend(f"{indent}# {c}" for c in above)
+        if value is None:
+            # keep the reference value, drop its own trailing comment if any
+            text = re.sub(r"\s+#.*$", "", reference_text)
+        else:
+            text = toml_value(value)
+        new = f"{indent}{key[1]}{sep}{text}"
+        if opts(key).get("commented"):
+            new = f"{indent}# {key[1]}{sep}{text}"
+        if trailing:
+            new = f"{new}  # {trailing}"
+        out.append(new)
+        insert_after(key, indent)
+
+    def insert_after(key, indent):
+        for follower in changes:
+            if follower not in known and follower not in seen and opts(follower).get("after") == key:
+                emit(follower, indent, " = ", "")
+
     for line in reference.splitlines():
         m = SECTION.match(line)
         if m:
             section = m.group(1)
         a = None if m else ASSIGN.match(line)
-        key = (section, a.group(2)) if a else None
-        if key in changes:
-            seen.add(key)
-            value, above, trailing = changes[key]
-            indent = a.group(1)
-            out.extend(f"{indent}# {c}" for c in above)
-            text = a.group(4) if value is None else toml_value(value)
-            if value is None:
-                # keep the reference value, drop its own trailing comment if any
-                text = re.sub(r"\s+#.*$", "", text)
-            new = f"{indent}{a.group(2)}{a.group(3)}{text}"
-            if trailing:
-                new = f"{new}  # {trailing}"
-            out.append(new)
+        c = None if m or a else COMMENTED.match(line)
+        if a and (section, a.group(2)) in changes:
+            emit((section, a.group(2)), a.group(1), a.group(3), a.group(4))
+        elif c and (section, c.group(2)) in changes and (section, c.group(2)) not in set_keys \
+                and (section, c.group(2)) not in seen:
+            emit((section, c.group(2)), c.group(1), c.group(3), c.group(4))
         else:
             out.append(line)
+            if a:
+                insert_after((section, a.group(2)), a.group(1))
     missing = set(changes) - seen
     if missing:
         raise SystemExit(f"sync-config: {REFERENCE.relative_to(REPO)} no longer sets {sorted(missing)}")

@@ -150,6 +150,11 @@ impl ReceiptResponse {
         Self { action_status: "OK".into(), error_code: ErrorCode::OK, error_info: String::new(), items: Some(items) }
     }
 
+    /// Tencent's bare acknowledgement (a callback's reply).
+    pub fn ok_empty() -> Self {
+        Self { action_status: "OK".into(), error_code: ErrorCode::OK, error_info: String::new(), items: None }
+    }
+
     pub fn fail(code: ErrorCode, info: impl Into<String>) -> Self {
         Self { action_status: "FAIL".into(), error_code: code, error_info: info.into(), items: None }
     }

@@ -7,15 +7,17 @@ use prometheus::Histogram;
 
 use crate::batch::{BatchPolicy, Neighbourhood};
 use crate::budget::Budget;
-use crate::cache::ReceiptCache;
+use crate::cache::{KeptBy, ReceiptCache};
 use crate::clients::Clients;
-use crate::config::{AppConfig, Config};
+use crate::config::{AppConfig, Config, Forward};
+use crate::detail::Detail;
 use crate::dispatch::Share;
 use crate::domain::{AppId, Region};
 use crate::engine::Engine;
 use crate::fleet::{Fleet, FleetCounters, Lifetimes};
-use crate::metrics::{API_RECEIPT, AppMetrics, Metrics};
+use crate::metrics::{API_DETAIL, API_RECEIPT, AppMetrics, Metrics};
 use crate::upstream::{HttpClient, Upstream};
+use crate::usersig::SecretKey;
 
 pub struct AppRuntime {
     pub id: AppId,
@@ -24,6 +26,8 @@ pub struct AppRuntime {
     pub engine: Arc<Engine>,
     pub budget: Arc<Budget>,
     pub cache: ReceiptCache,
+    /// What keeps the items fetched for this app current (`apps.callbacks`).
+    pub kept_by: KeptBy,
     pub max_retries: u32,
     pub metrics: AppMetrics,
     /// `receipt_gateway_upstream_batch_size` for this app.
@@ -32,6 +36,12 @@ pub struct AppRuntime {
     pub budget_wait: Histogram,
     /// The fleet tier, with `fleet.backend = "redis"`.
     pub fleet: Option<SharedTier>,
+    /// The detail API, with its own budget and queue (SPEC 2.2).
+    pub detail: Arc<Detail>,
+    /// With a token, `/callback` checks `Sign` (SPEC 2.3).
+    pub callback_token: Option<SecretKey>,
+    /// The company's callback handler the gateway tees callbacks to.
+    pub callback_forward: Option<Forward>,
 }
 
 /// The fleet tier as one app uses it.
@@ -53,15 +63,18 @@ impl AppRuntime {
     /// Gives each client its share of this app's budget (at start, and on reload).
     pub fn share_budget(&self, clients: &Clients, metrics: &Metrics) {
         let app = self.id.to_string();
-        let shares = clients
-            .shares()
-            .into_iter()
-            .map(|(client, weight)| Share {
-                weight,
-                calls: Some(metrics.budget_calls.with_label_values(&[app.as_str(), API_RECEIPT, client])),
-            })
-            .collect();
-        self.engine.set_shares(shares);
+        let shares = |api: &str| {
+            clients
+                .shares()
+                .into_iter()
+                .map(|(client, weight)| Share {
+                    weight,
+                    calls: Some(metrics.budget_calls.with_label_values(&[app.as_str(), api, client])),
+                })
+                .collect()
+        };
+        self.engine.set_shares(shares(API_RECEIPT));
+        self.detail.engine.set_shares(shares(API_DETAIL));
     }
 
     /// Builds `app`'s budget, engine and signed client from the gateway's `config`.
@@ -82,13 +95,30 @@ impl AppRuntime {
             metrics.budget_backend_up.clone(),
         )?;
         let policy = batch_policy(config, fleet.is_some());
+        let upstream = Upstream::new(app, config.upstream.timeout, client, metrics);
+        let detail_labels = [label.as_str(), API_DETAIL];
+        let detail = Detail::new(
+            upstream.for_detail(&app.endpoint, metrics),
+            Engine::new(policy),
+            Budget::new(
+                &config.budget,
+                format!("{}:{API_DETAIL}", app.id),
+                metrics.effective_rate.with_label_values(&detail_labels),
+                metrics.budget_backend_up.clone(),
+            )?,
+            metrics.budget_wait.with_label_values(&detail_labels),
+            &config.cache,
+            config.upstream.max_retries,
+        );
+        let kept_by = if app.callbacks { KeptBy::Callbacks } else { KeptBy::Polling };
         Ok(Self {
             id: app.id,
             region: app.region,
-            upstream: Upstream::new(app, config.upstream.timeout, client, metrics),
+            upstream,
             engine: Arc::new(Engine::new(policy)),
             budget: Arc::new(budget),
             cache: cache.clone(),
+            kept_by,
             max_retries: config.upstream.max_retries,
             metrics: metrics.for_app(app.id),
             batch_size: metrics.batch_size.with_label_values(&[label.as_str()]),
@@ -100,8 +130,11 @@ impl AppRuntime {
                     shared_wait: metrics.fleet_items.with_label_values(&[label.as_str(), "shared_wait"]),
                     miss: metrics.fleet_items.with_label_values(&[label.as_str(), "miss"]),
                 },
-                lifetimes: Mutex::new(fleet_lifetimes(config, &policy)),
+                lifetimes: Mutex::new(fleet_lifetimes(config, &policy, kept_by)),
             }),
+            detail: Arc::new(detail),
+            callback_token: app.callback_token.clone(),
+            callback_forward: app.callback_forward.clone(),
         })
     }
 
@@ -112,9 +145,12 @@ impl AppRuntime {
         let policy = batch_policy(config, self.fleet.is_some());
         self.engine.set_policy(policy);
         if let Some(tier) = &self.fleet {
-            *tier.lifetimes.lock().unwrap_or_else(|p| p.into_inner()) = fleet_lifetimes(config, &policy);
+            *tier.lifetimes.lock().unwrap_or_else(|p| p.into_inner()) = fleet_lifetimes(config, &policy, self.kept_by);
         }
         self.budget.set_rates(config.budget.per_second, config.budget.fallback_per_second);
+        self.detail.engine.set_policy(policy);
+        self.detail.budget.set_rates(config.budget.per_second, config.budget.fallback_per_second);
+        self.detail.set_lifetimes(&config.cache);
     }
 }
 
@@ -132,7 +168,7 @@ fn batch_policy(config: &Config, fleet: bool) -> BatchPolicy {
 }
 
 /// What every replica must agree on, from `config`.
-fn fleet_lifetimes(config: &Config, policy: &BatchPolicy) -> Lifetimes {
+fn fleet_lifetimes(config: &Config, policy: &BatchPolicy, kept_by: KeptBy) -> Lifetimes {
     Lifetimes {
         ttl: config.cache.ttl,
         negative_ttl: config.cache.negative_ttl,
@@ -140,5 +176,7 @@ fn fleet_lifetimes(config: &Config, policy: &BatchPolicy) -> Lifetimes {
         claim: config.upstream.timeout + config.batch.window,
         cohort_memory: policy.cohort_memory(),
         neighbourhood: config.batch.max_seqs,
+        callback_ttl: config.cache.callback_ttl,
+        fetched: kept_by,
     }
 }

@@ -1,8 +1,10 @@
 //! The per-message cache (SPEC 5.1): one item per (sdkappid, GroupId, MsgSeq), plus
 //! group-level negative answers (10010/10015) per (sdkappid, GroupId).
 //!
-//! It owns freshness: an item is *fresh* for `ttl` (or `negative_ttl` for a 10062) after
-//! the upstream answer arrived, then *servable as stale* for `stale` more, then gone.
+//! It owns freshness: an item is *fresh* for `ttl` (or `negative_ttl` for a 10062, or
+//! `callback_ttl` for one kept current by callbacks: [`KeptBy`]) after the upstream
+//! answer arrived (or the read a callback reported happened), then *servable as stale*
+//! for `stale` more, then gone. An older answer never replaces a newer one.
 //! Whether a caller may take a fresh item (its `Cache-Control`) and whether stale is
 //! allowed (the deadline) is the caller's decision, not this module's. Only answers go
 //! in: transient failures are never cached.
@@ -26,10 +28,38 @@ use crate::code::ErrorCode;
 use crate::config::CacheConfig;
 use crate::domain::{AppId, GroupId, MsgSeq, Receipt};
 
+/// What keeps an item current, which decides how long it is fresh (SPEC 5.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeptBy {
+    /// Only polling: fresh for `cache.ttl`.
+    Polling,
+    /// Written by a callback, or fetched for an app whose callbacks reach the gateway:
+    /// every read is pushed, so it is fresh for `cache.callback_ttl`.
+    Callbacks,
+}
+
+impl KeptBy {
+    /// How long `receipt` is fresh: a negative answer for `negative_ttl` however it came.
+    pub fn fresh_for(
+        self,
+        receipt: &Receipt,
+        ttl: Duration,
+        negative_ttl: Duration,
+        callback_ttl: Duration,
+    ) -> Duration {
+        match (receipt.is_negative(), self) {
+            (true, _) => negative_ttl,
+            (false, KeptBy::Polling) => ttl,
+            (false, KeptBy::Callbacks) => callback_ttl,
+        }
+    }
+}
+
 /// One cached item.
 #[derive(Clone, Copy, Debug)]
 struct Stored {
     receipt: Receipt,
+    kept_by: KeptBy,
     /// When the upstream answer arrived; `Age` and freshness count from here.
     fetched_at: Instant,
     /// The last read, kept across refreshes: cohort membership is "read lately", not
@@ -68,34 +98,56 @@ pub struct GroupAnswer {
 struct Lifetimes {
     ttl: Duration,
     negative_ttl: Duration,
+    callback_ttl: Duration,
     stale: Duration,
 }
 
 impl Lifetimes {
-    fn fresh_for(&self, receipt: &Receipt) -> Duration {
-        if receipt.is_negative() { self.negative_ttl } else { self.ttl }
+    fn of(config: &CacheConfig) -> Self {
+        Self {
+            ttl: config.ttl,
+            negative_ttl: config.negative_ttl,
+            callback_ttl: config.callback_ttl,
+            stale: config.stale,
+        }
+    }
+
+    fn fresh_for(&self, receipt: &Receipt, kept_by: KeptBy) -> Duration {
+        kept_by.fresh_for(receipt, self.ttl, self.negative_ttl, self.callback_ttl)
+    }
+
+    /// The longest any item is fresh.
+    fn longest(&self) -> Duration {
+        self.ttl.max(self.negative_ttl).max(self.callback_ttl)
     }
 }
 
 /// The lifetimes every page reads, in atomics (µs) so a reload can change them and a
-/// read costs three loads.
+/// read costs four loads.
 #[derive(Debug, Default)]
 struct SharedLifetimes {
     ttl_us: AtomicU64,
     negative_ttl_us: AtomicU64,
+    callback_ttl_us: AtomicU64,
     stale_us: AtomicU64,
 }
 
 impl SharedLifetimes {
     fn get(&self) -> Lifetimes {
         let us = |a: &AtomicU64| Duration::from_micros(a.load(Ordering::Relaxed));
-        Lifetimes { ttl: us(&self.ttl_us), negative_ttl: us(&self.negative_ttl_us), stale: us(&self.stale_us) }
+        Lifetimes {
+            ttl: us(&self.ttl_us),
+            negative_ttl: us(&self.negative_ttl_us),
+            callback_ttl: us(&self.callback_ttl_us),
+            stale: us(&self.stale_us),
+        }
     }
 
     fn set(&self, l: Lifetimes) {
         let us = |d: Duration| d.as_micros().min(u128::from(u64::MAX)) as u64;
         self.ttl_us.store(us(l.ttl), Ordering::Relaxed);
         self.negative_ttl_us.store(us(l.negative_ttl), Ordering::Relaxed);
+        self.callback_ttl_us.store(us(l.callback_ttl), Ordering::Relaxed);
         self.stale_us.store(us(l.stale), Ordering::Relaxed);
     }
 }
@@ -111,7 +163,7 @@ struct KeepFor {
 
 impl KeepFor {
     fn pages(lifetimes: &Arc<SharedLifetimes>) -> Self {
-        Self { lifetimes: lifetimes.clone(), of: |l| l.ttl.max(l.negative_ttl) + l.stale }
+        Self { lifetimes: lifetimes.clone(), of: |l| l.longest() + l.stale }
     }
 
     fn group_answers(lifetimes: &Arc<SharedLifetimes>) -> Self {
@@ -180,7 +232,7 @@ impl Page {
             seqs.iter()
                 .map(|seq| {
                     let stored = items.get_mut(seq)?;
-                    let fresh_until = stored.fetched_at + lifetimes.fresh_for(&stored.receipt);
+                    let fresh_until = stored.fetched_at + lifetimes.fresh_for(&stored.receipt, stored.kept_by);
                     if now >= fresh_until + lifetimes.stale {
                         return None;
                     }
@@ -229,10 +281,12 @@ impl Page {
         mut eligible: impl FnMut(MsgSeq) -> bool,
     ) -> Vec<MsgSeq> {
         let items = self.items();
-        let ttl = self.lifetimes.get().ttl;
+        let lifetimes = self.lifetimes.get();
         let mut due: Vec<(Instant, MsgSeq)> = items
             .iter()
-            .filter(|(_, s)| !s.receipt.is_negative() && s.fetched_at + ttl <= horizon)
+            .filter(|(_, s)| {
+                !s.receipt.is_negative() && s.fetched_at + lifetimes.fresh_for(&s.receipt, s.kept_by) <= horizon
+            })
             .filter(|(_, s)| s.last_read.is_some_and(|read| now.saturating_duration_since(read) <= memory))
             .filter(|(seq, _)| eligible(**seq))
             .map(|(seq, s)| (s.fetched_at, *seq))
@@ -245,6 +299,16 @@ impl Page {
     fn len(&self) -> usize {
         self.items().len()
     }
+}
+
+/// One answer to store: what is known of `seq` as of `fetched_at`.
+#[derive(Clone, Copy, Debug)]
+pub struct Answer {
+    pub seq: MsgSeq,
+    pub receipt: Receipt,
+    /// When the answer arrived, or when the read a callback reported happened.
+    pub fetched_at: Instant,
+    pub kept_by: KeptBy,
 }
 
 /// The item pages and the group-answer cache, cheap to clone.
@@ -260,7 +324,7 @@ pub struct ReceiptCache {
 impl ReceiptCache {
     pub fn new(config: &CacheConfig) -> Self {
         let lifetimes = Arc::new(SharedLifetimes::default());
-        lifetimes.set(Lifetimes { ttl: config.ttl, negative_ttl: config.negative_ttl, stale: config.stale });
+        lifetimes.set(Lifetimes::of(config));
         let pages = Cache::builder()
             .max_capacity(config.max_entries)
             // A page weighs its items (at its last fill), so capacity counts items.
@@ -277,7 +341,7 @@ impl ReceiptCache {
     /// whenever they were fetched; a page is kept by them from its group's next fill
     /// (until then, by the lifetimes of its last one).
     pub fn set_lifetimes(&self, config: &CacheConfig) {
-        self.lifetimes.set(Lifetimes { ttl: config.ttl, negative_ttl: config.negative_ttl, stale: config.stale });
+        self.lifetimes.set(Lifetimes::of(config));
     }
 
     /// Notes read pages in `log` (the fleet tier shares their reads).
@@ -298,17 +362,19 @@ impl ReceiptCache {
         group: &GroupId,
         answers: &[(MsgSeq, Receipt)],
         fetched_at: Instant,
+        kept_by: KeptBy,
     ) -> Arc<Page> {
-        self.insert_each(app, group, answers.iter().map(|&(seq, receipt)| (seq, receipt, fetched_at))).await
+        let each = answers.iter().map(|&(seq, receipt)| Answer { seq, receipt, fetched_at, kept_by });
+        self.insert_each(app, group, each).await
     }
 
-    /// Stores answers fetched at different times (another replica's, from the fleet
-    /// tier); an item never replaces one fetched later. Returns the group's page.
+    /// Stores answers of different times (another replica's, from the fleet tier; a
+    /// callback's reads); an item never replaces a newer one. Returns the group's page.
     pub async fn insert_each(
         &self,
         app: AppId,
         group: &GroupId,
-        answers: impl IntoIterator<Item = (MsgSeq, Receipt, Instant)>,
+        answers: impl IntoIterator<Item = Answer>,
     ) -> Arc<Page> {
         let key = (app, group.clone());
         let shared = self.lifetimes.clone();
@@ -330,14 +396,14 @@ impl ReceiptCache {
             let mut items = page.items();
             let now = Instant::now();
             // Items past their stale window leave as the group is refreshed.
-            items.retain(|_, s| now < s.fetched_at + lifetimes.fresh_for(&s.receipt) + lifetimes.stale);
-            for (seq, receipt, fetched_at) in answers {
+            items.retain(|_, s| now < s.fetched_at + lifetimes.fresh_for(&s.receipt, s.kept_by) + lifetimes.stale);
+            for Answer { seq, receipt, fetched_at, kept_by } in answers {
                 let held = items.get(&seq);
                 if held.is_some_and(|s| s.fetched_at > fetched_at) {
                     continue;
                 }
                 let last_read = held.and_then(|s| s.last_read);
-                items.insert(seq, Stored { receipt, fetched_at, last_read });
+                items.insert(seq, Stored { receipt, kept_by, fetched_at, last_read });
             }
         }
         // Re-inserting renews the page's lifetime and re-weighs it.
@@ -381,6 +447,7 @@ mod tests {
             ttl: Duration::from_millis(ttl_ms),
             stale: Duration::from_millis(stale_ms),
             negative_ttl: Duration::from_millis(negative_ms),
+            callback_ttl: Duration::from_millis(10 * ttl_ms),
             max_entries: 100,
         }
     }
@@ -397,7 +464,7 @@ mod tests {
     async fn reloaded_lifetimes_apply_to_cached_items() {
         let cache = ReceiptCache::new(&config(1000, 60_000, 100));
         let t0 = Instant::now();
-        cache.insert(APP, &group(), &[(MsgSeq(1), OK)], t0).await;
+        cache.insert(APP, &group(), &[(MsgSeq(1), OK)], t0, KeptBy::Polling).await;
         let page = cache.page(APP, &group()).await.unwrap();
 
         cache.set_lifetimes(&config(500, 1000, 100));
@@ -413,7 +480,7 @@ mod tests {
     async fn items_are_fresh_for_ttl_and_negative_ones_for_negative_ttl() {
         let cache = ReceiptCache::new(&config(1000, 60_000, 100));
         let t0 = Instant::now();
-        cache.insert(APP, &group(), &[(MsgSeq(1), OK), (MsgSeq(2), NONE)], t0).await;
+        cache.insert(APP, &group(), &[(MsgSeq(1), OK), (MsgSeq(2), NONE)], t0, KeptBy::Polling).await;
         let page = cache.page(APP, &group()).await.unwrap();
         let found = page.read(&[MsgSeq(1), MsgSeq(2), MsgSeq(3)], t0);
         let (ok, none) = (found[0].unwrap(), found[1].unwrap());
@@ -430,7 +497,7 @@ mod tests {
     async fn items_past_their_stale_window_are_not_served() {
         let cache = ReceiptCache::new(&config(10, 20, 10));
         let t0 = Instant::now();
-        cache.insert(APP, &group(), &[(MsgSeq(1), OK)], t0).await;
+        cache.insert(APP, &group(), &[(MsgSeq(1), OK)], t0, KeptBy::Polling).await;
         let page = cache.page(APP, &group()).await.unwrap();
         assert!(page.read(&[MsgSeq(1)], t0 + Duration::from_millis(29))[0].is_some());
         assert!(page.read(&[MsgSeq(1)], t0 + Duration::from_millis(30))[0].is_none());
@@ -441,7 +508,7 @@ mod tests {
         let cache = ReceiptCache::new(&config(1000, 60_000, 1000));
         let t0 = Instant::now();
         let seqs = [(MsgSeq(1), OK), (MsgSeq(2), OK), (MsgSeq(3), NONE), (MsgSeq(4), OK)];
-        let page = cache.insert(APP, &group(), &seqs, t0).await;
+        let page = cache.insert(APP, &group(), &seqs, t0, KeptBy::Polling).await;
         page.read(&[MsgSeq(1), MsgSeq(2), MsgSeq(3)], t0 + Duration::from_millis(10));
         let memory = Duration::from_secs(4);
         let at = |ms| t0 + Duration::from_millis(ms);
@@ -455,7 +522,7 @@ mod tests {
         // Read too long ago: forgotten.
         assert!(page.due_for_refresh(at(5000), at(5500), memory, 10, |_| true).is_empty());
         // A refresh keeps the last read: 1 stays in the cohort for its next refresh.
-        cache.insert(APP, &group(), &[(MsgSeq(1), OK)], at(700)).await;
+        cache.insert(APP, &group(), &[(MsgSeq(1), OK)], at(700), KeptBy::Polling).await;
         assert_eq!(page.due_for_refresh(at(1300), at(1800), memory, 10, |_| true), vec![MsgSeq(2), MsgSeq(1)]);
     }
 
@@ -464,8 +531,8 @@ mod tests {
         let cache = ReceiptCache::new(&config(10, 10, 10));
         let t0 = Instant::now();
         let many: Vec<_> = (0..30).map(|s| (MsgSeq(s), OK)).collect();
-        cache.insert(APP, &group(), &many, t0 - Duration::from_millis(50)).await;
-        let page = cache.insert(APP, &group(), &[(MsgSeq(99), OK)], t0).await;
+        cache.insert(APP, &group(), &many, t0 - Duration::from_millis(50), KeptBy::Polling).await;
+        let page = cache.insert(APP, &group(), &[(MsgSeq(99), OK)], t0, KeptBy::Polling).await;
         cache.run_pending_tasks().await;
         assert_eq!(page.len(), 1);
         assert_eq!(cache.entry_count(), 1);

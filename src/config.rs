@@ -82,6 +82,8 @@ pub struct CacheConfig {
     pub ttl: Duration,
     pub stale: Duration,
     pub negative_ttl: Duration,
+    /// Freshness of items kept current by callbacks (SPEC 5.1).
+    pub callback_ttl: Duration,
     pub max_entries: u64,
 }
 
@@ -141,6 +143,20 @@ pub struct AppConfig {
     /// Scheme and authority (plus an optional path prefix) that calls go to.
     pub endpoint: String,
     pub usersig_ttl: Duration,
+    /// This app's callbacks reach the gateway: fetched items are fresh for
+    /// `cache.callback_ttl` (SPEC 5.1).
+    pub callbacks: bool,
+    /// With a token, `/callback` verifies `Sign` (SPEC 2.3).
+    pub callback_token: Option<SecretKey>,
+    /// The company's own callback handler, when the gateway tees callbacks to it.
+    pub callback_forward: Option<Forward>,
+}
+
+/// Where callbacks are forwarded (`apps.callback_forward_url`), and how long it may take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    pub url: Uri,
+    pub timeout: Duration,
 }
 
 /// A TOML error without the quoted source line, which could hold a secret someone put in
@@ -235,6 +251,7 @@ impl RawConfig {
             ttl: millis("cache.ttl_ms", c.ttl_ms, 1, DAY_MS)?,
             stale: millis("cache.stale_ms", c.stale_ms, 0, 7 * DAY_MS)?,
             negative_ttl: millis("cache.negative_ttl_ms", c.negative_ttl_ms, 0, DAY_MS)?,
+            callback_ttl: millis("cache.callback_ttl_ms", c.callback_ttl_ms, 1, DAY_MS)?,
             max_entries: in_range("cache.max_entries", c.max_entries, 1, 1 << 32)?,
         };
         let batch = BatchConfig {
@@ -387,6 +404,26 @@ impl RawApp {
             return Err(invalid(key("secret_key_env"), "the secret key is empty"));
         }
         let usersig_ttl = in_range(&key("usersig_ttl_s"), self.usersig_ttl_s, 60, 180 * 86400)?;
+        let callback_token = match self.callback_token_env {
+            None => None,
+            Some(var) => {
+                let token = secrets.env(&var).ok_or_else(|| {
+                    invalid(key("callback_token_env"), format!("environment variable {var} is not set"))
+                })?;
+                if token.trim().is_empty() {
+                    return Err(invalid(key("callback_token_env"), format!("environment variable {var} is empty")));
+                }
+                Some(SecretKey::new(token.trim()))
+            }
+        };
+        let timeout = millis(&key("callback_forward_timeout_ms"), self.callback_forward_timeout_ms, 1, MINUTE_MS)?;
+        let callback_forward = match self.callback_forward_url {
+            None => None,
+            Some(text) => {
+                let url = parse_forward_url(&text).map_err(|p| invalid(key("callback_forward_url"), p))?;
+                Some(Forward { url, timeout })
+            }
+        };
         Ok(AppConfig {
             id,
             region: self.region,
@@ -394,7 +431,26 @@ impl RawApp {
             secret: SecretKey::new(secret),
             endpoint,
             usersig_ttl: Duration::from_secs(usersig_ttl),
+            callbacks: self.callbacks,
+            callback_token,
+            callback_forward,
         })
+    }
+}
+
+/// Accepts an `http(s)://` URL with a host and no credentials; a callback's own query
+/// is appended to it when forwarded.
+fn parse_forward_url(text: &str) -> Result<Uri, String> {
+    let uri: Uri = text.parse().map_err(|_| format!("{text:?} is not a URL"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err(format!("{text:?} must start with http:// or https://"));
+    }
+    match uri.authority() {
+        None => Err(format!("{text:?} has no host")),
+        Some(authority) if authority.as_str().contains('@') => {
+            Err("must not contain credentials (user:password@)".into())
+        }
+        Some(_) => Ok(uri),
     }
 }
 

@@ -301,6 +301,14 @@ impl Queue {
         rx
     }
 
+    /// How many tokens are spent before a permit of `client` with `urgency` queued now
+    /// would get one: the entries ahead of it in its line, scaled by the client's share.
+    pub fn permit_ahead(&self, client: ClientSlot, urgency: Instant) -> u32 {
+        let spot = Spot { at: urgency, work: Work::Permit(PermitId(u64::MAX)) };
+        let ahead = self.lines.line(client).map_or(0, |line| line.range(..spot).count()) as u32;
+        self.in_tokens(client, ahead)
+    }
+
     /// Whether the dispatcher must be woken; clears the flag.
     pub fn take_wake(&mut self) -> bool {
         std::mem::take(&mut self.wake)

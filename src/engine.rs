@@ -149,6 +149,29 @@ impl Engine {
         permit
     }
 
+    /// Admits one call of `client` that must be answered by `deadline` and queues its
+    /// token (the detail API: one call per request, no batches). Refused, with a truthful
+    /// `Retry-After`, when the queue cannot reach it before the deadline.
+    pub fn admit_permit(
+        &self,
+        deadline: Instant,
+        client: ClientSlot,
+        pace: Estimate,
+    ) -> Result<oneshot::Receiver<()>, Overloaded> {
+        let now = Instant::now();
+        let forecast = self.estimates.forecast(pace);
+        let mut tables = self.lock();
+        let ahead = tables.queue.permit_ahead(client, deadline);
+        if admission::expected_answer(now, ahead, forecast, Duration::ZERO) > deadline {
+            let retry_after = admission::retry_after(forecast, tables.queue.queued_for(client));
+            self.release(tables);
+            return Err(Overloaded { retry_after });
+        }
+        let permit = tables.queue.permit(deadline, client, now);
+        self.release(tables);
+        Ok(permit)
+    }
+
     /// A dispatched batch has its answer: take its keys out of flight. Call after the
     /// answers are in the cache (`page`), so no request can slip between the two and
     /// fetch a key again.
@@ -288,7 +311,13 @@ mod tests {
     }
 
     fn cache() -> ReceiptCache {
-        ReceiptCache::new(&CacheConfig { ttl: S, stale: 60 * S, negative_ttl: S, max_entries: 100 })
+        ReceiptCache::new(&CacheConfig {
+            ttl: S,
+            stale: 60 * S,
+            negative_ttl: S,
+            callback_ttl: 10 * S,
+            max_entries: 100,
+        })
     }
 
     /// Joins `misses` of `name` for a caller with `deadline` (no page, no lookup time).
@@ -424,7 +453,8 @@ mod tests {
         let deadline = looked + 5 * S;
         // Between the caller's lookup and its join, a batch fetched MsgSeq 1.
         let receipt = Receipt { code: ErrorCode::OK, read: Some(4), unread: Some(5) };
-        let page = cache().insert(AppId(1), &g, &[(MsgSeq(1), receipt)], Instant::now()).await;
+        let page =
+            cache().insert(AppId(1), &g, &[(MsgSeq(1), receipt)], Instant::now(), crate::cache::KeptBy::Polling).await;
         let ask = Ask {
             group: &g,
             page: Some(&page),
@@ -461,9 +491,9 @@ mod tests {
         let cache = cache();
         let receipt = Receipt { code: ErrorCode::OK, read: Some(1), unread: Some(1) };
         let app = AppId(1);
-        cache.insert(app, &g, &[(MsgSeq(1), receipt)], now - 700 * MS).await;
-        cache.insert(app, &g, &[(MsgSeq(2), receipt)], now - 100 * MS).await;
-        let page = cache.insert(app, &g, &[(MsgSeq(3), receipt)], now - 700 * MS).await;
+        cache.insert(app, &g, &[(MsgSeq(1), receipt)], now - 700 * MS, crate::cache::KeptBy::Polling).await;
+        cache.insert(app, &g, &[(MsgSeq(2), receipt)], now - 100 * MS, crate::cache::KeptBy::Polling).await;
+        let page = cache.insert(app, &g, &[(MsgSeq(3), receipt)], now - 700 * MS, crate::cache::KeptBy::Polling).await;
         // 1 is read and expires within half a TTL: topped up. 2 is read but fresh for long,
         // 3 is due but nobody read it: not.
         page.read(&[MsgSeq(1), MsgSeq(2)], now);

@@ -26,6 +26,13 @@ use crate::upstream::Outcome;
 const BACKOFF_BASE: Duration = Duration::from_millis(25);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
+/// The delay before retry number `retries + 1`: exponential from [`BACKOFF_BASE`],
+/// capped at [`BACKOFF_MAX`], with jitter (half to all of it).
+pub(crate) fn backoff(retries: u32) -> Duration {
+    let full = BACKOFF_BASE.saturating_mul(1 << retries.min(16)).min(BACKOFF_MAX);
+    full.mul_f64(0.5 + rand::random::<f64>() / 2.0)
+}
+
 /// Runs a dispatched batch: fetch, fill the cache, release the keys, wake the callers;
 /// with the fleet tier, the call first takes what other replicas wait for, and its
 /// answer is shared with them last.
@@ -96,7 +103,7 @@ async fn take_wanted(app: &AppRuntime, tier: &SharedTier, batch: &mut Dispatch) 
 /// 10015 for the whole group; failures are never cached.
 async fn store(app: &AppRuntime, group: &GroupId, items: &Items, fetched_at: Instant) -> Arc<Page> {
     let answers: Vec<(MsgSeq, Receipt)> = items.iter().filter_map(|(s, r)| Some((*s, *r.as_ref().ok()?))).collect();
-    let page = app.cache.insert(app.id, group, &answers, fetched_at).await;
+    let page = app.cache.insert(app.id, group, &answers, fetched_at, app.kept_by).await;
     if let Some((_, Err(Failure::Group { code, info }))) = items.first()
         && matches!(*code, ErrorCode::GROUP_NOT_FOUND | ErrorCode::GROUP_INVALID)
     {
@@ -252,8 +259,7 @@ impl Attempts {
         if self.retries >= app.max_retries {
             return false;
         }
-        let full = BACKOFF_BASE.saturating_mul(1 << self.retries.min(16)).min(BACKOFF_MAX);
-        let backoff = full.mul_f64(0.5 + rand::random::<f64>() / 2.0);
+        let backoff = backoff(self.retries);
         if Instant::now() + backoff + app.budget.interval() >= deadline {
             return false;
         }

@@ -32,7 +32,7 @@ use tokio::time::Instant;
 pub use scripts::Scripts;
 
 use crate::batch::{Failure, Items};
-use crate::cache::{Page, ReadLog};
+use crate::cache::{Answer, KeptBy, Page, ReadLog, ReceiptCache};
 use crate::code::ErrorCode;
 use crate::config::RedisConfig;
 use crate::domain::{AppId, GroupId, MsgSeq, Receipt};
@@ -49,7 +49,7 @@ const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 pub const POLL_EVERY: Duration = Duration::from_millis(50);
 
 /// What an app's requests and batches need from the tier: the lifetimes that decide
-/// freshness (the same on every replica) and how long a claim lasts.
+/// kept_by (the same on every replica) and how long a claim lasts.
 #[derive(Clone, Copy, Debug)]
 pub struct Lifetimes {
     pub ttl: Duration,
@@ -61,6 +61,23 @@ pub struct Lifetimes {
     pub cohort_memory: Duration,
     /// How far below a call's highest MsgSeq its neighbourhood reaches (`batch.max_seqs`).
     pub neighbourhood: usize,
+    /// How long items kept current by callbacks are fresh (`cache.callback_ttl_ms`).
+    pub callback_ttl: Duration,
+    /// What keeps the app's fetched items current (`apps.callbacks`).
+    pub fetched: KeptBy,
+}
+
+impl Lifetimes {
+    /// How long a group's items stay in Redis after its last write: past the stale
+    /// window of the longest-lived.
+    fn keep(&self) -> Duration {
+        self.ttl.max(self.negative_ttl).max(self.callback_ttl) + self.stale
+    }
+
+    /// How long an item is fresh after it was fetched.
+    pub fn fresh_for(&self, receipt: &Receipt, kept_by: KeptBy) -> Duration {
+        kept_by.fresh_for(receipt, self.ttl, self.negative_ttl, self.callback_ttl)
+    }
 }
 
 /// One item as another replica stored it, its fetch time translated to this process.
@@ -69,6 +86,7 @@ pub struct SharedItem {
     pub receipt: Receipt,
     pub fetched_at: Instant,
     pub fresh: bool,
+    pub kept_by: KeptBy,
 }
 
 /// What Redis said about a request's misses.
@@ -117,6 +135,8 @@ pub struct Fleet {
     /// This replica's name in claims and leases: random per process.
     me: String,
     channel: String,
+    /// Where callbacks' items go to every replica (see [`Fleet::callback`]).
+    callbacks_channel: String,
     down_until: Mutex<Option<Instant>>,
     up: IntGauge,
     /// Whether the outage under way was logged (once per outage, not per retry).
@@ -134,6 +154,7 @@ impl Fleet {
             prefix: config.key_prefix.clone(),
             me: format!("{:016x}", rand::random::<u64>()),
             channel: format!("{}:fleet:stored", config.key_prefix),
+            callbacks_channel: format!("{}:fleet:callbacks", config.key_prefix),
             down_until: Mutex::new(None),
             up,
             down_logged: AtomicBool::new(false),
@@ -200,7 +221,7 @@ impl Fleet {
         let mut group_answer = String::new();
         for (seq, result) in items {
             match result {
-                Ok(receipt) => stored.push((seq.0, encode(receipt))),
+                Ok(receipt) => stored.push((seq.0, encode(receipt, lifetimes.fetched, lifetimes))),
                 Err(Failure::Group { code, info })
                     if matches!(*code, ErrorCode::GROUP_NOT_FOUND | ErrorCode::GROUP_INVALID) =>
                 {
@@ -212,9 +233,7 @@ impl Fleet {
         }
         let mut call = self.scripts.store.prepare_invoke();
         call.key(&keys[..5]);
-        call.arg(&self.me)
-            .arg(ms(fetched_at.elapsed()))
-            .arg(ms(lifetimes.ttl.max(lifetimes.negative_ttl) + lifetimes.stale));
+        call.arg(&self.me).arg(ms(fetched_at.elapsed())).arg(ms(lifetimes.keep()));
         call.arg(&self.channel).arg(waiter_key(app, group));
         call.arg(group_answer).arg(ms(lifetimes.negative_ttl));
         call.arg(stored.len());
@@ -224,6 +243,58 @@ impl Fleet {
         call.arg(released);
         let _: i64 = self.run(|mut c| async move { call.invoke_async(&mut c).await }).await?;
         Ok(())
+    }
+
+    /// A callback's items for `group` (each known as of its `fetched_at`): stored in
+    /// Redis unless it holds newer ones, and sent to every replica's own cache, so that
+    /// every replica answers with them at once (SPEC 2.3, 5.6).
+    pub async fn callback(
+        &self,
+        app: AppId,
+        group: &GroupId,
+        items: &[Answer],
+        lifetimes: Lifetimes,
+    ) -> Result<(), FleetError> {
+        let now = Instant::now();
+        let age = |a: &Answer| ms(now.saturating_duration_since(a.fetched_at));
+        let message = CallbackMessage {
+            from: self.me.clone(),
+            app: app.0,
+            group: group.as_str().to_owned(),
+            items: items
+                .iter()
+                .map(|a| (a.seq.0, age(a), a.receipt.code.0, a.receipt.read, a.receipt.unread))
+                .collect(),
+        };
+        let Ok(message) = serde_json::to_string(&message) else { return Err(FleetError::Reply) };
+        let keys = self.keys(app, group);
+        let mut call = self.scripts.callback.prepare_invoke();
+        call.key(&keys[0]).arg(ms(lifetimes.keep())).arg(&self.channel).arg(waiter_key(app, group));
+        call.arg(&self.callbacks_channel).arg(message);
+        for a in items {
+            call.arg(a.seq.0).arg(age(a)).arg(encode(&a.receipt, KeptBy::Callbacks, lifetimes));
+        }
+        let _: i64 = self.run(|mut c| async move { call.invoke_async(&mut c).await }).await?;
+        Ok(())
+    }
+
+    /// Puts another replica's callback items in this replica's cache.
+    async fn take_callback(&self, payload: &str, cache: &ReceiptCache) {
+        let Ok(message) = serde_json::from_str::<CallbackMessage>(payload) else {
+            return tracing::debug!("fleet: unreadable callback message");
+        };
+        let Ok(group) = GroupId::parse(&message.group) else { return };
+        if message.from == self.me {
+            return;
+        }
+        let now = Instant::now();
+        let answers = message.items.iter().map(|&(seq, age_ms, code, read, unread)| Answer {
+            seq: MsgSeq(seq),
+            receipt: Receipt { code: ErrorCode(code), read, unread },
+            fetched_at: now.checked_sub(Duration::from_millis(age_ms)).unwrap_or(now),
+            kept_by: KeptBy::Callbacks,
+        });
+        cache.insert_each(AppId(message.app), &group, answers.collect::<Vec<_>>()).await;
     }
 
     /// Gives up this replica's claims on `seqs` (its caller was refused): other replicas
@@ -298,17 +369,22 @@ impl Fleet {
         Ok(())
     }
 
-    /// Listens for stored answers and wakes waiting requests, forever; reconnects after
-    /// a failure. Owned and aborted by the gateway's task set.
-    pub async fn subscribe(self: Arc<Self>) {
+    /// Listens for stored answers, waking waiting requests, and for other replicas'
+    /// callbacks, putting their items in `cache`; forever, reconnecting after a failure.
+    /// Owned and aborted by the gateway's task set.
+    pub async fn subscribe(self: Arc<Self>, cache: ReceiptCache) {
         use futures_util::StreamExt;
         loop {
             match self.client.get_async_pubsub().await {
                 Ok(mut pubsub) => {
-                    if pubsub.subscribe(&self.channel).await.is_ok() {
+                    let channels = [self.channel.as_str(), self.callbacks_channel.as_str()];
+                    if pubsub.subscribe(&channels).await.is_ok() {
                         let mut messages = pubsub.on_message();
                         while let Some(message) = messages.next().await {
-                            if let Ok(payload) = message.get_payload::<String>() {
+                            let Ok(payload) = message.get_payload::<String>() else { continue };
+                            if message.get_channel_name() == self.callbacks_channel {
+                                self.take_callback(&payload, &cache).await;
+                            } else {
                                 self.wake(&payload);
                             }
                         }
@@ -372,6 +448,19 @@ impl Fleet {
     }
 }
 
+/// A callback's items as sent to every replica; ages in ms, at the time of sending.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CallbackMessage {
+    /// The replica that took the callback (and has the items already).
+    from: String,
+    app: u64,
+    group: String,
+    items: Vec<SentItem>,
+}
+
+/// One item of a [`CallbackMessage`]: MsgSeq, age_ms, code, read, unread.
+type SentItem = (u64, u64, i64, Option<u64>, Option<u64>);
+
 /// `<prefix>:{<app>:<group>}`: every key of a group shares the `{…}` hash tag, and so one
 /// Redis Cluster slot.
 pub fn group_key(prefix: &str, app: AppId, group: &GroupId) -> String {
@@ -387,14 +476,24 @@ fn ms(d: Duration) -> u64 {
     d.as_millis().min(u64::MAX as u128) as u64
 }
 
-/// `code,read,unread`, the counts empty when absent.
-fn encode(r: &Receipt) -> String {
+/// `code,read,unread`, the counts empty when absent; then, for an item kept current by
+/// callbacks, `,c<fresh_ms>`: every replica (and script) reads its kept_by from it.
+fn encode(r: &Receipt, kept_by: KeptBy, lifetimes: Lifetimes) -> String {
     let count = |c: Option<u64>| c.map(|n| n.to_string()).unwrap_or_default();
-    format!("{},{},{}", r.code, count(r.read), count(r.unread))
+    let kept = match kept_by {
+        KeptBy::Polling => String::new(),
+        KeptBy::Callbacks => format!(",c{}", ms(lifetimes.callback_ttl)),
+    };
+    format!("{},{},{}{kept}", r.code, count(r.read), count(r.unread))
 }
 
-/// `fetched_ms,code,read,unread` → the receipt and its fetch time in Redis ms.
-fn decode(value: &str) -> Option<(u64, Receipt)> {
+/// `fetched_ms,code,read,unread[,c<fresh_ms>]` → the receipt, its fetch time in Redis ms
+/// and what keeps it current.
+fn decode(value: &str) -> Option<(u64, Receipt, KeptBy)> {
+    let (value, kept_by) = match value.rsplit_once(",c") {
+        Some((rest, life)) if life.parse::<u64>().is_ok() => (rest, KeptBy::Callbacks),
+        _ => (value, KeptBy::Polling),
+    };
     let mut parts = value.split(',');
     let fetched = parts.next()?.parse().ok()?;
     let code = ErrorCode(parts.next()?.parse().ok()?);
@@ -406,7 +505,10 @@ fn decode(value: &str) -> Option<(u64, Receipt)> {
     };
     let read = count(parts.next())?;
     let unread = count(parts.next())?;
-    Some((fetched, Receipt { code, read, unread }))
+    if parts.next().is_some() {
+        return None;
+    }
+    Some((fetched, Receipt { code, read, unread }, kept_by))
 }
 
 fn text(v: &redis::Value) -> Option<String> {
@@ -437,8 +539,9 @@ pub fn decode_claim(reply: &[redis::Value], misses: &[MsgSeq], now: Instant) -> 
         ..Claim::default()
     };
     for (i, (&seq, role)) in misses.iter().zip(roles.bytes()).enumerate() {
-        if let Some((fetched, receipt)) = text(reply.get(2 + i)?).as_deref().and_then(decode) {
-            claim.items.push((seq, SharedItem { receipt, fetched_at: at(fetched), fresh: role == b'f' }));
+        if let Some((fetched, receipt, kept_by)) = text(reply.get(2 + i)?).as_deref().and_then(decode) {
+            let item = SharedItem { receipt, fetched_at: at(fetched), fresh: role == b'f', kept_by };
+            claim.items.push((seq, item));
         }
         match role {
             b'm' => claim.mine.push(seq),
@@ -457,11 +560,26 @@ mod tests {
     fn items_round_trip_with_and_without_counts() {
         let full = Receipt { code: ErrorCode::OK, read: Some(3), unread: Some(4) };
         let none = Receipt { code: ErrorCode::NO_RECEIPT, read: None, unread: None };
+        let lifetimes = Lifetimes {
+            ttl: Duration::from_secs(1),
+            negative_ttl: Duration::from_secs(1),
+            stale: Duration::from_secs(60),
+            claim: Duration::from_secs(3),
+            cohort_memory: Duration::from_secs(4),
+            neighbourhood: 50,
+            callback_ttl: Duration::from_secs(10),
+            fetched: KeptBy::Polling,
+        };
         for r in [full, none] {
-            assert_eq!(decode(&format!("1700,{}", encode(&r))), Some((1700, r)));
+            for kept_by in [KeptBy::Polling, KeptBy::Callbacks] {
+                let value = format!("1700,{}", encode(&r, kept_by, lifetimes));
+                assert_eq!(decode(&value), Some((1700, r, kept_by)), "{value}");
+            }
         }
+        assert_eq!(encode(&full, KeptBy::Callbacks, lifetimes), "0,3,4,c10000");
         assert_eq!(decode("x,0,1,2"), None);
         assert_eq!(decode("1,0,1"), None);
+        assert_eq!(decode("1,0,1,2,9"), None);
     }
 
     #[test]

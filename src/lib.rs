@@ -59,12 +59,13 @@ pub mod api;
 pub mod app;
 pub mod batch;
 pub mod budget;
-pub mod callback;
 pub mod cache;
+pub mod callback;
 pub mod clients;
 pub mod code;
 pub mod config;
 pub mod demo;
+pub mod detail;
 pub mod dispatch;
 pub mod domain;
 pub mod engine;
@@ -153,7 +154,7 @@ pub async fn run_reloading(
     if let Some(fleet) = &fleet {
         let log = Arc::new(ReadLog::default());
         cache = cache.with_read_log(log.clone());
-        tasks.spawn(fleet.clone().subscribe());
+        tasks.spawn(fleet.clone().subscribe(cache.clone()));
         // Reads are shared four times a TTL, and kept as long as a read counts.
         let every = (config.cache.ttl / 4).clamp(READS_EVERY_MIN, READS_EVERY_MAX);
         let keep = BatchPolicy::cohort_memory_for(config.cache.ttl) + config.cache.ttl;
@@ -172,6 +173,15 @@ pub async fn run_reloading(
         // replica need not wait for them to expire.
         let dropped = move |group: GroupId, seqs: Vec<MsgSeq>| receipts::give_up(&dropped, &group, &seqs);
         tasks.spawn(dispatch::run(app.engine.clone(), app.budget.clone(), app.budget_wait.clone(), send, dropped));
+        // The detail API's queue holds only single-call permits: no batch is ever sent.
+        let detail = app.detail.clone();
+        tasks.spawn(dispatch::run(
+            detail.engine.clone(),
+            detail.budget.clone(),
+            detail.budget_wait.clone(),
+            |_| {},
+            |_, _| {},
+        ));
         tracing::info!(sdkappid = %app.id, region = ?app.region, endpoint = %app_config.endpoint, "app configured");
         apps.insert(app.id, app);
     }

@@ -7,10 +7,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use receipt_gateway::config::Config;
 use receipt_gateway::domain::AppId;
-use receipt_gateway::simulator::{SimApp, SimOptions, Simulator};
+use receipt_gateway::simulator::{CallbackPlayer, SimApp, SimOptions, Simulator};
 use receipt_gateway::usersig::{self, SecretKey};
 use receipt_gateway::{Listeners, demo, shutdown};
 use tokio::net::TcpListener;
@@ -50,21 +50,31 @@ enum Command {
         expire: u64,
     },
     /// Run the Tencent simulator; keys from $TENCENT_IM_SECRET_KEY.
-    Simulate {
-        #[arg(long, default_value = "127.0.0.1:18080")]
-        listen: SocketAddr,
-        /// SDKAPPID:IDENTIFIER, once per app.
-        #[arg(long = "app", required = true)]
-        apps: Vec<String>,
-        /// Calls allowed per rolling second per (sdkappid, API).
-        #[arg(long, default_value_t = 200)]
-        limit: u32,
-        /// The most MsgSeqs one call may carry.
-        #[arg(long, default_value_t = 50)]
-        max_seqs: usize,
-    },
+    Simulate(SimulateArgs),
     /// Simulator and gateway on loopback with a built-in config.
     Demo,
+}
+
+#[derive(Args)]
+struct SimulateArgs {
+    #[arg(long, default_value = "127.0.0.1:18080")]
+    listen: SocketAddr,
+    /// SDKAPPID:IDENTIFIER, once per app.
+    #[arg(long = "app", required = true)]
+    apps: Vec<String>,
+    /// Calls allowed per rolling second per (sdkappid, API).
+    #[arg(long, default_value_t = 200)]
+    limit: u32,
+    /// The most MsgSeqs one receipt call may carry.
+    #[arg(long, default_value_t = 50)]
+    max_seqs: usize,
+    /// Make the group members read the messages asked about, and deliver each read here
+    /// as a Group.CallbackAfterReadReceipt (signed with $TENCENT_IM_CALLBACK_TOKEN when set).
+    #[arg(long)]
+    callback_url: Option<String>,
+    /// How many reads the members make per second (with --callback-url).
+    #[arg(long, default_value_t = 10.0, requires = "callback_url")]
+    reads_per_second: f64,
 }
 
 fn main() -> ExitCode {
@@ -77,7 +87,7 @@ fn main() -> ExitCode {
         Command::Serve => serve(config_path),
         Command::CheckConfig => check_config(config_path),
         Command::Usersig { sdkappid, identifier, expire } => print_usersig(sdkappid, &identifier, expire),
-        Command::Simulate { listen, apps, limit, max_seqs } => simulate(listen, &apps, limit, max_seqs),
+        Command::Simulate(args) => simulate(args),
         Command::Demo => runtime_then(|| async { demo::run().await.map_err(|e| e.to_string()) }),
     }
 }
@@ -174,13 +184,13 @@ fn print_usersig(sdkappid: u64, identifier: &str, expire: u64) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn simulate(listen: SocketAddr, apps: &[String], limit: u32, max_seqs: usize) -> ExitCode {
+fn simulate(args: SimulateArgs) -> ExitCode {
     let key = match secret_from_env() {
         Ok(k) => k,
         Err(code) => return code,
     };
     let mut sim_apps = Vec::new();
-    for spec in apps {
+    for spec in &args.apps {
         let parsed = spec.split_once(':').and_then(|(id, ident)| Some((id.parse::<u64>().ok()?, ident)));
         match parsed {
             Some((id, ident)) if !ident.is_empty() => {
@@ -192,11 +202,34 @@ fn simulate(listen: SocketAddr, apps: &[String], limit: u32, max_seqs: usize) ->
             }
         }
     }
-    let options = SimOptions { apps: sim_apps, limit_per_second: limit, max_seqs };
+    let player = match args.callback_url.as_deref().map(|url| member_player(url, args.reads_per_second)) {
+        None => None,
+        Some(Ok(player)) => Some(player),
+        Some(Err(code)) => return code,
+    };
+    let players = player.as_ref().map(|p| format!(", members reading {}/s into {}", p.reads_per_second(), p.url()));
+    let (listen, limit, max_seqs) = (args.listen, args.limit, args.max_seqs);
+    let options = SimOptions { limit_per_second: limit, max_seqs, player, ..SimOptions::new(sim_apps) };
     runtime_then(|| async move {
         let listener = TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
-        println!("Tencent simulator on http://{addr} (limit {limit}/s, at most {max_seqs} MsgSeqs per call)");
+        println!(
+            "Tencent simulator on http://{addr} (limit {limit}/s per API, at most {max_seqs} MsgSeqs per call{})",
+            players.unwrap_or_default()
+        );
         Simulator::new(options).serve(listener, shutdown::signal()).await.map_err(|e| e.to_string())
+    })
+}
+
+/// The member player of `simulate --callback-url`; its token from
+/// $TENCENT_IM_CALLBACK_TOKEN (unsigned callbacks when it is unset or empty).
+fn member_player(url: &str, reads_per_second: f64) -> Result<CallbackPlayer, ExitCode> {
+    let player = CallbackPlayer::new(url, reads_per_second).map_err(|e| {
+        eprintln!("--callback-url / --reads-per-second: {e}");
+        ExitCode::from(EXIT_CONFIG)
+    })?;
+    Ok(match std::env::var("TENCENT_IM_CALLBACK_TOKEN") {
+        Ok(token) if !token.trim().is_empty() => player.with_token(SecretKey::new(token.trim())),
+        _ => player,
     })
 }

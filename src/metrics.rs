@@ -13,6 +13,8 @@ use crate::domain::AppId;
 
 /// The API label of the receipt call.
 pub const API_RECEIPT: &str = "get_group_msg_receipt";
+/// The `api` label of the detail API (SPEC 2.2).
+pub const API_DETAIL: &str = "get_group_msg_receipt_detail";
 
 /// Where a served item came from (`receipt_gateway_items_total{source}`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,6 +59,7 @@ pub struct Metrics {
     pub client_rejected: IntCounterVec,
     pub budget_calls: IntCounterVec,
     pub config_reloads: IntCounterVec,
+    pub callbacks: IntCounterVec,
     pub fleet_backend_up: IntGauge,
     pub usersig_expiry: GaugeVec,
 }
@@ -157,6 +160,12 @@ impl Metrics {
                 "receipt_gateway_budget_calls_total",
                 "Upstream calls (retries included) spent for each client's batches, by the fair share (SPEC 6.5).",
                 &["app", "api", "client"],
+            )?,
+            callbacks: counter(
+                "receipt_gateway_callbacks_total",
+                "Tencent callbacks taken on /callback, by app, command (known commands, else other) and result (ok, \
+                 bad_sign, bad_body, forward_error).",
+                &["app", "command", "result"],
             )?,
             config_reloads: counter(
                 "receipt_gateway_config_reloads_total",

@@ -181,9 +181,12 @@ fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
     }
     // Secrets print redacted: compared as they are (tokens need no check, a reload
     // applies whatever the clients' now are).
-    let keys = |c: &Config| c.apps.iter().map(|a| a.secret.expose().to_owned()).collect::<Vec<_>>();
+    let keys = |c: &Config| {
+        let token = |a: &crate::config::AppConfig| a.callback_token.as_ref().map(|t| t.expose().to_owned());
+        c.apps.iter().map(|a| (a.secret.expose().to_owned(), token(a))).collect::<Vec<_>>()
+    };
     if keys(running) != keys(new) && !changed.contains(&"apps") {
-        changed.push("apps (a secret key)");
+        changed.push("apps (a secret key or callback token)");
     }
     changed
 }

@@ -2,7 +2,8 @@
 //! request parsing, and responses. A request passes, in this order:
 //! drain check → route → app → client (who, its token, its quota) → deadline and
 //! `Cache-Control` → body (size-capped, within the deadline) → validation →
-//! [`receipts::answer`] → response, metrics, one log line.
+//! [`receipts::answer`] → response, metrics, one log line. `/callback` is routed to
+//! [`callback::handle`] (Tencent's webhooks, no client, no budget).
 //! Errors become HTTP in exactly one place, [`error_response`].
 
 use std::collections::HashMap;
@@ -23,14 +24,16 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::api::{RECEIPT_PATH, ReceiptRequest, ReceiptResponse};
+use crate::api::{DETAIL_PATH, RECEIPT_PATH, ReceiptRequest, ReceiptResponse};
 use crate::app::AppRuntime;
+use crate::callback::{self, CALLBACK_PATH};
 use crate::clients::{self, Client, Rejection};
 use crate::config::ServerConfig;
+use crate::detail::{DetailAnswer, DetailQuery, DetailRequest};
 use crate::domain::AppId;
 use crate::error::{Blame, GatewayError};
 use crate::metrics::Metrics;
-use crate::receipts::{self, Answer, Freshness, Query};
+use crate::receipts::{self, Answer, Freshness, Query, XCache};
 use crate::reload::ClientsCell;
 use crate::shutdown::Drain;
 
@@ -127,7 +130,7 @@ pub async fn handle(req: Request<Incoming>, gw: Arc<Gateway>) -> Result<Response
         Some(_in_flight) => route(req, &gw, arrived, &mut trace).await,
     };
     let response = match outcome {
-        Ok(answer) => answer_response(answer),
+        Ok(response) => response,
         Err(e) => {
             trace.blame = Some(e.blame());
             if matches!(e, GatewayError::Overloaded { .. }) {
@@ -145,8 +148,12 @@ pub async fn handle(req: Request<Incoming>, gw: Arc<Gateway>) -> Result<Response
     // The app's label was formatted once at start-up; no allocation per request.
     let app_label = trace.app.and_then(|a| gw.apps.get(&a)).map_or("none", |a| a.metrics.app_label.as_str());
     let elapsed = arrived.elapsed();
-    gw.metrics.requests.with_label_values(&[app_label, client, status_label(status), cause]).inc();
-    gw.metrics.request_duration.with_label_values(&[app_label]).observe(elapsed.as_secs_f64());
+    // Callbacks are Tencent's, not callers' requests: receipt_gateway_callbacks_total
+    // counts them.
+    if path != CALLBACK_PATH {
+        gw.metrics.requests.with_label_values(&[app_label, client, status_label(status), cause]).inc();
+        gw.metrics.request_duration.with_label_values(&[app_label]).observe(elapsed.as_secs_f64());
+    }
     tracing::info!(
         method = %method,
         path = %path,
@@ -186,10 +193,72 @@ async fn route(
     gw: &Gateway,
     arrived: Instant,
     trace: &mut Trace,
-) -> Result<Answer, GatewayError> {
-    if req.uri().path() != RECEIPT_PATH {
-        return Err(GatewayError::NotFound);
+) -> Result<Response<Full<Bytes>>, GatewayError> {
+    match req.uri().path() {
+        RECEIPT_PATH => receipt(req, gw, arrived, trace).await.map(answer_response),
+        DETAIL_PATH => detail(req, gw, arrived, trace).await.map(|answer| {
+            trace.x_cache = Some(answer.x_cache.as_str());
+            cached_response(answer.body, answer.x_cache, answer.age)
+        }),
+        CALLBACK_PATH => {
+            let mut taken = callback::Taken::default();
+            let deadline = arrived + gw.config.request_timeout;
+            let answered = callback::handle(req, gw, deadline, &mut taken).await;
+            trace.app = taken.app;
+            trace.group = taken.group;
+            trace.items = taken.items;
+            answered
+        }
+        _ => Err(GatewayError::NotFound),
     }
+}
+
+/// `get_group_msg_receipt` (SPEC 2.1).
+async fn receipt(
+    req: Request<Incoming>,
+    gw: &Gateway,
+    arrived: Instant,
+    trace: &mut Trace,
+) -> Result<Answer, GatewayError> {
+    let (app, client, deadline, freshness) = admit(&req, gw, arrived, trace)?;
+    let body = read_body(req, gw.config.max_body_bytes, deadline).await?;
+    let parsed = ReceiptRequest::parse(&body, gw.config.max_request_seqs)
+        .map_err(|e| GatewayError::BadRequest(e.to_string()))?;
+    trace.group = Some(parsed.group.to_string());
+    trace.items = parsed.seqs.len();
+    let query = Query { group: parsed.group, seqs: parsed.seqs, freshness, arrived, deadline, client: client.slot };
+    let answer = receipts::answer(app, query).await?;
+    trace.x_cache = Some(answer.x_cache.as_str());
+    Ok(answer)
+}
+
+/// `get_group_msg_receipt_detail` (SPEC 2.2).
+async fn detail(
+    req: Request<Incoming>,
+    gw: &Gateway,
+    arrived: Instant,
+    trace: &mut Trace,
+) -> Result<DetailAnswer, GatewayError> {
+    let (app, client, deadline, freshness) = admit(&req, gw, arrived, trace)?;
+    let body = read_body(req, gw.config.max_body_bytes, deadline).await?;
+    let parsed = DetailRequest::parse(&body).map_err(GatewayError::BadRequest)?;
+    trace.group = Some(parsed.group.to_string());
+    trace.items = 1;
+    let query = DetailQuery { freshness, arrived, deadline, client: client.slot };
+    app.detail.answer(parsed, query).await
+}
+
+/// A data request past [`admit`]: its app, client, deadline and `Cache-Control`.
+type Admitted<'a> = (&'a Arc<AppRuntime>, Arc<Client>, Instant, Freshness);
+
+/// What both data APIs check before reading the body: method, app, client (its token
+/// and quota), deadline and `Cache-Control`.
+fn admit<'a>(
+    req: &Request<Incoming>,
+    gw: &'a Gateway,
+    arrived: Instant,
+    trace: &mut Trace,
+) -> Result<Admitted<'a>, GatewayError> {
     if req.method() != Method::POST {
         return Err(GatewayError::MethodNotAllowed);
     }
@@ -203,16 +272,7 @@ async fn route(
     trace.client = Some(client.clone());
     client.admit(arrived).inspect_err(|_| trace.rejected = Some(Rejection::Quota))?;
     let deadline = arrived + deadline(req.headers(), gw.config.request_timeout)?;
-    let freshness = freshness(req.headers());
-    let body = read_body(req, gw.config.max_body_bytes, deadline).await?;
-    let parsed = ReceiptRequest::parse(&body, gw.config.max_request_seqs)
-        .map_err(|e| GatewayError::BadRequest(e.to_string()))?;
-    trace.group = Some(parsed.group.to_string());
-    trace.items = parsed.seqs.len();
-    let query = Query { group: parsed.group, seqs: parsed.seqs, freshness, arrived, deadline, client: client.slot };
-    let answer = receipts::answer(app, query).await?;
-    trace.x_cache = Some(answer.x_cache.as_str());
-    Ok(answer)
+    Ok((app, client, deadline, freshness(req.headers())))
 }
 
 /// Picks the app from `sdkappid`, which may be left out when only one is configured.
@@ -265,7 +325,7 @@ fn freshness(headers: &HeaderMap) -> Freshness {
 }
 
 /// Reads the body, refusing more than `max` bytes and giving up at the deadline.
-async fn read_body(req: Request<Incoming>, max: usize, deadline: Instant) -> Result<Bytes, GatewayError> {
+pub(crate) async fn read_body(req: Request<Incoming>, max: usize, deadline: Instant) -> Result<Bytes, GatewayError> {
     let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > max as u64) {
         return Err(GatewayError::BodyTooLarge(max));
@@ -279,7 +339,7 @@ async fn read_body(req: Request<Incoming>, max: usize, deadline: Instant) -> Res
     }
 }
 
-fn json(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
+pub(crate) fn json(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -287,10 +347,16 @@ fn json(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
 }
 
 fn answer_response(answer: Answer) -> Response<Full<Bytes>> {
-    let mut response = json(StatusCode::OK, answer.body.to_bytes());
+    cached_response(Bytes::from(answer.body.to_bytes()), answer.x_cache, answer.age)
+}
+
+/// An answer with `X-Cache` and `Age`.
+fn cached_response(body: Bytes, x_cache: XCache, age: u64) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body));
     let headers = response.headers_mut();
-    headers.insert("x-cache", HeaderValue::from_static(answer.x_cache.as_str()));
-    headers.insert(header::AGE, HeaderValue::from(answer.age));
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert("x-cache", HeaderValue::from_static(x_cache.as_str()));
+    headers.insert(header::AGE, HeaderValue::from(age));
     response
 }
 

@@ -115,6 +115,9 @@ mod tests {
             identifier: "administrator".into(),
             secret: SecretKey::new("k"),
             endpoint: "http://127.0.0.1:9".into(),
+            callbacks: false,
+            callback_token: None,
+            callback_forward: None,
             usersig_ttl: Duration::from_secs(ttl_s),
         }
     }

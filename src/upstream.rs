@@ -2,9 +2,11 @@
 //!
 //! It owns the connection pool (rustls with the bundled web PKI roots, keep-alive), the
 //! app's [`Signer`], and the classification of every answer into what the caller must do
-//! next. It makes exactly one HTTP call per [`Upstream::get_receipts`]: retries, splits
-//! and budget are the caller's (`fetch`), so that every attempt is paid for.
+//! next. It makes exactly one HTTP call per [`Upstream::get_receipts`] (or
+//! [`Upstream::get_detail`], for the detail API's client): retries, splits and budget
+//! are the caller's (`fetch`, `detail`), so that every attempt is paid for.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,11 +19,11 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use prometheus::{Histogram, IntCounter, IntCounterVec};
 use tokio::time::Instant;
 
-use crate::api::{RECEIPT_PATH, ReceiptRequest, ReceiptResponse};
+use crate::api::{DETAIL_PATH, RECEIPT_PATH, ReceiptRequest, ReceiptResponse};
 use crate::code::ErrorCode;
 use crate::config::AppConfig;
 use crate::domain::{AppId, GroupId, MsgSeq, Receipt};
-use crate::metrics::{API_RECEIPT, Metrics};
+use crate::metrics::{API_DETAIL, API_RECEIPT, Metrics};
 use crate::signer::Signer;
 
 /// Tencent's answers are small; this bounds what a broken upstream can make us buffer.
@@ -72,15 +74,26 @@ pub fn classify(code: ErrorCode, info: String) -> Outcome {
     }
 }
 
-/// A signed client for one app. Clones share the pool.
+/// What one detail call came to: Tencent's answer to pass through (success, or an
+/// answer about the group or the request), or what to do about a failure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Passed {
+    Answer(Bytes),
+    Failed(Outcome),
+}
+
+/// A signed client for one app and API. Clones share the pool and the signer.
+#[derive(Clone)]
 pub struct Upstream {
     app: AppId,
     /// For the log line: the configured region, or `endpoint` when only an endpoint is set.
     region: &'static str,
-    signer: Signer,
+    signer: Arc<Signer>,
     url: String,
     timeout: Duration,
     client: HttpClient,
+    /// Which API this client calls (`api` label, log lines).
+    api: &'static str,
     /// `receipt_gateway_upstream_calls_total` for this app and API; results are labels.
     calls: IntCounterVec,
     app_label: String,
@@ -108,18 +121,35 @@ pub fn http_client() -> Result<HttpClient, rustls::Error> {
 }
 
 impl Upstream {
+    /// The pooled client, which the callback tee shares.
+    pub fn client(&self) -> &HttpClient {
+        &self.client
+    }
+
+    /// The receipt API's client for `app`.
     pub fn new(app: &AppConfig, timeout: Duration, client: HttpClient, metrics: &Metrics) -> Self {
         let label = app.id.to_string();
         Self {
             app: app.id,
             region: app.region.map_or("endpoint", |r| r.name()),
-            signer: Signer::new(app, metrics.usersig_expiry.with_label_values(&[label.as_str()])),
+            signer: Arc::new(Signer::new(app, metrics.usersig_expiry.with_label_values(&[label.as_str()]))),
             url: format!("{}{RECEIPT_PATH}", app.endpoint),
             timeout,
             client,
+            api: API_RECEIPT,
             calls: metrics.upstream_calls.clone(),
             duration: metrics.upstream_duration.with_label_values(&[label.as_str(), API_RECEIPT]),
             app_label: label,
+        }
+    }
+
+    /// The detail API's client of the same app: the same signer and pool.
+    pub fn for_detail(&self, endpoint: &str, metrics: &Metrics) -> Self {
+        Self {
+            url: format!("{endpoint}{DETAIL_PATH}"),
+            api: API_DETAIL,
+            duration: metrics.upstream_duration.with_label_values(&[self.app_label.as_str(), API_DETAIL]),
+            ..self.clone()
         }
     }
 
@@ -129,30 +159,87 @@ impl Upstream {
     }
 
     fn calls_with(&self, result: &str) -> IntCounter {
-        self.calls.with_label_values(&[self.app_label.as_str(), API_RECEIPT, result])
+        self.calls.with_label_values(&[self.app_label.as_str(), self.api, result])
     }
 
     /// One signed call for `seqs` of `group`. Never retries.
     pub async fn get_receipts(&self, group: &GroupId, seqs: &[MsgSeq]) -> Outcome {
         let started = Instant::now();
         let (outcome, label) = self.call(group, seqs).await;
+        self.observe(started, &label, seqs.len());
+        outcome
+    }
+
+    /// One signed detail call with `body` (Tencent's own shape). Never retries.
+    pub async fn get_detail(&self, body: Vec<u8>) -> Passed {
+        let started = Instant::now();
+        let (passed, label) = match self.exchange(body).await {
+            Err((outcome, label)) => (Passed::Failed(outcome), label),
+            Ok(bytes) => match serde_json::from_slice::<ReceiptResponse>(&bytes) {
+                Err(e) => (
+                    Passed::Failed(Outcome::Retryable { reason: format!("unreadable answer: {e}") }),
+                    "transport".into(),
+                ),
+                Ok(reply) if reply.error_code.is_ok() && reply.action_status == "OK" => {
+                    (Passed::Answer(bytes), "ok".into())
+                }
+                Ok(reply) => {
+                    let code = if reply.error_code.is_ok() { ErrorCode::NONE } else { reply.error_code };
+                    match classify(code, reply.error_info) {
+                        // About the group or the request: Tencent's answer is the caller's.
+                        Outcome::Group { .. } | Outcome::InvalidParameter { .. } => {
+                            (Passed::Answer(bytes), code.to_string())
+                        }
+                        other => (Passed::Failed(other), code.to_string()),
+                    }
+                }
+            },
+        };
+        self.observe(started, &label, 1);
+        passed
+    }
+
+    /// Counts and logs one call.
+    fn observe(&self, started: Instant, label: &str, seqs: usize) {
         let elapsed = started.elapsed();
         self.duration.observe(elapsed.as_secs_f64());
-        self.calls_with(label.as_str()).inc();
+        self.calls_with(label).inc();
         tracing::info!(
             sdkappid = %self.app,
             region = self.region,
+            api = self.api,
             endpoint = %self.url,
-            seqs = seqs.len(),
+            seqs,
             result = %label,
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             "upstream call"
         );
-        outcome
     }
 
     async fn call(&self, group: &GroupId, seqs: &[MsgSeq]) -> (Outcome, String) {
         let body = ReceiptRequest { group: group.clone(), seqs: seqs.to_vec() }.to_body();
+        let bytes = match self.exchange(body).await {
+            Ok(bytes) => bytes,
+            Err(failed) => return failed,
+        };
+        let reply: ReceiptResponse = match serde_json::from_slice(&bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                // Counted with transport failures: the bytes arrived, but not an answer.
+                return (Outcome::Retryable { reason: format!("unreadable answer: {e}") }, "transport".into());
+            }
+        };
+        if !reply.error_code.is_ok() || reply.action_status != "OK" {
+            let code = if reply.error_code.is_ok() { ErrorCode::NONE } else { reply.error_code };
+            return (classify(code, reply.error_info), code.to_string());
+        }
+        let items = reply.items.unwrap_or_default();
+        (Outcome::Items(items.iter().map(|i| (MsgSeq(i.seq), i.receipt())).collect()), "ok".into())
+    }
+
+    /// One signed POST of `body`: the answer's bytes on HTTP success, else what failed
+    /// and its label.
+    async fn exchange(&self, body: Vec<u8>) -> Result<Bytes, (Outcome, String)> {
         let uri = format!(
             "{}?sdkappid={}&identifier={}&usersig={}&random={}&contenttype=json",
             self.url,
@@ -170,7 +257,7 @@ impl Upstream {
             Ok(r) => r,
             Err(e) => {
                 let info = format!("bad request URI: {e}");
-                return (Outcome::Final { code: ErrorCode::NONE, info }, "transport".into());
+                return Err((Outcome::Final { code: ErrorCode::NONE, info }, "transport".into()));
             }
         };
         let attempt = async {
@@ -186,31 +273,19 @@ impl Upstream {
         let (status, bytes) = match tokio::time::timeout(self.timeout, attempt).await {
             Err(_) => {
                 let reason = format!("no answer within {} ms", self.timeout.as_millis());
-                return (Outcome::NoAnswer { reason }, "timeout".into());
+                return Err((Outcome::NoAnswer { reason }, "timeout".into()));
             }
-            Ok(Err((label, reason))) => return (Outcome::NoAnswer { reason }, label.into()),
+            Ok(Err((label, reason))) => return Err((Outcome::NoAnswer { reason }, label.into())),
             Ok(Ok(answer)) => answer,
         };
         if !status.is_success() {
             let label = format!("http_{}", status.as_u16());
             if status.is_server_error() {
-                return (Outcome::Retryable { reason: format!("HTTP {status}") }, label);
+                return Err((Outcome::Retryable { reason: format!("HTTP {status}") }, label));
             }
-            return (Outcome::Final { code: ErrorCode::NONE, info: format!("HTTP {status}") }, label);
+            return Err((Outcome::Final { code: ErrorCode::NONE, info: format!("HTTP {status}") }, label));
         }
-        let reply: ReceiptResponse = match serde_json::from_slice(&bytes) {
-            Ok(r) => r,
-            Err(e) => {
-                // Counted with transport failures: the bytes arrived, but not an answer.
-                return (Outcome::Retryable { reason: format!("unreadable answer: {e}") }, "transport".into());
-            }
-        };
-        if !reply.error_code.is_ok() || reply.action_status != "OK" {
-            let code = if reply.error_code.is_ok() { ErrorCode::NONE } else { reply.error_code };
-            return (classify(code, reply.error_info), code.to_string());
-        }
-        let items = reply.items.unwrap_or_default();
-        (Outcome::Items(items.iter().map(|i| (MsgSeq(i.seq), i.receipt())).collect()), "ok".into())
+        Ok(bytes)
     }
 }
 

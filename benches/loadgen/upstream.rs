@@ -49,7 +49,7 @@ pub struct UpstreamStats {
 impl Upstream {
     pub async fn start(s: &SimSettings) -> Result<Upstream> {
         let app = SimApp { app: AppId(SDKAPPID), identifier: IDENTIFIER.into(), key: SecretKey::new(SECRET) };
-        let options = SimOptions { apps: vec![app], limit_per_second: s.limit, max_seqs: s.max_seqs };
+        let options = SimOptions { limit_per_second: s.limit, max_seqs: s.max_seqs, ..SimOptions::new(vec![app]) };
         let (sim, url, server) =
             Simulator::spawn(options).await.map_err(|e| format!("cannot start the simulator: {e}"))?;
         sim.set_latency(s.latency);
@@ -150,6 +150,7 @@ mod tests {
     fn calls_are_counted_per_group() {
         let call = |group: Option<&str>| CallRecord {
             at: Instant::now(),
+            api: receipt_gateway::simulator::SimApi::Receipt,
             app: Some(AppId(SDKAPPID)),
             group: group.map(str::to_owned),
             seqs: vec![1, 2],

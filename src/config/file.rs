@@ -56,12 +56,13 @@ pub(super) struct RawCache {
     pub(super) ttl_ms: u64,
     pub(super) stale_ms: u64,
     pub(super) negative_ttl_ms: u64,
+    pub(super) callback_ttl_ms: u64,
     pub(super) max_entries: u64,
 }
 
 impl Default for RawCache {
     fn default() -> Self {
-        Self { ttl_ms: 1000, stale_ms: 60000, negative_ttl_ms: 1000, max_entries: 1_000_000 }
+        Self { ttl_ms: 1000, stale_ms: 60000, negative_ttl_ms: 1000, callback_ttl_ms: 10000, max_entries: 1_000_000 }
     }
 }
 
@@ -143,10 +144,20 @@ pub(super) struct RawApp {
     pub(super) endpoint: Option<String>,
     #[serde(default = "default_usersig_ttl")]
     pub(super) usersig_ttl_s: u64,
+    #[serde(default)]
+    pub(super) callbacks: bool,
+    pub(super) callback_token_env: Option<String>,
+    pub(super) callback_forward_url: Option<String>,
+    #[serde(default = "default_forward_timeout")]
+    pub(super) callback_forward_timeout_ms: u64,
 }
 
 fn default_usersig_ttl() -> u64 {
     86400
+}
+
+fn default_forward_timeout() -> u64 {
+    2000
 }
 
 /// One calling service (SPEC 6.5).

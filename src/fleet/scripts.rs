@@ -6,9 +6,10 @@
 //! now minus the Redis time it was fetched at, the same on every replica.
 //!
 //! Per group:
-//! - `items` — hash MsgSeq → `fetched_ms,code,read,unread` (counts empty when absent);
-//!   expires `ttl + stale` after its last write, and past 256 items a write drops those
-//!   past their stale window;
+//! - `items` — hash MsgSeq → `fetched_ms,code,read,unread` (counts empty when absent),
+//!   then `,c<fresh_ms>` for an item kept current by callbacks (fresh that long rather
+//!   than `ttl`); expires `ttl + stale` after its last write, and past 256 items a write
+//!   drops those past their stale window;
 //! - `inflight` — hash MsgSeq → `owner,expires_ms`: the replica fetching it, until when;
 //! - `lease` — the replica whose next call for the group takes the `wanted` set;
 //! - `wanted` — set of MsgSeqs other replicas wait for, taken by the lease holder's call;
@@ -35,7 +36,7 @@ if other_leads then lease_end = now + math.max(redis.call('PTTL', KEYS[3]), 0) e
 local function fresh(v)
   if not v then return false end
   local f, code = string.match(v, '^(%d+),(%-?%d+)')
-  local life = ttl
+  local life = tonumber(string.match(v, ',c(%d+)$') or ttl)
   if code == '10062' then life = neg end
   return now - tonumber(f) < life
 end
@@ -103,9 +104,9 @@ local function item(seq)
   local v = redis.call('HGET', KEYS[1], seq)
   if not v then return nil end
   local f, code = string.match(v, '^(%d+),(%-?%d+)')
-  local life = ttl
+  local life = tonumber(string.match(v, ',c(%d+)$') or ttl)
   if code == '10062' then life = neg end
-  return tonumber(f), now - tonumber(f) < life, code
+  return tonumber(f), now - tonumber(f) < life, code, life
 end
 -- Whether some replica's unexpired claim holds seq.
 local function busy(seq)
@@ -138,8 +139,8 @@ if #taken < room then
     if #taken >= room then break end
     local seq = reads[i]
     if not chosen[seq] and now - tonumber(reads[i + 1]) <= memory then
-      local f, _, code = item(seq)
-      if f and code ~= '10062' and f + ttl <= now + ttl / 2 and not busy(seq) then take(seq) end
+      local f, _, code, life = item(seq)
+      if f and code ~= '10062' and f + life <= now + life / 2 and not busy(seq) then take(seq) end
     end
   end
 end
@@ -215,12 +216,38 @@ redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return 1
 "#;
 
+/// A callback's reads of one group (SPEC 2.3): stores each item unless Redis holds a
+/// newer one, then tells every replica (the items themselves, so that each replica's own
+/// cache takes them at once) and wakes the requests waiting for the group. KEYS: items.
+/// ARGV: keep_ms, stored channel, waiter message, callbacks channel, callbacks message,
+/// then triples of MsgSeq, age_ms (how long ago the read happened) and
+/// `code,read,unread,c<fresh_ms>`. Returns how many items were stored.
+pub const CALLBACK: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local stored = 0
+for i = 6, #ARGV, 3 do
+  local at = now - tonumber(ARGV[i + 1])
+  local held = redis.call('HGET', KEYS[1], ARGV[i])
+  local f = held and tonumber(string.match(held, '^(%d+),'))
+  if not f or f <= at then
+    redis.call('HSET', KEYS[1], ARGV[i], at .. ',' .. ARGV[i + 2])
+    stored = stored + 1
+  end
+end
+if stored > 0 and redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return stored
+"#;
+
 /// The scripts, hashed once; sent by SHA and reloaded by the crate on NOSCRIPT.
 pub struct Scripts {
     pub claim: Script,
     pub take: Script,
     pub store: Script,
     pub reads: Script,
+    pub callback: Script,
 }
 
 impl Scripts {
@@ -230,6 +257,7 @@ impl Scripts {
             take: Script::new(TAKE),
             store: Script::new(STORE),
             reads: Script::new(READS),
+            callback: Script::new(CALLBACK),
         }
     }
 }

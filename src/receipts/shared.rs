@@ -12,7 +12,7 @@ use super::{Answer, Query, Slot, XCache, acceptable};
 use crate::admission;
 use crate::api::ReceiptResponse;
 use crate::app::{AppRuntime, SharedTier};
-use crate::cache::{Cached, GroupAnswer, Page};
+use crate::cache::{Answer as CacheAnswer, Cached, GroupAnswer, Page};
 use crate::domain::{GroupId, MsgSeq};
 use crate::fleet;
 use crate::metrics::Source;
@@ -65,14 +65,19 @@ pub(super) async fn round(
     let page = if claim.items.is_empty() {
         None
     } else {
-        let items = claim.items.iter().map(|(seq, item)| (*seq, item.receipt, item.fetched_at));
+        let items = claim.items.iter().map(|(seq, item)| CacheAnswer {
+            seq: *seq,
+            receipt: item.receipt,
+            fetched_at: item.fetched_at,
+            kept_by: item.kept_by,
+        });
         Some(app.cache.insert_each(app.id, &q.group, items).await)
     };
     let now = Instant::now();
     let mut served = Vec::new();
     for (seq, item) in &claim.items {
         let Ok(i) = slots.binary_search_by_key(seq, |s| s.seq) else { continue };
-        let fresh_for = if item.receipt.is_negative() { tier.lifetimes().negative_ttl } else { tier.lifetimes().ttl };
+        let fresh_for = tier.lifetimes().fresh_for(&item.receipt, item.kept_by);
         let cached =
             Cached { receipt: item.receipt, fetched_at: item.fetched_at, fresh_until: item.fetched_at + fresh_for };
         let slot = &mut slots[i];

@@ -1,20 +1,23 @@
 //! What the simulator remembers between calls: the ledger of calls, the rolling-second
-//! windows of the rate limit, queued faults and receipt overrides.
+//! windows of the rate limit, queued faults, receipt overrides, and the member player's
+//! candidates and the reads it played.
 //!
-//! Invariant: a call enters its app's rate window exactly when it is recorded with an
-//! `error_code` other than 60007, so the limit the simulator enforces and
-//! [`max_in_window`] over the ledger always agree.
+//! Invariant: a call enters its (app, API) rate window exactly when it is recorded with
+//! an `error_code` other than 60007, so the limit the simulator enforces and
+//! [`max_in_window`] over the ledger's calls to that API always agree.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::api::RECEIPT_PATH;
+use crate::api::{DETAIL_PATH, RECEIPT_PATH};
 use crate::code::ErrorCode;
 use crate::domain::{AppId, Receipt};
 
 use super::Fault;
+use super::detail::{FinishField, member_account};
+use super::player::{Playable, PlayedRead};
 use super::rules::default_receipt;
 
 /// The `error_code` recorded for calls answered with an HTTP fault or not answered.
@@ -23,16 +26,43 @@ pub const NO_ERROR_CODE: ErrorCode = ErrorCode::NONE;
 /// The rolling window of the rate limit.
 const RATE_WINDOW: Duration = Duration::from_secs(1);
 
-/// One call that reached the receipt route, as the simulator saw and answered it.
+/// The APIs the simulator answers. Tencent limits each one separately, so each has its
+/// own rate window, and the ledger says which one a call went to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SimApi {
+    /// `get_group_msg_receipt`: read counts of several messages.
+    Receipt,
+    /// `get_group_msg_receipt_detail`: who has (not) read one message, paged.
+    Detail,
+}
+
+impl SimApi {
+    pub fn path(self) -> &'static str {
+        match self {
+            Self::Receipt => RECEIPT_PATH,
+            Self::Detail => DETAIL_PATH,
+        }
+    }
+
+    /// The API served at `path`, if any.
+    pub fn at_path(path: &str) -> Option<Self> {
+        [Self::Receipt, Self::Detail].into_iter().find(|api| api.path() == path)
+    }
+}
+
+/// One call that reached an API's route, as the simulator saw and answered it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CallRecord {
     /// When the whole request had arrived (the rate limit looks at the same instant).
     pub at: Instant,
+    /// Which API the call went to.
+    pub api: SimApi,
     /// The `sdkappid` the call named, configured or not; `None` if absent or not a number.
     pub app: Option<AppId>,
     /// The body's `GroupId`, when the body parsed.
     pub group: Option<String>,
-    /// The body's MsgSeqs in order, when the body parsed (even if there were too many).
+    /// The body's MsgSeqs in order, when the body parsed (even if there were too many);
+    /// a detail call's one `MsgSeq`.
     pub seqs: Vec<u64>,
     /// The ErrorCode answered: 0 for OK, [`NO_ERROR_CODE`] for HTTP faults and drops.
     pub error_code: ErrorCode,
@@ -49,9 +79,15 @@ pub(super) struct State {
     /// MsgSeqs that make a whole call fail with 10004 (see `Simulator::reject_seq`).
     pub rejected: std::collections::HashSet<u64>,
     pub base_latency: Duration,
+    /// How detail answers name their "last page" flag.
+    pub finish_field: FinishField,
+    /// The (group, seq)s the member player may make someone read next.
+    pub playable: Playable,
+    /// Every read the member player made, in order.
+    pub reads: Vec<PlayedRead>,
     /// Arrivals counted against each (app, API) budget within the last second. The API
     /// is part of the key because Tencent limits each API separately.
-    windows: HashMap<(AppId, &'static str), VecDeque<Instant>>,
+    windows: HashMap<(AppId, SimApi), VecDeque<Instant>>,
 }
 
 impl State {
@@ -59,8 +95,8 @@ impl State {
     /// the second before it. Only calls let through enter the window: Tencent counts what
     /// it served, so a client that backs off after 60007 gets its budget back one second
     /// after its served calls, however often it was refused meanwhile.
-    pub fn admit(&mut self, app: AppId, at: Instant, limit: usize) -> bool {
-        let window = self.window(app, at);
+    pub fn admit(&mut self, app: AppId, api: SimApi, at: Instant, limit: usize) -> bool {
+        let window = self.window(app, api, at);
         if window.len() >= limit {
             return false;
         }
@@ -70,16 +106,31 @@ impl State {
 
     /// Counts a call against the budget without asking (a fault that pre-empted the
     /// limiter still reached Tencent's front door).
-    pub fn spend(&mut self, app: AppId, at: Instant) {
-        self.window(app, at).push_back(at);
+    pub fn spend(&mut self, app: AppId, api: SimApi, at: Instant) {
+        self.window(app, api, at).push_back(at);
     }
 
-    /// The receipt to report: the test's override if it set one, else the default.
+    /// The receipt to report: an override (the test's, or the player's) if one is set,
+    /// else the default.
     pub fn receipt(&self, group: &str, seq: u64) -> Receipt {
-        match self.overrides.get(&(group.to_owned(), seq)) {
-            Some(&(read, unread)) => Receipt { code: ErrorCode::OK, read: Some(read), unread: Some(unread) },
-            None => default_receipt(group, seq),
-        }
+        receipt_in(&self.overrides, group, seq)
+    }
+
+    /// Makes the next unread member of the next playable (group, seq) read it, `at`:
+    /// `ReadNum + 1`, `UnreadNum - 1`, stored as an override so that both APIs answer
+    /// the new counts from now on. `None` when nothing is left to read.
+    pub fn play_read(&mut self, at: Instant) -> Option<PlayedRead> {
+        let overrides = &self.overrides;
+        let (app, group, seq) = self.playable.pick(|g, s| unread_in(overrides, g, s))?;
+        let receipt = self.receipt(&group, seq);
+        let read = receipt.read.unwrap_or(0);
+        // `pick` chose it for having an unread member, so this subtraction succeeds.
+        let unread = receipt.unread.unwrap_or(0).checked_sub(1)?;
+        let played =
+            PlayedRead { app, group, seq, member: member_account(read), read: read.saturating_add(1), unread, at };
+        self.overrides.insert((played.group.clone(), seq), (played.read, unread));
+        self.reads.push(played.clone());
+        Some(played)
     }
 
     /// The ledger's arrival times of the calls `keep` selects, sorted.
@@ -90,14 +141,27 @@ impl State {
         times
     }
 
-    /// The app's receipt-API window, with arrivals a second or more before `now` dropped.
-    fn window(&mut self, app: AppId, now: Instant) -> &mut VecDeque<Instant> {
-        let window = self.windows.entry((app, RECEIPT_PATH)).or_default();
+    /// The (app, API) window, with arrivals a second or more before `now` dropped.
+    fn window(&mut self, app: AppId, api: SimApi, now: Instant) -> &mut VecDeque<Instant> {
+        let window = self.windows.entry((app, api)).or_default();
         while window.front().is_some_and(|&t| now.duration_since(t) >= RATE_WINDOW) {
             window.pop_front();
         }
         window
     }
+}
+
+fn receipt_in(overrides: &HashMap<(String, u64), (u64, u64)>, group: &str, seq: u64) -> Receipt {
+    match overrides.get(&(group.to_owned(), seq)) {
+        Some(&(read, unread)) => Receipt { code: ErrorCode::OK, read: Some(read), unread: Some(unread) },
+        None => default_receipt(group, seq),
+    }
+}
+
+/// How many members have yet to read (group, seq); 0 when it has no receipt.
+fn unread_in(overrides: &HashMap<(String, u64), (u64, u64)>, group: &str, seq: u64) -> u64 {
+    let receipt = receipt_in(overrides, group, seq);
+    if receipt.code == ErrorCode::OK { receipt.unread.unwrap_or(0) } else { 0 }
 }
 
 /// The most instants (sorted) that span less than `window`: a two-pointer sweep. "Less
@@ -139,13 +203,44 @@ mod tests {
         let app = AppId(1);
         let t0 = Instant::now();
         let at = |ms| t0 + Duration::from_millis(ms);
-        assert!(state.admit(app, at(0), 2));
-        assert!(state.admit(app, at(500), 2));
-        assert!(!state.admit(app, at(999), 2));
-        assert!(state.admit(app, at(1000), 2));
-        assert!(!state.admit(app, at(1499), 2));
-        // Another app has its own budget.
-        assert!(state.admit(AppId(2), at(1499), 2));
+        let receipt = SimApi::Receipt;
+        assert!(state.admit(app, receipt, at(0), 2));
+        assert!(state.admit(app, receipt, at(500), 2));
+        assert!(!state.admit(app, receipt, at(999), 2));
+        assert!(state.admit(app, receipt, at(1000), 2));
+        assert!(!state.admit(app, receipt, at(1499), 2));
+        // Another app, and another API of the same app, have their own budgets.
+        assert!(state.admit(AppId(2), receipt, at(1499), 2));
+        assert!(state.admit(app, SimApi::Detail, at(1499), 2));
+        assert!(state.admit(app, SimApi::Detail, at(1499), 2));
+        assert!(!state.admit(app, SimApi::Detail, at(1499), 2));
+    }
+
+    #[test]
+    fn apis_are_found_by_path() {
+        assert_eq!(SimApi::at_path(RECEIPT_PATH), Some(SimApi::Receipt));
+        assert_eq!(SimApi::at_path(DETAIL_PATH), Some(SimApi::Detail));
+        assert_eq!(SimApi::at_path("/v4/nope"), None);
+    }
+
+    #[test]
+    fn a_played_read_moves_one_member_and_stops_when_all_have_read() {
+        let mut state = State::default();
+        let t0 = Instant::now();
+        state.overrides.insert(("g".into(), 1), (2, 2));
+        state.playable.offer(AppId(1), "g", 1);
+        state.playable.offer(AppId(1), "g", 2_000_000);
+
+        let first = state.play_read(t0).map(|r| (r.member, r.read, r.unread));
+        let second = state.play_read(t0).map(|r| (r.member, r.read, r.unread));
+        let none = state.play_read(t0);
+
+        assert_eq!(first, Some(("member-2".into(), 3, 1)));
+        assert_eq!(second, Some(("member-3".into(), 4, 0)));
+        assert_eq!(none, None, "everyone has read, and 2000000 has no receipt");
+        let now = state.receipt("g", 1);
+        assert_eq!((now.read, now.unread), (Some(4), Some(0)));
+        assert_eq!(state.reads.len(), 2);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Tencent's rules for a receipt call, as pure functions: which query parameters it
 //! requires, how it judges a UserSig and a body, which groups fail, and what counts it
-//! reports. No I/O and no shared state, so each rule is testable on its own; the
-//! simulator's server decides in which order they run.
+//! reports. The query, UserSig and group rules hold for the detail API too (its body
+//! rules are in `detail`). No I/O and no shared state, so each rule is testable on its
+//! own; the simulator's server decides in which order they run.
 
 use std::collections::HashMap;
 
@@ -64,9 +65,8 @@ pub(super) fn check_caller(params: &QueryParams, app: &SimApp, now: u64) -> Resu
     Ok(())
 }
 
-/// A body that parsed must also respect the MsgSeq limit (10004, naming the limit).
-pub(super) fn check_body(parsed: Result<ReceiptRequest, Fail>, max_seqs: usize) -> Result<ReceiptRequest, Fail> {
-    let request = parsed?;
+/// A receipt body that parsed must also respect the MsgSeq limit (10004, naming the limit).
+pub(super) fn check_seq_count(request: ReceiptRequest, max_seqs: usize) -> Result<ReceiptRequest, Fail> {
     let got = request.seqs.len();
     if got > max_seqs {
         let info = format!("MsgSeqList has {got} entries; at most {max_seqs} are allowed");

@@ -117,7 +117,7 @@ pub struct Fixture {
 impl Fixture {
     pub async fn new(name: &str, limit: u32) -> Fixture {
         let app = SimApp { app: AppId(APP), identifier: "administrator".into(), key: SecretKey::new(KEY) };
-        let options = SimOptions { apps: vec![app], limit_per_second: limit, max_seqs: 50 };
+        let options = SimOptions { limit_per_second: limit, max_seqs: 50, ..SimOptions::new(vec![app]) };
         let (sim, sim_url, server) = Simulator::spawn(options).await.expect("simulator starts");
         let dir = std::env::temp_dir().join(format!("receipt-gateway-fleet-{}-{name}", std::process::id()));
         let client = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(256).build_http();
@@ -476,4 +476,48 @@ async fn no_secret_reaches_a_log_line() {
     }
     assert!(log.contains("\"client\":\"billing\""), "the client id is logged");
     assert!(log.contains("upstream call"), "the upstream call was logged (with its signed URL's endpoint only)");
+}
+
+/// A signed-less callback (the test app has no callback token) to `replica`.
+async fn callback(f: &Fixture, replica: &Replica, body: String) -> StatusCode {
+    let query = format!("SdkAppid={APP}&CallbackCommand=Group.CallbackAfterReadReceipt&contenttype=json");
+    let request =
+        Request::post(format!("{}/callback?{query}", replica.url)).body(Full::new(Bytes::from(body))).unwrap();
+    within(f.client.request(request)).await.expect("the replica answers").status()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_taken_by_one_replica_reaches_every_replicas_answers_within_100_ms() {
+    let _heavy = heavy().await;
+    let f = Fixture::new("callback", 200).await;
+    let redis = RedisServer::start(&f.dir.join("redis")).await;
+    let sections = "[cache]\nttl_ms = 60000\n";
+    let (a, b) = (f.replica("a", &redis, sections), f.replica("b", &redis, sections));
+    // Both hold the item, fresh for a minute, as Tencent first answered it.
+    let fetched = f.post(&a, &body("g-cb", &[1]), &[]).await;
+    assert_eq!(f.post(&b, &body("g-cb", &[1]), &[]).await.body, fetched.body);
+    assert_eq!(f.sim.call_count(), 1);
+    let (read, unread) = (fetched.items()[0].1 + 1, fetched.items()[0].2.saturating_sub(1));
+
+    let event_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+    let reads = format!(
+        r#"{{"GroupId":"g-cb","EventTime":{event_ms},"GroupMsgReceiptList":[{{"MsgSeq":1,"ReadNum":{read},"UnreadNum":{unread}}}]}}"#
+    );
+    assert_eq!(callback(&f, &a, reads).await, StatusCode::OK);
+    let told = Instant::now();
+    // b's answer, from its own memory, shows the read: pushed to it through Redis.
+    loop {
+        let reply = f.post(&b, &body("g-cb", &[1]), &[]).await;
+        if reply.items()[0].1 == read {
+            assert_eq!(reply.header("x-cache"), Some("HIT"));
+            break;
+        }
+        assert!(told.elapsed() < Duration::from_millis(100), "b still answers the old count after 100 ms");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // And a replica started now finds it in Redis, fresh for callback_ttl_ms.
+    let c = f.replica("c", &redis, sections);
+    let reply = f.post(&c, &body("g-cb", &[1]), &[]).await;
+    assert_eq!((reply.header("x-cache"), reply.items()[0].1), (Some("HIT"), read));
+    assert_eq!(f.sim.call_count(), 1, "callbacks cost no upstream call");
 }

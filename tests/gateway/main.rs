@@ -3,6 +3,7 @@
 //! simulator's calls.
 
 mod api;
+mod callbacks;
 mod cli;
 mod clients;
 mod cluster;

@@ -32,6 +32,10 @@ const KEY2: &str = "test-key-of-app-two";
 /// The bearer token of the test config's `billing` client.
 pub const BILLING_TOKEN: &str = "billing-secret-token-0123";
 
+/// The callback token of Tencent's documented Sign example (`apps.callback_token_env =
+/// "CALLBACK_TOKEN"`).
+pub const CALLBACK_TOKEN: &str = "xxxxyyyy";
+
 /// Secrets for the test config: each app's key under its own variable.
 struct TestSecrets;
 
@@ -41,6 +45,7 @@ impl SecretSource for TestSecrets {
             "KEY_ONE" => Some(KEY.into()),
             "KEY_TWO" => Some(KEY2.into()),
             "BILLING_TOKEN" => Some(BILLING_TOKEN.into()),
+            "CALLBACK_TOKEN" => Some(CALLBACK_TOKEN.into()),
             _ => None,
         }
     }
@@ -59,11 +64,20 @@ pub struct Setup {
     pub sim_max_seqs: usize,
     /// Another gateway's simulator to share (a second replica), instead of a new one.
     pub shared_sim: Option<(Simulator, String)>,
+    /// More keys for the first app (`callbacks = true`, ...).
+    pub app: String,
 }
 
 impl Default for Setup {
     fn default() -> Self {
-        Self { sections: String::new(), two_apps: false, sim_limit: 200, sim_max_seqs: 50, shared_sim: None }
+        Self {
+            sections: String::new(),
+            two_apps: false,
+            sim_limit: 200,
+            sim_max_seqs: 50,
+            shared_sim: None,
+            app: String::new(),
+        }
     }
 }
 
@@ -218,7 +232,8 @@ impl TestApp {
         if setup.two_apps {
             apps.push(SimApp { app: AppId(APP2), identifier: "admin2".into(), key: SecretKey::new(KEY2) });
         }
-        let options = SimOptions { apps, limit_per_second: setup.sim_limit, max_seqs: setup.sim_max_seqs };
+        let options =
+            SimOptions { limit_per_second: setup.sim_limit, max_seqs: setup.sim_max_seqs, ..SimOptions::new(apps) };
         let (sim, sim_url, sim_server) = match setup.shared_sim {
             Some((sim, url)) => (sim, url, None),
             None => {
@@ -229,7 +244,8 @@ impl TestApp {
         let mut text = setup.sections.clone();
         text.push_str(&format!(
             "\n[[apps]]\nsdkappid = {APP}\nregion = \"singapore\"\nidentifier = \"administrator\"\n\
-             secret_key_env = \"KEY_ONE\"\nendpoint = \"{sim_url}\"\n"
+             secret_key_env = \"KEY_ONE\"\nendpoint = \"{sim_url}\"\n{}\n",
+            setup.app
         ));
         if setup.two_apps {
             text.push_str(&format!(
