@@ -5,7 +5,9 @@
 //! speaks Tencent's own request and response format, answers from a short per-message
 //! cache, never asks twice at once for the same message, merges concurrent callers'
 //! misses for a group into one call, spends the budget as one fair, deadline-ordered queue,
-//! signs with a cached UserSig and routes to the app's region.
+//! signs with a cached UserSig and routes to the app's region. Tencent's read-receipt
+//! callbacks keep the cache current without calls, and the sibling detail API ("who has
+//! read") goes through the same door with a budget of its own.
 //!
 //! # Layout
 //!
@@ -40,6 +42,18 @@
 //!    assembled in the caller's order with `X-Cache` and `Age`, or falls back to stale
 //!    items, or becomes a [`error::GatewayError`] (which says who caused it), which
 //!    [`server`] turns into HTTP in one place.
+//!
+//! Beside it, on the same port, two routes [`server`] hands off after its app lookup:
+//!
+//! - [`callback`] — `POST /callback`, Tencent's webhooks: `Sign` checked, read receipts
+//!   written into the [`cache`] as kept current by callbacks (and, with the [`fleet`]
+//!   tier, into Redis and every replica's cache), `Alert.RequestOverLimit` lowering the
+//!   [`budget`]'s effective rate, and the tee to the company's own handler. No budget,
+//!   no upstream call.
+//! - [`detail`] — `get_group_msg_receipt_detail`: cache by the whole request, identical
+//!   requests joined in flight, admission by the client's share of the detail API's own
+//!   queue ([`engine`] and [`dispatch`] with one token per call, its own [`budget`]),
+//!   then one signed call via [`upstream`] per attempt, Tencent's body passed through.
 //!
 //! Around it: [`config`] (the TOML schema and validation), [`reload`] (SIGHUP and file
 //! changes apply new clients), [`metrics`] (the Prometheus families), [`admin`]

@@ -7,6 +7,7 @@ mod callbacks;
 mod cli;
 mod clients;
 mod cluster;
+mod detail;
 mod engine;
 mod fleet;
 mod redis;

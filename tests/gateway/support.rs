@@ -277,7 +277,12 @@ impl TestApp {
 
     /// POSTs `body` to the receipt path with `query` and extra headers.
     pub async fn post_with(&self, query: &str, body: &str, headers: &[(&str, &str)]) -> Reply {
-        let mut builder = Request::post(format!("{}{RECEIPT}{query}", self.url));
+        self.post_to(&format!("{RECEIPT}{query}"), body, headers).await
+    }
+
+    /// POSTs `body` to `path` (with its query) and extra headers.
+    pub async fn post_to(&self, path: &str, body: &str, headers: &[(&str, &str)]) -> Reply {
+        let mut builder = Request::post(format!("{}{path}", self.url));
         for (k, v) in headers {
             builder = builder.header(*k, *v);
         }
