@@ -24,6 +24,7 @@ pub async fn handle(req: Request<Incoming>, admin: Arc<Admin>) -> Result<Respons
     let (status, content_type, body): (StatusCode, &'static str, Bytes) = match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => {
             admin.metrics.cache_entries.set(admin.cache.entry_count() as i64);
+            admin.drain.publish();
             (StatusCode::OK, "text/plain; version=0.0.4", Bytes::from(admin.metrics.render()))
         }
         (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n")),

@@ -53,9 +53,38 @@ pub enum InvalidBody {
     BadSeq(usize),
 }
 
+/// The common body, read straight into types with the group id borrowed (no
+/// `serde_json::Value` tree): anything it does not take — escapes, nulls, odd types,
+/// duplicate keys — goes to the general path, which names what is wrong.
+#[derive(Deserialize)]
+struct Typed<'a> {
+    #[serde(rename = "GroupId", borrow)]
+    group: &'a str,
+    #[serde(rename = "MsgSeqList")]
+    seqs: Vec<TypedSeq>,
+}
+
+#[derive(Deserialize)]
+struct TypedSeq {
+    #[serde(rename = "MsgSeq")]
+    seq: u64,
+}
+
 impl ReceiptRequest {
     /// Parses and validates a body; `max_seqs` bounds the `MsgSeqList` length.
     pub fn parse(body: &[u8], max_seqs: usize) -> Result<Self, InvalidBody> {
+        if let Ok(typed) = serde_json::from_slice::<Typed<'_>>(body)
+            && !typed.seqs.is_empty()
+            && typed.seqs.len() <= max_seqs
+            && let Ok(group) = GroupId::parse(typed.group)
+        {
+            return Ok(Self { group, seqs: typed.seqs.iter().map(|s| MsgSeq(s.seq)).collect() });
+        }
+        Self::parse_general(body, max_seqs)
+    }
+
+    /// Every body, with the error that names the field (the typed path's fallback).
+    fn parse_general(body: &[u8], max_seqs: usize) -> Result<Self, InvalidBody> {
         let value: Value = serde_json::from_slice(body).map_err(|e| InvalidBody::NotJson(e.to_string()))?;
         let Value::Object(mut object) = value else {
             return Err(InvalidBody::NotObject);
@@ -159,9 +188,55 @@ impl ReceiptResponse {
         Self { action_status: "FAIL".into(), error_code: code, error_info: info.into(), items: None }
     }
 
+    /// The JSON body, written directly (every answer is one; this is the hit path's
+    /// serialisation): the same bytes `serde_json` writes for this struct.
     pub fn to_bytes(&self) -> Vec<u8> {
-        // Strings and integers only: serialisation cannot fail.
-        serde_json::to_vec(self).unwrap_or_default()
+        let items = self.items.as_deref().unwrap_or_default();
+        let mut out = Vec::with_capacity(64 + self.error_info.len() + items.len() * 56);
+        let mut int = itoa::Buffer::new();
+        out.extend_from_slice(b"{\"ActionStatus\":");
+        string(&mut out, &self.action_status);
+        out.extend_from_slice(b",\"ErrorCode\":");
+        out.extend_from_slice(int.format(self.error_code.0).as_bytes());
+        out.extend_from_slice(b",\"ErrorInfo\":");
+        string(&mut out, &self.error_info);
+        if let Some(items) = &self.items {
+            out.extend_from_slice(b",\"GroupMsgReceiptList\":[");
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(b"{\"Code\":");
+                out.extend_from_slice(int.format(item.code.0).as_bytes());
+                out.extend_from_slice(b",\"MsgSeq\":");
+                out.extend_from_slice(int.format(item.seq).as_bytes());
+                if let Some(read) = item.read {
+                    out.extend_from_slice(b",\"ReadNum\":");
+                    out.extend_from_slice(int.format(read).as_bytes());
+                }
+                if let Some(unread) = item.unread {
+                    out.extend_from_slice(b",\"UnreadNum\":");
+                    out.extend_from_slice(int.format(unread).as_bytes());
+                }
+                out.push(b'}');
+            }
+            out.push(b']');
+        }
+        out.push(b'}');
+        out
+    }
+}
+
+/// A JSON string: as is when nothing needs escaping (the usual "OK" and ""), else
+/// through `serde_json`.
+fn string(out: &mut Vec<u8>, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        // Serialising a string into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, s);
     }
 }
 
@@ -205,6 +280,24 @@ mod tests {
     }
 
     #[test]
+    fn the_typed_and_the_general_path_agree() {
+        let bodies = [
+            r#"{"GroupId":"g","MsgSeqList":[{"MsgSeq":2},{"MsgSeq":1},{"MsgSeq":2}],"X":1}"#,
+            r#"{"X":{"y":[1,2]},"MsgSeqList":[{"MsgSeq":7,"Z":null}],"GroupId":"g"}"#,
+            r#"{"GroupId":"g\u0041","MsgSeqList":[{"MsgSeq":1}]}"#,
+            r#"{"GroupId":"g","GroupId":"h","MsgSeqList":[{"MsgSeq":1}]}"#,
+            r#"{"GroupId":"g","MsgSeqList":[{"MsgSeq":1.0}]}"#,
+            r#"{"GroupId":"g","MsgSeqList":[{"MsgSeq":1},{"MsgSeq":2},{"MsgSeq":3},{"MsgSeq":4}]}"#,
+            r#"{"GroupId":"a\tb","MsgSeqList":[{"MsgSeq":1}]}"#,
+            r#"{"GroupId":null,"MsgSeqList":[{"MsgSeq":1}]}"#,
+            r#"{"GroupId":"g","MsgSeqList":[]}"#,
+        ];
+        for body in bodies {
+            assert_eq!(parse(body), ReceiptRequest::parse_general(body.as_bytes(), 3), "{body}");
+        }
+    }
+
+    #[test]
     fn the_largest_msgseq_is_accepted() {
         let r = parse(r#"{"GroupId":"g","MsgSeqList":[{"MsgSeq":18446744073709551615}]}"#).unwrap();
         assert_eq!(r.seqs, vec![MsgSeq(u64::MAX)]);
@@ -219,6 +312,10 @@ mod tests {
         assert_eq!(items[1], ReceiptItem { code: ErrorCode::NO_RECEIPT, seq: 9, read: None, unread: None });
         let again: ReceiptResponse = serde_json::from_slice(&reply.to_bytes()).unwrap();
         assert_eq!(again, reply);
+        assert_eq!(reply.to_bytes(), serde_json::to_vec(&reply).unwrap(), "the same bytes as serde_json");
+        let odd = ReceiptResponse::fail(ErrorCode(-1), "quote \" backslash \\ newline \n tab \t é");
+        assert_eq!(odd.to_bytes(), serde_json::to_vec(&odd).unwrap());
+        assert_eq!(ReceiptResponse::ok_empty().to_bytes(), serde_json::to_vec(&ReceiptResponse::ok_empty()).unwrap());
         let fail: ReceiptResponse =
             serde_json::from_str(r#"{"ActionStatus":"FAIL","ErrorCode":10010,"ErrorInfo":"x"}"#).unwrap();
         assert_eq!(fail, ReceiptResponse::fail(ErrorCode::GROUP_NOT_FOUND, "x"));

@@ -5,8 +5,8 @@
 //! a fixed word — never a group id, a MsgSeq or anything a caller can invent.
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::domain::AppId;
@@ -208,7 +208,8 @@ impl Metrics {
     pub fn for_app(&self, app: AppId) -> AppMetrics {
         let app_label = app.to_string();
         let items = Source::ALL.map(|s| self.items.with_label_values(&[app_label.as_str(), s.label()]));
-        AppMetrics { items, app_label }
+        let request_duration = self.request_duration.with_label_values(&[app_label.as_str()]);
+        AppMetrics { items, request_duration, app_label }
     }
 }
 
@@ -216,6 +217,8 @@ impl Metrics {
 #[derive(Clone)]
 pub struct AppMetrics {
     items: [IntCounter; 5],
+    /// `receipt_gateway_request_duration_seconds` for this app.
+    pub request_duration: Histogram,
     pub app_label: String,
 }
 

@@ -123,7 +123,13 @@ struct Trace {
 pub async fn handle(req: Request<Incoming>, gw: Arc<Gateway>) -> Result<Response<Full<Bytes>>, Infallible> {
     let arrived = Instant::now();
     let method = req.method().clone();
-    let path = req.uri().path().to_owned();
+    // The routes' own names need no copy; anything else is logged as sent.
+    let path: std::borrow::Cow<'static, str> = match req.uri().path() {
+        RECEIPT_PATH => RECEIPT_PATH.into(),
+        DETAIL_PATH => DETAIL_PATH.into(),
+        CALLBACK_PATH => CALLBACK_PATH.into(),
+        other => other.to_owned().into(),
+    };
     let mut trace = Trace::default();
     let outcome = match gw.drain.enter() {
         None => Err(GatewayError::Draining),
@@ -146,13 +152,17 @@ pub async fn handle(req: Request<Incoming>, gw: Arc<Gateway>) -> Result<Response
     }
     let status = response.status().as_u16();
     // The app's label was formatted once at start-up; no allocation per request.
-    let app_label = trace.app.and_then(|a| gw.apps.get(&a)).map_or("none", |a| a.metrics.app_label.as_str());
+    let app = trace.app.and_then(|a| gw.apps.get(&a));
+    let app_label = app.map_or("none", |a| a.metrics.app_label.as_str());
     let elapsed = arrived.elapsed();
     // Callbacks are Tencent's, not callers' requests: receipt_gateway_callbacks_total
     // counts them.
     if path != CALLBACK_PATH {
         gw.metrics.requests.with_label_values(&[app_label, client, status_label(status), cause]).inc();
-        gw.metrics.request_duration.with_label_values(&[app_label]).observe(elapsed.as_secs_f64());
+        match app {
+            Some(app) => app.metrics.request_duration.observe(elapsed.as_secs_f64()),
+            None => gw.metrics.request_duration.with_label_values(&[app_label]).observe(elapsed.as_secs_f64()),
+        }
     }
     tracing::info!(
         method = %method,
@@ -224,7 +234,9 @@ async fn receipt(
     let body = read_body(req, gw.config.max_body_bytes, deadline).await?;
     let parsed = ReceiptRequest::parse(&body, gw.config.max_request_seqs)
         .map_err(|e| GatewayError::BadRequest(e.to_string()))?;
-    trace.group = Some(parsed.group.to_string());
+    if tracing::enabled!(tracing::Level::INFO) {
+        trace.group = Some(parsed.group.to_string());
+    }
     trace.items = parsed.seqs.len();
     let query = Query { group: parsed.group, seqs: parsed.seqs, freshness, arrived, deadline, client: client.slot };
     let answer = receipts::answer(app, query).await?;
@@ -242,7 +254,9 @@ async fn detail(
     let (app, client, deadline, freshness) = admit(&req, gw, arrived, trace)?;
     let body = read_body(req, gw.config.max_body_bytes, deadline).await?;
     let parsed = DetailRequest::parse(&body).map_err(GatewayError::BadRequest)?;
-    trace.group = Some(parsed.group.to_string());
+    if tracing::enabled!(tracing::Level::INFO) {
+        trace.group = Some(parsed.group.to_string());
+    }
     trace.items = 1;
     let query = DetailQuery { freshness, arrived, deadline, client: client.slot };
     app.detail.answer(parsed, query).await
@@ -330,12 +344,21 @@ pub(crate) async fn read_body(req: Request<Incoming>, max: usize, deadline: Inst
     if declared.is_some_and(|n| n > max as u64) {
         return Err(GatewayError::BodyTooLarge(max));
     }
-    let collect = Limited::new(req.into_body(), max).collect();
-    match tokio::time::timeout_at(deadline, collect).await {
-        Err(_) => Err(GatewayError::BadRequest("the request body did not arrive before the deadline".into())),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(GatewayError::BodyTooLarge(max)),
-        Ok(Err(e)) => Err(GatewayError::BadRequest(format!("could not read the request body: {e}"))),
-        Ok(Ok(body)) => Ok(body.to_bytes()),
+    let mut collect = std::pin::pin!(Limited::new(req.into_body(), max).collect());
+    // A small body has usually arrived with the headers: no timer for it.
+    let collected = match futures_util::FutureExt::now_or_never(&mut collect) {
+        Some(collected) => collected,
+        None => match tokio::time::timeout_at(deadline, collect).await {
+            Err(_) => {
+                return Err(GatewayError::BadRequest("the request body did not arrive before the deadline".into()));
+            }
+            Ok(collected) => collected,
+        },
+    };
+    match collected {
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(GatewayError::BodyTooLarge(max)),
+        Err(e) => Err(GatewayError::BadRequest(format!("could not read the request body: {e}"))),
+        Ok(body) => Ok(body.to_bytes()),
     }
 }
 

@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use prometheus::IntGauge;
 use tokio::sync::Notify;
 
-/// Whether the gateway is draining, and how many data requests are in flight.
+/// Whether the gateway is draining, and how many data requests are in flight. The
+/// `receipt_gateway_inflight_requests` gauge is set from the count when it is scraped
+/// ([`Drain::publish`]), not per request: one shared counter per request is enough.
 pub struct Drain {
     draining: AtomicBool,
     inflight: AtomicUsize,
@@ -31,12 +33,16 @@ impl Drain {
     /// Counts a request in, unless the gateway is draining.
     pub fn enter(self: &Arc<Self>) -> Option<InFlight> {
         self.inflight.fetch_add(1, Ordering::SeqCst);
-        self.gauge.inc();
         let guard = InFlight(self.clone());
         if self.is_draining() {
             return None;
         }
         Some(guard)
+    }
+
+    /// Sets the in-flight gauge from the count (before a scrape).
+    pub fn publish(&self) {
+        self.gauge.set(self.inflight.load(Ordering::SeqCst).try_into().unwrap_or(i64::MAX));
     }
 
     pub fn is_draining(&self) -> bool {
@@ -62,7 +68,6 @@ impl Drain {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.gauge.dec();
         if self.0.inflight.fetch_sub(1, Ordering::SeqCst) == 1 && self.0.is_draining() {
             self.0.idle.notify_waiters();
         }
@@ -107,6 +112,10 @@ mod tests {
         assert!(still_busy.is_err(), "idle while a request is in flight");
         drop(request);
         tokio::time::timeout(Duration::from_secs(5), drain.idle()).await.unwrap();
+        drain.publish();
         assert_eq!(drain.gauge.get(), 0);
+        let _again = drain.inflight.fetch_add(1, Ordering::SeqCst);
+        drain.publish();
+        assert_eq!(drain.gauge.get(), 1, "the gauge shows the count when published");
     }
 }
