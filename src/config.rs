@@ -75,6 +75,10 @@ pub struct ServerConfig {
     pub client_id_header: http::HeaderName,
     /// Refuse callers without a configured client id (403).
     pub require_client_auth: bool,
+    /// Connections open at once on the data port; more are closed at once.
+    pub max_connections: usize,
+    /// How long a new connection (either port) may stay silent before it is closed.
+    pub first_bytes_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -245,6 +249,8 @@ impl RawConfig {
             client_id_header: http::HeaderName::from_bytes(s.client_id_header.as_bytes())
                 .map_err(|_| invalid("server.client_id_header", "is not a valid header name"))?,
             require_client_auth: s.require_client_auth,
+            max_connections: in_range("server.max_connections", s.max_connections, 1, 1_000_000)? as usize,
+            first_bytes_timeout: millis("server.first_bytes_timeout_ms", s.first_bytes_timeout_ms, 1, MINUTE_MS)?,
         };
         let c = self.cache;
         let cache = CacheConfig {

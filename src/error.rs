@@ -62,6 +62,9 @@ pub enum GatewayError {
     Upstream(String),
     #[error("deadline passed while waiting for upstream")]
     DeadlineExceeded,
+    /// The request body did not arrive before the deadline.
+    #[error("the request body did not arrive before the deadline")]
+    BodyTimeout,
     #[error("the gateway is shutting down; retry on another replica")]
     Draining,
 }
@@ -84,6 +87,7 @@ impl GatewayError {
             Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Upstream(_) => StatusCode::BAD_GATEWAY,
             Self::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+            Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::Draining => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -99,7 +103,7 @@ impl GatewayError {
             Self::MethodNotAllowed => ErrorCode::METHOD_NOT_ALLOWED,
             Self::Overloaded { .. } => ErrorCode::RATE_LIMITED,
             Self::Upstream(_) | Self::Draining => ErrorCode::INTERNAL,
-            Self::DeadlineExceeded => ErrorCode::TIMEOUT,
+            Self::DeadlineExceeded | Self::BodyTimeout => ErrorCode::TIMEOUT,
         }
     }
 
@@ -113,7 +117,8 @@ impl GatewayError {
             | Self::Forbidden(_)
             | Self::QuotaExceeded { .. }
             | Self::NotFound
-            | Self::MethodNotAllowed => Blame::Caller,
+            | Self::MethodNotAllowed
+            | Self::BodyTimeout => Blame::Caller,
             Self::Upstream(_) | Self::DeadlineExceeded => Blame::Upstream,
             Self::Overloaded { .. } | Self::Draining => Blame::Gateway,
         }

@@ -216,13 +216,23 @@ pub async fn run_reloading(
     if let Some(path) = path {
         tasks.spawn(reload::watch(path, reload::hangups(), config.clone(), gateway.clone(), metrics.clone()));
     }
+    let data_limits = metrics.limits("data", config.server.max_connections, config.server.first_bytes_timeout);
+    let admin_limits = metrics.limits("admin", server::ADMIN_MAX_CONNECTIONS, config.server.first_bytes_timeout);
     let admin = Arc::new(admin::Admin { metrics, cache, drain: drain.clone() });
     let (stop_data, data_stopped) = watch::channel(None);
     let (stop_admin, admin_stopped) = watch::channel(None);
-    let data_server =
-        tokio::spawn(server::serve(listeners.data, move |req| server::handle(req, gateway.clone()), data_stopped));
-    let admin_server =
-        tokio::spawn(server::serve(listeners.admin, move |req| admin::handle(req, admin.clone()), admin_stopped));
+    let data_server = tokio::spawn(server::serve(
+        listeners.data,
+        move |req| server::handle(req, gateway.clone()),
+        data_limits,
+        data_stopped,
+    ));
+    let admin_server = tokio::spawn(server::serve(
+        listeners.admin,
+        move |req| admin::handle(req, admin.clone()),
+        admin_limits,
+        admin_stopped,
+    ));
 
     shutdown.await;
     let grace = config.server.shutdown_grace;

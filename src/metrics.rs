@@ -60,6 +60,8 @@ pub struct Metrics {
     pub budget_calls: IntCounterVec,
     pub config_reloads: IntCounterVec,
     pub callbacks: IntCounterVec,
+    pub connections_open: IntGaugeVec,
+    pub connections_refused: IntCounterVec,
     pub fleet_backend_up: IntGauge,
     pub usersig_expiry: GaugeVec,
 }
@@ -161,6 +163,20 @@ impl Metrics {
                 "Upstream calls (retries included) spent for each client's batches, by the fair share (SPEC 6.5).",
                 &["app", "api", "client"],
             )?,
+            connections_open: {
+                let g = IntGaugeVec::new(
+                    Opts::new("receipt_gateway_connections_open", "Connections open now, by port (data, admin)."),
+                    &["port"],
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            connections_refused: counter(
+                "receipt_gateway_connections_refused_total",
+                "Connections closed unserved, by port and reason (limit: over the port's maximum; silent: nothing \
+                 sent within the first-bytes timeout).",
+                &["port", "reason"],
+            )?,
             callbacks: counter(
                 "receipt_gateway_callbacks_total",
                 "Tencent callbacks taken on /callback, by app, command (known commands, else other) and result (ok, \
@@ -205,6 +221,22 @@ impl Metrics {
     }
 
     /// Handles resolved once per app, so the request path does no label hashing.
+    /// A port's connection limit and metrics (`port` = `data` or `admin`).
+    pub fn limits(
+        &self,
+        port: &str,
+        max_connections: usize,
+        first_bytes: std::time::Duration,
+    ) -> crate::server::Limits {
+        crate::server::Limits {
+            max_connections,
+            first_bytes,
+            open: self.connections_open.with_label_values(&[port]),
+            over_limit: self.connections_refused.with_label_values(&[port, "limit"]),
+            silent: self.connections_refused.with_label_values(&[port, "silent"]),
+        }
+    }
+
     pub fn for_app(&self, app: AppId) -> AppMetrics {
         let app_label = app.to_string();
         let items = Source::ALL.map(|s| self.items.with_label_values(&[app_label.as_str(), s.label()]));

@@ -40,8 +40,36 @@ use crate::shutdown::Drain;
 /// The longest deadline a caller may ask for.
 const MAX_DEADLINE: Duration = Duration::from_secs(60);
 
-/// Concurrent HTTP/2 streams per connection.
-const MAX_H2_STREAMS: u32 = 4096;
+/// Concurrent HTTP/2 streams per connection (nginx allows 128, Envoy 100 by default; a
+/// mesh sidecar multiplexes many callers, so a little more).
+const MAX_H2_STREAMS: u32 = 256;
+/// Response bytes buffered per HTTP/2 stream for a peer that does not read (hyper's
+/// default is 400 KiB; an answer of 1,000 items is about 60 KiB).
+const MAX_H2_SEND_BUFFER: usize = 64 * 1024;
+/// Resets of accepted streams a connection may have pending before it is closed with
+/// GOAWAY (the rapid-reset guard).
+const MAX_PENDING_RESETS: usize = 20;
+/// Connections the admin port keeps open at once: enough for probes and scrapers, and
+/// apart from the data port's, so `/healthz` answers while the data port is full.
+pub const ADMIN_MAX_CONNECTIONS: usize = 64;
+/// The h2 keep-alive: a ping this often on an idle connection, closed if unanswered.
+const H2_PING_EVERY: Duration = Duration::from_secs(30);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How many connections a port keeps, and its connection metrics.
+#[derive(Clone)]
+pub struct Limits {
+    pub max_connections: usize,
+    /// How long a new connection may take to send its first bytes (the HTTP/1.1 request
+    /// line or the h2 preface); a silent one is closed then.
+    pub first_bytes: Duration,
+    /// `receipt_gateway_connections_open{port}`.
+    pub open: prometheus::IntGauge,
+    /// `receipt_gateway_connections_refused_total{port,reason="limit"}`.
+    pub over_limit: prometheus::IntCounter,
+    /// `receipt_gateway_connections_refused_total{port,reason="silent"}`.
+    pub silent: prometheus::IntCounter,
+}
 
 /// What every data request shares.
 pub struct Gateway {
@@ -54,8 +82,10 @@ pub struct Gateway {
 }
 
 /// Serves HTTP/1.1 and h2c on `listener` with `handle` until `stop` names a deadline,
-/// then closes connections gracefully, giving them until that deadline.
-pub async fn serve<H, F>(listener: TcpListener, handle: H, mut stop: watch::Receiver<Option<Instant>>)
+/// then closes connections gracefully, giving them until that deadline. At most
+/// `limits.max_connections` are open at once (more are closed at once), and one that
+/// sends nothing within `limits.first_bytes` is closed.
+pub async fn serve<H, F>(listener: TcpListener, handle: H, limits: Limits, mut stop: watch::Receiver<Option<Instant>>)
 where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
@@ -68,8 +98,12 @@ where
     builder
         .http2()
         .timer(TokioTimer::new())
-        .keep_alive_interval(Duration::from_secs(30))
-        .max_concurrent_streams(MAX_H2_STREAMS);
+        .keep_alive_interval(H2_PING_EVERY)
+        .keep_alive_timeout(H2_PING_TIMEOUT)
+        .max_concurrent_streams(MAX_H2_STREAMS)
+        .max_send_buf_size(MAX_H2_SEND_BUFFER)
+        .max_pending_accept_reset_streams(MAX_PENDING_RESETS);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     let deadline = loop {
         let accepted = tokio::select! {
@@ -88,20 +122,54 @@ where
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Full: closed at once (dropping it), counted, and the accept loop goes on.
+            limits.over_limit.inc();
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let handle = handle.clone();
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service_fn(handle));
-        let conn = graceful.watch(conn.into_owned());
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let limits = limits.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended with an error");
+            let _slot = slot;
+            limits.open.inc();
+            if first_bytes(&stream, limits.first_bytes).await {
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service_fn(handle));
+                if let Err(e) = watcher.watch(conn.into_owned()).await {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+            } else {
+                limits.silent.inc();
             }
+            limits.open.dec();
         });
     };
     drop(listener);
     if tokio::time::timeout_at(deadline, graceful.shutdown()).await.is_err() {
         tracing::warn!("connections still open after the shutdown grace period");
     }
+}
+
+/// Waits until the peer has sent its first bytes (a request line's end or the h2
+/// preface's length), at most `timeout`; false for a silent peer or one that closed.
+/// Peeked, not read: the connection's parser sees them.
+async fn first_bytes(stream: &tokio::net::TcpStream, timeout: Duration) -> bool {
+    /// The h2 preface's length; an HTTP/1.1 request line ends in `\r\n` sooner or later.
+    const ENOUGH: usize = 24;
+    let wait = async {
+        let mut buf = [0u8; ENOUGH];
+        loop {
+            match stream.peek(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) if n >= ENOUGH || buf[..n].windows(2).any(|w| w == b"\r\n") => return true,
+                // Some bytes, not yet enough: wait for more without spinning.
+                Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    };
+    tokio::time::timeout(timeout, wait).await.unwrap_or(false)
 }
 
 /// What the request log line and metrics need, filled in as the request goes.
@@ -189,6 +257,7 @@ fn status_label(status: u16) -> &'static str {
         403 => "403",
         404 => "404",
         405 => "405",
+        408 => "408",
         413 => "413",
         429 => "429",
         502 => "502",
@@ -350,7 +419,7 @@ pub(crate) async fn read_body(req: Request<Incoming>, max: usize, deadline: Inst
         Some(collected) => collected,
         None => match tokio::time::timeout_at(deadline, collect).await {
             Err(_) => {
-                return Err(GatewayError::BadRequest("the request body did not arrive before the deadline".into()));
+                return Err(GatewayError::BodyTimeout);
             }
             Ok(collected) => collected,
         },

@@ -33,6 +33,8 @@ pub(super) struct RawServer {
     pub(super) shutdown_grace_ms: u64,
     pub(super) client_id_header: String,
     pub(super) require_client_auth: bool,
+    pub(super) max_connections: u64,
+    pub(super) first_bytes_timeout_ms: u64,
 }
 
 impl Default for RawServer {
@@ -46,6 +48,8 @@ impl Default for RawServer {
             shutdown_grace_ms: 20000,
             client_id_header: "x-client-id".into(),
             require_client_auth: false,
+            max_connections: 10_000,
+            first_bytes_timeout_ms: 10_000,
         }
     }
 }

@@ -10,6 +10,7 @@ mod cluster;
 mod detail;
 mod engine;
 mod fleet;
+mod hygiene;
 mod redis;
 mod reload;
 mod support;

@@ -1,0 +1,78 @@
+//! Connection hygiene (issue 11): silent connections cannot take the ports, and a body
+//! that does not arrive in time is a 408.
+
+use std::time::Duration;
+
+use http::StatusCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::support::{RECEIPT, Setup, TestApp, body, within};
+
+const MAX: usize = 40;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_cannot_take_the_ports_and_are_closed_by_the_first_bytes_timeout() {
+    let sections = format!("[server]\nmax_connections = {MAX}\nfirst_bytes_timeout_ms = 700\n");
+    let app = TestApp::spawn_with(Setup::sections(&sections)).await;
+    // A caller already connected (the client's pool keeps the connection).
+    assert_eq!(app.post(&body("hygiene", &[1])).await.status, StatusCode::OK);
+
+    let data = app.url.trim_start_matches("http://").to_owned();
+    let mut silent = Vec::new();
+    for _ in 0..2 * MAX {
+        silent.push(within(TcpStream::connect(&data)).await.expect("connects"));
+    }
+    // The flood is accepted (or refused) before the probes: the pooled caller holds one
+    // of the MAX places, so MAX - 1 silent ones are held and MAX + 1 refused.
+    let refused = "receipt_gateway_connections_refused_total{port=\"data\",reason=\"limit\"}";
+    within(async {
+        while app.metric(refused).await < (MAX + 1) as f64 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+
+    let started = Instant::now();
+    let (status, _) = app.admin_get("/healthz").await;
+    assert_eq!(status, StatusCode::OK);
+    let reply = app.post(&body("hygiene", &[1])).await;
+    assert_eq!((reply.status, reply.header("x-cache")), (StatusCode::OK, Some("HIT")));
+    assert!(started.elapsed() < Duration::from_millis(100), "answered in {:?}", started.elapsed());
+    assert_eq!(app.metric(refused).await, (MAX + 1) as f64, "the connections over the limit were closed at once");
+
+    // Every silent connection is closed: at once over the limit, else at the timeout.
+    for conn in &mut silent {
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut byte)).await;
+        assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "closed, not left open: {read:?}");
+    }
+    let timed_out = "receipt_gateway_connections_refused_total{port=\"data\",reason=\"silent\"}";
+    assert_eq!(app.metric(timed_out).await, (MAX - 1) as f64);
+    // And the port takes new connections again.
+    let fresh = within(TcpStream::connect(&data)).await.expect("connects");
+    drop(fresh);
+    assert_eq!(app.metric("receipt_gateway_connections_open{port=\"data\"}").await, 1.0, "the pooled caller");
+}
+
+#[tokio::test]
+async fn a_body_that_does_not_arrive_before_the_deadline_is_408() {
+    let app = TestApp::spawn().await;
+    let data = app.url.trim_start_matches("http://").to_owned();
+    let mut conn = within(TcpStream::connect(&data)).await.expect("connects");
+    let head = format!(
+        "POST {RECEIPT} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\
+         x-request-timeout-ms: 200\r\n\r\n{{\"GroupId\":"
+    );
+    within(conn.write_all(head.as_bytes())).await.expect("writes");
+    let mut answer = vec![0u8; 4096];
+    let n = within(conn.read(&mut answer)).await.expect("answers");
+    let text = String::from_utf8_lossy(&answer[..n]);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("\"ErrorCode\":60008"), "{text}");
+    let sample =
+        "receipt_gateway_requests_total{app=\"1400000000\",cause=\"caller\",client=\"default\",status=\"408\"}";
+    assert_eq!(app.metric(sample).await, 1.0);
+    assert_eq!(app.sim.call_count(), 0);
+}
