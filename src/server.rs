@@ -198,12 +198,15 @@ pub async fn handle(req: Request<Incoming>, gw: Arc<Gateway>) -> Result<Response
         CALLBACK_PATH => CALLBACK_PATH.into(),
         other => other.to_owned().into(),
     };
+    let request_id = request_id(req.headers());
+    let traceparent = req.headers().get("traceparent").and_then(|v| v.to_str().ok()).filter(|t| t.len() <= 128);
+    let traceparent = traceparent.map(str::to_owned);
     let mut trace = Trace::default();
     let outcome = match gw.drain.enter() {
         None => Err(GatewayError::Draining),
         Some(_in_flight) => route(req, &gw, arrived, &mut trace).await,
     };
-    let response = match outcome {
+    let mut response = match outcome {
         Ok(response) => response,
         Err(e) => {
             trace.blame = Some(e.blame());
@@ -213,6 +216,7 @@ pub async fn handle(req: Request<Incoming>, gw: Arc<Gateway>) -> Result<Response
             error_response(&e)
         }
     };
+    response.headers_mut().insert(X_REQUEST_ID, request_id.clone());
     let cause = trace.blame.map_or("none", Blame::label);
     let client = trace.client.as_ref().map_or(clients::DEFAULT, |c| c.id.as_str());
     if let Some(reason) = trace.rejected {
@@ -235,6 +239,8 @@ pub async fn handle(req: Request<Incoming>, gw: Arc<Gateway>) -> Result<Response
     tracing::info!(
         method = %method,
         path = %path,
+        request_id = request_id.to_str().unwrap_or(""),
+        traceparent = traceparent.as_deref().unwrap_or(""),
         sdkappid = %app_label,
         client,
         group_id = trace.group.as_deref().unwrap_or(""),
@@ -246,6 +252,24 @@ pub async fn handle(req: Request<Incoming>, gw: Arc<Gateway>) -> Result<Response
         "request"
     );
     Ok(response)
+}
+
+/// The request id header (SPEC 2.1, 6.3).
+const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
+/// The caller's `x-request-id` when it is a sane one (1–128 visible ASCII characters),
+/// else a new random one (32 hex digits).
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    let sane = |v: &&HeaderValue| {
+        let b = v.as_bytes();
+        !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic())
+    };
+    if let Some(id) = headers.get(&X_REQUEST_ID).filter(sane) {
+        return id.clone();
+    }
+    let id = format!("{:032x}", rand::random::<u128>());
+    // 32 hex digits are always a valid header value.
+    HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("unknown"))
 }
 
 /// Static labels for the statuses the gateway answers with (no allocation per request).

@@ -76,3 +76,33 @@ async fn a_body_that_does_not_arrive_before_the_deadline_is_408() {
     assert_eq!(app.metric(sample).await, 1.0);
     assert_eq!(app.sim.call_count(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_ids_are_echoed_or_generated_and_logged_with_the_traceparent() {
+    use crate::fleet::{Fixture, Replica};
+    let f = Fixture::new("request-id", 200).await;
+    let gateway = Replica::start(&f.dir, "request-id", &f.sim_url, "");
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let mine =
+        f.post(&gateway, &body("ids", &[1]), &[("x-request-id", "caller-id-42"), ("traceparent", traceparent)]).await;
+    assert_eq!(mine.header("x-request-id"), Some("caller-id-42"));
+    let generated = f.post(&gateway, &body("ids", &[1]), &[]).await;
+    let id = generated.header("x-request-id").expect("generated").to_owned();
+    assert_eq!(id.len(), 32, "{id}");
+    assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+    // A header that is no sane id is replaced.
+    let odd = f.post(&gateway, &body("ids", &[1]), &[("x-request-id", "")]).await;
+    assert_eq!(odd.header("x-request-id").map(str::len), Some(32));
+
+    let logged = |needle: &str| {
+        let lines = gateway.log.lock().unwrap();
+        lines.iter().any(|l| l.contains("\"message\":\"request\"") && l.contains(needle))
+    };
+    within(async {
+        while !(logged("\"request_id\":\"caller-id-42\"") && logged(&id)) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(logged(&format!("\"traceparent\":\"{traceparent}\"")));
+}
