@@ -496,8 +496,14 @@ impl Queue {
             }
             alive
         });
-        let late: Vec<BatchId> =
-            batches.iter().filter(|(_, b)| b.kind.useless_after() < now + reach).map(|(id, _)| *id).collect();
+        // Late: no caller could be answered in time. Abandoned: its callers all went
+        // away (each waiting caller holds a receiver of the outcome; the in-flight table
+        // holds one per MsgSeq) — not turned into a background batch either.
+        let useless = |b: &OpenBatch| {
+            let abandoned = matches!(b.kind, BatchKind::Callers { .. }) && b.outcome.receiver_count() <= b.seqs.len();
+            abandoned || b.kind.useless_after() < now + reach
+        };
+        let late: Vec<BatchId> = batches.iter().filter(|(_, b)| useless(b)).map(|(id, _)| *id).collect();
         for id in late {
             let Some(batch) = batches.remove(&id) else { continue };
             lines.remove(&Entry::of_batch(id, batch.kind, batch.client));

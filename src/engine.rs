@@ -320,7 +320,20 @@ mod tests {
         })
     }
 
-    /// Joins `misses` of `name` for a caller with `deadline` (no page, no lookup time).
+    thread_local! {
+        /// The callers' waiters: a caller that went away abandons its batch, so the
+        /// tests' callers keep waiting (paused-time tests run on one thread).
+        static WAITING: std::cell::RefCell<Vec<Waiter>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    /// Keeps the callers of `joined` waiting for the rest of the test.
+    fn keep(joined: Vec<(MsgSeq, Waiter, Joined)>) -> Vec<(MsgSeq, Waiter, Joined)> {
+        WAITING.with(|w| w.borrow_mut().extend(joined.iter().map(|(_, waiter, _)| waiter.clone())));
+        joined
+    }
+
+    /// Joins `misses` of `name` for a caller with `deadline` (no page, no lookup time),
+    /// who keeps waiting.
     fn join(
         e: &Engine,
         name: &str,
@@ -330,10 +343,37 @@ mod tests {
     ) -> Result<Vec<(MsgSeq, Waiter, Joined)>, Overloaded> {
         let g = group(name);
         e.join(Ask { group: &g, page: None, misses, fetched_since: None, deadline, client: ClientSlot::DEFAULT }, pace)
+            .map(keep)
     }
 
     fn kinds(joined: &[(MsgSeq, Waiter, Joined)]) -> Vec<Joined> {
         joined.iter().map(|(_, _, j)| *j).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_whose_callers_all_went_away_leaves_unpaid_and_does_not_linger() {
+        let e = engine(50);
+        let deadline = Instant::now() + S;
+        let g = group("gone");
+        let ask = Ask {
+            group: &g,
+            page: None,
+            misses: &seqs(1..4),
+            fetched_since: None,
+            deadline,
+            client: ClientSlot::DEFAULT,
+        };
+        let gone = e.join(ask, pace(Duration::ZERO)).unwrap();
+        let kept = join(&e, "stays", &seqs(1..2), deadline, pace(Duration::ZERO)).unwrap();
+        drop(gone);
+        tokio::time::advance(3 * MS).await;
+
+        let Some(Job::Batch(sent)) = e.pop(Instant::now(), &hist(), true) else { panic!("the waited-for batch goes") };
+        assert_eq!(sent.group, group("stays"));
+        assert!(e.pop(Instant::now(), &hist(), true).is_none(), "the abandoned one is not paid for");
+        assert_eq!(e.take_dropped(), vec![(group("gone"), seqs(1..4))], "its fleet claims are given up");
+        assert_eq!(e.sizes(), (0, 0, 1), "and nothing of it stays queued or in flight");
+        drop(kept);
     }
 
     #[tokio::test(start_paused = true)]
@@ -463,7 +503,7 @@ mod tests {
             deadline,
             client: ClientSlot::DEFAULT,
         };
-        e.join(ask, pace(Duration::ZERO)).unwrap();
+        keep(e.join(ask, pace(Duration::ZERO)).unwrap());
 
         let misses = [MsgSeq(1), MsgSeq(2)];
         let ask = Ask {
@@ -474,7 +514,7 @@ mod tests {
             deadline,
             client: ClientSlot::DEFAULT,
         };
-        let joined = e.join(ask, pace(Duration::ZERO)).unwrap();
+        let joined = keep(e.join(ask, pace(Duration::ZERO)).unwrap());
 
         let (seq, waiter, how) = &joined[0];
         assert_eq!((*seq, *how), (MsgSeq(1), Joined::Coalesced));
@@ -506,7 +546,7 @@ mod tests {
             deadline,
             client: ClientSlot::DEFAULT,
         };
-        e.join(ask, pace(Duration::ZERO)).unwrap();
+        keep(e.join(ask, pace(Duration::ZERO)).unwrap());
         tokio::time::advance(5 * MS).await;
 
         let Some(Job::Batch(d)) = e.pop(Instant::now(), &hist(), true) else { panic!("no batch") };
@@ -556,7 +596,7 @@ mod tests {
         for i in range {
             let g = group(&format!("c{}-{i}", client.0));
             let ask = Ask { group: &g, page: None, misses: &seqs(0..1), fetched_since: None, deadline, client };
-            e.join(ask, pace).unwrap();
+            keep(e.join(ask, pace).unwrap());
         }
     }
 
@@ -596,7 +636,7 @@ mod tests {
         let later = deadline + S;
         for (client, at) in [(ClientSlot(0), later), (ClientSlot(1), later + S)] {
             let ask = Ask { group: &g, page: None, misses: &seqs(0..1), fetched_since: None, deadline: at, client };
-            e.join(ask, pace(Duration::ZERO)).unwrap();
+            keep(e.join(ask, pace(Duration::ZERO)).unwrap());
         }
         tokio::time::advance(5 * MS).await;
 

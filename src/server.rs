@@ -201,11 +201,15 @@ pub async fn handle(req: Request<Incoming>, gw: Arc<Gateway>) -> Result<Response
     let request_id = request_id(req.headers());
     let traceparent = req.headers().get("traceparent").and_then(|v| v.to_str().ok()).filter(|t| t.len() <= 128);
     let traceparent = traceparent.map(str::to_owned);
-    let mut trace = Trace::default();
+    let mut pending =
+        Unanswered { gw: &gw, request_id: &request_id, path: &path, trace: Trace::default(), done: false };
     let outcome = match gw.drain.enter() {
         None => Err(GatewayError::Draining),
-        Some(_in_flight) => route(req, &gw, arrived, &mut trace).await,
+        Some(_in_flight) => route(req, &gw, arrived, &mut pending.trace).await,
     };
+    pending.done = true;
+    let mut trace = std::mem::take(&mut pending.trace);
+    drop(pending);
     let mut response = match outcome {
         Ok(response) => response,
         Err(e) => {
@@ -254,6 +258,36 @@ pub async fn handle(req: Request<Incoming>, gw: Arc<Gateway>) -> Result<Response
     Ok(response)
 }
 
+/// A request being answered: if its future is dropped first (the caller closed the
+/// connection or reset the stream), counted as `receipt_gateway_requests_total{status="499"}`
+/// (nginx's "client closed request") and logged once.
+struct Unanswered<'a> {
+    gw: &'a Gateway,
+    request_id: &'a HeaderValue,
+    path: &'a str,
+    trace: Trace,
+    done: bool,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if self.done || self.path == CALLBACK_PATH {
+            return;
+        }
+        let app_label =
+            self.trace.app.and_then(|a| self.gw.apps.get(&a)).map_or("none", |a| a.metrics.app_label.as_str());
+        let client = self.trace.client.as_ref().map_or(clients::DEFAULT, |c| c.id.as_str());
+        self.gw.metrics.requests.with_label_values(&[app_label, client, "499", Blame::Caller.label()]).inc();
+        tracing::info!(
+            request_id = self.request_id.to_str().unwrap_or(""),
+            path = self.path,
+            sdkappid = app_label,
+            client,
+            "caller went away before its answer"
+        );
+    }
+}
+
 /// The request id header (SPEC 2.1, 6.3).
 const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
@@ -282,6 +316,7 @@ fn status_label(status: u16) -> &'static str {
         404 => "404",
         405 => "405",
         408 => "408",
+        499 => "499",
         413 => "413",
         429 => "429",
         502 => "502",

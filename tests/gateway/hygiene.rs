@@ -106,3 +106,48 @@ async fn request_ids_are_echoed_or_generated_and_logged_with_the_traceparent() {
     .await;
     assert!(logged(&format!("\"traceparent\":\"{traceparent}\"")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_that_go_away_cost_only_the_calls_already_on_the_wire_and_are_counted_499() {
+    use bytes::Bytes;
+    use http::Request;
+    use http_body_util::Full;
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+
+    // 20 calls a second: 200 callers of uncached groups queue for ten seconds.
+    let app = TestApp::spawn_with(Setup::sections("[budget]\nper_second = 20\n")).await;
+    let h2 = Client::builder(TokioExecutor::new()).http2_only(true).build_http::<Full<Bytes>>();
+    let callers: Vec<_> = (0..200)
+        .map(|i| {
+            let request = Request::post(format!("{}{RECEIPT}", app.url))
+                .header("x-request-timeout-ms", "20000")
+                .body(Full::new(Bytes::from(body(&format!("gone-{i}"), &[1, 2]))))
+                .unwrap();
+            let h2 = h2.clone();
+            tokio::spawn(async move { h2.request(request).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for caller in &callers {
+        caller.abort();
+    }
+    // Every stream reset reaches the gateway: the callers not answered in the first
+    // 100 ms are gone.
+    let gone = "receipt_gateway_requests_total{app=\"1400000000\",cause=\"caller\",client=\"default\",status=\"499\"}";
+    let answered =
+        "receipt_gateway_requests_total{app=\"1400000000\",cause=\"none\",client=\"default\",status=\"200\"}";
+    within(async {
+        while app.metric(gone).await + app.metric(answered).await < 200.0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let on_the_wire = app.sim.call_count() + app.sim.held_calls();
+    // A second of budget later (20 tokens), nothing more was spent on them.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(app.sim.call_count() <= on_the_wire + 1, "{} calls after {on_the_wire}", app.sim.call_count());
+    assert!(on_the_wire <= 6, "only what the first 100 ms could send: {on_the_wire}");
+    assert_eq!(app.metric(gone).await + app.metric(answered).await, 200.0, "each counted once");
+    assert!(app.metric(gone).await >= 190.0);
+}
