@@ -197,6 +197,54 @@ impl BatchKind {
     }
 }
 
+/// The most request ids one upstream call's log line lists; the rest are counted.
+pub const MAX_LOGGED_REQUESTS: usize = 16;
+
+/// The request ids of the callers a batch serves, for its call's log line (SPEC 6.3).
+#[derive(Debug, Default)]
+pub struct RequestIds {
+    ids: Vec<Arc<str>>,
+    more: usize,
+}
+
+impl RequestIds {
+    /// Notes `id` (once; an empty id is not noted).
+    pub fn add(&mut self, id: &str) {
+        if id.is_empty() || self.ids.iter().any(|known| &**known == id) {
+            return;
+        }
+        if self.ids.len() < MAX_LOGGED_REQUESTS {
+            self.ids.push(id.into());
+        } else {
+            self.more += 1;
+        }
+    }
+}
+
+impl std::fmt::Display for RequestIds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, id) in self.ids.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            f.write_str(id)?;
+        }
+        if self.more > 0 {
+            write!(f, " (+{} more)", self.more)?;
+        }
+        Ok(())
+    }
+}
+
+/// A batch's request ids, shared by its queue entry, its group's record of it on the
+/// wire (for callers joining it there) and its call.
+pub type Served = Arc<std::sync::Mutex<RequestIds>>;
+
+/// Notes `request` in `served`.
+pub fn note(served: &Served, request: &str) {
+    served.lock().unwrap_or_else(|p| p.into_inner()).add(request);
+}
+
 /// A batch that can still take MsgSeqs of its group, waiting for a token.
 pub struct OpenBatch {
     pub group: GroupId,
@@ -210,12 +258,14 @@ pub struct OpenBatch {
     /// opened a background batch, until a caller joins).
     pub client: ClientSlot,
     pub outcome: Outcome,
+    /// Its callers' request ids.
+    pub served: Served,
 }
 
 impl OpenBatch {
     pub fn new(group: GroupId, kind: BatchKind, ready_at: Instant, client: ClientSlot) -> Self {
         let (outcome, _) = watch::channel(None);
-        Self { group, seqs: Vec::new(), ready_at, kind, client, outcome }
+        Self { group, seqs: Vec::new(), ready_at, kind, client, outcome, served: Served::default() }
     }
 
     pub fn has_room(&self, max_seqs: usize) -> bool {
@@ -281,10 +331,28 @@ pub struct Dispatch {
     pub outcome: Outcome,
     /// When the dispatcher took it off the queue (its delivery counts from here).
     pub dispatched: Instant,
+    /// Its callers' request ids, joiners on the wire included.
+    pub served: Served,
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_calls_request_ids_are_listed_up_to_sixteen_then_counted() {
+        let mut ids = RequestIds::default();
+        ids.add("a");
+        ids.add("a");
+        ids.add("");
+        ids.add("b");
+        assert_eq!(ids.to_string(), "a,b");
+        for i in 0..20 {
+            ids.add(&format!("r{i}"));
+        }
+        let shown = ids.to_string();
+        assert_eq!(shown.split(',').count(), MAX_LOGGED_REQUESTS);
+        assert!(shown.ends_with(" (+6 more)"), "{shown}");
+    }
+
     use super::*;
 
     #[test]

@@ -315,6 +315,12 @@ fn read_receipts(body: &[u8], wall: SystemTime, now: Instant) -> Result<(GroupId
     Ok((group, answers))
 }
 
+/// Parses a `Group.CallbackAfterReadReceipt` body as `/callback` does; the item count
+/// (for fuzzing and tests).
+pub fn parse_read_receipts(body: &[u8]) -> Result<usize, GatewayError> {
+    read_receipts(body, SystemTime::now(), Instant::now()).map(|(_, answers)| answers.len())
+}
+
 /// Forwards the callback unchanged to the company's handler and relays its answer; a
 /// handler that does not answer in time, or cannot be reached, is 502.
 async fn forward_to(

@@ -33,6 +33,7 @@ use serde_json::Value;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
+use crate::batch::{Served, note};
 use crate::budget::Budget;
 use crate::clients::ClientSlot;
 use crate::config::CacheConfig;
@@ -161,6 +162,8 @@ enum Fetched {
 struct InFlight {
     started: Instant,
     outcome: watch::Receiver<Option<Fetched>>,
+    /// The request ids it serves, for the call's log line.
+    served: Served,
 }
 
 /// The lifetimes, in atomics (µs) so that a reload can change them.
@@ -238,7 +241,12 @@ impl Detail {
     }
 
     /// Answers one request (see the module docs for the order).
-    pub async fn answer(self: &Arc<Self>, req: DetailRequest, q: DetailQuery) -> Result<DetailAnswer, GatewayError> {
+    pub async fn answer(
+        self: &Arc<Self>,
+        req: DetailRequest,
+        q: DetailQuery,
+        request_id: &str,
+    ) -> Result<DetailAnswer, GatewayError> {
         let now = Instant::now();
         let cached = self.answers.get(&req).await;
         if let Some(stored) = &cached
@@ -248,7 +256,7 @@ impl Detail {
             return Ok(DetailAnswer { body: stored.body.clone(), x_cache: XCache::Hit, age });
         }
         let stale = cached.filter(|s| now < s.fetched_at + self.lifetimes.ttl() + self.lifetimes.stale());
-        let mut outcome = match self.join_or_fetch(&req, q) {
+        let mut outcome = match self.join_or_fetch(&req, q, request_id) {
             Ok(outcome) => outcome,
             Err(e) => return serve_stale(stale, e),
         };
@@ -281,11 +289,13 @@ impl Detail {
         self: &Arc<Self>,
         req: &DetailRequest,
         q: DetailQuery,
+        request_id: &str,
     ) -> Result<watch::Receiver<Option<Fetched>>, GatewayError> {
         let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(running) = inflight.get(req)
             && (q.freshness != Freshness::NoCache || running.started >= q.arrived)
         {
+            note(&running.served, request_id);
             return Ok(running.outcome.clone());
         }
         let permit = self
@@ -294,9 +304,11 @@ impl Detail {
             .map_err(|o| GatewayError::Overloaded { retry_after: o.retry_after })?;
         let (tx, rx) = watch::channel(None);
         let started = Instant::now();
-        inflight.insert(req.clone(), InFlight { started, outcome: rx.clone() });
+        let served = Served::default();
+        note(&served, request_id);
+        inflight.insert(req.clone(), InFlight { started, outcome: rx.clone(), served: served.clone() });
         drop(inflight);
-        tokio::spawn(self.clone().fetch(req.clone(), permit, q, tx));
+        tokio::spawn(self.clone().fetch(req.clone(), permit, q, tx, served));
         Ok(rx)
     }
 
@@ -307,8 +319,9 @@ impl Detail {
         permit: oneshot::Receiver<()>,
         q: DetailQuery,
         tx: watch::Sender<Option<Fetched>>,
+        served: Served,
     ) {
-        let fetched = self.attempts(&req, permit, q).await;
+        let fetched = self.attempts(&req, permit, q, &served).await;
         if let Fetched::Answer(stored) = &fetched {
             self.answers.insert(req.clone(), stored.clone()).await;
         }
@@ -323,7 +336,13 @@ impl Detail {
     }
 
     /// One token per attempt; retries per SPEC 5.4, each within the deadline.
-    async fn attempts(&self, req: &DetailRequest, mut permit: oneshot::Receiver<()>, q: DetailQuery) -> Fetched {
+    async fn attempts(
+        &self,
+        req: &DetailRequest,
+        mut permit: oneshot::Receiver<()>,
+        q: DetailQuery,
+        served: &Served,
+    ) -> Fetched {
         let body = req.to_body();
         let mut retries = 0;
         loop {
@@ -335,7 +354,7 @@ impl Detail {
                 return Fetched::Failed(GatewayError::Overloaded { retry_after });
             }
             let sent = Instant::now();
-            let failure = match self.upstream.get_detail(body.clone()).await {
+            let failure = match self.upstream.get_detail(body.clone(), served).await {
                 Passed::Answer(body) => {
                     self.engine.estimates().observe_latency(sent.elapsed());
                     return Fetched::Answer(Arc::new(Stored { body, fetched_at: Instant::now() }));

@@ -275,7 +275,10 @@ impl Queue {
     /// `client`'s caller with `deadline` waits for batch `id` (if it is still open): its
     /// deadlines widen, it moves up the queue if it became more urgent, and into the
     /// joining client's line if that one serves it first ([`Queue::joined`]).
-    pub fn add_caller(&mut self, id: BatchId, deadline: Instant, client: ClientSlot) {
+    pub fn add_caller(&mut self, id: BatchId, deadline: Instant, client: ClientSlot, request: &str) {
+        if let Some(batch) = self.batches.get(&id) {
+            crate::batch::note(&batch.served, request);
+        }
         let Some((kind, owner)) = self.batches.get(&id).map(|b| (b.kind, b.client)) else { return };
         let before = Entry::of_batch(id, kind, owner);
         let (kind, owner) = self.joined(id, kind, owner, deadline, client);
@@ -558,7 +561,7 @@ fn dispatch(groups: &mut Groups, id: BatchId, batch: OpenBatch, now: Instant, po
     let requested = batch.seqs.len();
     let mut seqs = batch.seqs;
     if let Some(g) = groups.get_mut(&batch.group) {
-        g.detach(id, now);
+        g.detach(id, now, batch.served.clone());
         top_up(g, id, &mut seqs, &batch.outcome.subscribe(), now, policy);
     }
     Dispatch {
@@ -569,6 +572,7 @@ fn dispatch(groups: &mut Groups, id: BatchId, batch: OpenBatch, now: Instant, po
         window: Window::of(batch.kind, batch.client, now, policy.upstream_timeout),
         outcome: batch.outcome,
         dispatched: now,
+        served: batch.served,
     }
 }
 

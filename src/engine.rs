@@ -45,6 +45,8 @@ pub struct Ask<'a> {
     pub deadline: Instant,
     /// The caller's client: its line in the queue and its share of the budget.
     pub client: ClientSlot,
+    /// The caller's request id, for the log line of the call that serves it.
+    pub request: &'a str,
 }
 
 /// The queue ahead is too long to serve this request before its deadline.
@@ -128,7 +130,7 @@ impl Engine {
         }
         let caller = Caller { deadline: ask.deadline, client: ask.client };
         for &seq in &misses {
-            joined.extend(g.join(queue, ask.group, seq, caller, now, policy));
+            joined.extend(g.join(queue, ask.group, seq, (caller, ask.request), now, policy));
         }
         self.release(tables);
         Ok(joined)
@@ -342,8 +344,19 @@ mod tests {
         pace: Estimate,
     ) -> Result<Vec<(MsgSeq, Waiter, Joined)>, Overloaded> {
         let g = group(name);
-        e.join(Ask { group: &g, page: None, misses, fetched_since: None, deadline, client: ClientSlot::DEFAULT }, pace)
-            .map(keep)
+        e.join(
+            Ask {
+                group: &g,
+                page: None,
+                misses,
+                fetched_since: None,
+                deadline,
+                client: ClientSlot::DEFAULT,
+                request: "",
+            },
+            pace,
+        )
+        .map(keep)
     }
 
     fn kinds(joined: &[(MsgSeq, Waiter, Joined)]) -> Vec<Joined> {
@@ -362,6 +375,7 @@ mod tests {
             fetched_since: None,
             deadline,
             client: ClientSlot::DEFAULT,
+            request: "",
         };
         let gone = e.join(ask, pace(Duration::ZERO)).unwrap();
         let kept = join(&e, "stays", &seqs(1..2), deadline, pace(Duration::ZERO)).unwrap();
@@ -502,6 +516,7 @@ mod tests {
             fetched_since: None,
             deadline,
             client: ClientSlot::DEFAULT,
+            request: "",
         };
         keep(e.join(ask, pace(Duration::ZERO)).unwrap());
 
@@ -513,6 +528,7 @@ mod tests {
             fetched_since: Some(looked),
             deadline,
             client: ClientSlot::DEFAULT,
+            request: "",
         };
         let joined = keep(e.join(ask, pace(Duration::ZERO)).unwrap());
 
@@ -545,6 +561,7 @@ mod tests {
             fetched_since: None,
             deadline,
             client: ClientSlot::DEFAULT,
+            request: "",
         };
         keep(e.join(ask, pace(Duration::ZERO)).unwrap());
         tokio::time::advance(5 * MS).await;
@@ -595,7 +612,8 @@ mod tests {
     fn queue_for(e: &Engine, client: ClientSlot, range: std::ops::Range<usize>, deadline: Instant, pace: Estimate) {
         for i in range {
             let g = group(&format!("c{}-{i}", client.0));
-            let ask = Ask { group: &g, page: None, misses: &seqs(0..1), fetched_since: None, deadline, client };
+            let ask =
+                Ask { group: &g, page: None, misses: &seqs(0..1), fetched_since: None, deadline, client, request: "" };
             keep(e.join(ask, pace).unwrap());
         }
     }
@@ -635,7 +653,15 @@ mod tests {
         let g = group("shared");
         let later = deadline + S;
         for (client, at) in [(ClientSlot(0), later), (ClientSlot(1), later + S)] {
-            let ask = Ask { group: &g, page: None, misses: &seqs(0..1), fetched_since: None, deadline: at, client };
+            let ask = Ask {
+                group: &g,
+                page: None,
+                misses: &seqs(0..1),
+                fetched_since: None,
+                deadline: at,
+                client,
+                request: "",
+            };
             keep(e.join(ask, pace(Duration::ZERO)).unwrap());
         }
         tokio::time::advance(5 * MS).await;
@@ -663,7 +689,10 @@ mod tests {
         let ask = |name: &str, client| {
             let g = group(name);
             let deadline = now + 3500 * MS;
-            e.join(Ask { group: &g, page: None, misses: &seqs(0..1), fetched_since: None, deadline, client }, slow)
+            e.join(
+                Ask { group: &g, page: None, misses: &seqs(0..1), fetched_since: None, deadline, client, request: "" },
+                slow,
+            )
         };
 
         // Client 1's caller: its 5, and client 0's 3 per one of them (15): 2 s at 10

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use crate::admission;
 use crate::app::{AppRuntime, SharedTier};
-use crate::batch::{BatchOutcome, Dispatch, Failure, Items, Window};
+use crate::batch::{BatchOutcome, Dispatch, Failure, Items, Served, Window};
 use crate::cache::{GroupAnswer, Page};
 use crate::code::ErrorCode;
 use crate::domain::{GroupId, MsgSeq, Receipt};
@@ -43,7 +43,11 @@ pub async fn run(app: Arc<AppRuntime>, mut batch: Dispatch) {
     if let Some(tier) = &app.fleet {
         take_wanted(&app, tier, &mut batch).await;
     }
-    let tally = Tally { splits: AtomicU32::new(split_allowance(batch.seqs.len())), calls: AtomicU32::new(0) };
+    let tally = Tally {
+        splits: AtomicU32::new(split_allowance(batch.seqs.len())),
+        calls: AtomicU32::new(0),
+        served: batch.served.clone(),
+    };
     let mut items = fetch(&app, &batch.group, batch.seqs.clone(), batch.window, Token::Paid, &tally).await;
     settle_unisolated(&mut items);
     let first_call = tally.calls.into_inner() == 1;
@@ -149,6 +153,8 @@ struct Tally {
     splits: AtomicU32,
     /// Upstream calls made.
     calls: AtomicU32,
+    /// The request ids of the callers served, for each call's log line.
+    served: Served,
 }
 
 /// The retries of one call and its halves' own.
@@ -173,7 +179,7 @@ fn fetch<'a>(
                 return fail(&seqs, Failure::NoBudget);
             }
             tally.calls.fetch_add(1, Ordering::Relaxed);
-            let outcome = attempt(app, group, &seqs).await;
+            let outcome = attempt(app, group, &seqs, &tally.served).await;
             match judge(app, outcome, &seqs, &tally.splits, &mut attempts) {
                 Verdict::Done(items) => return items,
                 Verdict::RetryNow => {}
@@ -189,10 +195,10 @@ fn fetch<'a>(
 }
 
 /// One upstream call; its latency feeds admission when Tencent answered at all.
-async fn attempt(app: &AppRuntime, group: &GroupId, seqs: &[MsgSeq]) -> Outcome {
+async fn attempt(app: &AppRuntime, group: &GroupId, seqs: &[MsgSeq], served: &Served) -> Outcome {
     let started = Instant::now();
     app.batch_size.observe(seqs.len() as f64);
-    let outcome = app.upstream.get_receipts(group, seqs).await;
+    let outcome = app.upstream.get_receipts(group, seqs, served).await;
     if !matches!(outcome, Outcome::NoAnswer { .. }) {
         app.engine.estimates().observe_latency(started.elapsed());
     }

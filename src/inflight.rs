@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::batch::{BatchId, BatchKind, BatchOutcome, BatchPolicy, Caller, Joined, OpenBatch, Parked, Waiter};
+use crate::batch::{BatchId, BatchKind, BatchOutcome, BatchPolicy, Caller, Joined, OpenBatch, Parked, Served, Waiter};
 use crate::cache::Page;
 use crate::clients::ClientSlot;
 use crate::dispatch::Queue;
@@ -41,8 +41,8 @@ pub struct GroupState {
     inflight: HashMap<MsgSeq, (BatchId, Waiter)>,
     /// The group's cache page, where its cohort is read from at dispatch.
     page: Option<Arc<Page>>,
-    /// When each of its batches on the wire was dispatched.
-    sent: HashMap<BatchId, Instant>,
+    /// When each of its batches on the wire was dispatched, and whom it serves.
+    sent: HashMap<BatchId, (Instant, Served)>,
 }
 
 impl Groups {
@@ -119,14 +119,14 @@ impl GroupState {
     }
 
     /// The batch has left the group's open list: dispatched at `now`.
-    pub fn detach(&mut self, batch: BatchId, now: Instant) {
+    pub fn detach(&mut self, batch: BatchId, now: Instant, served: Served) {
         self.open.retain(|&other| other != batch);
-        self.sent.insert(batch, now);
+        self.sent.insert(batch, (now, served));
     }
 
     /// When batch `id` was dispatched, if it is on the wire.
     pub fn sent_at(&self, id: BatchId) -> Option<Instant> {
-        self.sent.get(&id).copied()
+        self.sent.get(&id).map(|(at, _)| *at)
     }
 
     /// Puts `seq` in flight with `batch`, which already holds it (a cohort top-up).
@@ -134,24 +134,27 @@ impl GroupState {
         self.inflight.insert(seq, (batch, waiter));
     }
 
-    /// Join-or-add for a caller with `deadline`: joins the batch that carries `seq`, or
-    /// adds `seq` to the group's open batch (opening one if none has room).
+    /// Join-or-add for a caller (with its request id): joins the batch that carries
+    /// `seq`, or adds `seq` to the group's open batch (opening one if none has room).
     pub fn join(
         &mut self,
         queue: &mut Queue,
         group: &GroupId,
         seq: MsgSeq,
-        caller: Caller,
+        (caller, request): (Caller, &str),
         now: Instant,
         policy: &BatchPolicy,
     ) -> Option<(MsgSeq, Waiter, Joined)> {
         if let Some((id, waiter)) = self.inflight.get(&seq) {
-            queue.add_caller(*id, caller.deadline, caller.client);
+            queue.add_caller(*id, caller.deadline, caller.client, request);
+            if let Some((_, served)) = self.sent.get(id) {
+                crate::batch::note(served, request);
+            }
             return Some((seq, waiter.clone(), Joined::Coalesced));
         }
         let kind = BatchKind::for_caller(caller.deadline);
         let id = self.room_or_open(queue, group, kind, caller.client, now, policy);
-        queue.add_caller(id, caller.deadline, caller.client);
+        queue.add_caller(id, caller.deadline, caller.client, request);
         let waiter = queue.push(id, seq, now, policy.max_seqs)?;
         self.inflight.insert(seq, (id, waiter.clone()));
         Some((seq, waiter, Joined::Fetched))

@@ -41,6 +41,8 @@ pub enum Freshness {
 
 /// A validated query for one app.
 pub struct Query {
+    /// The caller's request id (for the log line of the call that serves it).
+    pub request_id: String,
     pub group: GroupId,
     /// In the caller's order, duplicates kept.
     pub seqs: Vec<MsgSeq>,
@@ -157,6 +159,7 @@ pub async fn answer(app: &AppRuntime, q: Query) -> Result<Answer, GatewayError> 
                 fetched_since,
                 deadline: q.deadline,
                 client: q.client,
+                request: &q.request_id,
             };
             match app.engine.join(ask, app.budget.estimate()) {
                 Ok(joined) => joined,

@@ -185,6 +185,8 @@ struct Trace {
     client: Option<Arc<Client>>,
     /// Why the caller was turned away, if it was.
     rejected: Option<Rejection>,
+    /// The request's id.
+    request_id: Option<HeaderValue>,
 }
 
 /// Answers one data request; never fails (errors are answers).
@@ -201,8 +203,8 @@ pub async fn handle(req: Request<Incoming>, gw: Arc<Gateway>) -> Result<Response
     let request_id = request_id(req.headers());
     let traceparent = req.headers().get("traceparent").and_then(|v| v.to_str().ok()).filter(|t| t.len() <= 128);
     let traceparent = traceparent.map(str::to_owned);
-    let mut pending =
-        Unanswered { gw: &gw, request_id: &request_id, path: &path, trace: Trace::default(), done: false };
+    let trace = Trace { request_id: Some(request_id.clone()), ..Trace::default() };
+    let mut pending = Unanswered { gw: &gw, request_id: &request_id, path: &path, trace, done: false };
     let outcome = match gw.drain.enter() {
         None => Err(GatewayError::Draining),
         Some(_in_flight) => route(req, &gw, arrived, &mut pending.trace).await,
@@ -366,7 +368,9 @@ async fn receipt(
         trace.group = Some(parsed.group.to_string());
     }
     trace.items = parsed.seqs.len();
-    let query = Query { group: parsed.group, seqs: parsed.seqs, freshness, arrived, deadline, client: client.slot };
+    let request_id = trace.request_id.as_ref().and_then(|id| id.to_str().ok()).unwrap_or("").to_owned();
+    let query =
+        Query { request_id, group: parsed.group, seqs: parsed.seqs, freshness, arrived, deadline, client: client.slot };
     let answer = receipts::answer(app, query).await?;
     trace.x_cache = Some(answer.x_cache.as_str());
     Ok(answer)
@@ -387,7 +391,8 @@ async fn detail(
     }
     trace.items = 1;
     let query = DetailQuery { freshness, arrived, deadline, client: client.slot };
-    app.detail.answer(parsed, query).await
+    let request_id = trace.request_id.as_ref().and_then(|id| id.to_str().ok()).unwrap_or("");
+    app.detail.answer(parsed, query, request_id).await
 }
 
 /// A data request past [`admit`]: its app, client, deadline and `Cache-Control`.

@@ -20,6 +20,7 @@ use prometheus::{Histogram, IntCounter, IntCounterVec};
 use tokio::time::Instant;
 
 use crate::api::{DETAIL_PATH, RECEIPT_PATH, ReceiptRequest, ReceiptResponse};
+use crate::batch::Served;
 use crate::code::ErrorCode;
 use crate::config::AppConfig;
 use crate::domain::{AppId, GroupId, MsgSeq, Receipt};
@@ -163,15 +164,16 @@ impl Upstream {
     }
 
     /// One signed call for `seqs` of `group`. Never retries.
-    pub async fn get_receipts(&self, group: &GroupId, seqs: &[MsgSeq]) -> Outcome {
+    /// `served` holds the request ids of the callers it serves, for the log line.
+    pub async fn get_receipts(&self, group: &GroupId, seqs: &[MsgSeq], served: &Served) -> Outcome {
         let started = Instant::now();
         let (outcome, label) = self.call(group, seqs).await;
-        self.observe(started, &label, seqs.len());
+        self.observe(started, &label, seqs.len(), served);
         outcome
     }
 
     /// One signed detail call with `body` (Tencent's own shape). Never retries.
-    pub async fn get_detail(&self, body: Vec<u8>) -> Passed {
+    pub async fn get_detail(&self, body: Vec<u8>, served: &Served) -> Passed {
         let started = Instant::now();
         let (passed, label) = match self.exchange(body).await {
             Err((outcome, label)) => (Passed::Failed(outcome), label),
@@ -195,12 +197,12 @@ impl Upstream {
                 }
             },
         };
-        self.observe(started, &label, 1);
+        self.observe(started, &label, 1, served);
         passed
     }
 
     /// Counts and logs one call.
-    fn observe(&self, started: Instant, label: &str, seqs: usize) {
+    fn observe(&self, started: Instant, label: &str, seqs: usize, served: &Served) {
         let elapsed = started.elapsed();
         self.duration.observe(elapsed.as_secs_f64());
         self.calls_with(label).inc();
@@ -212,6 +214,7 @@ impl Upstream {
             seqs,
             result = %label,
             duration_ms = elapsed.as_secs_f64() * 1000.0,
+            request_ids = %served.lock().unwrap_or_else(|p| p.into_inner()),
             "upstream call"
         );
     }

@@ -105,6 +105,10 @@ async fn request_ids_are_echoed_or_generated_and_logged_with_the_traceparent() {
     })
     .await;
     assert!(logged(&format!("\"traceparent\":\"{traceparent}\"")));
+    // The upstream call that answered the first request names it.
+    let lines = gateway.log.lock().unwrap();
+    let call = lines.iter().find(|l| l.contains("\"message\":\"upstream call\"")).expect("an upstream call was logged");
+    assert!(call.contains("\"request_ids\":\"caller-id-42\""), "{call}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
