@@ -86,6 +86,11 @@ impl Replica {
         }
     }
 
+    /// The process id (for reading its memory).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends SIGHUP: reload the configuration file.
     pub fn hangup(&self) {
         let status = Command::new("kill").arg("-HUP").arg(self.child.id().to_string()).status();

@@ -155,3 +155,66 @@ async fn callers_that_go_away_cost_only_the_calls_already_on_the_wire_and_are_co
     assert_eq!(app.metric(gone).await + app.metric(answered).await, 200.0, "each counted once");
     assert!(app.metric(gone).await >= 190.0);
 }
+
+/// The resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_client_that_never_reads_cannot_push_memory_past_the_bound() {
+    use crate::fleet::{Fixture, Replica};
+    let _heavy = crate::support::heavy().await;
+    let f = Fixture::new("no-read", 200).await;
+    let gateway = Replica::start(&f.dir, "no-read", &f.sim_url, "");
+    // 1,000 cached items: each answer is about 60 KB.
+    let seqs: Vec<u64> = (1..=1000).collect();
+    let big = body("big", &seqs);
+    assert_eq!(f.post(&gateway, &big, &[]).await.status, StatusCode::OK);
+    let before = rss_kib(gateway.pid());
+
+    let addr = gateway.url.trim_start_matches("http://").to_owned();
+    let mut held = Vec::new();
+    let mut clients = Vec::new();
+    let mut sent = 0;
+    for _ in 0..3 {
+        let tcp = within(TcpStream::connect(&addr)).await.expect("connects");
+        // A window of 0: the gateway may not send a byte of any answer.
+        let (client, connection) =
+            within(h2::client::Builder::new().initial_window_size(0).handshake::<_, bytes::Bytes>(tcp))
+                .await
+                .expect("h2");
+        tokio::spawn(connection);
+        for _ in 0..1000 {
+            // Past the gateway's 256 streams the client queues its requests itself.
+            let Ok(Ok(mut ready)) = tokio::time::timeout(Duration::from_millis(300), client.clone().ready()).await
+            else {
+                break;
+            };
+            let request = http::Request::post(format!("{}{RECEIPT}", gateway.url)).body(()).unwrap();
+            let Ok((response, mut stream)) = ready.send_request(request, false) else { break };
+            if stream.send_data(bytes::Bytes::from(big.clone()), true).is_err() {
+                break;
+            }
+            held.push((response, stream));
+            sent += 1;
+        }
+        clients.push(client);
+    }
+    // Let the gateway answer every stream it took (into its send buffers).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after = rss_kib(gateway.pid());
+    let grown_mib = after.saturating_sub(before) / 1024;
+    eprintln!("{sent} streams held on 3 connections: RSS {before} KiB -> {after} KiB (+{grown_mib} MiB)");
+    assert!(sent > 3 * 256, "the client asked for more than the gateway takes at once: {sent}");
+    // 256 streams x 64 KiB of unsent answer per connection is 16 MiB; with the bodies
+    // and hyper's own buffers, under 32 MiB each.
+    assert!(grown_mib < 3 * 32, "RSS grew by {grown_mib} MiB");
+    // And the gateway still answers others.
+    assert_eq!(f.post(&gateway, &body("big", &[1]), &[]).await.status, StatusCode::OK);
+}

@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Runs every fuzz target for SECONDS each (default 30), one after the other, and prints
+# a per-target summary; stops at the first crash, naming its reproducer.
+#
+#   tests/fuzz/run.sh [SECONDS] [TARGET...]
+#
+# Works from any directory and from a clean checkout: installs cargo-fuzz (and the
+# nightly toolchain) when missing, builds every target once, then runs each on its
+# committed seeds (corpus/<target>/) and regression inputs (artifacts-found/<target>/),
+# growing a working corpus in target/corpus/<target>/ that later runs start from.
+# Extra libFuzzer flags go in FUZZ_ARGS (e.g. FUZZ_ARGS="-rss_limit_mb=4096").
+set -euo pipefail
+
+FUZZ_DIR="$(cd "$(dirname "$0")" && pwd)"
+ROOT="$(cd "$FUZZ_DIR/../.." && pwd)"
+cd "$ROOT"
+REL="${FUZZ_DIR#"$ROOT"/}"
+
+SECONDS_EACH="${1:-30}"
+if ! [[ "$SECONDS_EACH" =~ ^[1-9][0-9]*$ ]]; then
+  echo "usage: $0 [SECONDS] [TARGET...]  (SECONDS a positive integer, default 30)" >&2
+  exit 64
+fi
+shift $(($# > 0 ? 1 : 0))
+ALL_TARGETS=(receipt_request detail_request callback_body receipt_response usersig config)
+if [ $# -gt 0 ]; then TARGETS=("$@"); else TARGETS=("${ALL_TARGETS[@]}"); fi
+
+# The toolchain and cargo-fuzz, when missing.
+if ! rustup toolchain list | grep -q '^nightly'; then
+  echo "installing the nightly toolchain (cargo-fuzz needs it for the sanitizers)"
+  rustup toolchain install nightly --profile minimal
+fi
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "installing cargo-fuzz"
+  cargo install cargo-fuzz --locked
+fi
+
+fuzz() { cargo +nightly fuzz "$1" --fuzz-dir "$REL" "${@:2}"; }
+
+echo "building ${#TARGETS[@]} fuzz targets"
+build_started=$(date +%s)
+for target in "${TARGETS[@]}"; do
+  if [ ! -f "$REL/fuzz_targets/$target.rs" ]; then
+    echo "unknown fuzz target $target (there are: ${ALL_TARGETS[*]})" >&2
+    exit 64
+  fi
+done
+# One build for all of them: the gateway and its dependencies are compiled once.
+fuzz build
+echo "built in $(($(date +%s) - build_started)) s"
+
+dict_of() {
+  case "$1" in
+    config) echo "$REL/dict/config.dict" ;;
+    *) echo "$REL/dict/json.dict" ;;
+  esac
+}
+
+# "name value" from libFuzzer's final stats, or the last pulse line's "cov: N".
+stat_of() { sed -n "s/^stat::$2: *\([0-9]*\).*/\1/p" "$1" | tail -n 1; }
+pulse_of() { { grep -o "$2: [0-9]*" "$1" || true; } | tail -n 1 | sed 's/.*: //'; }
+
+LOGS="$REL/target/logs"
+mkdir -p "$LOGS"
+summary=()
+for target in "${TARGETS[@]}"; do
+  work="$REL/target/corpus/$target"
+  mkdir -p "$work"
+  corpora=("$work" "$REL/corpus/$target")
+  if [ -d "$REL/artifacts-found/$target" ]; then corpora+=("$REL/artifacts-found/$target"); fi
+  log="$LOGS/$target.log"
+  echo "fuzzing $target for $SECONDS_EACH s (log: $log)"
+  # shellcheck disable=SC2086 # FUZZ_ARGS is a list of flags
+  if ! fuzz run "$target" "${corpora[@]}" -- \
+    -max_total_time="$SECONDS_EACH" -dict="$(dict_of "$target")" -timeout=10 -print_final_stats=1 \
+    ${FUZZ_ARGS:-} >"$log" 2>&1; then
+    echo
+    echo "FUZZING FAILED: $target (full log: $log)"
+    echo "-------------------------------------------------------------------------------"
+    # The panic or sanitizer report, and cargo-fuzz's reproduce and minimise commands.
+    grep -n -m 1 -E "panicked at|ERROR: (AddressSanitizer|libFuzzer)|deadly signal|error(\[E[0-9]+\])?:" "$log" || true
+    tail -n 40 "$log"
+    echo "-------------------------------------------------------------------------------"
+    artifact=$(sed -n 's/.*Test unit written to \(.*\)$/\1/p' "$log" | tail -n 1)
+    if [ -n "$artifact" ]; then
+      echo "reproducer: $artifact"
+      echo "reproduce:  cargo +nightly fuzz run --fuzz-dir $REL $target $artifact"
+      echo "minimise:   cargo +nightly fuzz tmin --fuzz-dir $REL $target $artifact"
+      echo "then keep the minimised input as $REL/artifacts-found/$target/<name> (a regression input)"
+    fi
+    exit 1
+  fi
+  runs=$(stat_of "$log" number_of_executed_units)
+  per_s=$(stat_of "$log" average_exec_per_sec)
+  summary+=("$(printf '%-18s %12s %10s %8s %8s %8s' "$target" "${runs:-?}" "${per_s:-?}" \
+    "$(pulse_of "$log" cov)" "$(pulse_of "$log" ft)" "$(pulse_of "$log" corp)")")
+done
+
+echo
+printf '%-18s %12s %10s %8s %8s %8s\n' target execs execs/s cov features corpus
+printf '%s\n' "${summary[@]}"
+echo "no crashes: ${#TARGETS[@]} targets, $SECONDS_EACH s each"
