@@ -11,6 +11,7 @@ mod detail;
 mod engine;
 mod fleet;
 mod hygiene;
+mod metrics_names;
 mod redis;
 mod reload;
 mod support;
