@@ -30,6 +30,14 @@
 //! `receipt_gateway_budget_calls_total`), then an interactive caller at a tenth of the
 //! budget beside a bulk flood, judged on the interactive caller's 429s and p99 latency.
 //!
+//! The `callbacks` scenario (issue 9) runs the same read load over a fixed working set
+//! twice while the simulator's members read those messages at a steady pace, each read
+//! sent as a signed callback: first with a TTL only (the callbacks go to a sink), then
+//! with the callbacks reaching the gateway's `/callback`. It prints upstream calls/s and
+//! staleness (from a read's application in the simulator to the first answer showing it,
+//! p50/p99) for both, then drives `/callback` directly at 5,000 callbacks/s (and with
+//! `wrk`, when installed) for its throughput, latency and CPU time per callback.
+//!
 //! The `warm` scenario also runs a trivial hyper server (this binary again, in its own
 //! process) that answers a fixed body of the gateway's answer size: the speed-of-light
 //! baseline under the same load. Each scenario ends with a verdict against issue 3's

@@ -365,7 +365,22 @@ impl ReceiptCache {
         kept_by: KeptBy,
     ) -> Arc<Page> {
         let each = answers.iter().map(|&(seq, receipt)| Answer { seq, receipt, fetched_at, kept_by });
-        self.insert_each(app, group, each).await
+        self.insert_newer(app, group, each, None).await
+    }
+
+    /// Stores an upstream call's answers (arrived at `fetched_at`), except over an item
+    /// known as of after `sent_at`: a callback that reported a read while the call was
+    /// on its way knows more than the call's answer, which may predate the read.
+    pub async fn insert_fetched(
+        &self,
+        app: AppId,
+        group: &GroupId,
+        answers: &[(MsgSeq, Receipt)],
+        (sent_at, fetched_at): (Instant, Instant),
+        kept_by: KeptBy,
+    ) -> Arc<Page> {
+        let each = answers.iter().map(|&(seq, receipt)| Answer { seq, receipt, fetched_at, kept_by });
+        self.insert_newer(app, group, each, Some(sent_at)).await
     }
 
     /// Stores answers of different times (another replica's, from the fleet tier; a
@@ -375,6 +390,18 @@ impl ReceiptCache {
         app: AppId,
         group: &GroupId,
         answers: impl IntoIterator<Item = Answer>,
+    ) -> Arc<Page> {
+        self.insert_newer(app, group, answers, None).await
+    }
+
+    /// Stores `answers`, skipping any whose item is held as of a later time than the
+    /// answer's (or than `known_as_of`, when given).
+    async fn insert_newer(
+        &self,
+        app: AppId,
+        group: &GroupId,
+        answers: impl IntoIterator<Item = Answer>,
+        known_as_of: Option<Instant>,
     ) -> Arc<Page> {
         let key = (app, group.clone());
         let shared = self.lifetimes.clone();
@@ -399,7 +426,7 @@ impl ReceiptCache {
             items.retain(|_, s| now < s.fetched_at + lifetimes.fresh_for(&s.receipt, s.kept_by) + lifetimes.stale);
             for Answer { seq, receipt, fetched_at, kept_by } in answers {
                 let held = items.get(&seq);
-                if held.is_some_and(|s| s.fetched_at > fetched_at) {
+                if held.is_some_and(|s| s.fetched_at > known_as_of.unwrap_or(fetched_at)) {
                     continue;
                 }
                 let last_read = held.and_then(|s| s.last_read);
@@ -491,6 +518,25 @@ mod tests {
         assert!(!none.is_fresh(t0 + Duration::from_millis(100)));
         assert_eq!(ok.age(t0 + Duration::from_millis(2500)), Duration::from_millis(2500));
         assert_eq!(ok.receipt, OK);
+    }
+
+    #[tokio::test]
+    async fn a_call_answered_after_a_callback_does_not_undo_the_callbacks_read() {
+        let cache = ReceiptCache::new(&config(1000, 60_000, 100));
+        let sent = Instant::now();
+        let read = Receipt { code: ErrorCode::OK, read: Some(5), unread: Some(1) };
+        let at = |ms| sent + Duration::from_millis(ms);
+        let callback = Answer { seq: MsgSeq(1), receipt: read, fetched_at: at(5), kept_by: KeptBy::Callbacks };
+        cache.insert_each(APP, &group(), [callback]).await;
+        // The call left before the read and is answered after the callback.
+        let both = [(MsgSeq(1), OK), (MsgSeq(2), OK)];
+        let page = cache.insert_fetched(APP, &group(), &both, (sent, at(9)), KeptBy::Polling).await;
+        let found = page.read(&[MsgSeq(1), MsgSeq(2)], at(10));
+        assert_eq!(found[0].unwrap().receipt, read, "the callback's newer count stays");
+        assert_eq!(found[1].unwrap().receipt, OK);
+        // A call sent after the callback replaces it.
+        cache.insert_fetched(APP, &group(), &[(MsgSeq(1), OK)], (at(10), at(11)), KeptBy::Polling).await;
+        assert_eq!(page.read(&[MsgSeq(1)], at(12))[0].unwrap().receipt, OK);
     }
 
     #[tokio::test]

@@ -52,7 +52,7 @@ pub async fn run(app: Arc<AppRuntime>, mut batch: Dispatch) {
     settle_unisolated(&mut items);
     let first_call = tally.calls.into_inner() == 1;
     let outcome = Arc::new(BatchOutcome { started, first_call, ..BatchOutcome::settled(items, Instant::now()) });
-    let page = store(&app, &batch.group, &outcome.items, outcome.fetched_at).await;
+    let page = store(&app, &batch.group, &outcome.items, (started, outcome.fetched_at)).await;
     app.engine.complete(&batch, &page);
     let _ = batch.outcome.send(Some(outcome.clone()));
     if let Some(tier) = &app.fleet
@@ -105,9 +105,10 @@ async fn take_wanted(app: &AppRuntime, tier: &SharedTier, batch: &mut Dispatch) 
 
 /// Puts the answers (`items` sorted by MsgSeq) in the cache, and a group-level 10010 /
 /// 10015 for the whole group; failures are never cached.
-async fn store(app: &AppRuntime, group: &GroupId, items: &Items, fetched_at: Instant) -> Arc<Page> {
+/// The call left at `sent`: an item a callback wrote since then is not replaced.
+async fn store(app: &AppRuntime, group: &GroupId, items: &Items, (sent, fetched_at): (Instant, Instant)) -> Arc<Page> {
     let answers: Vec<(MsgSeq, Receipt)> = items.iter().filter_map(|(s, r)| Some((*s, *r.as_ref().ok()?))).collect();
-    let page = app.cache.insert(app.id, group, &answers, fetched_at, app.kept_by).await;
+    let page = app.cache.insert_fetched(app.id, group, &answers, (sent, fetched_at), app.kept_by).await;
     if let Some((_, Err(Failure::Group { code, info }))) = items.first()
         && matches!(*code, ErrorCode::GROUP_NOT_FOUND | ErrorCode::GROUP_INVALID)
     {

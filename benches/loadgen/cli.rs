@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use receipt_gateway::simulator::MAX_READS_PER_SECOND;
 
 use crate::Result;
 
@@ -16,14 +17,14 @@ use crate::Result;
              in-process Tencent simulator and reports throughput, latency, upstream calls and memory"
 )]
 pub struct Args {
-    /// Which scenario to run; `all` runs warm, under, over, memory and clients in sequence
-    /// (with `--replicas` above 1: under, over and cold).
+    /// Which scenario to run; `all` runs warm, under, over, memory, clients and callbacks in
+    /// sequence (with `--replicas` above 1: under, over and cold).
     #[arg(long, value_enum, default_value_t = ScenarioName::All)]
     pub scenario: ScenarioName,
     /// Gateways in the fleet. Above 1, every scenario runs twice: one gateway as usual, then
     /// this many sharing a private `redis-server` (`budget.backend` and `fleet.backend` =
     /// "redis"), requests spread round-robin over them; the two are reported side by side.
-    /// (`warm`, `memory` and `clients` measure one gateway and take no replicas.)
+    /// (`warm`, `memory`, `clients` and `callbacks` measure one gateway and take no replicas.)
     #[arg(long, default_value_t = 1)]
     pub replicas: usize,
     /// The `redis-server` binary the fleet shares (with `--replicas` above 1).
@@ -71,6 +72,16 @@ pub struct Args {
     /// The gateway's `cache.max_entries`.
     #[arg(long)]
     pub max_entries: Option<u64>,
+    /// The gateway's `cache.callback_ttl_ms` (the `callbacks` scenario's second phase).
+    #[arg(long)]
+    pub callback_ttl_ms: Option<u64>,
+    /// How fast the simulator's members read (`callbacks`): one callback per read.
+    #[arg(long, default_value_t = 200.0)]
+    pub reads_per_second: f64,
+    /// Callbacks per second sent straight to `/callback`, open loop (`callbacks`, its
+    /// ingest phase).
+    #[arg(long, default_value_t = 5000.0)]
+    pub callback_rate: f64,
     /// Every request's deadline, sent as `X-Request-Timeout-Ms` (the client gives up one
     /// second later and counts the request as hung).
     #[arg(long)]
@@ -124,16 +135,19 @@ pub enum ScenarioName {
     /// Two callers on one budget, every request an uncached group: weighted shares (3 : 1)
     /// when both flood, then an interactive caller's latency beside a bulk flood.
     Clients,
+    /// Members reading at a steady rate: upstream calls and staleness with a TTL only,
+    /// then with the reads' callbacks reaching the gateway; then `/callback` throughput.
+    Callbacks,
     /// The mix given by the flags (defaults as `under`), reported without a verdict.
     Custom,
 }
 
 impl ScenarioName {
     /// Whether the scenario can run against a fleet: `warm` compares one gateway with the
-    /// baseline, `memory` reads one gateway's resident set and `clients` judges one
-    /// gateway's fair share.
+    /// baseline, `memory` reads one gateway's resident set, `clients` judges one
+    /// gateway's fair share and `callbacks` one gateway's callbacks.
     pub fn takes_replicas(self) -> bool {
-        !matches!(self, ScenarioName::Warm | ScenarioName::Memory | ScenarioName::Clients)
+        !matches!(self, ScenarioName::Warm | ScenarioName::Memory | ScenarioName::Clients | ScenarioName::Callbacks)
     }
 }
 
@@ -147,6 +161,7 @@ impl ScenarioName {
             ScenarioName::Memory => "memory",
             ScenarioName::Cold => "cold",
             ScenarioName::Clients => "clients",
+            ScenarioName::Callbacks => "callbacks",
             ScenarioName::Custom => "custom",
         }
     }
@@ -171,6 +186,7 @@ pub struct Defaults {
     pub ttl_ms: u64,
     pub stale_ms: u64,
     pub max_entries: u64,
+    pub callback_ttl_ms: u64,
     pub deadline_ms: u64,
     pub window_ms: u64,
     pub per_second: u32,
@@ -192,6 +208,7 @@ const BASE: Defaults = Defaults {
     ttl_ms: 1000,
     stale_ms: 60_000,
     max_entries: 1_000_000,
+    callback_ttl_ms: 10_000,
     deadline_ms: 1000,
     window_ms: 2,
     per_second: 200,
@@ -225,6 +242,10 @@ impl Defaults {
             // on), about 50 s in all with the gateways' starts and stops. The connections
             // are split between the two callers of a phase.
             ScenarioName::Clients => Defaults { warmup_s: 2.0, ..BASE },
+            // Each request asks for all five messages of its group (the working set is
+            // fixed: 500 messages), so every message is asked about every 50 ms. Two phases
+            // of 3 s + 12 s, then the ingest phase: about 45 s in all.
+            ScenarioName::Callbacks => Defaults { latest: 5, warmup_s: 3.0, duration_s: 12.0, ..BASE },
             ScenarioName::All | ScenarioName::Under | ScenarioName::Custom => BASE,
         }
     }
@@ -237,6 +258,16 @@ pub struct Settings {
     pub load: LoadSettings,
     pub gateway: GatewaySettings,
     pub sim: SimSettings,
+    pub callbacks: CallbackSettings,
+}
+
+/// What the `callbacks` scenario adds.
+#[derive(Clone, Debug)]
+pub struct CallbackSettings {
+    /// The members' pace: reads (and callbacks) per second.
+    pub reads_per_second: f64,
+    /// The ingest phase's offered rate of callbacks straight to `/callback`.
+    pub ingest_rate: f64,
 }
 
 #[derive(Clone, Debug)]
@@ -264,14 +295,27 @@ pub struct GatewaySettings {
     pub ttl_ms: u64,
     pub stale_ms: u64,
     pub max_entries: u64,
+    pub callback_ttl_ms: u64,
     pub window_ms: u64,
     pub per_second: u32,
     pub max_seqs: usize,
     pub request_timeout_ms: u64,
+    /// `apps.callbacks` with `apps.callback_token_env`: the app's callbacks reach the
+    /// gateway, signed (the `callbacks` scenario's second phase and its ingest phase).
+    pub callbacks: CallbackAuth,
     /// The `[[clients]]` of the config (none but in the `clients` scenario).
     pub clients: Vec<ClientSpec>,
     pub log_level: String,
     pub keep_temp: bool,
+}
+
+/// Whether the app's callbacks reach the gateway (SPEC 5.1), and are then signed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallbackAuth {
+    /// `apps.callbacks = false`, no token: fetched items are fresh for `ttl_ms`.
+    Off,
+    /// `apps.callbacks = true` and `callback_token_env`: `/callback` checks `Sign`.
+    Signed,
 }
 
 /// One `[[clients]]` entry: a caller the gateway knows by its `x-client-id` header.
@@ -315,10 +359,12 @@ impl Args {
             ttl_ms: self.ttl_ms.unwrap_or(d.ttl_ms),
             stale_ms: self.stale_ms.unwrap_or(d.stale_ms),
             max_entries: self.max_entries.unwrap_or(d.max_entries),
+            callback_ttl_ms: self.callback_ttl_ms.unwrap_or(d.callback_ttl_ms),
             window_ms: self.window_ms.unwrap_or(d.window_ms),
             per_second: self.per_second.unwrap_or(d.per_second),
             max_seqs,
             request_timeout_ms: deadline_ms,
+            callbacks: CallbackAuth::Off,
             clients: Vec::new(),
             log_level: self.gateway_log.clone(),
             keep_temp: self.keep_temp,
@@ -328,7 +374,8 @@ impl Args {
             max_seqs,
             latency: Duration::from_millis(self.sim_latency_ms.unwrap_or(0)),
         };
-        let settings = Settings { mix, load, gateway, sim };
+        let callbacks = CallbackSettings { reads_per_second: self.reads_per_second, ingest_rate: self.callback_rate };
+        let settings = Settings { mix, load, gateway, sim, callbacks };
         settings.check(rate)?;
         Ok(settings)
     }
@@ -351,6 +398,10 @@ impl Settings {
             "--deadline-ms must be at least 1"
         } else if self.gateway.max_seqs == 0 || self.sim.limit == 0 || self.gateway.per_second == 0 {
             "--max-seqs, --sim-limit and --per-second must be at least 1"
+        } else if !(self.callbacks.reads_per_second > 0.0 && self.callbacks.reads_per_second <= MAX_READS_PER_SECOND) {
+            "--reads-per-second must be above 0 and at most 100000"
+        } else if !(self.callbacks.ingest_rate.is_finite() && self.callbacks.ingest_rate > 0.0) {
+            "--callback-rate must be a number above 0"
         } else {
             return Ok(());
         };

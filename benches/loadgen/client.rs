@@ -1,7 +1,8 @@
 //! The HTTP side of the load: one pooled hyper-util client (HTTP/1.1 keep-alive), a
 //! [`Target`] that knows where to send a receipt query ([`Targets`] when a fleet of
 //! gateways shares the load, round-robin; sent as one caller with [`Targets::with_client_id`]),
-//! and what came back ([`Outcome`]).
+//! and what came back ([`Outcome`], and the body with [`Target::send_keeping_body`]).
+//! [`post_json`] posts anything else (the `callbacks` scenario's callbacks).
 //! Every request is bounded by the caller's deadline plus one second, so nothing hangs the
 //! benchmark: a request that runs out of that is reported as hung.
 
@@ -162,6 +163,11 @@ impl Target {
 
     /// Sends one query and reads the whole answer.
     pub async fn send(&self, client: &HttpClient, body: Bytes) -> Outcome {
+        self.send_keeping_body(client, body).await.0
+    }
+
+    /// Sends one query; the outcome and, when answered, the answer's body.
+    pub async fn send_keeping_body(&self, client: &HttpClient, body: Bytes) -> (Outcome, Option<Bytes>) {
         let mut request = Request::builder()
             .method(Method::POST)
             .uri(self.uri.clone())
@@ -170,25 +176,38 @@ impl Target {
         if let Some(id) = &self.client_id {
             request = request.header(CLIENT_ID_HEADER, id.clone());
         }
-        let request = request.body(Full::new(body));
-        let Ok(request) = request else {
+        match request.body(Full::new(body)) {
+            Ok(request) => exchange(client, request, self.deadline + HUNG_AFTER_DEADLINE).await,
             // Every part was validated when the target was built.
-            return Outcome::Failed;
-        };
-        let exchange = async {
-            let response = client.request(request).await.ok()?;
-            let status = response.status().as_u16();
-            let headers = response.headers();
-            let x_cache = XCache::from_header(headers.get("x-cache").map(|v| v.as_bytes()));
-            let retry_after = headers.contains_key(RETRY_AFTER);
-            let body = response.into_body().collect().await.ok()?.to_bytes();
-            Some(Answer { status, x_cache, retry_after, body_bytes: body.len() })
-        };
-        match tokio::time::timeout(self.deadline + HUNG_AFTER_DEADLINE, exchange).await {
-            Err(_) => Outcome::Hung,
-            Ok(None) => Outcome::Failed,
-            Ok(Some(answer)) => Outcome::Answered(answer),
+            Err(_) => (Outcome::Failed, None),
         }
+    }
+}
+
+/// `POST uri` with a JSON body, bounded by `within` (then it is [`Outcome::Hung`]).
+pub async fn post_json(client: &HttpClient, uri: Uri, body: Bytes, within: Duration) -> Outcome {
+    let request = Request::builder().method(Method::POST).uri(uri).header(CONTENT_TYPE, "application/json");
+    match request.body(Full::new(body)) {
+        Ok(request) => exchange(client, request, within).await.0,
+        Err(_) => Outcome::Failed,
+    }
+}
+
+/// Sends `request` and reads the whole answer within `within`.
+async fn exchange(client: &HttpClient, request: Request<Full<Bytes>>, within: Duration) -> (Outcome, Option<Bytes>) {
+    let exchange = async {
+        let response = client.request(request).await.ok()?;
+        let status = response.status().as_u16();
+        let headers = response.headers();
+        let x_cache = XCache::from_header(headers.get("x-cache").map(|v| v.as_bytes()));
+        let retry_after = headers.contains_key(RETRY_AFTER);
+        let body = response.into_body().collect().await.ok()?.to_bytes();
+        Some((Answer { status, x_cache, retry_after, body_bytes: body.len() }, body))
+    };
+    match tokio::time::timeout(within, exchange).await {
+        Err(_) => (Outcome::Hung, None),
+        Ok(None) => (Outcome::Failed, None),
+        Ok(Some((answer, body))) => (Outcome::Answered(answer), Some(body)),
     }
 }
 

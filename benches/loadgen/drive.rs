@@ -141,7 +141,7 @@ pub async fn open_loop(load: &Load, rate: f64, schedule: Schedule) -> Recorder {
 /// waiting for `at` itself would send every request up to 1 ms late; waking in the
 /// millisecond before it sends up to 1 ms early instead, which [`open_loop`] does not
 /// count as latency. A request whose time has passed goes at once.
-async fn wait_for_turn(at: Instant) {
+pub async fn wait_for_turn(at: Instant) {
     if let Some(early) = at.checked_sub(TIMER_GRAIN).filter(|&early| early > Instant::now()) {
         tokio::time::sleep_until(early.into()).await;
     }

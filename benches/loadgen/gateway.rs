@@ -4,9 +4,10 @@
 //! endpoint, the scenario's cache and budget settings, and for a fleet the [`SharedTier`]
 //! its replicas share through Redis), logs there, and is stopped with
 //! SIGTERM at the end (killed if it does not stop, or if the benchmark bails out early).
-//! The `clients` scenario adds its callers as `[[clients]]` (SPEC 6.5).
+//! The `clients` scenario adds its callers as `[[clients]]` (SPEC 6.5); the `callbacks`
+//! scenario turns on `apps.callbacks` with a callback token ([`CallbackAuth::Signed`]).
 //! [`Snapshot`] reads the counters of `/metrics` the report needs; [`Memory`] reads the
-//! resident set from `/proc`.
+//! resident set and [`cpu_time`] the CPU time spent, both from `/proc`.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -16,12 +17,15 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::Result;
-use crate::cli::{ClientSpec, GatewaySettings};
+use crate::cli::{CallbackAuth, ClientSpec, GatewaySettings};
 use crate::client::{self, HttpClient};
-use crate::upstream::{IDENTIFIER, SDKAPPID, SECRET};
+use crate::upstream::{CALLBACK_TOKEN, IDENTIFIER, SDKAPPID, SECRET};
 
 /// The variable the generated config names for the secret key.
 const SECRET_ENV: &str = "LOADGEN_SECRET";
+/// The variable the generated config names for the callback token (with
+/// [`CallbackAuth::Signed`]); always set, harmless when unused.
+const CALLBACK_TOKEN_ENV: &str = "LOADGEN_CALLBACK_TOKEN";
 const READY_WITHIN: Duration = Duration::from_secs(15);
 const STOP_WITHIN: Duration = Duration::from_secs(5);
 
@@ -87,6 +91,7 @@ impl Gateway {
             .arg("--config")
             .arg(&config)
             .env(SECRET_ENV, SECRET)
+            .env(CALLBACK_TOKEN_ENV, CALLBACK_TOKEN)
             .env("RUST_LOG", &s.log_level)
             .env_remove("RECEIPT_GATEWAY_LOG_FORMAT")
             .stdin(Stdio::null())
@@ -134,6 +139,11 @@ impl Gateway {
 
     pub fn memory(&self) -> Result<Memory> {
         Memory::of(self.pid())
+    }
+
+    /// The CPU time (user + system) the gateway has spent so far.
+    pub fn cpu_time(&self) -> Result<Duration> {
+        cpu_time(self.pid())
     }
 
     /// SIGTERM, then a kill if it has not stopped within a few seconds.
@@ -219,6 +229,10 @@ key_prefix = {key_prefix}
         )
     });
     let clients: String = s.clients.iter().map(client_toml).collect();
+    let callbacks = match s.callbacks {
+        CallbackAuth::Off => String::new(),
+        CallbackAuth::Signed => format!("callbacks = true\ncallback_token_env = \"{CALLBACK_TOKEN_ENV}\"\n"),
+    };
     format!(
         r#"# Written by receipt-loadgen for one benchmark run.
 [server]
@@ -230,6 +244,7 @@ shutdown_grace_ms = 1000
 [cache]
 ttl_ms = {ttl}
 stale_ms = {stale}
+callback_ttl_ms = {callback_ttl}
 max_entries = {max_entries}
 
 [batch]
@@ -244,10 +259,11 @@ sdkappid = {SDKAPPID}
 identifier = "{IDENTIFIER}"
 secret_key_env = "{SECRET_ENV}"
 endpoint = "{sim_url}"
-{clients}"#,
+{callbacks}{clients}"#,
         timeout = s.request_timeout_ms,
         ttl = s.ttl_ms,
         stale = s.stale_ms,
+        callback_ttl = s.callback_ttl_ms,
         max_entries = s.max_entries,
         window_ms = s.window_ms,
         max_seqs = s.max_seqs,
@@ -273,6 +289,8 @@ pub struct Snapshot {
     /// `receipt_gateway_requests_total` summed over apps and causes, by `client` and
     /// `status`.
     pub requests: BTreeMap<(String, String), f64>,
+    /// `receipt_gateway_callbacks_total` summed over apps, by `command` and `result`.
+    pub callbacks: BTreeMap<(String, String), f64>,
 }
 
 /// The API label of the receipt call (SPEC 7).
@@ -298,6 +316,10 @@ impl Snapshot {
                 let client = label(labels, "client").unwrap_or("?").to_owned();
                 let status = label(labels, "status").unwrap_or("?").to_owned();
                 *snapshot.requests.entry((client, status)).or_default() += value;
+            } else if let Some(labels) = series.strip_prefix("receipt_gateway_callbacks_total{") {
+                let command = label(labels, "command").unwrap_or("?").to_owned();
+                let result = label(labels, "result").unwrap_or("?").to_owned();
+                *snapshot.callbacks.entry((command, result)).or_default() += value;
             }
         }
         snapshot
@@ -322,6 +344,9 @@ impl Snapshot {
             }
             for (key, n) in snapshot.requests {
                 *total.requests.entry(key).or_default() += n;
+            }
+            for (key, n) in snapshot.callbacks {
+                *total.callbacks.entry(key).or_default() += n;
             }
         }
         total
@@ -349,6 +374,12 @@ impl Snapshot {
             .map(|(key, &now)| (key.1.clone(), now - before.requests.get(key).copied().unwrap_or(0.0)))
             .collect()
     }
+
+    /// Callbacks by (command, result) counted between `before` and `self`.
+    pub fn callbacks_since(&self, before: &Snapshot) -> BTreeMap<(String, String), f64> {
+        let was = |key: &(String, String)| before.callbacks.get(key).copied().unwrap_or(0.0);
+        self.callbacks.iter().map(|(key, &now)| (key.clone(), now - was(key))).collect()
+    }
 }
 
 /// The value of `name="value"` in a Prometheus label set.
@@ -356,6 +387,40 @@ fn label<'a>(labels: &'a str, name: &str) -> Option<&'a str> {
     let start = labels.find(&format!("{name}=\""))? + name.len() + 2;
     let len = labels[start..].find('"')?;
     Some(&labels[start..start + len])
+}
+
+/// The CPU time (user + system) a process has spent, from `/proc/<pid>/stat` (Linux).
+pub fn cpu_time(pid: u32) -> Result<Duration> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = fs::read_to_string(&path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    let ticks = cpu_ticks(&stat).ok_or_else(|| format!("no utime/stime in {path}"))?;
+    Ok(Duration::from_secs_f64(ticks as f64 / clock_ticks_per_second() as f64))
+}
+
+/// `utime + stime` (fields 14 and 15, in clock ticks) of a `/proc/<pid>/stat` line. The
+/// command name (field 2) is in parentheses and may hold spaces, so fields are counted
+/// from the last `)`.
+fn cpu_ticks(stat: &str) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state): field n is `fields[n - 3]`.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// `getconf CLK_TCK`, read once; 100 (Linux's usual value) if it cannot be read.
+fn clock_ticks_per_second() -> u64 {
+    static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|out| String::from_utf8_lossy(&out.stdout).trim().parse().ok())
+            .filter(|&ticks| ticks > 0)
+            .unwrap_or(100)
+    })
 }
 
 /// Resident memory of a process, from `/proc/<pid>/status` (Linux).
@@ -398,7 +463,11 @@ mod tests {
 
     impl SecretSource for LoadgenSecret {
         fn env(&self, name: &str) -> Option<String> {
-            (name == SECRET_ENV).then(|| SECRET.to_owned())
+            match name {
+                SECRET_ENV => Some(SECRET.to_owned()),
+                CALLBACK_TOKEN_ENV => Some(CALLBACK_TOKEN.to_owned()),
+                _ => None,
+            }
         }
 
         fn file(&self, path: &Path) -> std::io::Result<String> {
@@ -411,10 +480,12 @@ mod tests {
             ttl_ms: 1000,
             stale_ms: 60_000,
             max_entries: 1_000_000,
+            callback_ttl_ms: 10_000,
             window_ms: 2,
             per_second: 200,
             max_seqs: 50,
             request_timeout_ms: 1000,
+            callbacks: CallbackAuth::Off,
             clients: Vec::new(),
             log_level: "warn".into(),
             keep_temp: false,
@@ -441,6 +512,42 @@ mod tests {
         assert!(config.clients.iter().all(|c| c.token.is_none() && c.requests_per_second.is_none()));
         assert_eq!(config.batch.window, Duration::from_millis(1));
         assert!(parse(None).clients.is_empty());
+    }
+
+    #[test]
+    fn the_callbacks_phase_turns_callbacks_on_with_the_token_and_the_callback_ttl() {
+        let off = parse(None);
+        assert!(off.apps.iter().all(|a| !a.callbacks && a.callback_token.is_none()));
+        assert_eq!(off.cache.callback_ttl, Duration::from_secs(10));
+        let on =
+            parse_with(&GatewaySettings { callbacks: CallbackAuth::Signed, callback_ttl_ms: 7000, ..settings() }, None);
+        let app = &on.apps[0];
+        assert!(app.callbacks);
+        assert!(app.callback_token.is_some(), "the token read from LOADGEN_CALLBACK_TOKEN");
+        assert_eq!(on.cache.callback_ttl, Duration::from_secs(7));
+    }
+
+    #[test]
+    fn cpu_time_is_utime_plus_stime_counted_past_the_command_name() {
+        let stat = "4242 (receipt gate) S 1 4242 4242 0 -1 4194560 900 0 0 0 123 45 0 0 20 0 9 0 77 0 0";
+        assert_eq!(cpu_ticks(stat), Some(168));
+        assert_eq!(cpu_ticks("4242 (short) S 1"), None);
+        assert!(cpu_time(std::process::id()).is_ok(), "this process's own stat is readable");
+    }
+
+    #[test]
+    fn the_snapshot_reads_callbacks_by_command_and_result() {
+        let before = Snapshot::parse(
+            "receipt_gateway_callbacks_total{app=\"1\",command=\"Group.CallbackAfterReadReceipt\",result=\"ok\"} 5\n",
+        );
+        let after = Snapshot::parse(
+            "receipt_gateway_callbacks_total{app=\"1\",command=\"Group.CallbackAfterReadReceipt\",result=\"ok\"} 12\n\
+             receipt_gateway_callbacks_total{app=\"1\",command=\"Group.CallbackAfterReadReceipt\",result=\"bad_sign\"} 1\n",
+        );
+        let since = after.callbacks_since(&before);
+        let key = |result: &str| ("Group.CallbackAfterReadReceipt".to_owned(), result.to_owned());
+        assert_eq!(since.get(&key("ok")), Some(&7.0));
+        assert_eq!(since.get(&key("bad_sign")), Some(&1.0));
     }
 
     #[test]

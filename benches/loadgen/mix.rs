@@ -114,7 +114,7 @@ fn zipf_cdf(n: usize, exponent: f64) -> Vec<f64> {
 
 /// `{"GroupId":"loadgen-7","MsgSeqList":[{"MsgSeq":3},…]}`; `group` is written as it is
 /// (the mix's ids need no JSON escaping).
-fn body(group: impl Display, seqs: impl Iterator<Item = u64>) -> Bytes {
+pub fn body(group: impl Display, seqs: impl Iterator<Item = u64>) -> Bytes {
     let mut json = String::with_capacity(64 + 16 * 50);
     // Writing to a String cannot fail.
     let _ = write!(json, r#"{{"GroupId":"{group}","MsgSeqList":["#);

@@ -8,7 +8,9 @@
 //! them. Both blocks are followed by a side-by-side comparison and a verdict each: the
 //! single gateway's against issue 3's targets, the fleet's against the fleet's.
 //!
-//! The `clients` scenario (issue 8's fair share between callers) lives in [`fair_share`].
+//! The `clients` scenario (issue 8's fair share between callers) lives in [`fair_share`],
+//! the `callbacks` scenario (issue 9: what callbacks save, how fast `/callback` is) in
+//! [`callbacks`].
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -29,6 +31,8 @@ use crate::record::{Percentiles, Recorder, ms};
 use crate::redis_server::RedisServer;
 use crate::upstream::{Upstream, UpstreamStats};
 
+#[path = "callbacks.rs"]
+mod callbacks;
 #[path = "fair_share.rs"]
 mod fair_share;
 
@@ -73,6 +77,7 @@ pub async fn run(args: &Args) -> Result<()> {
             ScenarioName::Memory => single(memory(&ctx.bin, &settings).await?),
             ScenarioName::Cold => cold(&ctx, &settings).await?,
             ScenarioName::Clients => fair_share::clients(&ctx.bin, &settings).await?,
+            ScenarioName::Callbacks => callbacks::callbacks(&ctx.bin, &settings).await?,
             ScenarioName::Custom | ScenarioName::All => custom(&ctx, scenario, &settings).await?,
         };
         for (label, verdict) in outcome {
@@ -104,8 +109,8 @@ fn plan(args: &Args) -> Result<Vec<(ScenarioName, Settings)>> {
         .collect()
 }
 
-/// What `--scenario` runs: `all` is warm, under, over, memory and clients for one gateway;
-/// a fleet runs the scenarios that take replicas.
+/// What `--scenario` runs: `all` is warm, under, over, memory, clients and callbacks for
+/// one gateway; a fleet runs the scenarios that take replicas.
 fn scenarios(scenario: ScenarioName, replicas: usize) -> Result<Vec<ScenarioName>> {
     let fleet = match replicas {
         0 => return Err("--replicas must be at least 1".into()),
@@ -119,6 +124,7 @@ fn scenarios(scenario: ScenarioName, replicas: usize) -> Result<Vec<ScenarioName
             ScenarioName::Over,
             ScenarioName::Memory,
             ScenarioName::Clients,
+            ScenarioName::Callbacks,
         ],
         one if fleet && !one.takes_replicas() => {
             let what = "measures one gateway; --replicas applies to under, over, cold and custom";
@@ -162,6 +168,7 @@ fn print_settings(scenario: ScenarioName, s: &Settings) {
             println!("fill: {} groups x their latest {} MsgSeqs, {} connections", m.groups, m.latest, l.connections);
         }
         ScenarioName::Clients => fair_share::print_load(s),
+        ScenarioName::Callbacks => callbacks::print_load(s),
         _ => print_load(s),
     }
     println!(
@@ -838,15 +845,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn all_is_todays_five_for_one_gateway_and_the_fleet_scenarios_for_a_fleet() {
+    fn all_is_todays_six_for_one_gateway_and_the_fleet_scenarios_for_a_fleet() {
         use ScenarioName::*;
-        assert_eq!(scenarios(All, 1).ok(), Some(vec![Warm, Under, Over, Memory, Clients]));
+        assert_eq!(scenarios(All, 1).ok(), Some(vec![Warm, Under, Over, Memory, Clients, Callbacks]));
         assert_eq!(scenarios(All, 3).ok(), Some(vec![Under, Over, Cold]));
         assert_eq!(scenarios(Cold, 1).ok(), Some(vec![Cold]));
         assert_eq!(scenarios(Custom, 2).ok(), Some(vec![Custom]));
         assert!(scenarios(Warm, 3).is_err());
         assert!(scenarios(Memory, 2).is_err());
         assert!(scenarios(Clients, 3).is_err());
+        assert!(scenarios(Callbacks, 2).is_err());
         assert!(scenarios(Under, 0).is_err());
     }
 

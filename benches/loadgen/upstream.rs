@@ -3,15 +3,25 @@
 //! second, 60007 answers, how many MsgSeqs each call carried and how many calls each group
 //! took. The simulator stamps each
 //! call with an `Instant` of this process, so the interval is the client's own.
+//!
+//! With a [`CallbackPlayer`] the simulator's members read, and [`Upstream::reads`] says
+//! when each read was applied — again an `Instant` of this process. Its listener can be
+//! bound first ([`Reserved`]) so that the gateway, which needs the simulator's URL, can be
+//! started before the player, which needs the gateway's.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use receipt_gateway::code::ErrorCode;
 use receipt_gateway::domain::AppId;
-use receipt_gateway::simulator::{CallRecord, SimApp, SimOptions, SimServer, Simulator, max_in_window};
+use receipt_gateway::simulator::{
+    CallRecord, CallbackPlayer, PlayedRead, SimApp, SimOptions, Simulator, max_in_window,
+};
 use receipt_gateway::usersig::SecretKey;
 
 use crate::Result;
@@ -22,6 +32,9 @@ pub const SDKAPPID: u64 = 1_400_000_000;
 pub const IDENTIFIER: &str = "administrator";
 /// Known to the simulator and (through `LOADGEN_SECRET`) to the gateway; protects nothing.
 pub const SECRET: &str = "receipt-loadgen-key-not-a-secret";
+/// The app's callback token: the simulator's player and the load generator sign with it,
+/// the gateway (through `LOADGEN_CALLBACK_TOKEN`) checks it. Protects nothing either.
+pub const CALLBACK_TOKEN: &str = "receipt-loadgen-callback-token-not-a-secret";
 
 const ROLLING: Duration = Duration::from_secs(1);
 
@@ -29,7 +42,39 @@ pub struct Upstream {
     sim: Simulator,
     url: String,
     /// Serves until dropped.
-    _server: SimServer,
+    _server: Serving,
+}
+
+/// The simulator's listener, bound before the simulator serves on it.
+pub struct Reserved {
+    listener: TcpListener,
+    url: String,
+}
+
+impl Reserved {
+    pub async fn bind() -> Result<Reserved> {
+        let listener =
+            TcpListener::bind(("127.0.0.1", 0)).await.map_err(|e| format!("cannot bind the simulator: {e}"))?;
+        let url = format!("http://{}", listener.local_addr()?);
+        Ok(Reserved { listener, url })
+    }
+
+    /// The base URL the simulator will answer on.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+/// The simulator's serving task: stopped when dropped (its player with it).
+struct Serving {
+    _stop: oneshot::Sender<()>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// The simulator's view of one measured interval.
@@ -48,12 +93,39 @@ pub struct UpstreamStats {
 
 impl Upstream {
     pub async fn start(s: &SimSettings) -> Result<Upstream> {
+        Ok(Upstream::serve(Reserved::bind().await?, s, None))
+    }
+
+    /// The simulator on `reserved`, its members reading as `player` says (none: nobody
+    /// reads).
+    pub fn serve(reserved: Reserved, s: &SimSettings, player: Option<CallbackPlayer>) -> Upstream {
         let app = SimApp { app: AppId(SDKAPPID), identifier: IDENTIFIER.into(), key: SecretKey::new(SECRET) };
-        let options = SimOptions { limit_per_second: s.limit, max_seqs: s.max_seqs, ..SimOptions::new(vec![app]) };
-        let (sim, url, server) =
-            Simulator::spawn(options).await.map_err(|e| format!("cannot start the simulator: {e}"))?;
+        let options =
+            SimOptions { limit_per_second: s.limit, max_seqs: s.max_seqs, player, ..SimOptions::new(vec![app]) };
+        let sim = Simulator::new(options);
         sim.set_latency(s.latency);
-        Ok(Upstream { sim, url, _server: server })
+        let (stop, stopped) = oneshot::channel::<()>();
+        let shutdown = async move {
+            // A dropped sender means the guard is gone: stop as well.
+            let _ = stopped.await;
+        };
+        let task = tokio::spawn(sim.clone().serve(reserved.listener, shutdown));
+        Upstream { sim, url: reserved.url, _server: Serving { _stop: stop, task } }
+    }
+
+    /// Makes the members read `seqs` of `group` (see [`Simulator::play_group`]).
+    pub fn play_group(&self, group: &str, seqs: impl IntoIterator<Item = u64>) {
+        self.sim.play_group(group, seqs);
+    }
+
+    /// Every read the members made so far, with the instant each was applied.
+    pub fn reads(&self) -> Vec<PlayedRead> {
+        self.sim.reads()
+    }
+
+    /// The player's callbacks so far: (answered 2xx, failed or refused).
+    pub fn callbacks(&self) -> (usize, usize) {
+        (self.sim.callbacks_delivered(), self.sim.callbacks_failed())
     }
 
     pub fn url(&self) -> &str {
