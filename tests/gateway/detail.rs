@@ -128,3 +128,20 @@ async fn tencents_answers_pass_through_and_bad_requests_never_leave() {
     }
     assert_eq!(app.sim.detail_call_count(), calls, "nothing invalid was sent");
 }
+
+#[tokio::test]
+async fn callers_quotas_apply_to_the_detail_api() {
+    let app = TestApp::spawn_with(Setup::sections("[[clients]]\nid = \"pager\"\nrequests_per_second = 2\n")).await;
+    let who = [("x-client-id", "pager")];
+    for i in 0..2 {
+        let reply = app.post_to(DETAIL, &detail(&format!("q-{i}"), 1, 0, "", 10), &who).await;
+        assert_eq!(reply.status, StatusCode::OK);
+    }
+    let over = app.post_to(DETAIL, &detail("q-2", 1, 0, "", 10), &who).await;
+    assert_eq!((over.status, over.code()), (StatusCode::TOO_MANY_REQUESTS, 60007));
+    assert!(over.header("retry-after").is_some());
+    assert_eq!(app.sim.detail_call_count(), 2, "refused before anything was queued");
+    let sample =
+        "receipt_gateway_budget_calls_total{api=\"get_group_msg_receipt_detail\",app=\"1400000000\",client=\"pager\"}";
+    assert_eq!(app.metric(sample).await, 2.0, "its calls are charged to it");
+}
