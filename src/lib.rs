@@ -13,10 +13,12 @@
 //!
 //! A data request passes through these modules, in this order:
 //!
-//! 1. [`server`] — accepts HTTP/1.1 and h2c on one port, routes, picks the app
-//!    ([`app`]) by `sdkappid` and the caller ([`clients`]: its token, its quota), reads
-//!    the deadline and `Cache-Control`, reads the body within limits and validates it
-//!    into [`api::ReceiptRequest`] (typed with [`domain`]).
+//! 1. [`server`] — accepts HTTP/1.1 and h2c on one port (at most `max_connections`,
+//!    silent ones closed after the first-bytes timeout, h2 streams and buffers bounded),
+//!    takes or makes the request id, routes, picks the app ([`app`]) by `sdkappid` and
+//!    the caller ([`clients`]: its token, its quota), reads the deadline and
+//!    `Cache-Control`, reads the body within limits (408 when it does not arrive) and
+//!    validates it into [`api::ReceiptRequest`] (typed with [`domain`]).
 //! 2. [`receipts`] — answers the query: one lookup of the group's page in the [`cache`]
 //!    serves the fresh items at once (and notes that they were read, which is what
 //!    makes them part of the group's cohort); the misses go to the app's [`engine`],
@@ -32,8 +34,9 @@
 //!    (governor, or GCRA in Redis, at the AIMD effective rate) and spends it on the
 //!    client the weighted fair share picks, on that client's most urgent ready entry
 //!    (callers' batches and retry permits by earliest deadline; background batches only
-//!    when no caller waits), topped up from the group's cache page with the cohort:
-//!    read lately, due to expire within half a TTL.
+//!    when no caller waits; a batch whose callers all went away leaves unpaid), topped
+//!    up from the group's cache page with the cohort: read lately, due to expire within
+//!    half a TTL.
 //! 6. [`fetch`] — runs the dispatched batch in its own task: one signed regional call via
 //!    [`upstream`] (UserSig from the [`signer`], built with [`usersig`]), retries and
 //!    10004 splits each paid with a permit from the queue, answers stored in the
@@ -41,9 +44,9 @@
 //! 7. back in [`receipts`] — every waiter reads the shared outcome; the answer is
 //!    assembled in the caller's order with `X-Cache` and `Age`, or falls back to stale
 //!    items, or becomes a [`error::GatewayError`] (which says who caused it), which
-//!    [`server`] turns into HTTP in one place.
+//!    [`server`] turns into HTTP in one place (a caller gone before that is a 499).
 //!
-//! Beside it, on the same port, two routes [`server`] hands off after its app lookup:
+//! Beside it, on the same port, two routes [`server`] hands off after routing:
 //!
 //! - [`callback`] — `POST /callback`, Tencent's webhooks: `Sign` checked, read receipts
 //!   written into the [`cache`] as kept current by callbacks (and, with the [`fleet`]
