@@ -219,3 +219,43 @@ async fn an_h2_client_that_never_reads_cannot_push_memory_past_the_bound() {
     // And the gateway still answers others.
     assert_eq!(f.post(&gateway, &body("big", &[1]), &[]).await.status, StatusCode::OK);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_client_resetting_accepted_requests_in_a_loop_gets_goaway() {
+    let app = TestApp::spawn().await;
+    // Every request waits for its call, which the simulator holds: reset after acceptance.
+    app.sim.hold_calls();
+    let addr = app.url.trim_start_matches("http://").to_owned();
+    let tcp = within(TcpStream::connect(&addr)).await.expect("connects");
+    let (client, connection) = within(h2::client::handshake(tcp)).await.expect("h2");
+    let connection = tokio::spawn(connection);
+    let mut reset = 0;
+    for i in 0..300 {
+        let Ok(Ok(mut ready)) = tokio::time::timeout(Duration::from_secs(5), client.clone().ready()).await else {
+            break;
+        };
+        let request = http::Request::post(format!("{}{RECEIPT}", app.url)).body(()).unwrap();
+        let Ok((_response, mut stream)) = ready.send_request(request, false) else { break };
+        if stream.send_data(bytes::Bytes::from(body(&format!("reset-{i}"), &[1])), true).is_err() {
+            break;
+        }
+        // Accepted and waiting for its call at the simulator: then reset.
+        within(async {
+            while app.sim.held_calls() <= i {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await;
+        stream.send_reset(h2::Reason::CANCEL);
+        reset += 1;
+        if connection.is_finished() {
+            break;
+        }
+    }
+    // The connection ends (GOAWAY, then closed) after the allowance of 100 in a burst.
+    within(connection).await.expect("the connection task").ok();
+    assert!((100..=150).contains(&reset), "closed after {reset} resets");
+    let closed = "receipt_gateway_connections_refused_total{port=\"data\",reason=\"resets\"}";
+    assert_eq!(app.metric(closed).await, 1.0);
+    app.sim.release_calls();
+}
