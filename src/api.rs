@@ -55,7 +55,9 @@ pub enum InvalidBody {
 
 /// The common body, read straight into types with the group id borrowed (no
 /// `serde_json::Value` tree): anything it does not take — escapes, nulls, odd types,
-/// duplicate keys — goes to the general path, which names what is wrong.
+/// duplicate keys — goes to the general path, which names what is wrong. Objects only:
+/// serde's derived structs would also take a JSON array of the fields in order, which
+/// the general path refuses (found by the fuzzer).
 #[derive(Deserialize)]
 struct Typed<'a> {
     #[serde(rename = "GroupId", borrow)]
@@ -64,16 +66,44 @@ struct Typed<'a> {
     seqs: Vec<TypedSeq>,
 }
 
-#[derive(Deserialize)]
+/// `{"MsgSeq": n}` and nothing else shaped like it (not `[n]`).
 struct TypedSeq {
-    #[serde(rename = "MsgSeq")]
     seq: u64,
+}
+
+impl<'de> Deserialize<'de> for TypedSeq {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Entry;
+        impl<'de> serde::de::Visitor<'de> for Entry {
+            type Value = TypedSeq;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object with an integer MsgSeq")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<TypedSeq, A::Error> {
+                let mut seq = None;
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    if key == "MsgSeq" {
+                        if seq.is_some() {
+                            return Err(serde::de::Error::duplicate_field("MsgSeq"));
+                        }
+                        seq = Some(map.next_value::<u64>()?);
+                    } else {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+                seq.map(|seq| TypedSeq { seq }).ok_or_else(|| serde::de::Error::missing_field("MsgSeq"))
+            }
+        }
+        deserializer.deserialize_map(Entry)
+    }
 }
 
 impl ReceiptRequest {
     /// Parses and validates a body; `max_seqs` bounds the `MsgSeqList` length.
     pub fn parse(body: &[u8], max_seqs: usize) -> Result<Self, InvalidBody> {
-        if let Ok(typed) = serde_json::from_slice::<Typed<'_>>(body)
+        let object = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+        if object
+            && let Ok(typed) = serde_json::from_slice::<Typed<'_>>(body)
             && !typed.seqs.is_empty()
             && typed.seqs.len() <= max_seqs
             && let Ok(group) = GroupId::parse(typed.group)
@@ -291,6 +321,10 @@ mod tests {
             r#"{"GroupId":"a\tb","MsgSeqList":[{"MsgSeq":1}]}"#,
             r#"{"GroupId":null,"MsgSeqList":[{"MsgSeq":1}]}"#,
             r#"{"GroupId":"g","MsgSeqList":[]}"#,
+            // Found by the fuzzer: arrays in the shape of the structs.
+            r#"["g",[{"MsgSeq":1}]]"#,
+            r#"{"GroupId":"g","MsgSeqList":[[1]]}"#,
+            r#" {"GroupId":"g","MsgSeqList":[{"MsgSeq":1,"MsgSeq":2}]}"#,
         ];
         for body in bodies {
             assert_eq!(parse(body), ReceiptRequest::parse_general(body.as_bytes(), 3), "{body}");

@@ -288,7 +288,15 @@ enum EventTime {
 /// event in the future counts as now). Items older than the process are dropped.
 fn read_receipts(body: &[u8], wall: SystemTime, now: Instant) -> Result<(GroupId, Vec<Answer>), GatewayError> {
     let bad = |why: String| GatewayError::BadRequest(format!("callback body is not valid: {why}"));
-    let parsed: ReadReceipts = serde_json::from_slice(body).map_err(|e| bad(e.to_string()))?;
+    // Objects only: serde's derived structs would also take arrays of their fields.
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| bad(e.to_string()))?;
+    let objects = value.as_object().is_some_and(|o| {
+        o.get("GroupMsgReceiptList").and_then(|l| l.as_array()).is_none_or(|l| l.iter().all(|i| i.is_object()))
+    });
+    if !objects {
+        return Err(bad("the body and each GroupMsgReceiptList entry must be JSON objects".into()));
+    }
+    let parsed: ReadReceipts = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
     let group = GroupId::parse(&parsed.group).map_err(|why| bad(format!("GroupId {why}")))?;
     let event_ms = match parsed.event_time {
         None => None,
@@ -434,6 +442,9 @@ mod tests {
             (r#"{"GroupId":"g"}"#, "GroupMsgReceiptList"),
             (r#"{"GroupId":"g","GroupMsgReceiptList":[{"MsgSeq":1,"ReadNum":-1,"UnreadNum":0}]}"#, "expected u64"),
             (r#"{"GroupId":"g","EventTime":"later","GroupMsgReceiptList":[]}"#, "EventTime"),
+            // Found by the fuzzer: arrays in the shape of the structs.
+            (r#"["G",[]]"#, "JSON objects"),
+            (r#"{"GroupId":"g","GroupMsgReceiptList":[[7,3,4]]}"#, "JSON objects"),
         ];
         for (body, why) in cases {
             let e = read_receipts(body.as_bytes(), wall, Instant::now()).unwrap_err();
