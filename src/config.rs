@@ -79,9 +79,6 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// How long a new connection (either port) may stay silent before it is closed.
     pub first_bytes_timeout: Duration,
-    /// How long a connection's writes may make no progress (a peer that does not read)
-    /// before it is closed.
-    pub write_stall_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -254,7 +251,6 @@ impl RawConfig {
             require_client_auth: s.require_client_auth,
             max_connections: in_range("server.max_connections", s.max_connections, 1, 1_000_000)? as usize,
             first_bytes_timeout: millis("server.first_bytes_timeout_ms", s.first_bytes_timeout_ms, 1, MINUTE_MS)?,
-            write_stall_timeout: millis("server.write_stall_timeout_ms", s.write_stall_timeout_ms, 1, 10 * MINUTE_MS)?,
         };
         let c = self.cache;
         let cache = CacheConfig {

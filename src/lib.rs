@@ -219,9 +219,8 @@ pub async fn run_reloading(
     if let Some(path) = path {
         tasks.spawn(reload::watch(path, reload::hangups(), config.clone(), gateway.clone(), metrics.clone()));
     }
-    let timeouts = (config.server.first_bytes_timeout, config.server.write_stall_timeout);
-    let data_limits = metrics.limits("data", config.server.max_connections, timeouts);
-    let admin_limits = metrics.limits("admin", server::ADMIN_MAX_CONNECTIONS, timeouts);
+    let data_limits = metrics.limits("data", config.server.max_connections, config.server.first_bytes_timeout);
+    let admin_limits = metrics.limits("admin", server::ADMIN_MAX_CONNECTIONS, config.server.first_bytes_timeout);
     let admin = Arc::new(admin::Admin { metrics, cache, drain: drain.clone() });
     let (stop_data, data_stopped) = watch::channel(None);
     let (stop_admin, admin_stopped) = watch::channel(None);

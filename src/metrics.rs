@@ -175,7 +175,7 @@ impl Metrics {
                 "receipt_gateway_connections_refused_total",
                 "Connections closed unserved, by port and reason (limit: over the port's maximum; silent: nothing \
                  sent within the first-bytes timeout; resets: closed with GOAWAY for resetting too many accepted \
-                 requests; write_stall: its writes made no progress for the write-stall timeout).",
+                 requests).",
                 &["port", "reason"],
             )?,
             callbacks: counter(
@@ -227,13 +227,11 @@ impl Metrics {
         &self,
         port: &str,
         max_connections: usize,
-        (first_bytes, write_stall): (std::time::Duration, std::time::Duration),
+        first_bytes: std::time::Duration,
     ) -> crate::server::Limits {
         crate::server::Limits {
             max_connections,
             first_bytes,
-            write_stall,
-            stalled: self.connections_refused.with_label_values(&[port, "write_stall"]),
             open: self.connections_open.with_label_values(&[port]),
             over_limit: self.connections_refused.with_label_values(&[port, "limit"]),
             silent: self.connections_refused.with_label_values(&[port, "silent"]),

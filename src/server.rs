@@ -9,11 +9,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -23,7 +19,6 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -67,10 +62,6 @@ pub struct Limits {
     /// How long a new connection may take to send its first bytes (the HTTP/1.1 request
     /// line or the h2 preface); a silent one is closed then.
     pub first_bytes: Duration,
-    /// How long writes may make no progress before the connection is closed.
-    pub write_stall: Duration,
-    /// `receipt_gateway_connections_refused_total{port,reason="write_stall"}`.
-    pub stalled: prometheus::IntCounter,
     /// `receipt_gateway_connections_open{port}`.
     pub open: prometheus::IntGauge,
     /// `receipt_gateway_connections_refused_total{port,reason="limit"}`.
@@ -148,21 +139,12 @@ where
             if first_bytes(&stream, limits.first_bytes).await {
                 let resets = Arc::new(Resets::new());
                 let service = service_fn(counting_resets(handle, resets.clone()));
-                let (stream, stall) = Watched::new(stream);
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
                 let mut conn = std::pin::pin!(conn);
                 let mut closing = false;
-                let mut watch = tokio::time::interval(limits.write_stall.min(Duration::from_secs(1)));
                 let ended = loop {
                     tokio::select! {
                         ended = conn.as_mut() => break ended,
-                        _ = watch.tick() => {
-                            if stall.longer_than(limits.write_stall) {
-                                tracing::info!("closing a connection whose peer does not read (writes stalled)");
-                                limits.stalled.inc();
-                                break Ok(());
-                            }
-                        }
                         () = resets.flooded.notified(), if !closing => {
                             tracing::info!("closing a connection that reset too many accepted requests (GOAWAY)");
                             limits.reset_flood.inc();
@@ -189,83 +171,6 @@ where
     let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
     if tokio::time::timeout_at(deadline, slots.acquire_many(all)).await.is_err() {
         tracing::warn!("connections still open after the shutdown grace period");
-    }
-}
-
-/// When a connection's writes stopped making progress, if they did (µs since `base`; 0:
-/// writes are going).
-struct Stall {
-    base: Instant,
-    since_us: AtomicU64,
-}
-
-impl Stall {
-    /// Whether writes have made no progress for longer than `limit`.
-    fn longer_than(&self, limit: Duration) -> bool {
-        let since = self.since_us.load(Ordering::Relaxed);
-        since != 0 && self.base.elapsed().saturating_sub(Duration::from_micros(since)) > limit
-    }
-}
-
-/// A connection's socket, noting when a write could not proceed (the peer's receive
-/// window is full) and when writes proceed again.
-struct Watched {
-    stream: tokio::net::TcpStream,
-    stall: Arc<Stall>,
-}
-
-impl Watched {
-    fn new(stream: tokio::net::TcpStream) -> (Self, Arc<Stall>) {
-        let stall = Arc::new(Stall { base: Instant::now(), since_us: AtomicU64::new(0) });
-        (Self { stream, stall: stall.clone() }, stall)
-    }
-
-    fn note<T>(&self, polled: &Poll<T>) {
-        match polled {
-            Poll::Pending => {
-                if self.stall.since_us.load(Ordering::Relaxed) == 0 {
-                    let now = self.stall.base.elapsed().as_micros().clamp(1, u128::from(u64::MAX)) as u64;
-                    self.stall.since_us.store(now, Ordering::Relaxed);
-                }
-            }
-            Poll::Ready(_) => self.stall.since_us.store(0, Ordering::Relaxed),
-        }
-    }
-}
-
-impl AsyncRead for Watched {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Watched {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
-        self.note(&polled);
-        polled
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
-        self.note(&polled);
-        polled
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 

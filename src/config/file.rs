@@ -35,7 +35,6 @@ pub(super) struct RawServer {
     pub(super) require_client_auth: bool,
     pub(super) max_connections: u64,
     pub(super) first_bytes_timeout_ms: u64,
-    pub(super) write_stall_timeout_ms: u64,
 }
 
 impl Default for RawServer {
@@ -51,7 +50,6 @@ impl Default for RawServer {
             require_client_auth: false,
             max_connections: 10_000,
             first_bytes_timeout_ms: 10_000,
-            write_stall_timeout_ms: 30_000,
         }
     }
 }

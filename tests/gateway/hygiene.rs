@@ -53,13 +53,7 @@ async fn silent_connections_cannot_take_the_ports_and_are_closed_by_the_first_by
     // And the port takes new connections again.
     let fresh = within(TcpStream::connect(&data)).await.expect("connects");
     drop(fresh);
-    // Left open: only the pooled caller (the dropped one is noticed at its EOF).
-    within(async {
-        while app.metric("receipt_gateway_connections_open{port=\"data\"}").await != 1.0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    assert_eq!(app.metric("receipt_gateway_connections_open{port=\"data\"}").await, 1.0, "the pooled caller");
 }
 
 #[tokio::test]
@@ -264,37 +258,4 @@ async fn an_h2_client_resetting_accepted_requests_in_a_loop_gets_goaway() {
     let closed = "receipt_gateway_connections_refused_total{port=\"data\",reason=\"resets\"}";
     assert_eq!(app.metric(closed).await, 1.0);
     app.sim.release_calls();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connection_whose_peer_never_reads_is_closed_when_writes_stall() {
-    let app = TestApp::spawn_with(Setup::sections("[server]\nwrite_stall_timeout_ms = 500\n")).await;
-    let seqs: Vec<u64> = (1..=1000).collect();
-    let big = body("stall", &seqs);
-    assert_eq!(app.post(&big).await.status, StatusCode::OK);
-    // Pipelined requests for 60 KB answers, never read: the socket's buffers fill.
-    let data = app.url.trim_start_matches("http://").to_owned();
-    let mut conn = within(TcpStream::connect(&data)).await.expect("connects");
-    let request = format!(
-        "POST {RECEIPT} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{big}",
-        big.len()
-    );
-    let started = Instant::now();
-    for _ in 0..400 {
-        // The gateway stops reading once it cannot write: stop when our writes block too.
-        match tokio::time::timeout(Duration::from_millis(200), conn.write_all(request.as_bytes())).await {
-            Ok(Ok(())) => {}
-            _ => break,
-        }
-    }
-    let stalled = "receipt_gateway_connections_refused_total{port=\"data\",reason=\"write_stall\"}";
-    within(async {
-        while app.metric(stalled).await < 1.0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-    assert!(started.elapsed() >= Duration::from_millis(500), "not before the timeout");
-    assert_eq!(app.metric("receipt_gateway_connections_open{port=\"data\"}").await, 1.0, "only the pooled caller");
-    drop(conn);
 }
