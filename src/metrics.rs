@@ -174,8 +174,7 @@ impl Metrics {
             connections_refused: counter(
                 "receipt_gateway_connections_refused_total",
                 "Connections closed unserved, by port and reason (limit: over the port's maximum; silent: nothing \
-                 sent within the first-bytes timeout; resets: closed with GOAWAY for resetting too many accepted \
-                 requests).",
+                 sent within the first-bytes timeout).",
                 &["port", "reason"],
             )?,
             callbacks: counter(
@@ -235,7 +234,6 @@ impl Metrics {
             open: self.connections_open.with_label_values(&[port]),
             over_limit: self.connections_refused.with_label_values(&[port, "limit"]),
             silent: self.connections_refused.with_label_values(&[port, "silent"]),
-            reset_flood: self.connections_refused.with_label_values(&[port, "resets"]),
         }
     }
 

@@ -19,6 +19,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -68,9 +69,6 @@ pub struct Limits {
     pub over_limit: prometheus::IntCounter,
     /// `receipt_gateway_connections_refused_total{port,reason="silent"}`.
     pub silent: prometheus::IntCounter,
-    /// `receipt_gateway_connections_refused_total{port,reason="resets"}`: closed for
-    /// resetting too many accepted requests.
-    pub reset_flood: prometheus::IntCounter,
 }
 
 /// What every data request shares.
@@ -106,6 +104,7 @@ where
         .max_send_buf_size(MAX_H2_SEND_BUFFER)
         .max_pending_accept_reset_streams(MAX_PENDING_RESETS);
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let graceful = GracefulShutdown::new();
     let deadline = loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -131,33 +130,14 @@ where
         let _ = stream.set_nodelay(true);
         let handle = handle.clone();
         let builder = builder.clone();
+        let watcher = graceful.watcher();
         let limits = limits.clone();
-        let mut stop = stop.clone();
         tokio::spawn(async move {
             let _slot = slot;
             limits.open.inc();
             if first_bytes(&stream, limits.first_bytes).await {
-                let resets = Arc::new(Resets::new());
-                let service = service_fn(counting_resets(handle, resets.clone()));
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-                let mut conn = std::pin::pin!(conn);
-                let mut closing = false;
-                let ended = loop {
-                    tokio::select! {
-                        ended = conn.as_mut() => break ended,
-                        () = resets.flooded.notified(), if !closing => {
-                            tracing::info!("closing a connection that reset too many accepted requests (GOAWAY)");
-                            limits.reset_flood.inc();
-                            conn.as_mut().graceful_shutdown();
-                            closing = true;
-                        }
-                        _ = stop.wait_for(Option::is_some), if !closing => {
-                            conn.as_mut().graceful_shutdown();
-                            closing = true;
-                        }
-                    }
-                };
-                if let Err(e) = ended {
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service_fn(handle));
+                if let Err(e) = watcher.watch(conn.into_owned()).await {
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
             } else {
@@ -167,71 +147,8 @@ where
         });
     };
     drop(listener);
-    // Every connection was told to finish (graceful shutdown): wait until all have.
-    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
-    if tokio::time::timeout_at(deadline, slots.acquire_many(all)).await.is_err() {
+    if tokio::time::timeout_at(deadline, graceful.shutdown()).await.is_err() {
         tracing::warn!("connections still open after the shutdown grace period");
-    }
-}
-
-/// Resets of accepted requests a connection may make in a burst, and how many more it
-/// earns per second: past them it is closed with GOAWAY (h2's own guard only counts
-/// streams reset before they are accepted).
-const RESET_BURST: f64 = 100.0;
-const RESETS_PER_SECOND: f64 = 10.0;
-
-/// A connection's allowance of requests abandoned before their answer (a token bucket).
-struct Resets {
-    bucket: std::sync::Mutex<(f64, Instant)>,
-    /// Told once the allowance is spent.
-    flooded: tokio::sync::Notify,
-}
-
-impl Resets {
-    fn new() -> Self {
-        Self { bucket: std::sync::Mutex::new((RESET_BURST, Instant::now())), flooded: tokio::sync::Notify::new() }
-    }
-
-    /// One more request abandoned.
-    fn reset(&self) {
-        let mut bucket = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        let (tokens, since) = *bucket;
-        let tokens = (tokens + now.saturating_duration_since(since).as_secs_f64() * RESETS_PER_SECOND).min(RESET_BURST);
-        *bucket = (tokens - 1.0, now);
-        if tokens - 1.0 < 0.0 {
-            self.flooded.notify_one();
-        }
-    }
-}
-
-/// `handle`, with every request dropped before its answer counted against `resets`.
-fn counting_resets<H, F>(
-    handle: H,
-    resets: Arc<Resets>,
-) -> impl Fn(Request<Incoming>) -> std::pin::Pin<Box<dyn Future<Output = F::Output> + Send>> + Clone
-where
-    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
-{
-    struct Answering(Arc<Resets>, bool);
-    impl Drop for Answering {
-        fn drop(&mut self) {
-            if !self.1 {
-                self.0.reset();
-            }
-        }
-    }
-    move |req| {
-        let answer = handle(req);
-        let answering = Answering(resets.clone(), false);
-        Box::pin(async move {
-            // The whole guard moves in (not just its flag): dropped with the future.
-            let mut answering = answering;
-            let answered = answer.await;
-            answering.1 = true;
-            answered
-        })
     }
 }
 
