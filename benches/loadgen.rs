@@ -38,13 +38,24 @@
 //! p50/p99) for both, then drives `/callback` directly at 5,000 callbacks/s (and with
 //! `wrk`, when installed) for its throughput, latency and CPU time per callback.
 //!
-//! The `warm` scenario also runs a trivial hyper server (this binary again, in its own
-//! process) that answers a fixed body of the gateway's answer size: the speed-of-light
-//! baseline under the same load. Each scenario ends with a verdict against issue 3's
-//! targets; missed targets are reported, not an error (the exit status is non-zero only
-//! when the benchmark could not be set up).
+//! The `warm` scenario (issue 10) puts the gateway's hit path beside the servers a team
+//! would compare it with, all in front of the same simulator: nginx as a caching proxy
+//! (`proxy_cache`, started from a generated config when nginx is installed, or installed
+//! with apt-get when this runs as root), and two trivial hyper servers (this binary again,
+//! in their own processes) — one that parses each request and serialises its answer, one
+//! that answers a fixed body of the same size. It measures them in alternating rounds
+//! with `wrk` and with its own client (a connection per worker, bodies generated before
+//! the run, on its own runtime threads), reports each server's CPU time per request, says
+//! when its own client is the bottleneck instead of printing ratios it cannot trust, and
+//! compares request logging at `info` with nginx's `access_log`. `--peer` runs one server
+//! alone.
+//!
+//! Each scenario ends with a verdict against its issue's targets; missed targets are
+//! reported, not an error (the exit status is non-zero only when the benchmark could not
+//! be set up).
 //!
 //! Run: `cargo build --release --bins && target/release/receipt-loadgen --scenario all`
+//! (the warm path beside nginx: `... --scenario warm`, as root to install nginx and wrk)
 //! (a fleet of three: `... --scenario all --replicas 3`)
 
 #![forbid(unsafe_code)]
@@ -55,24 +66,38 @@ mod baseline;
 mod cli;
 #[path = "loadgen/client.rs"]
 mod client;
+#[path = "loadgen/conn.rs"]
+mod conn;
 #[path = "loadgen/drive.rs"]
 mod drive;
 #[path = "loadgen/gateway.rs"]
 mod gateway;
 #[path = "loadgen/mix.rs"]
 mod mix;
+#[path = "loadgen/nginx.rs"]
+mod nginx;
 #[path = "loadgen/record.rs"]
 mod record;
 #[path = "loadgen/redis_server.rs"]
 mod redis_server;
 #[path = "loadgen/scenarios.rs"]
 mod scenarios;
+#[path = "loadgen/tools.rs"]
+mod tools;
 #[path = "loadgen/upstream.rs"]
 mod upstream;
+#[path = "loadgen/wrk.rs"]
+mod wrk;
 
 use std::process::ExitCode;
 
 use clap::Parser;
+
+/// The gateway's allocator, for the same reasons (many small buffers a request, freed on
+/// other threads): the client allocates per request, and the hyper baselines (this binary
+/// too) must not be slowed by an allocator the gateway does not use.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 type Result<T> = std::result::Result<T, Error>;
@@ -80,7 +105,7 @@ type Result<T> = std::result::Result<T, Error>;
 fn main() -> ExitCode {
     let args = cli::Args::parse();
     if let Some(port) = args.serve_baseline {
-        return baseline::serve_forever(port, args.body_bytes);
+        return baseline::serve_forever(port, args.baseline_kind, args.body_bytes);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,

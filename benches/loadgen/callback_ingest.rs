@@ -14,7 +14,6 @@
 //! its latencies are under that saturation, not at the open loop's rate.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -33,6 +32,7 @@ use crate::drive::{Schedule, wait_for_turn};
 use crate::gateway::{self, Gateway};
 use crate::record::{Recorder, Sample, ms};
 use crate::upstream::{CALLBACK_TOKEN, SDKAPPID, Upstream};
+use crate::wrk;
 
 const WARMUP: Duration = Duration::from_secs(1);
 const MEASURED: Duration = Duration::from_secs(4);
@@ -51,11 +51,10 @@ const P99_TARGET: Duration = Duration::from_millis(5);
 /// as handled.
 const ANSWERED_AT_LEAST: f64 = 0.999;
 
-/// wrk's run: threads, connections, seconds; and how long past that it may take.
+/// wrk's run: threads, connections, seconds.
 const WRK_THREADS: usize = 2;
 const WRK_CONNECTIONS: usize = 16;
 const WRK_SECONDS: u64 = 4;
-const WRK_GRACE: Duration = Duration::from_secs(10);
 
 pub(super) async fn ingest(bin: &Path, s: &Settings) -> Result<Verdict> {
     let rate = s.callbacks.ingest_rate;
@@ -258,7 +257,14 @@ async fn cross_check_with_wrk(gateway: &Gateway, admin: &HttpClient) {
     }
     let before = (gateway.cpu_time(), gateway.metrics(admin).await);
     let url = format!("http://{}{CALLBACK_PATH}", gateway.data);
-    let outcome = run_wrk(&script, &url).await;
+    let run = wrk::Run {
+        threads: WRK_THREADS,
+        connections: WRK_CONNECTIONS,
+        seconds: WRK_SECONDS,
+        script: &script,
+        url: &url,
+    };
+    let outcome = wrk::run(Path::new("wrk"), &run).await.map_err(|e| format!("{e}; cross-check skipped"));
     let after = (gateway.cpu_time(), gateway.metrics(admin).await);
     let _ = std::fs::remove_dir_all(&dir);
     let result = match outcome {
@@ -305,86 +311,9 @@ function request()
   n = n + 1
   return wrk.format("POST", "{path}", headers, '{body_head}' .. id .. "-" .. n .. '"}}')
 end
-function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format("wrk-result requests=%d duration_us=%d p50_us=%d p99_us=%d non2xx=%d socket=%d\n",
-    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99), e.status,
-    e.connect + e.read + e.write + e.timeout))
-end
-"#
+{done}"#,
+        done = wrk::DONE_HOOK
     )
-}
-
-/// The figures of wrk's `done` line.
-#[derive(Debug, PartialEq)]
-struct WrkResult {
-    requests: u64,
-    duration: Duration,
-    p50: Duration,
-    p99: Duration,
-    non_2xx: u64,
-    socket_errors: u64,
-}
-
-impl WrkResult {
-    fn parse(output: &str) -> Option<WrkResult> {
-        let line = output.lines().find_map(|l| l.strip_prefix("wrk-result "))?;
-        let field = |name: &str| -> Option<u64> {
-            line.split_whitespace().find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))?.parse().ok()
-        };
-        Some(WrkResult {
-            requests: field("requests")?,
-            duration: Duration::from_micros(field("duration_us")?),
-            p50: Duration::from_micros(field("p50_us")?),
-            p99: Duration::from_micros(field("p99_us")?),
-            non_2xx: field("non2xx")?,
-            socket_errors: field("socket")?,
-        })
-    }
-
-    fn per_second(&self) -> f64 {
-        self.requests as f64 / self.duration.as_secs_f64().max(f64::EPSILON)
-    }
-}
-
-/// Runs wrk to its end (killed if it overruns by [`WRK_GRACE`]) and reads its result.
-async fn run_wrk(script: &Path, url: &str) -> std::result::Result<WrkResult, String> {
-    let spawned = Command::new("wrk")
-        .args(["-t", &WRK_THREADS.to_string(), "-c", &WRK_CONNECTIONS.to_string()])
-        .args(["-d", &format!("{WRK_SECONDS}s"), "--timeout", "2s", "-s"])
-        .arg(script)
-        .arg(url)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
-    let mut child = match spawned {
-        Ok(child) => child,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err("not installed (Debian package wrk); cross-check skipped".into());
-        }
-        Err(e) => return Err(format!("cannot start it: {e}; cross-check skipped")),
-    };
-    let until = Instant::now() + Duration::from_secs(WRK_SECONDS) + WRK_GRACE;
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) => break,
-            Ok(None) if Instant::now() < until => tokio::time::sleep(Duration::from_millis(100)).await,
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("did not finish within {WRK_SECONDS} s + {WRK_GRACE:?}; killed"));
-            }
-            Err(e) => return Err(format!("cannot wait for it: {e}")),
-        }
-    }
-    // It has exited: its (small) output is all in the pipes.
-    let output = child.wait_with_output().map_err(|e| format!("cannot read its output: {e}"))?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    WrkResult::parse(&stdout).ok_or_else(|| {
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        format!("no result line ({}): {}{}", output.status, stdout.trim(), stderr.trim())
-    })
 }
 
 #[cfg(test)]
@@ -422,23 +351,10 @@ mod tests {
     }
 
     #[test]
-    fn wrks_result_line_is_read_and_a_missing_one_is_none() {
-        let out = "Running 4s test\nwrk-result requests=24000 duration_us=4000000 p50_us=510 p99_us=2300 non2xx=3 \
-                   socket=1\n";
-        let r = WrkResult::parse(out).expect("a result");
-        assert_eq!(
-            (r.requests, r.p50, r.p99, r.non_2xx, r.socket_errors),
-            (24_000, Duration::from_micros(510), Duration::from_micros(2300), 3, 1)
-        );
-        assert_eq!(r.per_second(), 6000.0);
-        assert!(WrkResult::parse("Running 4s test\n").is_none());
-    }
-
-    #[test]
     fn the_wrk_script_posts_the_signed_path_with_a_group_per_request() {
         let script = wrk_script("/callback?SdkAppid=1&Sign=ab", 5);
         assert!(script.contains(r#"wrk.format("POST", "/callback?SdkAppid=1&Sign=ab", headers,"#));
         assert!(script.contains(r#""GroupId":"wrk-' .. id .. "-" .. n .. '"}'"#));
-        assert!(script.contains("function done(summary, latency, requests)"));
+        assert!(script.ends_with(wrk::DONE_HOOK));
     }
 }

@@ -111,18 +111,56 @@ pub struct Args {
     /// Keep the temporary directory (config and gateway log) after a clean run.
     #[arg(long)]
     pub keep_temp: bool,
+    /// `warm`: measure one server alone instead of all of them side by side.
+    #[arg(long, value_enum)]
+    pub peer: Option<PeerName>,
+    /// `warm`: alternating rounds over the servers (each round measures every one of them
+    /// with wrk and with this load generator's client).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// `warm`: the threads of the load generator's client, each running a single-threaded
+    /// runtime of its own (the simulator runs on another runtime).
+    #[arg(long, default_value_t = 2)]
+    pub client_threads: usize,
     /// Internal: serve the trivial baseline on this port (0 = any) and print its address.
     #[arg(long, hide = true)]
     pub serve_baseline: Option<u16>,
-    /// Internal: the baseline's body size in bytes.
+    /// Internal: the fixed baseline's body size in bytes.
     #[arg(long, hide = true, default_value_t = 200)]
     pub body_bytes: usize,
+    /// Internal: what the baseline answers.
+    #[arg(long, hide = true, value_enum, default_value_t = BaselineKind::Fixed)]
+    pub baseline_kind: BaselineKind,
+}
+
+/// The servers the `warm` scenario compares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
+pub enum PeerName {
+    /// The release gateway, every answer from its cache.
+    Gateway,
+    /// nginx as a caching proxy (`proxy_cache`) in front of the same simulator.
+    Nginx,
+    /// A trivial hyper server that parses the request and serialises the answer.
+    Hyper,
+    /// A trivial hyper server that answers a fixed body of the same size.
+    HyperFixed,
+}
+
+/// What the trivial hyper baseline does with a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BaselineKind {
+    /// Reads the body and answers a fixed body of `--body-bytes`.
+    Fixed,
+    /// Parses the request JSON and serialises the simulator's answer for it.
+    Parsing,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ScenarioName {
     All,
-    /// Everything from cache: gateway vs the trivial baseline, then p99 at half that rate.
+    /// Everything from cache: the gateway beside nginx `proxy_cache` and trivial hyper
+    /// servers (wrk and this client, alternating rounds), p99 at half the gateway's rate,
+    /// and the cost of request logging beside nginx's `access_log`.
     Warm,
     /// 2,000 req/s over 100 groups: the budget suffices.
     Under,
@@ -259,6 +297,16 @@ pub struct Settings {
     pub gateway: GatewaySettings,
     pub sim: SimSettings,
     pub callbacks: CallbackSettings,
+    pub warm: WarmSettings,
+}
+
+/// What the `warm` scenario adds.
+#[derive(Clone, Debug)]
+pub struct WarmSettings {
+    /// One server alone (`--peer`), or all of them side by side.
+    pub peer: Option<PeerName>,
+    pub rounds: usize,
+    pub client_threads: usize,
 }
 
 /// What the `callbacks` scenario adds.
@@ -306,7 +354,17 @@ pub struct GatewaySettings {
     /// The `[[clients]]` of the config (none but in the `clients` scenario).
     pub clients: Vec<ClientSpec>,
     pub log_level: String,
+    pub log_format: LogFormat,
     pub keep_temp: bool,
+}
+
+/// How the gateway writes its log (to a file in its temporary directory).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// tracing's default text lines.
+    Text,
+    /// One JSON object a line (`RECEIPT_GATEWAY_LOG_FORMAT=json`), as in production.
+    Json,
 }
 
 /// Whether the app's callbacks reach the gateway (SPEC 5.1), and are then signed.
@@ -367,6 +425,7 @@ impl Args {
             callbacks: CallbackAuth::Off,
             clients: Vec::new(),
             log_level: self.gateway_log.clone(),
+            log_format: LogFormat::Text,
             keep_temp: self.keep_temp,
         };
         let sim = SimSettings {
@@ -375,7 +434,8 @@ impl Args {
             latency: Duration::from_millis(self.sim_latency_ms.unwrap_or(0)),
         };
         let callbacks = CallbackSettings { reads_per_second: self.reads_per_second, ingest_rate: self.callback_rate };
-        let settings = Settings { mix, load, gateway, sim, callbacks };
+        let warm = WarmSettings { peer: self.peer, rounds: self.rounds, client_threads: self.client_threads };
+        let settings = Settings { mix, load, gateway, sim, callbacks, warm };
         settings.check(rate)?;
         Ok(settings)
     }
@@ -402,6 +462,8 @@ impl Settings {
             "--reads-per-second must be above 0 and at most 100000"
         } else if !(self.callbacks.ingest_rate.is_finite() && self.callbacks.ingest_rate > 0.0) {
             "--callback-rate must be a number above 0"
+        } else if self.warm.rounds == 0 || self.warm.client_threads == 0 {
+            "--rounds and --client-threads must be at least 1"
         } else {
             return Ok(());
         };

@@ -28,7 +28,7 @@ const RECEIPT_PATH_AND_QUERY: &str = "/v4/group_open_http_svc/get_group_msg_rece
 const CLIENT_ID_HEADER: &str = "x-client-id";
 
 /// How long past its deadline a request may take before it counts as hung.
-const HUNG_AFTER_DEADLINE: Duration = Duration::from_secs(1);
+pub const HUNG_AFTER_DEADLINE: Duration = Duration::from_secs(1);
 
 /// Admin calls (`/readyz`, `/metrics`) are small and local.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -132,7 +132,7 @@ pub enum XCache {
 }
 
 impl XCache {
-    fn from_header(value: Option<&[u8]>) -> XCache {
+    pub fn from_header(value: Option<&[u8]>) -> XCache {
         match value {
             None => XCache::Absent,
             Some(b"HIT") => XCache::Hit,

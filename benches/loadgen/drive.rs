@@ -48,7 +48,7 @@ impl Schedule {
         self.end - self.measure_from
     }
 
-    fn is_measured(&self, at: Instant) -> bool {
+    pub fn is_measured(&self, at: Instant) -> bool {
         at >= self.measure_from && at < self.end
     }
 }

@@ -5,7 +5,8 @@
 //! its replicas share through Redis), logs there, and is stopped with
 //! SIGTERM at the end (killed if it does not stop, or if the benchmark bails out early).
 //! The `clients` scenario adds its callers as `[[clients]]` (SPEC 6.5); the `callbacks`
-//! scenario turns on `apps.callbacks` with a callback token ([`CallbackAuth::Signed`]).
+//! scenario turns on `apps.callbacks` with a callback token ([`CallbackAuth::Signed`]);
+//! the `warm` scenario's logging comparison has it log JSON ([`LogFormat::Json`]).
 //! [`Snapshot`] reads the counters of `/metrics` the report needs; [`Memory`] reads the
 //! resident set and [`cpu_time`] the CPU time spent, both from `/proc`.
 
@@ -17,7 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::Result;
-use crate::cli::{CallbackAuth, ClientSpec, GatewaySettings};
+use crate::cli::{CallbackAuth, ClientSpec, GatewaySettings, LogFormat};
 use crate::client::{self, HttpClient};
 use crate::upstream::{CALLBACK_TOKEN, IDENTIFIER, SDKAPPID, SECRET};
 
@@ -26,6 +27,8 @@ const SECRET_ENV: &str = "LOADGEN_SECRET";
 /// The variable the generated config names for the callback token (with
 /// [`CallbackAuth::Signed`]); always set, harmless when unused.
 const CALLBACK_TOKEN_ENV: &str = "LOADGEN_CALLBACK_TOKEN";
+/// The gateway's switch to JSON log lines.
+const LOG_FORMAT_ENV: &str = "RECEIPT_GATEWAY_LOG_FORMAT";
 const READY_WITHIN: Duration = Duration::from_secs(15);
 const STOP_WITHIN: Duration = Duration::from_secs(5);
 
@@ -86,14 +89,19 @@ impl Gateway {
         let out = File::create(&log)?;
         let err = out.try_clone()?;
         drop((data_port.1, admin_port.1));
-        let child = Command::new(bin)
+        let mut command = Command::new(bin);
+        command
             .arg("serve")
             .arg("--config")
             .arg(&config)
             .env(SECRET_ENV, SECRET)
             .env(CALLBACK_TOKEN_ENV, CALLBACK_TOKEN)
-            .env("RUST_LOG", &s.log_level)
-            .env_remove("RECEIPT_GATEWAY_LOG_FORMAT")
+            .env("RUST_LOG", &s.log_level);
+        match s.log_format {
+            LogFormat::Text => command.env_remove(LOG_FORMAT_ENV),
+            LogFormat::Json => command.env(LOG_FORMAT_ENV, "json"),
+        };
+        let child = command
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -127,6 +135,11 @@ impl Gateway {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The file the gateway's stdout and stderr (its log) go to.
+    pub fn log(&self) -> &Path {
+        &self.log
     }
 
     pub async fn metrics(&self, admin: &HttpClient) -> Result<Snapshot> {
@@ -191,11 +204,14 @@ pub fn temp_dir() -> Result<PathBuf> {
 
 /// Two distinct free ports, each with the listener that holds it until dropped.
 fn free_ports() -> Result<((u16, TcpListener), (u16, TcpListener))> {
-    let hold = || -> Result<(u16, TcpListener)> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
-        Ok((listener.local_addr()?.port(), listener))
-    };
-    Ok((hold()?, hold()?))
+    Ok((free_port()?, free_port()?))
+}
+
+/// A free loopback port, with the listener that holds it until dropped (release it just
+/// before the process that is to bind it starts).
+pub fn free_port() -> Result<(u16, TcpListener)> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    Ok((listener.local_addr()?.port(), listener))
 }
 
 /// A replica's `budget.fallback_per_second`: its share of the fleet's `per_second`, what
@@ -488,6 +504,7 @@ mod tests {
             callbacks: CallbackAuth::Off,
             clients: Vec::new(),
             log_level: "warn".into(),
+            log_format: LogFormat::Text,
             keep_temp: false,
         }
     }

@@ -8,9 +8,10 @@
 //! them. Both blocks are followed by a side-by-side comparison and a verdict each: the
 //! single gateway's against issue 3's targets, the fleet's against the fleet's.
 //!
-//! The `clients` scenario (issue 8's fair share between callers) lives in [`fair_share`],
-//! the `callbacks` scenario (issue 9: what callbacks save, how fast `/callback` is) in
-//! [`callbacks`].
+//! The `warm` scenario (issue 10: the hit path beside nginx and trivial hyper servers)
+//! lives in [`warm`], the `clients` scenario (issue 8's fair share between callers) in
+//! [`fair_share`], the `callbacks` scenario (issue 9: what callbacks save, how fast
+//! `/callback` is) in [`callbacks`].
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -21,7 +22,6 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 
 use crate::Result;
-use crate::baseline::Baseline;
 use crate::cli::{Args, Defaults, Distribution, LoadSettings, ScenarioName, Settings};
 use crate::client::{HttpClient, Targets, XCache, http_client};
 use crate::drive::{self, Load, Schedule};
@@ -35,6 +35,8 @@ use crate::upstream::{Upstream, UpstreamStats};
 mod callbacks;
 #[path = "fair_share.rs"]
 mod fair_share;
+#[path = "warm.rs"]
+mod warm;
 
 /// How long the memory scenario waits for moka's lagging entry count to catch up.
 const ENTRIES_SETTLE_WITHIN: Duration = Duration::from_secs(15);
@@ -71,7 +73,7 @@ pub async fn run(args: &Args) -> Result<()> {
         print_settings(scenario, &settings);
         let single = |verdict| vec![(scenario.label().to_owned(), verdict)];
         let outcome = match scenario {
-            ScenarioName::Warm => single(warm(&ctx.bin, &settings).await?),
+            ScenarioName::Warm => single(warm::warm(&ctx.bin, &settings).await?),
             ScenarioName::Under => under(&ctx, &settings).await?,
             ScenarioName::Over => over(&ctx, &settings).await?,
             ScenarioName::Memory => single(memory(&ctx.bin, &settings).await?),
@@ -97,6 +99,9 @@ pub async fn run(args: &Args) -> Result<()> {
 /// The scenarios to run with their settings, every one checked before anything runs.
 fn plan(args: &Args) -> Result<Vec<(ScenarioName, Settings)>> {
     let scenarios = scenarios(args.scenario, args.replicas)?;
+    if args.peer.is_some() && scenarios != [ScenarioName::Warm] {
+        return Err("--peer applies to --scenario warm".into());
+    }
     scenarios
         .into_iter()
         .map(|scenario| {
@@ -169,6 +174,7 @@ fn print_settings(scenario: ScenarioName, s: &Settings) {
         }
         ScenarioName::Clients => fair_share::print_load(s),
         ScenarioName::Callbacks => callbacks::print_load(s),
+        ScenarioName::Warm => warm::print_load(s),
         _ => print_load(s),
     }
     println!(
@@ -213,48 +219,6 @@ fn print_load(s: &Settings) {
 // ---------------------------------------------------------------------------------------
 // The scenarios
 // ---------------------------------------------------------------------------------------
-
-/// Everything from cache: gateway vs the trivial baseline at full speed, then p99 at half
-/// the gateway's rate.
-async fn warm(bin: &Path, s: &Settings) -> Result<Verdict> {
-    let bench = Bench::start(bin, s, None).await?;
-    let filled = bench.fill().await;
-    println!("cache filled: {}", status_line(&filled));
-    let body_bytes = bench.answer_size().await?;
-
-    let baseline = Baseline::start(body_bytes).await?;
-    let baseline_load = Load { client: http_client(s.load.connections), ..bench.load_to(baseline.addr, s)? };
-    println!("\n-- baseline: trivial hyper server, fixed {body_bytes}-byte body, closed loop");
-    let base = drive_and_print(&baseline_load, None, &s.load).await;
-    let base_rps = base.answered() as f64 / s.load.duration.as_secs_f64();
-
-    println!("\n-- gateway, closed loop");
-    let mut full = bench.measure(None, &s.load).await?;
-    full.print();
-    let gateway_rps = full.answered_per_second();
-    let half = (gateway_rps / 2.0).max(1.0);
-
-    println!("\n-- gateway, open loop at half that rate ({half:.0} req/s)");
-    let mut open = bench.measure(Some(half), &s.load).await?;
-    open.print();
-    bench.stop().await;
-    println!("\n-- baseline, open loop at the same rate (what this client and machine allow)");
-    drive_and_print(&baseline_load, Some(half), &s.load).await;
-    drop(baseline);
-
-    let ratio = gateway_rps / base_rps.max(f64::EPSILON);
-    let p99 = open.recorder.percentiles().map(|p| p.p99);
-    Ok(Verdict::new(vec![
-        Check::new("req/s >= 0.7 x baseline", format!("{gateway_rps:.0} / {base_rps:.0} = {ratio:.2}"), ratio >= 0.7),
-        Check::new(
-            format!("p99 < 5 ms at {half:.0} req/s"),
-            p99.map_or("-".into(), ms),
-            p99 < Some(Duration::from_millis(5)),
-        ),
-        // Not a target of the issue: the premise of this scenario, checked.
-        Check::new("all answers HIT", x_cache_share(&full.recorder, XCache::Hit), only_hits(&full.recorder)),
-    ]))
-}
 
 /// 2,000 req/s over 100 groups: the budget suffices, so nearly everything is 200. A fleet
 /// may spend at most a quarter more calls than one gateway.
@@ -503,23 +467,8 @@ impl Bench {
         std::iter::once(&self.gateway).chain(&self.replicas)
     }
 
-    /// The same mix, aimed at another server.
-    fn load_to(&self, addr: SocketAddr, s: &Settings) -> Result<Load> {
-        Ok(Load { targets: Arc::new(Targets::one(addr, s.load.deadline)?), ..self.load.clone() })
-    }
-
     async fn fill(&self) -> Recorder {
         drive::fill(&self.load).await
-    }
-
-    /// The size of one answer of the mix (to size the baseline's body alike).
-    async fn answer_size(&self) -> Result<usize> {
-        let once = Load { connections: 1, ..self.load.clone() };
-        let recorder = drive::run(&once, None, Schedule::starting_now(Duration::ZERO, Duration::from_millis(1))).await;
-        match recorder.last_body_bytes {
-            0 => Err("the gateway did not answer a probe request".into()),
-            size => Ok(size),
-        }
     }
 
     /// The `/metrics` figures of every gateway, added up.
@@ -595,10 +544,6 @@ struct Run {
 }
 
 impl Run {
-    fn answered_per_second(&self) -> f64 {
-        self.recorder.answered() as f64 / self.measured.as_secs_f64()
-    }
-
     fn print(&mut self) {
         print_client(&mut self.recorder, self.measured);
         let u = &self.upstream;
@@ -670,13 +615,6 @@ impl FirstSecond {
 // ---------------------------------------------------------------------------------------
 // Printing
 // ---------------------------------------------------------------------------------------
-
-/// A run against a server that is not the gateway (the baseline): client figures only.
-async fn drive_and_print(load: &Load, rate: Option<f64>, s: &LoadSettings) -> Recorder {
-    let mut recorder = drive::run(load, rate, Schedule::starting_now(s.warmup, s.duration)).await;
-    print_client(&mut recorder, s.duration);
-    recorder
-}
 
 fn print_client(r: &mut Recorder, measured: Duration) {
     let seconds = measured.as_secs_f64();
@@ -782,15 +720,6 @@ fn item_shares(items: &BTreeMap<String, f64>) -> String {
         })
         .collect();
     format!("{} (of {total:.0})", parts.join(", "))
-}
-
-fn x_cache_share(r: &Recorder, x_cache: XCache) -> String {
-    let n = r.x_cache.get(&x_cache).copied().unwrap_or(0);
-    format!("{:.2} %", 100.0 * share(n, r.answered()))
-}
-
-fn only_hits(r: &Recorder) -> bool {
-    r.x_cache.keys().all(|&x| x == XCache::Hit) && r.failures() == 0
 }
 
 fn share(n: u64, of: u64) -> f64 {
