@@ -189,6 +189,13 @@ struct Trace {
     request_id: Option<HeaderValue>,
 }
 
+impl Trace {
+    /// The request's id as text ("" if it has none).
+    fn request_id(&self) -> &str {
+        self.request_id.as_ref().and_then(|id| id.to_str().ok()).unwrap_or("")
+    }
+}
+
 /// Answers one data request; never fails (errors are answers).
 pub async fn handle(req: Request<Incoming>, gw: Arc<Gateway>) -> Result<Response<Full<Bytes>>, Infallible> {
     let arrived = Instant::now();
@@ -368,7 +375,7 @@ async fn receipt(
         trace.group = Some(parsed.group.to_string());
     }
     trace.items = parsed.seqs.len();
-    let request_id = trace.request_id.as_ref().and_then(|id| id.to_str().ok()).unwrap_or("").to_owned();
+    let request_id = trace.request_id().to_owned();
     let query =
         Query { request_id, group: parsed.group, seqs: parsed.seqs, freshness, arrived, deadline, client: client.slot };
     let answer = receipts::answer(app, query).await?;
@@ -391,7 +398,7 @@ async fn detail(
     }
     trace.items = 1;
     let query = DetailQuery { freshness, arrived, deadline, client: client.slot };
-    let request_id = trace.request_id.as_ref().and_then(|id| id.to_str().ok()).unwrap_or("");
+    let request_id = trace.request_id();
     app.detail.answer(parsed, query, request_id).await
 }
 
