@@ -84,7 +84,7 @@ repo = pathlib.Path(sys.argv[1])
 KEYS = {
     "server": {"listen", "admin_listen", "request_timeout_ms", "max_body_bytes", "max_request_seqs",
                "shutdown_grace_ms", "client_id_header", "require_client_auth", "max_connections",
-               "first_bytes_timeout_ms"},
+               "first_bytes_timeout_ms", "header_timeout_ms"},
     "cache": {"ttl_ms", "stale_ms", "negative_ttl_ms", "callback_ttl_ms", "max_entries"},
     "batch": {"window_ms", "max_seqs"},
     "upstream": {"timeout_ms", "max_retries"},

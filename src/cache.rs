@@ -318,6 +318,10 @@ pub struct ReceiptCache {
     /// With the fleet tier: where read pages are noted.
     log: Option<Arc<ReadLog>>,
     groups: Cache<(AppId, GroupId), Arc<GroupAnswer>>,
+    /// When the newest group answer was stored, as nanoseconds after `epoch` (0: never).
+    /// None is alive a negative TTL after it, so a hit need not look them up.
+    group_answered: Arc<AtomicU64>,
+    epoch: Instant,
     lifetimes: Arc<SharedLifetimes>,
 }
 
@@ -334,7 +338,7 @@ impl ReceiptCache {
             .expire_after(KeepFor::pages(&lifetimes))
             .build();
         let groups = Cache::builder().max_capacity(100_000).expire_after(KeepFor::group_answers(&lifetimes)).build();
-        Self { pages, groups, lifetimes, log: None }
+        Self { pages, groups, group_answered: Arc::default(), epoch: Instant::now(), lifetimes, log: None }
     }
 
     /// Reloaded lifetimes (SPEC 6.1): items are fresh and stale by them from now on,
@@ -440,13 +444,22 @@ impl ReceiptCache {
 
     /// A cached group-level answer (10010 / 10015) if one is fresh.
     pub async fn group_answer(&self, app: AppId, group: &GroupId) -> Option<Arc<GroupAnswer>> {
+        let negative_ttl = self.lifetimes.get().negative_ttl;
+        // Every group answer was fetched before it was stored: none stored within a
+        // negative TTL means none is alive, and the common case asks moka nothing.
+        let newest = self.group_answered.load(Ordering::Relaxed);
+        if newest == 0 || self.epoch + Duration::from_nanos(newest) + negative_ttl <= Instant::now() {
+            return None;
+        }
         let answer = self.groups.get(&(app, group.clone())).await?;
         // moka keeps it for the negative TTL at start; a reload may have shortened it.
-        (answer.fetched_at.elapsed() < self.lifetimes.get().negative_ttl).then_some(answer)
+        (answer.fetched_at.elapsed() < negative_ttl).then_some(answer)
     }
 
     pub async fn insert_group_answer(&self, app: AppId, group: &GroupId, answer: GroupAnswer) {
         if !self.lifetimes.get().negative_ttl.is_zero() {
+            let stored = self.epoch.elapsed().as_nanos().try_into().unwrap_or(u64::MAX).max(1);
+            self.group_answered.fetch_max(stored, Ordering::Relaxed);
             self.groups.insert((app, group.clone()), Arc::new(answer)).await;
         }
     }

@@ -79,6 +79,9 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// How long a new connection (either port) may stay silent before it is closed.
     pub first_bytes_timeout: Duration,
+    /// How long an HTTP/1.1 connection may go without completing a request head while
+    /// none of its requests is being answered (slow headers, idle keep-alive).
+    pub header_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -251,6 +254,7 @@ impl RawConfig {
             require_client_auth: s.require_client_auth,
             max_connections: in_range("server.max_connections", s.max_connections, 1, 1_000_000)? as usize,
             first_bytes_timeout: millis("server.first_bytes_timeout_ms", s.first_bytes_timeout_ms, 1, MINUTE_MS)?,
+            header_timeout: millis("server.header_timeout_ms", s.header_timeout_ms, 3, 10 * MINUTE_MS)?,
         };
         let c = self.cache;
         let cache = CacheConfig {

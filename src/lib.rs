@@ -13,8 +13,10 @@
 //!
 //! A data request passes through these modules, in this order:
 //!
-//! 1. [`server`] — accepts HTTP/1.1 and h2c on one port (at most `max_connections`,
-//!    silent ones closed after the first-bytes timeout, h2 streams and buffers bounded),
+//! 1. [`server`] — accepts HTTP/1.1 and h2c on one port, told apart by the first bytes
+//!    (at most `max_connections`, silent ones closed after the first-bytes timeout,
+//!    HTTP/1.1 ones without a request head in time closed by a per-connection watchdog,
+//!    h2 streams, buffers and resets of accepted requests bounded),
 //!    takes or makes the request id, routes, picks the app ([`app`]) by `sdkappid` and
 //!    the caller ([`clients`]: its token, its quota), reads the deadline and
 //!    `Cache-Control`, reads the body within limits (408 when it does not arrive) and
@@ -219,8 +221,9 @@ pub async fn run_reloading(
     if let Some(path) = path {
         tasks.spawn(reload::watch(path, reload::hangups(), config.clone(), gateway.clone(), metrics.clone()));
     }
-    let data_limits = metrics.limits("data", config.server.max_connections, config.server.first_bytes_timeout);
-    let admin_limits = metrics.limits("admin", server::ADMIN_MAX_CONNECTIONS, config.server.first_bytes_timeout);
+    let s = &config.server;
+    let data_limits = metrics.limits("data", s.max_connections, s.first_bytes_timeout, s.header_timeout);
+    let admin_limits = metrics.limits("admin", server::ADMIN_MAX_CONNECTIONS, s.first_bytes_timeout, s.header_timeout);
     let admin = Arc::new(admin::Admin { metrics, cache, drain: drain.clone() });
     let (stop_data, data_stopped) = watch::channel(None);
     let (stop_admin, admin_stopped) = watch::channel(None);

@@ -174,7 +174,8 @@ impl Metrics {
             connections_refused: counter(
                 "receipt_gateway_connections_refused_total",
                 "Connections closed unserved, by port and reason (limit: over the port's maximum; silent: nothing \
-                 sent within the first-bytes timeout).",
+                 sent within the first-bytes timeout; resets: closed with GOAWAY for resetting too many accepted \
+                 requests).",
                 &["port", "reason"],
             )?,
             callbacks: counter(
@@ -227,13 +228,16 @@ impl Metrics {
         port: &str,
         max_connections: usize,
         first_bytes: std::time::Duration,
+        header_timeout: std::time::Duration,
     ) -> crate::server::Limits {
         crate::server::Limits {
             max_connections,
             first_bytes,
+            header_timeout,
             open: self.connections_open.with_label_values(&[port]),
             over_limit: self.connections_refused.with_label_values(&[port, "limit"]),
             silent: self.connections_refused.with_label_values(&[port, "silent"]),
+            reset_flood: self.connections_refused.with_label_values(&[port, "resets"]),
         }
     }
 
@@ -241,7 +245,9 @@ impl Metrics {
         let app_label = app.to_string();
         let items = Source::ALL.map(|s| self.items.with_label_values(&[app_label.as_str(), s.label()]));
         let request_duration = self.request_duration.with_label_values(&[app_label.as_str()]);
-        AppMetrics { items, request_duration, app_label }
+        let answered_default =
+            self.requests.with_label_values(&[app_label.as_str(), crate::clients::DEFAULT, "200", "none"]);
+        AppMetrics { items, answered_default, request_duration, app_label }
     }
 }
 
@@ -249,6 +255,9 @@ impl Metrics {
 #[derive(Clone)]
 pub struct AppMetrics {
     items: [IntCounter; 5],
+    /// `receipt_gateway_requests_total` of the commonest answer: the default client's
+    /// 200 with nothing to blame.
+    pub answered_default: IntCounter,
     /// `receipt_gateway_request_duration_seconds` for this app.
     pub request_duration: Histogram,
     pub app_label: String,

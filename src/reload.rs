@@ -22,9 +22,10 @@
 //! rotated token (a Kubernetes Secret) takes a restart (see `deploy/README.md`).
 
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use sha2::{Digest, Sha256};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
@@ -37,19 +38,21 @@ use crate::server::Gateway;
 pub const WATCH_EVERY: Duration = Duration::from_secs(2);
 
 /// The clients every request reads, swapped whole by a reload.
-pub struct ClientsCell(RwLock<Arc<Clients>>);
+/// Read by every request from every core: an `ArcSwap`, whose loads write nothing
+/// shared (a lock or a reference count would bounce between the cores).
+pub struct ClientsCell(ArcSwap<Clients>);
 
 impl ClientsCell {
     pub fn new(clients: Clients) -> Self {
-        Self(RwLock::new(Arc::new(clients)))
+        Self(ArcSwap::from_pointee(clients))
     }
 
-    pub fn current(&self) -> Arc<Clients> {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    pub fn current(&self) -> arc_swap::Guard<Arc<Clients>> {
+        self.0.load()
     }
 
     fn replace(&self, clients: Clients) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(clients);
+        self.0.store(Arc::new(clients));
     }
 }
 

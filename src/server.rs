@@ -10,24 +10,24 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
 use crate::api::{DETAIL_PATH, RECEIPT_PATH, ReceiptRequest, ReceiptResponse};
 use crate::app::AppRuntime;
 use crate::callback::{self, CALLBACK_PATH};
-use crate::clients::{self, Client, Rejection};
+use crate::clients::{self, Client, ClientSlot, Rejection};
 use crate::config::ServerConfig;
 use crate::detail::{DetailAnswer, DetailQuery, DetailRequest};
 use crate::domain::AppId;
@@ -63,12 +63,18 @@ pub struct Limits {
     /// How long a new connection may take to send its first bytes (the HTTP/1.1 request
     /// line or the h2 preface); a silent one is closed then.
     pub first_bytes: Duration,
+    /// How long an HTTP/1.1 connection may go without completing a request head while
+    /// none of its requests is being answered.
+    pub header_timeout: Duration,
     /// `receipt_gateway_connections_open{port}`.
     pub open: prometheus::IntGauge,
     /// `receipt_gateway_connections_refused_total{port,reason="limit"}`.
     pub over_limit: prometheus::IntCounter,
     /// `receipt_gateway_connections_refused_total{port,reason="silent"}`.
     pub silent: prometheus::IntCounter,
+    /// `receipt_gateway_connections_refused_total{port,reason="resets"}`: closed for
+    /// resetting too many accepted requests.
+    pub reset_flood: prometheus::IntCounter,
 }
 
 /// What every data request shares.
@@ -83,28 +89,33 @@ pub struct Gateway {
 
 /// Serves HTTP/1.1 and h2c on `listener` with `handle` until `stop` names a deadline,
 /// then closes connections gracefully, giving them until that deadline. At most
-/// `limits.max_connections` are open at once (more are closed at once), and one that
-/// sends nothing within `limits.first_bytes` is closed.
+/// `limits.max_connections` are open at once (more are closed at once), one that sends
+/// nothing within `limits.first_bytes` is closed, and an HTTP/1.1 one that completes no
+/// request head within `limits.header_timeout` while none of its requests is being
+/// answered is closed (see [`watchdog`]).
+///
+/// The protocol is told from the first bytes (peeked, so the connection's own parser
+/// reads them), and each connection is served by hyper's own HTTP/1.1 or HTTP/2 server:
+/// no per-request timer, no rewinding reader.
 pub async fn serve<H, F>(listener: TcpListener, handle: H, limits: Limits, mut stop: watch::Receiver<Option<Instant>>)
 where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // Without a timer the slowloris guard (header_read_timeout) does nothing.
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
+    // No header_read_timeout: hyper arms a timer for every request with it; the
+    // watchdog keeps that guard with one timer per connection.
+    let h1 = http1::Builder::new();
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
     // A mesh sidecar multiplexes many callers over few connections, and a request may
     // wait for budget for its whole deadline: allow more streams than hyper's 200.
-    builder
-        .http2()
-        .timer(TokioTimer::new())
+    h2.timer(TokioTimer::new())
         .keep_alive_interval(H2_PING_EVERY)
         .keep_alive_timeout(H2_PING_TIMEOUT)
         .max_concurrent_streams(MAX_H2_STREAMS)
         .max_send_buf_size(MAX_H2_SEND_BUFFER)
         .max_pending_accept_reset_streams(MAX_PENDING_RESETS);
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
-    let graceful = GracefulShutdown::new();
+    let closers = Closers::default();
     let deadline = loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -128,48 +139,309 @@ where
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let handle = handle.clone();
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
+        let service = counting(handle.clone());
+        let (h1, h2) = (h1.clone(), h2.clone());
+        let stop = closers.register();
         let limits = limits.clone();
         tokio::spawn(async move {
             let _slot = slot;
             limits.open.inc();
-            if first_bytes(&stream, limits.first_bytes).await {
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service_fn(handle));
-                if let Err(e) = watcher.watch(conn.into_owned()).await {
-                    tracing::debug!(error = %e, "connection ended with an error");
+            let progress = service.progress.clone();
+            let ended = match first_bytes(&stream, limits.first_bytes).await {
+                None => {
+                    limits.silent.inc();
+                    Ok(())
                 }
-            } else {
-                limits.silent.inc();
+                Some(Protocol::Http2) => {
+                    let conn = h2.serve_connection(TokioIo::new(stream), service);
+                    drive(conn, stop, &progress, std::future::pending(), &limits).await
+                }
+                Some(Protocol::Http1) => {
+                    let conn = h1.serve_connection(TokioIo::new(stream), service);
+                    drive(conn, stop, &progress, watchdog(&progress, limits.header_timeout), &limits).await
+                }
+            };
+            if let Err(e) = ended {
+                tracing::debug!(error = %e, "connection ended with an error");
             }
             limits.open.dec();
         });
     };
     drop(listener);
-    if tokio::time::timeout_at(deadline, graceful.shutdown()).await.is_err() {
+    closers.close_all();
+    // Every connection was told to finish (graceful shutdown): wait until all have.
+    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    if tokio::time::timeout_at(deadline, slots.acquire_many(all)).await.is_err() {
         tracing::warn!("connections still open after the shutdown grace period");
     }
 }
 
-/// Waits until the peer has sent its first bytes (a request line's end or the h2
-/// preface's length), at most `timeout`; false for a silent peer or one that closed.
-/// Peeked, not read: the connection's parser sees them.
-async fn first_bytes(stream: &tokio::net::TcpStream, timeout: Duration) -> bool {
-    /// The h2 preface's length; an HTTP/1.1 request line ends in `\r\n` sooner or later.
-    const ENOUGH: usize = 24;
+/// Serves `conn` until it ends. Told to `stop`, or flooded with resets (see
+/// [`Resets`]), it finishes gracefully (HTTP/1.1: after the answer being written; h2:
+/// GOAWAY, then the streams it accepted); when `watchdog` returns it is dropped at once.
+///
+/// Only per-connection signals are polled on each wake-up: a channel shared by every
+/// connection (a `watch`) would take its lock on every poll from every core.
+async fn drive<C>(
+    conn: C,
+    mut stop: oneshot::Receiver<()>,
+    progress: &Progress,
+    watchdog: impl Future<Output = ()>,
+    limits: &Limits,
+) -> Result<(), C::Error>
+where
+    C: GracefulConnection,
+{
+    let mut conn = std::pin::pin!(conn);
+    let mut watchdog = std::pin::pin!(watchdog);
+    let mut flooded = std::pin::pin!(progress.resets.flooded());
+    let (mut closing, mut watching_resets) = (false, true);
+    loop {
+        // Each branch that completes is disabled before its future could be polled again.
+        tokio::select! {
+            ended = conn.as_mut() => return ended,
+            _ = &mut stop, if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            flooded = &mut flooded, if watching_resets && !closing => {
+                watching_resets = false;
+                if flooded {
+                    tracing::info!("closing a connection that reset too many accepted requests (GOAWAY)");
+                    limits.reset_flood.inc();
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+            () = &mut watchdog => {
+                tracing::debug!("closed an HTTP/1.1 connection that went without a request head too long");
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// The open connections' graceful-shutdown signals. Registered by the accept loop
+/// (so none is missed by a shutdown that starts while it is being spawned) and
+/// deregistered when the connection's end drops its receiver.
+#[derive(Default, Clone)]
+struct Closers(Arc<std::sync::Mutex<Vec<oneshot::Sender<()>>>>);
+
+impl Closers {
+    fn register(&self) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        // Forget the connections that ended, now and then: amortised, and bounded by
+        // twice the connections open.
+        if open.len() >= 64 && open.len().is_power_of_two() {
+            open.retain(|tx| !tx.is_closed());
+        }
+        open.push(tx);
+        rx
+    }
+
+    fn close_all(&self) {
+        let open = std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()));
+        for tx in open {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// The protocol a connection speaks, told from its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    /// h2 with prior knowledge (h2c): the connection starts with the preface.
+    Http2,
+}
+
+/// The HTTP/2 connection preface (RFC 9113, 3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// What `peeked`, the first bytes of a connection, say: HTTP/2 once the whole preface is
+/// there, HTTP/1.1 once they cannot be its start and hold a line's end or as many bytes,
+/// else `None` (wait for more).
+fn protocol(peeked: &[u8]) -> Option<Protocol> {
+    if H2_PREFACE.starts_with(peeked) {
+        // A prefix of the preface (it holds a "\r\n" of its own): wait for all of it.
+        return (peeked.len() == H2_PREFACE.len()).then_some(Protocol::Http2);
+    }
+    let enough = peeked.len() >= H2_PREFACE.len() || peeked.windows(2).any(|w| w == b"\r\n");
+    enough.then_some(Protocol::Http1)
+}
+
+/// Waits until the peer has sent enough first bytes to tell its protocol, at most
+/// `timeout`; `None` for a silent peer or one that closed. Peeked, not read: the
+/// connection's parser sees them.
+async fn first_bytes(stream: &tokio::net::TcpStream, timeout: Duration) -> Option<Protocol> {
     let wait = async {
-        let mut buf = [0u8; ENOUGH];
+        let mut buf = [0u8; H2_PREFACE.len()];
         loop {
             match stream.peek(&mut buf).await {
-                Ok(0) | Err(_) => return false,
-                Ok(n) if n >= ENOUGH || buf[..n].windows(2).any(|w| w == b"\r\n") => return true,
-                // Some bytes, not yet enough: wait for more without spinning.
-                Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                Ok(0) | Err(_) => return None,
+                Ok(n) => match protocol(&buf[..n]) {
+                    Some(protocol) => return Some(protocol),
+                    // Some bytes, not yet enough: wait for more without spinning.
+                    None => tokio::time::sleep(Duration::from_millis(5)).await,
+                },
             }
         }
     };
-    tokio::time::timeout(timeout, wait).await.unwrap_or(false)
+    tokio::time::timeout(timeout, wait).await.ok().flatten()
+}
+
+/// What a connection's service has seen of it: for the HTTP/1.1 [`watchdog`], and the
+/// rapid-reset guard ([`Resets`]).
+struct Progress {
+    /// Request heads completed (each one is a call of the service).
+    heads: AtomicU64,
+    /// Requests being answered.
+    answering: AtomicUsize,
+    resets: Resets,
+}
+
+/// Resets of accepted requests a connection may make in a burst, and how many more it
+/// earns per second: past them it is closed with GOAWAY (h2's own guard only counts
+/// streams reset before they are accepted).
+const RESET_BURST: f64 = 100.0;
+const RESETS_PER_SECOND: f64 = 10.0;
+
+/// A connection's allowance of requests abandoned before their answer (a token bucket),
+/// and the signal that it is spent.
+struct Resets {
+    bucket: std::sync::Mutex<(f64, Instant, Option<oneshot::Sender<()>>)>,
+    flooded: std::sync::Mutex<Option<oneshot::Receiver<()>>>,
+}
+
+impl Resets {
+    fn new() -> Self {
+        let (tx, rx) = oneshot::channel();
+        Self {
+            bucket: std::sync::Mutex::new((RESET_BURST, Instant::now(), Some(tx))),
+            flooded: std::sync::Mutex::new(Some(rx)),
+        }
+    }
+
+    /// One more request abandoned before its answer.
+    fn reset(&self) {
+        let mut bucket = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let (tokens, since, _) = *bucket;
+        let tokens = (tokens + now.saturating_duration_since(since).as_secs_f64() * RESETS_PER_SECOND).min(RESET_BURST);
+        (bucket.0, bucket.1) = (tokens - 1.0, now);
+        if tokens < 1.0
+            && let Some(tx) = bucket.2.take()
+        {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Resolves to true once the allowance is spent. The signal is taken once (by the
+    /// connection's [`drive`]); a second taker waits forever.
+    async fn flooded(&self) -> bool {
+        let taken = self.flooded.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match taken {
+            Some(flooded) => flooded.await.is_ok(),
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// A connection's service: `handle`, with each request counted into [`Progress`].
+#[derive(Clone)]
+struct Counting<H> {
+    handle: H,
+    progress: Arc<Progress>,
+}
+
+fn counting<H>(handle: H) -> Counting<H> {
+    let progress = Progress { heads: AtomicU64::new(0), answering: AtomicUsize::new(0), resets: Resets::new() };
+    Counting { handle, progress: Arc::new(progress) }
+}
+
+impl<H, F> hyper::service::Service<Request<Incoming>> for Counting<H>
+where
+    H: Fn(Request<Incoming>) -> F,
+    F: Future<Output = Result<Response<Full<Bytes>>, Infallible>>,
+{
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = Answered<F>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let answering = Answering::start(&self.progress);
+        Answered { answer: (self.handle)(req), answering }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request's answer being made; dropped before it is done, the request counts
+    /// against the connection's reset allowance.
+    struct Answered<F> {
+        #[pin]
+        answer: F,
+        answering: Answering,
+    }
+}
+
+impl<F: Future> Future for Answered<F> {
+    type Output = F::Output;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
+        let this = self.project();
+        let answered = std::task::ready!(this.answer.poll(cx));
+        this.answering.done = true;
+        std::task::Poll::Ready(answered)
+    }
+}
+
+/// One request being answered, from its head to its response.
+struct Answering {
+    progress: Arc<Progress>,
+    done: bool,
+}
+
+impl Answering {
+    fn start(progress: &Arc<Progress>) -> Self {
+        progress.heads.fetch_add(1, Ordering::Relaxed);
+        progress.answering.fetch_add(1, Ordering::Relaxed);
+        Self { progress: progress.clone(), done: false }
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        self.progress.answering.fetch_sub(1, Ordering::Relaxed);
+        if !self.done {
+            self.progress.resets.reset();
+        }
+    }
+}
+
+/// Returns once an HTTP/1.1 connection has gone `timeout` (to within a third of it)
+/// without completing a request head while none of its requests was being answered:
+/// a slow sender of headers (slowloris), an idle keep-alive connection, or a peer that
+/// stopped reading its answer. One timer per connection, none per request (hyper's own
+/// header-read timeout arms one per request).
+async fn watchdog(progress: &Progress, timeout: Duration) {
+    let tick = timeout / 3;
+    let mut ticks = tokio::time::interval_at(Instant::now() + tick, tick);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seen = progress.heads.load(Ordering::Relaxed);
+    // Since when nothing was seen to happen (a late tick makes it later, never sooner).
+    let mut quiet_since = Instant::now();
+    loop {
+        ticks.tick().await;
+        let now = Instant::now();
+        let heads = progress.heads.load(Ordering::Relaxed);
+        if heads != seen || progress.answering.load(Ordering::Relaxed) > 0 {
+            seen = heads;
+            quiet_since = now;
+        } else if now.saturating_duration_since(quiet_since) >= timeout {
+            return;
+        }
+    }
 }
 
 /// What the request log line and metrics need, filled in as the request goes.
@@ -243,7 +515,12 @@ pub async fn handle(req: Request<Incoming>, gw: Arc<Gateway>) -> Result<Response
     // Callbacks are Tencent's, not callers' requests: receipt_gateway_callbacks_total
     // counts them.
     if path != CALLBACK_PATH {
-        gw.metrics.requests.with_label_values(&[app_label, client, status_label(status), cause]).inc();
+        match app {
+            Some(app) if status == 200 && cause == "none" && client == clients::DEFAULT => {
+                app.metrics.answered_default.inc();
+            }
+            _ => gw.metrics.requests.with_label_values(&[app_label, client, status_label(status), cause]).inc(),
+        }
         match app {
             Some(app) => app.metrics.request_duration.observe(elapsed.as_secs_f64()),
             None => gw.metrics.request_duration.with_label_values(&[app_label]).observe(elapsed.as_secs_f64()),
@@ -310,9 +587,14 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
     if let Some(id) = headers.get(&X_REQUEST_ID).filter(sane) {
         return id.clone();
     }
-    let id = format!("{:032x}", rand::random::<u128>());
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = [0u8; 32];
+    let random = rand::random::<u128>();
+    for (i, digit) in id.iter_mut().enumerate() {
+        *digit = HEX[(random >> (124 - 4 * i) & 0xf) as usize];
+    }
     // 32 hex digits are always a valid header value.
-    HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("unknown"))
+    HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static("unknown"))
 }
 
 /// Static labels for the statuses the gateway answers with (no allocation per request).
@@ -376,8 +658,7 @@ async fn receipt(
     }
     trace.items = parsed.seqs.len();
     let request_id = trace.request_id().to_owned();
-    let query =
-        Query { request_id, group: parsed.group, seqs: parsed.seqs, freshness, arrived, deadline, client: client.slot };
+    let query = Query { request_id, group: parsed.group, seqs: parsed.seqs, freshness, arrived, deadline, client };
     let answer = receipts::answer(app, query).await?;
     trace.x_cache = Some(answer.x_cache.as_str());
     Ok(answer)
@@ -397,13 +678,13 @@ async fn detail(
         trace.group = Some(parsed.group.to_string());
     }
     trace.items = 1;
-    let query = DetailQuery { freshness, arrived, deadline, client: client.slot };
+    let query = DetailQuery { freshness, arrived, deadline, client };
     let request_id = trace.request_id();
     app.detail.answer(parsed, query, request_id).await
 }
 
 /// A data request past [`admit`]: its app, client, deadline and `Cache-Control`.
-type Admitted<'a> = (&'a Arc<AppRuntime>, Arc<Client>, Instant, Freshness);
+type Admitted<'a> = (&'a Arc<AppRuntime>, ClientSlot, Instant, Freshness);
 
 /// What both data APIs check before reading the body: method, app, client (its token
 /// and quota), deadline and `Cache-Control`.
@@ -423,10 +704,11 @@ fn admit<'a>(
         trace.rejected = Some(Rejection::Auth);
         e
     })?;
-    trace.client = Some(client.clone());
-    client.admit(arrived).inspect_err(|_| trace.rejected = Some(Rejection::Quota))?;
+    let (slot, admitted) = (client.slot, client.admit(arrived));
+    trace.client = Some(client);
+    admitted.inspect_err(|_| trace.rejected = Some(Rejection::Quota))?;
     let deadline = arrived + deadline(req.headers(), gw.config.request_timeout)?;
-    Ok((app, client, deadline, freshness(req.headers())))
+    Ok((app, slot, deadline, freshness(req.headers())))
 }
 
 /// Picks the app from `sdkappid`, which may be left out when only one is configured.
@@ -538,6 +820,52 @@ mod tests {
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         pairs.iter().map(|(k, v)| (http::HeaderName::from_static(k), HeaderValue::from_static(v))).collect()
+    }
+
+    #[test]
+    fn the_protocol_is_told_from_the_first_bytes() {
+        assert_eq!(protocol(H2_PREFACE), Some(Protocol::Http2));
+        // The preface holds a line's end of its own: a part of it is not HTTP/1.1 yet.
+        assert_eq!(protocol(&H2_PREFACE[..16]), None);
+        assert_eq!(protocol(b"PRI"), None);
+        assert_eq!(protocol(b"POST /v4/x HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(protocol(b"GET / HT"), None);
+        assert_eq!(protocol(&[b'x'; 24]), Some(Protocol::Http1));
+        assert_eq!(protocol(b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n"), Some(Protocol::Http1), "not the preface");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_watchdog_waits_while_requests_are_answered_or_heads_arrive() {
+        let timeout = Duration::from_secs(30);
+        let progress = counting(()).progress;
+        let started = Instant::now();
+        // Quiet from the start: returns a timeout later, to within a third of it.
+        watchdog(&progress, timeout).await;
+        assert_eq!(started.elapsed(), timeout);
+
+        let answering = Answering::start(&progress);
+        let started = Instant::now();
+        let dog = watchdog(&progress, timeout);
+        tokio::pin!(dog);
+        // Answering for three timeouts: never closed.
+        assert!(tokio::time::timeout(3 * timeout, &mut dog).await.is_err());
+        drop(answering);
+        dog.await;
+        let quiet_for = started.elapsed() - 3 * timeout;
+        assert!(quiet_for >= timeout && quiet_for <= timeout + timeout / 3, "{quiet_for:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn resets_past_the_allowance_flood_the_connection() {
+        let resets = Resets::new();
+        for _ in 0..RESET_BURST as usize {
+            resets.reset();
+        }
+        let flooded = resets.flooded();
+        tokio::pin!(flooded);
+        assert!(tokio::time::timeout(Duration::from_millis(1), &mut flooded).await.is_err(), "the burst is allowed");
+        resets.reset();
+        assert!(flooded.await, "one past it");
     }
 
     #[test]

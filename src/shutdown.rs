@@ -23,7 +23,7 @@ pub struct Drain {
 }
 
 /// Held while a data request is answered; dropping it counts the request out.
-pub struct InFlight(Arc<Drain>);
+pub struct InFlight<'a>(&'a Drain);
 
 impl Drain {
     pub fn new(gauge: IntGauge) -> Arc<Self> {
@@ -31,9 +31,9 @@ impl Drain {
     }
 
     /// Counts a request in, unless the gateway is draining.
-    pub fn enter(self: &Arc<Self>) -> Option<InFlight> {
+    pub fn enter(&self) -> Option<InFlight<'_>> {
         self.inflight.fetch_add(1, Ordering::SeqCst);
-        let guard = InFlight(self.clone());
+        let guard = InFlight(self);
         if self.is_draining() {
             return None;
         }
@@ -66,7 +66,7 @@ impl Drain {
     }
 }
 
-impl Drop for InFlight {
+impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         if self.0.inflight.fetch_sub(1, Ordering::SeqCst) == 1 && self.0.is_draining() {
             self.0.idle.notify_waiters();

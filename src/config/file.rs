@@ -35,6 +35,7 @@ pub(super) struct RawServer {
     pub(super) require_client_auth: bool,
     pub(super) max_connections: u64,
     pub(super) first_bytes_timeout_ms: u64,
+    pub(super) header_timeout_ms: u64,
 }
 
 impl Default for RawServer {
@@ -50,6 +51,7 @@ impl Default for RawServer {
             require_client_auth: false,
             max_connections: 10_000,
             first_bytes_timeout_ms: 10_000,
+            header_timeout_ms: 30_000,
         }
     }
 }

@@ -1,5 +1,7 @@
-//! Connection hygiene (issue 11): silent connections cannot take the ports, and a body
-//! that does not arrive in time is a 408.
+//! Connection hygiene (issue 11): silent connections cannot take the ports, HTTP/1.1
+//! connections that stop making progress are closed, h2 clients that never read or reset
+//! accepted requests in a loop cannot hurt, and a body that does not arrive in time is a
+//! 408.
 
 use std::time::Duration;
 
@@ -53,7 +55,13 @@ async fn silent_connections_cannot_take_the_ports_and_are_closed_by_the_first_by
     // And the port takes new connections again.
     let fresh = within(TcpStream::connect(&data)).await.expect("connects");
     drop(fresh);
-    assert_eq!(app.metric("receipt_gateway_connections_open{port=\"data\"}").await, 1.0, "the pooled caller");
+    // Left open: only the pooled caller (the dropped one is noticed at its EOF).
+    within(async {
+        while app.metric("receipt_gateway_connections_open{port=\"data\"}").await != 1.0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -218,4 +226,147 @@ async fn an_h2_client_that_never_reads_cannot_push_memory_past_the_bound() {
     assert!(grown_mib < 3 * 64, "RSS grew by {grown_mib} MiB");
     // And the gateway still answers others.
     assert_eq!(f.post(&gateway, &body("big", &[1]), &[]).await.status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_client_resetting_accepted_requests_in_a_loop_gets_goaway() {
+    let app = TestApp::spawn().await;
+    // Every request waits for its call, which the simulator holds: reset after acceptance.
+    app.sim.hold_calls();
+    let addr = app.url.trim_start_matches("http://").to_owned();
+    let tcp = within(TcpStream::connect(&addr)).await.expect("connects");
+    let (client, connection) = within(h2::client::handshake(tcp)).await.expect("h2");
+    let connection = tokio::spawn(connection);
+    let mut reset = 0;
+    for i in 0..300 {
+        let Ok(Ok(mut ready)) = tokio::time::timeout(Duration::from_secs(5), client.clone().ready()).await else {
+            break;
+        };
+        let request = http::Request::post(format!("{}{RECEIPT}", app.url)).body(()).unwrap();
+        let Ok((_response, mut stream)) = ready.send_request(request, false) else { break };
+        if stream.send_data(bytes::Bytes::from(body(&format!("reset-{i}"), &[1])), true).is_err() {
+            break;
+        }
+        // Accepted and waiting for its call at the simulator: then reset.
+        within(async {
+            while app.sim.held_calls() <= i {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await;
+        stream.send_reset(h2::Reason::CANCEL);
+        reset += 1;
+        if connection.is_finished() {
+            break;
+        }
+    }
+    // The connection ends (GOAWAY, then closed) after the allowance of 100 in a burst
+    // (plus the few earned back while the loop ran, at 10 a second).
+    within(connection).await.expect("the connection task").ok();
+    assert!((100..=150).contains(&reset), "closed after {reset} resets");
+    let closed = "receipt_gateway_connections_refused_total{port=\"data\",reason=\"resets\"}";
+    assert_eq!(app.metric(closed).await, 1.0);
+    app.sim.release_calls();
+    // Another caller is untouched.
+    assert_eq!(app.post(&body("after-resets", &[1])).await.status, StatusCode::OK);
+}
+
+/// Reads from `conn` until it is closed, within [`within`]'s bound; the bytes read.
+async fn until_closed(conn: &mut TcpStream) -> usize {
+    within(async {
+        let (mut total, mut buf) = (0, vec![0u8; 64 * 1024]);
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return total,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await
+}
+
+const HEADER_TIMEOUT: Duration = Duration::from_millis(600);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_connections_without_a_request_head_in_time_are_closed_but_long_answers_are_not() {
+    let app = TestApp::spawn_with(Setup::sections("[server]\nheader_timeout_ms = 600\n")).await;
+    let data = app.url.trim_start_matches("http://").to_owned();
+    assert_eq!(app.post(&body("cached", &[1])).await.status, StatusCode::OK);
+    let request = |group: &str| {
+        let body = body(group, &[1]);
+        format!(
+            "POST {RECEIPT} HTTP/1.1\r\nhost: x\r\nx-request-timeout-ms: 5000\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+
+    // Slow headers (slowloris): a request line and one header, then nothing.
+    let started = Instant::now();
+    let mut slow = within(TcpStream::connect(&data)).await.expect("connects");
+    within(slow.write_all(format!("POST {RECEIPT} HTTP/1.1\r\nhost: x\r\n").as_bytes())).await.expect("writes");
+    // An idle keep-alive connection: one answered request, then nothing.
+    let mut idle = within(TcpStream::connect(&data)).await.expect("connects");
+    within(idle.write_all(request("cached").as_bytes())).await.expect("writes");
+    let mut answer = vec![0u8; 4096];
+    let n = within(idle.read(&mut answer)).await.expect("reads");
+    assert!(answer[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer[..n]));
+    // A request whose answer takes longer than the timeout: its call is held.
+    app.sim.hold_calls();
+    let mut long = within(TcpStream::connect(&data)).await.expect("connects");
+    within(long.write_all(request("uncached").as_bytes())).await.expect("writes");
+    within(async {
+        while app.sim.held_calls() < 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+
+    assert_eq!(until_closed(&mut slow).await, 0, "closed without an answer");
+    assert_eq!(until_closed(&mut idle).await, 0, "closed when idle");
+    let closed_after = started.elapsed();
+    assert!(closed_after >= HEADER_TIMEOUT, "not before the timeout: {closed_after:?}");
+    // The watchdog looks every third of the timeout: closed by 4/3 of it (and slack).
+    assert!(closed_after < 4 * HEADER_TIMEOUT, "closed after {closed_after:?}");
+
+    // The long request is still being answered two timeouts later, and gets its answer.
+    tokio::time::sleep(2 * HEADER_TIMEOUT).await;
+    app.sim.release_calls();
+    let n = within(long.read(&mut answer)).await.expect("reads");
+    assert!(answer[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer[..n]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_peer_that_never_reads_its_answers_is_closed_after_the_header_timeout() {
+    let app = TestApp::spawn_with(Setup::sections("[server]\nheader_timeout_ms = 600\n")).await;
+    let seqs: Vec<u64> = (1..=1000).collect();
+    let big = body("stall", &seqs);
+    assert_eq!(app.post(&big).await.status, StatusCode::OK);
+    // Pipelined requests for 60 KB answers, never read: the socket's buffers fill, the
+    // answer being written cannot finish, and no next request head is read.
+    let data = app.url.trim_start_matches("http://").to_owned();
+    let open = "receipt_gateway_connections_open{port=\"data\"}";
+    let before = app.metric(open).await;
+    let mut conn = within(TcpStream::connect(&data)).await.expect("connects");
+    let request = format!(
+        "POST {RECEIPT} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{big}",
+        big.len()
+    );
+    let started = Instant::now();
+    for _ in 0..400 {
+        // The gateway stops reading once it cannot write: stop when our writes block too.
+        match tokio::time::timeout(Duration::from_millis(200), conn.write_all(request.as_bytes())).await {
+            Ok(Ok(())) => {}
+            _ => break,
+        }
+    }
+    assert_eq!(app.metric(open).await, before + 1.0, "held open while its answers are written");
+    within(async {
+        while app.metric(open).await > before {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(started.elapsed() >= HEADER_TIMEOUT, "not before the timeout: {:?}", started.elapsed());
+    // What was written before the close can still be read, then the end.
+    until_closed(&mut conn).await;
 }
