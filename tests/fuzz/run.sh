@@ -4,8 +4,8 @@
 #
 #   tests/fuzz/run.sh [SECONDS] [TARGET...]
 #
-# Works from any directory and from a clean checkout: installs cargo-fuzz (and the
-# nightly toolchain) when missing, builds every target once, then runs each on its
+# Works from any directory and from a clean checkout: installs cargo-fuzz when missing
+# (nightly is used when present, else the default toolchain), builds every target once, then runs each on its
 # committed seeds (corpus/<target>/) and regression inputs (artifacts-found/<target>/),
 # growing a working corpus in target/corpus/<target>/ that later runs start from.
 # Extra libFuzzer flags go in FUZZ_ARGS (e.g. FUZZ_ARGS="-rss_limit_mb=4096").
@@ -31,10 +31,16 @@ shift $(($# > 0 ? 1 : 0))
 ALL_TARGETS=(receipt_request detail_request callback_body receipt_response usersig config)
 if [ $# -gt 0 ]; then TARGETS=("$@"); else TARGETS=("${ALL_TARGETS[@]}"); fi
 
-# The toolchain and cargo-fuzz, when missing.
-if ! rustup toolchain list | grep -q '^nightly'; then
-  echo "installing the nightly toolchain (cargo-fuzz needs it for the sanitizers)"
-  rustup toolchain install nightly --profile minimal
+# The toolchain: nightly when the machine has it; else (CI's machines have one toolchain
+# and can fetch no other) the default one with RUSTC_BOOTSTRAP=1, which lets stable rustc
+# take the nightly-only flags cargo-fuzz passes (without a sanitizer, nothing else differs).
+# FUZZ_TOOLCHAIN=default takes the second way on any machine (as CI does).
+if [ "${FUZZ_TOOLCHAIN:-}" != default ] && rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+  TOOLCHAIN=(+nightly)
+else
+  echo "no nightly toolchain: fuzzing with the default one and RUSTC_BOOTSTRAP=1"
+  TOOLCHAIN=()
+  FUZZ_BOOTSTRAP=1
 fi
 if ! cargo fuzz --version >/dev/null 2>&1; then
   echo "installing cargo-fuzz"
@@ -42,7 +48,13 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 
 SANITIZER="${FUZZ_SANITIZER:-none}"
-fuzz() { cargo +nightly fuzz "$1" --fuzz-dir "$REL" --sanitizer "$SANITIZER" "${@:2}"; }
+fuzz() {
+  if [ -n "${FUZZ_BOOTSTRAP:-}" ]; then
+    RUSTC_BOOTSTRAP=1 cargo "${TOOLCHAIN[@]}" fuzz "$1" --fuzz-dir "$REL" --sanitizer "$SANITIZER" "${@:2}"
+  else
+    cargo "${TOOLCHAIN[@]}" fuzz "$1" --fuzz-dir "$REL" --sanitizer "$SANITIZER" "${@:2}"
+  fi
+}
 
 echo "building ${#TARGETS[@]} fuzz targets (sanitizer: $SANITIZER)"
 build_started=$(date +%s)
