@@ -102,7 +102,22 @@ fn main() -> ExitCode {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
+    // Lines go straight to standard output's file, one write(2) each (a line is
+    // formatted whole first): std's `Stdout` would put a process-wide lock around that
+    // system call, and every worker logging a request would queue behind the others'.
+    // Pipes take a write of up to 4 KiB at once, files keep whole writes apart.
+    use std::os::fd::AsFd;
+    match std::io::stdout().as_fd().try_clone_to_owned() {
+        Ok(fd) => init_tracing_with(filter, std::sync::Arc::new(std::fs::File::from(fd))),
+        Err(_) => init_tracing_with(filter, std::io::stdout),
+    }
+}
+
+fn init_tracing_with<W>(filter: tracing_subscriber::EnvFilter, writer: W)
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
     if std::env::var("RECEIPT_GATEWAY_LOG_FORMAT").is_ok_and(|f| f == "json") {
         builder.json().flatten_event(true).init();
     } else {

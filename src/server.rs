@@ -303,35 +303,49 @@ struct Progress {
 
 /// Resets of accepted requests a connection may make in a burst, and how many more it
 /// earns per second: past them it is closed with GOAWAY (h2's own guard only counts
-/// streams reset before they are accepted).
+/// streams reset before they are accepted). Every request it lets be answered earns one
+/// back too, so a mesh sidecar whose callers give up on a few of many requests is never
+/// closed, and a client that mostly resets is.
 const RESET_BURST: f64 = 100.0;
 const RESETS_PER_SECOND: f64 = 10.0;
 
 /// A connection's allowance of requests abandoned before their answer (a token bucket),
 /// and the signal that it is spent.
 struct Resets {
-    bucket: std::sync::Mutex<(f64, Instant, Option<oneshot::Sender<()>>)>,
+    bucket: std::sync::Mutex<Bucket>,
     flooded: std::sync::Mutex<Option<oneshot::Receiver<()>>>,
+}
+
+struct Bucket {
+    tokens: f64,
+    since: Instant,
+    /// Requests abandoned, and answered, as of the last reset.
+    dropped: u64,
+    answered: u64,
+    /// Told when the tokens run out.
+    flood: Option<oneshot::Sender<()>>,
 }
 
 impl Resets {
     fn new() -> Self {
         let (tx, rx) = oneshot::channel();
-        Self {
-            bucket: std::sync::Mutex::new((RESET_BURST, Instant::now(), Some(tx))),
-            flooded: std::sync::Mutex::new(Some(rx)),
-        }
+        let bucket = Bucket { tokens: RESET_BURST, since: Instant::now(), dropped: 0, answered: 0, flood: Some(tx) };
+        Self { bucket: std::sync::Mutex::new(bucket), flooded: std::sync::Mutex::new(Some(rx)) }
     }
 
-    /// One more request abandoned before its answer.
-    fn reset(&self) {
-        let mut bucket = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+    /// One more request abandoned before its answer; `finished` requests of the
+    /// connection have ended so far, answered or abandoned (this one included).
+    fn reset(&self, finished: u64) {
+        let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        let (tokens, since, _) = *bucket;
-        let tokens = (tokens + now.saturating_duration_since(since).as_secs_f64() * RESETS_PER_SECOND).min(RESET_BURST);
-        (bucket.0, bucket.1) = (tokens - 1.0, now);
+        b.dropped += 1;
+        let answered = finished.saturating_sub(b.dropped).max(b.answered);
+        let earned =
+            now.saturating_duration_since(b.since).as_secs_f64() * RESETS_PER_SECOND + (answered - b.answered) as f64;
+        let tokens = (b.tokens + earned).min(RESET_BURST);
+        (b.tokens, b.since, b.answered) = (tokens - 1.0, now, answered);
         if tokens < 1.0
-            && let Some(tx) = bucket.2.take()
+            && let Some(tx) = b.flood.take()
         {
             let _ = tx.send(());
         }
@@ -412,9 +426,10 @@ impl Answering {
 
 impl Drop for Answering {
     fn drop(&mut self) {
-        self.progress.answering.fetch_sub(1, Ordering::Relaxed);
+        let answering = self.progress.answering.fetch_sub(1, Ordering::Relaxed) - 1;
         if !self.done {
-            self.progress.resets.reset();
+            let finished = self.progress.heads.load(Ordering::Relaxed).saturating_sub(answering as u64);
+            self.progress.resets.reset(finished);
         }
     }
 }
@@ -856,16 +871,25 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn resets_past_the_allowance_flood_the_connection() {
+    async fn resets_past_the_allowance_flood_the_connection_and_answers_earn_it_back() {
         let resets = Resets::new();
-        for _ in 0..RESET_BURST as usize {
-            resets.reset();
+        // 100 abandoned, 400 answered among them: never out of tokens.
+        for dropped in 1..=RESET_BURST as u64 {
+            resets.reset(dropped * 5);
         }
         let flooded = resets.flooded();
         tokio::pin!(flooded);
-        assert!(tokio::time::timeout(Duration::from_millis(1), &mut flooded).await.is_err(), "the burst is allowed");
-        resets.reset();
-        assert!(flooded.await, "one past it");
+        let a_moment = Duration::from_millis(1);
+        assert!(tokio::time::timeout(a_moment, &mut flooded).await.is_err(), "answers earn resets back");
+        // Then only resets: the burst (less what the milliseconds earned), and out.
+        let finished = RESET_BURST as u64 * 5;
+        for more in 1..RESET_BURST as u64 {
+            resets.reset(finished + more);
+        }
+        assert!(tokio::time::timeout(a_moment, &mut flooded).await.is_err(), "a burst is allowed");
+        resets.reset(finished + RESET_BURST as u64);
+        resets.reset(finished + RESET_BURST as u64 + 1);
+        assert!(flooded.await, "past it");
     }
 
     #[test]
