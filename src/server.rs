@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,7 +21,7 @@ use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::api::{DETAIL_PATH, RECEIPT_PATH, ReceiptRequest, ReceiptResponse};
@@ -141,7 +141,7 @@ where
         let _ = stream.set_nodelay(true);
         let service = counting(handle.clone());
         let (h1, h2) = (h1.clone(), h2.clone());
-        let stop = closers.register();
+        closers.register(&service.progress);
         let limits = limits.clone();
         tokio::spawn(async move {
             let _slot = slot;
@@ -154,11 +154,15 @@ where
                 }
                 Some(Protocol::Http2) => {
                     let conn = h2.serve_connection(TokioIo::new(stream), service);
-                    drive(conn, stop, &progress, std::future::pending(), &limits).await
+                    Drive::new(conn, &progress, &limits).await
                 }
                 Some(Protocol::Http1) => {
+                    // The watchdog runs beside the connection, not in its task: a timer
+                    // polled on each of the connection's wake-ups would cost every request.
+                    let dog = tokio::spawn(expire(progress.clone(), limits.header_timeout));
+                    let _dog = AbortOnDrop(dog);
                     let conn = h1.serve_connection(TokioIo::new(stream), service);
-                    drive(conn, stop, &progress, watchdog(&progress, limits.header_timeout), &limits).await
+                    Drive::new(conn, &progress, &limits).await
                 }
             };
             if let Err(e) = ended {
@@ -176,74 +180,96 @@ where
     }
 }
 
-/// Serves `conn` until it ends. Told to `stop`, or flooded with resets (see
-/// [`Resets`]), it finishes gracefully (HTTP/1.1: after the answer being written; h2:
-/// GOAWAY, then the streams it accepted); when `watchdog` returns it is dropped at once.
+/// What a connection is told from outside its task, as bits of [`Progress::signals`].
+const STOP: u8 = 1;
+/// Its allowance of resets is spent.
+const FLOODED: u8 = 2;
+/// Its watchdog saw no request head in time.
+const EXPIRED: u8 = 4;
+
+/// Serves `conn` until it ends. Told to stop, or flooded with resets (see [`Resets`]),
+/// it finishes gracefully (HTTP/1.1: after the answer being written; h2: GOAWAY, then
+/// the streams it accepted); expired (see [`watchdog`]), it is dropped at once.
 ///
-/// Only per-connection signals are polled on each wake-up: a channel shared by every
-/// connection (a `watch`) would take its lock on every poll from every core.
-async fn drive<C>(
-    conn: C,
-    mut stop: oneshot::Receiver<()>,
-    progress: &Progress,
-    watchdog: impl Future<Output = ()>,
-    limits: &Limits,
-) -> Result<(), C::Error>
-where
-    C: GracefulConnection,
-{
-    let mut conn = std::pin::pin!(conn);
-    let mut watchdog = std::pin::pin!(watchdog);
-    let mut flooded = std::pin::pin!(progress.resets.flooded());
-    let (mut closing, mut watching_resets) = (false, true);
-    loop {
-        // Each branch that completes is disabled before its future could be polled again.
-        tokio::select! {
-            ended = conn.as_mut() => return ended,
-            _ = &mut stop, if !closing => {
-                conn.as_mut().graceful_shutdown();
-                closing = true;
-            }
-            flooded = &mut flooded, if watching_resets && !closing => {
-                watching_resets = false;
-                if flooded {
-                    tracing::info!("closing a connection that reset too many accepted requests (GOAWAY)");
-                    limits.reset_flood.inc();
-                    conn.as_mut().graceful_shutdown();
-                    closing = true;
-                }
-            }
-            () = &mut watchdog => {
-                tracing::debug!("closed an HTTP/1.1 connection that went without a request head too long");
-                return Ok(());
-            }
-        }
+/// The signals are one atomic load per wake-up: futures for them (a timer, channels)
+/// would be polled on every wake-up of the connection, which costs each request.
+struct Drive<'a, C> {
+    conn: std::pin::Pin<Box<C>>,
+    progress: &'a Progress,
+    limits: &'a Limits,
+    /// The waker last given to `progress`, so it is handed over only when it changes.
+    registered: Option<std::task::Waker>,
+    closing: bool,
+}
+
+impl<'a, C: GracefulConnection> Drive<'a, C> {
+    fn new(conn: C, progress: &'a Progress, limits: &'a Limits) -> Self {
+        Self { conn: Box::pin(conn), progress, limits, registered: None, closing: false }
     }
 }
 
-/// The open connections' graceful-shutdown signals. Registered by the accept loop
-/// (so none is missed by a shutdown that starts while it is being spawned) and
-/// deregistered when the connection's end drops its receiver.
+impl<C: GracefulConnection> Future for Drive<'_, C> {
+    type Output = Result<(), C::Error>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        let this = &mut *self;
+        // Registered before the signals are read: one raised after the read wakes us.
+        if !this.registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            *this.progress.waker.lock().unwrap_or_else(|p| p.into_inner()) = Some(cx.waker().clone());
+            this.registered = Some(cx.waker().clone());
+        }
+        let signals = this.progress.signals.load(Ordering::Acquire);
+        if signals & EXPIRED != 0 {
+            tracing::debug!("closed an HTTP/1.1 connection that went without a request head too long");
+            return std::task::Poll::Ready(Ok(()));
+        }
+        if signals & (STOP | FLOODED) != 0 && !this.closing {
+            if signals & FLOODED != 0 {
+                tracing::info!("closing a connection that reset too many accepted requests (GOAWAY)");
+                this.limits.reset_flood.inc();
+            }
+            this.conn.as_mut().graceful_shutdown();
+            this.closing = true;
+        }
+        this.conn.as_mut().poll(cx)
+    }
+}
+
+/// Aborts its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Tells the connection of `progress` it expired once its [`watchdog`] returns.
+async fn expire(progress: Arc<Progress>, timeout: Duration) {
+    watchdog(&progress, timeout).await;
+    progress.signal(EXPIRED);
+}
+
+/// The open connections, to tell them to stop. Registered by the accept loop (so none
+/// is missed by a shutdown that starts while it is being spawned); a connection that
+/// ended is forgotten now and then.
 #[derive(Default, Clone)]
-struct Closers(Arc<std::sync::Mutex<Vec<oneshot::Sender<()>>>>);
+struct Closers(Arc<std::sync::Mutex<Vec<std::sync::Weak<Progress>>>>);
 
 impl Closers {
-    fn register(&self) -> oneshot::Receiver<()> {
-        let (tx, rx) = oneshot::channel();
+    fn register(&self, progress: &Arc<Progress>) {
         let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        // Forget the connections that ended, now and then: amortised, and bounded by
-        // twice the connections open.
+        // Amortised, and bounded by twice the connections open.
         if open.len() >= 64 && open.len().is_power_of_two() {
-            open.retain(|tx| !tx.is_closed());
+            open.retain(|p| p.strong_count() > 0);
         }
-        open.push(tx);
-        rx
+        open.push(Arc::downgrade(progress));
     }
 
     fn close_all(&self) {
         let open = std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()));
-        for tx in open {
-            let _ = tx.send(());
+        for progress in open.iter().filter_map(std::sync::Weak::upgrade) {
+            progress.signal(STOP);
         }
     }
 }
@@ -299,6 +325,19 @@ struct Progress {
     /// Requests being answered.
     answering: AtomicUsize,
     resets: Resets,
+    /// What the connection was told ([`STOP`], [`FLOODED`], [`EXPIRED`]), and how to
+    /// wake it to see it.
+    signals: AtomicU8,
+    waker: std::sync::Mutex<Option<std::task::Waker>>,
+}
+
+impl Progress {
+    fn signal(&self, signal: u8) {
+        self.signals.fetch_or(signal, Ordering::Release);
+        if let Some(waker) = self.waker.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            waker.wake_by_ref();
+        }
+    }
 }
 
 /// Resets of accepted requests a connection may make in a burst, and how many more it
@@ -309,11 +348,9 @@ struct Progress {
 const RESET_BURST: f64 = 100.0;
 const RESETS_PER_SECOND: f64 = 10.0;
 
-/// A connection's allowance of requests abandoned before their answer (a token bucket),
-/// and the signal that it is spent.
+/// A connection's allowance of requests abandoned before their answer (a token bucket).
 struct Resets {
     bucket: std::sync::Mutex<Bucket>,
-    flooded: std::sync::Mutex<Option<oneshot::Receiver<()>>>,
 }
 
 struct Bucket {
@@ -322,20 +359,20 @@ struct Bucket {
     /// Requests abandoned, and answered, as of the last reset.
     dropped: u64,
     answered: u64,
-    /// Told when the tokens run out.
-    flood: Option<oneshot::Sender<()>>,
+    /// The tokens ran out.
+    flooded: bool,
 }
 
 impl Resets {
     fn new() -> Self {
-        let (tx, rx) = oneshot::channel();
-        let bucket = Bucket { tokens: RESET_BURST, since: Instant::now(), dropped: 0, answered: 0, flood: Some(tx) };
-        Self { bucket: std::sync::Mutex::new(bucket), flooded: std::sync::Mutex::new(Some(rx)) }
+        let bucket = Bucket { tokens: RESET_BURST, since: Instant::now(), dropped: 0, answered: 0, flooded: false };
+        Self { bucket: std::sync::Mutex::new(bucket) }
     }
 
     /// One more request abandoned before its answer; `finished` requests of the
-    /// connection have ended so far, answered or abandoned (this one included).
-    fn reset(&self, finished: u64) {
+    /// connection have ended so far, answered or abandoned (this one included). True
+    /// (once) when that spent the allowance.
+    fn reset(&self, finished: u64) -> bool {
         let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         b.dropped += 1;
@@ -344,21 +381,9 @@ impl Resets {
             now.saturating_duration_since(b.since).as_secs_f64() * RESETS_PER_SECOND + (answered - b.answered) as f64;
         let tokens = (b.tokens + earned).min(RESET_BURST);
         (b.tokens, b.since, b.answered) = (tokens - 1.0, now, answered);
-        if tokens < 1.0
-            && let Some(tx) = b.flood.take()
-        {
-            let _ = tx.send(());
-        }
-    }
-
-    /// Resolves to true once the allowance is spent. The signal is taken once (by the
-    /// connection's [`drive`]); a second taker waits forever.
-    async fn flooded(&self) -> bool {
-        let taken = self.flooded.lock().unwrap_or_else(|p| p.into_inner()).take();
-        match taken {
-            Some(flooded) => flooded.await.is_ok(),
-            None => std::future::pending().await,
-        }
+        let newly = tokens < 1.0 && !b.flooded;
+        b.flooded |= newly;
+        newly
     }
 }
 
@@ -370,7 +395,13 @@ struct Counting<H> {
 }
 
 fn counting<H>(handle: H) -> Counting<H> {
-    let progress = Progress { heads: AtomicU64::new(0), answering: AtomicUsize::new(0), resets: Resets::new() };
+    let progress = Progress {
+        heads: AtomicU64::new(0),
+        answering: AtomicUsize::new(0),
+        resets: Resets::new(),
+        signals: AtomicU8::new(0),
+        waker: std::sync::Mutex::new(None),
+    };
     Counting { handle, progress: Arc::new(progress) }
 }
 
@@ -429,7 +460,9 @@ impl Drop for Answering {
         let answering = self.progress.answering.fetch_sub(1, Ordering::Relaxed) - 1;
         if !self.done {
             let finished = self.progress.heads.load(Ordering::Relaxed).saturating_sub(answering as u64);
-            self.progress.resets.reset(finished);
+            if self.progress.resets.reset(finished) {
+                self.progress.signal(FLOODED);
+            }
         }
     }
 }
@@ -875,21 +908,15 @@ mod tests {
         let resets = Resets::new();
         // 100 abandoned, 400 answered among them: never out of tokens.
         for dropped in 1..=RESET_BURST as u64 {
-            resets.reset(dropped * 5);
+            assert!(!resets.reset(dropped * 5), "answers earn resets back");
         }
-        let flooded = resets.flooded();
-        tokio::pin!(flooded);
-        let a_moment = Duration::from_millis(1);
-        assert!(tokio::time::timeout(a_moment, &mut flooded).await.is_err(), "answers earn resets back");
-        // Then only resets: the burst (less what the milliseconds earned), and out.
+        // Then only resets: the burst (less the one still spent), and out (said once).
         let finished = RESET_BURST as u64 * 5;
         for more in 1..RESET_BURST as u64 {
-            resets.reset(finished + more);
+            assert!(!resets.reset(finished + more), "a burst is allowed");
         }
-        assert!(tokio::time::timeout(a_moment, &mut flooded).await.is_err(), "a burst is allowed");
-        resets.reset(finished + RESET_BURST as u64);
-        resets.reset(finished + RESET_BURST as u64 + 1);
-        assert!(flooded.await, "past it");
+        assert!(resets.reset(finished + RESET_BURST as u64), "past it");
+        assert!(!resets.reset(finished + RESET_BURST as u64 + 1), "said once");
     }
 
     #[test]

@@ -347,8 +347,16 @@ async fn an_http1_peer_that_never_reads_its_answers_is_closed_after_the_header_t
     // Pipelined requests for 60 KB answers, never read: the socket's buffers fill, the
     // answer being written cannot finish, and no next request head is read.
     let data = app.url.trim_start_matches("http://").to_owned();
+    // The pooled caller's connection, idle, is closed by the same timeout first: then
+    // only the connection under test is open.
     let open = "receipt_gateway_connections_open{port=\"data\"}";
-    let before = app.metric(open).await;
+    within(async {
+        while app.metric(open).await > 0.0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let before = 0.0;
     let mut conn = within(TcpStream::connect(&data)).await.expect("connects");
     let request = format!(
         "POST {RECEIPT} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{big}",
