@@ -28,7 +28,7 @@ use super::super::{Check, Verdict, or_dash, share, status_line};
 use crate::Result;
 use crate::cli::{CallbackAuth, GatewaySettings, Settings};
 use crate::client::{HttpClient, Outcome, http_client, post_json};
-use crate::drive::{Schedule, wait_for_turn};
+use crate::drive::{self, Schedule, wait_for_turn};
 use crate::gateway::{self, Gateway};
 use crate::record::{Recorder, Sample, ms};
 use crate::upstream::{CALLBACK_TOKEN, SDKAPPID, Upstream};
@@ -112,14 +112,7 @@ impl CallbackLoad {
             let (load, next_ticket) = (self.clone(), next_ticket.clone());
             workers.spawn(async move { load.worker(&next_ticket, schedule).await });
         }
-        let mut total = Recorder::default();
-        while let Some(done) = workers.join_next().await {
-            match done {
-                Ok(recorder) => total.merge(recorder),
-                Err(e) => eprintln!("  a callback worker failed: {e}"),
-            }
-        }
-        total
+        drive::merge_workers(workers).await
     }
 
     async fn worker(&self, next_ticket: &AtomicU64, schedule: Schedule) -> Recorder {

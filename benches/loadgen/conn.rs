@@ -34,7 +34,7 @@ use tokio::task::JoinSet;
 
 use crate::Result;
 use crate::client::{Answer, HUNG_AFTER_DEADLINE, Outcome, XCache};
-use crate::drive::{Schedule, wait_for_turn};
+use crate::drive::{self, Schedule, wait_for_turn};
 use crate::record::{Recorder, Sample};
 
 /// How often a worker's watchdog looks at its request in flight.
@@ -202,14 +202,7 @@ async fn run_workers(
         let mut w = Worker { requests: requests.clone(), schedule, pace: pace.clone(), next_body: worker };
         workers.spawn_on(async move { w.run().await }, client.handle(worker));
     }
-    let mut total = Recorder::default();
-    while let Some(done) = workers.join_next().await {
-        match done {
-            Ok(recorder) => total.merge(recorder),
-            Err(e) => eprintln!("  a client worker failed: {e}"),
-        }
-    }
-    total
+    drive::merge_workers(workers).await
 }
 
 struct Worker {

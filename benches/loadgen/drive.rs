@@ -172,7 +172,9 @@ pub async fn fill(load: &Load) -> Recorder {
     merge_workers(workers).await
 }
 
-async fn merge_workers(mut workers: JoinSet<Recorder>) -> Recorder {
+/// Waits for every worker and merges what they recorded (a worker that panicked is
+/// reported and left out).
+pub async fn merge_workers(mut workers: JoinSet<Recorder>) -> Recorder {
     let mut total = Recorder::default();
     while let Some(done) = workers.join_next().await {
         match done {
