@@ -92,6 +92,7 @@ pub mod error;
 pub mod fetch;
 pub mod fleet;
 pub mod inflight;
+pub mod logline;
 pub mod metrics;
 pub mod receipts;
 pub mod reload;

@@ -119,7 +119,9 @@ where
 {
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
     if std::env::var("RECEIPT_GATEWAY_LOG_FORMAT").is_ok_and(|f| f == "json") {
-        builder.json().flatten_event(true).init();
+        // The line tracing-subscriber's `json().flatten_event(true)` writes, at a
+        // fraction of its cost (`logline`).
+        builder.event_format(receipt_gateway::logline::JsonLines).init();
     } else {
         builder.init();
     }
