@@ -33,11 +33,15 @@ where
         writer.write_str("\",\"level\":\"")?;
         writer.write_str(meta.level().as_str())?;
         writer.write_char('"')?;
-        let mut fields = Fields { out: &mut writer, result: Ok(()) };
+        let mut fields = Fields { out: &mut writer, result: Ok(()), log_target: None };
         event.record(&mut fields);
         fields.result?;
+        // A record of the `log` crate (from redis or rustls, through tracing-log) has
+        // target "log"; its own target is a field, and is the line's target, as
+        // tracing-subscriber's formatter writes it.
+        let target = fields.log_target.take();
         writer.write_str(",\"target\":")?;
-        write_string(&mut writer, meta.target())?;
+        write_string(&mut writer, target.as_deref().unwrap_or(meta.target()))?;
         writer.write_str("}\n")
     }
 }
@@ -46,6 +50,8 @@ where
 struct Fields<'a, 'w> {
     out: &'a mut Writer<'w>,
     result: fmt::Result,
+    /// The `log.target` field of a record of the `log` crate.
+    log_target: Option<String>,
 }
 
 impl Fields<'_, '_> {
@@ -63,6 +69,9 @@ impl Fields<'_, '_> {
 
 impl Visit for Fields<'_, '_> {
     fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "log.target" {
+            self.log_target = Some(value.to_owned());
+        }
         self.entry(field, |out| write_string(out, value));
     }
 
@@ -246,6 +255,20 @@ mod tests {
         }
         // Keys in the same order, message first after the level.
         assert!(ours.lines().next().unwrap().contains(r#""level":"INFO","message":"request","method":"POST""#));
+    }
+
+    #[test]
+    fn a_log_crate_record_keeps_its_own_target() {
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt().with_writer(move || writer.clone()).event_format(JsonLines).finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::event!(target: "log", tracing::Level::INFO, log.target = "rustls::client", log.line = 7u64, "from log");
+        });
+        let value: serde_json::Value = serde_json::from_str(lines.text().trim()).unwrap();
+        assert_eq!(value["target"], "rustls::client");
+        assert_eq!(value["log.line"], 7);
+        assert_eq!(value["message"], "from log");
     }
 
     #[test]
