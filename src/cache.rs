@@ -206,10 +206,15 @@ impl ReadLog {
     }
 }
 
+/// A page's items by MsgSeq. Hashed with foldhash, randomly seeded per process: SipHash
+/// was a sixth of a cached answer's instructions (callgrind, `benches/callgrind.sh`), and
+/// the keys are integers Tencent confirmed, bounded per page.
+type Items = HashMap<MsgSeq, Stored, foldhash::fast::RandomState>;
+
 /// One group's items. Locked briefly, never across an `.await`.
 #[derive(Debug)]
 pub struct Page {
-    items: Mutex<HashMap<MsgSeq, Stored>>,
+    items: Mutex<Items>,
     lifetimes: Arc<SharedLifetimes>,
     /// Which group it is, for the read log.
     key: (AppId, GroupId),
@@ -219,7 +224,7 @@ pub struct Page {
 }
 
 impl Page {
-    fn items(&self) -> MutexGuard<'_, HashMap<MsgSeq, Stored>> {
+    fn items(&self) -> MutexGuard<'_, Items> {
         // Every critical section leaves the map consistent, so a poisoned lock is usable.
         self.items.lock().unwrap_or_else(|p| p.into_inner())
     }

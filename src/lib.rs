@@ -103,7 +103,6 @@ pub mod simulator;
 pub mod upstream;
 pub mod usersig;
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -180,7 +179,7 @@ pub async fn run_reloading(
         let keep = BatchPolicy::cohort_memory_for(config.cache.ttl) + config.cache.ttl;
         tasks.spawn(fleet.clone().share_reads(log, every, keep));
     }
-    let mut apps = HashMap::new();
+    let mut apps = server::Apps::default();
     for app_config in &config.apps {
         let app = Arc::new(AppRuntime::new(app_config, &config, &cache, &metrics, client.clone(), fleet.as_ref())?);
         let (dispatched, dropped) = (app.clone(), app.clone());

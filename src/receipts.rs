@@ -17,7 +17,7 @@ use crate::admission;
 use crate::api::{ReceiptItem, ReceiptResponse};
 use crate::app::AppRuntime;
 use crate::batch::{BatchOutcome, Failure, Joined, Waiter};
-use crate::cache::Cached;
+use crate::cache::{Cached, Page};
 use crate::clients::ClientSlot;
 use crate::domain::{GroupId, MsgSeq, Receipt};
 use crate::engine::Ask;
@@ -40,9 +40,9 @@ pub enum Freshness {
 }
 
 /// A validated query for one app.
-pub struct Query {
+pub struct Query<'a> {
     /// The caller's request id (for the log line of the call that serves it).
-    pub request_id: String,
+    pub request_id: &'a str,
     pub group: GroupId,
     /// In the caller's order, duplicates kept.
     pub seqs: Vec<MsgSeq>,
@@ -106,7 +106,7 @@ const MAX_ROUNDS: usize = 3;
 /// (each wait at most [`POLL_EVERY`](crate::fleet::POLL_EVERY)); the deadline ends it.
 const MAX_FLEET_ROUNDS: usize = 64;
 
-pub async fn answer(app: &AppRuntime, q: Query) -> Result<Answer, GatewayError> {
+pub async fn answer(app: &AppRuntime, q: Query<'_>) -> Result<Answer, GatewayError> {
     if q.freshness != Freshness::NoCache
         && let Some(g) = app.cache.group_answer(app.id, &q.group).await
     {
@@ -114,13 +114,36 @@ pub async fn answer(app: &AppRuntime, q: Query) -> Result<Answer, GatewayError> 
         let age = g.fetched_at.elapsed().as_secs();
         return Ok(Answer { body: ReceiptResponse::fail(g.code, g.info.clone()), x_cache: XCache::Hit, age });
     }
-    let mut distinct = q.seqs.clone();
-    distinct.sort_unstable();
-    distinct.dedup();
-    let mut page = app.cache.page(app.id, &q.group).await;
+    // Callers usually ask for ascending MsgSeqs already: no copy to sort then.
+    let distinct: std::borrow::Cow<'_, [MsgSeq]> = if q.seqs.windows(2).all(|w| w[0] < w[1]) {
+        q.seqs.as_slice().into()
+    } else {
+        let mut distinct = q.seqs.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        distinct.into()
+    };
+    let page = app.cache.page(app.id, &q.group).await;
     let looked = Instant::now();
     let cached = page.as_ref().map(|p| p.read(&distinct, looked)).unwrap_or_default();
-    let mut slots = lookup(&distinct, &cached, q.freshness, looked);
+    if let Some(answer) = all_hits(app, &q, &distinct, &cached, looked) {
+        return Ok(answer);
+    }
+    let slots = lookup(&distinct, &cached, q.freshness, looked);
+    // Boxed: the misses' way (rounds, waits, the fleet tier) is most of the state of this
+    // future, which every hit would otherwise carry and copy (2.5 KB).
+    Box::pin(resolve(app, q, slots, page, looked)).await
+}
+
+/// The misses' way: each joined to a batch (or found in another replica's call), waited
+/// for until the deadline, then settled with what came.
+async fn resolve(
+    app: &AppRuntime,
+    q: Query<'_>,
+    mut slots: Vec<Slot>,
+    mut page: Option<Arc<Page>>,
+    looked: Instant,
+) -> Result<Answer, GatewayError> {
     // `no-cache` wants calls that start after it arrived: the shared items cannot help.
     let tier = app.fleet.as_ref().filter(|_| q.freshness != Freshness::NoCache);
     let rounds = if tier.is_some() { MAX_FLEET_ROUNDS } else { MAX_ROUNDS };
@@ -159,7 +182,7 @@ pub async fn answer(app: &AppRuntime, q: Query) -> Result<Answer, GatewayError> 
                 fetched_since,
                 deadline: q.deadline,
                 client: q.client,
-                request: &q.request_id,
+                request: q.request_id,
             };
             match app.engine.join(ask, app.budget.estimate()) {
                 Ok(joined) => joined,
@@ -192,12 +215,39 @@ pub async fn answer(app: &AppRuntime, q: Query) -> Result<Answer, GatewayError> 
 
 /// When a request stops waiting for the queue: [`admission::WRITE_BACK`] before its
 /// deadline, to write what it has (stale items, or 429) in time.
-fn answer_by(q: &Query) -> Instant {
+fn answer_by(q: &Query<'_>) -> Instant {
     q.deadline.checked_sub(admission::WRITE_BACK).unwrap_or(q.deadline)
 }
 
 fn is_open(slots: &[Slot], seq: MsgSeq) -> bool {
     slots.binary_search_by_key(&seq, |s| s.seq).is_ok_and(|i| slots[i].is_open())
+}
+
+/// The answer when the cache serves every MsgSeq (the usual case), built straight from
+/// the lookup: what [`assemble`] would make of slots that are all hits.
+fn all_hits(
+    app: &AppRuntime,
+    q: &Query<'_>,
+    distinct: &[MsgSeq],
+    cached: &[Option<Cached>],
+    now: Instant,
+) -> Option<Answer> {
+    if cached.len() != distinct.len() {
+        return None;
+    }
+    let mut oldest = now;
+    for item in cached {
+        let item = item.as_ref().filter(|item| acceptable(item, q.freshness, now))?;
+        oldest = oldest.min(item.fetched_at);
+    }
+    let mut items = Vec::with_capacity(q.seqs.len());
+    for &seq in &q.seqs {
+        let i = distinct.binary_search(&seq).ok()?;
+        items.push(ReceiptItem::new(seq, cached[i]?.receipt));
+    }
+    app.metrics.count_items(Source::Hit, distinct.len() as u64);
+    let age = now.saturating_duration_since(oldest).as_secs();
+    Some(Answer { body: ReceiptResponse::ok(items), x_cache: XCache::Hit, age })
 }
 
 /// One slot per distinct MsgSeq: served from the cache if acceptable, else open (with
@@ -234,7 +284,7 @@ async fn wait(
     app: &AppRuntime,
     slots: &mut [Slot],
     joined: Vec<(MsgSeq, Waiter, Joined)>,
-    q: &Query,
+    q: &Query<'_>,
     until: Instant,
 ) -> Vec<(MsgSeq, Waiter, Joined)> {
     let mut waiters: Vec<Waiter> = Vec::new();
@@ -296,7 +346,12 @@ fn rank(e: &GatewayError) -> u8 {
 
 /// Builds the answer from what the slots hold. Items still unanswered fall back to stale
 /// entries when allowed, else the request fails with `unanswered` (or the failure).
-fn settle(app: &AppRuntime, mut slots: Vec<Slot>, q: &Query, unanswered: GatewayError) -> Result<Answer, GatewayError> {
+fn settle(
+    app: &AppRuntime,
+    mut slots: Vec<Slot>,
+    q: &Query<'_>,
+    unanswered: GatewayError,
+) -> Result<Answer, GatewayError> {
     let mut error: Option<GatewayError> = None;
     for slot in slots.iter_mut().filter(|s| s.served.is_none()) {
         let failure = slot.failure.take();
@@ -341,7 +396,7 @@ fn failure_error(app: &AppRuntime, failure: Option<Failure>, unanswered: &Gatewa
 
 /// The OK answer, every slot served: items in the caller's order, `X-Cache`, `Age`, and
 /// the item counters by source.
-fn assemble(app: &AppRuntime, slots: &[Slot], q: &Query) -> Answer {
+fn assemble(app: &AppRuntime, slots: &[Slot], q: &Query<'_>) -> Answer {
     let now = Instant::now();
     let mut counts = [0u64; 5];
     let mut oldest = now;

@@ -858,8 +858,8 @@ mod tests {
         let missing = call_ok(&client, &url, "missing-1", &[1]).await;
         let invalid = call_ok(&client, &url, "invalid-1", &[1]).await;
 
-        assert_eq!((missing.action_status.as_str(), missing.error_code), ("FAIL", ErrorCode(10010)));
-        assert_eq!((invalid.action_status.as_str(), invalid.error_code), ("FAIL", ErrorCode(10015)));
+        assert_eq!((missing.action_status.as_ref(), missing.error_code), ("FAIL", ErrorCode(10010)));
+        assert_eq!((invalid.action_status.as_ref(), invalid.error_code), ("FAIL", ErrorCode(10015)));
         assert!(missing.items.is_none());
     }
 

@@ -246,7 +246,7 @@ impl Peers {
                 Server::HyperFixed => " (padding, as many as the gateway's answer)".to_owned(),
                 _ => format!(
                     ", ActionStatus {}, {items} items",
-                    answer.as_ref().map_or("?", |a| a.action_status.as_str())
+                    answer.as_ref().map_or("?", |a| a.action_status.as_ref())
                 ),
             }
         );

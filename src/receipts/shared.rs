@@ -42,7 +42,7 @@ pub(super) struct Elsewhere {
 pub(super) async fn round(
     app: &AppRuntime,
     tier: &SharedTier,
-    q: &Query,
+    q: &Query<'_>,
     slots: &mut [Slot],
     misses: &[MsgSeq],
     round: usize,
@@ -105,12 +105,12 @@ pub(super) async fn round(
 /// When the last round of a request must start: a round costs a Redis round trip (at
 /// most [`fleet::CALL_TIMEOUT`]) before the answer is written, so a request waiting for
 /// another replica's call stops early enough to answer — stale, or 429 — in time.
-pub(super) fn last_round(q: &Query) -> Instant {
+pub(super) fn last_round(q: &Query<'_>) -> Instant {
     q.deadline.checked_sub(fleet::CALL_TIMEOUT + admission::MARGIN).unwrap_or(q.deadline)
 }
 
 /// Waits for another replica's call for `elsewhere`, no later than [`last_round`].
-pub(super) async fn wait(app: &AppRuntime, tier: Option<&SharedTier>, q: &Query, elsewhere: &Elsewhere) {
+pub(super) async fn wait(app: &AppRuntime, tier: Option<&SharedTier>, q: &Query<'_>, elsewhere: &Elsewhere) {
     if let Some(tier) = tier.filter(|_| !elsewhere.seqs.is_empty()) {
         tier.fleet.wait(app.id, &q.group, elsewhere.retry_at, last_round(q)).await;
     }

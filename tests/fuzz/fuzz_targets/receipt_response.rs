@@ -82,5 +82,5 @@ fn build(u: &mut Unstructured<'_>) -> Result<ReceiptResponse> {
     } else {
         None
     };
-    Ok(ReceiptResponse { action_status, error_code, error_info, items })
+    Ok(ReceiptResponse { action_status: action_status.into(), error_code, error_info, items })
 }
