@@ -119,15 +119,16 @@ impl<'a> Params<'a> {
 
 /// Answers one callback; `deadline` bounds reading the body.
 pub async fn handle(
-    req: Request<Incoming>,
+    head: &http::request::Parts,
+    body: Incoming,
     gw: &Gateway,
     deadline: Instant,
     taken: &mut Taken,
 ) -> Result<Response<Full<Bytes>>, GatewayError> {
-    if req.method() != Method::POST {
+    if head.method != Method::POST {
         return Err(GatewayError::MethodNotAllowed);
     }
-    let query = req.uri().query().unwrap_or("").to_owned();
+    let query = head.uri.query().unwrap_or("").to_owned();
     let params = Params::parse(&query);
     taken.command = command_label(params.command);
     let app = select_app(gw, params.app)?;
@@ -141,8 +142,8 @@ pub async fn handle(
         counted(Outcome::BadSign);
         return Err(e);
     }
-    let content_type = req.headers().get(header::CONTENT_TYPE).cloned();
-    let body = crate::server::read_body(req, gw.config.max_body_bytes, deadline).await?;
+    let content_type = head.headers.get(header::CONTENT_TYPE).cloned();
+    let body = crate::server::read_body(&head.headers, body, gw.config.max_body_bytes, deadline).await?;
     let applied = apply(app, params.command, &body, taken).await;
     if let Some(forward) = &app.callback_forward {
         let relayed = forward_to(app, forward, &query, content_type, body).await;

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -523,18 +524,21 @@ impl Trace {
 /// Answers one data request; never fails (errors are answers).
 pub async fn handle(req: Request<Incoming>, gw: Arc<Gateway>) -> Result<Response<Full<Bytes>>, Infallible> {
     let arrived = Instant::now();
-    let method = req.method().clone();
+    // The head is held here once and lent down the pipeline: each async step taking the
+    // whole request would keep its own copy in its future.
+    let (head, body) = req.into_parts();
+    let method = head.method.clone();
     // The routes' own names need no copy; anything else is logged as sent.
-    let path: std::borrow::Cow<'static, str> = match req.uri().path() {
+    let path: std::borrow::Cow<'static, str> = match head.uri.path() {
         RECEIPT_PATH => RECEIPT_PATH.into(),
         DETAIL_PATH => DETAIL_PATH.into(),
         CALLBACK_PATH => CALLBACK_PATH.into(),
         other => other.to_owned().into(),
     };
-    let request_id = request_id(req.headers());
+    let request_id = request_id(&head.headers);
     // Only the request log line shows it.
     let traceparent = if tracing::enabled!(tracing::Level::INFO) {
-        req.headers().get(TRACEPARENT).and_then(|v| v.to_str().ok()).filter(|t| t.len() <= 128).map(str::to_owned)
+        head.headers.get(TRACEPARENT).and_then(|v| v.to_str().ok()).filter(|t| t.len() <= 128).map(str::to_owned)
     } else {
         None
     };
@@ -542,7 +546,7 @@ pub async fn handle(req: Request<Incoming>, gw: Arc<Gateway>) -> Result<Response
     let mut pending = Unanswered { gw: &gw, request_id: &request_id, path: &path, trace, done: false };
     let outcome = match gw.drain.enter() {
         None => Err(GatewayError::Draining),
-        Some(_in_flight) => route(req, &gw, arrived, &mut pending.trace).await,
+        Some(_in_flight) => route(&head, body, &gw, arrived, &mut pending.trace).await,
     };
     pending.done = true;
     let mut trace = std::mem::take(&mut pending.trace);
@@ -681,23 +685,24 @@ fn status_label(status: u16) -> &'static str {
 }
 
 async fn route(
-    req: Request<Incoming>,
+    head: &Parts,
+    body: Incoming,
     gw: &Gateway,
     arrived: Instant,
     trace: &mut Trace,
 ) -> Result<Response<Full<Bytes>>, GatewayError> {
-    match req.uri().path() {
-        RECEIPT_PATH => receipt(req, gw, arrived, trace).await.map(answer_response),
+    match head.uri.path() {
+        RECEIPT_PATH => receipt(head, body, gw, arrived, trace).await.map(answer_response),
         // The other routes' futures are boxed, so that a receipt request's does not carry
         // their state (the detail API's and the callback's: 1.8 and 2.7 KB).
-        DETAIL_PATH => Box::pin(detail(req, gw, arrived, trace)).await.map(|answer| {
+        DETAIL_PATH => Box::pin(detail(head, body, gw, arrived, trace)).await.map(|answer| {
             trace.x_cache = Some(answer.x_cache.as_str());
             cached_response(answer.body, answer.x_cache, answer.age)
         }),
         CALLBACK_PATH => {
             let mut taken = callback::Taken::default();
             let deadline = arrived + gw.config.request_timeout;
-            let answered = Box::pin(callback::handle(req, gw, deadline, &mut taken)).await;
+            let answered = Box::pin(callback::handle(head, body, gw, deadline, &mut taken)).await;
             trace.app = taken.app;
             trace.group = taken.group;
             trace.items = taken.items;
@@ -709,13 +714,14 @@ async fn route(
 
 /// `get_group_msg_receipt` (SPEC 2.1).
 async fn receipt(
-    req: Request<Incoming>,
+    head: &Parts,
+    body: Incoming,
     gw: &Gateway,
     arrived: Instant,
     trace: &mut Trace,
 ) -> Result<Answer, GatewayError> {
-    let (app, client, deadline, freshness) = admit(&req, gw, arrived, trace)?;
-    let body = read_body(req, gw.config.max_body_bytes, deadline).await?;
+    let (app, client, deadline, freshness) = admit(head, gw, arrived, trace)?;
+    let body = read_body(&head.headers, body, gw.config.max_body_bytes, deadline).await?;
     let parsed = ReceiptRequest::parse(&body, gw.config.max_request_seqs)
         .map_err(|e| GatewayError::BadRequest(e.to_string()))?;
     if tracing::enabled!(tracing::Level::INFO) {
@@ -731,13 +737,14 @@ async fn receipt(
 
 /// `get_group_msg_receipt_detail` (SPEC 2.2).
 async fn detail(
-    req: Request<Incoming>,
+    head: &Parts,
+    body: Incoming,
     gw: &Gateway,
     arrived: Instant,
     trace: &mut Trace,
 ) -> Result<DetailAnswer, GatewayError> {
-    let (app, client, deadline, freshness) = admit(&req, gw, arrived, trace)?;
-    let body = read_body(req, gw.config.max_body_bytes, deadline).await?;
+    let (app, client, deadline, freshness) = admit(head, gw, arrived, trace)?;
+    let body = read_body(&head.headers, body, gw.config.max_body_bytes, deadline).await?;
     let parsed = DetailRequest::parse(&body).map_err(GatewayError::BadRequest)?;
     if tracing::enabled!(tracing::Level::INFO) {
         trace.group = Some(parsed.group.to_string());
@@ -753,18 +760,13 @@ type Admitted<'a> = (&'a Arc<AppRuntime>, ClientSlot, Instant, Freshness);
 
 /// What both data APIs check before reading the body: method, app, client (its token
 /// and quota), deadline and `Cache-Control`.
-fn admit<'a>(
-    req: &Request<Incoming>,
-    gw: &'a Gateway,
-    arrived: Instant,
-    trace: &mut Trace,
-) -> Result<Admitted<'a>, GatewayError> {
-    if req.method() != Method::POST {
+fn admit<'a>(head: &Parts, gw: &'a Gateway, arrived: Instant, trace: &mut Trace) -> Result<Admitted<'a>, GatewayError> {
+    if head.method != Method::POST {
         return Err(GatewayError::MethodNotAllowed);
     }
-    let app = select_app(gw, req.uri().query())?;
+    let app = select_app(gw, head.uri.query())?;
     trace.app = Some(app.id);
-    let client = gw.clients.current().identify(req.headers()).map_err(|(client, e)| {
+    let client = gw.clients.current().identify(&head.headers).map_err(|(client, e)| {
         trace.client = Some(client);
         trace.rejected = Some(Rejection::Auth);
         e
@@ -772,8 +774,8 @@ fn admit<'a>(
     let (slot, admitted) = (client.slot, client.admit(arrived));
     trace.client = Some(client);
     admitted.inspect_err(|_| trace.rejected = Some(Rejection::Quota))?;
-    let deadline = arrived + deadline(req.headers(), gw.config.request_timeout)?;
-    Ok((app, slot, deadline, freshness(req.headers())))
+    let deadline = arrived + deadline(&head.headers, gw.config.request_timeout)?;
+    Ok((app, slot, deadline, freshness(&head.headers)))
 }
 
 /// Picks the app from `sdkappid`, which may be left out when only one is configured.
@@ -831,12 +833,17 @@ fn freshness(headers: &HeaderMap) -> Freshness {
 }
 
 /// Reads the body, refusing more than `max` bytes and giving up at the deadline.
-pub(crate) async fn read_body(req: Request<Incoming>, max: usize, deadline: Instant) -> Result<Bytes, GatewayError> {
-    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+pub(crate) async fn read_body(
+    headers: &HeaderMap,
+    body: Incoming,
+    max: usize,
+    deadline: Instant,
+) -> Result<Bytes, GatewayError> {
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > max as u64) {
         return Err(GatewayError::BodyTooLarge(max));
     }
-    let mut gathered = std::pin::pin!(gather(req.into_body(), max));
+    let mut gathered = std::pin::pin!(gather(body, max));
     // A small body has usually arrived with the headers: no timer for it.
     if let Some(gathered) = futures_util::FutureExt::now_or_never(&mut gathered) {
         return gathered;
