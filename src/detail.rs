@@ -353,6 +353,7 @@ impl Detail {
                 let retry_after = self.engine.backlog(self.budget.estimate());
                 return Fetched::Failed(GatewayError::Overloaded { retry_after });
             }
+            self.budget.before_send().await;
             let sent = Instant::now();
             let failure = match self.upstream.get_detail(body.clone(), served).await {
                 Passed::Answer(body) => {

@@ -197,6 +197,7 @@ fn fetch<'a>(
 
 /// One upstream call; its latency feeds admission when Tencent answered at all.
 async fn attempt(app: &AppRuntime, group: &GroupId, seqs: &[MsgSeq], served: &Served) -> Outcome {
+    app.budget.before_send().await;
     let started = Instant::now();
     app.batch_size.observe(seqs.len() as f64);
     let outcome = app.upstream.get_receipts(group, seqs, served).await;

@@ -40,7 +40,8 @@
 //!    up from the group's cache page with the cohort: read lately, due to expire within
 //!    half a TTL.
 //! 6. [`fetch`] — runs the dispatched batch in its own task: one signed regional call via
-//!    [`upstream`] (UserSig from the [`signer`], built with [`usersig`]), retries and
+//!    [`upstream`] (UserSig from the [`signer`], built with [`usersig`]; the [`budget`]'s
+//!    send-time check spreads calls a busy machine bunched), retries and
 //!    10004 splits each paid with a permit from the queue, answers stored in the
 //!    [`cache`], keys released, waiters woken. Tencent's codes are [`code::ErrorCode`]s.
 //! 7. back in [`receipts`] — every waiter reads the shared outcome; the answer is

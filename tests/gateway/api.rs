@@ -215,7 +215,7 @@ async fn h2c_with_prior_knowledge_is_served_on_the_same_port() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_1000_groups_stays_within_the_budget_and_nobody_hangs() {
     let _heavy = heavy().await;
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_with(Setup { sim_thread: true, ..Setup::default() }).await;
     let deadline = Duration::from_millis(2000);
     // Four h2 connections carry the burst (250 streams each, within the gateway's 256):
     // no thousand sockets on a small machine.

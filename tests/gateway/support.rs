@@ -64,6 +64,12 @@ pub struct Setup {
     pub sim_max_seqs: usize,
     /// Another gateway's simulator to share (a second replica), instead of a new one.
     pub shared_sim: Option<(Simulator, String)>,
+    /// The simulator on a thread and runtime of its own, as Tencent runs on machines of
+    /// its own: the arrivals it counts are then stamped when they arrive, not when a
+    /// runtime shared with a burst of the test's and the gateway's tasks gets to them
+    /// (which bunches them and can show 201 calls in a second of its clock that the
+    /// gateway sent at 194 a second).
+    pub sim_thread: bool,
     /// More keys for the first app (`callbacks = true`, ...).
     pub app: String,
 }
@@ -76,6 +82,7 @@ impl Default for Setup {
             sim_limit: 200,
             sim_max_seqs: 50,
             shared_sim: None,
+            sim_thread: false,
             app: String::new(),
         }
     }
@@ -97,6 +104,7 @@ pub struct TestApp {
     stop: Option<oneshot::Sender<()>>,
     gateway: Option<JoinHandle<Result<(), RunError>>>,
     _sim_server: Option<receipt_gateway::simulator::SimServer>,
+    _sim_thread: Option<SimThread>,
     _light: Option<Light>,
 }
 
@@ -234,8 +242,14 @@ impl TestApp {
         }
         let options =
             SimOptions { limit_per_second: setup.sim_limit, max_seqs: setup.sim_max_seqs, ..SimOptions::new(apps) };
+        let mut sim_thread = None;
         let (sim, sim_url, sim_server) = match setup.shared_sim {
             Some((sim, url)) => (sim, url, None),
+            None if setup.sim_thread => {
+                let (sim, url, thread) = SimThread::start(options);
+                sim_thread = Some(thread);
+                (sim, url, None)
+            }
             None => {
                 let (sim, url, server) = Simulator::spawn(options).await.expect("simulator starts");
                 (sim, url, Some(server))
@@ -271,6 +285,7 @@ impl TestApp {
             stop: Some(stop),
             gateway: Some(gateway),
             _sim_server: sim_server,
+            _sim_thread: sim_thread,
             _light: light,
         }
     }
@@ -370,5 +385,40 @@ impl Drop for TestApp {
         if let Some(gateway) = self.gateway.take() {
             gateway.abort();
         }
+    }
+}
+
+/// A simulator serving from a thread with a runtime of its own; stopped when dropped.
+pub struct SimThread {
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SimThread {
+    fn start(options: SimOptions) -> (Simulator, String, SimThread) {
+        let (started, ready) = std::sync::mpsc::channel();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            runtime.block_on(async move {
+                let (sim, url, server) = Simulator::spawn(options).await.expect("simulator starts");
+                let _ = started.send((sim, url));
+                let _ = stopped.await;
+                let _ = tokio::time::timeout(WAIT, server.shutdown()).await;
+            });
+        });
+        let (sim, url) = ready.recv_timeout(WAIT).expect("the simulator's thread started it");
+        (sim, url, SimThread { stop: Some(stop), thread: Some(thread) })
+    }
+}
+
+impl Drop for SimThread {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        // Not joined: a drop on a runtime thread must not block it; the thread ends on
+        // its own once the server has shut down.
+        drop(self.thread.take());
     }
 }
