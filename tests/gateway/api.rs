@@ -209,13 +209,17 @@ async fn h2c_with_prior_knowledge_is_served_on_the_same_port() {
     assert_eq!(response.version(), http::Version::HTTP_2);
 }
 
-/// 1,000 concurrent requests for distinct groups against a budget of 200/s: the
-/// simulator never sees more than 200 calls in a rolling second nor answers 60007, and
+/// 1,000 concurrent requests for distinct groups against a budget of 196/s: the
+/// simulator (limit 200/s) never sees more than 200 calls in a rolling second nor answers 60007, and
 /// every request is answered — with receipts or 429 + Retry-After — before its deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_1000_groups_stays_within_the_budget_and_nobody_hangs() {
     let _heavy = heavy().await;
-    let app = TestApp::spawn_with(Setup { sim_thread: true, ..Setup::default() }).await;
+    // The budget 2 % under the simulator's limit: the simulator shares two cores with
+    // the burst, and on a loaded machine it stamps arrivals late and bunched — 201-203
+    // calls in one second of its clock were seen with the gateway's own send-time check at
+    // 198 — as Tencent, on machines of its own, would not.
+    let app = TestApp::spawn_with(Setup { sim_thread: true, ..Setup::sections("[budget]\nper_second = 196\n") }).await;
     let deadline = Duration::from_millis(2000);
     // Four h2 connections carry the burst (250 streams each, within the gateway's 256):
     // no thousand sockets on a small machine.
