@@ -5,6 +5,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -285,8 +286,8 @@ fn fleet_sections(redis: &RedisServer, extra: &str) -> String {
 }
 
 /// Requests at `rate` per second for `duration`, round-robin over `replicas`, for
-/// `groups` groups, 5 of the latest 50 MsgSeqs each (deterministically spread); the
-/// replies' statuses.
+/// `groups` groups, 5 of the latest 50 MsgSeqs each (deterministically spread), each
+/// with a deadline of `deadline_ms`; the replies' statuses.
 async fn load(
     f: &Fixture,
     replicas: &[&Replica],
@@ -294,19 +295,26 @@ async fn load(
     groups: usize,
     rate: u32,
     duration: Duration,
+    deadline_ms: &'static str,
 ) -> Vec<StatusCode> {
     let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
     let end = Instant::now() + duration;
     let mut tasks = Vec::new();
     let mut i = 0usize;
+    let told = Arc::new(AtomicUsize::new(0));
     while Instant::now() < end {
         tick.tick().await;
         let replica = replicas[i % replicas.len()];
         let group = format!("g-{tag}-{}", (i * 7) % groups);
         let seqs: Vec<u64> = (0..5).map(|k| 1 + ((i * 13 + k * 11) % 50) as u64).collect();
-        let (client, url) = (f.client.clone(), replica.url.clone());
+        let (client, url, told) = (f.client.clone(), replica.url.clone(), told.clone());
         tasks.push(tokio::spawn(async move {
-            post(&client, &url, &body(&group, &seqs), &[("x-request-timeout-ms", "1000")]).await.status
+            let reply = post(&client, &url, &body(&group, &seqs), &[("x-request-timeout-ms", deadline_ms)]).await;
+            if reply.status != StatusCode::OK && told.fetch_add(1, Ordering::Relaxed) < 5 {
+                // Shown when a test fails: which request, and what it was told.
+                eprintln!("{group} at {url}: {} {:?} {}", reply.status, reply.header("retry-after"), reply.body);
+            }
+            reply.status
         }));
         i += 1;
     }
@@ -331,13 +339,18 @@ async fn three_replicas_cost_what_one_does_in_the_steady_state() {
     let single = Replica::start(&f.dir, "single", &f.sim_url, "");
     let fleet: Vec<Replica> = ["a", "b", "c"].iter().map(|n| f.replica(n, &redis, "")).collect();
     let (rate, run, steady) = (150, Duration::from_secs(5), Duration::from_secs(3));
+    // The default deadline: with 1 s, one slow delivery on a loaded machine (debug-build
+    // replicas and Redis on two cores) raised a replica's reach estimate enough that
+    // admission turned a few callers away early (429), as designed (SPEC 5.3).
+    const DEADLINE: &str = "2000";
 
-    let alone = load(&f, &[&single], "alone", 20, rate, run).await;
+    let alone = load(&f, &[&single], "alone", 20, rate, run, DEADLINE).await;
     let single_calls = calls_in_last(&f.sim, steady);
-    let shared = load(&f, &fleet.iter().collect::<Vec<_>>(), "fleet", 20, rate, run).await;
+    let shared = load(&f, &fleet.iter().collect::<Vec<_>>(), "fleet", 20, rate, run, DEADLINE).await;
     let fleet_calls = calls_in_last(&f.sim, steady);
 
-    assert!(alone.iter().chain(&shared).all(|s| *s == StatusCode::OK));
+    let refused: Vec<_> = alone.iter().chain(&shared).filter(|s| **s != StatusCode::OK).collect();
+    assert!(refused.is_empty(), "not answered 200: {refused:?}");
     // One call per group per TTL (1 s) for 20 groups: about 60 in three seconds.
     assert!(single_calls > 0);
     let ratio = fleet_calls as f64 / single_calls as f64;
@@ -360,9 +373,9 @@ async fn over_the_limit_three_replicas_answer_about_as_many_as_one_and_keep_the_
 
     // One after the other, so that neither run starves the other of CPU; 1000 groups, far
     // more than the budget can serve, as in the `over` benchmark.
-    let alone = load(&alone_sim, &[&single], "over", 1000, 250, run).await;
+    let alone = load(&alone_sim, &[&single], "over", 1000, 250, run, "1000").await;
     drop(single);
-    let shared = load(&fleet_sim, &fleet.iter().collect::<Vec<_>>(), "over", 1000, 250, run).await;
+    let shared = load(&fleet_sim, &fleet.iter().collect::<Vec<_>>(), "over", 1000, 250, run, "1000").await;
 
     let ok = |s: &[StatusCode]| s.iter().filter(|s| **s == StatusCode::OK).count() as f64 / s.len() as f64;
     let count = |s: &[StatusCode]| {
@@ -391,11 +404,11 @@ async fn with_redis_stopped_every_request_is_answered_on_the_fallback_and_the_fl
     let fleet: Vec<Replica> =
         ["a", "b", "c"].iter().map(|n| Replica::start(&f.dir, n, &f.sim_url, &sections)).collect();
     let all: Vec<&Replica> = fleet.iter().collect();
-    load(&f, &all, "outage", 20, 100, Duration::from_secs(1)).await;
+    load(&f, &all, "outage", 20, 100, Duration::from_secs(1), "1000").await;
 
     drop(redis);
     f.sim.reset_calls();
-    let during = load(&f, &all, "outage", 20, 100, Duration::from_secs(3)).await;
+    let during = load(&f, &all, "outage", 20, 100, Duration::from_secs(3), "1000").await;
     let peak = f.sim.max_arrivals_in_any_window(Duration::from_secs(1));
     let up_during = metric(&f.client, &fleet[0], FLEET_UP).await;
     let redis = RedisServer::start(&dir).await;
