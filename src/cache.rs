@@ -28,6 +28,10 @@ use crate::code::ErrorCode;
 use crate::config::CacheConfig;
 use crate::domain::{AppId, GroupId, MsgSeq, Receipt};
 
+mod recent;
+pub use recent::RECHECK;
+use recent::Recent;
+
 /// What keeps an item current, which decides how long it is fresh (SPEC 5.1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KeptBy {
@@ -328,6 +332,8 @@ pub struct ReceiptCache {
     group_answered: Arc<AtomicU64>,
     epoch: Instant,
     lifetimes: Arc<SharedLifetimes>,
+    /// The pages each thread found lately, for answers wholly from cache.
+    recent: Arc<Recent>,
 }
 
 impl ReceiptCache {
@@ -343,7 +349,15 @@ impl ReceiptCache {
             .expire_after(KeepFor::pages(&lifetimes))
             .build();
         let groups = Cache::builder().max_capacity(100_000).expire_after(KeepFor::group_answers(&lifetimes)).build();
-        Self { pages, groups, group_answered: Arc::default(), epoch: Instant::now(), lifetimes, log: None }
+        Self {
+            pages,
+            groups,
+            group_answered: Arc::default(),
+            epoch: Instant::now(),
+            lifetimes,
+            log: None,
+            recent: Arc::default(),
+        }
     }
 
     /// Reloaded lifetimes (SPEC 6.1): items are fresh and stale by them from now on,
@@ -361,7 +375,18 @@ impl ReceiptCache {
 
     /// The group's page, if any of its items is cached.
     pub async fn page(&self, app: AppId, group: &GroupId) -> Option<Arc<Page>> {
-        self.pages.get(&(app, group.clone())).await
+        let ticket = self.recent.ticket(app, group);
+        let page = self.pages.get(&(app, group.clone())).await;
+        self.recent.remember(ticket, page.as_ref());
+        page
+    }
+
+    /// The group's page as this thread last found it with [`page`](Self::page), if no
+    /// write to the cache came since and it is not due for a recheck in moka (one hit in
+    /// [`RECHECK`]): for an answer wholly from cache, which is what it may serve (see
+    /// `cache/recent.rs`). `None` says to ask [`page`](Self::page).
+    pub fn recent_page(&self, app: AppId, group: &GroupId) -> Option<Arc<Page>> {
+        self.recent.recall(app, group)
     }
 
     /// Stores fresh answers for one group, all fetched at `fetched_at`; returns its page.
@@ -444,6 +469,8 @@ impl ReceiptCache {
         }
         // Re-inserting renews the page's lifetime and re-weighs it.
         self.pages.insert(key, page.clone()).await;
+        // After the insert: a page remembered before it is looked up again.
+        self.recent.written();
         page
     }
 
@@ -600,5 +627,88 @@ mod tests {
         cache.run_pending_tasks().await;
         assert_eq!(page.len(), 1);
         assert_eq!(cache.entry_count(), 1);
+    }
+
+    /// How many times in a row `recent_page` serves the group's page, up to `limit`.
+    fn recalled(cache: &ReceiptCache, group: &GroupId, limit: u32) -> (u32, Option<Arc<Page>>) {
+        let mut last = None;
+        for served in 0..limit {
+            match cache.recent_page(APP, group) {
+                Some(page) => last = Some(page),
+                None => return (served, last),
+            }
+        }
+        (limit, last)
+    }
+
+    #[tokio::test]
+    async fn a_page_found_in_moka_is_served_by_the_thread_until_its_recheck() {
+        let cache = ReceiptCache::new(&config(1000, 60_000, 100));
+        cache.insert(APP, &group(), &[(MsgSeq(1), OK)], Instant::now(), KeptBy::Polling).await;
+        assert!(cache.recent_page(APP, &group()).is_none(), "not looked up yet: nothing to recall");
+
+        let page = cache.page(APP, &group()).await.unwrap();
+        let (served, last) = recalled(&cache, &group(), 100);
+        assert_eq!(served, RECHECK - 1, "every RECHECKth hit asks moka");
+        assert!(Arc::ptr_eq(&last.unwrap(), &page));
+        let again = cache.page(APP, &group()).await.unwrap();
+        assert!(Arc::ptr_eq(&again, &page));
+        assert_eq!(recalled(&cache, &group(), 100).0, RECHECK - 1, "moka's answer is remembered anew");
+
+        let other = GroupId::parse("other").unwrap();
+        assert!(cache.recent_page(APP, &other).is_none(), "another group is not served this group's page");
+        assert!(cache.recent_page(AppId(2), &group()).is_none(), "nor another app");
+    }
+
+    #[tokio::test]
+    async fn any_write_makes_remembered_pages_be_looked_up_again() {
+        let cache = ReceiptCache::new(&config(1000, 60_000, 100));
+        let now = Instant::now();
+        cache.insert(APP, &group(), &[(MsgSeq(1), OK)], now, KeptBy::Polling).await;
+        cache.page(APP, &group()).await.unwrap();
+        assert!(cache.recent_page(APP, &group()).is_some());
+
+        let other = GroupId::parse("other").unwrap();
+        cache.insert(APP, &other, &[(MsgSeq(7), OK)], now, KeptBy::Polling).await;
+        assert!(cache.recent_page(APP, &group()).is_none(), "a write to another group counts too");
+        cache.page(APP, &group()).await.unwrap();
+        assert!(cache.recent_page(APP, &group()).is_some());
+
+        // A page moka dropped (here: invalidated) and made anew by the next write is never
+        // served in place of the new one; the dropped one, which no write replaced, at
+        // most until its recheck.
+        let dropped = cache.page(APP, &group()).await.unwrap();
+        cache.pages.invalidate(&(APP, group())).await;
+        let (served, last) = recalled(&cache, &group(), 100);
+        assert_eq!(served, RECHECK - 1);
+        assert!(Arc::ptr_eq(&last.unwrap(), &dropped));
+        assert!(cache.page(APP, &group()).await.is_none(), "the recheck finds moka's answer: none");
+        assert!(cache.recent_page(APP, &group()).is_none(), "and remembers it");
+
+        cache.page(APP, &other).await.unwrap();
+        cache
+            .insert_each(
+                APP,
+                &group(),
+                [Answer { seq: MsgSeq(1), receipt: OK, fetched_at: now, kept_by: KeptBy::Callbacks }],
+            )
+            .await;
+        let made_anew = cache.page(APP, &group()).await.unwrap();
+        assert!(!Arc::ptr_eq(&made_anew, &dropped));
+        assert!(Arc::ptr_eq(&cache.recent_page(APP, &group()).unwrap(), &made_anew));
+        assert!(cache.recent_page(APP, &other).is_none(), "the callback's write made the other group's page stale");
+    }
+
+    #[tokio::test]
+    async fn caches_do_not_serve_each_others_pages() {
+        let (a, b) = (ReceiptCache::new(&config(1000, 60_000, 100)), ReceiptCache::new(&config(1000, 60_000, 100)));
+        let now = Instant::now();
+        a.insert(APP, &group(), &[(MsgSeq(1), OK)], now, KeptBy::Polling).await;
+        b.insert(APP, &group(), &[(MsgSeq(1), NONE)], now, KeptBy::Polling).await;
+        let page_a = a.page(APP, &group()).await.unwrap();
+        assert!(b.recent_page(APP, &group()).is_none(), "same key, same thread, another cache");
+        let page_b = b.page(APP, &group()).await.unwrap();
+        assert!(Arc::ptr_eq(&b.recent_page(APP, &group()).unwrap(), &page_b));
+        assert!(!Arc::ptr_eq(&page_a, &page_b));
     }
 }

@@ -23,7 +23,8 @@
 //!    validates it into [`api::ReceiptRequest`] (typed with [`domain`]).
 //! 2. [`receipts`] — answers the query: one lookup of the group's page in the [`cache`]
 //!    serves the fresh items at once (and notes that they were read, which is what
-//!    makes them part of the group's cohort); the misses go to the app's [`engine`],
+//!    makes them part of the group's cohort; an answer wholly from cache takes the page
+//!    the thread last found, while no write came since); the misses go to the app's [`engine`],
 //!    which keeps the in-flight table and the queue under one lock.
 //! 3. [`inflight`] — first takes out the misses a batch answered since the caller's
 //!    lookup; then [`admission`] decides, from how much of the queue is ahead of the

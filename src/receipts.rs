@@ -123,6 +123,14 @@ pub async fn answer(app: &AppRuntime, q: Query<'_>) -> Result<Answer, GatewayErr
         distinct.dedup();
         distinct.into()
     };
+    // A page this thread found lately may serve an answer wholly from cache; anything
+    // short of that looks the page up in moka (see `cache/recent.rs`).
+    if let Some(page) = app.cache.recent_page(app.id, &q.group) {
+        let looked = Instant::now();
+        if let Some(answer) = all_hits(app, &q, &distinct, &page.read(&distinct, looked), looked) {
+            return Ok(answer);
+        }
+    }
     let page = app.cache.page(app.id, &q.group).await;
     let looked = Instant::now();
     let cached = page.as_ref().map(|p| p.read(&distinct, looked)).unwrap_or_default();
