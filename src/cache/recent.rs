@@ -5,8 +5,8 @@
 //! instructions, 50 data-cache and 100 instruction-cache misses of the 23,700
 //! instructions, 375 and 1,350 misses the whole answer took (callgrind with its cache
 //! simulation, `benches/callgrind.sh`): hashing with SipHash, the concurrent table, the
-//! entry's expiry check, and the read recorded in moka's channel for its eviction policy,
-//! which every 64 reads runs moka's maintenance on the reader's thread.
+//! entry's expiry check, and the read recorded in moka's channel for its eviction policy
+//! (once 64 are queued, the reader's thread runs moka's maintenance).
 //!
 //! Each thread keeps a small direct-mapped table of the pages it found in moka. Such a
 //! page is served again only while both hold:
