@@ -395,7 +395,7 @@ pub struct SimThread {
 }
 
 impl SimThread {
-    fn start(options: SimOptions) -> (Simulator, String, SimThread) {
+    pub fn start(options: SimOptions) -> (Simulator, String, SimThread) {
         let (started, ready) = std::sync::mpsc::channel();
         let (stop, stopped) = oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
