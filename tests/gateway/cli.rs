@@ -110,6 +110,7 @@ impl Drop for Running {
 #[tokio::test]
 async fn the_demo_serves_and_its_printed_curl_returns_receipts() {
     use std::io::BufRead;
+    let _light = crate::support::light().await;
 
     let mut child = gateway().arg("demo").stdout(std::process::Stdio::piped()).spawn().unwrap();
     let stdout = child.stdout.take().unwrap();

@@ -267,9 +267,10 @@ async fn an_h2_client_that_never_reads_cannot_push_memory_past_the_bound() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_h2_client_resetting_accepted_requests_in_a_loop_gets_goaway() {
-    // Held calls stay held however long the loop takes on a busy machine (the default
-    // upstream timeout, 3 s, would end the first ones during it).
-    let app = TestApp::spawn_with(Setup::sections("[upstream]\ntimeout_ms = 30000\n")).await;
+    // Held calls stay held, and the cached item fresh, however long the loop takes on a
+    // busy machine (the default upstream timeout, 3 s, would end the first calls during
+    // it; the default TTL, 1 s, made the last answer STALE in a full suite).
+    let app = TestApp::spawn_with(Setup::sections("[upstream]\ntimeout_ms = 30000\n\n[cache]\nttl_ms = 60000\n")).await;
     assert_eq!(app.post(&body("cached", &[1])).await.status, StatusCode::OK);
     // Every request waits for its call, which the simulator holds: reset after acceptance.
     app.sim.hold_calls();

@@ -148,7 +148,8 @@ impl Reply {
 
 /// Tests that load the machine (several gateway processes, bursts of a thousand
 /// requests) take it for writing, so that on a small machine nothing else starves their
-/// timing: they run alone. Every other test's gateway ([`TestApp`]) holds it for reading.
+/// timing: they run alone. Every other test's gateway ([`TestApp`], a
+/// [`Fixture`](crate::fleet::Fixture)'s replicas, the demo's) holds it for reading.
 static HEAVY: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 thread_local! {
@@ -190,7 +191,7 @@ pub async fn heavy() -> Heavy {
 
 /// A light test's share of the machine, unless its thread holds one already or is a
 /// heavy test's.
-async fn light() -> Option<Light> {
+pub async fn light() -> Option<Light> {
     if HOLDS_HEAVY.with(|h| h.get()) || HOLDS_LIGHT.with(|h| h.get()) {
         return None;
     }
