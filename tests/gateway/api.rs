@@ -209,17 +209,18 @@ async fn h2c_with_prior_knowledge_is_served_on_the_same_port() {
     assert_eq!(response.version(), http::Version::HTTP_2);
 }
 
-/// 1,000 concurrent requests for distinct groups against a budget of 196/s: the
+/// 1,000 concurrent requests for distinct groups against a budget of 190/s: the
 /// simulator (limit 200/s) never sees more than 200 calls in a rolling second nor answers 60007, and
 /// every request is answered — with receipts or 429 + Retry-After — before its deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_1000_groups_stays_within_the_budget_and_nobody_hangs() {
     let _heavy = heavy().await;
-    // The budget 2 % under the simulator's limit: the simulator shares two cores with
+    // The budget 5 % under the simulator's limit: the simulator shares two cores with
     // the burst, and on a loaded machine it stamps arrivals late and bunched — 201-203
     // calls in one second of its clock were seen with the gateway's own send-time check at
-    // 198 — as Tencent, on machines of its own, would not.
-    let app = TestApp::spawn_with(Setup { sim_thread: true, ..Setup::sections("[budget]\nper_second = 196\n") }).await;
+    // 198, and 201 (on its own thread) with the budget at 196 in a fresh-clone CI run
+    // right after the build — as Tencent, on machines of its own, would not.
+    let app = TestApp::spawn_with(Setup { sim_thread: true, ..Setup::sections("[budget]\nper_second = 190\n") }).await;
     let deadline = Duration::from_millis(2000);
     // Four h2 connections carry the burst (250 streams each, within the gateway's 256):
     // no thousand sockets on a small machine.
@@ -249,11 +250,11 @@ async fn a_burst_of_1000_groups_stays_within_the_budget_and_nobody_hangs() {
     let ok = answers.iter().filter(|(s, _, _)| *s == StatusCode::OK).count();
     let refused = answers.iter().filter(|(s, r, _)| *s == StatusCode::TOO_MANY_REQUESTS && *r).count();
     assert_eq!(ok + refused, 1000, "only 200 or 429 with Retry-After: {:?}", summary(&answers));
-    // About 390 fit in two seconds at 194/s; admission is conservative when the machine
-    // is busy — it plans with the drain rate it observes, and a debug build taking in a
-    // thousand requests on two cores hands out tokens 40 ms apart for a while (measured:
-    // 70 answered while another build ran) — so the bound is loose: it only shows the
-    // budget is spent rather than everyone refused.
+    // About 370 fit in two seconds at this budget (less pacing's guard); admission is
+    // conservative when the machine is busy — it plans with the drain rate it observes,
+    // and a debug build taking in a thousand requests on two cores hands out tokens 40 ms
+    // apart for a while (measured: 70 answered while another build ran) — so the bound
+    // is loose: it only shows the budget is spent rather than everyone refused.
     assert!(ok >= 50, "the budget was used: {ok} answered");
     // Measured from the client, so it includes queueing on the shared connection.
     let slowest = answers.iter().map(|a| a.2).max().unwrap_or_default();
