@@ -63,6 +63,9 @@ pub enum XCache {
 }
 
 impl XCache {
+    /// Every value, for tables by value.
+    pub const ALL: [XCache; 4] = [XCache::Hit, XCache::Miss, XCache::Partial, XCache::Stale];
+
     pub fn as_str(self) -> &'static str {
         match self {
             XCache::Hit => "HIT",

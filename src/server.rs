@@ -899,43 +899,42 @@ fn answer_response(answer: Answer) -> Response<Full<Bytes>> {
 /// An answer with `X-Cache` and `Age`, its headers cloned from [`ANSWER_HEADERS`].
 fn cached_response(body: Bytes, x_cache: XCache, age: u64) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(body));
-    let templates = &*ANSWER_HEADERS;
+    let kind = XCache::ALL.iter().position(|&x| x == x_cache);
     let young = usize::try_from(age).ok().filter(|&a| a < TEMPLATE_AGES);
-    let template = &templates[x_cache as usize * TEMPLATE_AGES + young.unwrap_or(0)];
-    *response.headers_mut() = template.clone();
-    if young.is_none() {
-        response.headers_mut().insert(header::AGE, HeaderValue::from(age));
-    }
+    let template = kind.zip(young).and_then(|(kind, age)| ANSWER_HEADERS.get(kind * TEMPLATE_AGES + age));
+    *response.headers_mut() = match template {
+        Some(template) => template.clone(),
+        None => answer_headers(x_cache, HeaderValue::from(age)),
+    };
     response
 }
 
 /// Ages (whole seconds) with headers of their own in [`ANSWER_HEADERS`]: every fresh
-/// answer at the default TTL; an older one has its `Age` replaced.
+/// answer at the default TTL; an older one's are made for it.
 const TEMPLATE_AGES: usize = 10;
 
 /// Their values, static: a clone of a formatted one would count references, on a cache
 /// line every core writes.
 const AGES: [&str; TEMPLATE_AGES] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
 
-/// An answer's headers for every `X-Cache` (in its declaration order) and age under
-/// [`TEMPLATE_AGES`], built once: cloning a map costs an answer a third of building one
-/// (hashing each name, growing the map; callgrind, `benches/callgrind.sh`). Each holds
-/// an `X-Request-Id` placeholder, which [`handle`] replaces in place for every answer
-/// (an insert into a clone without room would grow it).
+/// An answer's headers for every `X-Cache` (in [`XCache::ALL`]'s order) and age under
+/// [`TEMPLATE_AGES`], made once: cloning a map costs an answer a third of building one
+/// (hashing each name, growing the map; callgrind, `benches/callgrind.sh`).
 static ANSWER_HEADERS: std::sync::LazyLock<Vec<HeaderMap>> = std::sync::LazyLock::new(|| {
-    let mut templates = Vec::with_capacity(4 * TEMPLATE_AGES);
-    for x_cache in [XCache::Hit, XCache::Miss, XCache::Partial, XCache::Stale] {
-        for age in AGES {
-            let mut headers = HeaderMap::with_capacity(4);
-            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            headers.insert(X_CACHE, HeaderValue::from_static(x_cache.as_str()));
-            headers.insert(header::AGE, HeaderValue::from_static(age));
-            headers.insert(X_REQUEST_ID, HeaderValue::from_static("unknown"));
-            templates.push(headers);
-        }
-    }
-    templates
+    let each_age = |x_cache| AGES.map(|age| answer_headers(x_cache, HeaderValue::from_static(age)));
+    XCache::ALL.into_iter().flat_map(each_age).collect()
 });
+
+/// An answer's headers, with an `X-Request-Id` placeholder that [`handle`] replaces in
+/// place for every answer (an insert into a clone without room would grow it).
+fn answer_headers(x_cache: XCache, age: HeaderValue) -> HeaderMap {
+    let mut headers = HeaderMap::with_capacity(4);
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(X_CACHE, HeaderValue::from_static(x_cache.as_str()));
+    headers.insert(header::AGE, age);
+    headers.insert(X_REQUEST_ID, HeaderValue::from_static("unknown"));
+    headers
+}
 
 /// The one place a gateway error becomes HTTP: status, Tencent body, `Retry-After`.
 pub fn error_response(e: &GatewayError) -> Response<Full<Bytes>> {
@@ -956,7 +955,7 @@ mod tests {
 
     #[test]
     fn an_answer_has_its_own_x_cache_and_age_and_room_for_its_request_id() {
-        for x_cache in [XCache::Hit, XCache::Miss, XCache::Partial, XCache::Stale] {
+        for x_cache in XCache::ALL {
             for age in [0, 1, 9, 10, 11, 86_400] {
                 let mut response = cached_response(Bytes::from_static(b"{}"), x_cache, age);
                 let h = response.headers();
