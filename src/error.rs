@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 
-use crate::code::ErrorCode;
+use crate::tencent::code::ErrorCode;
 
 /// Who caused an error: what the request log line and `receipt_gateway_requests_total`
 /// label it with, so an operator sees at once whether to look at callers, at Tencent or

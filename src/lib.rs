@@ -74,36 +74,21 @@
 
 #![forbid(unsafe_code)]
 
-pub mod admin;
-pub mod admission;
-pub mod api;
-pub mod app;
-pub mod batch;
 pub mod budget;
 pub mod cache;
-pub mod callback;
 pub mod clients;
-pub mod code;
 pub mod config;
-pub mod demo;
-pub mod detail;
-pub mod dispatch;
-pub mod domain;
 pub mod engine;
 pub mod error;
-pub mod fetch;
 pub mod fleet;
-pub mod inflight;
-pub mod logline;
-pub mod metrics;
-pub mod receipts;
+pub mod http;
 pub mod reload;
-pub mod server;
+pub mod service;
 pub mod shutdown;
-pub mod signer;
 pub mod simulator;
+pub mod telemetry;
+pub mod tencent;
 pub mod upstream;
-pub mod usersig;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -115,16 +100,16 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::app::AppRuntime;
-use crate::batch::BatchPolicy;
 use crate::cache::{ReadLog, ReceiptCache};
 use crate::clients::Clients;
 use crate::config::{Config, FleetBackend};
-use crate::domain::{GroupId, MsgSeq};
+use crate::engine::batch::BatchPolicy;
 use crate::fleet::Fleet;
-use crate::metrics::Metrics;
 use crate::reload::ClientsCell;
+use crate::service::app::AppRuntime;
 use crate::shutdown::Drain;
+use crate::telemetry::metrics::Metrics;
+use crate::tencent::domain::{GroupId, MsgSeq};
 
 /// The two ports, bound by the caller (so tests can bind port 0).
 pub struct Listeners {
@@ -181,22 +166,29 @@ pub async fn run_reloading(
         let keep = BatchPolicy::cohort_memory_for(config.cache.ttl) + config.cache.ttl;
         tasks.spawn(fleet.clone().share_reads(log, every, keep));
     }
-    let mut apps = server::Apps::default();
+    let mut apps = crate::http::Apps::default();
     for app_config in &config.apps {
         let app = Arc::new(AppRuntime::new(app_config, &config, &cache, &metrics, client.clone(), fleet.as_ref())?);
         let (dispatched, dropped) = (app.clone(), app.clone());
         let send = move |batch| {
             // Batch tasks end on their own: every attempt is bounded by the upstream
             // timeout and every retry by the batch's deadline.
-            tokio::spawn(fetch::run(dispatched.clone(), batch));
+            tokio::spawn(crate::upstream::fetch::run(dispatched.clone(), batch));
         };
         // A batch dropped unsent gives its fleet claims up, so that a caller on another
         // replica need not wait for them to expire.
-        let dropped = move |group: GroupId, seqs: Vec<MsgSeq>| receipts::give_up(&dropped, &group, &seqs);
-        tasks.spawn(dispatch::run(app.engine.clone(), app.budget.clone(), app.budget_wait.clone(), send, dropped));
+        let dropped =
+            move |group: GroupId, seqs: Vec<MsgSeq>| crate::service::receipts::give_up(&dropped, &group, &seqs);
+        tasks.spawn(crate::engine::dispatch::run(
+            app.engine.clone(),
+            app.budget.clone(),
+            app.budget_wait.clone(),
+            send,
+            dropped,
+        ));
         // The detail API's queue holds only single-call permits: no batch is ever sent.
         let detail = app.detail.clone();
-        tasks.spawn(dispatch::run(
+        tasks.spawn(crate::engine::dispatch::run(
             detail.engine.clone(),
             detail.budget.clone(),
             detail.budget_wait.clone(),
@@ -213,7 +205,7 @@ pub async fn run_reloading(
         app.share_budget(&clients, &metrics);
     }
     let drain = Drain::new(metrics.inflight.clone());
-    let gateway = Arc::new(server::Gateway {
+    let gateway = Arc::new(crate::http::Gateway {
         apps,
         clients: ClientsCell::new(clients),
         config: config.server.clone(),
@@ -225,19 +217,20 @@ pub async fn run_reloading(
     }
     let s = &config.server;
     let data_limits = metrics.limits("data", s.max_connections, s.first_bytes_timeout, s.header_timeout);
-    let admin_limits = metrics.limits("admin", server::ADMIN_MAX_CONNECTIONS, s.first_bytes_timeout, s.header_timeout);
-    let admin = Arc::new(admin::Admin { metrics, cache, drain: drain.clone() });
+    let admin_limits =
+        metrics.limits("admin", crate::http::ADMIN_MAX_CONNECTIONS, s.first_bytes_timeout, s.header_timeout);
+    let admin = Arc::new(crate::service::admin::Admin { metrics, cache, drain: drain.clone() });
     let (stop_data, data_stopped) = watch::channel(None);
     let (stop_admin, admin_stopped) = watch::channel(None);
-    let data_server = tokio::spawn(server::serve(
+    let data_server = tokio::spawn(crate::http::serve(
         listeners.data,
-        move |req| server::handle(req, gateway.clone()),
+        move |req| crate::http::handle(req, gateway.clone()),
         data_limits,
         data_stopped,
     ));
-    let admin_server = tokio::spawn(server::serve(
+    let admin_server = tokio::spawn(crate::http::serve(
         listeners.admin,
-        move |req| admin::handle(req, admin.clone()),
+        move |req| crate::service::admin::handle(req, admin.clone()),
         admin_limits,
         admin_stopped,
     ));

@@ -9,10 +9,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Parser, Subcommand};
 use receipt_gateway::config::Config;
-use receipt_gateway::domain::AppId;
+use receipt_gateway::simulator::demo;
 use receipt_gateway::simulator::{CallbackPlayer, SimApp, SimOptions, Simulator};
-use receipt_gateway::usersig::{self, SecretKey};
-use receipt_gateway::{Listeners, demo, shutdown};
+use receipt_gateway::tencent::domain::AppId;
+use receipt_gateway::tencent::usersig::{self, SecretKey};
+use receipt_gateway::{Listeners, shutdown};
 use tokio::net::TcpListener;
 
 /// EX_USAGE from sysexits.h: the configuration or the command line is wrong.
@@ -121,7 +122,7 @@ where
     if std::env::var("RECEIPT_GATEWAY_LOG_FORMAT").is_ok_and(|f| f == "json") {
         // The line tracing-subscriber's `json().flatten_event(true)` writes, at a
         // fraction of its cost (`logline`).
-        builder.event_format(receipt_gateway::logline::JsonLines).init();
+        builder.event_format(receipt_gateway::telemetry::logline::JsonLines).init();
     } else {
         builder.init();
     }

@@ -31,8 +31,8 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::clients::Clients;
 use crate::config::Config;
-use crate::metrics::Metrics;
-use crate::server::Gateway;
+use crate::http::Gateway;
+use crate::telemetry::metrics::Metrics;
 
 /// How often the file is read to see whether its content changed.
 pub const WATCH_EVERY: Duration = Duration::from_secs(2);

@@ -35,10 +35,10 @@ use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use tokio::net::TcpListener;
 
-use receipt_gateway::api::{ReceiptItem, ReceiptResponse};
-use receipt_gateway::code::ErrorCode;
-use receipt_gateway::domain::MsgSeq;
 use receipt_gateway::simulator::default_receipt;
+use receipt_gateway::tencent::code::ErrorCode;
+use receipt_gateway::tencent::domain::MsgSeq;
+use receipt_gateway::tencent::wire::{ReceiptItem, ReceiptResponse};
 
 use crate::Result;
 use crate::cli::BaselineKind;

@@ -45,11 +45,11 @@ use rand::seq::index;
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 
-use receipt_gateway::api::ReceiptResponse;
-use receipt_gateway::callback::CALLBACK_PATH;
-use receipt_gateway::code::ErrorCode;
+use receipt_gateway::service::callback::CALLBACK_PATH;
 use receipt_gateway::simulator::{CallbackPlayer, PlayedRead};
-use receipt_gateway::usersig::SecretKey;
+use receipt_gateway::tencent::code::ErrorCode;
+use receipt_gateway::tencent::usersig::SecretKey;
+use receipt_gateway::tencent::wire::ReceiptResponse;
 
 use super::{Check, Verdict, or_dash, print_client, ratio};
 use crate::Result;
@@ -623,7 +623,7 @@ mod tests {
     fn only_reads_of_the_working_set_inside_the_window_are_judged() {
         let t0 = tokio::time::Instant::now();
         let read = |group: &str, at_ms: u64| PlayedRead {
-            app: receipt_gateway::domain::AppId(1),
+            app: receipt_gateway::tencent::domain::AppId(1),
             group: group.to_owned(),
             seq: 2,
             member: "m".into(),

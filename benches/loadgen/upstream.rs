@@ -17,12 +17,12 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use receipt_gateway::code::ErrorCode;
-use receipt_gateway::domain::AppId;
 use receipt_gateway::simulator::{
     CallRecord, CallbackPlayer, PlayedRead, SimApp, SimOptions, Simulator, max_in_window,
 };
-use receipt_gateway::usersig::SecretKey;
+use receipt_gateway::tencent::code::ErrorCode;
+use receipt_gateway::tencent::domain::AppId;
+use receipt_gateway::tencent::usersig::SecretKey;
 
 use crate::Result;
 use crate::cli::SimSettings;

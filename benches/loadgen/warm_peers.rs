@@ -23,10 +23,10 @@ use bytes::Bytes;
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
 
-use receipt_gateway::api::{RECEIPT_PATH, ReceiptItem, ReceiptRequest, ReceiptResponse};
-use receipt_gateway::domain::AppId;
 use receipt_gateway::simulator::default_receipt;
-use receipt_gateway::usersig::{self, SecretKey};
+use receipt_gateway::tencent::domain::AppId;
+use receipt_gateway::tencent::usersig::{self, SecretKey};
+use receipt_gateway::tencent::wire::{RECEIPT_PATH, ReceiptItem, ReceiptRequest, ReceiptResponse};
 
 use super::Server;
 use crate::Result;

@@ -33,7 +33,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::Page;
-use crate::domain::{AppId, GroupId};
+use crate::tencent::domain::{AppId, GroupId};
 
 /// Pages remembered per thread: a handful of hot groups take most hits.
 const SLOTS: usize = 64;

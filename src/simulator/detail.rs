@@ -16,8 +16,8 @@ use std::ops::Range;
 
 use serde_json::{Map, Value, json};
 
-use crate::code::ErrorCode;
-use crate::domain::GroupId;
+use crate::tencent::code::ErrorCode;
+use crate::tencent::domain::GroupId;
 
 use super::rules::Fail;
 

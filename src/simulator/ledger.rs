@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::api::{DETAIL_PATH, RECEIPT_PATH};
-use crate::code::ErrorCode;
-use crate::domain::{AppId, Receipt};
+use crate::tencent::code::ErrorCode;
+use crate::tencent::domain::{AppId, Receipt};
+use crate::tencent::wire::{DETAIL_PATH, RECEIPT_PATH};
 
 use super::Fault;
 use super::detail::{FinishField, member_account};

@@ -6,10 +6,10 @@
 
 use std::collections::HashMap;
 
-use crate::api::ReceiptRequest;
-use crate::code::ErrorCode;
-use crate::domain::{AppId, Receipt};
-use crate::usersig::{self, VerifyError};
+use crate::tencent::code::ErrorCode;
+use crate::tencent::domain::{AppId, Receipt};
+use crate::tencent::usersig::{self, VerifyError};
+use crate::tencent::wire::ReceiptRequest;
 
 use super::SimApp;
 

@@ -2,8 +2,8 @@
 
 use std::process::Command;
 
-use receipt_gateway::domain::{AppId, Region};
-use receipt_gateway::usersig::{self, SecretKey};
+use receipt_gateway::tencent::domain::{AppId, Region};
+use receipt_gateway::tencent::usersig::{self, SecretKey};
 
 fn gateway() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_receipt-gateway"));

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use http::StatusCode;
-use receipt_gateway::code::ErrorCode;
+use receipt_gateway::tencent::code::ErrorCode;
 
 use crate::support::{BILLING_TOKEN, Setup, TestApp, body, heavy, within};
 

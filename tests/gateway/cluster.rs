@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use receipt_gateway::domain::{AppId, GroupId};
 use receipt_gateway::fleet::{Scripts, group_key};
+use receipt_gateway::tencent::domain::{AppId, GroupId};
 use redis::Value;
 use redis::cluster::ClusterClient;
 

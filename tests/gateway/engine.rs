@@ -9,8 +9,8 @@ use http::{Request, StatusCode};
 use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use receipt_gateway::code::ErrorCode;
 use receipt_gateway::simulator::Fault;
+use receipt_gateway::tencent::code::ErrorCode;
 
 use crate::support::{RECEIPT, Reply, Setup, TestApp, body, expected, until, within};
 

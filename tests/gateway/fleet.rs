@@ -15,9 +15,9 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use receipt_gateway::domain::AppId;
 use receipt_gateway::simulator::{SimApp, SimOptions, Simulator};
-use receipt_gateway::usersig::SecretKey;
+use receipt_gateway::tencent::domain::AppId;
+use receipt_gateway::tencent::usersig::SecretKey;
 use serde_json::Value;
 use tokio::time::Instant;
 
@@ -401,7 +401,7 @@ async fn over_the_limit_three_replicas_answer_about_as_many_as_one_and_keep_the_
     // budget.
     assert!(ok(&shared) >= 0.85 * ok(&alone), "fleet {:?} vs single {:?}", count(&shared), count(&alone));
     assert!(fleet_sim.sim.max_arrivals_in_any_window(Duration::from_secs(1)) <= 50);
-    assert_eq!(fleet_sim.sim.count_code(receipt_gateway::code::ErrorCode::RATE_LIMITED), 0);
+    assert_eq!(fleet_sim.sim.count_code(receipt_gateway::tencent::code::ErrorCode::RATE_LIMITED), 0);
 }
 
 const FLEET_UP: &str = "receipt_gateway_fleet_backend_up";
@@ -467,8 +467,11 @@ async fn a_large_groups_items_past_their_stale_window_are_pruned_when_it_is_writ
     let redis = RedisServer::start(&dir).await;
     let mut conn = within(redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection()).await.unwrap();
     let scripts = receipt_gateway::fleet::Scripts::new();
-    let base =
-        receipt_gateway::fleet::group_key("prune", AppId(APP), &receipt_gateway::domain::GroupId::parse("g").unwrap());
+    let base = receipt_gateway::fleet::group_key(
+        "prune",
+        AppId(APP),
+        &receipt_gateway::tencent::domain::GroupId::parse("g").unwrap(),
+    );
     let keys: Vec<String> =
         ["items", "inflight", "lease", "wanted", "group"].iter().map(|k| format!("{base}:{k}")).collect();
     let store = |age_ms: u64, seqs: std::ops::Range<u64>| {

@@ -13,8 +13,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use receipt_gateway::callback::parse_read_receipts;
-use receipt_gateway::domain::GroupId;
+use receipt_gateway::service::callback::parse_read_receipts;
+use receipt_gateway::tencent::domain::GroupId;
 use serde_json::Value;
 
 fuzz_target!(|data: &[u8]| {

@@ -7,8 +7,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use receipt_gateway::detail::{DetailRequest, MAX_COUNT};
-use receipt_gateway::domain::GroupId;
+use receipt_gateway::service::detail::{DetailRequest, MAX_COUNT};
+use receipt_gateway::tencent::domain::GroupId;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(req) = DetailRequest::parse(data) else { return };

@@ -21,8 +21,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use receipt_gateway::api::ReceiptRequest;
-use receipt_gateway::domain::GroupId;
+use receipt_gateway::tencent::wire::ReceiptRequest;
+use receipt_gateway::tencent::domain::GroupId;
 use serde_json::Value;
 
 /// 1 and 3 make the length rule bite; 50 and 1000 are the batch and server defaults;

@@ -14,8 +14,8 @@
 
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
-use receipt_gateway::api::{ReceiptItem, ReceiptResponse};
-use receipt_gateway::code::ErrorCode;
+use receipt_gateway::tencent::wire::{ReceiptItem, ReceiptResponse};
+use receipt_gateway::tencent::code::ErrorCode;
 use receipt_gateway::upstream::{Outcome, classify};
 
 fuzz_target!(|data: &[u8]| {

@@ -27,8 +27,8 @@ use flate2::Compression;
 use flate2::write::ZlibEncoder;
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
-use receipt_gateway::domain::AppId;
-use receipt_gateway::usersig::{SecretKey, VerifyError, decode, sign, tls_sig, verify};
+use receipt_gateway::tencent::domain::AppId;
+use receipt_gateway::tencent::usersig::{SecretKey, VerifyError, decode, sign, tls_sig, verify};
 
 const APP: AppId = AppId(1_400_000_000);
 const KEY: &str = "5bd2850fff3ecb11d7c805251c51ee463a25727bddc2385f3fa8bfee1bb93b5e";

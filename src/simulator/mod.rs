@@ -14,8 +14,8 @@
 //!
 //! A call passes these phases, each of which can end it (the first that applies wins):
 //!
-//! 1. routing — anything but `POST` [`RECEIPT_PATH`](crate::api::RECEIPT_PATH) or `POST`
-//!    [`DETAIL_PATH`](crate::api::DETAIL_PATH) is HTTP 404 / 60009 and is *not*
+//! 1. routing — anything but `POST` [`RECEIPT_PATH`](crate::tencent::wire::RECEIPT_PATH) or `POST`
+//!    [`DETAIL_PATH`](crate::tencent::wire::DETAIL_PATH) is HTTP 404 / 60009 and is *not*
 //!    recorded; every call past this point is recorded in the ledger under its [`SimApi`];
 //! 2. an injected [`Fault`] (latency only delays, the others replace the answer); the
 //!    faults form one queue, played on the next calls to either API;
@@ -46,6 +46,7 @@
 //! section per call decides the answer and writes the ledger; one per played read), and
 //! no input can panic a request (there is no `unwrap` on the request path).
 
+pub mod demo;
 mod detail;
 mod ledger;
 mod player;
@@ -73,10 +74,10 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
-use crate::api::{ReceiptItem, ReceiptRequest, ReceiptResponse};
-use crate::code::ErrorCode;
-use crate::domain::{AppId, MsgSeq};
-use crate::usersig::SecretKey;
+use crate::tencent::code::ErrorCode;
+use crate::tencent::domain::{AppId, MsgSeq};
+use crate::tencent::usersig::SecretKey;
+use crate::tencent::wire::{ReceiptItem, ReceiptRequest, ReceiptResponse};
 
 use detail::DetailRequest;
 use ledger::State;
@@ -745,8 +746,8 @@ mod tests {
     use hyper_util::client::legacy::connect::HttpConnector;
 
     use super::*;
-    use crate::api::{DETAIL_PATH, RECEIPT_PATH};
-    use crate::usersig;
+    use crate::tencent::usersig;
+    use crate::tencent::wire::{DETAIL_PATH, RECEIPT_PATH};
 
     const APP: AppId = AppId(1_400_000_000);
     const ADMIN: &str = "administrator";
@@ -1222,7 +1223,7 @@ mod tests {
     // -----------------------------------------------------------------------------------
 
     const TOKEN: &str = "callback-token";
-    const AFTER: &str = crate::callback::AFTER_READ_RECEIPT;
+    const AFTER: &str = crate::service::callback::AFTER_READ_RECEIPT;
 
     /// A stand-in for the gateway's `/callback` on `127.0.0.1:0`: every callback's query
     /// and body go to `seen`, and each is answered `OK`.
@@ -1295,7 +1296,10 @@ mod tests {
         for _ in 0..3 {
             let (query, body) = receiver.next().await;
             let request_time = query.get("RequestTime").expect("a RequestTime").to_owned();
-            assert_eq!(query.get("Sign"), Some(crate::callback::sign(TOKEN.as_bytes(), &request_time).as_str()));
+            assert_eq!(
+                query.get("Sign"),
+                Some(crate::service::callback::sign(TOKEN.as_bytes(), &request_time).as_str())
+            );
             assert_eq!(query.get("SdkAppid"), Some("1400000000"));
             assert_eq!(query.get("CallbackCommand"), Some("Group.CallbackAfterReadReceipt"));
             assert_eq!((query.get("contenttype"), query.get("OptPlatform")), (Some("json"), Some("RESTAPI")));

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use http::Uri;
 
-use crate::domain::{AppId, Region};
-use crate::usersig::SecretKey;
+use crate::tencent::domain::{AppId, Region};
+use crate::tencent::usersig::SecretKey;
 
 mod file;
 

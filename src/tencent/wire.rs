@@ -10,8 +10,8 @@ use std::borrow::Cow;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::code::ErrorCode;
-use crate::domain::{GroupId, MsgSeq, Receipt};
+use crate::tencent::code::ErrorCode;
+use crate::tencent::domain::{GroupId, MsgSeq, Receipt};
 
 /// The path of the receipt call, on Tencent and on the gateway alike.
 pub const RECEIPT_PATH: &str = "/v4/group_open_http_svc/get_group_msg_receipt";

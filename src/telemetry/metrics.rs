@@ -9,7 +9,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::domain::AppId;
+use crate::tencent::domain::AppId;
 
 /// The API label of the receipt call.
 pub const API_RECEIPT: &str = "get_group_msg_receipt";
@@ -229,8 +229,8 @@ impl Metrics {
         max_connections: usize,
         first_bytes: std::time::Duration,
         header_timeout: std::time::Duration,
-    ) -> crate::server::Limits {
-        crate::server::Limits {
+    ) -> crate::http::Limits {
+        crate::http::Limits {
             max_connections,
             first_bytes,
             header_timeout,

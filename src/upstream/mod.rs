@@ -6,6 +6,9 @@
 //! [`Upstream::get_detail`], for the detail API's client): retries, splits and budget
 //! are the caller's (`fetch`, `detail`), so that every attempt is paid for.
 
+pub mod fetch;
+pub mod signer;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,13 +22,13 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use prometheus::{Histogram, IntCounter, IntCounterVec};
 use tokio::time::Instant;
 
-use crate::api::{DETAIL_PATH, RECEIPT_PATH, ReceiptRequest, ReceiptResponse};
-use crate::batch::Served;
-use crate::code::ErrorCode;
 use crate::config::AppConfig;
-use crate::domain::{AppId, GroupId, MsgSeq, Receipt};
-use crate::metrics::{API_DETAIL, API_RECEIPT, Metrics};
-use crate::signer::Signer;
+use crate::engine::batch::Served;
+use crate::telemetry::metrics::{API_DETAIL, API_RECEIPT, Metrics};
+use crate::tencent::code::ErrorCode;
+use crate::tencent::domain::{AppId, GroupId, MsgSeq, Receipt};
+use crate::tencent::wire::{DETAIL_PATH, RECEIPT_PATH, ReceiptRequest, ReceiptResponse};
+use crate::upstream::signer::Signer;
 
 /// Tencent's answers are small; this bounds what a broken upstream can make us buffer.
 const MAX_REPLY_BYTES: usize = 4 << 20;

@@ -9,13 +9,13 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use super::{Answer, Query, Slot, XCache, acceptable};
-use crate::admission;
-use crate::api::ReceiptResponse;
-use crate::app::{AppRuntime, SharedTier};
 use crate::cache::{Answer as CacheAnswer, Cached, GroupAnswer, Page};
-use crate::domain::{GroupId, MsgSeq};
+use crate::engine::admission;
 use crate::fleet;
-use crate::metrics::Source;
+use crate::service::app::{AppRuntime, SharedTier};
+use crate::telemetry::metrics::Source;
+use crate::tencent::domain::{GroupId, MsgSeq};
+use crate::tencent::wire::ReceiptResponse;
 
 /// What one round decided.
 pub(super) enum Round {

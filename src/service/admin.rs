@@ -10,8 +10,8 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 
 use crate::cache::ReceiptCache;
-use crate::metrics::Metrics;
 use crate::shutdown::Drain;
+use crate::telemetry::metrics::Metrics;
 
 /// What the admin endpoints read.
 pub struct Admin {

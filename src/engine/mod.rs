@@ -1,12 +1,17 @@
 //! One (app, API)'s engine: the tables the stages share, under one short-held lock, and
 //! the operations the request path, the dispatcher and the batch tasks call.
 //!
-//! The tables are the in-flight table ([`inflight`](crate::inflight)) and the queue of
-//! open batches and permits ([`dispatch`](crate::dispatch)); they change together (a
+//! The tables are the in-flight table ([`inflight`](crate::engine::inflight)) and the queue of
+//! open batches and permits ([`dispatch`](crate::engine::dispatch)); they change together (a
 //! caller joining a batch may move it up the queue), so one lock keeps them consistent.
 //! It is never held across an `.await`. The admission estimators are atomics, read
 //! without it. Each operation here is a short composition of the stages: [`Engine::join`]
 //! is where a caller is admitted or refused, on [`admission`]'s forecast.
+
+pub mod admission;
+pub mod batch;
+pub mod dispatch;
+pub mod inflight;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -15,14 +20,14 @@ use prometheus::Histogram;
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
-use crate::admission::{self, Estimators};
-use crate::batch::{BatchPolicy, Caller, Dispatch, Joined, Parked, Waiter};
 use crate::budget::Estimate;
 use crate::cache::Page;
 use crate::clients::ClientSlot;
-use crate::dispatch::{Job, Next, Queue, Share};
-use crate::domain::{GroupId, MsgSeq};
-use crate::inflight::Groups;
+use crate::tencent::domain::{GroupId, MsgSeq};
+use admission::Estimators;
+use batch::{BatchPolicy, Caller, Dispatch, Joined, Parked, Waiter};
+use dispatch::{Job, Next, Queue, Share};
+use inflight::Groups;
 
 /// What the lock guards.
 struct Tables {
@@ -108,7 +113,7 @@ impl Engine {
     /// Puts `ask.misses` in flight, joining batches that already carry them. Refuses when
     /// the queue cannot reach this caller's batches before its deadline, given the
     /// budget's `pace`; the refused caller's misses still ride along, without a caller
-    /// ([`GroupState::park`](crate::inflight::GroupState::park)), so under pressure calls
+    /// ([`GroupState::park`](crate::engine::inflight::GroupState::park)), so under pressure calls
     /// carry as much as they can and the next caller finds more of the group cached.
     pub fn join(&self, ask: Ask<'_>, pace: Estimate) -> Result<Vec<(MsgSeq, Waiter, Joined)>, Overloaded> {
         let now = Instant::now();
@@ -276,12 +281,12 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::batch::{BatchKind, Failure, Neighbourhood};
     use crate::cache::ReceiptCache;
-    use crate::code::ErrorCode;
     use crate::config::CacheConfig;
-    use crate::dispatch::Share;
-    use crate::domain::{AppId, Receipt};
+    use crate::tencent::code::ErrorCode;
+    use crate::tencent::domain::{AppId, Receipt};
+    use batch::{BatchKind, Failure, Neighbourhood};
+    use dispatch::Share;
 
     const MS: Duration = Duration::from_millis(1);
     const S: Duration = Duration::from_secs(1);

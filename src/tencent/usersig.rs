@@ -17,7 +17,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-use crate::domain::AppId;
+use crate::tencent::domain::AppId;
 
 /// An app's secret key exactly as the console shows it (its UTF-8 bytes are the HMAC key).
 #[derive(Clone)]

@@ -14,8 +14,8 @@ use prometheus::Gauge;
 use tokio::time::Instant;
 
 use crate::config::AppConfig;
-use crate::domain::AppId;
-use crate::usersig::{self, SecretKey, UserSig};
+use crate::tencent::domain::AppId;
+use crate::tencent::usersig::{self, SecretKey, UserSig};
 
 /// After 70050, no signing-related retries for this long (SPEC 5.3).
 pub const LOCKOUT: Duration = Duration::from_secs(60);

@@ -13,13 +13,13 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::admission;
-use crate::app::{AppRuntime, SharedTier};
-use crate::batch::{BatchOutcome, Dispatch, Failure, Items, Served, Window};
 use crate::cache::{GroupAnswer, Page};
-use crate::code::ErrorCode;
-use crate::domain::{GroupId, MsgSeq, Receipt};
+use crate::engine::admission;
+use crate::engine::batch::{BatchOutcome, Dispatch, Failure, Items, Served, Window};
 use crate::fleet;
+use crate::service::app::{AppRuntime, SharedTier};
+use crate::tencent::code::ErrorCode;
+use crate::tencent::domain::{GroupId, MsgSeq, Receipt};
 use crate::upstream::Outcome;
 
 /// First retry delay; doubled per attempt, with jitter, capped at `BACKOFF_MAX`.

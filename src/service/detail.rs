@@ -33,15 +33,15 @@ use serde_json::Value;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
-use crate::batch::{Served, note};
 use crate::budget::Budget;
 use crate::clients::ClientSlot;
 use crate::config::CacheConfig;
-use crate::domain::GroupId;
 use crate::engine::Engine;
+use crate::engine::batch::{Served, note};
 use crate::error::GatewayError;
-use crate::fetch;
-use crate::receipts::{Freshness, XCache};
+use crate::service::receipts::{Freshness, XCache};
+use crate::tencent::domain::GroupId;
+use crate::upstream::fetch;
 use crate::upstream::{Outcome, Passed, Upstream};
 
 /// The most members one page may ask for (Tencent's limit).

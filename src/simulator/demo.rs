@@ -9,14 +9,14 @@ use std::path::Path;
 
 use tokio::net::TcpListener;
 
-use crate::callback::CALLBACK_PATH;
 use crate::config::{Config, ConfigError, SecretSource};
+use crate::service::callback::CALLBACK_PATH;
 use crate::simulator::{CallbackPlayer, SimApp, SimOptions, Simulator};
-use crate::usersig::SecretKey;
+use crate::tencent::usersig::SecretKey;
 use crate::{Listeners, RunError};
 
 /// The demo's configuration, compiled in so the demo needs no files.
-pub const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
+pub const DEMO_CONFIG: &str = include_str!("../../config/demo.toml");
 /// A key known to both demo halves (the app's secret key and its callback token); it
 /// protects nothing.
 const DEMO_KEY: &str = "receipt-gateway-demo-key-not-a-secret";

@@ -30,15 +30,15 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
-use crate::api::ReceiptResponse;
-use crate::app::AppRuntime;
 use crate::cache::{Answer, KeptBy};
-use crate::code::ErrorCode;
 use crate::config::Forward;
-use crate::domain::{AppId, GroupId, MsgSeq, Receipt};
 use crate::error::GatewayError;
-use crate::metrics::{API_DETAIL, API_RECEIPT};
-use crate::server::Gateway;
+use crate::http::Gateway;
+use crate::service::app::AppRuntime;
+use crate::telemetry::metrics::{API_DETAIL, API_RECEIPT};
+use crate::tencent::code::ErrorCode;
+use crate::tencent::domain::{AppId, GroupId, MsgSeq, Receipt};
+use crate::tencent::wire::ReceiptResponse;
 
 /// The path Tencent's callback URL points at.
 pub const CALLBACK_PATH: &str = "/callback";
@@ -143,7 +143,7 @@ pub async fn handle(
         return Err(e);
     }
     let content_type = head.headers.get(header::CONTENT_TYPE).cloned();
-    let body = crate::server::read_body(&head.headers, body, gw.config.max_body_bytes, deadline).await?;
+    let body = crate::http::read_body(&head.headers, body, gw.config.max_body_bytes, deadline).await?;
     let applied = apply(app, params.command, &body, taken).await;
     if let Some(forward) = &app.callback_forward {
         let relayed = forward_to(app, forward, &query, content_type, body).await;
@@ -157,7 +157,7 @@ pub async fn handle(
     match applied {
         Ok(()) => {
             counted(Outcome::Ok);
-            Ok(crate::server::json(StatusCode::OK, ReceiptResponse::ok_empty().to_bytes()))
+            Ok(crate::http::json(StatusCode::OK, ReceiptResponse::ok_empty().to_bytes()))
         }
         Err(e) => {
             counted(Outcome::BadBody);

@@ -17,11 +17,13 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::batch::{BatchId, BatchKind, BatchOutcome, BatchPolicy, Caller, Joined, OpenBatch, Parked, Served, Waiter};
 use crate::cache::Page;
 use crate::clients::ClientSlot;
-use crate::dispatch::Queue;
-use crate::domain::{GroupId, MsgSeq};
+use crate::engine::batch::{
+    BatchId, BatchKind, BatchOutcome, BatchPolicy, Caller, Joined, OpenBatch, Parked, Served, Waiter,
+};
+use crate::engine::dispatch::Queue;
+use crate::tencent::domain::{GroupId, MsgSeq};
 
 /// How often idle groups are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -148,7 +150,7 @@ impl GroupState {
         if let Some((id, waiter)) = self.inflight.get(&seq) {
             queue.add_caller(*id, caller.deadline, caller.client, request);
             if let Some((_, served)) = self.sent.get(id) {
-                crate::batch::note(served, request);
+                crate::engine::batch::note(served, request);
             }
             return Some((seq, waiter.clone(), Joined::Coalesced));
         }

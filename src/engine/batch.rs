@@ -21,8 +21,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::clients::ClientSlot;
-use crate::code::ErrorCode;
-use crate::domain::{GroupId, MsgSeq, Receipt};
+use crate::tencent::code::ErrorCode;
+use crate::tencent::domain::{GroupId, MsgSeq, Receipt};
 
 /// How batches are formed and how long their parts live.
 #[derive(Debug, Clone, Copy)]
@@ -119,7 +119,7 @@ pub struct BatchOutcome {
     /// measures the delivery of a batch ([`Estimators::observe_delivery`]), once — the
     /// first caller to see it takes `sampled`.
     ///
-    /// [`Estimators::observe_delivery`]: crate::admission::Estimators::observe_delivery
+    /// [`Estimators::observe_delivery`]: crate::engine::admission::Estimators::observe_delivery
     pub first_call: bool,
     pub sampled: AtomicBool,
 }

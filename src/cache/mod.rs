@@ -24,9 +24,9 @@ use std::time::Duration;
 use moka::future::Cache;
 use tokio::time::Instant;
 
-use crate::code::ErrorCode;
 use crate::config::CacheConfig;
-use crate::domain::{AppId, GroupId, MsgSeq, Receipt};
+use crate::tencent::code::ErrorCode;
+use crate::tencent::domain::{AppId, GroupId, MsgSeq, Receipt};
 
 mod recent;
 pub use recent::RECHECK;

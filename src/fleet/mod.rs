@@ -31,11 +31,11 @@ use tokio::time::Instant;
 
 pub use scripts::Scripts;
 
-use crate::batch::{Failure, Items};
 use crate::cache::{Answer, KeptBy, Page, ReadLog, ReceiptCache};
-use crate::code::ErrorCode;
 use crate::config::RedisConfig;
-use crate::domain::{AppId, GroupId, MsgSeq, Receipt};
+use crate::engine::batch::{Failure, Items};
+use crate::tencent::code::ErrorCode;
+use crate::tencent::domain::{AppId, GroupId, MsgSeq, Receipt};
 
 /// The longest a request waits for one Redis round trip before going on alone.
 pub const CALL_TIMEOUT: Duration = Duration::from_millis(15);

@@ -25,12 +25,12 @@ use prometheus::{Histogram, IntCounter};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::batch::{BatchId, BatchKind, BatchPolicy, Dispatch, Neighbourhood, OpenBatch, Waiter, Window};
 use crate::budget::Budget;
 use crate::clients::ClientSlot;
-use crate::domain::{GroupId, MsgSeq};
 use crate::engine::Engine;
-use crate::inflight::{GroupState, Groups};
+use crate::engine::batch::{BatchId, BatchKind, BatchPolicy, Dispatch, Neighbourhood, OpenBatch, Waiter, Window};
+use crate::engine::inflight::{GroupState, Groups};
+use crate::tencent::domain::{GroupId, MsgSeq};
 
 /// While the shared budget is contended, how often the dispatcher looks again whether
 /// background batches may go.
@@ -277,7 +277,7 @@ impl Queue {
     /// joining client's line if that one serves it first ([`Queue::joined`]).
     pub fn add_caller(&mut self, id: BatchId, deadline: Instant, client: ClientSlot, request: &str) {
         if let Some(batch) = self.batches.get(&id) {
-            crate::batch::note(&batch.served, request);
+            crate::engine::batch::note(&batch.served, request);
         }
         let Some((kind, owner)) = self.batches.get(&id).map(|b| (b.kind, b.client)) else { return };
         let before = Entry::of_batch(id, kind, owner);
@@ -489,7 +489,7 @@ impl Queue {
 
     /// Drops permits whose retry gave up, and resolves unsent the batches whose callers'
     /// deadlines (or background lifetimes) would pass before an answer could reach them
-    /// (`reach`: [`Estimators::reach`](crate::admission::Estimators::reach)).
+    /// (`reach`: [`Estimators::reach`](crate::engine::admission::Estimators::reach)).
     fn drop_useless(&mut self, groups: &mut Groups, now: Instant, reach: Duration) {
         let Self { lines, permits, batches, dropped, .. } = self;
         permits.retain(|_, (entry, p)| {

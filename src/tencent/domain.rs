@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::code::ErrorCode;
+use crate::tencent::code::ErrorCode;
 
 /// An app's `SDKAppID`, which selects credentials, region and budget.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

@@ -13,16 +13,16 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::admission;
-use crate::api::{ReceiptItem, ReceiptResponse};
-use crate::app::AppRuntime;
-use crate::batch::{BatchOutcome, Failure, Joined, Waiter};
 use crate::cache::{Cached, Page};
 use crate::clients::ClientSlot;
-use crate::domain::{GroupId, MsgSeq, Receipt};
 use crate::engine::Ask;
+use crate::engine::admission;
+use crate::engine::batch::{BatchOutcome, Failure, Joined, Waiter};
 use crate::error::GatewayError;
-use crate::metrics::Source;
+use crate::service::app::AppRuntime;
+use crate::telemetry::metrics::Source;
+use crate::tencent::domain::{GroupId, MsgSeq, Receipt};
+use crate::tencent::wire::{ReceiptItem, ReceiptResponse};
 
 mod shared;
 

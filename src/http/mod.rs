@@ -25,18 +25,18 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::api::{DETAIL_PATH, RECEIPT_PATH, ReceiptRequest, ReceiptResponse};
-use crate::app::AppRuntime;
-use crate::callback::{self, CALLBACK_PATH};
 use crate::clients::{self, Client, ClientSlot, Rejection};
 use crate::config::ServerConfig;
-use crate::detail::{DetailAnswer, DetailQuery, DetailRequest};
-use crate::domain::AppId;
 use crate::error::{Blame, GatewayError};
-use crate::metrics::Metrics;
-use crate::receipts::{self, Answer, Freshness, Query, XCache};
 use crate::reload::ClientsCell;
+use crate::service::app::AppRuntime;
+use crate::service::callback::{self, CALLBACK_PATH};
+use crate::service::detail::{DetailAnswer, DetailQuery, DetailRequest};
+use crate::service::receipts::{self, Answer, Freshness, Query, XCache};
 use crate::shutdown::Drain;
+use crate::telemetry::metrics::Metrics;
+use crate::tencent::domain::AppId;
+use crate::tencent::wire::{DETAIL_PATH, RECEIPT_PATH, ReceiptRequest, ReceiptResponse};
 
 /// The longest deadline a caller may ask for.
 const MAX_DEADLINE: Duration = Duration::from_secs(60);

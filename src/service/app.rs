@@ -5,19 +5,19 @@ use std::sync::{Arc, Mutex};
 
 use prometheus::Histogram;
 
-use crate::batch::{BatchPolicy, Neighbourhood};
 use crate::budget::Budget;
 use crate::cache::{KeptBy, ReceiptCache};
 use crate::clients::Clients;
 use crate::config::{AppConfig, Config, Forward};
-use crate::detail::Detail;
-use crate::dispatch::Share;
-use crate::domain::{AppId, Region};
 use crate::engine::Engine;
+use crate::engine::batch::{BatchPolicy, Neighbourhood};
+use crate::engine::dispatch::Share;
 use crate::fleet::{Fleet, FleetCounters, Lifetimes};
-use crate::metrics::{API_DETAIL, API_RECEIPT, AppMetrics, Metrics};
+use crate::service::detail::Detail;
+use crate::telemetry::metrics::{API_DETAIL, API_RECEIPT, AppMetrics, Metrics};
+use crate::tencent::domain::{AppId, Region};
+use crate::tencent::usersig::SecretKey;
 use crate::upstream::{HttpClient, Upstream};
-use crate::usersig::SecretKey;
 
 pub struct AppRuntime {
     pub id: AppId,
