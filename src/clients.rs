@@ -10,6 +10,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use http::{HeaderMap, HeaderName, header};
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
@@ -219,6 +220,26 @@ impl Clients {
             Ok(()) => Ok(client),
             Err(e) => Err((client, e)),
         }
+    }
+}
+
+/// The clients every request reads, swapped whole by a reload.
+/// Read by every request from every core: an `ArcSwap`, whose loads write nothing
+/// shared (a lock or a reference count would bounce between the cores).
+pub struct ClientsCell(ArcSwap<Clients>);
+
+impl ClientsCell {
+    pub fn new(clients: Clients) -> Self {
+        Self(ArcSwap::from_pointee(clients))
+    }
+
+    pub fn current(&self) -> arc_swap::Guard<Arc<Clients>> {
+        self.0.load()
+    }
+
+    /// Puts `clients` in place for every request from now on.
+    pub fn replace(&self, clients: Clients) {
+        self.0.store(Arc::new(clients));
     }
 }
 

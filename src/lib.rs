@@ -102,10 +102,10 @@ use tokio::time::Instant;
 
 use crate::cache::{ReadLog, ReceiptCache};
 use crate::clients::Clients;
+use crate::clients::ClientsCell;
 use crate::config::{Config, FleetBackend};
 use crate::engine::batch::BatchPolicy;
 use crate::fleet::Fleet;
-use crate::reload::ClientsCell;
 use crate::service::app::AppRuntime;
 use crate::shutdown::Drain;
 use crate::telemetry::metrics::Metrics;
@@ -166,22 +166,23 @@ pub async fn run_reloading(
         let keep = BatchPolicy::cohort_memory_for(config.cache.ttl) + config.cache.ttl;
         tasks.spawn(fleet.clone().share_reads(log, every, keep));
     }
-    let mut apps = crate::http::Apps::default();
+    let mut apps = service::Apps::default();
     for app_config in &config.apps {
         let app = Arc::new(AppRuntime::new(app_config, &config, &cache, &metrics, client.clone(), fleet.as_ref())?);
-        let (dispatched, dropped) = (app.clone(), app.clone());
+        let (fetcher, dropped) = (app.fetcher.clone(), app.clone());
         let send = move |batch| {
             // Batch tasks end on their own: every attempt is bounded by the upstream
             // timeout and every retry by the batch's deadline.
-            tokio::spawn(crate::upstream::fetch::run(dispatched.clone(), batch));
+            tokio::spawn(crate::upstream::fetch::run(fetcher.clone(), batch));
         };
         // A batch dropped unsent gives its fleet claims up, so that a caller on another
         // replica need not wait for them to expire.
-        let dropped =
-            move |group: GroupId, seqs: Vec<MsgSeq>| crate::service::receipts::give_up(&dropped, &group, &seqs);
+        let dropped = move |group: GroupId, seqs: Vec<MsgSeq>| {
+            crate::service::receipts::give_up(&dropped.receipts, &group, &seqs)
+        };
         tasks.spawn(crate::engine::dispatch::run(
-            app.engine.clone(),
-            app.budget.clone(),
+            app.receipts.engine.clone(),
+            app.receipts.budget.clone(),
             app.budget_wait.clone(),
             send,
             dropped,
@@ -205,7 +206,7 @@ pub async fn run_reloading(
         app.share_budget(&clients, &metrics);
     }
     let drain = Drain::new(metrics.inflight.clone());
-    let gateway = Arc::new(crate::http::Gateway {
+    let gateway = Arc::new(service::Gateway {
         apps,
         clients: ClientsCell::new(clients),
         config: config.server.clone(),
@@ -216,19 +217,24 @@ pub async fn run_reloading(
         tasks.spawn(reload::watch(path, reload::hangups(), config.clone(), gateway.clone(), metrics.clone()));
     }
     let s = &config.server;
-    let data_limits = metrics.limits("data", s.max_connections, s.first_bytes_timeout, s.header_timeout);
-    let admin_limits =
-        metrics.limits("admin", crate::http::ADMIN_MAX_CONNECTIONS, s.first_bytes_timeout, s.header_timeout);
+    let limits = |metrics, max_connections| http::Limits {
+        max_connections,
+        first_bytes: s.first_bytes_timeout,
+        header_timeout: s.header_timeout,
+        metrics,
+    };
+    let data_limits = limits(metrics.connections("data"), s.max_connections);
+    let admin_limits = limits(metrics.connections("admin"), http::ADMIN_MAX_CONNECTIONS);
     let admin = Arc::new(crate::service::admin::Admin { metrics, cache, drain: drain.clone() });
     let (stop_data, data_stopped) = watch::channel(None);
     let (stop_admin, admin_stopped) = watch::channel(None);
-    let data_server = tokio::spawn(crate::http::serve(
+    let data_server = tokio::spawn(http::serve(
         listeners.data,
-        move |req| crate::http::handle(req, gateway.clone()),
+        move |req| service::handle(req, gateway.clone()),
         data_limits,
         data_stopped,
     ));
-    let admin_server = tokio::spawn(crate::http::serve(
+    let admin_server = tokio::spawn(http::serve(
         listeners.admin,
         move |req| crate::service::admin::handle(req, admin.clone()),
         admin_limits,

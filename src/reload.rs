@@ -25,36 +25,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use sha2::{Digest, Sha256};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
-use crate::clients::Clients;
 use crate::config::Config;
-use crate::http::Gateway;
+use crate::service::Gateway;
 use crate::telemetry::metrics::Metrics;
 
 /// How often the file is read to see whether its content changed.
 pub const WATCH_EVERY: Duration = Duration::from_secs(2);
-
-/// The clients every request reads, swapped whole by a reload.
-/// Read by every request from every core: an `ArcSwap`, whose loads write nothing
-/// shared (a lock or a reference count would bounce between the cores).
-pub struct ClientsCell(ArcSwap<Clients>);
-
-impl ClientsCell {
-    pub fn new(clients: Clients) -> Self {
-        Self(ArcSwap::from_pointee(clients))
-    }
-
-    pub fn current(&self) -> arc_swap::Guard<Arc<Clients>> {
-        self.0.load()
-    }
-
-    fn replace(&self, clients: Clients) {
-        self.0.store(Arc::new(clients));
-    }
-}
 
 /// What one reload attempt came to (the `result` label).
 #[derive(Debug, PartialEq, Eq)]
@@ -116,7 +95,7 @@ pub fn apply(gateway: &Gateway, metrics: &Metrics, running: &mut Config, new: Co
     }
     // Every app shares the one cache.
     if let Some(app) = gateway.apps.values().next() {
-        app.cache.set_lifetimes(&new.cache);
+        app.receipts.cache.set_lifetimes(&new.cache);
     }
     let clients = gateway.clients.current().reload(&new);
     // The engines learn the new shares first, so a request of a new client finds its

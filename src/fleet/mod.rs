@@ -125,6 +125,30 @@ pub struct FleetCounters {
     pub miss: IntCounter,
 }
 
+/// The fleet tier as one app uses it: the shared [`Fleet`], the app's counters, and the
+/// lifetimes every replica must agree on (replaced by a reload).
+pub struct SharedTier {
+    pub fleet: Arc<Fleet>,
+    pub counters: FleetCounters,
+    lifetimes: std::sync::Mutex<Lifetimes>,
+}
+
+impl SharedTier {
+    pub fn new(fleet: Arc<Fleet>, counters: FleetCounters, lifetimes: Lifetimes) -> Self {
+        Self { fleet, counters, lifetimes: std::sync::Mutex::new(lifetimes) }
+    }
+
+    /// The lifetimes every replica must agree on, now.
+    pub fn lifetimes(&self) -> Lifetimes {
+        *self.lifetimes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A reload's lifetimes, for what is shared from now on.
+    pub fn set_lifetimes(&self, lifetimes: Lifetimes) {
+        *self.lifetimes.lock().unwrap_or_else(|p| p.into_inner()) = lifetimes;
+    }
+}
+
 /// The shared tier of one gateway process, for all its apps. Cheap to share (`Arc`).
 pub struct Fleet {
     client: redis::Client,

@@ -1,7 +1,7 @@
 //! One configured app at run time: everything the request path and its batches share,
 //! built from the app's configuration in one place.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use prometheus::Histogram;
 
@@ -12,51 +12,36 @@ use crate::config::{AppConfig, Config, Forward};
 use crate::engine::Engine;
 use crate::engine::batch::{BatchPolicy, Neighbourhood};
 use crate::engine::dispatch::Share;
-use crate::fleet::{Fleet, FleetCounters, Lifetimes};
+use crate::fleet::{Fleet, FleetCounters, Lifetimes, SharedTier};
 use crate::service::detail::Detail;
-use crate::telemetry::metrics::{API_DETAIL, API_RECEIPT, AppMetrics, Metrics};
+use crate::service::receipts::Receipts;
+use crate::telemetry::metrics::{API_DETAIL, API_RECEIPT, Metrics};
 use crate::tencent::domain::{AppId, Region};
 use crate::tencent::usersig::SecretKey;
+use crate::upstream::fetch::Fetcher;
 use crate::upstream::{HttpClient, Upstream};
 
 pub struct AppRuntime {
     pub id: AppId,
     pub region: Option<Region>,
-    pub upstream: Upstream,
-    pub engine: Arc<Engine>,
-    pub budget: Arc<Budget>,
-    pub cache: ReceiptCache,
-    /// What keeps the items fetched for this app current (`apps.callbacks`).
-    pub kept_by: KeptBy,
-    pub max_retries: u32,
-    pub metrics: AppMetrics,
-    /// `receipt_gateway_upstream_batch_size` for this app.
-    pub batch_size: Histogram,
+    /// The receipt API as requests use it.
+    pub receipts: Receipts,
+    /// What runs the receipt API's dispatched batches.
+    pub fetcher: Arc<Fetcher>,
     /// `receipt_gateway_budget_wait_seconds` for this app's receipt API.
     pub budget_wait: Histogram,
-    /// The fleet tier, with `fleet.backend = "redis"`.
-    pub fleet: Option<SharedTier>,
-    /// The detail API, with its own budget and queue (SPEC 2.2).
+    /// The detail API, with its own budget and queue.
     pub detail: Arc<Detail>,
-    /// With a token, `/callback` checks `Sign` (SPEC 2.3).
-    pub callback_token: Option<SecretKey>,
+    /// How `/callback` treats this app's webhooks.
+    pub callbacks: CallbackSettings,
+}
+
+/// An app's webhook settings.
+pub struct CallbackSettings {
+    /// With a token, `/callback` checks `Sign`.
+    pub token: Option<SecretKey>,
     /// The company's callback handler the gateway tees callbacks to.
-    pub callback_forward: Option<Forward>,
-}
-
-/// The fleet tier as one app uses it.
-pub struct SharedTier {
-    pub fleet: Arc<Fleet>,
-    pub counters: FleetCounters,
-    /// Replaced by a reload.
-    lifetimes: Mutex<Lifetimes>,
-}
-
-impl SharedTier {
-    /// The lifetimes every replica must agree on, now.
-    pub fn lifetimes(&self) -> Lifetimes {
-        *self.lifetimes.lock().unwrap_or_else(|p| p.into_inner())
-    }
+    pub forward: Option<Forward>,
 }
 
 impl AppRuntime {
@@ -73,7 +58,7 @@ impl AppRuntime {
                 })
                 .collect()
         };
-        self.engine.set_shares(shares(API_RECEIPT));
+        self.receipts.engine.set_shares(shares(API_RECEIPT));
         self.detail.engine.set_shares(shares(API_DETAIL));
     }
 
@@ -111,30 +96,37 @@ impl AppRuntime {
             config.upstream.max_retries,
         );
         let kept_by = if app.callbacks { KeptBy::Callbacks } else { KeptBy::Polling };
-        Ok(Self {
+        let fleet = fleet.map(|fleet| {
+            let counters = FleetCounters {
+                shared_hit: metrics.fleet_items.with_label_values(&[label.as_str(), "shared_hit"]),
+                shared_wait: metrics.fleet_items.with_label_values(&[label.as_str(), "shared_wait"]),
+                miss: metrics.fleet_items.with_label_values(&[label.as_str(), "miss"]),
+            };
+            Arc::new(SharedTier::new(fleet.clone(), counters, fleet_lifetimes(config, &policy, kept_by)))
+        });
+        let engine = Arc::new(Engine::new(policy));
+        let budget = Arc::new(budget);
+        let fetcher = Fetcher {
             id: app.id,
-            region: app.region,
             upstream,
-            engine: Arc::new(Engine::new(policy)),
-            budget: Arc::new(budget),
+            engine: engine.clone(),
+            budget: budget.clone(),
             cache: cache.clone(),
             kept_by,
             max_retries: config.upstream.max_retries,
-            metrics: metrics.for_app(app.id),
             batch_size: metrics.batch_size.with_label_values(&[label.as_str()]),
+            fleet: fleet.clone(),
+        };
+        let receipts =
+            Receipts { id: app.id, cache: cache.clone(), engine, budget, fleet, metrics: metrics.for_app(app.id) };
+        Ok(Self {
+            id: app.id,
+            region: app.region,
+            receipts,
+            fetcher: Arc::new(fetcher),
             budget_wait: metrics.budget_wait.with_label_values(&labels),
-            fleet: fleet.map(|fleet| SharedTier {
-                fleet: fleet.clone(),
-                counters: FleetCounters {
-                    shared_hit: metrics.fleet_items.with_label_values(&[label.as_str(), "shared_hit"]),
-                    shared_wait: metrics.fleet_items.with_label_values(&[label.as_str(), "shared_wait"]),
-                    miss: metrics.fleet_items.with_label_values(&[label.as_str(), "miss"]),
-                },
-                lifetimes: Mutex::new(fleet_lifetimes(config, &policy, kept_by)),
-            }),
             detail: Arc::new(detail),
-            callback_token: app.callback_token.clone(),
-            callback_forward: app.callback_forward.clone(),
+            callbacks: CallbackSettings { token: app.callback_token.clone(), forward: app.callback_forward.clone() },
         })
     }
 
@@ -142,12 +134,12 @@ impl AppRuntime {
     /// caller checked that nothing else changed). The cache is shared by every app:
     /// [`ReceiptCache::set_lifetimes`] is the caller's, once.
     pub fn reload(&self, config: &Config) {
-        let policy = batch_policy(config, self.fleet.is_some());
-        self.engine.set_policy(policy);
-        if let Some(tier) = &self.fleet {
-            *tier.lifetimes.lock().unwrap_or_else(|p| p.into_inner()) = fleet_lifetimes(config, &policy, self.kept_by);
+        let policy = batch_policy(config, self.receipts.fleet.is_some());
+        self.receipts.engine.set_policy(policy);
+        if let Some(tier) = &self.receipts.fleet {
+            tier.set_lifetimes(fleet_lifetimes(config, &policy, self.fetcher.kept_by));
         }
-        self.budget.set_rates(config.budget.per_second, config.budget.fallback_per_second);
+        self.receipts.budget.set_rates(config.budget.per_second, config.budget.fallback_per_second);
         self.detail.engine.set_policy(policy);
         self.detail.budget.set_rates(config.budget.per_second, config.budget.fallback_per_second);
         self.detail.set_lifetimes(&config.cache);

@@ -33,7 +33,7 @@ use tokio::time::Instant;
 use crate::cache::{Answer, KeptBy};
 use crate::config::Forward;
 use crate::error::GatewayError;
-use crate::http::Gateway;
+use crate::service::Gateway;
 use crate::service::app::AppRuntime;
 use crate::telemetry::metrics::{API_DETAIL, API_RECEIPT};
 use crate::tencent::code::ErrorCode;
@@ -134,9 +134,12 @@ pub async fn handle(
     let app = select_app(gw, params.app)?;
     taken.app = Some(app.id);
     let counted = |outcome: Outcome| {
-        gw.metrics.callbacks.with_label_values(&[app.metrics.app_label.as_str(), taken.command, outcome.label()]).inc();
+        gw.metrics
+            .callbacks
+            .with_label_values(&[app.receipts.metrics.app_label.as_str(), taken.command, outcome.label()])
+            .inc();
     };
-    if let Some(token) = &app.callback_token
+    if let Some(token) = &app.callbacks.token
         && let Err(e) = verify(token.expose().as_bytes(), &params, unix_now())
     {
         counted(Outcome::BadSign);
@@ -145,7 +148,7 @@ pub async fn handle(
     let content_type = head.headers.get(header::CONTENT_TYPE).cloned();
     let body = crate::http::read_body(&head.headers, body, gw.config.max_body_bytes, deadline).await?;
     let applied = apply(app, params.command, &body, taken).await;
-    if let Some(forward) = &app.callback_forward {
+    if let Some(forward) = &app.callbacks.forward {
         let relayed = forward_to(app, forward, &query, content_type, body).await;
         counted(match (&relayed, &applied) {
             (Err(_), _) => Outcome::ForwardError,
@@ -221,8 +224,8 @@ async fn apply(app: &AppRuntime, command: Option<&str>, body: &[u8], taken: &mut
             if answers.is_empty() {
                 return Ok(());
             }
-            app.cache.insert_each(app.id, &group, answers.iter().copied()).await;
-            if let Some(tier) = &app.fleet
+            app.receipts.cache.insert_each(app.id, &group, answers.iter().copied()).await;
+            if let Some(tier) = &app.receipts.fleet
                 && let Err(e) = tier.fleet.callback(app.id, &group, &answers, tier.lifetimes()).await
             {
                 tracing::debug!(error = %e, "fleet: callback items not shared");
@@ -233,7 +236,7 @@ async fn apply(app: &AppRuntime, command: Option<&str>, body: &[u8], taken: &mut
             let alert: Alert = serde_json::from_slice(body)
                 .map_err(|e| GatewayError::BadRequest(format!("callback body is not valid: {e}")))?;
             let budget = match alert.command.as_str() {
-                API_RECEIPT => &app.budget,
+                API_RECEIPT => &app.receipts.budget,
                 API_DETAIL => &app.detail.budget,
                 _ => return Ok(()),
             };
@@ -347,7 +350,8 @@ async fn forward_to(
     }
     let request = request.body(Full::new(body)).map_err(|e| unreachable(format!("URL is not usable: {e}")))?;
     let exchange = async {
-        let response = app.upstream.client().request(request).await.map_err(|e| unreachable(format!("failed: {e}")))?;
+        let response =
+            app.fetcher.upstream.client().request(request).await.map_err(|e| unreachable(format!("failed: {e}")))?;
         let (parts, body) = response.into_parts();
         let body = Limited::new(body, MAX_RELAYED_BYTES)
             .collect()

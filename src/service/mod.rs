@@ -1,9 +1,45 @@
-//! The routes: what each request is for, and the only stage that sees every other one.
+//! The routes: what each data request is for, and the only stage that sees every other
+//! one. [`handle`] takes a request from the [`http`](crate::http) front through, in this
+//! order: drain check → route → app (`sdkappid`) → client (who, its token, its quota) →
+//! deadline and `Cache-Control` → body → validation → the route's handler
+//! ([`receipts`], [`detail`], [`callback`]) → response, metrics and one log line.
+//! Errors become HTTP in exactly one place, [`respond::error_response`].
 //!
-//! May import: every stage. Nothing imports it but `lib.rs` and `reload`.
+//! May import: every stage. Imported by `lib.rs` and `reload` only.
+//!
+//! Invariant: every request is answered once and logged once — a caller that went away
+//! first is counted as 499 — and nothing a caller sends reaches upstream unvalidated.
 
 pub mod admin;
 pub mod app;
 pub mod callback;
 pub mod detail;
+mod front;
 pub mod receipts;
+pub mod respond;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+pub use front::handle;
+
+use crate::clients::ClientsCell;
+use crate::config::ServerConfig;
+use crate::shutdown::Drain;
+use crate::telemetry::metrics::Metrics;
+use crate::tencent::domain::AppId;
+use app::AppRuntime;
+
+/// The configured apps by sdkappid (looked up on every request; the keys are the
+/// configuration's, so foldhash's speed costs no safety).
+pub type Apps = HashMap<AppId, Arc<AppRuntime>, foldhash::fast::RandomState>;
+
+/// What every data request shares.
+pub struct Gateway {
+    pub apps: Apps,
+    /// Swapped whole by a configuration reload.
+    pub clients: ClientsCell,
+    pub config: ServerConfig,
+    pub metrics: Metrics,
+    pub drain: Arc<Drain>,
+}

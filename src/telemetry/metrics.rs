@@ -221,19 +221,9 @@ impl Metrics {
         buf
     }
 
-    /// Handles resolved once per app, so the request path does no label hashing.
-    /// A port's connection limit and metrics (`port` = `data` or `admin`).
-    pub fn limits(
-        &self,
-        port: &str,
-        max_connections: usize,
-        first_bytes: std::time::Duration,
-        header_timeout: std::time::Duration,
-    ) -> crate::http::Limits {
-        crate::http::Limits {
-            max_connections,
-            first_bytes,
-            header_timeout,
+    /// A port's connection metrics (`port` = `data` or `admin`).
+    pub fn connections(&self, port: &str) -> ConnectionMetrics {
+        ConnectionMetrics {
             open: self.connections_open.with_label_values(&[port]),
             over_limit: self.connections_refused.with_label_values(&[port, "limit"]),
             silent: self.connections_refused.with_label_values(&[port, "silent"]),
@@ -241,6 +231,7 @@ impl Metrics {
         }
     }
 
+    /// Handles resolved once per app, so the request path does no label hashing.
     pub fn for_app(&self, app: AppId) -> AppMetrics {
         let app_label = app.to_string();
         let items = Source::ALL.map(|s| self.items.with_label_values(&[app_label.as_str(), s.label()]));
@@ -249,6 +240,20 @@ impl Metrics {
             self.requests.with_label_values(&[app_label.as_str(), crate::clients::DEFAULT, "200", "none"]);
         AppMetrics { items, answered_default, request_duration, app_label }
     }
+}
+
+/// One port's connection gauge and counters.
+#[derive(Clone)]
+pub struct ConnectionMetrics {
+    /// `receipt_gateway_connections_open{port}`.
+    pub open: prometheus::IntGauge,
+    /// `receipt_gateway_connections_refused_total{port,reason="limit"}`.
+    pub over_limit: IntCounter,
+    /// `receipt_gateway_connections_refused_total{port,reason="silent"}`.
+    pub silent: IntCounter,
+    /// `receipt_gateway_connections_refused_total{port,reason="resets"}`: closed for
+    /// resetting too many accepted requests.
+    pub reset_flood: IntCounter,
 }
 
 /// One app's pre-resolved item counters.

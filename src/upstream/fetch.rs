@@ -13,14 +13,17 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::budget::Budget;
 use crate::cache::{GroupAnswer, Page};
+use crate::cache::{KeptBy, ReceiptCache};
+use crate::engine::Engine;
 use crate::engine::admission;
 use crate::engine::batch::{BatchOutcome, Dispatch, Failure, Items, Served, Window};
-use crate::fleet;
-use crate::service::app::{AppRuntime, SharedTier};
+use crate::fleet::{self, SharedTier};
 use crate::tencent::code::ErrorCode;
+use crate::tencent::domain::AppId;
 use crate::tencent::domain::{GroupId, MsgSeq, Receipt};
-use crate::upstream::Outcome;
+use crate::upstream::{Outcome, Upstream};
 
 /// First retry delay; doubled per attempt, with jitter, capped at `BACKOFF_MAX`.
 const BACKOFF_BASE: Duration = Duration::from_millis(25);
@@ -33,10 +36,27 @@ pub(crate) fn backoff(retries: u32) -> Duration {
     full.mul_f64(0.5 + rand::random::<f64>() / 2.0)
 }
 
+/// What running one app's receipt batches takes: the signed client, the queue that pays
+/// for retries and splits, the budget's send-time check, the cache the answers go to,
+/// and the fleet tier they are shared through.
+pub struct Fetcher {
+    pub id: AppId,
+    pub upstream: Upstream,
+    pub engine: Arc<Engine>,
+    pub budget: Arc<Budget>,
+    pub cache: ReceiptCache,
+    /// What keeps the items fetched for this app current (`apps.callbacks`).
+    pub kept_by: KeptBy,
+    pub max_retries: u32,
+    /// `receipt_gateway_upstream_batch_size` for this app.
+    pub batch_size: prometheus::Histogram,
+    pub fleet: Option<Arc<SharedTier>>,
+}
+
 /// Runs a dispatched batch: fetch, fill the cache, release the keys, wake the callers;
 /// with the fleet tier, the call first takes what other replicas wait for, and its
 /// answer is shared with them last.
-pub async fn run(app: Arc<AppRuntime>, mut batch: Dispatch) {
+pub async fn run(app: Arc<Fetcher>, mut batch: Dispatch) {
     // From the dispatcher's decision: the task's start is part of the delivery, and a
     // `no-cache` caller counts the call as no later than this.
     let started = batch.dispatched;
@@ -65,7 +85,7 @@ pub async fn run(app: Arc<AppRuntime>, mut batch: Dispatch) {
 
 /// Tops the call up with MsgSeqs other replicas wait for (SPEC 5.6), as far as
 /// `batch.max_seqs` allows; they are in flight with this batch from now on.
-async fn take_wanted(app: &AppRuntime, tier: &SharedTier, batch: &mut Dispatch) {
+async fn take_wanted(app: &Fetcher, tier: &SharedTier, batch: &mut Dispatch) {
     // The Redis round trip may use what the most urgent caller the call can still serve
     // can spare beyond the call's latency and the answer's write (the dispatcher sent it
     // with the margin to spare); with too little, others' MsgSeqs wait for the next call.
@@ -106,7 +126,7 @@ async fn take_wanted(app: &AppRuntime, tier: &SharedTier, batch: &mut Dispatch) 
 /// Puts the answers (`items` sorted by MsgSeq) in the cache, and a group-level 10010 /
 /// 10015 for the whole group; failures are never cached.
 /// The call left at `sent`: an item a callback wrote since then is not replaced.
-async fn store(app: &AppRuntime, group: &GroupId, items: &Items, (sent, fetched_at): (Instant, Instant)) -> Arc<Page> {
+async fn store(app: &Fetcher, group: &GroupId, items: &Items, (sent, fetched_at): (Instant, Instant)) -> Arc<Page> {
     let answers: Vec<(MsgSeq, Receipt)> = items.iter().filter_map(|(s, r)| Some((*s, *r.as_ref().ok()?))).collect();
     let page = app.cache.insert_fetched(app.id, group, &answers, (sent, fetched_at), app.kept_by).await;
     if let Some((_, Err(Failure::Group { code, info }))) = items.first()
@@ -128,7 +148,7 @@ enum Token {
 
 impl Token {
     /// Gets the token for the next attempt; false if the deadline came first.
-    async fn take(&mut self, app: &AppRuntime, window: Window) -> bool {
+    async fn take(&mut self, app: &Fetcher, window: Window) -> bool {
         if std::mem::replace(self, Token::Owed) == Token::Paid {
             return true;
         }
@@ -166,7 +186,7 @@ struct Attempts {
 
 /// Answers `seqs` of `group` with retries and splits, each attempt paid from the budget.
 fn fetch<'a>(
-    app: &'a AppRuntime,
+    app: &'a Fetcher,
     group: &'a GroupId,
     seqs: Vec<MsgSeq>,
     window: Window,
@@ -196,7 +216,7 @@ fn fetch<'a>(
 }
 
 /// One upstream call; its latency feeds admission when Tencent answered at all.
-async fn attempt(app: &AppRuntime, group: &GroupId, seqs: &[MsgSeq], served: &Served) -> Outcome {
+async fn attempt(app: &Fetcher, group: &GroupId, seqs: &[MsgSeq], served: &Served) -> Outcome {
     app.budget.before_send().await;
     let started = Instant::now();
     app.batch_size.observe(seqs.len() as f64);
@@ -208,7 +228,7 @@ async fn attempt(app: &AppRuntime, group: &GroupId, seqs: &[MsgSeq], served: &Se
 }
 
 /// Decides what an attempt's outcome calls for (SPEC 5.3, 5.4).
-fn judge(app: &AppRuntime, outcome: Outcome, seqs: &[MsgSeq], splits: &AtomicU32, attempts: &mut Attempts) -> Verdict {
+fn judge(app: &Fetcher, outcome: Outcome, seqs: &[MsgSeq], splits: &AtomicU32, attempts: &mut Attempts) -> Verdict {
     let failure = match outcome {
         Outcome::Items(items) => return Verdict::Done(match_items(seqs, items)),
         Outcome::Group { code, info } => Failure::Group { code, info },
@@ -246,7 +266,7 @@ fn judge(app: &AppRuntime, outcome: Outcome, seqs: &[MsgSeq], splits: &AtomicU32
 
 /// Halves a merged call refused with 10004 and fetches both halves, each with a token
 /// of its own.
-async fn split(app: &AppRuntime, group: &GroupId, mut left: Vec<MsgSeq>, window: Window, tally: &Tally) -> Items {
+async fn split(app: &Fetcher, group: &GroupId, mut left: Vec<MsgSeq>, window: Window, tally: &Tally) -> Items {
     let right = left.split_off(left.len() / 2);
     let (mut a, b) = tokio::join!(
         fetch(app, group, left, window, Token::Owed, tally),
@@ -263,7 +283,7 @@ fn fail(seqs: &[MsgSeq], failure: Failure) -> Items {
 impl Attempts {
     /// Sleeps an exponential, jittered backoff if another attempt still fits the
     /// deadline and `upstream.max_retries` allows one.
-    async fn back_off(&mut self, app: &AppRuntime, deadline: Instant) -> bool {
+    async fn back_off(&mut self, app: &Fetcher, deadline: Instant) -> bool {
         if self.retries >= app.max_retries {
             return false;
         }

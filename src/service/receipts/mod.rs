@@ -13,20 +13,33 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::cache::{Cached, Page};
+use crate::budget::Budget;
+use crate::cache::{Cached, Page, ReceiptCache};
 use crate::clients::ClientSlot;
-use crate::engine::Ask;
 use crate::engine::admission;
 use crate::engine::batch::{BatchOutcome, Failure, Joined, Waiter};
+use crate::engine::{Ask, Engine};
 use crate::error::GatewayError;
-use crate::service::app::AppRuntime;
-use crate::telemetry::metrics::Source;
-use crate::tencent::domain::{GroupId, MsgSeq, Receipt};
+use crate::fleet::SharedTier;
+use crate::telemetry::metrics::{AppMetrics, Source};
+use crate::tencent::domain::{AppId, GroupId, MsgSeq, Receipt};
 use crate::tencent::wire::{ReceiptItem, ReceiptResponse};
 
 mod shared;
 
 pub use shared::give_up;
+
+/// The receipt API of one app as its requests use it: the cache, the engine that queues
+/// misses, the budget admission reads, the fleet tier. Answers come from the batches the
+/// engine's dispatcher sends (`upstream::fetch`), which this stage never calls.
+pub struct Receipts {
+    pub id: AppId,
+    pub cache: ReceiptCache,
+    pub engine: Arc<Engine>,
+    pub budget: Arc<Budget>,
+    pub fleet: Option<Arc<SharedTier>>,
+    pub metrics: AppMetrics,
+}
 
 /// What the caller's `Cache-Control` allows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,7 +122,7 @@ const MAX_ROUNDS: usize = 3;
 /// (each wait at most [`POLL_EVERY`](crate::fleet::POLL_EVERY)); the deadline ends it.
 const MAX_FLEET_ROUNDS: usize = 64;
 
-pub async fn answer(app: &AppRuntime, q: Query<'_>) -> Result<Answer, GatewayError> {
+pub async fn answer(app: &Receipts, q: Query<'_>) -> Result<Answer, GatewayError> {
     if q.freshness != Freshness::NoCache
         && let Some(g) = app.cache.group_answer(app.id, &q.group).await
     {
@@ -149,14 +162,14 @@ pub async fn answer(app: &AppRuntime, q: Query<'_>) -> Result<Answer, GatewayErr
 /// The misses' way: each joined to a batch (or found in another replica's call), waited
 /// for until the deadline, then settled with what came.
 async fn resolve(
-    app: &AppRuntime,
+    app: &Receipts,
     q: Query<'_>,
     mut slots: Vec<Slot>,
     mut page: Option<Arc<Page>>,
     looked: Instant,
 ) -> Result<Answer, GatewayError> {
     // `no-cache` wants calls that start after it arrived: the shared items cannot help.
-    let tier = app.fleet.as_ref().filter(|_| q.freshness != Freshness::NoCache);
+    let tier = app.fleet.as_deref().filter(|_| q.freshness != Freshness::NoCache);
     let rounds = if tier.is_some() { MAX_FLEET_ROUNDS } else { MAX_ROUNDS };
     let mut waiting = Vec::new();
     let mut pending = Vec::new();
@@ -237,7 +250,7 @@ fn is_open(slots: &[Slot], seq: MsgSeq) -> bool {
 /// The answer when the cache serves every MsgSeq (the usual case), built straight from
 /// the lookup: what [`assemble`] would make of slots that are all hits.
 fn all_hits(
-    app: &AppRuntime,
+    app: &Receipts,
     q: &Query<'_>,
     distinct: &[MsgSeq],
     cached: &[Option<Cached>],
@@ -292,7 +305,7 @@ pub(crate) fn acceptable(entry: &Cached, freshness: Freshness, now: Instant) -> 
 /// ones still unanswered; each batch answered by its first call tells admission how long
 /// its delivery took.
 async fn wait(
-    app: &AppRuntime,
+    app: &Receipts,
     slots: &mut [Slot],
     joined: Vec<(MsgSeq, Waiter, Joined)>,
     q: &Query<'_>,
@@ -358,7 +371,7 @@ fn rank(e: &GatewayError) -> u8 {
 /// Builds the answer from what the slots hold. Items still unanswered fall back to stale
 /// entries when allowed, else the request fails with `unanswered` (or the failure).
 fn settle(
-    app: &AppRuntime,
+    app: &Receipts,
     mut slots: Vec<Slot>,
     q: &Query<'_>,
     unanswered: GatewayError,
@@ -393,7 +406,7 @@ fn settle(
 }
 
 /// The error an item that could not be served stands for.
-fn failure_error(app: &AppRuntime, failure: Option<Failure>, unanswered: &GatewayError) -> GatewayError {
+fn failure_error(app: &Receipts, failure: Option<Failure>, unanswered: &GatewayError) -> GatewayError {
     match failure {
         Some(Failure::Expired | Failure::Throttled | Failure::NoBudget) => {
             GatewayError::Overloaded { retry_after: app.engine.backlog(app.budget.estimate()) }
@@ -407,7 +420,7 @@ fn failure_error(app: &AppRuntime, failure: Option<Failure>, unanswered: &Gatewa
 
 /// The OK answer, every slot served: items in the caller's order, `X-Cache`, `Age`, and
 /// the item counters by source.
-fn assemble(app: &AppRuntime, slots: &[Slot], q: &Query<'_>) -> Answer {
+fn assemble(app: &Receipts, slots: &[Slot], q: &Query<'_>) -> Answer {
     let now = Instant::now();
     let mut counts = [0u64; 5];
     let mut oldest = now;

@@ -8,11 +8,11 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::{Answer, Query, Slot, XCache, acceptable};
+use super::{Answer, Query, Receipts, Slot, XCache, acceptable};
 use crate::cache::{Answer as CacheAnswer, Cached, GroupAnswer, Page};
 use crate::engine::admission;
 use crate::fleet;
-use crate::service::app::{AppRuntime, SharedTier};
+use crate::fleet::SharedTier;
 use crate::telemetry::metrics::Source;
 use crate::tencent::domain::{GroupId, MsgSeq};
 use crate::tencent::wire::ReceiptResponse;
@@ -40,7 +40,7 @@ pub(super) struct Elsewhere {
 
 /// Asks Redis about `misses` (the request's open slots) and serves what it holds.
 pub(super) async fn round(
-    app: &AppRuntime,
+    app: &Receipts,
     tier: &SharedTier,
     q: &Query<'_>,
     slots: &mut [Slot],
@@ -110,7 +110,7 @@ pub(super) fn last_round(q: &Query<'_>) -> Instant {
 }
 
 /// Waits for another replica's call for `elsewhere`, no later than [`last_round`].
-pub(super) async fn wait(app: &AppRuntime, tier: Option<&SharedTier>, q: &Query<'_>, elsewhere: &Elsewhere) {
+pub(super) async fn wait(app: &Receipts, tier: Option<&SharedTier>, q: &Query<'_>, elsewhere: &Elsewhere) {
     if let Some(tier) = tier.filter(|_| !elsewhere.seqs.is_empty()) {
         tier.fleet.wait(app.id, &q.group, elsewhere.retry_at, last_round(q)).await;
     }
@@ -118,7 +118,7 @@ pub(super) async fn wait(app: &AppRuntime, tier: Option<&SharedTier>, q: &Query<
 
 /// Gives up this replica's claims on `seqs` in the background, so other replicas need
 /// not wait for them to expire (its caller was refused, or did not need them).
-pub fn give_up(app: &AppRuntime, group: &GroupId, seqs: &[MsgSeq]) {
+pub fn give_up(app: &Receipts, group: &GroupId, seqs: &[MsgSeq]) {
     let Some(tier) = app.fleet.as_ref().filter(|_| !seqs.is_empty()) else { return };
     let (fleet, id, group, seqs, lifetimes) =
         (tier.fleet.clone(), app.id, group.clone(), seqs.to_vec(), tier.lifetimes());
