@@ -180,7 +180,7 @@ pub async fn run_reloading(
         let dropped = move |group: GroupId, seqs: Vec<MsgSeq>| {
             crate::service::receipts::give_up(&dropped.receipts, &group, &seqs)
         };
-        tasks.spawn(crate::engine::dispatch::run(
+        tasks.spawn(crate::engine::dispatcher::run(
             app.receipts.engine.clone(),
             app.receipts.budget.clone(),
             app.budget_wait.clone(),
@@ -189,7 +189,7 @@ pub async fn run_reloading(
         ));
         // The detail API's queue holds only single-call permits: no batch is ever sent.
         let detail = app.detail.clone();
-        tasks.spawn(crate::engine::dispatch::run(
+        tasks.spawn(crate::engine::dispatcher::run(
             detail.engine.clone(),
             detail.budget.clone(),
             detail.budget_wait.clone(),

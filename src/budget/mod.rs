@@ -17,7 +17,7 @@
 //! halve it, and it recovers linearly to the full rate over `RECOVERY`.
 //!
 //! Which waiting call gets the next token is not decided here but by the dispatcher
-//! ([`dispatch`](crate::engine::dispatch)), the only caller of [`Budget::acquire`] for its (app, API).
+//! (the engine's dispatcher), the only caller of [`Budget::acquire`] for its (app, API).
 
 use std::collections::VecDeque;
 use std::num::NonZeroU32;

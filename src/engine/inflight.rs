@@ -18,11 +18,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::cache::Page;
-use crate::clients::ClientSlot;
-use crate::engine::batch::{
-    BatchId, BatchKind, BatchOutcome, BatchPolicy, Caller, Joined, OpenBatch, Parked, Served, Waiter,
-};
-use crate::engine::dispatch::Queue;
+use crate::engine::batch::{BatchId, BatchOutcome, Joined, Served, Waiter};
 use crate::tencent::domain::{GroupId, MsgSeq};
 
 /// How often idle groups are swept.
@@ -136,72 +132,19 @@ impl GroupState {
         self.inflight.insert(seq, (batch, waiter));
     }
 
-    /// Join-or-add for a caller (with its request id): joins the batch that carries
-    /// `seq`, or adds `seq` to the group's open batch (opening one if none has room).
-    pub fn join(
-        &mut self,
-        queue: &mut Queue,
-        group: &GroupId,
-        seq: MsgSeq,
-        (caller, request): (Caller, &str),
-        now: Instant,
-        policy: &BatchPolicy,
-    ) -> Option<(MsgSeq, Waiter, Joined)> {
-        if let Some((id, waiter)) = self.inflight.get(&seq) {
-            queue.add_caller(*id, caller.deadline, caller.client, request);
-            if let Some((_, served)) = self.sent.get(id) {
-                crate::engine::batch::note(served, request);
-            }
-            return Some((seq, waiter.clone(), Joined::Coalesced));
-        }
-        let kind = BatchKind::for_caller(caller.deadline);
-        let id = self.room_or_open(queue, group, kind, caller.client, now, policy);
-        queue.add_caller(id, caller.deadline, caller.client, request);
-        let waiter = queue.push(id, seq, now, policy.max_seqs)?;
-        self.inflight.insert(seq, (id, waiter.clone()));
-        Some((seq, waiter, Joined::Fetched))
+    /// The batch carrying `seq` and its waiter, if `seq` is in flight.
+    pub fn carrier_of(&self, seq: MsgSeq) -> Option<(BatchId, &Waiter)> {
+        self.inflight.get(&seq).map(|(id, w)| (*id, w))
     }
 
-    /// A refused caller's `misses` that nobody fetches yet ride along without a caller:
-    /// in the group's open batch, or in one new background batch that `expires`. At most
-    /// one batch's room is taken, so a refused caller cannot grow the backlog unboundedly.
-    pub fn park(
-        &mut self,
-        queue: &mut Queue,
-        group: &GroupId,
-        misses: &[MsgSeq],
-        parked: Parked,
-        now: Instant,
-        policy: &BatchPolicy,
-    ) {
-        let unplaced: Vec<MsgSeq> = misses.iter().copied().filter(|s| !self.inflight.contains_key(s)).collect();
-        if unplaced.is_empty() {
-            return;
-        }
-        let kind = BatchKind::Background { expires: parked.expires };
-        let id = self.room_or_open(queue, group, kind, parked.client, now, policy);
-        for seq in unplaced {
-            let Some(waiter) = queue.push(id, seq, now, policy.max_seqs) else { break };
-            self.inflight.insert(seq, (id, waiter));
-        }
+    /// Whom batch `id` serves, if it is on the wire.
+    pub fn served_by(&self, id: BatchId) -> Option<&Served> {
+        self.sent.get(&id).map(|(_, served)| served)
     }
 
-    /// The group's open batch with room, or a new one of `kind`.
-    fn room_or_open(
-        &mut self,
-        queue: &mut Queue,
-        group: &GroupId,
-        kind: BatchKind,
-        client: ClientSlot,
-        now: Instant,
-        policy: &BatchPolicy,
-    ) -> BatchId {
-        if let Some(id) = self.newest_open().filter(|&id| queue.has_room(id, policy.max_seqs)) {
-            return id;
-        }
-        let id = queue.open(OpenBatch::new(group.clone(), kind, now + policy.window, client));
+    /// Notes batch `id`, just opened, as the group's newest open batch.
+    pub fn opened(&mut self, id: BatchId) {
         self.open.push(id);
-        id
     }
 
     /// Splits `misses` into those a batch answered after `since` (already in the group's

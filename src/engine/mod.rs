@@ -1,17 +1,19 @@
 //! One (app, API)'s engine: the tables the stages share, under one short-held lock, and
 //! the operations the request path, the dispatcher and the batch tasks call.
 //!
-//! The tables are the in-flight table ([`inflight`](crate::engine::inflight)) and the queue of
-//! open batches and permits ([`dispatch`](crate::engine::dispatch)); they change together (a
-//! caller joining a batch may move it up the queue), so one lock keeps them consistent.
+//! The tables are the in-flight table ([`inflight`]) and the queue of open batches and
+//! permits ([`queue`]); they change together (a caller joining a batch may move it up
+//! the queue: [`join`]), so one lock keeps them consistent.
 //! It is never held across an `.await`. The admission estimators are atomics, read
 //! without it. Each operation here is a short composition of the stages: [`Engine::join`]
 //! is where a caller is admitted or refused, on [`admission`]'s forecast.
 
 pub mod admission;
 pub mod batch;
-pub mod dispatch;
+pub mod dispatcher;
 pub mod inflight;
+mod join;
+pub mod queue;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -26,8 +28,8 @@ use crate::clients::ClientSlot;
 use crate::tencent::domain::{GroupId, MsgSeq};
 use admission::Estimators;
 use batch::{BatchPolicy, Caller, Dispatch, Joined, Parked, Waiter};
-use dispatch::{Job, Next, Queue, Share};
 use inflight::Groups;
+use queue::{Job, Next, Queue, Share};
 
 /// What the lock guards.
 struct Tables {
@@ -113,7 +115,7 @@ impl Engine {
     /// Puts `ask.misses` in flight, joining batches that already carry them. Refuses when
     /// the queue cannot reach this caller's batches before its deadline, given the
     /// budget's `pace`; the refused caller's misses still ride along, without a caller
-    /// ([`GroupState::park`](crate::engine::inflight::GroupState::park)), so under pressure calls
+    /// ([`join::park`]), so under pressure calls
     /// carry as much as they can and the next caller finds more of the group cached.
     pub fn join(&self, ask: Ask<'_>, pace: Estimate) -> Result<Vec<(MsgSeq, Waiter, Joined)>, Overloaded> {
         let now = Instant::now();
@@ -127,7 +129,7 @@ impl Engine {
             .map(|ahead| admission::expected_answer(now, ahead, forecast, policy.window));
         if expected.is_some_and(|at| at > ask.deadline) {
             let parked = Parked { client: ask.client, expires: now + policy.background_lifetime() };
-            g.park(queue, ask.group, &misses, parked, now, policy);
+            join::park(g, queue, ask.group, &misses, parked, now, policy);
             let retry_after = admission::retry_after(forecast, queue.queued_for(ask.client));
             groups.forget_if_idle(ask.group);
             self.release(tables);
@@ -135,7 +137,7 @@ impl Engine {
         }
         let caller = Caller { deadline: ask.deadline, client: ask.client };
         for &seq in &misses {
-            joined.extend(g.join(queue, ask.group, seq, (caller, ask.request), now, policy));
+            joined.extend(join::join(g, queue, ask.group, seq, (caller, ask.request), now, policy));
         }
         self.release(tables);
         Ok(joined)
@@ -286,7 +288,7 @@ mod tests {
     use crate::tencent::code::ErrorCode;
     use crate::tencent::domain::{AppId, Receipt};
     use batch::{BatchKind, Failure, Neighbourhood};
-    use dispatch::Share;
+    use queue::Share;
 
     const MS: Duration = Duration::from_millis(1);
     const S: Duration = Duration::from_secs(1);

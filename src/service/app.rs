@@ -11,7 +11,7 @@ use crate::clients::Clients;
 use crate::config::{AppConfig, Config, Forward};
 use crate::engine::Engine;
 use crate::engine::batch::{BatchPolicy, Neighbourhood};
-use crate::engine::dispatch::Share;
+use crate::engine::queue::Share;
 use crate::fleet::{Fleet, FleetCounters, Lifetimes, SharedTier};
 use crate::service::detail::Detail;
 use crate::service::receipts::Receipts;

@@ -1,9 +1,10 @@
-//! The queue that spends one (app, API)'s budget (SPEC 5.3, 6.5), and its dispatcher.
+//! The queue that spends one (app, API)'s budget (SPEC 5.3, 6.5); the task that drives it
+//! is the [`dispatcher`](super::dispatcher).
 //!
 //! It owns the open batches and the retry permits (a retry or a split half of a
 //! dispatched batch asking for one more token), in lines: one per client for callers'
 //! work, by the earliest deadline it serves, and one for background batches, by expiry.
-//! The dispatcher takes one token from the [`Budget`] at a time and spends it on the
+//! The dispatcher takes one token from the budget at a time and spends it on the
 //! client the weighted fair share picks (start-time fair queuing over the clients with
 //! work waiting; see `Fair`), on that client's most urgent ready work; background
 //! batches only when no caller's work waits. A batch several clients' callers share waits
@@ -18,16 +19,13 @@
 //! caller's work is waiting for, not even a batch still filling.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::{Histogram, IntCounter};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::budget::Budget;
 use crate::clients::ClientSlot;
-use crate::engine::Engine;
 use crate::engine::batch::{BatchId, BatchKind, BatchPolicy, Dispatch, Neighbourhood, OpenBatch, Waiter, Window};
 use crate::engine::inflight::{GroupState, Groups};
 use crate::tencent::domain::{GroupId, MsgSeq};
@@ -629,41 +627,6 @@ fn neighbourhood(
         .filter(|s| !seqs.contains(s) && g.carrier(*s).is_none() && !known(*s))
         .take(room)
         .collect()
-}
-
-/// The dispatcher of one (app, API): forever, wait for ready work, take a token, spend
-/// it on the first ready entry; a batch is handed to `send` (`fetch::run` in its own
-/// task). Owned and aborted by the gateway's task set.
-pub async fn run(
-    engine: Arc<Engine>,
-    budget: Arc<Budget>,
-    budget_wait: Histogram,
-    mut send: impl FnMut(Dispatch) + Send,
-    dropped: impl Fn(GroupId, Vec<MsgSeq>) + Send + Sync,
-) {
-    let mut last_grant: Option<Instant> = None;
-    loop {
-        if !engine.wait_for_ready_work(|| !budget.contended(), &dropped).await {
-            // Waiting for work is not the budget's slowness: restart the measurement.
-            last_grant = None;
-        }
-        budget.acquire().await;
-        let granted = Instant::now();
-        if let Some(previous) = last_grant {
-            engine.estimates().observe_interval(granted - previous);
-        }
-        last_grant = Some(granted);
-        match engine.pop(granted, &budget_wait, !budget.contended()) {
-            Some(Job::Batch(dispatch)) => send(dispatch),
-            // A retry whose caller gave up meanwhile: the token is spent, as it must be
-            // counted anyway (it cannot be un-taken from Redis).
-            Some(Job::Permit(tx)) => drop(tx.send(())),
-            None => {}
-        }
-        for (group, seqs) in engine.take_dropped() {
-            dropped(group, seqs);
-        }
-    }
 }
 
 #[cfg(test)]
