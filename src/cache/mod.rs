@@ -5,8 +5,8 @@
 //! `callback_ttl` for one kept current by callbacks: [`KeptBy`]) after the upstream
 //! answer arrived (or the read a callback reported happened), then *servable as stale*
 //! for `stale` more, then gone. An older answer never replaces a newer one.
-//! Whether a caller may take a fresh item (its `Cache-Control`) and whether stale is
-//! allowed (the deadline) is the caller's decision, not this module's. Only answers go
+//! What a caller's `Cache-Control` accepts is [`Freshness`]; whether a stale item may
+//! stand in (the deadline) is the caller's decision, not this module's. Only answers go
 //! in: transient failures are never cached.
 //!
 //! Items are stored by group: moka holds one [`Page`] per (sdkappid, GroupId), and the
@@ -28,7 +28,11 @@ use crate::config::CacheConfig;
 use crate::tencent::code::ErrorCode;
 use crate::tencent::domain::{AppId, GroupId, MsgSeq, Receipt};
 
+mod freshness;
+mod keyed;
 mod recent;
+pub use freshness::{Freshness, XCache};
+pub use keyed::{Keyed, KeyedAnswer};
 pub use recent::RECHECK;
 use recent::Recent;
 
@@ -158,7 +162,8 @@ impl SharedLifetimes {
 
 /// How long moka keeps an entry after its last write, by the lifetimes at that write (so
 /// that a reload applies from each entry's next write): a page outlives its newest item's
-/// stale window and no longer; a group answer, the negative TTL.
+/// stale window and no longer; a group answer, the negative TTL; a keyed answer, its
+/// TTL and stale window.
 struct KeepFor {
     lifetimes: Arc<SharedLifetimes>,
     /// Which of them: a page's, or a group answer's.
@@ -174,23 +179,22 @@ impl KeepFor {
         Self { lifetimes: lifetimes.clone(), of: |l| l.negative_ttl.max(Duration::from_millis(1)) }
     }
 
+    fn answers(lifetimes: &Arc<SharedLifetimes>) -> Self {
+        Self { lifetimes: lifetimes.clone(), of: |l| l.ttl + l.stale }
+    }
+
     fn now(&self) -> Option<Duration> {
         Some((self.of)(self.lifetimes.get()))
     }
 }
 
-impl<V> moka::Expiry<(AppId, GroupId), V> for KeepFor {
-    fn expire_after_create(&self, _: &(AppId, GroupId), _: &V, _: std::time::Instant) -> Option<Duration> {
+// moka's clock is std's: its instants are ignored here, the lifetimes alone decide.
+impl<K, V> moka::Expiry<K, V> for KeepFor {
+    fn expire_after_create(&self, _: &K, _: &V, _: std::time::Instant) -> Option<Duration> {
         self.now()
     }
 
-    fn expire_after_update(
-        &self,
-        _: &(AppId, GroupId),
-        _: &V,
-        _: std::time::Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
+    fn expire_after_update(&self, _: &K, _: &V, _: std::time::Instant, _: Option<Duration>) -> Option<Duration> {
         self.now()
     }
 }
@@ -365,6 +369,16 @@ impl ReceiptCache {
     /// (until then, by the lifetimes of its last one).
     pub fn set_lifetimes(&self, config: &CacheConfig) {
         self.lifetimes.set(Lifetimes::of(config));
+    }
+
+    /// A cache of whole answers by key (the detail API's), kept and judged by this
+    /// cache's lifetimes, so that a reload changes both at once.
+    pub fn keyed<K>(&self, capacity: u64) -> Keyed<K>
+    where
+        K: std::hash::Hash + Eq + Send + Sync + 'static,
+    {
+        let answers = Cache::builder().max_capacity(capacity).expire_after(KeepFor::answers(&self.lifetimes)).build();
+        Keyed::new(answers, self.lifetimes.clone())
     }
 
     /// Notes read pages in `log` (the fleet tier shares their reads).

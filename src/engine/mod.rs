@@ -11,6 +11,7 @@
 pub mod admission;
 pub mod batch;
 pub mod dispatcher;
+pub mod flights;
 pub mod inflight;
 mod join;
 pub mod queue;

@@ -13,7 +13,7 @@ use crate::engine::Engine;
 use crate::engine::batch::{BatchPolicy, Neighbourhood};
 use crate::engine::queue::Share;
 use crate::fleet::{Fleet, FleetCounters, Lifetimes, SharedTier};
-use crate::service::detail::Detail;
+use crate::service::detail::{self, Detail};
 use crate::service::receipts::Receipts;
 use crate::telemetry::metrics::{API_DETAIL, API_RECEIPT, Metrics};
 use crate::tencent::domain::{AppId, Region};
@@ -92,7 +92,7 @@ impl AppRuntime {
                 metrics.budget_backend_up.clone(),
             )?,
             metrics.budget_wait.with_label_values(&detail_labels),
-            &config.cache,
+            cache.keyed(detail::MAX_ANSWERS),
             config.upstream.max_retries,
         );
         let kept_by = if app.callbacks { KeptBy::Callbacks } else { KeptBy::Polling };
@@ -142,7 +142,6 @@ impl AppRuntime {
         self.receipts.budget.set_rates(config.budget.per_second, config.budget.fallback_per_second);
         self.detail.engine.set_policy(policy);
         self.detail.budget.set_rates(config.budget.per_second, config.budget.fallback_per_second);
-        self.detail.set_lifetimes(&config.cache);
     }
 }
 

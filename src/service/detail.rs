@@ -7,49 +7,47 @@
 //! receipt requests never refuses a detail request and the other way round. A request
 //! passes, in this order:
 //!
-//! 1. the cache: answers are kept for `cache.ttl` (then `cache.stale` as a fallback)
-//!    keyed by the whole request (app, GroupId, MsgSeq, Filter, Cursor, Count), and a
+//! 1. the cache ([`Keyed`], judged by the receipt cache's lifetimes): answers are kept
+//!    for `cache.ttl` (then `cache.stale` as a fallback) keyed by the whole request (app, GroupId, MsgSeq, Filter, Cursor, Count), and a
 //!    fresh one acceptable to the caller's `Cache-Control` is a `HIT`;
-//! 2. the in-flight table: an identical request already being fetched is joined
+//! 2. the in-flight table ([`Flights`]): an identical request already being fetched is joined
 //!    (`MISS`, one call for all of them; with `no-cache`, only a fetch that started
 //!    after the request arrived);
 //! 3. admission: the caller's client's line of the detail queue, scaled by its fair
 //!    share, must drain before the deadline, else 429 with `Retry-After` (or the stale
 //!    answer);
-//! 4. the fetch, in its own task: one token per attempt, retries per SPEC 5.4, Tencent's
+//! 4. the fetch, in its own task: one token per attempt, retried like every upstream call
+//!    ([`Attempts`]), Tencent's
 //!    body stored and passed through unchanged (`IsFinish` or `IsFinished`, whichever it
 //!    sent; answers about the group or the request are passed through as in 2.1).
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use moka::future::Cache;
 use prometheus::Histogram;
 use serde::Serialize;
 use serde_json::Value;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::budget::Budget;
+use crate::cache::{Freshness, Keyed, KeyedAnswer, XCache};
 use crate::clients::ClientSlot;
-use crate::config::CacheConfig;
 use crate::engine::Engine;
-use crate::engine::batch::{Served, note};
+use crate::engine::batch::Served;
+use crate::engine::flights::{Flights, Lead, Place};
 use crate::error::GatewayError;
-use crate::service::receipts::{Freshness, XCache};
 use crate::tencent::domain::GroupId;
-use crate::upstream::fetch;
-use crate::upstream::{Outcome, Passed, Upstream};
+use crate::upstream::retry::{Attempts, Next, Trouble};
+use crate::upstream::{Passed, Upstream};
 
 /// The most members one page may ask for (Tencent's limit).
 pub const MAX_COUNT: u64 = 200;
 /// The longest `Cursor` accepted (Tencent's are short opaque strings).
 const MAX_CURSOR_BYTES: usize = 1024;
 /// Answers kept, per app.
-const MAX_ANSWERS: u64 = 100_000;
+pub const MAX_ANSWERS: u64 = 100_000;
 
 /// A validated detail request: the whole of it is the cache key.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -144,58 +142,11 @@ pub struct DetailAnswer {
     pub age: u64,
 }
 
-/// One stored answer.
-#[derive(Debug)]
-struct Stored {
-    body: Bytes,
-    fetched_at: Instant,
-}
-
 /// How a fetch ended, for everyone waiting on it.
 #[derive(Clone, Debug)]
 enum Fetched {
-    Answer(Arc<Stored>),
+    Answer(Arc<KeyedAnswer>),
     Failed(GatewayError),
-}
-
-/// An identical request being fetched: when it started, and where its outcome appears.
-struct InFlight {
-    started: Instant,
-    outcome: watch::Receiver<Option<Fetched>>,
-    /// The request ids it serves, for the call's log line.
-    served: Served,
-}
-
-/// The lifetimes, in atomics (µs) so that a reload can change them.
-#[derive(Debug, Default)]
-struct Lifetimes {
-    ttl_us: AtomicU64,
-    stale_us: AtomicU64,
-}
-
-impl Lifetimes {
-    fn set(&self, config: &CacheConfig) {
-        let us = |d: Duration| d.as_micros().min(u128::from(u64::MAX)) as u64;
-        self.ttl_us.store(us(config.ttl), Ordering::Relaxed);
-        self.stale_us.store(us(config.stale), Ordering::Relaxed);
-    }
-
-    fn ttl(&self) -> Duration {
-        Duration::from_micros(self.ttl_us.load(Ordering::Relaxed))
-    }
-
-    fn stale(&self) -> Duration {
-        Duration::from_micros(self.stale_us.load(Ordering::Relaxed))
-    }
-}
-
-/// Keeps an answer until its stale window ends, by the lifetimes at its write.
-struct KeepFor(Arc<Lifetimes>);
-
-impl moka::Expiry<DetailRequest, Arc<Stored>> for KeepFor {
-    fn expire_after_create(&self, _: &DetailRequest, _: &Arc<Stored>, _: std::time::Instant) -> Option<Duration> {
-        Some(self.0.ttl() + self.0.stale())
-    }
 }
 
 /// The detail API of one app. Shared (`Arc`) by its requests and their fetch tasks.
@@ -205,9 +156,9 @@ pub struct Detail {
     pub budget: Arc<Budget>,
     /// `receipt_gateway_budget_wait_seconds` for this app's detail API.
     pub budget_wait: Histogram,
-    answers: Cache<DetailRequest, Arc<Stored>>,
-    inflight: Mutex<HashMap<DetailRequest, InFlight>>,
-    lifetimes: Arc<Lifetimes>,
+    /// Answers by the whole request, judged by the cache's lifetimes.
+    answers: Keyed<DetailRequest>,
+    flights: Flights<DetailRequest, Fetched>,
     max_retries: u32,
 }
 
@@ -217,27 +168,18 @@ impl Detail {
         engine: Engine,
         budget: Budget,
         budget_wait: Histogram,
-        cache: &CacheConfig,
+        answers: Keyed<DetailRequest>,
         max_retries: u32,
     ) -> Self {
-        let lifetimes = Arc::new(Lifetimes::default());
-        lifetimes.set(cache);
-        let answers = Cache::builder().max_capacity(MAX_ANSWERS).expire_after(KeepFor(lifetimes.clone())).build();
         Self {
             upstream,
             engine: Arc::new(engine),
             budget: Arc::new(budget),
             budget_wait,
             answers,
-            inflight: Mutex::default(),
-            lifetimes,
+            flights: Flights::default(),
             max_retries,
         }
-    }
-
-    /// Reloaded lifetimes (SPEC 6.1), for answers read from now on.
-    pub fn set_lifetimes(&self, cache: &CacheConfig) {
-        self.lifetimes.set(cache);
     }
 
     /// Answers one request (see the module docs for the order).
@@ -248,17 +190,24 @@ impl Detail {
         request_id: &str,
     ) -> Result<DetailAnswer, GatewayError> {
         let now = Instant::now();
-        let cached = self.answers.get(&req).await;
-        if let Some(stored) = &cached
-            && self.acceptable(stored, q.freshness, now)
-        {
-            let age = now.saturating_duration_since(stored.fetched_at).as_secs();
-            return Ok(DetailAnswer { body: stored.body.clone(), x_cache: XCache::Hit, age });
+        let found = self.answers.get(&req, q.freshness, now).await;
+        if let Some(answer) = found.acceptable {
+            let age = now.saturating_duration_since(answer.fetched_at).as_secs();
+            return Ok(DetailAnswer { body: answer.body.clone(), x_cache: XCache::Hit, age });
         }
-        let stale = cached.filter(|s| now < s.fetched_at + self.lifetimes.ttl() + self.lifetimes.stale());
-        let mut outcome = match self.join_or_fetch(&req, q, request_id) {
-            Ok(outcome) => outcome,
-            Err(e) => return serve_stale(stale, e),
+        let since = (q.freshness == Freshness::NoCache).then_some(q.arrived);
+        let admit = || {
+            self.engine
+                .admit_permit(q.deadline, q.client, self.budget.estimate())
+                .map_err(|o| GatewayError::Overloaded { retry_after: o.retry_after })
+        };
+        let mut outcome = match self.flights.join_or_start(&req, since, request_id, admit) {
+            Ok(Place::Joined(outcome)) => outcome,
+            Ok(Place::Lead { outcome, lead, with: permit }) => {
+                tokio::spawn(self.clone().fetch(req, permit, q, lead));
+                outcome
+            }
+            Err(e) => return serve_stale(found.stale, e),
         };
         let waited = tokio::time::timeout_at(q.deadline, outcome.wait_for(Option::is_some)).await;
         // Nothing when the deadline came first (or the fetch task ended without a word).
@@ -267,75 +216,30 @@ impl Detail {
             Ok(Err(_)) | Err(_) => None,
         };
         match fetched {
-            Some(Fetched::Answer(stored)) => {
-                Ok(DetailAnswer { body: stored.body.clone(), x_cache: XCache::Miss, age: 0 })
+            Some(Fetched::Answer(answer)) => {
+                Ok(DetailAnswer { body: answer.body.clone(), x_cache: XCache::Miss, age: 0 })
             }
-            Some(Fetched::Failed(e)) => serve_stale(stale, e),
-            None => serve_stale(stale, GatewayError::DeadlineExceeded),
+            Some(Fetched::Failed(e)) => serve_stale(found.stale, e),
+            None => serve_stale(found.stale, GatewayError::DeadlineExceeded),
         }
     }
 
-    fn acceptable(&self, stored: &Stored, freshness: Freshness, now: Instant) -> bool {
-        let age = now.saturating_duration_since(stored.fetched_at);
-        match freshness {
-            Freshness::Default => age < self.lifetimes.ttl(),
-            Freshness::NoCache => false,
-            Freshness::MaxAge(max) => age <= max,
-        }
-    }
-
-    /// Joins the identical request in flight, or admits this one and starts its fetch.
-    fn join_or_fetch(
-        self: &Arc<Self>,
-        req: &DetailRequest,
-        q: DetailQuery,
-        request_id: &str,
-    ) -> Result<watch::Receiver<Option<Fetched>>, GatewayError> {
-        let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(running) = inflight.get(req)
-            && (q.freshness != Freshness::NoCache || running.started >= q.arrived)
-        {
-            note(&running.served, request_id);
-            return Ok(running.outcome.clone());
-        }
-        let permit = self
-            .engine
-            .admit_permit(q.deadline, q.client, self.budget.estimate())
-            .map_err(|o| GatewayError::Overloaded { retry_after: o.retry_after })?;
-        let (tx, rx) = watch::channel(None);
-        let started = Instant::now();
-        let served = Served::default();
-        note(&served, request_id);
-        inflight.insert(req.clone(), InFlight { started, outcome: rx.clone(), served: served.clone() });
-        drop(inflight);
-        tokio::spawn(self.clone().fetch(req.clone(), permit, q, tx, served));
-        Ok(rx)
-    }
-
-    /// Fetches `req` for everyone waiting, stores the answer, and tells them.
+    /// Fetches `req` for everyone waiting, stores the answer, and lands the flight.
     async fn fetch(
         self: Arc<Self>,
         req: DetailRequest,
         permit: oneshot::Receiver<()>,
         q: DetailQuery,
-        tx: watch::Sender<Option<Fetched>>,
-        served: Served,
+        lead: Lead<DetailRequest, Fetched>,
     ) {
-        let fetched = self.attempts(&req, permit, q, &served).await;
-        if let Fetched::Answer(stored) = &fetched {
-            self.answers.insert(req.clone(), stored.clone()).await;
+        let fetched = self.attempts(&req, permit, q, &lead.served).await;
+        if let Fetched::Answer(answer) = &fetched {
+            self.answers.insert(req, answer.clone()).await;
         }
-        {
-            let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-            // A no-cache request may have replaced this entry with its own fetch.
-            if inflight.get(&req).is_some_and(|f| f.outcome.same_channel(&tx.subscribe())) {
-                inflight.remove(&req);
-            }
-        }
-        tx.send_replace(Some(fetched));
+        self.flights.land(lead, fetched);
     }
 
-    /// One token per attempt; retries per SPEC 5.4, each within the deadline.
+    /// One token per attempt; retried as every upstream call is ([`Attempts`]).
     async fn attempts(
         &self,
         req: &DetailRequest,
@@ -344,7 +248,7 @@ impl Detail {
         served: &Served,
     ) -> Fetched {
         let body = req.to_body();
-        let mut retries = 0;
+        let mut attempts = Attempts::new(self.max_retries);
         loop {
             // A token that cannot come while an answer could still reach the caller is
             // no use: give the place up (the dispatcher drops it unpaid).
@@ -355,60 +259,42 @@ impl Detail {
             }
             self.budget.before_send().await;
             let sent = Instant::now();
-            let failure = match self.upstream.get_detail(body.clone(), served).await {
+            let outcome = match self.upstream.get_detail(body.clone(), served).await {
                 Passed::Answer(body) => {
                     self.engine.estimates().observe_latency(sent.elapsed());
-                    return Fetched::Answer(Arc::new(Stored { body, fetched_at: Instant::now() }));
+                    return Fetched::Answer(Arc::new(KeyedAnswer { body, fetched_at: Instant::now() }));
                 }
-                Passed::Failed(outcome) => match outcome {
-                    Outcome::Throttled { .. } => {
-                        self.budget.throttled();
-                        GatewayError::Overloaded { retry_after: Duration::from_secs(1) }
-                    }
-                    Outcome::Retryable { reason } | Outcome::NoAnswer { reason } => {
-                        GatewayError::Upstream(format!("upstream failing: {reason}"))
-                    }
-                    Outcome::UserSigExpired if self.upstream.signer().renew_after_expiry() => {
-                        GatewayError::Upstream("upstream rejected the UserSig as expired".into())
-                    }
-                    Outcome::UserSigExpired => {
-                        return Fetched::Failed(GatewayError::Upstream(
-                            "upstream rejected the UserSig as expired; signing is locked (70050)".into(),
-                        ));
-                    }
-                    Outcome::SigningLocked => {
-                        self.upstream.signer().lock_out();
-                        return Fetched::Failed(GatewayError::Upstream(
-                            "upstream locked signing after repeated failures (70050)".into(),
-                        ));
-                    }
-                    Outcome::Final { code, info } => {
-                        return Fetched::Failed(GatewayError::Upstream(format!(
-                            "upstream refused the call (ErrorCode {code}): {info}"
-                        )));
-                    }
-                    Outcome::Items(_) | Outcome::Group { .. } | Outcome::InvalidParameter { .. } => {
-                        return Fetched::Failed(GatewayError::Upstream("unexpected answer".into()));
-                    }
-                },
+                Passed::Failed(outcome) => outcome,
             };
-            let backoff = fetch::backoff(retries);
-            if retries >= self.max_retries || Instant::now() + backoff + self.budget.interval() >= q.deadline {
+            let failure = match attempts.judge(outcome, self.upstream.signer(), &self.budget) {
+                Ok(Next::RetryNow) => {
+                    permit = self.engine.permit(q.deadline, q.client);
+                    continue;
+                }
+                Ok(Next::RetryLater(Trouble::Throttled)) => {
+                    GatewayError::Overloaded { retry_after: Duration::from_secs(1) }
+                }
+                Ok(Next::RetryLater(Trouble::Unavailable(reason))) => {
+                    GatewayError::Upstream(format!("upstream failing: {reason}"))
+                }
+                Ok(Next::Fail(reason)) => return Fetched::Failed(GatewayError::Upstream(reason)),
+                // `get_detail` passes answers through: these never come from it.
+                Err(_) => return Fetched::Failed(GatewayError::Upstream("unexpected answer".into())),
+            };
+            if !attempts.back_off(q.deadline, self.budget.interval()).await {
                 return Fetched::Failed(failure);
             }
-            retries += 1;
-            tokio::time::sleep(backoff).await;
             permit = self.engine.permit(q.deadline, q.client);
         }
     }
 }
 
 /// The stale answer if there is one, else the error.
-fn serve_stale(stale: Option<Arc<Stored>>, e: GatewayError) -> Result<DetailAnswer, GatewayError> {
+fn serve_stale(stale: Option<Arc<KeyedAnswer>>, e: GatewayError) -> Result<DetailAnswer, GatewayError> {
     match stale {
-        Some(stored) => {
-            let age = stored.fetched_at.elapsed().as_secs();
-            Ok(DetailAnswer { body: stored.body.clone(), x_cache: XCache::Stale, age })
+        Some(answer) => {
+            let age = answer.fetched_at.elapsed().as_secs();
+            Ok(DetailAnswer { body: answer.body.clone(), x_cache: XCache::Stale, age })
         }
         None => Err(e),
     }

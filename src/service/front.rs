@@ -13,9 +13,10 @@ use tokio::time::Instant;
 
 use super::callback::{self, CALLBACK_PATH};
 use super::detail::{DetailAnswer, DetailQuery, DetailRequest};
-use super::receipts::{self, Answer, Freshness, Query};
+use super::receipts::{self, Answer, Query};
 use super::respond::{X_REQUEST_ID, answer_response, cached_response, error_response};
 use super::{AppRuntime, Gateway};
+use crate::cache::Freshness;
 use crate::clients::{self, Client, ClientSlot, Rejection};
 use crate::error::{Blame, GatewayError};
 use crate::http::read_body;

@@ -5,7 +5,8 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Response, header};
 use http_body_util::Full;
 
-use super::receipts::{Answer, XCache};
+use super::receipts::Answer;
+use crate::cache::XCache;
 use crate::error::GatewayError;
 use crate::http::json;
 use crate::tencent::wire::ReceiptResponse;

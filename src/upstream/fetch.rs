@@ -9,7 +9,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Duration;
 
 use tokio::time::Instant;
 
@@ -23,18 +22,8 @@ use crate::fleet::{self, SharedTier};
 use crate::tencent::code::ErrorCode;
 use crate::tencent::domain::AppId;
 use crate::tencent::domain::{GroupId, MsgSeq, Receipt};
+use crate::upstream::retry::{Attempts, Next, Trouble};
 use crate::upstream::{Outcome, Upstream};
-
-/// First retry delay; doubled per attempt, with jitter, capped at `BACKOFF_MAX`.
-const BACKOFF_BASE: Duration = Duration::from_millis(25);
-const BACKOFF_MAX: Duration = Duration::from_secs(1);
-
-/// The delay before retry number `retries + 1`: exponential from [`BACKOFF_BASE`],
-/// capped at [`BACKOFF_MAX`], with jitter (half to all of it).
-pub(crate) fn backoff(retries: u32) -> Duration {
-    let full = BACKOFF_BASE.saturating_mul(1 << retries.min(16)).min(BACKOFF_MAX);
-    full.mul_f64(0.5 + rand::random::<f64>() / 2.0)
-}
 
 /// What running one app's receipt batches takes: the signed client, the queue that pays
 /// for retries and splits, the budget's send-time check, the cache the answers go to,
@@ -178,12 +167,6 @@ struct Tally {
     served: Served,
 }
 
-/// The retries of one call and its halves' own.
-struct Attempts {
-    retries: u32,
-    resigned: bool,
-}
-
 /// Answers `seqs` of `group` with retries and splits, each attempt paid from the budget.
 fn fetch<'a>(
     app: &'a Fetcher,
@@ -194,7 +177,7 @@ fn fetch<'a>(
     tally: &'a Tally,
 ) -> Pin<Box<dyn Future<Output = Items> + Send + 'a>> {
     Box::pin(async move {
-        let mut attempts = Attempts { retries: 0, resigned: false };
+        let mut attempts = Attempts::new(app.max_retries);
         loop {
             if !token.take(app, window).await {
                 return fail(&seqs, Failure::NoBudget);
@@ -205,7 +188,7 @@ fn fetch<'a>(
                 Verdict::Done(items) => return items,
                 Verdict::RetryNow => {}
                 Verdict::RetryLater(failure) => {
-                    if !attempts.back_off(app, window.deadline).await {
+                    if !attempts.back_off(window.deadline, app.budget.interval()).await {
                         return fail(&seqs, failure);
                     }
                 }
@@ -227,8 +210,16 @@ async fn attempt(app: &Fetcher, group: &GroupId, seqs: &[MsgSeq], served: &Serve
     outcome
 }
 
-/// Decides what an attempt's outcome calls for (SPEC 5.3, 5.4).
+/// Decides what an attempt's outcome calls for: the items, a group's answer or a 10004
+/// here; the rest as for every API ([`Attempts::judge`]).
 fn judge(app: &Fetcher, outcome: Outcome, seqs: &[MsgSeq], splits: &AtomicU32, attempts: &mut Attempts) -> Verdict {
+    let outcome = match attempts.judge(outcome, app.upstream.signer(), &app.budget) {
+        Ok(Next::RetryNow) => return Verdict::RetryNow,
+        Ok(Next::RetryLater(Trouble::Throttled)) => return Verdict::RetryLater(Failure::Throttled),
+        Ok(Next::RetryLater(Trouble::Unavailable(reason))) => return Verdict::RetryLater(Failure::Unavailable(reason)),
+        Ok(Next::Fail(reason)) => return Verdict::Done(fail(seqs, Failure::Unavailable(reason))),
+        Err(outcome) => outcome,
+    };
     let failure = match outcome {
         Outcome::Items(items) => return Verdict::Done(match_items(seqs, items)),
         Outcome::Group { code, info } => Failure::Group { code, info },
@@ -238,28 +229,8 @@ fn judge(app: &Fetcher, outcome: Outcome, seqs: &[MsgSeq], splits: &AtomicU32, a
         Outcome::InvalidParameter { info } if !take_split(splits) => Failure::Unisolated { info },
         // One caller's bad MsgSeq must not fail the others merged with it.
         Outcome::InvalidParameter { .. } => return Verdict::Split,
-        Outcome::UserSigExpired if !std::mem::replace(&mut attempts.resigned, true) => {
-            if app.upstream.signer().renew_after_expiry() {
-                return Verdict::RetryNow;
-            }
-            Failure::Unavailable("upstream rejected the UserSig as expired; signing is locked (70050)".into())
-        }
-        Outcome::UserSigExpired => Failure::Unavailable("upstream rejected the UserSig as expired".into()),
-        Outcome::SigningLocked => {
-            app.upstream.signer().lock_out();
-            Failure::Unavailable("upstream locked signing after repeated failures (70050)".into())
-        }
-        Outcome::Final { code, info } => {
-            Failure::Unavailable(format!("upstream refused the call (ErrorCode {code}): {info}"))
-        }
-        Outcome::Throttled { code } => {
-            app.budget.throttled();
-            tracing::debug!(%code, "upstream throttled");
-            return Verdict::RetryLater(Failure::Throttled);
-        }
-        Outcome::Retryable { reason } | Outcome::NoAnswer { reason } => {
-            return Verdict::RetryLater(Failure::Unavailable(reason));
-        }
+        // Judged by `Attempts::judge` above.
+        other => Failure::Unavailable(format!("unexpected upstream outcome: {other:?}")),
     };
     Verdict::Done(fail(seqs, failure))
 }
@@ -278,23 +249,6 @@ async fn split(app: &Fetcher, group: &GroupId, mut left: Vec<MsgSeq>, window: Wi
 
 fn fail(seqs: &[MsgSeq], failure: Failure) -> Items {
     seqs.iter().map(|&s| (s, Err(failure.clone()))).collect()
-}
-
-impl Attempts {
-    /// Sleeps an exponential, jittered backoff if another attempt still fits the
-    /// deadline and `upstream.max_retries` allows one.
-    async fn back_off(&mut self, app: &Fetcher, deadline: Instant) -> bool {
-        if self.retries >= app.max_retries {
-            return false;
-        }
-        let backoff = backoff(self.retries);
-        if Instant::now() + backoff + app.budget.interval() >= deadline {
-            return false;
-        }
-        self.retries += 1;
-        tokio::time::sleep(backoff).await;
-        true
-    }
 }
 
 /// What callers see of a 10004 the split allowance could not narrow down. If nothing in

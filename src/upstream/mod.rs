@@ -7,6 +7,7 @@
 //! are the caller's (`fetch`, `detail`), so that every attempt is paid for.
 
 pub mod fetch;
+pub mod retry;
 pub mod signer;
 
 use std::sync::Arc;

@@ -9,12 +9,11 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use tokio::time::Instant;
 
 use crate::budget::Budget;
-use crate::cache::{Cached, Page, ReceiptCache};
+use crate::cache::{Cached, Freshness, Page, ReceiptCache, XCache};
 use crate::clients::ClientSlot;
 use crate::engine::admission;
 use crate::engine::batch::{BatchOutcome, Failure, Joined, Waiter};
@@ -41,17 +40,6 @@ pub struct Receipts {
     pub metrics: AppMetrics,
 }
 
-/// What the caller's `Cache-Control` allows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Freshness {
-    /// Fresh cache entries; stale ones when nothing fresh can arrive in time.
-    Default,
-    /// Only answers from upstream calls that started after the request arrived.
-    NoCache,
-    /// Entries up to this old.
-    MaxAge(Duration),
-}
-
 /// A validated query for one app.
 pub struct Query<'a> {
     /// The caller's request id (for the log line of the call that serves it).
@@ -64,29 +52,6 @@ pub struct Query<'a> {
     pub deadline: Instant,
     /// Who asks: the line its misses queue in, and the share that pays for them.
     pub client: ClientSlot,
-}
-
-/// `X-Cache` (SPEC 2.1).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum XCache {
-    Hit,
-    Miss,
-    Partial,
-    Stale,
-}
-
-impl XCache {
-    /// Every value, for tables by value.
-    pub const ALL: [XCache; 4] = [XCache::Hit, XCache::Miss, XCache::Partial, XCache::Stale];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            XCache::Hit => "HIT",
-            XCache::Miss => "MISS",
-            XCache::Partial => "PARTIAL",
-            XCache::Stale => "STALE",
-        }
-    }
 }
 
 /// An answer in Tencent's shape (OK, or a passed-through FAIL), with cache headers.
@@ -294,11 +259,7 @@ fn lookup(distinct: &[MsgSeq], cached: &[Option<Cached>], freshness: Freshness, 
 }
 
 pub(crate) fn acceptable(entry: &Cached, freshness: Freshness, now: Instant) -> bool {
-    match freshness {
-        Freshness::Default => entry.is_fresh(now),
-        Freshness::NoCache => false,
-        Freshness::MaxAge(max) => entry.age(now) <= max,
-    }
+    freshness.accepts(entry.age(now), entry.is_fresh(now))
 }
 
 /// Waits, until `until`, for the batches carrying this round's misses, and returns the

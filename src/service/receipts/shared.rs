@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::{Answer, Query, Receipts, Slot, XCache, acceptable};
+use super::{Answer, Query, Receipts, Slot, acceptable};
+use crate::cache::XCache;
 use crate::cache::{Answer as CacheAnswer, Cached, GroupAnswer, Page};
 use crate::engine::admission;
 use crate::fleet;
