@@ -105,7 +105,7 @@ fn digest(bytes: &[u8]) -> [u8; 32] {
 
 /// Equal digests, compared in constant time.
 fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    bool::from(subtle::ConstantTimeEq::ct_eq(&a[..], &b[..]))
 }
 
 impl Client {

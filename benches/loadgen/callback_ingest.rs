@@ -22,7 +22,7 @@ use bytes::Bytes;
 use http::Uri;
 use tokio::task::JoinSet;
 
-use receipt_gateway::service::callback::{AFTER_READ_RECEIPT, CALLBACK_PATH, sign};
+use receipt_gateway::tencent::webhook::{AFTER_READ_RECEIPT, CALLBACK_PATH, sign};
 
 use super::super::{Check, Verdict, or_dash, share, status_line};
 use crate::Result;

@@ -45,10 +45,10 @@ use rand::seq::index;
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 
-use receipt_gateway::service::callback::CALLBACK_PATH;
 use receipt_gateway::simulator::{CallbackPlayer, PlayedRead};
 use receipt_gateway::tencent::code::ErrorCode;
 use receipt_gateway::tencent::usersig::SecretKey;
+use receipt_gateway::tencent::webhook::CALLBACK_PATH;
 use receipt_gateway::tencent::wire::ReceiptResponse;
 
 use super::{Check, Verdict, or_dash, print_client, ratio};

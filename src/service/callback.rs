@@ -27,40 +27,26 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use crate::cache::{Answer, KeptBy};
 use crate::config::Forward;
 use crate::error::GatewayError;
-use crate::service::Gateway;
 use crate::service::app::AppRuntime;
+use crate::service::{AppParam, Gateway};
 use crate::telemetry::metrics::{API_DETAIL, API_RECEIPT};
 use crate::tencent::code::ErrorCode;
 use crate::tencent::domain::{AppId, GroupId, MsgSeq, Receipt};
+use crate::tencent::webhook::{self, AFTER_READ_RECEIPT, REQUEST_OVER_LIMIT};
 use crate::tencent::wire::ReceiptResponse;
 
-/// The path Tencent's callback URL points at.
-pub const CALLBACK_PATH: &str = "/callback";
-
-/// The command that carries read receipts.
-pub const AFTER_READ_RECEIPT: &str = "Group.CallbackAfterReadReceipt";
-/// Tencent's warning at 80 % of an API's rate limit.
-pub const REQUEST_OVER_LIMIT: &str = "Alert.RequestOverLimit";
+pub use crate::tencent::webhook::CALLBACK_PATH;
 
 /// How far a callback's `RequestTime` may be from now (seconds).
 pub const MAX_CLOCK_SKEW_S: u64 = 60;
 
 /// The most of a forwarded handler's answer relayed to Tencent.
 const MAX_RELAYED_BYTES: usize = 64 * 1024;
-
-/// Tencent's callback signature: `hex(sha256(token + RequestTime))`.
-pub fn sign(token: &[u8], request_time: &str) -> String {
-    let mut hash = Sha256::new();
-    hash.update(token);
-    hash.update(request_time.as_bytes());
-    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
-}
 
 /// What the request log line and `receipt_gateway_callbacks_total` say of a callback.
 #[derive(Debug, Default)]
@@ -131,7 +117,7 @@ pub async fn handle(
     let query = head.uri.query().unwrap_or("").to_owned();
     let params = Params::parse(&query);
     taken.command = command_label(params.command);
-    let app = select_app(gw, params.app)?;
+    let app = gw.app(params.app, AppParam::Callback)?;
     taken.app = Some(app.id);
     let counted = |outcome: Outcome| {
         gw.metrics
@@ -178,14 +164,6 @@ fn command_label(command: Option<&str>) -> &'static str {
     }
 }
 
-fn select_app<'a>(gw: &'a Gateway, raw: Option<&str>) -> Result<&'a std::sync::Arc<AppRuntime>, GatewayError> {
-    let raw = raw.ok_or_else(|| GatewayError::UnknownApp("SdkAppid is required".into()))?;
-    let id = raw.parse::<u64>().map_err(|_| GatewayError::UnknownApp("SdkAppid must be a decimal number".into()))?;
-    gw.apps
-        .get(&AppId(id))
-        .ok_or_else(|| GatewayError::UnknownApp(format!("SdkAppid {id} is not configured on this gateway")))
-}
-
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
@@ -199,19 +177,10 @@ fn verify(token: &[u8], params: &Params<'_>, now: u64) -> Result<(), GatewayErro
         return Err(refused("RequestTime is more than 60 s from now"));
     }
     let sign = params.sign.ok_or_else(|| refused("Sign is required"))?;
-    let expected = sign_digest(token, time);
-    let given = Sha256::digest(sign.to_ascii_lowercase().as_bytes());
-    // Digests of both: equal length, compared in constant time.
-    let differs = expected.iter().zip(given.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b));
-    if differs != 0 {
+    if !webhook::verify(token, time, sign) {
         return Err(refused("Sign does not match"));
     }
     Ok(())
-}
-
-/// The digest of the expected `Sign`'s text (what [`verify`] compares).
-fn sign_digest(token: &[u8], time: &str) -> [u8; 32] {
-    Sha256::digest(sign(token, time).as_bytes()).into()
 }
 
 /// Carries out the command; an error is a malformed body (nothing changed).
@@ -384,11 +353,6 @@ fn forward_url(base: &http::Uri, query: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tencents_documented_sign_vector() {
-        assert_eq!(sign(b"xxxxyyyy", "1669872112"), "17773bc39a671d7b9aa835458704d2a6db81360a5940292b587d6d760d484061");
-    }
 
     fn params<'a>(sign: Option<&'a str>, time: Option<&'a str>) -> Params<'a> {
         Params { app: Some("1"), command: Some(AFTER_READ_RECEIPT), sign, request_time: time }

@@ -15,7 +15,7 @@ use super::callback::{self, CALLBACK_PATH};
 use super::detail::{DetailAnswer, DetailQuery, DetailRequest};
 use super::receipts::{self, Answer, Query};
 use super::respond::{X_REQUEST_ID, answer_response, cached_response, error_response};
-use super::{AppRuntime, Gateway};
+use super::{AppParam, AppRuntime, Gateway};
 use crate::cache::Freshness;
 use crate::clients::{self, Client, ClientSlot, Rejection};
 use crate::error::{Blame, GatewayError};
@@ -287,7 +287,8 @@ fn admit<'a>(head: &Parts, gw: &'a Gateway, arrived: Instant, trace: &mut Trace)
     if head.method != Method::POST {
         return Err(GatewayError::MethodNotAllowed);
     }
-    let app = select_app(gw, head.uri.query())?;
+    let raw = head.uri.query().unwrap_or("").split('&').find_map(|pair| pair.strip_prefix("sdkappid="));
+    let app = gw.app(raw, AppParam::Query)?;
     trace.app = Some(app.id);
     let client = gw.clients.current().identify(&head.headers).map_err(|(client, e)| {
         trace.client = Some(client);
@@ -299,23 +300,6 @@ fn admit<'a>(head: &Parts, gw: &'a Gateway, arrived: Instant, trace: &mut Trace)
     admitted.inspect_err(|_| trace.rejected = Some(Rejection::Quota))?;
     let deadline = arrived + deadline(&head.headers, gw.config.request_timeout)?;
     Ok((app, slot, deadline, freshness(&head.headers)))
-}
-
-/// Picks the app from `sdkappid`, which may be left out when only one is configured.
-/// The caller's `identifier` and `usersig` are deliberately never read.
-fn select_app<'a>(gw: &'a Gateway, query: Option<&str>) -> Result<&'a Arc<AppRuntime>, GatewayError> {
-    let raw = query.unwrap_or("").split('&').find_map(|pair| pair.strip_prefix("sdkappid="));
-    match raw {
-        None if gw.apps.len() == 1 => gw.apps.values().next().ok_or(GatewayError::NotFound),
-        None => Err(GatewayError::UnknownApp("sdkappid is required: several apps are configured".into())),
-        Some(raw) => {
-            let id =
-                raw.parse::<u64>().map_err(|_| GatewayError::UnknownApp("sdkappid must be a decimal number".into()))?;
-            gw.apps
-                .get(&AppId(id))
-                .ok_or_else(|| GatewayError::UnknownApp(format!("sdkappid {id} is not configured on this gateway")))
-        }
-    }
 }
 
 /// The caller's deadline: `X-Request-Timeout-Ms`, else Envoy's expected timeout, else

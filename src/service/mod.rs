@@ -25,6 +25,7 @@ pub use front::handle;
 
 use crate::clients::ClientsCell;
 use crate::config::ServerConfig;
+use crate::error::GatewayError;
 use crate::shutdown::Drain;
 use crate::telemetry::metrics::Metrics;
 use crate::tencent::domain::AppId;
@@ -42,4 +43,44 @@ pub struct Gateway {
     pub config: ServerConfig,
     pub metrics: Metrics,
     pub drain: Arc<Drain>,
+}
+
+/// How a route names its app.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AppParam {
+    /// The data APIs' `sdkappid` query parameter, which may be left out when exactly one
+    /// app is configured. The caller's `identifier` and `usersig` are never read.
+    Query,
+    /// A callback's `SdkAppid`, always required.
+    Callback,
+}
+
+impl AppParam {
+    fn name(self) -> &'static str {
+        match self {
+            AppParam::Query => "sdkappid",
+            AppParam::Callback => "SdkAppid",
+        }
+    }
+}
+
+impl Gateway {
+    /// The app `raw` (the value of `param`, if sent) names.
+    pub fn app(&self, raw: Option<&str>, param: AppParam) -> Result<&Arc<AppRuntime>, GatewayError> {
+        let name = param.name();
+        let Some(raw) = raw else {
+            return match self.apps.values().next() {
+                Some(only) if param == AppParam::Query && self.apps.len() == 1 => Ok(only),
+                _ if param == AppParam::Query => {
+                    Err(GatewayError::UnknownApp(format!("{name} is required: several apps are configured")))
+                }
+                _ => Err(GatewayError::UnknownApp(format!("{name} is required"))),
+            };
+        };
+        let id =
+            raw.parse::<u64>().map_err(|_| GatewayError::UnknownApp(format!("{name} must be a decimal number")))?;
+        self.apps
+            .get(&AppId(id))
+            .ok_or_else(|| GatewayError::UnknownApp(format!("{name} {id} is not configured on this gateway")))
+    }
 }

@@ -10,9 +10,9 @@ use std::path::Path;
 use tokio::net::TcpListener;
 
 use crate::config::{Config, ConfigError, SecretSource};
-use crate::service::callback::CALLBACK_PATH;
 use crate::simulator::{CallbackPlayer, SimApp, SimOptions, Simulator};
 use crate::tencent::usersig::SecretKey;
+use crate::tencent::webhook::CALLBACK_PATH;
 use crate::{Listeners, RunError};
 
 /// The demo's configuration, compiled in so the demo needs no files.

@@ -1223,7 +1223,7 @@ mod tests {
     // -----------------------------------------------------------------------------------
 
     const TOKEN: &str = "callback-token";
-    const AFTER: &str = crate::service::callback::AFTER_READ_RECEIPT;
+    const AFTER: &str = crate::tencent::webhook::AFTER_READ_RECEIPT;
 
     /// A stand-in for the gateway's `/callback` on `127.0.0.1:0`: every callback's query
     /// and body go to `seen`, and each is answered `OK`.
@@ -1298,7 +1298,7 @@ mod tests {
             let request_time = query.get("RequestTime").expect("a RequestTime").to_owned();
             assert_eq!(
                 query.get("Sign"),
-                Some(crate::service::callback::sign(TOKEN.as_bytes(), &request_time).as_str())
+                Some(crate::tencent::webhook::sign(TOKEN.as_bytes(), &request_time).as_str())
             );
             assert_eq!(query.get("SdkAppid"), Some("1400000000"));
             assert_eq!(query.get("CallbackCommand"), Some("Group.CallbackAfterReadReceipt"));

@@ -31,9 +31,9 @@ use serde_json::json;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use crate::service::callback::AFTER_READ_RECEIPT;
 use crate::tencent::domain::AppId;
 use crate::tencent::usersig::SecretKey;
+use crate::tencent::webhook::AFTER_READ_RECEIPT;
 
 use super::Simulator;
 
@@ -245,7 +245,7 @@ fn callback_request(
     );
     if let Some(token) = &player.token {
         let request_time = since_epoch.as_secs().to_string();
-        let sign = crate::service::callback::sign(token.expose().as_bytes(), &request_time);
+        let sign = crate::tencent::webhook::sign(token.expose().as_bytes(), &request_time);
         query.push_str(&format!("&RequestTime={request_time}&Sign={sign}"));
     }
     let separator = if player.url.query().is_some() { '&' } else { '?' };
@@ -361,7 +361,7 @@ mod tests {
 
         let Ok(request) = callback_request(&player, &read, now) else { panic!("a valid request") };
 
-        let sign = crate::service::callback::sign(b"tok", "1670574414");
+        let sign = crate::tencent::webhook::sign(b"tok", "1670574414");
         let expected = format!(
             "http://127.0.0.1:9/callback?SdkAppid=1400000000&CallbackCommand=Group.CallbackAfterReadReceipt\
              &contenttype=json&ClientIP=127.0.0.1&OptPlatform=RESTAPI&RequestTime=1670574414&Sign={sign}"

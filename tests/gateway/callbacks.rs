@@ -12,7 +12,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use receipt_gateway::service::callback::sign;
+use receipt_gateway::tencent::webhook::sign;
 use tokio::net::TcpListener;
 
 use crate::support::{APP, CALLBACK_TOKEN, Reply, Setup, TestApp, body, within};
