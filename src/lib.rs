@@ -85,6 +85,7 @@ pub mod http;
 pub mod reload;
 pub mod service;
 pub mod shutdown;
+#[cfg(feature = "simulator")]
 pub mod simulator;
 pub mod telemetry;
 pub mod tencent;

@@ -7,10 +7,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 use receipt_gateway::config::Config;
-use receipt_gateway::simulator::demo;
-use receipt_gateway::simulator::{CallbackPlayer, SimApp, SimOptions, Simulator};
+#[cfg(feature = "simulator")]
+use receipt_gateway::simulator::{CallbackPlayer, SimApp, SimOptions, Simulator, demo};
 use receipt_gateway::tencent::domain::AppId;
 use receipt_gateway::tencent::usersig::{self, SecretKey};
 use receipt_gateway::{Listeners, shutdown};
@@ -51,12 +51,15 @@ enum Command {
         expire: u64,
     },
     /// Run the Tencent simulator; keys from $TENCENT_IM_SECRET_KEY.
+    #[cfg(feature = "simulator")]
     Simulate(SimulateArgs),
     /// Simulator and gateway on loopback with a built-in config.
+    #[cfg(feature = "simulator")]
     Demo,
 }
 
-#[derive(Args)]
+#[cfg(feature = "simulator")]
+#[derive(clap::Args)]
 struct SimulateArgs {
     #[arg(long, default_value = "127.0.0.1:18080")]
     listen: SocketAddr,
@@ -95,7 +98,9 @@ fn main() -> ExitCode {
         Command::Serve => serve(config_path),
         Command::CheckConfig => check_config(config_path),
         Command::Usersig { sdkappid, identifier, expire } => print_usersig(sdkappid, &identifier, expire),
+        #[cfg(feature = "simulator")]
         Command::Simulate(args) => simulate(args),
+        #[cfg(feature = "simulator")]
         Command::Demo => runtime_then(|| async { demo::run().await.map_err(|e| e.to_string()) }),
     }
 }
@@ -209,6 +214,7 @@ fn print_usersig(sdkappid: u64, identifier: &str, expire: u64) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+#[cfg(feature = "simulator")]
 fn simulate(args: SimulateArgs) -> ExitCode {
     let key = match secret_from_env() {
         Ok(k) => k,
@@ -248,6 +254,7 @@ fn simulate(args: SimulateArgs) -> ExitCode {
 
 /// The member player of `simulate --callback-url`; its token from
 /// $TENCENT_IM_CALLBACK_TOKEN (unsigned callbacks when it is unset or empty).
+#[cfg(feature = "simulator")]
 fn member_player(url: &str, reads_per_second: f64) -> Result<CallbackPlayer, ExitCode> {
     let player = CallbackPlayer::new(url, reads_per_second).map_err(|e| {
         eprintln!("--callback-url / --reads-per-second: {e}");

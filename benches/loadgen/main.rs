@@ -60,33 +60,19 @@
 
 #![forbid(unsafe_code)]
 
-#[path = "loadgen/baseline.rs"]
 mod baseline;
-#[path = "loadgen/cli.rs"]
 mod cli;
-#[path = "loadgen/client.rs"]
 mod client;
-#[path = "loadgen/conn.rs"]
 mod conn;
-#[path = "loadgen/drive.rs"]
 mod drive;
-#[path = "loadgen/gateway.rs"]
 mod gateway;
-#[path = "loadgen/mix.rs"]
 mod mix;
-#[path = "loadgen/nginx.rs"]
 mod nginx;
-#[path = "loadgen/record.rs"]
 mod record;
-#[path = "loadgen/redis_server.rs"]
 mod redis_server;
-#[path = "loadgen/scenarios.rs"]
 mod scenarios;
-#[path = "loadgen/tools.rs"]
 mod tools;
-#[path = "loadgen/upstream.rs"]
 mod upstream;
-#[path = "loadgen/wrk.rs"]
 mod wrk;
 
 use std::process::ExitCode;
