@@ -2,7 +2,7 @@
 # Offline checks of everything under deploy/. Run from anywhere: bash deploy/check.sh
 #
 #   YAML      every *.yaml parses                                  (python3 + PyYAML)
-#   TOML      the cluster configs parse and use only SPEC 6.2 keys (python3 >= 3.11 tomllib),
+#   TOML      the cluster configs parse and use only docs/configuration.md#the-file keys (python3 >= 3.11 tomllib),
 #             and are what deploy/sync-config.py makes of config/receipt-gateway.toml
 #   reload    each variable the configs name has a (non-optional) secretKeyRef env entry, an example Secret
 #             and the Reloader annotation; the ConfigMap is a directory mount with a fixed name
@@ -96,7 +96,7 @@ KEYS = {
 }
 APP = {"sdkappid", "region", "identifier", "secret_key_env", "secret_key_file", "endpoint", "usersig_ttl_s",
        "callbacks", "callback_token_env", "callback_forward_url", "callback_forward_timeout_ms"}
-CLIENT = {"id", "token_env", "requests_per_second", "weight"}   # SPEC 6.5
+CLIENT = {"id", "token_env", "requests_per_second", "weight"}   # docs/design.md#callers
 CLIENT_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 REGIONS = {"china", "singapore", "seoul", "tokyo", "frankfurt", "silicon-valley", "jakarta"}

@@ -2,21 +2,21 @@
 """Regenerate the cluster configs of deploy/kubernetes from config/receipt-gateway.toml.
 
 kustomize reads only files under a kustomization root, so the ConfigMaps are built from
-copies of the reference config (SPEC 6.2, every key with its default and comment). This
+copies of the reference config (docs/configuration.md#the-file, every key with its default and comment). This
 script makes those copies: the reference text line for line, with only the cluster
 settings below changed, each change marked with a "cluster:" comment. So
 
     diff -u config/receipt-gateway.toml deploy/kubernetes/base/receipt-gateway.toml
 
 shows exactly what the cluster changes, and nothing drifts unnoticed. A cluster setting
-the reference does not show yet (a key of SPEC 6.2 it still lacks) is inserted after the
+the reference does not show yet (a key of docs/configuration.md#the-file it still lacks) is inserted after the
 key its "after" option names, and moves to the reference's own line, comments included,
 as soon as the reference has it (then rerun this script).
 
     python3 deploy/sync-config.py            # rewrite both files
     python3 deploy/sync-config.py --check    # exit 1 if either file is out of date
 
-Both files also get the example callers of CLIENTS appended (SPEC 6.5): the reference
+Both files also get the example callers of CLIENTS appended (docs/design.md#callers): the reference
 only describes [[clients]] in comments.
 """
 
@@ -66,7 +66,7 @@ COMMON = {
     ("apps", "sdkappid"): (None, [], "example: replace with yours"),
     ("apps", "region"): (None, [], "example: replace with your app's data centre"),
     ("apps", "secret_key_env"): ("TENCENT_IM_SECRET_KEY", [], "cluster: from the Secret \"receipt-gateway-secret\""),
-    # Callbacks (SPEC 2.3, 5.1): the example app's callback URL points at the gateway,
+    # Callbacks (docs/design.md#callbacks, #cache): the example app's callback URL points at the gateway,
     # through components/callback-ingress or the company's callback router (README
     # "Callbacks").
     ("cache", "callback_ttl_ms"): (
@@ -129,7 +129,7 @@ TARGETS = {
         },
     ),
     REPO / "deploy/kubernetes/overlays/redis/receipt-gateway.toml": (
-        "overlays/redis: the replicas share one budget and the fleet tier (SPEC 5.6) through Redis.",
+        "overlays/redis: the replicas share one budget and the fleet tier (docs/design.md#fleet-tier) through Redis.",
         {
             **COMMON,
             ("budget", "per_second"): (
@@ -157,11 +157,11 @@ TARGETS = {
     ),
 }
 
-# Appended to both files: example callers (SPEC 6.5). The tokens come from the Secret
+# Appended to both files: example callers (docs/design.md#callers). The tokens come from the Secret
 # "receipt-gateway-clients" through the env entries of base/deployment.yaml, one per
 # token_env (deploy/check.sh checks that each one has its entry).
 CLIENTS = """\
-# cluster: example callers (SPEC 6.5); replace them with your own services. Each
+# cluster: example callers (docs/design.md#callers); replace them with your own services. Each
 # token_env needs an env entry in base/deployment.yaml, from the Secret
 # "receipt-gateway-clients" (base/secret-clients.example.yaml). Quotas, weights and
 # clients added or removed are applied in place when this ConfigMap changes (the gateway

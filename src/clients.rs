@@ -1,4 +1,4 @@
-//! Who is calling (SPEC 6.5): the configured client named by the client id header, or
+//! Who is calling (docs/design.md#callers): the configured client named by the client id header, or
 //! the `default` client; its bearer token, checked in constant time; and its quota of
 //! requests per rolling second, which refuses at once (429) rather than making anyone
 //! wait.
@@ -40,7 +40,7 @@ pub struct Client {
     /// A configured id, or [`DEFAULT`]: the `client` metric label.
     pub id: String,
     pub slot: ClientSlot,
-    /// Its share of the upstream budget when contended (SPEC 6.5).
+    /// Its share of the upstream budget when contended (docs/design.md#callers).
     pub weight: u32,
     token: Option<[u8; 32]>,
     quota: Option<Arc<Quota>>,

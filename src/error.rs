@@ -1,5 +1,5 @@
-//! The errors the gateway itself answers with (SPEC 4), and the one place that maps each
-//! to an HTTP status and a Tencent ErrorCode. ErrorCodes reuse Tencent's meanings so an
+//! The errors the gateway itself answers with (docs/design.md#errors), and the one place that maps
+//! each to an HTTP status and a Tencent ErrorCode. ErrorCodes reuse Tencent's meanings so an
 //! existing client reacts correctly (60007: slow down).
 
 use std::time::Duration;

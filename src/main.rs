@@ -1,5 +1,5 @@
-//! The `receipt-gateway` command line (SPEC 6.1). It makes no decisions: it parses
-//! arguments, loads the configuration (exit 64 when invalid, before any port is bound),
+//! The `receipt-gateway` command line (docs/configuration.md#command-line). It makes no decisions:
+//! it parses arguments, loads the configuration (exit 64 when invalid, before any port is bound),
 //! sets up logging and calls into the library.
 
 use std::net::SocketAddr;
@@ -84,7 +84,7 @@ struct SimulateArgs {
 /// mimalloc rather than glibc's malloc: under load every core allocates and frees small
 /// buffers (bodies, headers, answers), and glibc's arenas showed as lock waits and
 /// `_int_free`/`malloc_consolidate` in the warm path's profile; mimalloc's per-thread
-/// free lists avoid both (README, Benchmarks).
+/// free lists avoid both (docs/benchmarks.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -1,6 +1,6 @@
-//! Reloading the configuration (SPEC 6.1): on SIGHUP, or when the file's content changes
-//! (a Kubernetes ConfigMap update reaches a mounted file without a signal), the file is
-//! read and validated again and applied without dropping a request.
+//! Reloading the configuration (docs/configuration.md#command-line): on SIGHUP, or when the file's
+//! content changes (a Kubernetes ConfigMap update reaches a mounted file without a signal), the
+//! file is read and validated again and applied without dropping a request.
 //!
 //! What a reload applies:
 //! - the clients — ids, tokens, quotas, weights — with `server.client_id_header` and
@@ -12,11 +12,10 @@
 //!   `fallback_per_second` (from the next token).
 //!
 //! A reload that changes anything else is refused as a whole and the running
-//! configuration stays: the listen addresses and the app list (SPEC 6.1), and what the
-//! gateway builds once at start — `cache.max_entries`, `budget.backend`, `[upstream]`,
-//! `[fleet]`, `[redis]` and the other server keys. An invalid file is logged with the
-//! reason and changes nothing. Each attempt counts in
-//! `receipt_gateway_config_reloads_total{result}`.
+//! configuration stays: the listen addresses and the app list (docs/configuration.md#command-line),
+//! and what the gateway builds once at start — `cache.max_entries`, `budget.backend`, `[upstream]`,
+//! `[fleet]`, `[redis]` and the other server keys. An invalid file is logged with the reason and
+//! changes nothing. Each attempt counts in `receipt_gateway_config_reloads_total{result}`.
 //!
 //! Tokens are read from the environment, which a running process cannot see change: a
 //! rotated token (a Kubernetes Secret) takes a restart (see `deploy/README.md`).

@@ -1,5 +1,5 @@
 //! The `callbacks` scenario (issue 9): what Tencent's read-receipt callbacks save, and how
-//! fast the gateway takes them (SPEC 2.3, 5.1, 6.4).
+//! fast the gateway takes them (docs/design.md#callbacks, #cache, #simulator).
 //!
 //! Two phases run the same load, each on a fresh simulator and gateway: an open loop of
 //! receipt queries over a fixed working set (groups asked in turn, by default each request

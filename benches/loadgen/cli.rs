@@ -367,7 +367,7 @@ pub enum LogFormat {
     Json,
 }
 
-/// Whether the app's callbacks reach the gateway (SPEC 5.1), and are then signed.
+/// Whether the app's callbacks reach the gateway (docs/design.md#cache), and are then signed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CallbackAuth {
     /// `apps.callbacks = false`, no token: fetched items are fresh for `ttl_ms`.

@@ -24,7 +24,8 @@ pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
 /// The receipt route, with the one app the benchmark configures.
 const RECEIPT_PATH_AND_QUERY: &str = "/v4/group_open_http_svc/get_group_msg_receipt?sdkappid=1400000000";
 
-/// The gateway's default `server.client_id_header` (SPEC 2.1), which the benchmark keeps.
+/// The gateway's default `server.client_id_header` (docs/design.md#receipt-api), which the
+/// benchmark keeps.
 const CLIENT_ID_HEADER: &str = "x-client-id";
 
 /// How long past its deadline a request may take before it counts as hung.
@@ -120,7 +121,7 @@ pub struct Answer {
     pub body_bytes: usize,
 }
 
-/// The gateway's `X-Cache` values (SPEC 2.1), or none (errors, the baseline).
+/// The gateway's `X-Cache` values (docs/design.md#receipt-api), or none (errors, the baseline).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum XCache {
     Hit,

@@ -1,4 +1,5 @@
-//! The `clients` scenario (issue 8): callers sharing one upstream budget (SPEC 5.3, 6.5).
+//! The `clients` scenario (issue 8): callers sharing one upstream budget
+//! (docs/design.md#budget-and-dispatch, #callers).
 //!
 //! Two phases, each on a fresh simulator and gateway that knows its callers as
 //! `[[clients]]`. Every caller sends its own `x-client-id` on its own connections, an open

@@ -4,11 +4,11 @@
 //! endpoint, the scenario's cache and budget settings, and for a fleet the [`SharedTier`]
 //! its replicas share through Redis), logs there, and is stopped with
 //! SIGTERM at the end (killed if it does not stop, or if the benchmark bails out early).
-//! The `clients` scenario adds its callers as `[[clients]]` (SPEC 6.5); the `callbacks`
-//! scenario turns on `apps.callbacks` with a callback token ([`CallbackAuth::Signed`]);
-//! the `warm` scenario's logging comparison has it log JSON ([`LogFormat::Json`]).
-//! [`Snapshot`] reads the counters of `/metrics` the report needs; [`Memory`] reads the
-//! resident set and [`cpu_time`] the CPU time spent, both from `/proc`.
+//! The `clients` scenario adds its callers as `[[clients]]` (docs/design.md#callers); the
+//! `callbacks` scenario turns on `apps.callbacks` with a callback token ([`CallbackAuth::Signed`]);
+//! the `warm` scenario's logging comparison has it log JSON ([`LogFormat::Json`]). [`Snapshot`]
+//! reads the counters of `/metrics` the report needs; [`Memory`] reads the resident set and
+//! [`cpu_time`] the CPU time spent, both from `/proc`.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -309,7 +309,7 @@ pub struct Snapshot {
     pub callbacks: BTreeMap<(String, String), f64>,
 }
 
-/// The API label of the receipt call (SPEC 7).
+/// The API label of the receipt call (docs/design.md#metrics).
 const API_RECEIPT: &str = "get_group_msg_receipt";
 
 impl Snapshot {

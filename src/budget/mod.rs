@@ -1,5 +1,5 @@
-//! The upstream call budget of one (app, API) (SPEC 5.3): where tokens come from, and how
-//! fast they are handed out.
+//! The upstream call budget of one (app, API) (docs/design.md#budget-and-dispatch): where tokens
+//! come from, and how fast they are handed out.
 //!
 //! The invariant: calls stay at or below `budget.per_second` in *every* rolling second,
 //! retries included. Tokens are paced (GCRA) at `(1 s + GUARD) / per_second` (and at low
@@ -297,8 +297,8 @@ impl Budget {
 
     /// When this replica expects to hand out tokens: the next one, then one per interval.
     /// Admission control plans with it. With Redis, the interval is this replica's share
-    /// of what the other replicas leave of the effective rate (SPEC 5.3: admission counts
-    /// the tokens the other replicas take).
+    /// of what the other replicas leave of the effective rate: admission counts the
+    /// tokens the other replicas take (docs/design.md#budget-and-dispatch).
     pub fn estimate(&self) -> Estimate {
         let next_slot = self.pace(|p| p.next_slot);
         let interval = match &self.source {

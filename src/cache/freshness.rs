@@ -25,7 +25,7 @@ impl Freshness {
     }
 }
 
-/// `X-Cache` (SPEC 2.1).
+/// `X-Cache` (docs/design.md#receipt-api).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum XCache {
     Hit,

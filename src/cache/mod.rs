@@ -1,4 +1,4 @@
-//! The per-message cache (SPEC 5.1): one item per (sdkappid, GroupId, MsgSeq), plus
+//! The per-message cache (docs/design.md#cache): one item per (sdkappid, GroupId, MsgSeq), plus
 //! group-level negative answers (10010/10015) per (sdkappid, GroupId).
 //!
 //! It owns freshness: an item is *fresh* for `ttl` (or `negative_ttl` for a 10062, or
@@ -36,7 +36,7 @@ pub use keyed::{Keyed, KeyedAnswer};
 pub use recent::RECHECK;
 use recent::Recent;
 
-/// What keeps an item current, which decides how long it is fresh (SPEC 5.1).
+/// What keeps an item current, which decides how long it is fresh (docs/design.md#cache).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KeptBy {
     /// Only polling: fresh for `cache.ttl`.
@@ -200,8 +200,8 @@ impl<K, V> moka::Expiry<K, V> for KeepFor {
 }
 
 /// The pages read since the fleet tier last shared their reads: with several replicas,
-/// a group's cohort is what *any* replica read (SPEC 5.6), and reads never touch Redis
-/// on the request path, so they are collected here and shared in the background.
+/// a group's cohort is what *any* replica read (docs/design.md#fleet-tier), and reads never touch
+/// Redis on the request path, so they are collected here and shared in the background.
 #[derive(Debug, Default)]
 pub struct ReadLog {
     pages: Mutex<Vec<Arc<Page>>>,
@@ -282,9 +282,9 @@ impl Page {
         items.iter().filter_map(|(seq, s)| s.last_read.filter(|&t| t >= since).map(|t| (*seq, t))).collect()
     }
 
-    /// The group's cohort due for refresh (SPEC 5.2): positive items read within
-    /// `memory`, expiring before `horizon`, accepted by `eligible`; the oldest first, at
-    /// most `room`.
+    /// The group's cohort due for refresh (docs/design.md#single-flight-and-batching): positive
+    /// items read within `memory`, expiring before `horizon`, accepted by `eligible`; the oldest
+    /// first, at most `room`.
     pub fn due_for_refresh(
         &self,
         now: Instant,
@@ -364,8 +364,8 @@ impl ReceiptCache {
         }
     }
 
-    /// Reloaded lifetimes (SPEC 6.1): items are fresh and stale by them from now on,
-    /// whenever they were fetched; a page is kept by them from its group's next fill
+    /// Reloaded lifetimes (docs/configuration.md#command-line): items are fresh and stale by them
+    /// from now on, whenever they were fetched; a page is kept by them from its group's next fill
     /// (until then, by the lifetimes of its last one).
     pub fn set_lifetimes(&self, config: &CacheConfig) {
         self.lifetimes.set(Lifetimes::of(config));

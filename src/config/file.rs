@@ -1,6 +1,6 @@
-//! The configuration file as written (SPEC 6.2): every section's keys with their
-//! defaults, in one place. Unknown keys are an error. `super` validates these into the
-//! typed [`Config`](super::Config).
+//! The configuration file as written (docs/configuration.md#the-file): every section's keys with
+//! their defaults, in one place. Unknown keys are an error. `super` validates these into the typed
+//! [`Config`](super::Config).
 
 use std::path::PathBuf;
 
@@ -112,7 +112,7 @@ impl Default for RawBudget {
     }
 }
 
-/// Whether replicas share items, fetches, batches and cohorts (SPEC 5.6).
+/// Whether replicas share items, fetches, batches and cohorts (docs/design.md#fleet-tier).
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawFleet {
@@ -166,7 +166,7 @@ fn default_forward_timeout() -> u64 {
     2000
 }
 
-/// One calling service (SPEC 6.5).
+/// One calling service (docs/design.md#callers).
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawClient {

@@ -1,5 +1,5 @@
-//! The configuration file (SPEC 6.2): its TOML schema with every default in one place,
-//! and `validate()`, which turns it into typed values or an error that names the key.
+//! The configuration file (docs/configuration.md#the-file): its TOML schema with every default in
+//! one place, and `validate()`, which turns it into typed values or an error that names the key.
 //!
 //! Secrets are resolved here, once, from the environment variable or file the config
 //! names; the file itself never holds one. A `Config` that exists is a valid one: the
@@ -48,7 +48,7 @@ pub struct Config {
     pub fleet: FleetBackend,
     pub redis: RedisConfig,
     pub apps: Vec<AppConfig>,
-    /// The configured callers (SPEC 6.5), ids unique.
+    /// The configured callers (docs/design.md#callers), ids unique.
     pub clients: Vec<ClientConfig>,
 }
 
@@ -89,7 +89,7 @@ pub struct CacheConfig {
     pub ttl: Duration,
     pub stale: Duration,
     pub negative_ttl: Duration,
-    /// Freshness of items kept current by callbacks (SPEC 5.1).
+    /// Freshness of items kept current by callbacks (docs/design.md#cache).
     pub callback_ttl: Duration,
     pub max_entries: u64,
 }
@@ -113,7 +113,7 @@ pub struct BudgetConfig {
     pub fallback_per_second: NonZeroU32,
 }
 
-/// What replicas share (`fleet.backend`, SPEC 5.6).
+/// What replicas share (`fleet.backend`, docs/design.md#fleet-tier).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FleetBackend {
     /// Each replica caches, coalesces and batches on its own.
@@ -151,9 +151,9 @@ pub struct AppConfig {
     pub endpoint: String,
     pub usersig_ttl: Duration,
     /// This app's callbacks reach the gateway: fetched items are fresh for
-    /// `cache.callback_ttl` (SPEC 5.1).
+    /// `cache.callback_ttl` (docs/design.md#cache).
     pub callbacks: bool,
-    /// With a token, `/callback` verifies `Sign` (SPEC 2.3).
+    /// With a token, `/callback` verifies `Sign` (docs/design.md#callbacks).
     pub callback_token: Option<SecretKey>,
     /// The company's own callback handler, when the gateway tees callbacks to it.
     pub callback_forward: Option<Forward>,

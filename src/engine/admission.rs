@@ -1,5 +1,5 @@
-//! Admission (SPEC 5.3): when would this caller's batches be answered, and what to tell
-//! a caller turned away (`Retry-After`).
+//! Admission (docs/design.md#budget-and-dispatch): when would this caller's batches be answered,
+//! and what to tell a caller turned away (`Retry-After`).
 //!
 //! It owns the estimators, kept in atomics so the request path reads them without a lock:
 //! the reach of one call (how long from sending a batch until its callers hold the

@@ -1,14 +1,14 @@
 //! What a batch is: the MsgSeqs of one group that will ride in one upstream call, who
-//! waits for them, and what the call came to (SPEC 5.2).
+//! waits for them, and what the call came to (docs/design.md#single-flight-and-batching).
 //!
 //! A batch is *open* while it can still take MsgSeqs of its group; it is *ready* once it
 //! holds `max_seqs` or `window` has passed since it opened; it is *dispatched* when the
 //! dispatcher spends a token on it. Its [`BatchKind`] says why it exists:
 //! - [`BatchKind::Callers`]: callers wait for it; it queues by their earliest deadline and
 //!   is dropped unsent if even the latest would pass before an answer could arrive;
-//! - [`BatchKind::Background`]: only refused callers' misses ride in it (SPEC 5.2). It
-//!   spends only budget no caller is waiting for, is dropped unsent when it expires, and
-//!   becomes a `Callers` batch the moment a caller joins it.
+//! - [`BatchKind::Background`]: only refused callers' misses ride in it
+//!   (docs/design.md#single-flight-and-batching). It spends only budget no caller is waiting for,
+//!   is dropped unsent when it expires, and becomes a `Callers` batch the moment a caller joins it.
 //!
 //! Everyone who waits for a batch holds a [`Waiter`] on one watch channel, so its outcome
 //! is computed once and shared.
@@ -47,11 +47,11 @@ pub enum Neighbourhood {
 }
 
 /// How long a read keeps a message in its group's cohort (the cache page keeps the last
-/// read across refreshes). SPEC 5.2 says "read since last fetched"; with reads arriving at
-/// random that drops a few messages of every group out of each refresh, and each then
-/// costs a call of its own: measured in the `under` benchmark, 194 calls/s (the whole
-/// budget) and a p99 of 365 ms, against 96 calls/s and 4 ms with four TTLs of memory,
-/// which still lets messages nobody reads drop out.
+/// read across refreshes): four TTLs, not "since the last fetch", which with reads
+/// arriving at random drops a few messages of every group out of each refresh, each then
+/// costing a call of its own; nobody-read messages still drop out
+/// (docs/design.md#cohorts-remember-reads-for-four-ttls, and the `under` benchmark's
+/// figures in docs/benchmarks.md).
 const COHORT_MEMORY_TTLS: u32 = 4;
 
 /// The least a background batch waits for a caller or a spare token before it is dropped;
@@ -149,8 +149,8 @@ pub struct Caller {
     pub client: ClientSlot,
 }
 
-/// A refused caller's misses riding along without it (SPEC 5.3): whose refused caller
-/// they were, and when they are no longer worth a call.
+/// A refused caller's misses riding along without it (docs/design.md#budget-and-dispatch): whose
+/// refused caller they were, and when they are no longer worth a call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Parked {
     pub client: ClientSlot,
@@ -200,7 +200,7 @@ impl BatchKind {
 /// The most request ids one upstream call's log line lists; the rest are counted.
 pub const MAX_LOGGED_REQUESTS: usize = 16;
 
-/// The request ids of the callers a batch serves, for its call's log line (SPEC 6.3).
+/// The request ids of the callers a batch serves, for its call's log line (docs/design.md#logs).
 #[derive(Debug, Default)]
 pub struct RequestIds {
     ids: Vec<Arc<str>>,

@@ -1,5 +1,5 @@
-//! The in-flight table of one (app, API), per group (SPEC 5.2): every (GroupId, MsgSeq)
-//! being fetched, and the batch whose answer will carry it.
+//! The in-flight table of one (app, API), per group (docs/design.md#single-flight-and-batching):
+//! every (GroupId, MsgSeq) being fetched, and the batch whose answer will carry it.
 //!
 //! This is the only owner of "one fetch per key". *Invariant: a key is in at most one
 //! batch at a time*, so there is never a second fetch in flight for it; a later caller

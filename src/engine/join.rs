@@ -1,6 +1,6 @@
-//! Placing a caller's misses (SPEC 5.2): each joins the batch that already carries it, or
-//! the group's open batch (opened when none has room); a refused caller's misses are
-//! parked in a background batch. The only code that changes the in-flight table and the
+//! Placing a caller's misses (docs/design.md#single-flight-and-batching): each joins the batch that
+//! already carries it, or the group's open batch (opened when none has room); a refused caller's
+//! misses are parked in a background batch. The only code that changes the in-flight table and the
 //! queue together, under the engine's lock.
 
 use tokio::time::Instant;

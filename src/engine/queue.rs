@@ -1,5 +1,5 @@
-//! The queue that spends one (app, API)'s budget (SPEC 5.3, 6.5); the task that drives it
-//! is the [`dispatcher`](super::dispatcher).
+//! The queue that spends one (app, API)'s budget (docs/design.md#budget-and-dispatch, #callers);
+//! the task that drives it is the [`dispatcher`](super::dispatcher).
 //!
 //! It owns the open batches and the retry permits (a retry or a split half of a
 //! dispatched batch asking for one more token), in lines: one per client for callers'
@@ -156,8 +156,8 @@ impl Lines {
     }
 }
 
-/// One client's share of this (app, API)'s budget (SPEC 5.3, 6.5): its weight, and the
-/// counter of the calls spent for it (`receipt_gateway_budget_calls_total`).
+/// One client's share of this (app, API)'s budget (docs/design.md#budget-and-dispatch, #callers):
+/// its weight, and the counter of the calls spent for it (`receipt_gateway_budget_calls_total`).
 #[derive(Clone)]
 pub struct Share {
     pub weight: u32,
@@ -588,8 +588,8 @@ fn top_up(
     if room == 0 {
         return;
     }
-    // Group cohort (SPEC 5.2): read lately, within half a TTL of expiry, not in flight
-    // (the batch's own are in flight with it); never one nobody read.
+    // Group cohort (docs/design.md#group-cohorts): read lately, within half a TTL of
+    // expiry, not in flight (the batch's own are in flight with it); never one nobody read.
     let page = g.page().cloned();
     let mut extra = page.as_ref().map_or_else(Vec::new, |page| {
         let horizon = now + policy.ttl / 2;

@@ -1,5 +1,5 @@
-//! The fleet tier (SPEC 5.6): N replicas behave as one gateway by sharing, through Redis,
-//! the cached items, the in-flight fetches, the per-group batches and the cohorts.
+//! The fleet tier (docs/design.md#fleet-tier): N replicas behave as one gateway by sharing, through
+//! Redis, the cached items, the in-flight fetches, the per-group batches and the cohorts.
 //!
 //! Each replica's in-memory cache stays the first tier: hits never touch Redis. On a miss
 //! the request asks Redis once for its group ([`Fleet::claim`]): items another replica
@@ -271,7 +271,7 @@ impl Fleet {
 
     /// A callback's items for `group` (each known as of its `fetched_at`): stored in
     /// Redis unless it holds newer ones, and sent to every replica's own cache, so that
-    /// every replica answers with them at once (SPEC 2.3, 5.6).
+    /// every replica answers with them at once (docs/design.md#callbacks, #fleet-tier).
     pub async fn callback(
         &self,
         app: AppId,
@@ -356,8 +356,8 @@ impl Fleet {
     }
 
     /// Shares this replica's reads with the fleet every `every`, so that the replica
-    /// leading a group refreshes what any replica read (SPEC 5.6). Forever; owned and
-    /// aborted by the gateway's task set.
+    /// leading a group refreshes what any replica read (docs/design.md#fleet-tier). Forever; owned
+    /// and aborted by the gateway's task set.
     pub async fn share_reads(self: Arc<Self>, log: Arc<ReadLog>, every: Duration, keep: Duration) {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -216,12 +216,12 @@ redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return 1
 "#;
 
-/// A callback's reads of one group (SPEC 2.3): stores each item unless Redis holds a
-/// newer one, then tells every replica (the items themselves, so that each replica's own
-/// cache takes them at once) and wakes the requests waiting for the group. KEYS: items.
-/// ARGV: keep_ms, stored channel, waiter message, callbacks channel, callbacks message,
-/// then triples of MsgSeq, age_ms (how long ago the read happened) and
-/// `code,read,unread,c<fresh_ms>`. Returns how many items were stored.
+/// A callback's reads of one group (docs/design.md#callbacks): stores each item unless Redis holds
+/// a newer one, then tells every replica (the items themselves, so that each replica's own cache
+/// takes them at once) and wakes the requests waiting for the group. KEYS: items. ARGV: keep_ms,
+/// stored channel, waiter message, callbacks channel, callbacks message, then triples of MsgSeq,
+/// age_ms (how long ago the read happened) and `code,read,unread,c<fresh_ms>`. Returns how many
+/// items were stored.
 pub const CALLBACK: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

@@ -1,5 +1,5 @@
-//! The admin API (SPEC 3) on its own port: `/metrics`, `/healthz`, `/readyz`. Kept off
-//! the data port so the mesh can expose one and not the other.
+//! The admin API (docs/design.md#admin-api) on its own port: `/metrics`, `/healthz`, `/readyz`.
+//! Kept off the data port so the mesh can expose one and not the other.
 
 use std::convert::Infallible;
 use std::sync::Arc;

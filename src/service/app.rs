@@ -130,9 +130,9 @@ impl AppRuntime {
         })
     }
 
-    /// Applies a reloaded `config`'s TTLs, batch and budget settings (SPEC 6.1; the
-    /// caller checked that nothing else changed). The cache is shared by every app:
-    /// [`ReceiptCache::set_lifetimes`] is the caller's, once.
+    /// Applies a reloaded `config`'s TTLs, batch and budget settings
+    /// (docs/configuration.md#command-line; the caller checked that nothing else changed). The
+    /// cache is shared by every app: [`ReceiptCache::set_lifetimes`] is the caller's, once.
     pub fn reload(&self, config: &Config) {
         let policy = batch_policy(config, self.receipts.fleet.is_some());
         self.receipts.engine.set_policy(policy);

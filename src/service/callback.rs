@@ -1,4 +1,4 @@
-//! Tencent's webhooks (SPEC 2.3): `POST /callback`.
+//! Tencent's webhooks (docs/design.md#callbacks): `POST /callback`.
 //!
 //! Tencent pushes every read of a group message as a `Group.CallbackAfterReadReceipt`
 //! with the new counts. Taken here, they keep the cache current without spending budget:

@@ -1,5 +1,5 @@
-//! The detail API (SPEC 2.2): `get_group_msg_receipt_detail`, who has read one message
-//! and who has not, paged by `Cursor`.
+//! The detail API (docs/design.md#detail-api): `get_group_msg_receipt_detail`, who has read one
+//! message and who has not, paged by `Cursor`.
 //!
 //! One call answers one request, so there is nothing to batch; the rest is as for
 //! receipts. Per app it has its **own budget** (its own governor or Redis GCRA key) and

@@ -235,7 +235,7 @@ async fn route(
     }
 }
 
-/// `get_group_msg_receipt` (SPEC 2.1).
+/// `get_group_msg_receipt` (docs/design.md#receipt-api).
 async fn receipt(
     head: &Parts,
     body: Incoming,
@@ -258,7 +258,7 @@ async fn receipt(
     Ok(answer)
 }
 
-/// `get_group_msg_receipt_detail` (SPEC 2.2).
+/// `get_group_msg_receipt_detail` (docs/design.md#detail-api).
 async fn detail(
     head: &Parts,
     body: Incoming,

@@ -11,10 +11,11 @@ use crate::error::GatewayError;
 use crate::http::json;
 use crate::tencent::wire::ReceiptResponse;
 
-/// `X-Cache` (SPEC 2.1); a name given as text would be parsed and allocated per answer.
+/// `X-Cache` (docs/design.md#receipt-api); a name given as text would be parsed and allocated per
+/// answer.
 pub(super) const X_CACHE: http::HeaderName = http::HeaderName::from_static("x-cache");
 
-/// The request id header (SPEC 2.1, 6.3).
+/// The request id header (docs/design.md#receipt-api, #logs).
 pub(super) const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
 pub(super) fn answer_response(answer: Answer) -> Response<Full<Bytes>> {

@@ -5,7 +5,7 @@
 //! cost: that formatter drives serde_json through an `io::Write` to `fmt::Write` adaptor
 //! (a UTF-8 check per fragment) and formats the timestamp into a fresh `String` per
 //! event, which made a request's log line cost about half as much again as the request
-//! (README, Benchmarks). Here every fragment is pushed straight into the subscriber's
+//! (docs/benchmarks.md). Here every fragment is pushed straight into the subscriber's
 //! reused line buffer. The gateway opens no spans, so none are written.
 
 use std::fmt::{self, Write as _};

@@ -1,4 +1,4 @@
-//! The metric families of SPEC 7, registered once on the registry `run()` builds.
+//! The metric families of docs/design.md#metrics, registered once on the registry `run()` builds.
 //!
 //! Names are the contract with dashboards and alerts. Labels are bounded: an app is a
 //! configured sdkappid, a client a configured id or `default`, a result an ErrorCode or
@@ -13,7 +13,7 @@ use crate::tencent::domain::AppId;
 
 /// The API label of the receipt call.
 pub const API_RECEIPT: &str = "get_group_msg_receipt";
-/// The `api` label of the detail API (SPEC 2.2).
+/// The `api` label of the detail API (docs/design.md#detail-api).
 pub const API_DETAIL: &str = "get_group_msg_receipt_detail";
 
 /// Where a served item came from (`receipt_gateway_items_total{source}`).
@@ -160,7 +160,7 @@ impl Metrics {
             )?,
             budget_calls: counter(
                 "receipt_gateway_budget_calls_total",
-                "Upstream calls (retries included) spent for each client's batches, by the fair share (SPEC 6.5).",
+                "Upstream calls (retries included) spent for each client's batches, by the fair share (docs/design.md#callers).",
                 &["app", "api", "client"],
             )?,
             connections_open: {

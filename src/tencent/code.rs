@@ -1,8 +1,8 @@
 //! Tencent's ErrorCodes, as one newtype with named constants.
 //!
-//! The upstream classifier, the fetch loop, the gateway's own errors (SPEC 4, which reuse
-//! Tencent's meanings) and the simulator all speak these names, so a code's meaning is
-//! written down once. The per-item `Code` of a receipt is the same kind of number.
+//! The upstream classifier, the fetch loop, the gateway's own errors (which reuse
+//! Tencent's meanings: docs/design.md#errors) and the simulator all speak these names, so
+//! a code's meaning is written down once. The per-item `Code` of a receipt is the same kind of number.
 
 use std::fmt;
 

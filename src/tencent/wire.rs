@@ -2,7 +2,7 @@
 //! send us), the upstream client (what we send Tencent and read back) and the simulator
 //! (which plays Tencent).
 //!
-//! Parsing is strict where the SPEC is (every rule names the field it checks) and lenient
+//! Parsing is strict where the API contract is (every rule names the field it checks) and lenient
 //! where Tencent is: unknown fields are ignored in both directions.
 
 use std::borrow::Cow;

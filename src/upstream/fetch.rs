@@ -1,6 +1,6 @@
-//! Runs one dispatched batch to its end (SPEC 5.2–5.4): the upstream call it already
-//! paid for, retries and 10004 splits each paid for with a permit from the queue, the
-//! cache filled, then every waiting caller woken with the shared outcome.
+//! Runs one dispatched batch to its end (docs/design.md#request-pipeline): the upstream call it
+//! already paid for, retries and 10004 splits each paid for with a permit from the queue, the cache
+//! filled, then every waiting caller woken with the shared outcome.
 //!
 //! A batch runs in its own task, owned by nobody's request: a caller that goes away
 //! cannot cancel a call others are waiting on.
@@ -72,7 +72,7 @@ pub async fn run(app: Arc<Fetcher>, mut batch: Dispatch) {
     }
 }
 
-/// Tops the call up with MsgSeqs other replicas wait for (SPEC 5.6), as far as
+/// Tops the call up with MsgSeqs other replicas wait for (docs/design.md#fleet-tier), as far as
 /// `batch.max_seqs` allows; they are in flight with this batch from now on.
 async fn take_wanted(app: &Fetcher, tier: &SharedTier, batch: &mut Dispatch) {
     // The Redis round trip may use what the most urgent caller the call can still serve

@@ -1,4 +1,4 @@
-//! One app's signed, regional HTTPS client for Tencent (SPEC 5.4, 5.5).
+//! One app's signed, regional HTTPS client for Tencent (docs/design.md#upstream-calls, #signing).
 //!
 //! It owns the connection pool (rustls with the bundled web PKI roots, keep-alive), the
 //! app's [`Signer`], and the classification of every answer into what the caller must do
@@ -58,7 +58,7 @@ pub enum Outcome {
     Final { code: ErrorCode, info: String },
 }
 
-/// Maps an ErrorCode to what to do about it (SPEC 5.4, 5.3).
+/// Maps an ErrorCode to what to do about it (docs/design.md#upstream-calls, #budget-and-dispatch).
 pub fn classify(code: ErrorCode, info: String) -> Outcome {
     match code {
         ErrorCode::NO_PERMISSION | ErrorCode::GROUP_NOT_FOUND | ErrorCode::GROUP_INVALID => {

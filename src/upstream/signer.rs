@@ -1,5 +1,5 @@
-//! One app's signer (SPEC 5.5, 5.3): the UserSig every call carries, its renewal, and the
-//! 70050 lockout.
+//! One app's signer (docs/design.md#signing, #budget-and-dispatch): the UserSig every call carries,
+//! its renewal, and the 70050 lockout.
 //!
 //! It signs once at start and keeps the UserSig in memory; it signs anew at 80 % of
 //! `usersig_ttl_s`, or when Tencent says the UserSig expired (70001) — unless Tencent
@@ -17,7 +17,7 @@ use crate::config::AppConfig;
 use crate::tencent::domain::AppId;
 use crate::tencent::usersig::{self, SecretKey, UserSig};
 
-/// After 70050, no signing-related retries for this long (SPEC 5.3).
+/// After 70050, no signing-related retries for this long (docs/design.md#budget-and-dispatch).
 pub const LOCKOUT: Duration = Duration::from_secs(60);
 
 /// The UserSig and when to replace it.

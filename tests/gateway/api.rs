@@ -1,5 +1,5 @@
-//! The data API's contract (SPEC 2.1, 4, 5.4): answers, errors, signing, retries, and
-//! the budget under a burst.
+//! The data API's contract (docs/design.md#receipt-api, #errors, #upstream-calls): answers, errors,
+//! signing, retries, and the budget under a burst.
 
 use std::time::{Duration, Instant};
 

@@ -1,6 +1,6 @@
-//! `POST /callback` (SPEC 2.3, 5.1): Tencent's read-receipt webhooks keep the cache
-//! current without upstream calls; bad signatures, stale times, unknown apps and
-//! malformed bodies change nothing; the tee relays the company's handler's answer.
+//! `POST /callback` (docs/design.md#callbacks, #cache): Tencent's read-receipt webhooks keep the
+//! cache current without upstream calls; bad signatures, stale times, unknown apps and malformed
+//! bodies change nothing; the tee relays the company's handler's answer.
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};

@@ -1,4 +1,5 @@
-//! The command line (SPEC 6.1): `check-config`, exit status 64, `usersig`.
+//! The command line (docs/configuration.md#command-line): `check-config`, exit status 64,
+//! `usersig`.
 
 use std::process::Command;
 

@@ -1,5 +1,5 @@
-//! Callers (SPEC 6.5): who is calling, bearer tokens, `require_client_auth`, quotas that
-//! refuse at once, and the `client` label of the request metrics.
+//! Callers (docs/design.md#callers): who is calling, bearer tokens, `require_client_auth`, quotas
+//! that refuse at once, and the `client` label of the request metrics.
 
 use std::time::Duration;
 

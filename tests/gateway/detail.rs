@@ -1,6 +1,6 @@
-//! `get_group_msg_receipt_detail` (SPEC 2.2) end to end: validation, Tencent's body
-//! passed through, paging, the cache, coalescing of identical requests, and a budget of
-//! its own that a receipt flood cannot take.
+//! `get_group_msg_receipt_detail` (docs/design.md#detail-api) end to end: validation, Tencent's
+//! body passed through, paging, the cache, coalescing of identical requests, and a budget of its
+//! own that a receipt flood cannot take.
 
 use futures_util::future::join_all;
 use http::StatusCode;

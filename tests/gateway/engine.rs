@@ -1,5 +1,5 @@
-//! The engine (SPEC 5.1–5.3): cache, single-flight, batching, cohorts, the budget queue,
-//! isolation. Savings are proven by counting the simulator's calls.
+//! The engine (docs/design.md#request-pipeline): cache, single-flight, batching, cohorts, the
+//! budget queue, isolation. Savings are proven by counting the simulator's calls.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -262,7 +262,7 @@ async fn a_10004_about_the_whole_call_costs_a_bounded_number_of_splits() {
     let reply = app.post(&body("g-all-bad", &seqs)).await;
 
     assert_eq!((reply.status, reply.code()), (StatusCode::OK, 10004));
-    // Halving to single MsgSeqs would take 99 calls; the split allowance (README: four
+    // Halving to single MsgSeqs would take 99 calls; the split allowance (docs/design.md#upstream-calls: four
     // split calls per halving level, 24 for 50 MsgSeqs) stops at exactly 1 + 24.
     assert_eq!(app.sim.call_count(), 25, "{:?}", app.sim.calls());
 }

@@ -1,6 +1,6 @@
-//! The fleet (SPEC 5.6): gateway *processes* (the release of `cargo test`'s build of the
-//! binary) on one real `redis-server` and one simulator behave as one gateway. Savings
-//! are proven by counting the simulator's calls.
+//! The fleet (docs/design.md#fleet-tier): gateway *processes* (the release of `cargo test`'s build
+//! of the binary) on one real `redis-server` and one simulator behave as one gateway. Savings are
+//! proven by counting the simulator's calls.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -348,7 +348,8 @@ async fn three_replicas_cost_what_one_does_in_the_steady_state() {
     let (rate, run, steady) = (150, Duration::from_secs(5), Duration::from_secs(3));
     // The default deadline: with 1 s, one slow delivery on a loaded machine (debug-build
     // replicas and Redis on two cores) raised a replica's reach estimate enough that
-    // admission turned a few callers away early (429), as designed (SPEC 5.3).
+    // admission turned a few callers away early (429), as designed
+    // (docs/design.md#budget-and-dispatch).
     const DEADLINE: &str = "2000";
 
     let alone = load(&f, &[&single], "alone", 20, rate, run, DEADLINE).await;

@@ -1,7 +1,7 @@
-//! The metric names are the contract with `deploy/` (SPEC 7): a gateway process that has
-//! seen real traffic is scraped, `promtool check metrics` lints the scrape, and every
-//! metric name that the PrometheusRule (alerts and recording rules), its unit tests' input
-//! series or the Grafana dashboard uses must be a family of that scrape (a `# TYPE` line).
+//! The metric names are the contract with `deploy/` (docs/design.md#metrics): a gateway process
+//! that has seen real traffic is scraped, `promtool check metrics` lints the scrape, and every
+//! metric name that the PrometheusRule (alerts and recording rules), its unit tests' input series
+//! or the Grafana dashboard uses must be a family of that scrape (a `# TYPE` line).
 //!
 //! The gateway is the binary (the fleet tests' [`Replica`]), not the in-process harness:
 //! `receipt_gateway_config_reloads_total` only exists once a reload happened, and only a

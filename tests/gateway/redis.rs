@@ -1,6 +1,6 @@
-//! The Redis-held budget (SPEC 5.3): replicas share one budget through a real
-//! `redis-server` that the test starts on a private Unix socket (no port to collide on),
-//! and a replica that cannot reach Redis paces itself on `fallback_per_second`.
+//! The Redis-held budget (docs/design.md#budget-and-dispatch): replicas share one budget through a
+//! real `redis-server` that the test starts on a private Unix socket (no port to collide on), and a
+//! replica that cannot reach Redis paces itself on `fallback_per_second`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

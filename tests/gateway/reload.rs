@@ -1,7 +1,7 @@
-//! Reloading the configuration (SPEC 6.1) of a gateway process: SIGHUP, or the file's
-//! content changing, applies new clients, tokens, quotas, weights, TTLs and budget
-//! without a failed request; an invalid file, or one that changes what needs a restart,
-//! changes nothing.
+//! Reloading the configuration (docs/configuration.md#command-line) of a gateway process: SIGHUP,
+//! or the file's content changing, applies new clients, tokens, quotas, weights, TTLs and budget
+//! without a failed request; an invalid file, or one that changes what needs a restart, changes
+//! nothing.
 
 use std::time::Duration;
 

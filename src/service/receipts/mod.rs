@@ -1,5 +1,5 @@
-//! Answers one validated receipt query (SPEC 2.1, 5.1): cache first, misses handed to
-//! the coalescer, waiting no longer than the caller's deadline, then the answer assembled
+//! Answers one validated receipt query (docs/design.md#receipt-api, #cache): cache first, misses
+//! handed to the coalescer, waiting no longer than the caller's deadline, then the answer assembled
 //! in the caller's order with `X-Cache` and `Age`.
 //!
 //! Stale items stand in only when a fresh answer cannot be had before the deadline

@@ -1,8 +1,8 @@
-//! A request's round through the fleet tier (SPEC 5.6): what the local cache missed is
-//! looked up in Redis once per round for the whole group; found items are served and
-//! copied into the local cache; the rest is split into what this replica fetches (through
-//! the local engine, as a lone replica would) and what it waits for another replica to
-//! fetch. When Redis cannot answer in time, everything is fetched here.
+//! A request's round through the fleet tier (docs/design.md#fleet-tier): what the local cache
+//! missed is looked up in Redis once per round for the whole group; found items are served and
+//! copied into the local cache; the rest is split into what this replica fetches (through the local
+//! engine, as a lone replica would) and what it waits for another replica to fetch. When Redis
+//! cannot answer in time, everything is fetched here.
 
 use std::sync::Arc;
 

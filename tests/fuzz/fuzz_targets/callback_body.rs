@@ -1,10 +1,10 @@
 //! The `Group.CallbackAfterReadReceipt` body parser, as `/callback` runs it on what
 //! Tencent (or anyone who can reach the port) posts.
 //!
-//! Properties: no panic; an accepted body is a JSON object (SPEC 2.3: "malformed bodies
-//! are 400") with a valid `GroupId` and a `GroupMsgReceiptList` array of objects, and
-//! the items taken are all of that list's entries or none (an event from before the
-//! monotonic clock's range).
+//! Properties: no panic; an accepted body is a JSON object (malformed bodies are 400:
+//! docs/design.md#callbacks) with a valid `GroupId` and a `GroupMsgReceiptList` array of objects,
+//! and the items taken are all of that list's entries or none (an event from before the monotonic
+//! clock's range).
 //!
 //! The parser reads a `serde_json::Value` first, so an accepted body is always one
 //! (serde's typed reader alone took arrays shaped like its structs, and skipped strings

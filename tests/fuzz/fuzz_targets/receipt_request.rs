@@ -5,7 +5,7 @@
 //! - no panic;
 //! - an accepted request has 1..=max MsgSeqs and a valid `GroupId`, and its upstream
 //!   body (`to_body`) parses back to the same request;
-//! - an accepted body has the shape SPEC 2.1 allows, "anything else is a 400": an
+//! - an accepted body has the shape docs/design.md#receipt-api allows, "anything else is a 400": an
 //!   object with a string `GroupId` and a `MsgSeqList` array of objects (checked where
 //!   `serde_json::Value` can read the body);
 //! - accepted under a bound means accepted, identically, under any larger bound;
@@ -55,7 +55,7 @@ fuzz_target!(|data: &[u8]| {
     }
 });
 
-/// SPEC 2.1's body: `{"GroupId": "...", "MsgSeqList": [{"MsgSeq": 1}, ...]}`.
+/// docs/design.md#receipt-api's body: `{"GroupId": "...", "MsgSeqList": [{"MsgSeq": 1}, ...]}`.
 fn shaped_as_the_spec_says(value: &Value) {
     let object = value.as_object().expect("a body that is not a JSON object was accepted");
     assert!(object.get("GroupId").is_some_and(Value::is_string), "accepted without a string GroupId");
