@@ -11,62 +11,35 @@
 //!
 //! # Layout
 //!
-//! A data request passes through these modules, in this order:
+//! One folder per stage, in the order a data request meets them; imports point down this
+//! list, never up (`service` alone sees every stage). The design is told in full in
+//! `docs/design.md`.
 //!
-//! 1. [`server`] — accepts HTTP/1.1 and h2c on one port, told apart by the first bytes
-//!    (at most `max_connections`, silent ones closed after the first-bytes timeout,
-//!    HTTP/1.1 ones without a request head in time closed by a per-connection watchdog,
-//!    h2 streams, buffers and resets of accepted requests bounded),
-//!    takes or makes the request id, routes, picks the app ([`app`]) by `sdkappid` and
-//!    the caller ([`clients`]: its token, its quota), reads the deadline and
-//!    `Cache-Control`, reads the body within limits (408 when it does not arrive) and
-//!    validates it into [`api::ReceiptRequest`] (typed with [`domain`]).
-//! 2. [`receipts`] — answers the query: one lookup of the group's page in the [`cache`]
-//!    serves the fresh items at once (and notes that they were read, which is what
-//!    makes them part of the group's cohort; an answer wholly from cache takes the page
-//!    the thread last found, while no write came since); the misses go to the app's [`engine`],
-//!    which keeps the in-flight table and the queue under one lock.
-//! 3. [`inflight`] — first takes out the misses a batch answered since the caller's
-//!    lookup; then [`admission`] decides, from how much of the queue is ahead of the
-//!    batches the caller would wait for, whether they can be answered before its
-//!    deadline. If not, the caller gets 429 (or stale items) at once, and its misses ride
-//!    along in a background batch for spare budget or the group's next caller.
-//! 4. [`inflight`] — puts each admitted miss in flight exactly once: it joins the
-//!    [`batch`] that already carries it or is added to its group's open batch.
-//! 5. [`dispatch`] — the dispatcher takes one token at a time from the [`budget`]
-//!    (governor, or GCRA in Redis, at the AIMD effective rate) and spends it on the
-//!    client the weighted fair share picks, on that client's most urgent ready entry
-//!    (callers' batches and retry permits by earliest deadline; background batches only
-//!    when no caller waits; a batch whose callers all went away leaves unpaid), topped
-//!    up from the group's cache page with the cohort: read lately, due to expire within
-//!    half a TTL.
-//! 6. [`fetch`] — runs the dispatched batch in its own task: one signed regional call via
-//!    [`upstream`] (UserSig from the [`signer`], built with [`usersig`]; the [`budget`]'s
-//!    send-time check spreads calls a busy machine bunched), retries and
-//!    10004 splits each paid with a permit from the queue, answers stored in the
-//!    [`cache`], keys released, waiters woken. Tencent's codes are [`code::ErrorCode`]s.
-//! 7. back in [`receipts`] — every waiter reads the shared outcome; the answer is
-//!    assembled in the caller's order with `X-Cache` and `Age`, or falls back to stale
-//!    items, or becomes a [`error::GatewayError`] (which says who caused it), which
-//!    [`server`] turns into HTTP in one place (a caller gone before that is a 499).
+//! 1. [`http`] accepts HTTP/1.1 and h2c on one port, bounds what each connection may hold,
+//!    and reads bodies within a size and a deadline. It knows no receipts.
+//! 2. [`service`] routes the request, picks the app (`sdkappid`) and the caller
+//!    ([`clients`]: token, quota, weight), reads the deadline and `Cache-Control`, and
+//!    validates the body into [`tencent`]'s types. Errors ([`error`], which says who caused
+//!    each) become HTTP there, in one place.
+//! 3. [`service::receipts`] answers what the [`cache`] holds fresh; with the [`fleet`] tier,
+//!    a miss first asks Redis what the other replicas hold or are fetching.
+//! 4. [`engine`] takes the misses: admission refuses at once (429, or stale items) a
+//!    caller its queue cannot serve before the deadline; the in-flight table joins each
+//!    miss to the batch that carries it, or adds it to its group's open batch.
+//! 5. [`engine::dispatcher`] takes one token at a time from the [`budget`] and spends it on
+//!    the client the fair share picks, on that client's most urgent batch, topped up with
+//!    the group's cohort.
+//! 6. [`upstream`] runs the dispatched batch in its own task: one signed regional call,
+//!    retries and 10004 splits each paid with a token, answers stored in the [`cache`]
+//!    (and shared through the [`fleet`]), waiters woken.
+//! 7. back in [`service::receipts`], each caller's answer is assembled in its order with
+//!    `X-Cache` and `Age`, or falls back to stale items, or becomes an error.
 //!
-//! Beside it, on the same port, two routes [`server`] hands off after routing:
-//!
-//! - [`callback`] — `POST /callback`, Tencent's webhooks: `Sign` checked, read receipts
-//!   written into the [`cache`] as kept current by callbacks (and, with the [`fleet`]
-//!   tier, into Redis and every replica's cache), `Alert.RequestOverLimit` lowering the
-//!   [`budget`]'s effective rate, and the tee to the company's own handler. No budget,
-//!   no upstream call.
-//! - [`detail`] — `get_group_msg_receipt_detail`: cache by the whole request, identical
-//!   requests joined in flight, admission by the client's share of the detail API's own
-//!   queue ([`engine`] and [`dispatch`] with one token per call, its own [`budget`]),
-//!   then one signed call via [`upstream`] per attempt, Tencent's body passed through.
-//!
-//! Around it: [`config`] (the TOML schema and validation), [`reload`] (SIGHUP and file
-//! changes apply new clients), [`metrics`] (the Prometheus families), [`admin`]
-//! (`/metrics`, `/healthz`, `/readyz`), [`shutdown`] (draining on SIGTERM),
-//! [`simulator`] (a faithful Tencent stand-in for tests, demo and benchmarks) and
-//! [`demo`].
+//! `/callback` ([`service::callback`]) writes Tencent's read receipts into the cache and
+//! spends no budget; the detail API ([`service::detail`]) caches whole answers and goes
+//! through an engine and budget of its own. Around it: [`config`], [`telemetry`] (metrics,
+//! log lines), [`reload`], [`shutdown`], and, behind the default `simulator` feature, the
+//! Tencent stand-in used by the demo, the tests and the benchmarks.
 //!
 //! [`run`] is what the demo and the tests call, and [`run_reloading`] (the same, with
 //! [`reload`] watching the file) what `main` calls: they take bound listeners and a

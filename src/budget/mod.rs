@@ -18,6 +18,9 @@
 //!
 //! Which waiting call gets the next token is not decided here but by the dispatcher
 //! (the engine's dispatcher), the only caller of [`Budget::acquire`] for its (app, API).
+//!
+//! May import: `config`. Imported by `engine` (the dispatcher), `upstream` (the send-time
+//! check, throttling) and `service` (admission's pace).
 
 use std::collections::VecDeque;
 use std::num::NonZeroU32;

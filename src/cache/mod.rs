@@ -15,6 +15,11 @@
 //! shared by all of the group's messages, a request reads all its items with one lookup,
 //! and the group's cohort (who was read lately, what is due for refresh) is right there
 //! for the dispatcher. Capacity still counts items: a page weighs as many items as it holds.
+//!
+//! May import: `config`, `tencent`. Imported by `engine`, `fleet`, `upstream`, `service`.
+//!
+//! Invariant: an older answer never replaces a newer one, and nothing but answers is
+//! stored.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

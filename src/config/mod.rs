@@ -4,6 +4,9 @@
 //! Secrets are resolved here, once, from the environment variable or file the config
 //! names; the file itself never holds one. A `Config` that exists is a valid one: the
 //! rest of the gateway does not re-check it.
+//!
+//! May import: `tencent` (the domain types values are parsed into). Imported by every
+//! stage that is configured.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;

@@ -3,7 +3,7 @@
 //!
 //! This is the only owner of "one fetch per key". *Invariant: a key is in at most one
 //! batch at a time*, so there is never a second fetch in flight for it; a later caller
-//! joins that batch ([`GroupState::join`]) instead of adding the key again. Keys leave
+//! joins that batch (`engine::join`) instead of adding the key again. Keys leave
 //! when their batch's answer is in the cache ([`Groups::release`]) or the batch is
 //! dropped unsent.
 //!

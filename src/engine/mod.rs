@@ -7,6 +7,18 @@
 //! It is never held across an `.await`. The admission estimators are atomics, read
 //! without it. Each operation here is a short composition of the stages: [`Engine::join`]
 //! is where a caller is admitted or refused, on [`admission`]'s forecast.
+//!
+//! Layout: [`inflight`] (which batch carries each key), [`batch`] (batches and their
+//! outcomes), [`admission`] (will an answer make the deadline?), [`queue`] (the fair,
+//! deadline-ordered queue), [`join`] (placing a caller's misses), [`dispatcher`] (the task
+//! spending the budget's tokens), and [`flights`] (single flight for answers fetched whole).
+//!
+//! May import: `cache`, `budget`, `clients`, `tencent`. Imported by `fleet`, `upstream`
+//! and `service`; it never calls upstream itself: a dispatched batch is handed to whoever
+//! the dispatcher was given (`upstream::fetch` in the gateway, a stand-in in tests).
+//!
+//! Invariant: a key is in at most one batch at a time, so never two fetches are in flight
+//! for it; a token is spent only on work somebody can still use.
 
 pub mod admission;
 pub mod batch;

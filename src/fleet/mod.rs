@@ -16,6 +16,10 @@
 //! is abandoned for that request, which then behaves as a lone replica would; after a
 //! failure the tier is skipped for [`RETRY_AFTER_FAILURE`], and
 //! `receipt_gateway_fleet_backend_up` says which state it is in.
+//!
+//! May import: `cache`, `engine` (batch outcomes), `config`, `tencent`. Imported by
+//! `upstream` (a batch takes and shares through it) and `service` (a request's fleet
+//! round).
 
 pub mod scripts;
 

@@ -72,7 +72,7 @@ pub struct Limits {
 /// `limits.max_connections` are open at once (more are closed at once), one that sends
 /// nothing within `limits.first_bytes` is closed, and an HTTP/1.1 one that completes no
 /// request head within `limits.header_timeout` while none of its requests is being
-/// answered is closed (see [`watchdog`]).
+/// answered is closed (see `conn::watchdog`).
 ///
 /// The protocol is told from the first bytes (peeked, so the connection's own parser
 /// reads them), and each connection is served by hyper's own HTTP/1.1 or HTTP/2 server:

@@ -5,6 +5,16 @@
 //! next. It makes exactly one HTTP call per [`Upstream::get_receipts`] (or
 //! [`Upstream::get_detail`], for the detail API's client): retries, splits and budget
 //! are the caller's (`fetch`, `detail`), so that every attempt is paid for.
+//!
+//! Layout: this module (the client and the classification of answers), [`signer`] (the
+//! cached UserSig), [`retry`] (backoff and what each failure calls for, for every API),
+//! and [`fetch`] (running one dispatched receipt batch to its end).
+//!
+//! May import: `engine` (batches, the queue's permits), `budget`, `cache`, `fleet`,
+//! `config`, `telemetry`, `tencent`. Imported by `service` and `lib.rs` only.
+//!
+//! Invariant: every attempt, retry and split is paid with a token from the budget, and a
+//! batch runs in a task of its own, so no caller can cancel a call others wait on.
 
 pub mod fetch;
 pub mod retry;
