@@ -10,10 +10,11 @@ use std::path::Path;
 use tokio::net::TcpListener;
 
 use crate::config::{Config, ConfigError, SecretSource};
-use crate::simulator::{CallbackPlayer, SimApp, SimOptions, Simulator};
 use crate::tencent::usersig::SecretKey;
 use crate::tencent::webhook::CALLBACK_PATH;
 use crate::{Listeners, RunError};
+
+use super::{CallbackPlayer, SimApp, SimOptions, Simulator};
 
 /// The demo's configuration, compiled in so the demo needs no files.
 pub const DEMO_CONFIG: &str = include_str!("../../config/demo.toml");
@@ -32,7 +33,7 @@ pub enum DemoError {
     #[error(transparent)]
     Run(#[from] RunError),
     #[error("the simulated members: {0:?}")]
-    Player(crate::simulator::PlayerError),
+    Player(super::PlayerError),
 }
 
 /// Supplies the demo key for whatever variable the demo config names.

@@ -40,7 +40,7 @@ pub enum Filter {
 
 /// The name the answer gives the "last page" flag. Tencent's reference describes
 /// `IsFinish`; SDKs built against its live answers read `IsFinished`. The gateway accepts
-/// either (SPEC 2.2), and a test can make the simulator send the other one.
+/// either (it passes the body through), and a test can make the simulator send the other one.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum FinishField {
     #[default]

@@ -1,4 +1,4 @@
-//! The member player: the simulator's group members reading messages (SPEC 6.4).
+//! The member player: the simulator's group members reading messages.
 //!
 //! When [`SimOptions::player`](super::SimOptions) is set, [`Simulator::serve`] runs one
 //! task that, every `1 / reads_per_second` seconds, picks the next playable (group, seq)

@@ -2,7 +2,7 @@
 //! requires, how it judges a UserSig and a body, which groups fail, and what counts it
 //! reports. The query, UserSig and group rules hold for the detail API too (its body
 //! rules are in `detail`). No I/O and no shared state, so each rule is testable on its
-//! own; the simulator's server decides in which order they run.
+//! own; `call` decides in which order they run.
 
 use std::collections::HashMap;
 
