@@ -1,6 +1,6 @@
 //! A local stand-in for Tencent Cloud Chat's read-receipt REST APIs,
 //! `get_group_msg_receipt` and `get_group_msg_receipt_detail`, and for the group members
-//! whose reads Tencent pushes as callbacks.
+//! whose reads Tencent pushes as callbacks (docs/design.md#simulator).
 //!
 //! Integration tests, the demo, the load generator and `receipt-gateway simulate` point
 //! the gateway's upstream at it. It is a real HTTP server (HTTP/1.1 and h2c on one port)
