@@ -410,3 +410,6 @@ fn assemble(app: &Receipts, slots: &[Slot], q: &Query<'_>) -> Answer {
         .collect();
     Answer { body: ReceiptResponse::ok(items), x_cache, age: now.saturating_duration_since(oldest).as_secs() }
 }
+
+#[cfg(test)]
+mod tests;
