@@ -19,7 +19,7 @@
 //! Which waiting call gets the next token is not decided here but by the dispatcher
 //! (the engine's dispatcher), the only caller of [`Budget::acquire`] for its (app, API).
 //!
-//! May import: `config`. Imported by `engine` (the dispatcher), `upstream` (the send-time
+//! May import: `config`, `telemetry`. Imported by `engine` (the dispatcher), `upstream` (the send-time
 //! check, throttling) and `service` (admission's pace).
 
 use std::collections::VecDeque;
@@ -33,6 +33,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::time::Instant;
 
 use crate::config::{BudgetBackend, BudgetConfig};
+use crate::telemetry::episode::Episode;
 
 /// Slack added to every second of budget, absorbing delivery jitter (see module docs).
 pub const GUARD: Duration = Duration::from_millis(30);
@@ -138,6 +139,8 @@ pub struct Budget {
     rate_gauge: Gauge,
     /// When this gateway's calls of the last second were sent ([`Budget::before_send`]).
     sent: Mutex<VecDeque<Instant>>,
+    /// The throttling under way, logged when it starts and when the rate is back.
+    throttling: Episode,
 }
 
 /// One call in this many of a second is kept free at the moment of sending, for the
@@ -205,7 +208,7 @@ impl Budget {
                 key: format!("{key_prefix}:{key}"),
                 down_until: Mutex::new(None),
                 up: backend_up,
-                down_logged: std::sync::atomic::AtomicBool::new(false),
+                outage: Episode::default(),
                 others: Mutex::new(Others::default()),
             })),
         };
@@ -221,6 +224,7 @@ impl Budget {
                 next_slot: now,
             }),
             rate_gauge,
+            throttling: Episode::default(),
             sent: Mutex::new(VecDeque::new()),
         })
     }
@@ -353,7 +357,9 @@ impl Budget {
             p.rate
         });
         self.rate_gauge.set(rate);
-        tracing::warn!(effective_rate = rate, "upstream throttled; lowering the effective rate");
+        if self.throttling.event() {
+            tracing::warn!(effective_rate = rate, "upstream throttled; lowering the effective rate");
+        }
     }
 
     /// Runs `f` on the pacing state after applying recovery up to now.
@@ -361,13 +367,24 @@ impl Budget {
         let max = self.per_second().get() as f64;
         let mut p = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let now = Instant::now();
+        let mut recovered = false;
         if p.rate < max {
             let dt = now.duration_since(p.updated).as_secs_f64();
             p.rate = (p.rate + max * dt / RECOVERY.as_secs_f64()).min(max);
             self.rate_gauge.set(p.rate);
+            recovered = p.rate >= max;
         }
         p.updated = now;
-        f(&mut p)
+        let out = f(&mut p);
+        drop(p);
+        if recovered && let Some(ended) = self.throttling.end() {
+            tracing::info!(
+                throttled_answers = ended.events,
+                lasted_ms = ended.lasted.as_millis() as u64,
+                "effective rate back to budget.per_second"
+            );
+        }
+        out
     }
 }
 
@@ -443,8 +460,8 @@ struct RedisSource {
     down_until: Mutex<Option<Instant>>,
     /// `receipt_gateway_budget_backend_up`: 1 after Redis answered, 0 after it failed.
     up: IntGauge,
-    /// Whether the outage under way was logged (once per outage, not per retry).
-    down_logged: std::sync::atomic::AtomicBool,
+    /// The outage under way, logged when it starts and ends, not per failed call.
+    outage: Episode,
     others: Mutex<Others>,
 }
 
@@ -460,8 +477,14 @@ impl RedisSource {
             }
             let answer = self.try_take(rates).await;
             self.up.set(answer.is_ok().into());
-            if answer.is_ok() && self.down_logged.swap(false, std::sync::atomic::Ordering::Relaxed) {
-                tracing::info!("redis budget answers again");
+            if answer.is_ok()
+                && let Some(ended) = self.outage.end()
+            {
+                tracing::info!(
+                    failed_calls = ended.events,
+                    lasted_ms = ended.lasted.as_millis() as u64,
+                    "redis budget answers again"
+                );
             }
             match answer {
                 Ok((0, grants)) => {
@@ -472,7 +495,7 @@ impl RedisSource {
                 }
                 Ok((wait_us, _)) => tokio::time::sleep(Duration::from_micros(wait_us)).await,
                 Err(e) => {
-                    if !self.down_logged.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    if self.outage.event() {
                         tracing::warn!(error = %e, "redis budget unreachable; pacing on budget.fallback_per_second");
                     }
                     if let Ok(mut d) = self.down_until.lock() {

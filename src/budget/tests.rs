@@ -86,6 +86,49 @@ async fn throttling_halves_the_rate_once_per_burst_and_it_recovers() {
     assert_eq!(gauge.get(), 200.0);
 }
 
+/// The log lines written while `f` runs on this thread.
+fn logged(f: impl FnOnce()) -> String {
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let lines = Lines::default();
+    let writer = lines.clone();
+    let subscriber = tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
+    tracing::subscriber::with_default(subscriber, f);
+    String::from_utf8(lines.0.lock().unwrap().clone()).unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_throttling_episode_is_logged_when_it_starts_and_when_the_rate_is_back_not_per_answer() {
+    let per_second = NonZeroU32::new(200).unwrap();
+    let config = BudgetConfig { per_second, backend: BudgetBackend::Local, fallback_per_second: per_second };
+    let up = IntGauge::new("up", "up").unwrap();
+    let b = Budget::new(&config, "k".into(), Gauge::new("g", "g").unwrap(), up).unwrap();
+
+    let during = logged(|| {
+        for _ in 0..100 {
+            b.throttled();
+        }
+    });
+    tokio::time::advance(DECREASE_HOLDOFF * 2).await;
+    let again = logged(|| b.throttled());
+    tokio::time::advance(RECOVERY * 2).await;
+    let after = logged(|| assert_eq!(b.effective_rate(), 200.0));
+
+    assert_eq!(during.matches("upstream throttled").count(), 1, "{during}");
+    assert_eq!(again, "", "a later answer in the same episode is counted, not logged");
+    assert_eq!(after.matches("effective rate back").count(), 1, "{after}");
+    assert!(after.contains("throttled_answers=101"), "{after}");
+}
+
 /// Sends bunched by a late start (here: all at once) are spread so that no rolling
 /// second of send times holds more than 198 of a 200/s budget.
 #[tokio::test(start_paused = true)]

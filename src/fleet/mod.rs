@@ -17,14 +17,13 @@
 //! failure the tier is skipped for [`RETRY_AFTER_FAILURE`], and
 //! `receipt_gateway_fleet_backend_up` says which state it is in.
 //!
-//! May import: `cache`, `engine` (batch outcomes), `config`, `tencent`. Imported by
+//! May import: `cache`, `engine` (batch outcomes), `config`, `telemetry`, `tencent`. Imported by
 //! `upstream` (a batch takes and shares through it) and `service` (a request's fleet
 //! round).
 
 pub mod scripts;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,6 +37,7 @@ pub use scripts::Scripts;
 use crate::cache::{Answer, KeptBy, Page, ReadLog, ReceiptCache};
 use crate::config::RedisConfig;
 use crate::engine::batch::{Failure, Items};
+use crate::telemetry::episode::Episode;
 use crate::tencent::code::ErrorCode;
 use crate::tencent::domain::{AppId, GroupId, MsgSeq, Receipt};
 
@@ -167,8 +167,8 @@ pub struct Fleet {
     callbacks_channel: String,
     down_until: Mutex<Option<Instant>>,
     up: IntGauge,
-    /// Whether the outage under way was logged (once per outage, not per retry).
-    down_logged: AtomicBool,
+    /// The outage under way, logged when it starts and ends, not per failed call.
+    outage: Episode,
     /// Requests waiting on another replica's answer, by `<app>:<group>`.
     waiters: Mutex<HashMap<String, Arc<Notify>>>,
 }
@@ -185,7 +185,7 @@ impl Fleet {
             callbacks_channel: format!("{}:fleet:callbacks", config.key_prefix),
             down_until: Mutex::new(None),
             up,
-            down_logged: AtomicBool::new(false),
+            outage: Episode::default(),
             waiters: Mutex::new(HashMap::new()),
         })
     }
@@ -441,14 +441,18 @@ impl Fleet {
         match tokio::time::timeout(CALL_TIMEOUT, attempt).await {
             Err(_) => Err(FleetError::Timeout),
             Ok(Ok(value)) => {
-                if self.down_logged.swap(false, Ordering::Relaxed) {
-                    tracing::info!("fleet: redis answers again; sharing items, fetches and batches");
+                if let Some(ended) = self.outage.end() {
+                    tracing::info!(
+                        failed_calls = ended.events,
+                        lasted_ms = ended.lasted.as_millis() as u64,
+                        "fleet: redis answers again; sharing items, fetches and batches"
+                    );
                 }
                 self.up.set(1);
                 Ok(value)
             }
             Ok(Err(e)) => {
-                if !self.down_logged.swap(true, Ordering::Relaxed) {
+                if self.outage.event() {
                     tracing::warn!(error = %e, "fleet: redis unreachable; each replica caches and batches on its own");
                 }
                 self.up.set(0);
