@@ -634,3 +634,31 @@ async fn request_heads_are_bounded_to_64_kib_on_both_protocols() {
         assert_eq!(response.status(), status, "{bytes} bytes of header");
     }
 }
+
+#[tokio::test]
+async fn http1_requests_without_exactly_one_valid_host_are_400() {
+    let app = TestApp::spawn().await;
+    let data = app.url.trim_start_matches("http://").to_owned();
+    let body = body("host", &[1]);
+    for (hosts, why) in [
+        ("", "missing"),
+        ("host: a\r\nhost: a\r\n", "repeated"),
+        ("host: user@gateway\r\n", "not a valid"),
+        ("host: gate way\r\n", "not a valid"),
+    ] {
+        let request = format!("POST {RECEIPT} HTTP/1.1\r\n{hosts}content-length: {}\r\n\r\n{body}", body.len());
+        let mut conn = within(TcpStream::connect(&data)).await.expect("connects");
+        let answer = exchange(&mut conn, &request).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{hosts:?}: {answer}");
+        assert!(
+            answer.contains("\"ErrorCode\":10004") && answer.contains(&format!("the Host header is {why}")),
+            "{answer}"
+        );
+    }
+    assert_eq!(app.sim.call_count(), 0);
+    // HTTP/1.0 may leave it out.
+    let request = format!("POST {RECEIPT} HTTP/1.0\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+    let mut conn = within(TcpStream::connect(&data)).await.expect("connects");
+    let answer = exchange(&mut conn, &request).await;
+    assert!(answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
