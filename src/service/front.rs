@@ -183,13 +183,27 @@ fn host(head: &Parts) -> Result<(), GatewayError> {
     Err(GatewayError::BadRequest(format!("the Host header {why}")))
 }
 
-/// `host[:port]`: an authority without user information, its port (if any) digits.
-fn is_authority(host: &[u8]) -> bool {
-    let Ok(authority) = http::uri::Authority::try_from(host) else { return false };
-    let port = authority.as_str().strip_prefix(authority.host()).unwrap_or("");
-    let digits = |p: &str| p.bytes().all(|b| b.is_ascii_digit()) && (p.is_empty() || p.parse::<u16>().is_ok());
-    let port_ok = port.is_empty() || port.strip_prefix(':').is_some_and(digits);
-    authority.as_str().len() == host.len() && !host.contains(&b'@') && port_ok
+/// `host[:port]` (RFC 3986, 3.2.2–3.2.3): a registered name or IPv4 address, or an IP
+/// literal in brackets; no user information; a port of digits. Checked in place: parsing
+/// it as an `http::uri::Authority` would copy it, an allocation on every request.
+fn is_authority(value: &[u8]) -> bool {
+    let (host, port) = match value.iter().rposition(|&b| b == b':') {
+        // A colon inside an IPv6 literal is not the port's.
+        Some(i) if !value[i..].contains(&b']') => (&value[..i], Some(&value[i + 1..])),
+        _ => (value, None),
+    };
+    let port_ok = port.is_none_or(|p| {
+        p.len() <= 5
+            && p.iter().all(u8::is_ascii_digit)
+            && std::str::from_utf8(p).is_ok_and(|p| p.is_empty() || p.parse::<u16>().is_ok())
+    });
+    let host_ok = match host {
+        [b'[', literal @ .., b']'] => {
+            !literal.is_empty() && literal.iter().all(|b| b.is_ascii_hexdigit() || b":.".contains(b))
+        }
+        _ => !host.is_empty() && host.iter().all(|b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(b)),
+    };
+    host_ok && port_ok
 }
 
 /// W3C trace context, logged as sent.
@@ -402,7 +416,9 @@ mod tests {
 
     #[test]
     fn http1_requests_name_one_valid_host() {
-        for good in ["gateway", "gateway:8080", "10.0.0.1:80", "[::1]:8080", "receipt-gateway.prod.svc.cluster.local"] {
+        for good in
+            ["gateway", "gateway:8080", "10.0.0.1:80", "[::1]:8080", "[::1]", "gw.prod.svc.cluster.local", "gw:"]
+        {
             assert!(host(&head(Version::HTTP_11, &[good])).is_ok(), "{good}");
         }
         let why = |version, hosts: &[&'static str]| host(&head(version, hosts)).unwrap_err().to_string();
