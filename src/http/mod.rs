@@ -50,7 +50,8 @@ const MAX_H2_SEND_BUFFER: usize = 64 * 1024;
 const MAX_PENDING_RESETS: usize = 20;
 /// A request head, HTTP/1.1 (request line and headers) or h2 (the decoded header list),
 /// is at most this large: 431 beyond. Envoy allows 60 KiB by default, so whatever a mesh
-/// forwards fits; a connection stuck mid-head holds at most this.
+/// forwards fits. A connection stuck mid-head holds its buffer, at most about twice this
+/// (it grows by doubling; measured 133 KiB a head, docs/benchmarks.md#hostile-input).
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Connections the admin port keeps open at once: enough for probes and scrapers, and
 /// apart from the data port's, so `/healthz` answers while the data port is full.
@@ -199,6 +200,7 @@ async fn connection<H, F>(
     end(&progress, &limits);
 }
 
+/// The connection ended: its place in the limit and in the gauge are given back.
 fn end(progress: &conn::Progress, limits: &Limits) {
     progress.release();
     limits.metrics.open.dec();
