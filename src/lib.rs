@@ -191,14 +191,15 @@ pub async fn run_reloading(
         tasks.spawn(reload::watch(path, reload::hangups(), config.clone(), gateway.clone(), metrics.clone()));
     }
     let s = &config.server;
-    let limits = |metrics, max_connections| http::Limits {
+    let limits = |metrics, max_connections, header_timeout| http::Limits {
         max_connections,
         first_bytes: s.first_bytes_timeout,
-        header_timeout: s.header_timeout,
+        header_timeout,
         metrics,
     };
-    let data_limits = limits(metrics.connections("data"), s.max_connections);
-    let admin_limits = limits(metrics.connections("admin"), http::ADMIN_MAX_CONNECTIONS);
+    let data_limits = limits(metrics.connections("data"), s.max_connections, s.header_timeout);
+    let admin_header_timeout = s.header_timeout.min(http::ADMIN_HEADER_TIMEOUT);
+    let admin_limits = limits(metrics.connections("admin"), http::ADMIN_MAX_CONNECTIONS, admin_header_timeout);
     let admin = Arc::new(crate::service::admin::Admin { metrics, cache, drain: drain.clone() });
     let (stop_data, data_stopped) = watch::channel(None);
     let (stop_admin, admin_stopped) = watch::channel(None);

@@ -1,10 +1,13 @@
 //! One connection's life: driven until it ends or is told to stop ([`Drive`]), its
-//! requests counted for the HTTP/1.1 watchdog and the rapid-reset guard ([`Progress`]).
+//! requests counted for the watchdog, the rapid-reset guard and admission
+//! ([`Progress`]), and the port's open connections, to close them for shutdown or to make
+//! room for a new one ([`Open`]).
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -12,20 +15,28 @@ use http::{Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::server::graceful::GracefulConnection;
+use prometheus::IntCounter;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use super::Limits;
+use super::sniff::Protocol;
 
 /// What a connection is told from outside its task, as bits of [`Progress::signals`].
 const STOP: u8 = 1;
 /// Its allowance of resets is spent.
 const FLOODED: u8 = 2;
-/// Its watchdog saw no request head in time.
+/// It went without a request head too long ([`expire`]): dropped at once.
 const EXPIRED: u8 = 4;
+/// An h2 connection went without a request head too long: GOAWAY first.
+const IDLE: u8 = 8;
+/// Its place was given to a new connection ([`Open::evict`]): dropped at once.
+const EVICTED: u8 = 16;
 
-/// Serves `conn` until it ends. Told to stop, or flooded with resets (see [`Resets`]),
-/// it finishes gracefully (HTTP/1.1: after the answer being written; h2: GOAWAY, then
-/// the streams it accepted); expired (see [`watchdog`]), it is dropped at once.
+/// Serves `conn` until it ends. Told to stop, flooded with resets (see [`Resets`]) or
+/// idle (h2, see [`expire`]), it finishes gracefully (HTTP/1.1: after the answer being
+/// written; h2: GOAWAY, then the streams it accepted); expired or evicted, it is dropped
+/// at once.
 ///
 /// The signals are one atomic load per wake-up: futures for them (a timer, channels)
 /// would be polled on every wake-up of the connection, which costs each request.
@@ -56,10 +67,14 @@ impl<C: GracefulConnection> Future for Drive<'_, C> {
         }
         let signals = this.progress.signals.load(Ordering::Acquire);
         if signals & EXPIRED != 0 {
-            tracing::debug!("closed an HTTP/1.1 connection that went without a request head too long");
+            tracing::debug!("closed a connection that went without a request head too long");
             return std::task::Poll::Ready(Ok(()));
         }
-        if signals & (STOP | FLOODED) != 0 && !this.closing {
+        if signals & EVICTED != 0 {
+            tracing::debug!("closed a connection to make room for a new one");
+            return std::task::Poll::Ready(Ok(()));
+        }
+        if signals & (STOP | FLOODED | IDLE) != 0 && !this.closing {
             if signals & FLOODED != 0 {
                 tracing::info!("closing a connection that reset too many accepted requests (GOAWAY)");
                 this.limits.metrics.reset_flood.inc();
@@ -80,48 +95,123 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Tells the connection of `progress` it expired once its [`watchdog`] returns.
-pub(super) async fn expire(progress: Arc<Progress>, timeout: Duration) {
+/// Closes the connection of `progress` once its [`watchdog`] returns, counting it in
+/// `idle`. An HTTP/1.1 connection is dropped at once; an h2 one is sent GOAWAY first, so
+/// a peer that is only idle learns not to send more, and is dropped if it has not closed
+/// after another third of `timeout` without a request (a peer that answers no PING, or
+/// is stuck in the middle of a header block, never lets GOAWAY finish: nothing may come
+/// between a HEADERS frame and its CONTINUATIONs, so that one stream cannot be reset
+/// either). docs/operations.md#connection-limits
+pub(super) async fn expire(progress: Arc<Progress>, timeout: Duration, protocol: Protocol, idle: IntCounter) {
     watchdog(&progress, timeout).await;
+    idle.inc();
+    if protocol == Protocol::Http2 {
+        progress.signal(IDLE);
+        watchdog(&progress, timeout / 3).await;
+    }
     progress.signal(EXPIRED);
 }
 
-/// The open connections, to tell them to stop. Registered by the accept loop (so none
-/// is missed by a shutdown that starts while it is being spawned); a connection that
-/// ended is forgotten now and then.
+/// The open connections of a port, oldest first: to tell them all to stop, and to pick
+/// the one that makes room for a new connection when the port is full ([`Open::evict`]).
+/// Registered by the accept loop, so none is missed by a shutdown that starts while it
+/// is being spawned; a connection that ended is forgotten now and then. Only the accept
+/// loop and shutdown take the lock, never a request.
 #[derive(Default, Clone)]
-pub(super) struct Closers(Arc<std::sync::Mutex<Vec<std::sync::Weak<Progress>>>>);
+pub(super) struct Open(Arc<Mutex<Table>>);
 
-impl Closers {
+#[derive(Default)]
+struct Table {
+    /// Every open connection, in the order they were accepted.
+    all: VecDeque<Weak<Progress>>,
+    /// Those that had completed no request head when last looked at, oldest first. A
+    /// connection only ever leaves that state, so the front is popped until one is
+    /// still in it.
+    fresh: VecDeque<Weak<Progress>>,
+    /// Lengths at which the lists are next swept of ended connections: twice what the
+    /// last sweep left, so sweeping costs O(1) per connection.
+    sweep_all: usize,
+    sweep_fresh: usize,
+}
+
+/// Lists shorter than this are never swept.
+const SWEEP_FROM: usize = 64;
+
+impl Open {
     pub(super) fn register(&self, progress: &Arc<Progress>) {
-        let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        // Amortised, and bounded by twice the connections open.
-        if open.len() >= 64 && open.len().is_power_of_two() {
-            open.retain(|p| p.strong_count() > 0);
+        let mut table = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let t = &mut *table;
+        if t.all.len() >= t.sweep_all.max(SWEEP_FROM) {
+            t.all.retain(|p| p.strong_count() > 0);
+            t.sweep_all = 2 * t.all.len();
         }
-        open.push(Arc::downgrade(progress));
+        if t.fresh.len() >= t.sweep_fresh.max(SWEEP_FROM) {
+            t.fresh.retain(|p| p.upgrade().is_some_and(|p| p.heads.load(Ordering::Relaxed) == 0));
+            t.sweep_fresh = 2 * t.fresh.len();
+        }
+        t.all.push_back(Arc::downgrade(progress));
+        t.fresh.push_back(Arc::downgrade(progress));
+    }
+
+    /// Makes room for a new connection on a full port: closes the oldest connection that
+    /// has completed no request head (a silent or slow opener), else the oldest that is
+    /// answering none (an idle keep-alive or h2 connection), and hands over its place.
+    /// `None` when every connection is answering a request: then the new one is refused.
+    ///
+    /// Finding the idle one looks at the connections in order, skipping the busy ones: a
+    /// cost only paid when the port is full and nobody completed no head.
+    pub(super) fn evict(&self) -> Option<OwnedSemaphorePermit> {
+        let mut table = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(oldest) = table.fresh.pop_front() {
+            let Some(progress) = oldest.upgrade() else { continue };
+            if progress.heads.load(Ordering::Relaxed) > 0 {
+                continue;
+            }
+            if let Some(slot) = progress.evict() {
+                return Some(slot);
+            }
+        }
+        let mut i = 0;
+        while let Some(weak) = table.all.get(i) {
+            let Some(progress) = weak.upgrade() else {
+                table.all.remove(i);
+                continue;
+            };
+            if progress.answering.load(Ordering::Relaxed) == 0
+                && let Some(slot) = progress.evict()
+            {
+                table.all.remove(i);
+                return Some(slot);
+            }
+            i += 1;
+        }
+        None
     }
 
     pub(super) fn close_all(&self) {
-        let open = std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()));
-        for progress in open.iter().filter_map(std::sync::Weak::upgrade) {
+        let open = std::mem::take(&mut self.0.lock().unwrap_or_else(|p| p.into_inner()).all);
+        for progress in open.iter().filter_map(Weak::upgrade) {
             progress.signal(STOP);
         }
     }
 }
 
-/// What a connection's service has seen of it: for the HTTP/1.1 [`watchdog`], and the
-/// rapid-reset guard ([`Resets`]).
+/// What a connection's service has seen of it: for the [`watchdog`], the rapid-reset
+/// guard ([`Resets`]) and admission ([`Open::evict`]); and its place in the port's
+/// connection limit.
 pub(super) struct Progress {
     /// Request heads completed (each one is a call of the service).
     heads: AtomicU64,
     /// Requests being answered.
     answering: AtomicUsize,
     resets: Resets,
-    /// What the connection was told ([`STOP`], [`FLOODED`], [`EXPIRED`]), and how to
-    /// wake it to see it.
+    /// What the connection was told ([`STOP`], [`FLOODED`], [`EXPIRED`], [`IDLE`],
+    /// [`EVICTED`]), and how to wake it to see it.
     signals: AtomicU8,
-    waker: std::sync::Mutex<Option<std::task::Waker>>,
+    waker: Mutex<Option<std::task::Waker>>,
+    /// Its place among the port's `max_connections`: given back when it ends, or handed
+    /// to a new connection that evicts it.
+    slot: Mutex<Option<OwnedSemaphorePermit>>,
 }
 
 impl Progress {
@@ -130,6 +220,38 @@ impl Progress {
         if let Some(waker) = self.waker.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
             waker.wake_by_ref();
         }
+    }
+
+    /// The connection holds `slot` until it ends or is evicted.
+    pub(super) fn hold(&self, slot: OwnedSemaphorePermit) {
+        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(slot);
+    }
+
+    /// The connection ended: its place is free.
+    pub(super) fn release(&self) {
+        drop(self.slot.lock().unwrap_or_else(|p| p.into_inner()).take());
+    }
+
+    /// Its place, taken from it, and it told to close; `None` if it has none (ended, or
+    /// evicted already).
+    fn evict(&self) -> Option<OwnedSemaphorePermit> {
+        let slot = self.slot.lock().unwrap_or_else(|p| p.into_inner()).take()?;
+        self.signal(EVICTED);
+        Some(slot)
+    }
+
+    /// Resolves once the connection is told to stop or is evicted: for the time before it
+    /// is driven (while its first bytes are awaited), when [`Drive`] is not there to look.
+    pub(super) async fn stopped(&self) {
+        std::future::poll_fn(|cx| {
+            *self.waker.lock().unwrap_or_else(|p| p.into_inner()) = Some(cx.waker().clone());
+            if self.signals.load(Ordering::Acquire) & (STOP | EVICTED) != 0 {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+        .await;
     }
 }
 
@@ -143,7 +265,7 @@ const RESETS_PER_SECOND: f64 = 10.0;
 
 /// A connection's allowance of requests abandoned before their answer (a token bucket).
 struct Resets {
-    bucket: std::sync::Mutex<Bucket>,
+    bucket: Mutex<Bucket>,
 }
 
 struct Bucket {
@@ -159,7 +281,7 @@ struct Bucket {
 impl Resets {
     pub(super) fn new() -> Self {
         let bucket = Bucket { tokens: RESET_BURST, since: Instant::now(), dropped: 0, answered: 0, flooded: false };
-        Self { bucket: std::sync::Mutex::new(bucket) }
+        Self { bucket: Mutex::new(bucket) }
     }
 
     /// One more request abandoned before its answer; `finished` requests of the
@@ -193,7 +315,8 @@ pub(super) fn counting<H>(handle: H) -> Counting<H> {
         answering: AtomicUsize::new(0),
         resets: Resets::new(),
         signals: AtomicU8::new(0),
-        waker: std::sync::Mutex::new(None),
+        waker: Mutex::new(None),
+        slot: Mutex::new(None),
     };
     Counting { handle, progress: Arc::new(progress) }
 }
@@ -260,13 +383,13 @@ impl Drop for Answering {
     }
 }
 
-/// Returns once an HTTP/1.1 connection has gone `timeout` (to within a third of it)
-/// without completing a request head while none of its requests was being answered:
-/// a slow sender of headers (slowloris), an idle keep-alive connection, or a peer that
-/// stopped reading its answer. One timer per connection, none per request (hyper's own
-/// header-read timeout arms one per request).
+/// Returns once a connection has gone `timeout` (to within a third of it) without
+/// completing a request head while none of its requests was being answered: a slow
+/// sender of headers (slowloris), an idle keep-alive or h2 connection, an h2 stream whose
+/// header block never ends, or a peer that stopped reading its answer. One timer per
+/// connection, none per request (hyper's own header-read timeout arms one per request).
 async fn watchdog(progress: &Progress, timeout: Duration) {
-    let tick = timeout / 3;
+    let tick = (timeout / 3).max(Duration::from_millis(1));
     let mut ticks = tokio::time::interval_at(Instant::now() + tick, tick);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seen = progress.heads.load(Ordering::Relaxed);
@@ -308,6 +431,66 @@ mod tests {
         dog.await;
         let quiet_for = started.elapsed() - 3 * timeout;
         assert!(quiet_for >= timeout && quiet_for <= timeout + timeout / 3, "{quiet_for:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_h2_connection_gets_goaway_then_is_dropped_if_it_stays() {
+        let timeout = Duration::from_secs(30);
+        let progress = counting(()).progress;
+        let idle = IntCounter::new("idle", "idle").unwrap();
+        let started = Instant::now();
+        let dog = tokio::spawn(expire(progress.clone(), timeout, Protocol::Http2, idle.clone()));
+        let signals = || progress.signals.load(Ordering::Acquire);
+        // Quiet for the timeout (the watchdog ticks every third of it): GOAWAY, not yet
+        // dropped.
+        tokio::time::sleep(timeout + timeout / 6).await;
+        assert_eq!(signals(), IDLE, "GOAWAY after {:?}", started.elapsed());
+        assert_eq!(idle.get(), 1);
+        // Still open a further third later (to within a ninth): dropped.
+        dog.await.unwrap();
+        assert_eq!(signals(), IDLE | EXPIRED);
+        let lived = started.elapsed();
+        assert!(lived >= timeout + timeout / 3 && lived <= timeout + timeout / 3 + timeout / 3, "{lived:?}");
+
+        // HTTP/1.1: dropped at once.
+        let progress = counting(()).progress;
+        expire(progress.clone(), timeout, Protocol::Http1, idle.clone()).await;
+        assert_eq!(progress.signals.load(Ordering::Acquire), EXPIRED);
+        assert_eq!(idle.get(), 2);
+    }
+
+    /// A connection of a port with `slots`, registered in `open`.
+    fn connection(open: &Open, slots: &Arc<tokio::sync::Semaphore>) -> Arc<Progress> {
+        let progress = counting(()).progress;
+        progress.hold(slots.clone().try_acquire_owned().unwrap());
+        open.register(&progress);
+        progress
+    }
+
+    #[test]
+    fn a_full_port_makes_room_from_the_oldest_headless_then_the_oldest_idle_never_a_busy_one() {
+        let slots = Arc::new(tokio::sync::Semaphore::new(5));
+        let open = Open::default();
+        let [answered, busy, ended, silent, slow] = [(); 5].map(|()| connection(&open, &slots));
+        // One request answered, and idle since; one answering; one gone.
+        let mut done = Answering::start(&answered);
+        done.done = true;
+        drop(done);
+        let _answering = Answering::start(&busy);
+        ended.release();
+        let evicted = |p: &Progress| p.signals.load(Ordering::Acquire) & EVICTED != 0;
+
+        // The oldest that has completed no head goes first, though older ones are idle;
+        // the one that ended is passed over. Its place is handed over, not freed.
+        let room = open.evict().expect("room");
+        assert!(evicted(&silent) && !evicted(&answered) && !evicted(&ended));
+        assert_eq!(slots.available_permits(), 1, "the ended connection's place only");
+        drop(room);
+        assert!(open.evict().is_some() && evicted(&slow));
+        // Then the oldest idle one; never the busy one.
+        assert!(open.evict().is_some() && evicted(&answered));
+        assert!(open.evict().is_none(), "every connection left is answering");
+        assert!(!evicted(&busy));
     }
 
     #[tokio::test(start_paused = true)]

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, header};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, Version, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use tokio::time::Instant;
@@ -73,9 +73,10 @@ pub async fn handle(req: Request<Incoming>, gw: Arc<Gateway>) -> Result<Response
     };
     let trace = Trace { request_id: Some(request_id.clone()), ..Trace::default() };
     let mut pending = Unanswered { gw: &gw, request_id: &request_id, path: &path, trace, done: false };
-    let outcome = match gw.drain.enter() {
-        None => Err(GatewayError::Draining),
-        Some(_in_flight) => route(&head, body, &gw, arrived, &mut pending.trace).await,
+    let outcome = match (host(&head), gw.drain.enter()) {
+        (Err(e), _) => Err(e),
+        (Ok(()), None) => Err(GatewayError::Draining),
+        (Ok(()), Some(_in_flight)) => route(&head, body, &gw, arrived, &mut pending.trace).await,
     };
     pending.done = true;
     let mut trace = std::mem::take(&mut pending.trace);
@@ -161,6 +162,48 @@ impl Drop for Unanswered<'_> {
             "caller went away before its answer"
         );
     }
+}
+
+/// An HTTP/1.x request's `Host`: exactly one, naming a host and an optional port (RFC
+/// 9112, 3.2: a server answers 400 to an HTTP/1.1 request without one, and to any with
+/// several or an invalid one). An HTTP/1.0 request may leave it out; h2 names the
+/// authority in `:authority`, which hyper has checked.
+fn host(head: &Parts) -> Result<(), GatewayError> {
+    if head.version == Version::HTTP_2 || head.version == Version::HTTP_3 {
+        return Ok(());
+    }
+    let mut hosts = head.headers.get_all(header::HOST).iter();
+    let why = match (hosts.next(), hosts.next()) {
+        (None, _) if head.version == Version::HTTP_10 || head.version == Version::HTTP_09 => return Ok(()),
+        (None, _) => "is missing",
+        (Some(_), Some(_)) => "is repeated",
+        (Some(host), None) if is_authority(host.as_bytes()) => return Ok(()),
+        (Some(_), None) => "is not a valid host[:port]",
+    };
+    Err(GatewayError::BadRequest(format!("the Host header {why}")))
+}
+
+/// `host[:port]` (RFC 3986, 3.2.2–3.2.3): a registered name or IPv4 address, or an IP
+/// literal in brackets; no user information; a port of digits. Checked in place: parsing
+/// it as an `http::uri::Authority` would copy it, an allocation on every request.
+fn is_authority(value: &[u8]) -> bool {
+    let (host, port) = match value.iter().rposition(|&b| b == b':') {
+        // A colon inside an IPv6 literal is not the port's.
+        Some(i) if !value[i..].contains(&b']') => (&value[..i], Some(&value[i + 1..])),
+        _ => (value, None),
+    };
+    let port_ok = port.is_none_or(|p| {
+        p.len() <= 5
+            && p.iter().all(u8::is_ascii_digit)
+            && std::str::from_utf8(p).is_ok_and(|p| p.is_empty() || p.parse::<u16>().is_ok())
+    });
+    let host_ok = match host {
+        [b'[', literal @ .., b']'] => {
+            !literal.is_empty() && literal.iter().all(|b| b.is_ascii_hexdigit() || b":.".contains(b))
+        }
+        _ => !host.is_empty() && host.iter().all(|b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(b)),
+    };
+    host_ok && port_ok
 }
 
 /// W3C trace context, logged as sent.
@@ -361,6 +404,46 @@ mod tests {
         assert_eq!(deadline(&headers(&[("x-request-timeout-ms", "999999999")]), d).unwrap(), MAX_DEADLINE);
         let bad = deadline(&headers(&[("x-request-timeout-ms", "soon")]), d).unwrap_err();
         assert!(bad.to_string().contains("x-request-timeout-ms"));
+    }
+
+    fn head(version: Version, hosts: &[&'static str]) -> Parts {
+        let mut request = Request::post("/").version(version);
+        for host in hosts {
+            request = request.header(header::HOST, *host);
+        }
+        request.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn http1_requests_name_one_valid_host() {
+        for good in
+            ["gateway", "gateway:8080", "10.0.0.1:80", "[::1]:8080", "[::1]", "gw.prod.svc.cluster.local", "gw:"]
+        {
+            assert!(host(&head(Version::HTTP_11, &[good])).is_ok(), "{good}");
+        }
+        let why = |version, hosts: &[&'static str]| host(&head(version, hosts)).unwrap_err().to_string();
+        assert!(why(Version::HTTP_11, &[]).contains("Host header is missing"));
+        assert!(why(Version::HTTP_11, &["a", "a"]).contains("Host header is repeated"));
+        for bad in [
+            "",
+            "user@gateway",
+            "gateway:port",
+            "gateway:99999",
+            "gateway:+80",
+            "a:1:2",
+            "gate way",
+            "gateway/path",
+            "gateway?x",
+            "[::1",
+        ] {
+            assert!(why(Version::HTTP_11, &[bad]).contains("Host header is not a valid"), "{bad:?}");
+        }
+        // HTTP/1.0 may leave it out, but not send a bad one; h2 uses :authority.
+        assert!(host(&head(Version::HTTP_10, &[])).is_ok());
+        assert!(host(&head(Version::HTTP_10, &["a", "b"])).is_err());
+        assert!(host(&head(Version::HTTP_2, &[])).is_ok());
+        let e = host(&head(Version::HTTP_11, &[])).unwrap_err();
+        assert_eq!((e.status(), e.code().0), (StatusCode::BAD_REQUEST, 10004));
     }
 
     #[test]

@@ -173,9 +173,10 @@ impl Metrics {
             },
             connections_refused: counter(
                 "receipt_gateway_connections_refused_total",
-                "Connections closed unserved, by port and reason (limit: over the port's maximum; silent: nothing \
-                 sent within the first-bytes timeout; resets: closed with GOAWAY for resetting too many accepted \
-                 requests).",
+                "Connections closed by the gateway, by port and reason (limit: the port full and every connection \
+                 answering a request; evicted: closed to make room for a new one on a full port; silent: nothing \
+                 sent within the first-bytes timeout; idle: no request head within the header timeout; resets: \
+                 closed with GOAWAY for resetting too many accepted requests).",
                 &["port", "reason"],
             )?,
             callbacks: counter(
@@ -228,6 +229,8 @@ impl Metrics {
             over_limit: self.connections_refused.with_label_values(&[port, "limit"]),
             silent: self.connections_refused.with_label_values(&[port, "silent"]),
             reset_flood: self.connections_refused.with_label_values(&[port, "resets"]),
+            idle: self.connections_refused.with_label_values(&[port, "idle"]),
+            evicted: self.connections_refused.with_label_values(&[port, "evicted"]),
         }
     }
 
@@ -247,13 +250,21 @@ impl Metrics {
 pub struct ConnectionMetrics {
     /// `receipt_gateway_connections_open{port}`.
     pub open: prometheus::IntGauge,
-    /// `receipt_gateway_connections_refused_total{port,reason="limit"}`.
+    /// `receipt_gateway_connections_refused_total{port,reason="limit"}`: refused because
+    /// the port was full and every connection was answering a request.
     pub over_limit: IntCounter,
     /// `receipt_gateway_connections_refused_total{port,reason="silent"}`.
     pub silent: IntCounter,
     /// `receipt_gateway_connections_refused_total{port,reason="resets"}`: closed for
     /// resetting too many accepted requests.
     pub reset_flood: IntCounter,
+    /// `receipt_gateway_connections_refused_total{port,reason="idle"}`: closed for
+    /// completing no request head within the header timeout (a slow head, an idle
+    /// keep-alive or h2 connection).
+    pub idle: IntCounter,
+    /// `receipt_gateway_connections_refused_total{port,reason="evicted"}`: closed to make
+    /// room for a new connection on a full port.
+    pub evicted: IntCounter,
 }
 
 /// One app's pre-resolved item counters.

@@ -1,7 +1,9 @@
-//! Connection hygiene (issue 11): silent connections cannot take the ports, HTTP/1.1
-//! connections that stop making progress are closed, h2 clients that never read or reset
-//! accepted requests in a loop cannot hurt, and a body that does not arrive in time is a
-//! 408.
+//! Connection hygiene (issues 11 and 23): silent connections cannot take the ports (a full
+//! port makes room by closing one that is not answering a request), connections of either
+//! protocol that stop making progress are closed, a peer that half-sends a first line and
+//! goes is let go at once, request heads are bounded, h2 clients that never read or reset
+//! accepted requests in a loop cannot hurt, a body that does not arrive in time is a 408,
+//! and an HTTP/1.1 request names one valid `Host`.
 
 use std::time::Duration;
 
@@ -10,58 +12,124 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::support::{RECEIPT, Setup, TestApp, WAIT, body, within};
+use crate::support::{RECEIPT, Setup, TestApp, WAIT, body, until, within};
 
-const MAX: usize = 40;
+/// The data port's limit in the admission tests.
+const MAX: usize = 200;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn silent_connections_cannot_take_the_ports_and_are_closed_by_the_first_bytes_timeout() {
-    let sections = format!("[server]\nmax_connections = {MAX}\nfirst_bytes_timeout_ms = 700\n");
+async fn silent_connections_past_the_limit_make_room_for_new_callers_and_go_at_the_first_bytes_timeout() {
+    let sections = format!("[server]\nmax_connections = {MAX}\nfirst_bytes_timeout_ms = 3000\n");
     let app = TestApp::spawn_with(Setup::sections(&sections)).await;
     // A caller already connected (the client's pool keeps the connection).
     assert_eq!(app.post(&body("hygiene", &[1])).await.status, StatusCode::OK);
 
+    // Twice the limit of silent connections: each one past the limit takes the place of
+    // the oldest silent one (it has completed no request head), never the pooled caller's
+    // (it has: it is idle, and goes only when no silent one is left).
     let data = app.url.trim_start_matches("http://").to_owned();
     let mut silent = Vec::new();
     for _ in 0..2 * MAX {
         silent.push(within(TcpStream::connect(&data)).await.expect("connects"));
     }
-    // The flood is accepted (or refused) before the probes: the pooled caller holds one
-    // of the MAX places, so MAX - 1 silent ones are held and MAX + 1 refused.
-    let refused = "receipt_gateway_connections_refused_total{port=\"data\",reason=\"limit\"}";
-    within(async {
-        while app.metric(refused).await < (MAX + 1) as f64 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    let evicted = "receipt_gateway_connections_refused_total{port=\"data\",reason=\"evicted\"}";
+    app.until_metric(evicted, (MAX + 1) as f64).await;
 
+    // A new caller is answered: its connection takes the place of the oldest silent one.
+    // (How fast, beside 400 silent connections, is benches/hostile.sh's `evict`: well
+    // under 100 ms. Here the bound is only WAIT's.)
     let started = Instant::now();
+    let mut caller = within(TcpStream::connect(&data)).await.expect("connects");
+    let answer = exchange(&mut caller, &request(&body("hygiene", &[1]))).await;
+    eprintln!("a new caller beside {} silent connections answered in {:?}", 2 * MAX, started.elapsed());
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.contains("x-cache: HIT"), "{answer}");
+    assert_eq!(app.metric(evicted).await, (MAX + 2) as f64);
+    // The pooled caller kept its connection, and the admin port is apart.
     let (status, _) = app.admin_get("/healthz").await;
     assert_eq!(status, StatusCode::OK);
     let reply = app.post(&body("hygiene", &[1])).await;
     assert_eq!((reply.status, reply.header("x-cache")), (StatusCode::OK, Some("HIT")));
-    assert!(started.elapsed() < Duration::from_millis(100), "answered in {:?}", started.elapsed());
-    assert_eq!(app.metric(refused).await, (MAX + 1) as f64, "the connections over the limit were closed at once");
+    let refused = "receipt_gateway_connections_refused_total{port=\"data\",reason=\"limit\"}";
+    assert_eq!(app.metric(refused).await, 0.0, "nobody was refused: every connection closed was silent");
 
-    // Every silent connection is closed: at once over the limit, else at the timeout.
+    // Every silent connection is closed: the oldest at once, the rest at the timeout.
     for conn in &mut silent {
         let mut byte = [0u8; 1];
-        let read = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut byte)).await;
-        assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "closed, not left open: {read:?}");
+        let read = within(conn.read(&mut byte)).await;
+        assert!(matches!(read, Ok(0) | Err(_)), "closed, not left open: {read:?}");
     }
     let timed_out = "receipt_gateway_connections_refused_total{port=\"data\",reason=\"silent\"}";
-    assert_eq!(app.metric(timed_out).await, (MAX - 1) as f64);
-    // And the port takes new connections again.
-    let fresh = within(TcpStream::connect(&data)).await.expect("connects");
-    drop(fresh);
-    // Left open: only the pooled caller (the dropped one is noticed at its EOF).
-    within(async {
-        while app.metric("receipt_gateway_connections_open{port=\"data\"}").await != 1.0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    assert_eq!(app.metric(timed_out).await, (2 * MAX - (MAX + 2)) as f64);
+    // Left open: the pooled caller and the new one.
+    app.until_metric("receipt_gateway_connections_open{port=\"data\"}", 2.0).await;
+}
+
+/// An HTTP/1.1 POST of `body` to the receipt path, for raw connections.
+fn request(body: &str) -> String {
+    format!(
+        "POST {RECEIPT} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nx-request-timeout-ms: 30000\r\n\
+         content-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// Writes `request` on `conn` and reads the answer's first bytes (one read: the answers
+/// here are small).
+async fn exchange(conn: &mut TcpStream, request: &str) -> String {
+    within(conn.write_all(request.as_bytes())).await.expect("writes");
+    read_some(conn).await
+}
+
+async fn read_some(conn: &mut TcpStream) -> String {
+    let mut answer = vec![0u8; 16 * 1024];
+    let n = within(conn.read(&mut answer)).await.unwrap_or(0);
+    String::from_utf8_lossy(&answer[..n]).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_port_closes_the_oldest_headless_then_the_oldest_idle_connection_and_refuses_only_when_all_are_busy() {
+    let sections = "[server]\nmax_connections = 3\n\n[upstream]\ntimeout_ms = 30000\n";
+    let app = TestApp::spawn_with(Setup::sections(sections)).await;
+    let data = app.url.trim_start_matches("http://").to_owned();
+    let connect = || async { within(TcpStream::connect(&data)).await.expect("connects") };
+    let count =
+        |reason: &str| format!("receipt_gateway_connections_refused_total{{port=\"data\",reason=\"{reason}\"}}");
+    let open = "receipt_gateway_connections_open{port=\"data\"}";
+
+    // The oldest has been answered and is idle; then a silent one; then one waiting for
+    // its answer (the simulator holds the call).
+    let mut idle = connect().await;
+    assert!(exchange(&mut idle, &request(&body("cached", &[1]))).await.starts_with("HTTP/1.1 200"));
+    let mut silent = connect().await;
+    app.until_metric(open, 2.0).await;
+    app.sim.hold_calls();
+    let mut busy = vec![connect().await];
+    within(busy[0].write_all(request(&body("busy-0", &[1])).as_bytes())).await.expect("writes");
+    until(|| app.sim.held_calls() == 1).await;
+
+    // Full. The next one takes the silent one's place, though the idle one is older.
+    busy.push(connect().await);
+    app.until_metric(&count("evicted"), 1.0).await;
+    assert_eq!(until_closed(&mut silent).await, 0, "the silent one is closed, unanswered");
+    within(busy[1].write_all(request(&body("busy-1", &[1])).as_bytes())).await.expect("writes");
+    until(|| app.sim.held_calls() == 2).await;
+    // No silent one left: the next takes the idle one's place.
+    busy.push(connect().await);
+    app.until_metric(&count("evicted"), 2.0).await;
+    until_closed(&mut idle).await;
+    within(busy[2].write_all(request(&body("busy-2", &[1])).as_bytes())).await.expect("writes");
+    until(|| app.sim.held_calls() == 3).await;
+
+    // Every connection is answering a request: a new one is refused, closed at once.
+    let mut refused = connect().await;
+    assert_eq!(until_closed(&mut refused).await, 0);
+    assert_eq!(app.metric(&count("limit")).await, 1.0);
+    assert_eq!(app.metric(&count("evicted")).await, 2.0, "no busy connection was closed");
+    app.sim.release_calls();
+    for conn in &mut busy {
+        let answer = read_some(conn).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
 }
 
 #[tokio::test]
@@ -285,17 +353,28 @@ async fn an_h2_client_resetting_accepted_requests_in_a_loop_gets_goaway() {
             break;
         };
         let request = http::Request::post(format!("{}{RECEIPT}", app.url)).body(()).unwrap();
-        let Ok((_response, mut stream)) = ready.send_request(request, false) else { break };
+        let Ok((mut response, mut stream)) = ready.send_request(request, false) else { break };
         if stream.send_data(bytes::Bytes::from(body(&format!("reset-{i}"), &[1])), true).is_err() {
             break;
         }
-        // Accepted and waiting for its call at the simulator: then reset.
-        within(async {
-            while app.sim.call_count() - before <= i {
-                tokio::time::sleep(Duration::from_millis(1)).await;
+        // Accepted and waiting for its call at the simulator: then reset. Unless the
+        // gateway's final GOAWAY crossed this request on the wire: then it was never
+        // accepted, and its answer is the refusal (it used to wait for a call that never
+        // came; 2 runs in 10 failed so before issue 23's changes too).
+        let accepted = within(async {
+            tokio::select! {
+                () = async {
+                    while app.sim.call_count() - before <= i {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                } => true,
+                _ = &mut response => false,
             }
         })
         .await;
+        if !accepted {
+            break;
+        }
         stream.send_reset(h2::Reason::CANCEL);
         reset += 1;
         if connection.is_finished() {
@@ -422,4 +501,175 @@ async fn an_http1_peer_that_never_reads_its_answers_is_closed_after_the_header_t
     assert!(started.elapsed() >= HEADER_TIMEOUT, "not before the timeout: {:?}", started.elapsed());
     // What was written before the close can still be read, then the end.
     until_closed(&mut conn).await;
+}
+
+/// A frame of HTTP/2 (RFC 9113, 4.1), for peers the h2 crate will not play.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut frame = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    frame.extend([kind, flags]);
+    frame.extend(stream.to_be_bytes());
+    frame.extend(payload);
+    frame
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_connections_without_a_stream_get_goaway_and_are_closed_but_long_answers_are_not() {
+    let sections = "[server]\nheader_timeout_ms = 600\n\n[upstream]\ntimeout_ms = 30000\n";
+    let app = TestApp::spawn_with(Setup::sections(sections)).await;
+    let data = app.url.trim_start_matches("http://").to_owned();
+    let started = Instant::now();
+    // A well-behaved client that opens no stream (it answers PINGs and GOAWAY).
+    let tcp = within(TcpStream::connect(&data)).await.expect("connects");
+    let (_idle, connection) = within(h2::client::handshake(tcp)).await.expect("h2");
+    let idle = tokio::spawn(connection);
+    // A peer stuck in a header block: HEADERS without END_HEADERS, then nothing. No
+    // other frame may come before its CONTINUATION, so it cannot even answer a PING.
+    let mut stuck = within(TcpStream::connect(&data)).await.expect("connects");
+    let mut opening = H2_PREFACE.to_vec();
+    opening.extend(h2_frame(0x4, 0, 0, &[]));
+    // :method POST, :scheme http (HPACK static table), and no end of the block.
+    opening.extend(h2_frame(0x1, 0, 1, &[0x83, 0x86]));
+    within(stuck.write_all(&opening)).await.expect("writes");
+    // A client whose one request waits for its answer longer than the timeout.
+    app.sim.hold_calls();
+    let tcp = within(TcpStream::connect(&data)).await.expect("connects");
+    let (client, connection) = within(h2::client::handshake(tcp)).await.expect("h2");
+    let long = tokio::spawn(connection);
+    let mut ready = within(client.ready()).await.expect("ready");
+    let request =
+        http::Request::post(format!("{}{RECEIPT}", app.url)).header("x-request-timeout-ms", "30000").body(()).unwrap();
+    let (response, mut stream) = ready.send_request(request, false).expect("sends");
+    stream.send_data(bytes::Bytes::from(body("long-h2", &[1])), true).expect("sends the body");
+    until(|| app.sim.held_calls() == 1).await;
+
+    // The idle one: GOAWAY, and the client closes.
+    within(idle).await.expect("the connection task").expect("closed cleanly, after GOAWAY");
+    // The stuck one: GOAWAY, then dropped a third of the timeout later.
+    until_closed(&mut stuck).await;
+    let closed_after = started.elapsed();
+    assert!(closed_after >= HEADER_TIMEOUT, "not before the timeout: {closed_after:?}");
+    let idle = "receipt_gateway_connections_refused_total{port=\"data\",reason=\"idle\"}";
+    assert_eq!(app.metric(idle).await, 2.0);
+
+    // The long request is still being answered two timeouts later, and gets its answer.
+    tokio::time::sleep(2 * HEADER_TIMEOUT).await;
+    assert!(!long.is_finished(), "a connection answering a request stays open");
+    app.sim.release_calls();
+    let response = within(response).await.expect("answered");
+    assert_eq!(response.status(), StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_port_answers_whatever_its_64_connections_do() {
+    // The data port's header timeout is long; the admin port's is at most 5 s.
+    let app = TestApp::spawn_with(Setup::sections("[server]\nheader_timeout_ms = 600000\n")).await;
+    let admin = app.admin.trim_start_matches("http://").to_owned();
+    // 64 idle h2 connections (answering PINGs) fill the admin port.
+    let mut idle = Vec::new();
+    for _ in 0..64 {
+        let tcp = within(TcpStream::connect(&admin)).await.expect("connects");
+        let (client, connection) = within(h2::client::handshake(tcp)).await.expect("h2");
+        idle.push((client, tokio::spawn(connection)));
+    }
+    // A probe is answered: its connection takes the place of the oldest idle one.
+    let (status, _) = app.admin_get("/healthz").await;
+    assert_eq!(status, StatusCode::OK);
+    let evicted = "receipt_gateway_connections_refused_total{port=\"admin\",reason=\"evicted\"}";
+    assert!(app.metric(evicted).await >= 1.0, "made room");
+    // And the idle ones are closed by the admin port's own, shorter, header timeout.
+    let (_client, youngest) = idle.pop().expect("64 of them");
+    let started = Instant::now();
+    within(youngest).await.expect("the connection task").expect("closed cleanly, after GOAWAY");
+    eprintln!("an idle admin h2 connection closed after {:?} more", started.elapsed());
+    let closed = "receipt_gateway_connections_refused_total{port=\"admin\",reason=\"idle\"}";
+    assert!(app.metric(closed).await >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_sent_part_of_a_first_line_and_closed_is_let_go_at_once() {
+    // An hour to send the first line: only the end of the stream can close these soon.
+    let app = TestApp::spawn_with(Setup::sections("[server]\nfirst_bytes_timeout_ms = 60000\n")).await;
+    let data = app.url.trim_start_matches("http://").to_owned();
+    let open = "receipt_gateway_connections_open{port=\"data\"}";
+    let mut peers = Vec::new();
+    for partial in [&b"P"[..], &H2_PREFACE[..10], b"GET / HT"] {
+        let mut peer = within(TcpStream::connect(&data)).await.expect("connects");
+        within(peer.write_all(partial)).await.expect("writes");
+        peers.push(peer);
+    }
+    app.until_metric(open, 3.0).await;
+    drop(peers);
+    // Far sooner than the 60 s timeout (WAIT is 20 s).
+    app.until_metric(open, 0.0).await;
+    let silent = "receipt_gateway_connections_refused_total{port=\"data\",reason=\"silent\"}";
+    assert_eq!(app.metric(silent).await, 0.0, "closed by the peer, not timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_heads_are_bounded_to_64_kib_on_both_protocols() {
+    let app = TestApp::spawn().await;
+    let data = app.url.trim_start_matches("http://").to_owned();
+    assert_eq!(app.post(&body("heads", &[1])).await.status, StatusCode::OK);
+    let filler = |bytes: usize| "a".repeat(bytes);
+
+    // HTTP/1.1: a head under 64 KiB is served, one over it is 431 (a slow head holds
+    // no more than that), be it in many headers or one.
+    let head = |headers: &str| {
+        let body = body("heads", &[1]);
+        format!("POST {RECEIPT} HTTP/1.1\r\nhost: x\r\n{headers}content-length: {}\r\n\r\n{body}", body.len())
+    };
+    let mut conn = within(TcpStream::connect(&data)).await.expect("connects");
+    let answer = exchange(&mut conn, &head(&format!("x-filler: {}\r\n", filler(60_000)))).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    for headers in [format!("x-filler: {}\r\n", filler(70_000)), format!("x-filler: {}\r\n", filler(1000)).repeat(70)] {
+        let mut conn = within(TcpStream::connect(&data)).await.expect("connects");
+        // The gateway answers, and closes, before it has read all: write what it takes.
+        let _ = within(conn.write_all(head(&headers).as_bytes())).await;
+        let answer = read_some(&mut conn).await;
+        assert!(answer.starts_with("HTTP/1.1 431"), "{}", &answer[..answer.len().min(200)]);
+    }
+
+    // h2: the same bound on the decoded header list (hyper's own default was 16 KiB).
+    let tcp = within(TcpStream::connect(&data)).await.expect("connects");
+    let (client, connection) = within(h2::client::handshake(tcp)).await.expect("h2");
+    tokio::spawn(connection);
+    for (bytes, status) in [(40_000, StatusCode::OK), (70_000, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)] {
+        let mut ready = within(client.clone().ready()).await.expect("ready");
+        let request =
+            http::Request::post(format!("{}{RECEIPT}", app.url)).header("x-filler", filler(bytes)).body(()).unwrap();
+        let (response, mut stream) = ready.send_request(request, false).expect("sends");
+        let _ = stream.send_data(bytes::Bytes::from(body("heads", &[1])), true);
+        let response = within(response).await.expect("answered");
+        assert_eq!(response.status(), status, "{bytes} bytes of header");
+    }
+}
+
+#[tokio::test]
+async fn http1_requests_without_exactly_one_valid_host_are_400() {
+    let app = TestApp::spawn().await;
+    let data = app.url.trim_start_matches("http://").to_owned();
+    let body = body("host", &[1]);
+    for (hosts, why) in [
+        ("", "missing"),
+        ("host: a\r\nhost: a\r\n", "repeated"),
+        ("host: user@gateway\r\n", "not a valid"),
+        ("host: gate way\r\n", "not a valid"),
+    ] {
+        let request = format!("POST {RECEIPT} HTTP/1.1\r\n{hosts}content-length: {}\r\n\r\n{body}", body.len());
+        let mut conn = within(TcpStream::connect(&data)).await.expect("connects");
+        let answer = exchange(&mut conn, &request).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{hosts:?}: {answer}");
+        assert!(
+            answer.contains("\"ErrorCode\":10004") && answer.contains(&format!("the Host header is {why}")),
+            "{answer}"
+        );
+    }
+    assert_eq!(app.sim.call_count(), 0);
+    // HTTP/1.0 may leave it out.
+    let request = format!("POST {RECEIPT} HTTP/1.0\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+    let mut conn = within(TcpStream::connect(&data)).await.expect("connects");
+    let answer = exchange(&mut conn, &request).await;
+    assert!(answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
