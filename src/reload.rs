@@ -36,7 +36,7 @@ pub const WATCH_EVERY: Duration = Duration::from_secs(2);
 
 /// What one reload attempt came to (the `result` label).
 #[derive(Debug, PartialEq, Eq)]
-pub enum Outcome {
+pub enum Reloaded {
     Applied,
     /// The file did not validate.
     Invalid(String),
@@ -79,7 +79,7 @@ pub async fn watch(
         }
         seen = now;
         let outcome = match Config::load(&path) {
-            Err(e) => Outcome::Invalid(e.to_string()),
+            Err(e) => Reloaded::Invalid(e.to_string()),
             Ok(new) => apply(&gateway, &metrics, &mut running, new),
         };
         report(&outcome, &path, signalled, &metrics);
@@ -87,10 +87,10 @@ pub async fn watch(
 }
 
 /// Applies `new` over `running` if it changes only what a reload may change.
-pub fn apply(gateway: &Gateway, metrics: &Metrics, running: &mut Config, new: Config) -> Outcome {
+pub fn apply(gateway: &Gateway, metrics: &Metrics, running: &mut Config, new: Config) -> Reloaded {
     let refused = restart_only_changes(running, &new);
     if !refused.is_empty() {
-        return Outcome::Refused(refused);
+        return Reloaded::Refused(refused);
     }
     // Every app shares the one cache.
     if let Some(app) = gateway.apps.values().next() {
@@ -105,21 +105,21 @@ pub fn apply(gateway: &Gateway, metrics: &Metrics, running: &mut Config, new: Co
     }
     gateway.clients.replace(clients);
     *running = new;
-    Outcome::Applied
+    Reloaded::Applied
 }
 
-fn report(outcome: &Outcome, path: &std::path::Path, signalled: bool, metrics: &Metrics) {
+fn report(outcome: &Reloaded, path: &std::path::Path, signalled: bool, metrics: &Metrics) {
     let file = path.display();
     let result = match outcome {
-        Outcome::Applied => {
+        Reloaded::Applied => {
             tracing::info!(%file, signalled, "configuration reloaded: clients, cache lifetimes, batch and budget applied");
             "ok"
         }
-        Outcome::Invalid(reason) => {
+        Reloaded::Invalid(reason) => {
             tracing::warn!(%file, %reason, "configuration reload failed: the running configuration stays");
             "invalid"
         }
-        Outcome::Refused(keys) => {
+        Reloaded::Refused(keys) => {
             tracing::warn!(
                 %file,
                 changed = %keys.join(", "),

@@ -321,7 +321,7 @@ impl Page {
 
 /// One answer to store: what is known of `seq` as of `fetched_at`.
 #[derive(Clone, Copy, Debug)]
-pub struct Answer {
+pub struct Known {
     pub seq: MsgSeq,
     pub receipt: Receipt,
     /// When the answer arrived, or when the read a callback reported happened.
@@ -417,7 +417,7 @@ impl ReceiptCache {
         fetched_at: Instant,
         kept_by: KeptBy,
     ) -> Arc<Page> {
-        let each = answers.iter().map(|&(seq, receipt)| Answer { seq, receipt, fetched_at, kept_by });
+        let each = answers.iter().map(|&(seq, receipt)| Known { seq, receipt, fetched_at, kept_by });
         self.insert_newer(app, group, each, None).await
     }
 
@@ -432,7 +432,7 @@ impl ReceiptCache {
         (sent_at, fetched_at): (Instant, Instant),
         kept_by: KeptBy,
     ) -> Arc<Page> {
-        let each = answers.iter().map(|&(seq, receipt)| Answer { seq, receipt, fetched_at, kept_by });
+        let each = answers.iter().map(|&(seq, receipt)| Known { seq, receipt, fetched_at, kept_by });
         self.insert_newer(app, group, each, Some(sent_at)).await
     }
 
@@ -442,7 +442,7 @@ impl ReceiptCache {
         &self,
         app: AppId,
         group: &GroupId,
-        answers: impl IntoIterator<Item = Answer>,
+        answers: impl IntoIterator<Item = Known>,
     ) -> Arc<Page> {
         self.insert_newer(app, group, answers, None).await
     }
@@ -453,7 +453,7 @@ impl ReceiptCache {
         &self,
         app: AppId,
         group: &GroupId,
-        answers: impl IntoIterator<Item = Answer>,
+        answers: impl IntoIterator<Item = Known>,
         known_as_of: Option<Instant>,
     ) -> Arc<Page> {
         let key = (app, group.clone());
@@ -477,7 +477,7 @@ impl ReceiptCache {
             let now = Instant::now();
             // Items past their stale window leave as the group is refreshed.
             items.retain(|_, s| now < s.fetched_at + lifetimes.fresh_for(&s.receipt, s.kept_by) + lifetimes.stale);
-            for Answer { seq, receipt, fetched_at, kept_by } in answers {
+            for Known { seq, receipt, fetched_at, kept_by } in answers {
                 let held = items.get(&seq);
                 if held.is_some_and(|s| s.fetched_at > known_as_of.unwrap_or(fetched_at)) {
                     continue;

@@ -57,7 +57,7 @@ async fn a_call_answered_after_a_callback_does_not_undo_the_callbacks_read() {
     let sent = Instant::now();
     let read = Receipt { code: ErrorCode::OK, read: Some(5), unread: Some(1) };
     let at = |ms| sent + Duration::from_millis(ms);
-    let callback = Answer { seq: MsgSeq(1), receipt: read, fetched_at: at(5), kept_by: KeptBy::Callbacks };
+    let callback = Known { seq: MsgSeq(1), receipt: read, fetched_at: at(5), kept_by: KeptBy::Callbacks };
     cache.insert_each(APP, &group(), [callback]).await;
     // The call left before the read and is answered after the callback.
     let both = [(MsgSeq(1), OK), (MsgSeq(2), OK)];
@@ -176,7 +176,7 @@ async fn any_write_makes_remembered_pages_be_looked_up_again() {
         .insert_each(
             APP,
             &group(),
-            [Answer { seq: MsgSeq(1), receipt: OK, fetched_at: now, kept_by: KeptBy::Callbacks }],
+            [Known { seq: MsgSeq(1), receipt: OK, fetched_at: now, kept_by: KeptBy::Callbacks }],
         )
         .await;
     let made_anew = cache.page(APP, &group()).await.unwrap();

@@ -34,7 +34,7 @@ use tokio::time::Instant;
 
 pub use scripts::Scripts;
 
-use crate::cache::{Answer, KeptBy, Page, ReadLog, ReceiptCache};
+use crate::cache::{KeptBy, Known, Page, ReadLog, ReceiptCache};
 use crate::config::RedisConfig;
 use crate::engine::batch::{Failure, Items};
 use crate::telemetry::episode::Episode;
@@ -52,10 +52,10 @@ const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 /// subscription being re-established).
 pub const POLL_EVERY: Duration = Duration::from_millis(50);
 
-/// What an app's requests and batches need from the tier: the lifetimes that decide
-/// kept_by (the same on every replica) and how long a claim lasts.
+/// What every replica must agree on for an app: the lifetimes that decide freshness
+/// (by how an item is kept current) and how long a claim lasts.
 #[derive(Clone, Copy, Debug)]
-pub struct Lifetimes {
+pub struct Agreed {
     pub ttl: Duration,
     pub negative_ttl: Duration,
     pub stale: Duration,
@@ -71,7 +71,7 @@ pub struct Lifetimes {
     pub fetched: KeptBy,
 }
 
-impl Lifetimes {
+impl Agreed {
     /// How long a group's items stay in Redis after its last write: past the stale
     /// window of the longest-lived.
     fn keep(&self) -> Duration {
@@ -134,21 +134,21 @@ pub struct FleetCounters {
 pub struct SharedTier {
     pub fleet: Arc<Fleet>,
     pub counters: FleetCounters,
-    lifetimes: std::sync::Mutex<Lifetimes>,
+    lifetimes: std::sync::Mutex<Agreed>,
 }
 
 impl SharedTier {
-    pub fn new(fleet: Arc<Fleet>, counters: FleetCounters, lifetimes: Lifetimes) -> Self {
+    pub fn new(fleet: Arc<Fleet>, counters: FleetCounters, lifetimes: Agreed) -> Self {
         Self { fleet, counters, lifetimes: std::sync::Mutex::new(lifetimes) }
     }
 
     /// The lifetimes every replica must agree on, now.
-    pub fn lifetimes(&self) -> Lifetimes {
+    pub fn lifetimes(&self) -> Agreed {
         *self.lifetimes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A reload's lifetimes, for what is shared from now on.
-    pub fn set_lifetimes(&self, lifetimes: Lifetimes) {
+    pub fn set_lifetimes(&self, lifetimes: Agreed) {
         *self.lifetimes.lock().unwrap_or_else(|p| p.into_inner()) = lifetimes;
     }
 }
@@ -202,7 +202,7 @@ impl Fleet {
         app: AppId,
         group: &GroupId,
         misses: &[MsgSeq],
-        lifetimes: Lifetimes,
+        lifetimes: Agreed,
     ) -> Result<Claim, FleetError> {
         let keys = self.keys(app, group);
         let mut call = self.scripts.claim.prepare_invoke();
@@ -221,7 +221,7 @@ impl Fleet {
         group: &GroupId,
         seqs: &[MsgSeq],
         room: usize,
-        lifetimes: Lifetimes,
+        lifetimes: Agreed,
     ) -> Result<Vec<MsgSeq>, FleetError> {
         let keys = self.keys(app, group);
         let mut call = self.scripts.take.prepare_invoke();
@@ -241,7 +241,7 @@ impl Fleet {
         group: &GroupId,
         items: &Items,
         fetched_at: Instant,
-        lifetimes: Lifetimes,
+        lifetimes: Agreed,
     ) -> Result<(), FleetError> {
         let keys = self.keys(app, group);
         let mut stored = Vec::new();
@@ -280,11 +280,11 @@ impl Fleet {
         &self,
         app: AppId,
         group: &GroupId,
-        items: &[Answer],
-        lifetimes: Lifetimes,
+        items: &[Known],
+        lifetimes: Agreed,
     ) -> Result<(), FleetError> {
         let now = Instant::now();
-        let age = |a: &Answer| ms(now.saturating_duration_since(a.fetched_at));
+        let age = |a: &Known| ms(now.saturating_duration_since(a.fetched_at));
         let message = CallbackMessage {
             from: self.me.clone(),
             app: app.0,
@@ -316,7 +316,7 @@ impl Fleet {
             return;
         }
         let now = Instant::now();
-        let answers = message.items.iter().map(|&(seq, age_ms, code, read, unread)| Answer {
+        let answers = message.items.iter().map(|&(seq, age_ms, code, read, unread)| Known {
             seq: MsgSeq(seq),
             receipt: Receipt { code: ErrorCode(code), read, unread },
             fetched_at: now.checked_sub(Duration::from_millis(age_ms)).unwrap_or(now),
@@ -327,7 +327,7 @@ impl Fleet {
 
     /// Gives up this replica's claims on `seqs` (its caller was refused): other replicas
     /// need not wait for them to expire.
-    pub async fn release(&self, app: AppId, group: &GroupId, seqs: &[MsgSeq], lifetimes: Lifetimes) {
+    pub async fn release(&self, app: AppId, group: &GroupId, seqs: &[MsgSeq], lifetimes: Agreed) {
         let items: Items = seqs.iter().map(|&s| (s, Err(Failure::Expired))).collect();
         if let Err(e) = self.store(app, group, &items, Instant::now(), lifetimes).await {
             tracing::debug!(error = %e, "fleet: could not release claims");
@@ -510,7 +510,7 @@ fn ms(d: Duration) -> u64 {
 
 /// `code,read,unread`, the counts empty when absent; then, for an item kept current by
 /// callbacks, `,c<fresh_ms>`: every replica (and script) reads its kept_by from it.
-fn encode(r: &Receipt, kept_by: KeptBy, lifetimes: Lifetimes) -> String {
+fn encode(r: &Receipt, kept_by: KeptBy, lifetimes: Agreed) -> String {
     let count = |c: Option<u64>| c.map(|n| n.to_string()).unwrap_or_default();
     let kept = match kept_by {
         KeptBy::Polling => String::new(),

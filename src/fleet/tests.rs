@@ -4,7 +4,7 @@ use super::*;
 fn items_round_trip_with_and_without_counts() {
     let full = Receipt { code: ErrorCode::OK, read: Some(3), unread: Some(4) };
     let none = Receipt { code: ErrorCode::NO_RECEIPT, read: None, unread: None };
-    let lifetimes = Lifetimes {
+    let lifetimes = Agreed {
         ttl: Duration::from_secs(1),
         negative_ttl: Duration::from_secs(1),
         stale: Duration::from_secs(60),

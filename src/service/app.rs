@@ -12,7 +12,7 @@ use crate::config::{AppConfig, Config, Forward};
 use crate::engine::Engine;
 use crate::engine::batch::{BatchPolicy, Neighbourhood};
 use crate::engine::queue::Share;
-use crate::fleet::{Fleet, FleetCounters, Lifetimes, SharedTier};
+use crate::fleet::{Agreed, Fleet, FleetCounters, SharedTier};
 use crate::service::detail::{self, Detail};
 use crate::service::receipts::Receipts;
 use crate::telemetry::metrics::{API_DETAIL, API_RECEIPT, Metrics};
@@ -159,8 +159,8 @@ fn batch_policy(config: &Config, fleet: bool) -> BatchPolicy {
 }
 
 /// What every replica must agree on, from `config`.
-fn fleet_lifetimes(config: &Config, policy: &BatchPolicy, kept_by: KeptBy) -> Lifetimes {
-    Lifetimes {
+fn fleet_lifetimes(config: &Config, policy: &BatchPolicy, kept_by: KeptBy) -> Agreed {
+    Agreed {
         ttl: config.cache.ttl,
         negative_ttl: config.cache.negative_ttl,
         stale: config.cache.stale,

@@ -29,7 +29,7 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 use tokio::time::Instant;
 
-use crate::cache::{Answer, KeptBy};
+use crate::cache::{KeptBy, Known};
 use crate::config::Forward;
 use crate::error::GatewayError;
 use crate::service::app::AppRuntime;
@@ -60,20 +60,20 @@ pub struct Taken {
 
 /// How a callback ended, for `receipt_gateway_callbacks_total{result}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
+enum CallbackResult {
     Ok,
     BadSign,
     BadBody,
     ForwardError,
 }
 
-impl Outcome {
+impl CallbackResult {
     fn label(self) -> &'static str {
         match self {
-            Outcome::Ok => "ok",
-            Outcome::BadSign => "bad_sign",
-            Outcome::BadBody => "bad_body",
-            Outcome::ForwardError => "forward_error",
+            CallbackResult::Ok => "ok",
+            CallbackResult::BadSign => "bad_sign",
+            CallbackResult::BadBody => "bad_body",
+            CallbackResult::ForwardError => "forward_error",
         }
     }
 }
@@ -119,7 +119,7 @@ pub async fn handle(
     taken.command = command_label(params.command);
     let app = gw.app(params.app, AppParam::Callback)?;
     taken.app = Some(app.id);
-    let counted = |outcome: Outcome| {
+    let counted = |outcome: CallbackResult| {
         gw.metrics
             .callbacks
             .with_label_values(&[app.receipts.metrics.app_label.as_str(), taken.command, outcome.label()])
@@ -128,7 +128,7 @@ pub async fn handle(
     if let Some(token) = &app.callbacks.token
         && let Err(e) = verify(token.expose().as_bytes(), &params, unix_now())
     {
-        counted(Outcome::BadSign);
+        counted(CallbackResult::BadSign);
         return Err(e);
     }
     let content_type = head.headers.get(header::CONTENT_TYPE).cloned();
@@ -137,19 +137,19 @@ pub async fn handle(
     if let Some(forward) = &app.callbacks.forward {
         let relayed = forward_to(app, forward, &query, content_type, body).await;
         counted(match (&relayed, &applied) {
-            (Err(_), _) => Outcome::ForwardError,
-            (Ok(_), Err(_)) => Outcome::BadBody,
-            (Ok(_), Ok(())) => Outcome::Ok,
+            (Err(_), _) => CallbackResult::ForwardError,
+            (Ok(_), Err(_)) => CallbackResult::BadBody,
+            (Ok(_), Ok(())) => CallbackResult::Ok,
         });
         return relayed;
     }
     match applied {
         Ok(()) => {
-            counted(Outcome::Ok);
+            counted(CallbackResult::Ok);
             Ok(crate::http::json(StatusCode::OK, ReceiptResponse::ok_empty().to_bytes()))
         }
         Err(e) => {
-            counted(Outcome::BadBody);
+            counted(CallbackResult::BadBody);
             Err(e)
         }
     }
@@ -259,7 +259,7 @@ enum EventTime {
 /// Reads a `Group.CallbackAfterReadReceipt` body into the group and its items, each
 /// known as of the event (`wall` and `now` are the same moment on the two clocks; an
 /// event in the future counts as now). Items older than the process are dropped.
-fn read_receipts(body: &[u8], wall: SystemTime, now: Instant) -> Result<(GroupId, Vec<Answer>), GatewayError> {
+fn read_receipts(body: &[u8], wall: SystemTime, now: Instant) -> Result<(GroupId, Vec<Known>), GatewayError> {
     let bad = |why: String| GatewayError::BadRequest(format!("callback body is not valid: {why}"));
     // Objects only: serde's derived structs would also take arrays of their fields.
     let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| bad(e.to_string()))?;
@@ -286,7 +286,7 @@ fn read_receipts(body: &[u8], wall: SystemTime, now: Instant) -> Result<(GroupId
     let answers = parsed
         .list
         .iter()
-        .map(|r| Answer {
+        .map(|r| Known {
             seq: MsgSeq(r.seq),
             receipt: Receipt { code: ErrorCode::OK, read: Some(r.read), unread: Some(r.unread) },
             fetched_at: at,

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use super::{Answer, Query, Receipts, Slot, acceptable};
 use crate::cache::XCache;
-use crate::cache::{Answer as CacheAnswer, Cached, GroupAnswer, Page};
+use crate::cache::{Cached, GroupAnswer, Known, Page};
 use crate::engine::admission;
 use crate::fleet;
 use crate::fleet::SharedTier;
@@ -66,7 +66,7 @@ pub(super) async fn round(
     let page = if claim.items.is_empty() {
         None
     } else {
-        let items = claim.items.iter().map(|(seq, item)| CacheAnswer {
+        let items = claim.items.iter().map(|(seq, item)| Known {
             seq: *seq,
             receipt: item.receipt,
             fetched_at: item.fetched_at,
