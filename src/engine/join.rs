@@ -32,14 +32,16 @@ pub fn join(
     let kind = BatchKind::for_caller(caller.deadline);
     let id = room_or_open(g, queue, group, kind, caller.client, now, policy);
     queue.add_caller(id, caller.deadline, caller.client, request);
-    let waiter = queue.push(id, seq, now, policy.max_seqs)?;
+    let waiter = queue.push(id, seq, caller.client, now, policy.max_seqs)?;
     g.carry(seq, id, waiter.clone());
     Some((seq, waiter, Joined::Fetched))
 }
 
 /// A refused caller's `misses` that nobody fetches yet ride along without a caller:
-/// in the group's open batch, or in one new background batch that `expires`. At most
-/// one batch's room is taken, so a refused caller cannot grow the backlog unboundedly.
+/// in the group's open batch, or in one new background batch that `expires` — if its
+/// client has fewer than [`MAX_PARKED_PER_CLIENT`](super::queue::MAX_PARKED_PER_CLIENT) queued, else not at all: nothing says
+/// the refused caller will come back for them. At most one batch's room is taken, so a
+/// refused caller cannot grow the backlog unboundedly.
 pub fn park(
     g: &mut GroupState,
     queue: &mut Queue,
@@ -53,10 +55,14 @@ pub fn park(
     if unplaced.is_empty() {
         return;
     }
+    let room = g.newest_open().filter(|&id| queue.has_room(id, policy.max_seqs));
+    if room.is_none() && !queue.may_park(parked.client) {
+        return;
+    }
     let kind = BatchKind::Background { expires: parked.expires };
     let id = room_or_open(g, queue, group, kind, parked.client, now, policy);
     for seq in unplaced {
-        let Some(waiter) = queue.push(id, seq, now, policy.max_seqs) else { break };
+        let Some(waiter) = queue.push(id, seq, parked.client, now, policy.max_seqs) else { break };
         g.carry(seq, id, waiter);
     }
 }
