@@ -84,8 +84,7 @@ pub struct BatchId(pub(crate) u64);
 /// Why an item could not be answered from upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Failure {
-    /// Tencent's answer about the whole group (10007, 10010, 10015), or a 10004 that no
-    /// split narrowed down while nothing of the batch was answered: passed through.
+    /// Tencent's answer about the whole group (10007, 10010, 10015): passed through.
     Group { code: ErrorCode, info: String },
     /// Tencent refused this MsgSeq on its own (a 10004 isolated by splitting): the
     /// caller's input was wrong.
@@ -98,9 +97,11 @@ pub enum Failure {
     Throttled,
     /// A retry or split half found no token before the deadline.
     NoBudget,
-    /// Tencent refused a merged call with 10004 and the split allowance ran out before
-    /// the offending MsgSeqs were found: `fetch::run` decides what the callers see.
-    Unisolated { info: String },
+    /// Tencent refused a call of `part` with 10004 and the split allowance ran out before
+    /// the offending MsgSeqs were found. A caller that asked for every MsgSeq of `part`
+    /// sent one of them (Tencent would refuse its request alone): 10004. Any other may be
+    /// innocent and is not told its input was wrong: an upstream failure.
+    Unisolated { info: String, part: Arc<[MsgSeq]> },
     /// Transport errors, 5xx or retryable codes until retries or the deadline ran out,
     /// or a code that is not retried.
     Unavailable(String),

@@ -66,8 +66,7 @@ pub async fn run(app: Arc<Fetcher>, mut batch: Dispatch) {
         added: batch.added.clone(),
         served: batch.served.clone(),
     };
-    let mut items = fetch(&app, &batch.group, batch.seqs.clone(), batch.window, Token::Paid, &tally).await;
-    settle_unisolated(&mut items);
+    let items = fetch(&app, &batch.group, batch.seqs.clone(), batch.window, Token::Paid, &tally).await;
     let first_call = tally.calls.load(Ordering::Relaxed) == 1;
     let outcome = Arc::new(BatchOutcome { started, first_call, ..BatchOutcome::settled(items, Instant::now()) });
     let page = store(&app, &batch.group, &outcome.items, (started, outcome.fetched_at)).await;
@@ -273,7 +272,9 @@ fn judge(app: &Fetcher, outcome: Outcome, seqs: &[MsgSeq], tally: &Tally, attemp
         Outcome::InvalidParameter { info } if seqs.len() == 1 => {
             Failure::Rejected { code: ErrorCode::INVALID_PARAMETER, info }
         }
-        Outcome::InvalidParameter { info } if !take_split(&tally.splits) => Failure::Unisolated { info },
+        Outcome::InvalidParameter { info } if !take_split(&tally.splits) => {
+            Failure::Unisolated { info, part: seqs.into() }
+        }
         // One caller's bad MsgSeq must not fail the others merged with it.
         Outcome::InvalidParameter { .. } => return Verdict::Split,
         // Judged by `Attempts::judge` above.
@@ -342,28 +343,6 @@ fn fail(seqs: &[MsgSeq], failure: Failure) -> Items {
     seqs.iter().map(|&s| (s, Err(failure.clone()))).collect()
 }
 
-/// What callers see of a 10004 the split allowance could not narrow down. If nothing in
-/// the batch got an answer, the 10004 is about the whole call (its group, say): Tencent's
-/// error, passed through. If other parts of it did, the unresolved parts may hold
-/// innocent MsgSeqs, which must not be told their input was wrong: an upstream failure.
-/// (Added MsgSeqs left out count for neither.)
-fn settle_unisolated(items: &mut Items) {
-    let all_refused = items
-        .iter()
-        .all(|(_, r)| matches!(r, Err(Failure::Rejected { .. } | Failure::Unisolated { .. } | Failure::LeftOut)));
-    for (_, result) in items.iter_mut() {
-        if let Err(Failure::Unisolated { info }) = result {
-            *result = Err(if all_refused {
-                Failure::Group { code: ErrorCode::INVALID_PARAMETER, info: std::mem::take(info) }
-            } else {
-                Failure::Unavailable(format!(
-                    "upstream refused a merged call with 10004 ({info}) and it could not be narrowed down"
-                ))
-            });
-        }
-    }
-}
-
 /// How many split calls a batch of `n` MsgSeqs may spend isolating 10004s: enough to
 /// find two bad MsgSeqs by halving (two calls per level), not the `2n - 2` it would take
 /// when Tencent's 10004 is about the whole call (a GroupId it refuses, say) and every
@@ -400,19 +379,5 @@ mod tests {
         assert_eq!(split_allowance(50), 24);
         let splits = AtomicU32::new(split_allowance(2));
         assert!(take_split(&splits) && take_split(&splits) && !take_split(&splits));
-    }
-
-    #[test]
-    fn an_unisolated_10004_is_tencents_answer_only_when_nothing_in_the_batch_succeeded() {
-        let unisolated = || Err(Failure::Unisolated { info: "bad".into() });
-        let mut whole: Items = vec![(MsgSeq(1), unisolated()), (MsgSeq(2), unisolated())];
-        settle_unisolated(&mut whole);
-        assert!(whole.iter().all(|(_, r)| matches!(r, Err(Failure::Group { code: ErrorCode::INVALID_PARAMETER, .. }))));
-
-        let ok = Receipt { code: ErrorCode::OK, read: Some(1), unread: Some(1) };
-        let mut partial: Items = vec![(MsgSeq(1), unisolated()), (MsgSeq(2), Ok(ok))];
-        settle_unisolated(&mut partial);
-        assert!(matches!(partial[0].1, Err(Failure::Unavailable(_))));
-        assert_eq!(partial[1].1, Ok(ok));
     }
 }

@@ -271,7 +271,8 @@ async fn a_10004_about_the_whole_call_costs_a_bounded_number_of_splits() {
 
     let reply = app.post(&body("g-all-bad", &seqs)).await;
 
-    assert_eq!((reply.status, reply.code()), (StatusCode::OK, 10004));
+    // Tencent would refuse this request whole: the caller's input is wrong.
+    assert_eq!((reply.status, reply.code()), (StatusCode::BAD_REQUEST, 10004));
     // Halving to single MsgSeqs would take 99 calls; the split allowance (docs/design.md#upstream-calls: four
     // split calls per halving level, 24 for 50 MsgSeqs) stops at exactly 1 + 24.
     assert_eq!(app.sim.call_count(), 25, "{:?}", app.sim.calls());
@@ -379,6 +380,28 @@ async fn a_client_sending_refused_msgseqs_costs_two_calls_then_none_and_never_fa
 }
 
 #[tokio::test]
+async fn a_caller_that_joined_a_msgseq_the_gateway_added_is_answered_when_tencent_refuses_the_call() {
+    let app = TestApp::spawn().await;
+    // 95 is in the neighbourhood of both requests below, and Tencent refuses it.
+    app.sim.reject_seq(95);
+    app.sim.hold_calls();
+    let first = app.post_in_background(body("g-joined", &[100]), &[]);
+    until(|| app.sim.held_calls() == 1).await;
+    // 97 is on the wire, added to the first call: this caller joins it there.
+    let joined = app.post_in_background(body("g-joined", &[97]), &[]);
+    app.until_metric("receipt_gateway_inflight_requests", 2.0).await;
+    app.sim.release_calls();
+
+    assert_eq!(within(first).await.unwrap(), Some(StatusCode::OK));
+    assert_eq!(within(joined).await.unwrap(), Some(StatusCode::OK), "asked again, not failed");
+    let calls: Vec<(usize, i64)> = app.sim.calls().iter().map(|c| (c.seqs.len(), c.error_code.0)).collect();
+    // Each with its neighbourhood, refused; then the asked MsgSeq alone.
+    assert_eq!(calls, vec![(50, 10004), (1, 0), (50, 10004), (1, 0)]);
+    let cached = app.post(&body("g-joined", &[97, 100])).await;
+    assert_eq!(cached.items(), vec![expected("g-joined", 97), expected("g-joined", 100)]);
+}
+
+#[tokio::test]
 async fn a_thousand_callers_refused_and_gone_cost_at_most_fifty_calls() {
     let _heavy = crate::support::heavy().await;
     let app = TestApp::spawn().await;
@@ -431,7 +454,6 @@ async fn a_thousand_callers_refused_and_gone_cost_at_most_fifty_calls() {
     tokio::time::sleep(Duration::from_millis(4500)).await;
 
     let calls = app.sim.call_count();
-    eprintln!("gone callers: {calls} calls, {at_disconnect} before they left");
     assert!(calls <= 50, "{calls} upstream calls for callers who were gone ({at_disconnect} before they left)");
 }
 

@@ -140,7 +140,7 @@ async fn resolve(
     let open: Vec<MsgSeq> = slots.iter().filter(|s| s.is_open()).map(|s| s.seq).collect();
     if let Some(refusal) = app.engine.refused(&q.group, &open) {
         app.metrics.count_items(Source::Failed, q.seqs.len() as u64);
-        return Err(refused(refusal.seq, &refusal.info));
+        return Err(refused(&[refusal.seq], &refusal.info));
     }
     let rounds = if tier.is_some() { MAX_FLEET_ROUNDS } else { MAX_ROUNDS };
     let mut waiting = Vec::new();
@@ -348,6 +348,7 @@ fn settle(
     unanswered: GatewayError,
 ) -> Result<Answer, GatewayError> {
     let mut error: Option<GatewayError> = None;
+    let asked: Vec<MsgSeq> = slots.iter().map(|s| s.seq).collect();
     for slot in slots.iter_mut().filter(|s| s.served.is_none()) {
         let failure = slot.failure.take();
         // Tencent's own answer about the group goes to the caller as is.
@@ -355,10 +356,18 @@ fn settle(
             app.metrics.count_items(Source::Failed, q.seqs.len() as u64);
             return Ok(Answer { body: ReceiptResponse::fail(code, info), x_cache: XCache::Miss, age: 0 });
         }
-        // A MsgSeq Tencent refused on its own: the caller's input was wrong.
-        if let Some(Failure::Rejected { info, .. }) = failure {
+        // A MsgSeq Tencent refused on its own, or a set of them the caller asked for all
+        // of (Tencent would refuse its request alone): the caller's input was wrong.
+        let refusal = match &failure {
+            Some(Failure::Rejected { info, .. }) => Some(refused(&[slot.seq], info)),
+            Some(Failure::Unisolated { info, part }) if part.iter().all(|s| asked.binary_search(s).is_ok()) => {
+                Some(refused(part, info))
+            }
+            _ => None,
+        };
+        if let Some(refusal) = refusal {
             app.metrics.count_items(Source::Failed, q.seqs.len() as u64);
-            return Err(refused(slot.seq, &info));
+            return Err(refusal);
         }
         match slot.stale {
             Some(entry) if q.freshness == Freshness::Default => {
@@ -388,15 +397,26 @@ fn failure_error(app: &Receipts, failure: Option<Failure>, unanswered: &GatewayE
             GatewayError::Overloaded { retry_after: app.engine.backlog(app.budget.estimate()) }
         }
         Some(Failure::Unavailable(reason)) => GatewayError::Upstream(reason),
-        // `fetch::run` turns these into Group or Unavailable before waking anyone.
-        Some(Failure::Unisolated { info }) => GatewayError::Upstream(info),
+        // Refused together with other callers' MsgSeqs: this caller's may be innocent.
+        Some(Failure::Unisolated { info, .. }) => GatewayError::Upstream(format!(
+            "upstream refused a merged call with 10004 ({info}) and it could not be narrowed down"
+        )),
         None | Some(Failure::Group { .. } | Failure::Rejected { .. } | Failure::LeftOut) => unanswered.clone(),
     }
 }
 
-/// The caller's error for a MsgSeq Tencent refuses (docs/design.md#errors): 10004 naming it.
-fn refused(seq: MsgSeq, info: &str) -> GatewayError {
-    GatewayError::BadRequest(format!("MsgSeqList: Tencent refuses MsgSeq {} (10004: {info})", seq.0))
+/// The most MsgSeqs an error names.
+const MAX_NAMED: usize = 10;
+
+/// The caller's error for a MsgSeq Tencent refuses, or for one of `seqs` (docs/design.md#errors):
+/// 10004 naming them.
+fn refused(seqs: &[MsgSeq], info: &str) -> GatewayError {
+    let mut named = seqs.iter().take(MAX_NAMED).map(|s| s.0.to_string()).collect::<Vec<_>>().join(", ");
+    if seqs.len() > MAX_NAMED {
+        named.push_str(&format!(" and {} more", seqs.len() - MAX_NAMED));
+    }
+    let which = if seqs.len() == 1 { "MsgSeq" } else { "one of MsgSeqs" };
+    GatewayError::BadRequest(format!("MsgSeqList: Tencent refuses {which} {named} (10004: {info})"))
 }
 
 /// The OK answer, every slot served: items in the caller's order, `X-Cache`, `Age`, and
