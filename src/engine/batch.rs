@@ -339,7 +339,7 @@ pub struct Dispatch {
     /// fleet tier) what it took for other replicas.
     pub seqs: Vec<MsgSeq>,
     /// Which of `seqs` the gateway added on its own (cohort, neighbourhood), which nobody
-    /// asked for: left out if Tencent refuses the call (docs/design.md#upstream-calls).
+    /// asked for: left out if Tencent refuses the call (docs/design.md#msgseqs-tencent-refuses).
     pub added: Vec<MsgSeq>,
     /// The client that first asked for each MsgSeq this replica's callers (or refused
     /// callers) asked for.

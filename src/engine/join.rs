@@ -39,9 +39,11 @@ pub fn join(
 
 /// A refused caller's `misses` that nobody fetches yet ride along without a caller:
 /// in the group's open batch, or in one new background batch that `expires` — if its
-/// client has fewer than [`MAX_PARKED_PER_CLIENT`](super::queue::MAX_PARKED_PER_CLIENT) queued, else not at all: nothing says
-/// the refused caller will come back for them. At most one batch's room is taken, so a
-/// refused caller cannot grow the backlog unboundedly.
+/// client has fewer than [`MAX_PARKED_PER_CLIENT`] queued, else not at all: nothing
+/// says the refused caller will come back for them. At most one batch's room is taken,
+/// so a refused caller cannot grow the backlog unboundedly.
+///
+/// [`MAX_PARKED_PER_CLIENT`]: super::queue::MAX_PARKED_PER_CLIENT
 pub fn park(
     g: &mut GroupState,
     queue: &mut Queue,

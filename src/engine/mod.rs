@@ -6,8 +6,9 @@
 //! the queue: [`join`]), so one lock keeps them consistent.
 //! It is never held across an `.await`. The admission estimators are atomics, read
 //! without it; what Tencent refused ([`refusals`]) has a lock of its own, which the
-//! request path takes without the tables' (the dispatcher takes it after them). Each operation here is a short composition of the stages: [`Engine::join`]
-//! is where a caller is admitted or refused, on [`admission`]'s forecast.
+//! request path takes without the tables' (the dispatcher takes it after them). Each
+//! operation here is a short composition of the stages: [`Engine::join`] is where a
+//! caller is admitted or refused, on [`admission`]'s forecast.
 //!
 //! Layout: [`inflight`] (which batch carries each key), [`batch`] (batches and their
 //! outcomes), [`admission`] (will an answer make the deadline?), [`queue`] (the fair,
@@ -113,8 +114,8 @@ impl Engine {
         self.refusals.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The first of `seqs` of `group` that Tencent refused lately (docs/design.md#upstream-calls):
-    /// a request for it is refused at once, without a call.
+    /// The first of `seqs` of `group` that Tencent refused lately: a request for it is
+    /// refused at once, without a call (docs/design.md#msgseqs-tencent-refuses).
     pub fn refused(&self, group: &GroupId, seqs: &[MsgSeq]) -> Option<Refusal> {
         if !self.refusing.load(Ordering::Relaxed) {
             return None;

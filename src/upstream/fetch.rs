@@ -3,9 +3,9 @@
 //! filled, then every waiting caller woken with the shared outcome.
 //!
 //! A call Tencent refuses as a whole (10004) is first asked again without the MsgSeqs the
-//! gateway added, then split (docs/design.md#upstream-calls); the calls that isolate a refused
-//! MsgSeq are paid by the client that sent it, and the refusal is remembered
-//! ([`crate::engine::refusals`]) before any caller hears of it.
+//! gateway added, then split (docs/design.md#msgseqs-tencent-refuses); the calls that
+//! isolate a refused MsgSeq are paid by the client that sent it, and the refusal is
+//! remembered ([`crate::engine::refusals`]) before any caller hears of it.
 //!
 //! A batch runs in its own task, owned by nobody's request: a caller that goes away
 //! cannot cancel a call others are waiting on.
