@@ -6,8 +6,8 @@
 //! dispatcher spends a token on it. Its [`BatchKind`] says why it exists:
 //! - [`BatchKind::Callers`]: callers wait for it; it queues by their earliest deadline and
 //!   is dropped unsent if even the latest would pass before an answer could arrive;
-//! - [`BatchKind::Background`]: only refused callers' misses ride in it
-//!   (docs/design.md#single-flight-and-batching). It spends only budget no caller is waiting for,
+//! - [`BatchKind::Background`]: only refused callers' misses ride in it (docs/design.md#admission).
+//!   It spends only budget no caller is waiting for, within its client's background allowance,
 //!   is dropped unsent when it expires, and becomes a `Callers` batch the moment a caller joins it.
 //!
 //! Everyone who waits for a batch holds a [`Waiter`] on one watch channel, so its outcome

@@ -38,12 +38,8 @@ pub fn join(
 }
 
 /// A refused caller's `misses` that nobody fetches yet ride along without a caller:
-/// in the group's open batch, or in one new background batch that `expires` — if its
-/// client has fewer than [`MAX_PARKED_PER_CLIENT`] queued, else not at all: nothing
-/// says the refused caller will come back for them. At most one batch's room is taken,
-/// so a refused caller cannot grow the backlog unboundedly.
-///
-/// [`MAX_PARKED_PER_CLIENT`]: super::queue::MAX_PARKED_PER_CLIENT
+/// in the group's open batch, or in one new background batch that `expires`. At most
+/// one batch's room is taken, so a refused caller cannot grow the backlog unboundedly.
 pub fn park(
     g: &mut GroupState,
     queue: &mut Queue,
@@ -55,10 +51,6 @@ pub fn park(
 ) {
     let unplaced: Vec<MsgSeq> = misses.iter().copied().filter(|&s| g.carrier_of(s).is_none()).collect();
     if unplaced.is_empty() {
-        return;
-    }
-    let room = g.newest_open().filter(|&id| queue.has_room(id, policy.max_seqs));
-    if room.is_none() && !queue.may_park(parked.client) {
         return;
     }
     let kind = BatchKind::Background { expires: parked.expires };

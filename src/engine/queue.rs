@@ -16,8 +16,8 @@
 //! Invariants: a token is spent only on work somebody can still use — a batch whose
 //! callers' deadlines would pass before an answer could arrive, or a permit whose retry
 //! gave up, leaves the queue unpaid — and background batches take only budget no
-//! caller's work is waiting for, not even a batch still filling; each client has at most
-//! [`MAX_PARKED_PER_CLIENT`] of them queued, and each is charged to that client's share.
+//! caller's work is waiting for, not even a batch still filling, and of that no more than
+//! the client's allowance ([`BACKGROUND_BURST`]); each is charged to that client's share.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
@@ -36,12 +36,50 @@ use crate::tencent::domain::{GroupId, MsgSeq};
 /// background batches may go.
 const CONTENTION_RECHECK: Duration = Duration::from_millis(100);
 
-/// The most background batches one client's refused callers may have queued
-/// (docs/design.md#admission). A refused caller may come back for its misses, or may be
-/// gone for good; nothing tells which. So what is spent on them for nobody is bounded:
-/// a flood of callers refused and gone costs at most this many calls per client, and a
-/// client whose callers keep coming back finds their misses fetched as before.
-pub const MAX_PARKED_PER_CLIENT: u32 = 8;
+/// Each client's allowance of background calls (docs/design.md#admission): calls for its
+/// refused callers' misses that no caller has joined since. A refused caller may come
+/// back for them, or may be gone for good; nothing tells which, so what is spent on them
+/// for nobody is bounded: at most [`BACKGROUND_BURST`] at once, refilled at
+/// [`BACKGROUND_RATE`] a second. A background batch a caller joins is a caller's batch,
+/// outside the allowance.
+pub const BACKGROUND_BURST: f64 = 8.0;
+
+/// See [`BACKGROUND_BURST`].
+pub const BACKGROUND_RATE: f64 = 1.0;
+
+/// One client's background allowance: a token bucket.
+#[derive(Clone, Copy, Debug, Default)]
+struct Allowance {
+    /// Tokens at `at`; before the first call, a full bucket.
+    tokens: f64,
+    at: Option<Instant>,
+}
+
+impl Allowance {
+    fn level(&self, now: Instant) -> f64 {
+        match self.at {
+            None => BACKGROUND_BURST,
+            Some(at) => {
+                let refilled = BACKGROUND_RATE * now.saturating_duration_since(at).as_secs_f64();
+                (self.tokens + refilled).min(BACKGROUND_BURST)
+            }
+        }
+    }
+
+    /// When it next holds a whole call.
+    fn ready_at(&self, now: Instant) -> Instant {
+        let missing = 1.0 - self.level(now);
+        if missing <= 0.0 {
+            return now;
+        }
+        now + Duration::from_secs_f64(missing / BACKGROUND_RATE)
+    }
+
+    fn spend(&mut self, now: Instant) {
+        self.tokens = self.level(now) - 1.0;
+        self.at = Some(now);
+    }
+}
 
 /// A retry permit's identity (a space of its own, apart from batches).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -253,8 +291,8 @@ pub struct Queue {
     next_id: u64,
     /// Set when work appeared or became ready: the dispatcher must look again.
     wake: bool,
-    /// Per client slot: background batches of its refused callers queued.
-    parked: Vec<u32>,
+    /// Per client slot: its allowance of background calls.
+    allowances: Vec<Allowance>,
     /// Batches dropped unsent since the dispatcher last looked: their MsgSeqs are free
     /// for others to fetch (with the fleet tier, other replicas waited on them).
     dropped: Vec<(GroupId, Vec<MsgSeq>)>,
@@ -282,7 +320,6 @@ impl Queue {
     pub fn open(&mut self, batch: OpenBatch) -> BatchId {
         self.next_id += 1;
         let id = BatchId(self.next_id);
-        count_parked(&mut self.parked, batch.kind, batch.client, 1);
         self.lines.insert(Entry::of_batch(id, batch.kind, batch.client));
         self.batches.insert(id, batch);
         self.wake = true;
@@ -298,9 +335,16 @@ impl Queue {
         self.batches.get(&id).is_some_and(|b| b.has_room(max_seqs))
     }
 
-    /// Whether `client`'s refused callers may open one more background batch.
-    pub fn may_park(&self, client: ClientSlot) -> bool {
-        self.parked.get(client.0 as usize).copied().unwrap_or(0) < MAX_PARKED_PER_CLIENT
+    /// When `client`'s allowance next holds a background call.
+    fn background_ready_at(&self, client: ClientSlot, now: Instant) -> Instant {
+        self.allowances.get(client.0 as usize).copied().unwrap_or_default().ready_at(now)
+    }
+
+    /// When background batch `b` may take a spare token: when it is ready and its client's
+    /// allowance holds a call.
+    fn background_at(&self, b: &OpenBatch, now: Instant, max_seqs: usize) -> Instant {
+        let ready = if b.is_ready(now, max_seqs) { now } else { b.ready_at };
+        ready.max(self.background_ready_at(b.client, now))
     }
 
     /// Adds `seq`, asked for by `client`, to open batch `id` if it has room; the waiter
@@ -328,10 +372,7 @@ impl Queue {
         }
         let Some((kind, owner)) = self.batches.get(&id).map(|b| (b.kind, b.client)) else { return };
         let before = Entry::of_batch(id, kind, owner);
-        // Counted anew as what it is once the caller joins (a callers' batch is not parked).
-        count_parked(&mut self.parked, kind, owner, -1);
         let (kind, owner) = self.joined(id, kind, owner, deadline, client);
-        count_parked(&mut self.parked, kind, owner, 1);
         let Some(batch) = self.batches.get_mut(&id) else { return };
         (batch.kind, batch.client) = (kind, owner);
         let after = Entry::of_batch(id, kind, owner);
@@ -470,10 +511,11 @@ impl Queue {
         for spot in &self.lines.background {
             let Work::Batch(id) = spot.work else { return Next::Ready };
             let Some(b) = self.batches.get(&id) else { continue };
-            if b.is_ready(now, max_seqs) {
+            let at = self.background_at(b, now, max_seqs);
+            if at <= now {
                 return Next::Ready;
             }
-            earliest = Some(earliest.map_or(b.ready_at, |e| e.min(b.ready_at)));
+            earliest = Some(earliest.map_or(at, |e| e.min(at)));
         }
         earliest.map_or(Next::Idle, Next::At)
     }
@@ -515,7 +557,13 @@ impl Queue {
             }
             Work::Batch(id) => {
                 let batch = self.batches.remove(&id)?;
-                count_parked(&mut self.parked, batch.kind, batch.client, -1);
+                if entry.lane == Lane::Background {
+                    let i = batch.client.0 as usize;
+                    if self.allowances.len() <= i {
+                        self.allowances.resize(i + 1, Allowance::default());
+                    }
+                    self.allowances[i].spend(now);
+                }
                 if entry.lane == Lane::Callers {
                     // Background batches wait for spare budget by design; that is no wait.
                     budget_wait.observe(now.saturating_duration_since(batch.ready_at).as_secs_f64());
@@ -553,7 +601,7 @@ impl Queue {
         }
         let spot = self.lines.background.iter().copied().find(|spot| match spot.work {
             Work::Permit(_) => true,
-            Work::Batch(id) => self.batches.get(&id).is_some_and(|b| b.is_ready(now, max_seqs)),
+            Work::Batch(id) => self.batches.get(&id).is_some_and(|b| self.background_at(b, now, max_seqs) <= now),
         })?;
         Some(Entry { lane: Lane::Background, client: ClientSlot::DEFAULT, spot })
     }
@@ -562,7 +610,7 @@ impl Queue {
     /// deadlines (or background lifetimes) would pass before an answer could reach them
     /// (`reach`: [`Estimators::reach`](crate::engine::admission::Estimators::reach)).
     fn drop_useless(&mut self, groups: &mut Groups, now: Instant, reach: Duration) {
-        let Self { lines, permits, batches, dropped, parked, .. } = self;
+        let Self { lines, permits, batches, dropped, .. } = self;
         permits.retain(|_, (entry, p)| {
             let alive = !p.tx.is_closed();
             if !alive {
@@ -580,7 +628,6 @@ impl Queue {
         let late: Vec<BatchId> = batches.iter().filter(|(_, b)| useless(b)).map(|(id, _)| *id).collect();
         for id in late {
             let Some(batch) = batches.remove(&id) else { continue };
-            count_parked(parked, batch.kind, batch.client, -1);
             lines.remove(&Entry::of_batch(id, batch.kind, batch.client));
             groups.release(&batch.group, id, &batch.seqs, None);
             dropped.push((batch.group.clone(), batch.seqs.clone()));
@@ -625,18 +672,6 @@ impl Queue {
         };
         (after, if tokens_before(client) < tokens_before(owner) { client } else { owner })
     }
-}
-
-/// Adds `delta` to `client`'s count of queued background batches, if `kind` is one.
-fn count_parked(parked: &mut Vec<u32>, kind: BatchKind, client: ClientSlot, delta: i32) {
-    if !matches!(kind, BatchKind::Background { .. }) {
-        return;
-    }
-    let i = client.0 as usize;
-    if parked.len() <= i {
-        parked.resize(i + 1, 0);
-    }
-    parked[i] = parked[i].saturating_add_signed(delta);
 }
 
 /// A batch leaving the queue: detached from its group's open list and topped up with

@@ -444,9 +444,8 @@ async fn the_top_up_never_adds_a_msgseq_tencent_refused_lately_and_requests_for_
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_clients_refused_callers_park_a_bounded_number_of_background_batches() {
+async fn background_calls_for_refused_callers_stay_within_their_clients_allowance() {
     let (e, now, slow, _) = crowded();
-    let (before, _, _) = e.sizes();
     let refused_as = |client: ClientSlot, i: usize| {
         let g = group(&format!("gone-{}-{i}", client.0));
         let ask = Ask {
@@ -460,18 +459,34 @@ async fn a_clients_refused_callers_park_a_bounded_number_of_background_batches()
         };
         e.join(ask, slow).is_err()
     };
-
-    let all_refused = (0..20).all(|i| refused_as(ClientSlot::DEFAULT, i));
-    let (parked, _, _) = e.sizes();
-    // Another client with enough queued in its own line.
+    // Twenty refused callers of the default client, parked (`crowded` parked one).
+    assert!((0..19).all(|i| refused_as(ClientSlot::DEFAULT, i)));
+    // Another client, with enough queued in its own line to be refused too.
     queue_for(&e, ClientSlot(1), 0..3, now + 5 * S, slow);
-    let other = refused_as(ClientSlot(1), 0);
+    assert!(refused_as(ClientSlot(1), 0));
+    tokio::time::advance(5 * MS).await;
+    let pop = || match e.pop(Instant::now(), &hist(), true) {
+        Some(Job::Batch(d)) => Some(d.group.to_string()),
+        _ => None,
+    };
+    let next = || {
+        let mut t = e.lock();
+        let Tables { groups, queue, .. } = &mut *t;
+        queue.next(groups, Instant::now(), 10, Duration::ZERO, true)
+    };
 
-    assert!(all_refused && other);
-    let cap = queue::MAX_PARKED_PER_CLIENT as usize;
-    // `crowded` parked one already for the default client.
-    assert_eq!(parked - before, cap - 1, "twenty refused callers, at most {cap} background batches");
-    assert_eq!(e.sizes().0, parked + 3 + 1, "another client's refused caller still parks");
+    let sent: Vec<String> = std::iter::from_fn(pop).collect();
+
+    // `crowded` parked the default client's caller of "g".
+    let parked = |client: u16, g: &str| g.starts_with(&format!("gone-{client}-")) || (client == 0 && g == "g");
+    let background = |client: u16| sent.iter().filter(|g| parked(client, g)).count();
+    assert_eq!(sent.len() - background(0) - background(1), 8, "the callers' batches first");
+    assert_eq!(background(0), queue::BACKGROUND_BURST as usize, "then the default client's allowance");
+    assert_eq!(background(1), 1, "the other client's allowance is its own");
+    let refill = Duration::from_secs_f64(1.0 / queue::BACKGROUND_RATE);
+    assert!(matches!(next(), Next::At(t) if t == Instant::now() + refill), "nothing is ready until it refills");
+    tokio::time::advance(refill).await;
+    assert!(pop().is_some_and(|g| g.starts_with("gone-0-")) && pop().is_none(), "one call per refill");
 }
 
 /// Shares of weight 1 for clients 0 and 1, with counters of the calls charged to them.
