@@ -280,6 +280,11 @@ impl Page {
         &self.key
     }
 
+    /// The highest MsgSeq the page holds a receipt for: a message Tencent confirmed.
+    pub fn highest_answered(&self) -> Option<MsgSeq> {
+        self.items().iter().filter(|(_, s)| !s.receipt.is_negative()).map(|(seq, _)| *seq).max()
+    }
+
     /// The items read since `since`, with when; the page may enter the read log again.
     pub fn reads_since(&self, since: Instant) -> Vec<(MsgSeq, Instant)> {
         self.logged.store(false, Ordering::Relaxed);
@@ -517,6 +522,11 @@ impl ReceiptCache {
 
     /// Items held, for the `receipt_gateway_cache_entries` gauge (moka's count lags a
     /// little behind inserts, which is fine for a gauge).
+    /// How long a negative answer is believed (`cache.negative_ttl_ms`, as reloaded).
+    pub fn negative_ttl(&self) -> Duration {
+        self.lifetimes.get().negative_ttl
+    }
+
     pub fn entry_count(&self) -> u64 {
         self.pages.weighted_size()
     }

@@ -6,8 +6,8 @@
 //! dispatcher spends a token on it. Its [`BatchKind`] says why it exists:
 //! - [`BatchKind::Callers`]: callers wait for it; it queues by their earliest deadline and
 //!   is dropped unsent if even the latest would pass before an answer could arrive;
-//! - [`BatchKind::Background`]: only refused callers' misses ride in it
-//!   (docs/design.md#single-flight-and-batching). It spends only budget no caller is waiting for,
+//! - [`BatchKind::Background`]: only refused callers' misses ride in it (docs/design.md#admission).
+//!   It spends only budget no caller is waiting for, within its client's background allowance,
 //!   is dropped unsent when it expires, and becomes a `Callers` batch the moment a caller joins it.
 //!
 //! Everyone who waits for a batch holds a [`Waiter`] on one watch channel, so its outcome
@@ -86,15 +86,22 @@ pub struct BatchId(pub(crate) u64);
 pub enum Failure {
     /// Tencent's answer about the whole group (10007, 10010, 10015): passed through.
     Group { code: ErrorCode, info: String },
-    /// Tencent refused this MsgSeq (a 10004 isolated by splitting): passed through.
+    /// Tencent refused this MsgSeq on its own (a 10004 isolated by splitting): the
+    /// caller's input was wrong.
     Rejected { code: ErrorCode, info: String },
+    /// The gateway added this MsgSeq to a call (cohort, neighbourhood) that Tencent
+    /// refused, and left it out when asking again: nobody asked for it, and a caller that
+    /// joined it meanwhile asks again.
+    LeftOut,
     /// Tencent kept throttling until the deadline.
     Throttled,
     /// A retry or split half found no token before the deadline.
     NoBudget,
-    /// Tencent refused a merged call with 10004 and the split allowance ran out before
-    /// the offending MsgSeqs were found: `fetch::run` decides what the callers see.
-    Unisolated { info: String },
+    /// Tencent refused a call of `part` with 10004 and the split allowance ran out before
+    /// the offending MsgSeqs were found. A caller that asked for every MsgSeq of `part`
+    /// sent one of them (Tencent would refuse its request alone): 10004. Any other may be
+    /// innocent and is not told its input was wrong: an upstream failure.
+    Unisolated { info: String, part: Arc<[MsgSeq]> },
     /// Transport errors, 5xx or retryable codes until retries or the deadline ran out,
     /// or a code that is not retried.
     Unavailable(String),
@@ -257,6 +264,9 @@ pub struct OpenBatch {
     /// clients, the one whose line serves it first (the client whose refused caller
     /// opened a background batch, until a caller joins).
     pub client: ClientSlot,
+    /// The client that first asked for each of `seqs`, in the same order: whose share
+    /// pays for isolating one Tencent refuses.
+    pub askers: Vec<ClientSlot>,
     pub outcome: Outcome,
     /// Its callers' request ids.
     pub served: Served,
@@ -265,7 +275,7 @@ pub struct OpenBatch {
 impl OpenBatch {
     pub fn new(group: GroupId, kind: BatchKind, ready_at: Instant, client: ClientSlot) -> Self {
         let (outcome, _) = watch::channel(None);
-        Self { group, seqs: Vec::new(), ready_at, kind, client, outcome, served: Served::default() }
+        Self { group, seqs: Vec::new(), ready_at, kind, client, askers: Vec::new(), outcome, served: Served::default() }
     }
 
     pub fn has_room(&self, max_seqs: usize) -> bool {
@@ -276,9 +286,11 @@ impl OpenBatch {
         self.ready_at <= now || !self.has_room(max_seqs)
     }
 
-    /// Adds `seq`; a batch that fills up is ready at once. Returns the new waiter.
-    pub fn push(&mut self, seq: MsgSeq, now: Instant, max_seqs: usize) -> Waiter {
+    /// Adds `seq`, asked for by `client`; a batch that fills up is ready at once. Returns
+    /// the new waiter.
+    pub fn push(&mut self, seq: MsgSeq, client: ClientSlot, now: Instant, max_seqs: usize) -> Waiter {
         self.seqs.push(seq);
+        self.askers.push(client);
         if !self.has_room(max_seqs) {
             self.ready_at = self.ready_at.min(now);
         }
@@ -323,10 +335,15 @@ impl Window {
 pub struct Dispatch {
     pub id: BatchId,
     pub group: GroupId,
-    /// Distinct MsgSeqs: the callers' first, then the cohort top-up.
+    /// Distinct MsgSeqs: those callers asked for first, then the top-up, then (with the
+    /// fleet tier) what it took for other replicas.
     pub seqs: Vec<MsgSeq>,
-    /// How many of `seqs` callers asked for (the rest are top-up).
-    pub requested: usize,
+    /// Which of `seqs` the gateway added on its own (cohort, neighbourhood), which nobody
+    /// asked for: left out if Tencent refuses the call (docs/design.md#msgseqs-tencent-refuses).
+    pub added: Vec<MsgSeq>,
+    /// The client that first asked for each MsgSeq this replica's callers (or refused
+    /// callers) asked for.
+    pub askers: Vec<(MsgSeq, ClientSlot)>,
     pub window: Window,
     pub outcome: Outcome,
     /// When the dispatcher took it off the queue (its delivery counts from here).
@@ -379,9 +396,9 @@ mod tests {
             t + Duration::from_secs(1),
             ClientSlot::DEFAULT,
         );
-        let waiter = batch.push(MsgSeq(2), t, 2);
+        let waiter = batch.push(MsgSeq(2), ClientSlot::DEFAULT, t, 2);
         assert!(!batch.is_ready(t, 2));
-        batch.push(MsgSeq(1), t, 2);
+        batch.push(MsgSeq(1), ClientSlot::DEFAULT, t, 2);
         assert!(batch.is_ready(t, 2));
 
         batch.expire(t);

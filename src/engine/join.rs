@@ -32,7 +32,7 @@ pub fn join(
     let kind = BatchKind::for_caller(caller.deadline);
     let id = room_or_open(g, queue, group, kind, caller.client, now, policy);
     queue.add_caller(id, caller.deadline, caller.client, request);
-    let waiter = queue.push(id, seq, now, policy.max_seqs)?;
+    let waiter = queue.push(id, seq, caller.client, now, policy.max_seqs)?;
     g.carry(seq, id, waiter.clone());
     Some((seq, waiter, Joined::Fetched))
 }
@@ -56,7 +56,7 @@ pub fn park(
     let kind = BatchKind::Background { expires: parked.expires };
     let id = room_or_open(g, queue, group, kind, parked.client, now, policy);
     for seq in unplaced {
-        let Some(waiter) = queue.push(id, seq, now, policy.max_seqs) else { break };
+        let Some(waiter) = queue.push(id, seq, parked.client, now, policy.max_seqs) else { break };
         g.carry(seq, id, waiter);
     }
 }

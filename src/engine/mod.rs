@@ -5,13 +5,16 @@
 //! permits ([`queue`]); they change together (a caller joining a batch may move it up
 //! the queue: [`join`]), so one lock keeps them consistent.
 //! It is never held across an `.await`. The admission estimators are atomics, read
-//! without it. Each operation here is a short composition of the stages: [`Engine::join`]
-//! is where a caller is admitted or refused, on [`admission`]'s forecast.
+//! without it; what Tencent refused ([`refusals`]) has a lock of its own, which the
+//! request path takes without the tables' (the dispatcher takes it after them). Each
+//! operation here is a short composition of the stages: [`Engine::join`] is where a
+//! caller is admitted or refused, on [`admission`]'s forecast.
 //!
 //! Layout: [`inflight`] (which batch carries each key), [`batch`] (batches and their
 //! outcomes), [`admission`] (will an answer make the deadline?), [`queue`] (the fair,
 //! deadline-ordered queue), [`join`] (placing a caller's misses), [`dispatcher`] (the task
-//! spending the budget's tokens), and [`flights`] (single flight for answers fetched whole).
+//! spending the budget's tokens), [`refusals`] (the MsgSeqs Tencent refused lately), and
+//! [`flights`] (single flight for answers fetched whole).
 //!
 //! May import: `cache`, `budget`, `clients`, `tencent`. Imported by `fleet`, `upstream`
 //! and `service`; it never calls upstream itself: a dispatched batch is handed to whoever
@@ -27,7 +30,9 @@ pub mod flights;
 pub mod inflight;
 mod join;
 pub mod queue;
+pub mod refusals;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -42,7 +47,8 @@ use crate::tencent::domain::{GroupId, MsgSeq};
 use admission::Estimators;
 use batch::{BatchPolicy, Caller, Dispatch, Joined, Parked, Waiter};
 use inflight::Groups;
-use queue::{Job, Next, Queue, Share};
+use queue::{Billing, Job, Next, Queue, Share};
+use refusals::{Refusal, Refusals};
 
 /// What the lock guards.
 struct Tables {
@@ -80,6 +86,9 @@ pub struct Engine {
     tables: Mutex<Tables>,
     wake: Notify,
     estimates: Estimators,
+    refusals: Mutex<Refusals>,
+    /// Whether `refusals` holds anything: most requests need not take its lock.
+    refusing: AtomicBool,
 }
 
 impl Engine {
@@ -88,6 +97,8 @@ impl Engine {
             tables: Mutex::new(Tables { groups: Groups::default(), queue: Queue::default(), policy }),
             wake: Notify::new(),
             estimates: Estimators::new(policy.upstream_timeout),
+            refusals: Mutex::new(Refusals::default()),
+            refusing: AtomicBool::new(false),
         }
     }
 
@@ -95,6 +106,56 @@ impl Engine {
         // The tables stay consistent between statements, so a panic elsewhere while they
         // were held leaves nothing half-done worth refusing service over.
         self.tables.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Taken after the tables' lock when both are needed, never before.
+    fn refusals(&self) -> MutexGuard<'_, Refusals> {
+        // As for the tables: every critical section leaves the map consistent.
+        self.refusals.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The first of `seqs` of `group` that Tencent refused lately: a request for it is
+    /// refused at once, without a call (docs/design.md#msgseqs-tencent-refuses).
+    pub fn refused(&self, group: &GroupId, seqs: &[MsgSeq]) -> Option<Refusal> {
+        if !self.refusing.load(Ordering::Relaxed) {
+            return None;
+        }
+        let mut refusals = self.refusals();
+        let found = refusals.check(group, seqs, Instant::now());
+        self.refusing.store(!refusals.is_empty(), Ordering::Relaxed);
+        found
+    }
+
+    /// Which of `seqs` of `group` Tencent refused lately (none is added to a call).
+    pub fn refused_among(&self, group: &GroupId, seqs: &[MsgSeq]) -> Vec<MsgSeq> {
+        if !self.refusing.load(Ordering::Relaxed) || seqs.is_empty() {
+            return Vec::new();
+        }
+        let refusals = self.refusals();
+        let Some(refused) = refusals.of(group) else { return Vec::new() };
+        let now = Instant::now();
+        seqs.iter().copied().filter(|&s| refused.refuses(s, now)).collect()
+    }
+
+    /// Tencent refused each of `refused` of `group` on its own (with its ErrorInfo);
+    /// `known` is the highest MsgSeq the group is known to hold, `near` how long a refusal
+    /// close to it is believed ([`refusals`]).
+    pub fn remember_refused(
+        &self,
+        group: &GroupId,
+        refused: &[(MsgSeq, String)],
+        known: Option<MsgSeq>,
+        near: Duration,
+    ) {
+        if refused.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut refusals = self.refusals();
+        for (seq, info) in refused {
+            refusals.remember(group, *seq, info, known, near, now);
+        }
+        self.refusing.store(!refusals.is_empty(), Ordering::Relaxed);
     }
 
     /// Wakes the dispatcher if the queue says work appeared, after the lock is released.
@@ -161,14 +222,20 @@ impl Engine {
         self.lock().queue.set_shares(shares);
     }
 
-    /// Queues a request for one token (a retry or a split half of a dispatched batch),
-    /// in the line of the `client` it was dispatched for, ordered by `urgency` (its
-    /// batch's earliest caller) like batches are.
-    pub fn permit(&self, urgency: Instant, client: ClientSlot) -> oneshot::Receiver<()> {
+    /// Queues a request for one token (a retry, or a call isolating a MsgSeq Tencent
+    /// refuses) in the line of the `client` its batch was dispatched for, ordered by
+    /// `urgency` (its batch's earliest caller) like batches are; charged to `client` when
+    /// granted, or with [`Billing::Later`] to whom [`Engine::bill`] names.
+    pub fn permit(&self, urgency: Instant, client: ClientSlot, billing: Billing) -> oneshot::Receiver<()> {
         let mut tables = self.lock();
-        let permit = tables.queue.permit(urgency, client, Instant::now());
+        let permit = tables.queue.permit(urgency, client, Instant::now(), billing);
         self.release(tables);
         permit
+    }
+
+    /// Charges `client`'s share with `calls` granted with [`Billing::Later`].
+    pub fn bill(&self, client: ClientSlot, calls: u32) {
+        self.lock().queue.bill(client, calls);
     }
 
     /// Admits one call of `client` that must be answered by `deadline` and queues its
@@ -189,7 +256,7 @@ impl Engine {
             self.release(tables);
             return Err(Overloaded { retry_after });
         }
-        let permit = tables.queue.permit(deadline, client, now);
+        let permit = tables.queue.permit(deadline, client, now, Billing::Now);
         self.release(tables);
         Ok(permit)
     }
@@ -275,7 +342,8 @@ impl Engine {
     pub(crate) fn pop(&self, now: Instant, budget_wait: &Histogram, spare: bool) -> Option<Job> {
         let mut tables = self.lock();
         let Tables { groups, queue, policy } = &mut *tables;
-        queue.pop(groups, now, policy, self.estimates.reach(), budget_wait, spare)
+        let refusals = self.refusals();
+        queue.pop(groups, now, policy, self.estimates.reach(), budget_wait, spare, &refusals)
     }
 
     /// The batches dropped unsent since the last call.

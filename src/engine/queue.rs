@@ -16,7 +16,8 @@
 //! Invariants: a token is spent only on work somebody can still use — a batch whose
 //! callers' deadlines would pass before an answer could arrive, or a permit whose retry
 //! gave up, leaves the queue unpaid — and background batches take only budget no
-//! caller's work is waiting for, not even a batch still filling.
+//! caller's work is waiting for, not even a batch still filling, and of that no more than
+//! the client's allowance ([`BACKGROUND_BURST`]); each is charged to that client's share.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
@@ -28,11 +29,57 @@ use tokio::time::Instant;
 use crate::clients::ClientSlot;
 use crate::engine::batch::{BatchId, BatchKind, BatchPolicy, Dispatch, Neighbourhood, OpenBatch, Waiter, Window};
 use crate::engine::inflight::{GroupState, Groups};
+use crate::engine::refusals::Refusals;
 use crate::tencent::domain::{GroupId, MsgSeq};
 
 /// While the shared budget is contended, how often the dispatcher looks again whether
 /// background batches may go.
 const CONTENTION_RECHECK: Duration = Duration::from_millis(100);
+
+/// Each client's allowance of background calls (docs/design.md#admission): calls for its
+/// refused callers' misses that no caller has joined since. A refused caller may come
+/// back for them, or may be gone for good; nothing tells which, so what is spent on them
+/// for nobody is bounded: at most [`BACKGROUND_BURST`] at once, refilled at
+/// [`BACKGROUND_RATE`] a second. A background batch a caller joins is a caller's batch,
+/// outside the allowance.
+pub const BACKGROUND_BURST: f64 = 8.0;
+
+/// See [`BACKGROUND_BURST`].
+pub const BACKGROUND_RATE: f64 = 1.0;
+
+/// One client's background allowance: a token bucket.
+#[derive(Clone, Copy, Debug, Default)]
+struct Allowance {
+    /// Tokens at `at`; before the first call, a full bucket.
+    tokens: f64,
+    at: Option<Instant>,
+}
+
+impl Allowance {
+    fn level(&self, now: Instant) -> f64 {
+        match self.at {
+            None => BACKGROUND_BURST,
+            Some(at) => {
+                let refilled = BACKGROUND_RATE * now.saturating_duration_since(at).as_secs_f64();
+                (self.tokens + refilled).min(BACKGROUND_BURST)
+            }
+        }
+    }
+
+    /// When it next holds a whole call.
+    fn ready_at(&self, now: Instant) -> Instant {
+        let missing = 1.0 - self.level(now);
+        if missing <= 0.0 {
+            return now;
+        }
+        now + Duration::from_secs_f64(missing / BACKGROUND_RATE)
+    }
+
+    fn spend(&mut self, now: Instant) {
+        self.tokens = self.level(now) - 1.0;
+        self.at = Some(now);
+    }
+}
 
 /// A retry permit's identity (a space of its own, apart from batches).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -197,16 +244,40 @@ impl Fair {
         self.finish[i] = start + 1.0 / f64::from(self.weight(client));
     }
 
-    fn charge(&self, client: ClientSlot) {
+    /// `client`'s calls counter (`receipt_gateway_budget_calls_total`) counts `n` more.
+    fn charge(&self, client: ClientSlot, n: u32) {
         if let Some(calls) = self.shares.get(client.0 as usize).and_then(|s| s.calls.as_ref()) {
-            calls.inc();
+            calls.inc_by(u64::from(n));
         }
+    }
+
+    /// `client` is charged `n` calls made earlier for it: its next call starts that much
+    /// later, without moving the virtual time the other clients start from.
+    fn bill(&mut self, client: ClientSlot, n: u32) {
+        let i = client.0 as usize;
+        let start = self.start(client);
+        if self.finish.len() <= i {
+            self.finish.resize(i + 1, 0.0);
+        }
+        self.finish[i] = start + f64::from(n) / f64::from(self.weight(client));
+        self.charge(client, n);
     }
 }
 
 struct Permit {
     tx: oneshot::Sender<()>,
     since: Instant,
+    billing: Billing,
+}
+
+/// When a permit's call is charged to a client's share.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Billing {
+    /// When it is granted, to the client in whose line it waited.
+    Now,
+    /// Later, to whoever turns out to have caused it ([`Queue::bill`]): a call that
+    /// isolates a MsgSeq Tencent refuses is paid by the client that sent that MsgSeq.
+    Later,
 }
 
 /// The open batches and permits of one (app, API), in dispatch order.
@@ -220,6 +291,8 @@ pub struct Queue {
     next_id: u64,
     /// Set when work appeared or became ready: the dispatcher must look again.
     wake: bool,
+    /// Per client slot: its allowance of background calls.
+    allowances: Vec<Allowance>,
     /// Batches dropped unsent since the dispatcher last looked: their MsgSeqs are free
     /// for others to fetch (with the fleet tier, other replicas waited on them).
     dropped: Vec<(GroupId, Vec<MsgSeq>)>,
@@ -262,10 +335,30 @@ impl Queue {
         self.batches.get(&id).is_some_and(|b| b.has_room(max_seqs))
     }
 
-    /// Adds `seq` to open batch `id` if it has room; the waiter for its answer.
-    pub fn push(&mut self, id: BatchId, seq: MsgSeq, now: Instant, max_seqs: usize) -> Option<Waiter> {
+    /// When `client`'s allowance next holds a background call.
+    fn background_ready_at(&self, client: ClientSlot, now: Instant) -> Instant {
+        self.allowances.get(client.0 as usize).copied().unwrap_or_default().ready_at(now)
+    }
+
+    /// When background batch `b` may take a spare token: when it is ready and its client's
+    /// allowance holds a call.
+    fn background_at(&self, b: &OpenBatch, now: Instant, max_seqs: usize) -> Instant {
+        let ready = if b.is_ready(now, max_seqs) { now } else { b.ready_at };
+        ready.max(self.background_ready_at(b.client, now))
+    }
+
+    /// Adds `seq`, asked for by `client`, to open batch `id` if it has room; the waiter
+    /// for its answer.
+    pub fn push(
+        &mut self,
+        id: BatchId,
+        seq: MsgSeq,
+        client: ClientSlot,
+        now: Instant,
+        max_seqs: usize,
+    ) -> Option<Waiter> {
         let batch = self.batches.get_mut(&id).filter(|b| b.has_room(max_seqs))?;
-        let waiter = batch.push(seq, now, max_seqs);
+        let waiter = batch.push(seq, client, now, max_seqs);
         self.wake |= !batch.has_room(max_seqs);
         Some(waiter)
     }
@@ -290,14 +383,20 @@ impl Queue {
     }
 
     /// Queues a request for one token, ordered by `urgency` in `client`'s line like a
-    /// caller's batch.
-    pub fn permit(&mut self, urgency: Instant, client: ClientSlot, now: Instant) -> oneshot::Receiver<()> {
+    /// caller's batch, charged as `billing` says.
+    pub fn permit(
+        &mut self,
+        urgency: Instant,
+        client: ClientSlot,
+        now: Instant,
+        billing: Billing,
+    ) -> oneshot::Receiver<()> {
         let (tx, rx) = oneshot::channel();
         self.next_id += 1;
         let id = PermitId(self.next_id);
         let entry = Entry { lane: Lane::Callers, client, spot: Spot { at: urgency, work: Work::Permit(id) } };
         self.lines.insert(entry);
-        self.permits.insert(id, (entry, Permit { tx, since: now }));
+        self.permits.insert(id, (entry, Permit { tx, since: now, billing }));
         self.wake = true;
         rx
     }
@@ -412,17 +511,27 @@ impl Queue {
         for spot in &self.lines.background {
             let Work::Batch(id) = spot.work else { return Next::Ready };
             let Some(b) = self.batches.get(&id) else { continue };
-            if b.is_ready(now, max_seqs) {
+            let at = self.background_at(b, now, max_seqs);
+            if at <= now {
                 return Next::Ready;
             }
-            earliest = Some(earliest.map_or(b.ready_at, |e| e.min(b.ready_at)));
+            earliest = Some(earliest.map_or(at, |e| e.min(at)));
         }
         earliest.map_or(Next::Idle, Next::At)
     }
 
+    /// Charges `client`'s share with `n` calls granted with [`Billing::Later`].
+    pub fn bill(&mut self, client: ClientSlot, n: u32) {
+        if n > 0 {
+            self.fair.bill(client, n);
+        }
+    }
+
     /// Takes the next ready entry off the queue — the fair share's client, then its most
-    /// urgent ready work — tops a batch up with its group's cohort, charges the call to
-    /// its client, and observes how long the work waited for its token in `budget_wait`.
+    /// urgent ready work — tops a batch up with its group's cohort (never with a MsgSeq
+    /// `refusals` holds), charges the call to its client, and observes how long the work
+    /// waited for its token in `budget_wait`.
+    #[allow(clippy::too_many_arguments)]
     pub fn pop(
         &mut self,
         groups: &mut Groups,
@@ -431,6 +540,7 @@ impl Queue {
         reach: Duration,
         budget_wait: &Histogram,
         spare: bool,
+        refusals: &Refusals,
     ) -> Option<Job> {
         self.drop_useless(groups, now, reach);
         let entry = self.first_ready(now, policy.max_seqs, spare)?;
@@ -438,20 +548,31 @@ impl Queue {
         match entry.spot.work {
             Work::Permit(id) => {
                 let (_, permit) = self.permits.remove(&id)?;
-                self.fair.serve(entry.client);
-                self.fair.charge(entry.client);
+                if permit.billing == Billing::Now {
+                    self.fair.serve(entry.client);
+                    self.fair.charge(entry.client, 1);
+                }
                 budget_wait.observe(now.saturating_duration_since(permit.since).as_secs_f64());
                 Some(Job::Permit(permit.tx))
             }
             Work::Batch(id) => {
                 let batch = self.batches.remove(&id)?;
+                if entry.lane == Lane::Background {
+                    let i = batch.client.0 as usize;
+                    if self.allowances.len() <= i {
+                        self.allowances.resize(i + 1, Allowance::default());
+                    }
+                    self.allowances[i].spend(now);
+                }
                 if entry.lane == Lane::Callers {
-                    self.fair.serve(entry.client);
                     // Background batches wait for spare budget by design; that is no wait.
                     budget_wait.observe(now.saturating_duration_since(batch.ready_at).as_secs_f64());
                 }
-                self.fair.charge(batch.client);
-                Some(Job::Batch(dispatch(groups, id, batch, now, policy)))
+                // A background batch counts against the share of the client whose refused
+                // callers it serves, like that client's own calls.
+                self.fair.serve(batch.client);
+                self.fair.charge(batch.client, 1);
+                Some(Job::Batch(dispatch(groups, id, batch, now, policy, refusals)))
             }
         }
     }
@@ -480,7 +601,7 @@ impl Queue {
         }
         let spot = self.lines.background.iter().copied().find(|spot| match spot.work {
             Work::Permit(_) => true,
-            Work::Batch(id) => self.batches.get(&id).is_some_and(|b| b.is_ready(now, max_seqs)),
+            Work::Batch(id) => self.batches.get(&id).is_some_and(|b| self.background_at(b, now, max_seqs) <= now),
         })?;
         Some(Entry { lane: Lane::Background, client: ClientSlot::DEFAULT, spot })
     }
@@ -554,19 +675,32 @@ impl Queue {
 }
 
 /// A batch leaving the queue: detached from its group's open list and topped up with
-/// the group's cohort (read lately, within half a TTL of expiry, not in flight).
-fn dispatch(groups: &mut Groups, id: BatchId, batch: OpenBatch, now: Instant, policy: &BatchPolicy) -> Dispatch {
-    let requested = batch.seqs.len();
+/// the group's cohort (read lately, within half a TTL of expiry, not in flight, not
+/// refused by Tencent lately).
+fn dispatch(
+    groups: &mut Groups,
+    id: BatchId,
+    batch: OpenBatch,
+    now: Instant,
+    policy: &BatchPolicy,
+    refusals: &Refusals,
+) -> Dispatch {
+    let askers = batch.seqs.iter().copied().zip(batch.askers.iter().copied()).collect();
     let mut seqs = batch.seqs;
+    let mut added = Vec::new();
     if let Some(g) = groups.get_mut(&batch.group) {
         g.detach(id, now, batch.served.clone());
-        top_up(g, id, &mut seqs, &batch.outcome.subscribe(), now, policy);
+        let refused = refusals.of(&batch.group);
+        let allowed = |seq: MsgSeq| refused.is_none_or(|r| !r.refuses(seq, now));
+        added = top_up(g, id, &seqs, &batch.outcome.subscribe(), now, policy, allowed);
+        seqs.extend_from_slice(&added);
     }
     Dispatch {
         id,
         group: batch.group,
         seqs,
-        requested,
+        added,
+        askers,
         window: Window::of(batch.kind, batch.client, now, policy.upstream_timeout),
         outcome: batch.outcome,
         dispatched: now,
@@ -574,37 +708,39 @@ fn dispatch(groups: &mut Groups, id: BatchId, batch: OpenBatch, now: Instant, po
     }
 }
 
-/// Fills the rest of a leaving batch: with the group's cohort, then with its
-/// neighbourhood.
+/// What fills the rest of a leaving batch of `seqs`: the group's cohort, then its
+/// neighbourhood, each MsgSeq one that `allowed` accepts; they are in flight with the
+/// batch from now on.
 fn top_up(
     g: &mut GroupState,
     id: BatchId,
-    seqs: &mut Vec<MsgSeq>,
+    seqs: &[MsgSeq],
     waiter: &Waiter,
     now: Instant,
     policy: &BatchPolicy,
-) {
+    allowed: impl Fn(MsgSeq) -> bool,
+) -> Vec<MsgSeq> {
     let room = policy.max_seqs.saturating_sub(seqs.len());
     if room == 0 {
-        return;
+        return Vec::new();
     }
     // Group cohort (docs/design.md#group-cohorts): read lately, within half a TTL of
     // expiry, not in flight (the batch's own are in flight with it); never one nobody read.
     let page = g.page().cloned();
     let mut extra = page.as_ref().map_or_else(Vec::new, |page| {
         let horizon = now + policy.ttl / 2;
-        page.due_for_refresh(now, horizon, policy.cohort_memory(), room, |seq| g.carrier(seq).is_none())
+        page.due_for_refresh(now, horizon, policy.cohort_memory(), room, |seq| g.carrier(seq).is_none() && allowed(seq))
     });
     let room = room - extra.len();
     if room > 0 && policy.neighbourhood == Neighbourhood::Here {
-        let known = |seq: MsgSeq| extra.contains(&seq) || page.as_ref().is_some_and(|p| p.holds(seq));
+        let known = |seq: MsgSeq| extra.contains(&seq) || page.as_ref().is_some_and(|p| p.holds(seq)) || !allowed(seq);
         let near = neighbourhood(g, seqs, policy.max_seqs, room, known);
         extra.extend(near);
     }
-    for seq in extra {
-        seqs.push(seq);
+    for &seq in &extra {
         g.carry(seq, id, waiter.clone());
     }
+    extra
 }
 
 /// The MsgSeqs just below the highest one requested (within `max_seqs` of it) that the

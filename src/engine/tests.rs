@@ -281,7 +281,8 @@ async fn dispatch_tops_up_with_read_messages_near_expiry_then_uncached_neighbour
 
     // The cohort first (1), then the neighbourhood below 9 the group has not cached.
     assert_eq!(d.seqs, [9, 1, 8, 7, 6, 5, 4].map(MsgSeq).to_vec());
-    assert_eq!(d.requested, 1);
+    assert_eq!(d.added, [1, 8, 7, 6, 5, 4].map(MsgSeq).to_vec(), "nobody asked for these");
+    assert_eq!(d.askers, vec![(MsgSeq(9), ClientSlot::DEFAULT)]);
     // The topped-up key is now in flight: a caller joins this batch.
     let j = join(&e, "g", &[MsgSeq(1)], deadline, pace(Duration::ZERO)).unwrap();
     assert_eq!(j[0].2, Joined::Coalesced);
@@ -292,8 +293,8 @@ async fn retry_permits_queue_by_urgency_among_batches_and_abandoned_ones_cost_no
     let e = engine(1);
     let now = Instant::now();
     join(&e, "batch", &seqs(0..1), now + 5 * S, pace(Duration::ZERO)).unwrap();
-    let urgent = e.permit(now + 2 * S, ClientSlot::DEFAULT);
-    let abandoned = e.permit(now + S, ClientSlot::DEFAULT);
+    let urgent = e.permit(now + 2 * S, ClientSlot::DEFAULT, queue::Billing::Now);
+    let abandoned = e.permit(now + S, ClientSlot::DEFAULT, queue::Billing::Now);
     drop(abandoned);
 
     let first = e.pop(now, &hist(), true);
@@ -412,13 +413,139 @@ async fn admission_counts_a_callers_own_line_by_its_share() {
 async fn at_equal_deadlines_work_queues_in_the_order_it_was_created() {
     let e = engine(1);
     let deadline = Instant::now() + 5 * S;
-    let early_permit = e.permit(deadline, ClientSlot::DEFAULT);
+    let early_permit = e.permit(deadline, ClientSlot::DEFAULT, queue::Billing::Now);
     join(&e, "g", &seqs(0..1), deadline, pace(Duration::ZERO)).unwrap();
-    let late_permit = e.permit(deadline, ClientSlot::DEFAULT);
+    let late_permit = e.permit(deadline, ClientSlot::DEFAULT, queue::Billing::Now);
 
     let order: Vec<bool> =
         (0..3).map(|_| matches!(e.pop(Instant::now(), &hist(), true), Some(Job::Permit(_)))).collect();
 
     assert_eq!(order, [true, false, true], "permit, batch, permit");
     drop((early_permit, late_permit));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_top_up_never_adds_a_msgseq_tencent_refused_lately_and_requests_for_one_are_refused() {
+    let e = engine(50);
+    let g = group("g");
+    let refused = [(MsgSeq(5), "MsgSeq 5 is invalid".to_owned()), (MsgSeq(7), "MsgSeq 7 is invalid".to_owned())];
+    e.remember_refused(&g, &refused, None, S);
+    join(&e, "g", &[MsgSeq(9)], Instant::now() + 5 * S, pace(Duration::ZERO)).unwrap();
+    tokio::time::advance(5 * MS).await;
+
+    let Some(Job::Batch(d)) = e.pop(Instant::now(), &hist(), true) else { panic!("no batch") };
+
+    assert_eq!(d.added, [8, 6, 4, 3, 2, 1].map(MsgSeq).to_vec(), "the neighbourhood without 5 and 7");
+    let refusal = e.refused(&g, &[MsgSeq(1), MsgSeq(7)]).map(|r| r.seq);
+    assert_eq!(refusal, Some(MsgSeq(7)));
+    assert!(e.refused(&group("other"), &[MsgSeq(7)]).is_none());
+    tokio::time::advance(S).await;
+    assert!(e.refused(&g, &[MsgSeq(7)]).is_none(), "believed for the negative TTL given");
+}
+
+#[tokio::test(start_paused = true)]
+async fn background_calls_for_refused_callers_stay_within_their_clients_allowance() {
+    let (e, now, slow, _) = crowded();
+    let refused_as = |client: ClientSlot, i: usize| {
+        let g = group(&format!("gone-{}-{i}", client.0));
+        let ask = Ask {
+            group: &g,
+            page: None,
+            misses: &seqs(0..1),
+            fetched_since: None,
+            deadline: now + 5010 * MS,
+            client,
+            request: "",
+        };
+        e.join(ask, slow).is_err()
+    };
+    // Twenty refused callers of the default client, parked (`crowded` parked one).
+    assert!((0..19).all(|i| refused_as(ClientSlot::DEFAULT, i)));
+    // Another client, with enough queued in its own line to be refused too.
+    queue_for(&e, ClientSlot(1), 0..3, now + 5 * S, slow);
+    assert!(refused_as(ClientSlot(1), 0));
+    tokio::time::advance(5 * MS).await;
+    let pop = || match e.pop(Instant::now(), &hist(), true) {
+        Some(Job::Batch(d)) => Some(d.group.to_string()),
+        _ => None,
+    };
+    let next = || {
+        let mut t = e.lock();
+        let Tables { groups, queue, .. } = &mut *t;
+        queue.next(groups, Instant::now(), 10, Duration::ZERO, true)
+    };
+
+    let sent: Vec<String> = std::iter::from_fn(pop).collect();
+
+    // `crowded` parked the default client's caller of "g".
+    let parked = |client: u16, g: &str| g.starts_with(&format!("gone-{client}-")) || (client == 0 && g == "g");
+    let background = |client: u16| sent.iter().filter(|g| parked(client, g)).count();
+    assert_eq!(sent.len() - background(0) - background(1), 8, "the callers' batches first");
+    assert_eq!(background(0), queue::BACKGROUND_BURST as usize, "then the default client's allowance");
+    assert_eq!(background(1), 1, "the other client's allowance is its own");
+    let refill = Duration::from_secs_f64(1.0 / queue::BACKGROUND_RATE);
+    assert!(matches!(next(), Next::At(t) if t == Instant::now() + refill), "nothing is ready until it refills");
+    tokio::time::advance(refill).await;
+    assert!(pop().is_some_and(|g| g.starts_with("gone-0-")) && pop().is_none(), "one call per refill");
+}
+
+/// Shares of weight 1 for clients 0 and 1, with counters of the calls charged to them.
+fn counted_shares(e: &Engine) -> [prometheus::IntCounter; 2] {
+    let calls = [0, 1].map(|i| prometheus::IntCounter::new(format!("calls_{i}"), "calls").unwrap());
+    e.set_shares(calls.iter().map(|c| Share { weight: 1, calls: Some(c.clone()) }).collect());
+    calls
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_background_batch_is_charged_to_the_client_whose_refused_caller_it_serves() {
+    let e = engine(10);
+    let calls = counted_shares(&e);
+    let now = Instant::now();
+    let slow = pace(S);
+    queue_for(&e, ClientSlot(0), 0..5, now + 5 * S, slow);
+    queue_for(&e, ClientSlot(1), 0..3, now + 5 * S, slow);
+    let g = group("refused");
+    let ask = Ask {
+        group: &g,
+        page: None,
+        misses: &seqs(0..1),
+        fetched_since: None,
+        deadline: now + 5010 * MS,
+        client: ClientSlot(1),
+        request: "",
+    };
+    assert!(e.join(ask, slow).is_err());
+    tokio::time::advance(5 * MS).await;
+
+    let popped = (0..9).filter(|_| matches!(e.pop(Instant::now(), &hist(), true), Some(Job::Batch(_)))).count();
+
+    assert_eq!(popped, 9, "eight callers' batches, then the background one on spare budget");
+    assert_eq!([calls[0].get(), calls[1].get()], [5, 4]);
+    // Client 1's turns were charged four calls, not three: client 0 goes first now.
+    queue_for(&e, ClientSlot(0), 10..12, now + 20 * S, slow);
+    queue_for(&e, ClientSlot(1), 10..12, now + 20 * S, slow);
+    tokio::time::advance(5 * MS).await;
+    assert_eq!(pop_clients(&e, 1), [1, 0]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_permit_billed_later_is_charged_to_whom_the_bill_names_and_shifts_its_turns() {
+    let e = engine(1);
+    let calls = counted_shares(&e);
+    let deadline = Instant::now() + 100 * S;
+    let permit = e.permit(deadline, ClientSlot(0), queue::Billing::Later);
+
+    let granted = matches!(e.pop(Instant::now(), &hist(), true), Some(Job::Permit(_)));
+    let uncharged = [calls[0].get(), calls[1].get()];
+    e.bill(ClientSlot(1), 3);
+    for client in [ClientSlot(0), ClientSlot(1)] {
+        queue_for(&e, client, 0..4, deadline, pace(Duration::ZERO));
+    }
+    tokio::time::advance(5 * MS).await;
+
+    assert!(granted);
+    assert_eq!(uncharged, [0, 0], "nobody is charged when it is granted");
+    assert_eq!(pop_clients(&e, 3), [3, 0], "client 1 paid for three calls: client 0 goes first");
+    assert_eq!([calls[0].get(), calls[1].get()], [3, 3]);
+    drop(permit);
 }

@@ -108,6 +108,15 @@ pub struct Claim {
     pub retry_at: Option<Instant>,
 }
 
+/// What a leaving call took from Redis.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Taken {
+    /// MsgSeqs other replicas' callers wait for.
+    pub wanted: Vec<MsgSeq>,
+    /// The fleet's cohort and the group's neighbourhood, which nobody asked for.
+    pub added: Vec<MsgSeq>,
+}
+
 /// Why the tier could not answer: the request goes on alone.
 #[derive(Debug, thiserror::Error)]
 pub enum FleetError {
@@ -214,7 +223,8 @@ impl Fleet {
     }
 
     /// Just before the leader's call for `group` leaves with `seqs`: renews their claims
-    /// and takes up to `room` MsgSeqs other replicas wait for, then of the fleet's cohort.
+    /// and takes up to `room` MsgSeqs other replicas wait for, then of the fleet's cohort
+    /// and the group's neighbourhood.
     pub async fn take(
         &self,
         app: AppId,
@@ -222,15 +232,21 @@ impl Fleet {
         seqs: &[MsgSeq],
         room: usize,
         lifetimes: Agreed,
-    ) -> Result<Vec<MsgSeq>, FleetError> {
+    ) -> Result<Taken, FleetError> {
         let keys = self.keys(app, group);
         let mut call = self.scripts.take.prepare_invoke();
         call.key(&keys[..4]).key(&keys[5]);
         call.arg(&self.me).arg(ms(lifetimes.ttl)).arg(ms(lifetimes.negative_ttl)).arg(ms(lifetimes.claim));
         call.arg(room).arg(ms(lifetimes.cohort_memory)).arg(lifetimes.neighbourhood);
         call.arg(seqs.iter().map(|s| s.0).collect::<Vec<_>>());
-        let taken: Vec<u64> = self.run(|mut c| async move { call.invoke_async(&mut c).await }).await?;
-        Ok(taken.into_iter().map(MsgSeq).collect())
+        let reply: Vec<u64> = self.run(|mut c| async move { call.invoke_async(&mut c).await }).await?;
+        let (&wanted, taken) = reply.split_first().ok_or(FleetError::Reply)?;
+        let wanted = usize::try_from(wanted).unwrap_or(usize::MAX).min(taken.len());
+        let (wanted, added) = taken.split_at(wanted);
+        Ok(Taken {
+            wanted: wanted.iter().copied().map(MsgSeq).collect(),
+            added: added.iter().copied().map(MsgSeq).collect(),
+        })
     }
 
     /// A call's outcome (`items` sorted, answered at `fetched_at`): stores the answers,

@@ -91,7 +91,8 @@ return out
 /// top, its neighbourhood: the MsgSeqs within `window` below the highest in the call
 /// that Redis does not hold and nobody fetches. KEYS: items, inflight, lease, wanted,
 /// reads. ARGV: me, ttl_ms, negative_ttl_ms, lease_ms, room, memory_ms, window, then the
-/// call's own MsgSeqs (their claims are renewed). Returns the MsgSeqs taken.
+/// call's own MsgSeqs (their claims are renewed). Returns how many of the MsgSeqs taken
+/// other replicas wait for, then the MsgSeqs taken (those first).
 pub const TAKE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -132,6 +133,7 @@ if room > 0 then
     if not fresh and not busy(seq) and not chosen[seq] then take(seq) end
   end
 end
+local wanted = #taken
 -- 2. The fleet's cohort: read lately by any replica, positive, due within half a TTL.
 if #taken < room then
   local reads = redis.call('HGETALL', KEYS[5])
@@ -155,6 +157,7 @@ end
 local lease = redis.call('GET', KEYS[3])
 if not lease or lease == me then redis.call('SET', KEYS[3], me, 'PX', lease_ms) end
 redis.call('PEXPIRE', KEYS[2], lease_ms * 4)
+table.insert(taken, 1, wanted)
 return taken
 "#;
 

@@ -37,6 +37,7 @@ use crate::clients::ClientSlot;
 use crate::engine::Engine;
 use crate::engine::batch::Served;
 use crate::engine::flights::{Flights, Lead, Place};
+use crate::engine::queue::Billing;
 use crate::error::GatewayError;
 use crate::tencent::domain::GroupId;
 use crate::upstream::retry::{Attempts, Next, Trouble};
@@ -268,7 +269,7 @@ impl Detail {
             };
             let failure = match attempts.judge(outcome, self.upstream.signer(), &self.budget) {
                 Ok(Next::RetryNow) => {
-                    permit = self.engine.permit(q.deadline, q.client);
+                    permit = self.engine.permit(q.deadline, q.client, Billing::Now);
                     continue;
                 }
                 Ok(Next::RetryLater(Trouble::Throttled)) => {
@@ -284,7 +285,7 @@ impl Detail {
             if !attempts.back_off(q.deadline, self.budget.interval()).await {
                 return Fetched::Failed(failure);
             }
-            permit = self.engine.permit(q.deadline, q.client);
+            permit = self.engine.permit(q.deadline, q.client, Billing::Now);
         }
     }
 }

@@ -154,6 +154,10 @@ impl Simulator {
             if let Some(bad) = request.seqs().into_iter().find(|s| state.rejected.contains(s)) {
                 return Err(Fail::new(ErrorCode::INVALID_PARAMETER, format!("MsgSeq {bad} is invalid")));
             }
+            let past_the_end = |s: &u64| state.rejected_from.is_some_and(|from| *s >= from);
+            if let Some(bad) = request.seqs().into_iter().find(past_the_end) {
+                return Err(Fail::new(ErrorCode::INVALID_PARAMETER, format!("MsgSeq {bad} is out of range")));
+            }
             match request {
                 Body::Receipt(r) => Ok(self.receipts(state, call.app, r)),
                 Body::Detail(d) => detail_page(state, d),

@@ -78,6 +78,9 @@ pub(super) struct State {
     pub overrides: HashMap<(String, u64), (u64, u64)>,
     /// MsgSeqs that make a whole call fail with 10004 (see `Simulator::reject_seq`).
     pub rejected: std::collections::HashSet<u64>,
+    /// Every MsgSeq from this one up makes a whole call fail with 10004 (see
+    /// `Simulator::reject_from`).
+    pub rejected_from: Option<u64>,
     pub base_latency: Duration,
     /// How detail answers name their "last page" flag.
     pub finish_field: FinishField,

@@ -26,7 +26,7 @@
 //! 6. the body — 10004 (not parseable; more than `max_seqs` MsgSeqs; for the detail API
 //!    a `Filter` other than 0 or 1, or a `Count` outside 1..=200);
 //! 7. the group — 10010 for ids starting `missing`, 10015 for `invalid`; a MsgSeq made
-//!    invalid by [`Simulator::reject_seq`] — 10004;
+//!    invalid by [`Simulator::reject_seq`] or [`Simulator::reject_from`] — 10004;
 //! 8. the answer. Receipt API: one item per requested MsgSeq in order, an override, else
 //!    [`default_receipt`]. Detail API: 10062 for the whole call if the message has no
 //!    receipt, 10004 for a `Cursor` it never issued, else one page of the member list
@@ -159,6 +159,13 @@ impl Simulator {
     /// gateway isolates the caller who sent it.
     pub fn reject_seq(&self, seq: u64) {
         self.state().rejected.insert(seq);
+    }
+
+    /// Makes every later call that carries a MsgSeq of `seq` or above (either API) fail
+    /// as a whole with 10004, the way Tencent refuses MsgSeqs past a group's last
+    /// message: for testing what a gateway spends on such requests.
+    pub fn reject_from(&self, seq: u64) {
+        self.state().rejected_from = Some(seq);
     }
 
     /// Names the detail API's "last page" flag `field` in later answers (the default is

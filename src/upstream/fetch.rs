@@ -2,6 +2,11 @@
 //! already paid for, retries and 10004 splits each paid for with a permit from the queue, the cache
 //! filled, then every waiting caller woken with the shared outcome.
 //!
+//! A call Tencent refuses as a whole (10004) is first asked again without the MsgSeqs the
+//! gateway added, then split (docs/design.md#msgseqs-tencent-refuses); the calls that
+//! isolate a refused MsgSeq are paid by the client that sent it, and the refusal is
+//! remembered ([`crate::engine::refusals`]) before any caller hears of it.
+//!
 //! A batch runs in its own task, owned by nobody's request: a caller that goes away
 //! cannot cancel a call others are waiting on.
 
@@ -15,9 +20,11 @@ use tokio::time::Instant;
 use crate::budget::Budget;
 use crate::cache::{GroupAnswer, Page};
 use crate::cache::{KeptBy, ReceiptCache};
+use crate::clients::ClientSlot;
 use crate::engine::Engine;
 use crate::engine::admission;
 use crate::engine::batch::{BatchOutcome, Dispatch, Failure, Items, Served, Window};
+use crate::engine::queue::Billing;
 use crate::fleet::{self, SharedTier};
 use crate::tencent::code::ErrorCode;
 use crate::tencent::domain::AppId;
@@ -53,15 +60,20 @@ pub async fn run(app: Arc<Fetcher>, mut batch: Dispatch) {
         take_wanted(&app, tier, &mut batch).await;
     }
     let tally = Tally {
-        splits: AtomicU32::new(split_allowance(batch.seqs.len())),
+        splits: AtomicU32::new(split_allowance(batch.seqs.len() - batch.added.len())),
         calls: AtomicU32::new(0),
+        isolating: AtomicU32::new(0),
+        added: batch.added.clone(),
         served: batch.served.clone(),
     };
-    let mut items = fetch(&app, &batch.group, batch.seqs.clone(), batch.window, Token::Paid, &tally).await;
-    settle_unisolated(&mut items);
-    let first_call = tally.calls.into_inner() == 1;
+    let items = fetch(&app, &batch.group, batch.seqs.clone(), batch.window, Token::Paid, &tally).await;
+    let first_call = tally.calls.load(Ordering::Relaxed) == 1;
     let outcome = Arc::new(BatchOutcome { started, first_call, ..BatchOutcome::settled(items, Instant::now()) });
     let page = store(&app, &batch.group, &outcome.items, (started, outcome.fetched_at)).await;
+    // Before any caller hears of a refusal: its next request is refused without a call.
+    let refused = refused(&outcome.items);
+    bill_isolation(&app.engine, &batch, &refused, tally.isolating.load(Ordering::Relaxed));
+    app.engine.remember_refused(&batch.group, &refused, page.highest_answered(), app.cache.negative_ttl());
     app.engine.complete(&batch, &page);
     let _ = batch.outcome.send(Some(outcome.clone()));
     if let Some(tier) = &app.fleet
@@ -90,7 +102,7 @@ async fn take_wanted(app: &Fetcher, tier: &SharedTier, batch: &mut Dispatch) {
     let (fleet, id, group, seqs, lifetimes) =
         (tier.fleet.clone(), app.id, batch.group.clone(), batch.seqs.clone(), tier.lifetimes());
     let mut take = tokio::spawn(async move { fleet.take(id, &group, &seqs, room, lifetimes).await });
-    let taken = match tokio::time::timeout(spare, &mut take).await {
+    let mut taken = match tokio::time::timeout(spare, &mut take).await {
         Ok(Ok(Ok(taken))) => taken,
         Ok(Ok(Err(e))) => return tracing::debug!(error = %e, "fleet: wanted MsgSeqs not taken"),
         Ok(Err(_)) => return,
@@ -100,16 +112,29 @@ async fn take_wanted(app: &Fetcher, tier: &SharedTier, batch: &mut Dispatch) {
             let (fleet, id, group, own) = (tier.fleet.clone(), app.id, batch.group.clone(), batch.seqs.clone());
             tokio::spawn(async move {
                 if let Ok(Ok(taken)) = take.await {
-                    let extra: Vec<MsgSeq> = taken.into_iter().filter(|s| !own.contains(s)).collect();
+                    let all = taken.wanted.into_iter().chain(taken.added);
+                    let extra: Vec<MsgSeq> = all.filter(|s| !own.contains(s)).collect();
                     fleet.release(id, &group, &extra, lifetimes).await;
                 }
             });
             return tracing::debug!("fleet: Redis too slow for this call's slack; wanted MsgSeqs left for the next");
         }
     };
-    let extra: Vec<MsgSeq> = taken.into_iter().filter(|s| !batch.seqs.contains(s)).take(room).collect();
-    app.engine.carry(batch, &extra);
-    batch.seqs.extend(extra);
+    // What Tencent refused lately is not added, whoever holds the neighbourhood.
+    let refused: Vec<MsgSeq> = app.engine.refused_among(&batch.group, &taken.added);
+    if !refused.is_empty() {
+        taken.added.retain(|s| !refused.contains(s));
+        let (fleet, id, group) = (tier.fleet.clone(), app.id, batch.group.clone());
+        tokio::spawn(async move { fleet.release(id, &group, &refused, lifetimes).await });
+    }
+    let new = |s: &MsgSeq| !batch.seqs.contains(s);
+    let wanted: Vec<MsgSeq> = taken.wanted.into_iter().filter(new).take(room).collect();
+    let added: Vec<MsgSeq> = taken.added.into_iter().filter(new).take(room - wanted.len()).collect();
+    app.engine.carry(batch, &wanted);
+    app.engine.carry(batch, &added);
+    batch.seqs.extend(&wanted);
+    batch.seqs.extend(&added);
+    batch.added.extend(added);
 }
 
 /// Puts the answers (`items` sorted by MsgSeq) in the cache, and a group-level 10010 /
@@ -128,21 +153,31 @@ async fn store(app: &Fetcher, group: &GroupId, items: &Items, (sent, fetched_at)
 }
 
 /// Whether the next attempt already has its token (a dispatched batch's first) or must
-/// queue for one.
+/// queue for one, and who pays for it.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Token {
     Paid,
+    /// The first attempt of a call that isolates a 10004 (asking again without the added
+    /// MsgSeqs, a split half): paid by the client whose MsgSeq Tencent refuses, once known.
+    Isolating,
+    /// A retry: paid by the client the batch was dispatched for.
     Owed,
 }
 
 impl Token {
     /// Gets the token for the next attempt; false if the deadline came first.
-    async fn take(&mut self, app: &Fetcher, window: Window) -> bool {
-        if std::mem::replace(self, Token::Owed) == Token::Paid {
-            return true;
+    async fn take(&mut self, app: &Fetcher, window: Window, tally: &Tally) -> bool {
+        let billing = match std::mem::replace(self, Token::Owed) {
+            Token::Paid => return true,
+            Token::Isolating => Billing::Later,
+            Token::Owed => Billing::Now,
+        };
+        let permit = app.engine.permit(window.urgency, window.client, billing);
+        let granted = matches!(tokio::time::timeout_at(window.deadline, permit).await, Ok(Ok(())));
+        if granted && billing == Billing::Later {
+            tally.isolating.fetch_add(1, Ordering::Relaxed);
         }
-        let permit = app.engine.permit(window.urgency, window.client);
-        matches!(tokio::time::timeout_at(window.deadline, permit).await, Ok(Ok(())))
+        granted
     }
 }
 
@@ -153,6 +188,8 @@ enum Verdict {
     RetryNow,
     /// Back off and try again if the deadline allows; else fail so.
     RetryLater(Failure),
+    /// A call the gateway added MsgSeqs to, refused with 10004: ask again without them.
+    WithoutAdded,
     /// A merged call refused with 10004: find the offending MsgSeqs by halving.
     Split,
 }
@@ -163,6 +200,10 @@ struct Tally {
     splits: AtomicU32,
     /// Upstream calls made.
     calls: AtomicU32,
+    /// Calls made to isolate a 10004, not yet charged to anyone ([`Billing::Later`]).
+    isolating: AtomicU32,
+    /// The MsgSeqs the gateway added to the batch, which nobody asked for.
+    added: Vec<MsgSeq>,
     /// The request ids of the callers served, for each call's log line.
     served: Served,
 }
@@ -179,12 +220,12 @@ fn fetch<'a>(
     Box::pin(async move {
         let mut attempts = Attempts::new(app.max_retries);
         loop {
-            if !token.take(app, window).await {
+            if !token.take(app, window, tally).await {
                 return fail(&seqs, Failure::NoBudget);
             }
             tally.calls.fetch_add(1, Ordering::Relaxed);
             let outcome = attempt(app, group, &seqs, &tally.served).await;
-            match judge(app, outcome, &seqs, &tally.splits, &mut attempts) {
+            match judge(app, outcome, &seqs, tally, &mut attempts) {
                 Verdict::Done(items) => return items,
                 Verdict::RetryNow => {}
                 Verdict::RetryLater(failure) => {
@@ -192,6 +233,7 @@ fn fetch<'a>(
                         return fail(&seqs, failure);
                     }
                 }
+                Verdict::WithoutAdded => return without_added(app, group, seqs, window, tally).await,
                 Verdict::Split => return split(app, group, seqs, window, tally).await,
             }
         }
@@ -212,7 +254,7 @@ async fn attempt(app: &Fetcher, group: &GroupId, seqs: &[MsgSeq], served: &Serve
 
 /// Decides what an attempt's outcome calls for: the items, a group's answer or a 10004
 /// here; the rest as for every API ([`Attempts::judge`]).
-fn judge(app: &Fetcher, outcome: Outcome, seqs: &[MsgSeq], splits: &AtomicU32, attempts: &mut Attempts) -> Verdict {
+fn judge(app: &Fetcher, outcome: Outcome, seqs: &[MsgSeq], tally: &Tally, attempts: &mut Attempts) -> Verdict {
     let outcome = match attempts.judge(outcome, app.upstream.signer(), &app.budget) {
         Ok(Next::RetryNow) => return Verdict::RetryNow,
         Ok(Next::RetryLater(Trouble::Throttled)) => return Verdict::RetryLater(Failure::Throttled),
@@ -223,10 +265,16 @@ fn judge(app: &Fetcher, outcome: Outcome, seqs: &[MsgSeq], splits: &AtomicU32, a
     let failure = match outcome {
         Outcome::Items(items) => return Verdict::Done(match_items(seqs, items)),
         Outcome::Group { code, info } => Failure::Group { code, info },
+        // What the gateway added must never make a caller fail.
+        Outcome::InvalidParameter { .. } if seqs.iter().any(|s| tally.added.contains(s)) => {
+            return Verdict::WithoutAdded;
+        }
         Outcome::InvalidParameter { info } if seqs.len() == 1 => {
             Failure::Rejected { code: ErrorCode::INVALID_PARAMETER, info }
         }
-        Outcome::InvalidParameter { info } if !take_split(splits) => Failure::Unisolated { info },
+        Outcome::InvalidParameter { info } if !take_split(&tally.splits) => {
+            Failure::Unisolated { info, part: seqs.into() }
+        }
         // One caller's bad MsgSeq must not fail the others merged with it.
         Outcome::InvalidParameter { .. } => return Verdict::Split,
         // Judged by `Attempts::judge` above.
@@ -235,40 +283,64 @@ fn judge(app: &Fetcher, outcome: Outcome, seqs: &[MsgSeq], splits: &AtomicU32, a
     Verdict::Done(fail(seqs, failure))
 }
 
+/// Asks again, with a token of its own, for the MsgSeqs of a call refused with 10004
+/// that somebody wants; those the gateway added are left out ([`Failure::LeftOut`]).
+async fn without_added(app: &Fetcher, group: &GroupId, seqs: Vec<MsgSeq>, window: Window, tally: &Tally) -> Items {
+    let (added, wanted): (Vec<MsgSeq>, Vec<MsgSeq>) = seqs.into_iter().partition(|s| tally.added.contains(s));
+    let mut items = fail(&added, Failure::LeftOut);
+    if !wanted.is_empty() {
+        items.extend(fetch(app, group, wanted, window, Token::Isolating, tally).await);
+    }
+    items
+}
+
 /// Halves a merged call refused with 10004 and fetches both halves, each with a token
-/// of its own.
+/// of its own. Sorted first: MsgSeqs past a group's last message, the usual refusal,
+/// then end up together, and the number of calls does not depend on arrival order.
 async fn split(app: &Fetcher, group: &GroupId, mut left: Vec<MsgSeq>, window: Window, tally: &Tally) -> Items {
+    left.sort_unstable();
     let right = left.split_off(left.len() / 2);
     let (mut a, b) = tokio::join!(
-        fetch(app, group, left, window, Token::Owed, tally),
-        fetch(app, group, right, window, Token::Owed, tally)
+        fetch(app, group, left, window, Token::Isolating, tally),
+        fetch(app, group, right, window, Token::Isolating, tally)
     );
     a.extend(b);
     a
 }
 
-fn fail(seqs: &[MsgSeq], failure: Failure) -> Items {
-    seqs.iter().map(|&s| (s, Err(failure.clone()))).collect()
+/// The MsgSeqs Tencent refused on their own, with what it said.
+fn refused(items: &Items) -> Vec<(MsgSeq, String)> {
+    let refused = |(seq, r): &(MsgSeq, Result<Receipt, Failure>)| match r {
+        Err(Failure::Rejected { info, .. }) => Some((*seq, info.clone())),
+        _ => None,
+    };
+    items.iter().filter_map(refused).collect()
 }
 
-/// What callers see of a 10004 the split allowance could not narrow down. If nothing in
-/// the batch got an answer, the 10004 is about the whole call (its group, say): Tencent's
-/// error, passed through. If other parts of it did, the unresolved parts may hold
-/// innocent MsgSeqs, which must not be told their input was wrong: an upstream failure.
-fn settle_unisolated(items: &mut Items) {
-    let all_refused =
-        items.iter().all(|(_, r)| matches!(r, Err(Failure::Rejected { .. } | Failure::Unisolated { .. })));
-    for (_, result) in items.iter_mut() {
-        if let Err(Failure::Unisolated { info }) = result {
-            *result = Err(if all_refused {
-                Failure::Rejected { code: ErrorCode::INVALID_PARAMETER, info: std::mem::take(info) }
-            } else {
-                Failure::Unavailable(format!(
-                    "upstream refused a merged call with 10004 ({info}) and it could not be narrowed down"
-                ))
-            });
+/// Charges the `calls` made to isolate a 10004 to the clients that sent the MsgSeqs
+/// Tencent refused (evenly), or, if none is known here (another replica's, or the 10004
+/// was never narrowed down), to the client the batch was dispatched for.
+fn bill_isolation(engine: &Engine, batch: &Dispatch, refused: &[(MsgSeq, String)], calls: u32) {
+    if calls == 0 {
+        return;
+    }
+    let mut culprits: Vec<ClientSlot> = Vec::new();
+    for (seq, client) in &batch.askers {
+        if refused.iter().any(|(s, _)| s == seq) && !culprits.contains(client) {
+            culprits.push(*client);
         }
     }
+    if culprits.is_empty() {
+        culprits.push(batch.window.client);
+    }
+    let n = culprits.len() as u32;
+    for (i, client) in culprits.into_iter().enumerate() {
+        engine.bill(client, calls / n + u32::from((i as u32) < calls % n));
+    }
+}
+
+fn fail(seqs: &[MsgSeq], failure: Failure) -> Items {
+    seqs.iter().map(|&s| (s, Err(failure.clone()))).collect()
 }
 
 /// How many split calls a batch of `n` MsgSeqs may spend isolating 10004s: enough to
@@ -307,21 +379,5 @@ mod tests {
         assert_eq!(split_allowance(50), 24);
         let splits = AtomicU32::new(split_allowance(2));
         assert!(take_split(&splits) && take_split(&splits) && !take_split(&splits));
-    }
-
-    #[test]
-    fn an_unisolated_10004_is_tencents_answer_only_when_nothing_in_the_batch_succeeded() {
-        let unisolated = || Err(Failure::Unisolated { info: "bad".into() });
-        let mut whole: Items = vec![(MsgSeq(1), unisolated()), (MsgSeq(2), unisolated())];
-        settle_unisolated(&mut whole);
-        assert!(
-            whole.iter().all(|(_, r)| matches!(r, Err(Failure::Rejected { code: ErrorCode::INVALID_PARAMETER, .. })))
-        );
-
-        let ok = Receipt { code: ErrorCode::OK, read: Some(1), unread: Some(1) };
-        let mut partial: Items = vec![(MsgSeq(1), unisolated()), (MsgSeq(2), Ok(ok))];
-        settle_unisolated(&mut partial);
-        assert!(matches!(partial[0].1, Err(Failure::Unavailable(_))));
-        assert_eq!(partial[1].1, Ok(ok));
     }
 }

@@ -16,12 +16,22 @@ use crate::support::{RECEIPT, Reply, Setup, TestApp, body, expected, until, with
 
 /// Sends every (group, seqs) at once over one h2 connection; replies in the same order.
 async fn concurrently(app: &TestApp, requests: &[(String, Vec<u64>)], headers: &[(&str, &str)]) -> Vec<Reply> {
+    let each: Vec<_> = requests.iter().map(|(group, seqs)| (group.clone(), seqs.clone(), headers)).collect();
+    concurrently_with(app, &each).await
+}
+
+/// Request headers, as (name, value).
+type Headers<'a> = &'a [(&'a str, &'a str)];
+
+/// Sends every (group, seqs) with its own headers at once over one h2 connection;
+/// replies in the same order.
+async fn concurrently_with(app: &TestApp, requests: &[(String, Vec<u64>, Headers<'_>)]) -> Vec<Reply> {
     let h2 = Client::builder(TokioExecutor::new()).http2_only(true).build_http::<Full<Bytes>>();
     let tasks: Vec<_> = requests
         .iter()
-        .map(|(group, seqs)| {
+        .map(|(group, seqs, headers)| {
             let mut builder = Request::post(format!("{}{RECEIPT}", app.url));
-            for (k, v) in headers {
+            for (k, v) in *headers {
                 builder = builder.header(*k, *v);
             }
             let request = builder.body(Full::new(Bytes::from(body(group, seqs)))).unwrap();
@@ -243,7 +253,7 @@ async fn a_bad_msgseq_fails_only_the_caller_who_sent_it() {
 
     assert_eq!(replies[0].items(), vec![expected("g-iso", 1), expected("g-iso", 2), expected("g-iso", 3)]);
     assert_eq!(replies[2].items(), vec![expected("g-iso", 5), expected("g-iso", 6)]);
-    assert_eq!((replies[1].status, replies[1].code()), (StatusCode::OK, 10004));
+    assert_eq!((replies[1].status, replies[1].code()), (StatusCode::BAD_REQUEST, 10004), "the caller's fault");
     assert!(replies[1].body["ErrorInfo"].as_str().unwrap_or_default().contains("666"));
     let first = &app.sim.calls()[0].seqs;
     assert!(
@@ -261,10 +271,190 @@ async fn a_10004_about_the_whole_call_costs_a_bounded_number_of_splits() {
 
     let reply = app.post(&body("g-all-bad", &seqs)).await;
 
-    assert_eq!((reply.status, reply.code()), (StatusCode::OK, 10004));
+    // Tencent would refuse this request whole: the caller's input is wrong.
+    assert_eq!((reply.status, reply.code()), (StatusCode::BAD_REQUEST, 10004));
     // Halving to single MsgSeqs would take 99 calls; the split allowance (docs/design.md#upstream-calls: four
     // split calls per halving level, 24 for 50 MsgSeqs) stops at exactly 1 + 24.
     assert_eq!(app.sim.call_count(), 25, "{:?}", app.sim.calls());
+}
+
+/// Two clients, one of which sends MsgSeqs Tencent refuses.
+const POISON_CLIENTS: &str = "[[clients]]\nid = \"innocent\"\n\n[[clients]]\nid = \"poison\"\n";
+
+/// Tencent refuses every MsgSeq from this one up, as it refuses MsgSeqs past a group's
+/// last message.
+const PAST_THE_END: u64 = 1_000_000_000;
+
+fn budget_calls(client: &str) -> String {
+    format!(
+        "receipt_gateway_budget_calls_total{{api=\"get_group_msg_receipt\",app=\"1400000000\",client=\"{client}\"}}"
+    )
+}
+
+#[tokio::test]
+async fn three_callers_of_a_cold_group_one_sending_a_msgseq_tencent_refuses_each_get_their_own_answer() {
+    // A window wide enough that the three ride in one batch, whose neighbourhood (the 44
+    // MsgSeqs below 5,000,000,000) Tencent refuses too.
+    let app = TestApp::spawn_with(Setup::sections(&format!("[batch]\nwindow_ms = 200\n{POISON_CLIENTS}"))).await;
+    app.sim.reject_from(PAST_THE_END);
+    let (innocent, poison): (Headers<'_>, Headers<'_>) = (&[("x-client-id", "innocent")], &[("x-client-id", "poison")]);
+    let requests = vec![
+        ("g-three".to_owned(), vec![1, 2, 3], innocent),
+        ("g-three".to_owned(), vec![5_000_000_000], poison),
+        ("g-three".to_owned(), vec![4, 5], &[][..]),
+    ];
+
+    let replies = concurrently_with(&app, &requests).await;
+    let calls = app.sim.calls();
+    let again = concurrently_with(&app, &requests).await;
+
+    assert_eq!(replies[0].items(), vec![expected("g-three", 1), expected("g-three", 2), expected("g-three", 3)]);
+    assert_eq!(replies[2].items(), vec![expected("g-three", 4), expected("g-three", 5)]);
+    let refused = &replies[1];
+    assert_eq!((refused.status, refused.code()), (StatusCode::BAD_REQUEST, 10004), "{refused:?}");
+    assert!(refused.body["ErrorInfo"].as_str().unwrap_or_default().contains("5000000000"), "{refused:?}");
+    // The merged call with its neighbourhood; the callers' six MsgSeqs alone; then halves
+    // of them, sorted: [1,2,3] [4,5,5e9], [4] [5,5e9], [5] [5e9].
+    let seqs: Vec<Vec<u64>> = calls.iter().map(|c| c.seqs.clone()).collect();
+    assert_eq!(calls.len(), 8, "{seqs:?}");
+    assert_eq!(seqs[0].len(), 50, "the first call carried the neighbourhood");
+    let mut alone = seqs[1].clone();
+    alone.sort_unstable();
+    assert_eq!(alone, vec![1, 2, 3, 4, 5, 5_000_000_000], "then the callers' MsgSeqs alone");
+    // The seven calls that isolated it are the poison client's.
+    let (poison_calls, others) = (
+        app.metric(&budget_calls("poison")).await,
+        app.metric(&budget_calls("innocent")).await + app.metric(&budget_calls("default")).await,
+    );
+    assert!(poison_calls >= 7.0 && poison_calls + others == 8.0, "poison {poison_calls}, others {others}");
+    // Asked again: the refusal is remembered, the others' items are cached.
+    assert_eq!(app.sim.call_count(), 8, "{:?}", app.sim.calls());
+    assert_eq!((again[1].status, again[1].code()), (StatusCode::BAD_REQUEST, 10004));
+    assert_eq!((again[0].header("x-cache"), again[2].header("x-cache")), (Some("HIT"), Some("HIT")));
+}
+
+#[tokio::test]
+async fn a_client_sending_refused_msgseqs_costs_two_calls_then_none_and_never_fails_another_client() {
+    let app = TestApp::spawn_with(Setup::sections(POISON_CLIENTS)).await;
+    app.sim.reject_from(PAST_THE_END);
+    let group = "g-flood";
+    let seconds = Duration::from_secs(3);
+
+    // 20 requests a second for 3 s, each a new MsgSeq past the group's end; meanwhile
+    // another client reads the group's first messages 10 times a second.
+    let poison = async {
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        let mut replies = Vec::new();
+        for i in 0..(20 * seconds.as_secs()) {
+            tick.tick().await;
+            let seq = 5_000_000_000 + i;
+            let reply = app.post_with("", &body(group, &[seq]), &[("x-client-id", "poison")]).await;
+            replies.push((seq, reply));
+        }
+        replies
+    };
+    let innocent = async {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut replies = Vec::new();
+        for _ in 0..(10 * seconds.as_secs()) {
+            tick.tick().await;
+            replies.push(app.post_with("", &body(group, &[1, 2, 3]), &[("x-client-id", "innocent")]).await);
+        }
+        replies
+    };
+    let (poisoned, innocent) = tokio::join!(poison, innocent);
+
+    for (seq, reply) in &poisoned {
+        assert_eq!((reply.status, reply.code()), (StatusCode::BAD_REQUEST, 10004), "{seq}: {reply:?}");
+        assert!(reply.body["ErrorInfo"].as_str().unwrap_or_default().contains(&seq.to_string()), "{reply:?}");
+    }
+    for reply in &innocent {
+        assert_eq!(reply.items(), vec![expected(group, 1), expected(group, 2), expected(group, 3)], "{reply:?}");
+    }
+    let refused: Vec<_> = app.sim.calls().into_iter().filter(|c| c.seqs.iter().any(|&s| s >= PAST_THE_END)).collect();
+    // The first request: its call with the neighbourhood, then its MsgSeq alone. Then
+    // everything from 5,000,000,000 up is refused without a call.
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    assert_eq!(refused[1].seqs, vec![5_000_000_000]);
+}
+
+#[tokio::test]
+async fn a_caller_that_joined_a_msgseq_the_gateway_added_is_answered_when_tencent_refuses_the_call() {
+    let app = TestApp::spawn().await;
+    // 95 is in the neighbourhood of both requests below, and Tencent refuses it.
+    app.sim.reject_seq(95);
+    app.sim.hold_calls();
+    let first = app.post_in_background(body("g-joined", &[100]), &[]);
+    until(|| app.sim.held_calls() == 1).await;
+    // 97 is on the wire, added to the first call: this caller joins it there.
+    let joined = app.post_in_background(body("g-joined", &[97]), &[]);
+    app.until_metric("receipt_gateway_inflight_requests", 2.0).await;
+    app.sim.release_calls();
+
+    assert_eq!(within(first).await.unwrap(), Some(StatusCode::OK));
+    assert_eq!(within(joined).await.unwrap(), Some(StatusCode::OK), "asked again, not failed");
+    let calls: Vec<(usize, i64)> = app.sim.calls().iter().map(|c| (c.seqs.len(), c.error_code.0)).collect();
+    // Each with its neighbourhood, refused; then the asked MsgSeq alone.
+    assert_eq!(calls, vec![(50, 10004), (1, 0), (50, 10004), (1, 0)]);
+    let cached = app.post(&body("g-joined", &[97, 100])).await;
+    assert_eq!(cached.items(), vec![expected("g-joined", 97), expected("g-joined", 100)]);
+}
+
+#[tokio::test]
+async fn a_thousand_callers_refused_and_gone_cost_at_most_fifty_calls() {
+    let _heavy = crate::support::heavy().await;
+    let app = TestApp::spawn().await;
+    // Ten h2 connections of a hundred requests each (within the gateway's streams per
+    // connection), each request a miss of a group of its own.
+    let mut connections = Vec::new();
+    let mut requests = Vec::new();
+    for c in 0..10 {
+        let tcp = within(tokio::net::TcpStream::connect(app.url.trim_start_matches("http://"))).await.expect("connect");
+        let (sender, connection) =
+            within(hyper::client::conn::http2::handshake(TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp)))
+                .await
+                .expect("h2");
+        connections.push(tokio::spawn(connection));
+        for i in 0..100 {
+            let request = Request::post(format!("{}{RECEIPT}", app.url))
+                .body(Full::new(Bytes::from(body(&format!("g-gone-{c}-{i}"), &[1]))))
+                .unwrap();
+            let mut sender = sender.clone();
+            requests.push(tokio::spawn(async move { sender.send_request(request).await.map(|r| r.status()) }));
+        }
+    }
+    // Every request has reached the gateway: answered (429 at once, mostly), or waiting.
+    let arrived = || async {
+        let (_, text) = app.admin_get("/metrics").await;
+        let count = |l: &str| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        let answered: f64 = text.lines().filter(|l| l.starts_with("receipt_gateway_requests_total{")).map(count).sum();
+        let waiting: f64 =
+            text.lines().filter(|l| l.starts_with("receipt_gateway_inflight_requests ")).map(count).sum();
+        answered + waiting
+    };
+    within(async {
+        while arrived().await < 1000.0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await;
+
+    // Every caller goes away at once.
+    for task in &requests {
+        task.abort();
+    }
+    for connection in &connections {
+        connection.abort();
+    }
+    let at_disconnect = app.sim.call_count();
+    app.until_metric("receipt_gateway_inflight_requests", 0.0).await;
+    // Whatever was queued for them has gone or been dropped after the longest a refused
+    // caller's misses may wait (four TTLs of 1 s).
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+
+    let calls = app.sim.call_count();
+    assert!(calls <= 50, "{calls} upstream calls for callers who were gone ({at_disconnect} before they left)");
 }
 
 #[tokio::test]

@@ -4,8 +4,9 @@
 //!
 //! Stale items stand in only when a fresh answer cannot be had before the deadline
 //! (budget exhausted, upstream failing) and the caller did not forbid it with
-//! `Cache-Control`. Answers Tencent gives about a group or a MsgSeq (10010, an isolated
-//! 10004) are passed through as Tencent would: HTTP 200 with `ActionStatus` `FAIL`.
+//! `Cache-Control`. Answers Tencent gives about a group (10010) are passed through as
+//! Tencent would: HTTP 200 with `ActionStatus` `FAIL`. A MsgSeq Tencent refuses (an
+//! isolated 10004, or one it refused lately) is the caller's error: 10004 naming it.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -135,6 +136,12 @@ async fn resolve(
 ) -> Result<Answer, GatewayError> {
     // `no-cache` wants calls that start after it arrived: the shared items cannot help.
     let tier = app.fleet.as_deref().filter(|_| q.freshness != Freshness::NoCache);
+    // Tencent's word on a MsgSeq is no cached count: `no-cache` does not ask it again.
+    let open: Vec<MsgSeq> = slots.iter().filter(|s| s.is_open()).map(|s| s.seq).collect();
+    if let Some(refusal) = app.engine.refused(&q.group, &open) {
+        app.metrics.count_items(Source::Failed, q.seqs.len() as u64);
+        return Err(refused(&[refusal.seq], &refusal.info));
+    }
     let rounds = if tier.is_some() { MAX_FLEET_ROUNDS } else { MAX_ROUNDS };
     let mut waiting = Vec::new();
     let mut pending = Vec::new();
@@ -313,6 +320,9 @@ async fn wait(
                 let source = if how == Joined::Fetched { Source::Fetched } else { Source::Coalesced };
                 slot.served = Some((*receipt, outcome.fetched_at, source));
             }
+            // Added to a call Tencent refused, and left out when it was asked again: ask
+            // for it next round.
+            Some(Err(Failure::LeftOut)) => {}
             Some(Err(failure)) => slot.failure = Some(failure.clone()),
             None => slot.failure = Some(Failure::Unavailable("missing from the upstream answer".into())),
         }
@@ -338,12 +348,26 @@ fn settle(
     unanswered: GatewayError,
 ) -> Result<Answer, GatewayError> {
     let mut error: Option<GatewayError> = None;
+    let asked: Vec<MsgSeq> = slots.iter().map(|s| s.seq).collect();
     for slot in slots.iter_mut().filter(|s| s.served.is_none()) {
         let failure = slot.failure.take();
-        // Tencent's own answer about the group or the MsgSeq goes to the caller as is.
-        if let Some(Failure::Group { code, info } | Failure::Rejected { code, info }) = failure {
+        // Tencent's own answer about the group goes to the caller as is.
+        if let Some(Failure::Group { code, info }) = failure {
             app.metrics.count_items(Source::Failed, q.seqs.len() as u64);
             return Ok(Answer { body: ReceiptResponse::fail(code, info), x_cache: XCache::Miss, age: 0 });
+        }
+        // A MsgSeq Tencent refused on its own, or a set of them the caller asked for all
+        // of (Tencent would refuse its request alone): the caller's input was wrong.
+        let refusal = match &failure {
+            Some(Failure::Rejected { info, .. }) => Some(refused(&[slot.seq], info)),
+            Some(Failure::Unisolated { info, part }) if part.iter().all(|s| asked.binary_search(s).is_ok()) => {
+                Some(refused(part, info))
+            }
+            _ => None,
+        };
+        if let Some(refusal) = refusal {
+            app.metrics.count_items(Source::Failed, q.seqs.len() as u64);
+            return Err(refusal);
         }
         match slot.stale {
             Some(entry) if q.freshness == Freshness::Default => {
@@ -373,10 +397,26 @@ fn failure_error(app: &Receipts, failure: Option<Failure>, unanswered: &GatewayE
             GatewayError::Overloaded { retry_after: app.engine.backlog(app.budget.estimate()) }
         }
         Some(Failure::Unavailable(reason)) => GatewayError::Upstream(reason),
-        // `fetch::run` turns these into Rejected or Unavailable before waking anyone.
-        Some(Failure::Unisolated { info }) => GatewayError::Upstream(info),
-        None | Some(Failure::Group { .. } | Failure::Rejected { .. }) => unanswered.clone(),
+        // Refused together with other callers' MsgSeqs: this caller's may be innocent.
+        Some(Failure::Unisolated { info, .. }) => GatewayError::Upstream(format!(
+            "upstream refused a merged call with 10004 ({info}) and it could not be narrowed down"
+        )),
+        None | Some(Failure::Group { .. } | Failure::Rejected { .. } | Failure::LeftOut) => unanswered.clone(),
     }
+}
+
+/// The most MsgSeqs an error names.
+const MAX_NAMED: usize = 10;
+
+/// The caller's error for a MsgSeq Tencent refuses, or for one of `seqs` (docs/design.md#errors):
+/// 10004 naming them.
+fn refused(seqs: &[MsgSeq], info: &str) -> GatewayError {
+    let mut named = seqs.iter().take(MAX_NAMED).map(|s| s.0.to_string()).collect::<Vec<_>>().join(", ");
+    if seqs.len() > MAX_NAMED {
+        named.push_str(&format!(" and {} more", seqs.len() - MAX_NAMED));
+    }
+    let which = if seqs.len() == 1 { "MsgSeq" } else { "one of MsgSeqs" };
+    GatewayError::BadRequest(format!("MsgSeqList: Tencent refuses {which} {named} (10004: {info})"))
 }
 
 /// The OK answer, every slot served: items in the caller's order, `X-Cache`, `Age`, and

@@ -457,3 +457,31 @@ async fn served_items_are_counted_once_each_by_where_they_came_from() {
     // Fetched: 4 for this caller, 3 for the other.
     assert_eq!(counted, [1, 1, 2, 1, 0]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_10004_not_narrowed_down_is_the_callers_fault_only_if_it_asked_for_all_of_what_was_refused() {
+    let part: Arc<[MsgSeq]> = [MsgSeq(1), MsgSeq(2)].into();
+    let info = "MsgSeq out of range".to_owned();
+    let gw = Gateway::start(Reply::Fail(Failure::Unisolated { info, part }));
+
+    let own = gw.ask(&[2, 1], Freshness::Default).await;
+    let mixed = gw.ask(&[2, 3], Freshness::Default).await;
+
+    let Err(GatewayError::BadRequest(text)) = own else { panic!("{:?}", own.err()) };
+    assert!(text.contains("one of MsgSeqs 1, 2") && text.contains("out of range"), "{text}");
+    assert!(matches!(mixed, Err(GatewayError::Upstream(_))), "{:?}: 3 may be innocent", mixed.err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_msgseq_tencent_refused_lately_is_refused_at_once_without_a_call() {
+    let gw = Gateway::start(answers());
+    let refused = [(MsgSeq(5), "MsgSeq 5 is out of range".to_owned())];
+    gw.receipts.engine.remember_refused(&group(), &refused, None, S);
+
+    let answer = gw.ask(&[1, 5], Freshness::NoCache).await;
+
+    let Err(GatewayError::BadRequest(text)) = answer else { panic!("{:?}", answer.err()) };
+    assert!(text.contains("MsgSeq 5 ") && text.contains("out of range"), "{text}");
+    assert_eq!(gw.calls(), Vec::<Vec<u64>>::new());
+    assert_eq!(gw.items("failed"), 2);
+}

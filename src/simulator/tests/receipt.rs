@@ -110,3 +110,17 @@ async fn calls_beyond_the_limit_in_a_rolling_second_get_60007() {
     assert_eq!(sim.max_arrivals_in_any_window(Duration::from_secs(1)), 6);
     assert_eq!(sim.call_count(), 6);
 }
+
+#[tokio::test]
+async fn msgseqs_past_the_rejection_point_fail_the_whole_call_with_10004() {
+    let (sim, url, _server) = Simulator::spawn(options()).await.expect("spawn");
+    let client = client();
+    sim.reject_from(1_000);
+
+    let below = call_ok(&client, &url, "g", &[998, 999]).await;
+    let mixed = call_ok(&client, &url, "g", &[1, 1_000]).await;
+
+    assert_eq!(below.error_code, ErrorCode::OK);
+    assert_eq!((mixed.action_status.as_ref(), mixed.error_code), ("FAIL", ErrorCode(10004)));
+    assert!(mixed.error_info.contains("1000"), "{}", mixed.error_info);
+}
