@@ -12,9 +12,10 @@
 //!
 //! Layout: [`inflight`] (which batch carries each key), [`batch`] (batches and their
 //! outcomes), [`admission`] (will an answer make the deadline?), [`queue`] (the fair,
-//! deadline-ordered queue), [`join`] (placing a caller's misses), [`dispatcher`] (the task
-//! spending the budget's tokens), [`refusals`] (the MsgSeqs Tencent refused lately), and
-//! [`flights`] (single flight for answers fetched whole).
+//! deadline-ordered queue; [`fair`]: who pays for each call; `topup`: what a leaving
+//! batch carries besides its callers' MsgSeqs), [`join`] (placing a caller's misses),
+//! [`dispatcher`] (the task spending the budget's tokens), [`refusals`] (the MsgSeqs
+//! Tencent refused lately), and [`flights`] (single flight for answers fetched whole).
 //!
 //! May import: `cache`, `budget`, `clients`, `tencent`. Imported by `fleet`, `upstream`
 //! and `service`; it never calls upstream itself: a dispatched batch is handed to whoever
@@ -26,11 +27,13 @@
 pub mod admission;
 pub mod batch;
 pub mod dispatcher;
+pub mod fair;
 pub mod flights;
 pub mod inflight;
 mod join;
 pub mod queue;
 pub mod refusals;
+mod topup;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -22,12 +22,15 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
-use prometheus::{Histogram, IntCounter};
+use prometheus::Histogram;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+pub use super::fair::Share;
+use super::fair::{Allowance, Fair};
+use super::topup::dispatch;
 use crate::clients::ClientSlot;
-use crate::engine::batch::{BatchId, BatchKind, BatchPolicy, Dispatch, Neighbourhood, OpenBatch, Waiter, Window};
+use crate::engine::batch::{BatchId, BatchKind, BatchPolicy, Dispatch, OpenBatch, Waiter};
 use crate::engine::inflight::{GroupState, Groups};
 use crate::engine::refusals::Refusals;
 use crate::tencent::domain::{GroupId, MsgSeq};
@@ -35,51 +38,6 @@ use crate::tencent::domain::{GroupId, MsgSeq};
 /// While the shared budget is contended, how often the dispatcher looks again whether
 /// background batches may go.
 const CONTENTION_RECHECK: Duration = Duration::from_millis(100);
-
-/// Each client's allowance of background calls (docs/design.md#admission): calls for its
-/// refused callers' misses that no caller has joined since. A refused caller may come
-/// back for them, or may be gone for good; nothing tells which, so what is spent on them
-/// for nobody is bounded: at most [`BACKGROUND_BURST`] at once, refilled at
-/// [`BACKGROUND_RATE`] a second. A background batch a caller joins is a caller's batch,
-/// outside the allowance.
-pub const BACKGROUND_BURST: f64 = 8.0;
-
-/// See [`BACKGROUND_BURST`].
-pub const BACKGROUND_RATE: f64 = 1.0;
-
-/// One client's background allowance: a token bucket.
-#[derive(Clone, Copy, Debug, Default)]
-struct Allowance {
-    /// Tokens at `at`; before the first call, a full bucket.
-    tokens: f64,
-    at: Option<Instant>,
-}
-
-impl Allowance {
-    fn level(&self, now: Instant) -> f64 {
-        match self.at {
-            None => BACKGROUND_BURST,
-            Some(at) => {
-                let refilled = BACKGROUND_RATE * now.saturating_duration_since(at).as_secs_f64();
-                (self.tokens + refilled).min(BACKGROUND_BURST)
-            }
-        }
-    }
-
-    /// When it next holds a whole call.
-    fn ready_at(&self, now: Instant) -> Instant {
-        let missing = 1.0 - self.level(now);
-        if missing <= 0.0 {
-            return now;
-        }
-        now + Duration::from_secs_f64(missing / BACKGROUND_RATE)
-    }
-
-    fn spend(&mut self, now: Instant) {
-        self.tokens = self.level(now) - 1.0;
-        self.at = Some(now);
-    }
-}
 
 /// A retry permit's identity (a space of its own, apart from batches).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -200,67 +158,6 @@ impl Lines {
 
     fn line(&self, client: ClientSlot) -> Option<&BTreeSet<Spot>> {
         self.callers.get(client.0 as usize)
-    }
-}
-
-/// One client's share of this (app, API)'s budget (docs/design.md#budget-and-dispatch, #callers):
-/// its weight, and the counter of the calls spent for it (`receipt_gateway_budget_calls_total`).
-#[derive(Clone)]
-pub struct Share {
-    pub weight: u32,
-    pub calls: Option<IntCounter>,
-}
-
-/// Start-time fair queuing over the clients whose callers wait: each client's next call
-/// starts at the later of the virtual time and the end of its last call, and lasts
-/// `1 / weight`; the ready client that starts first is served. A client that was idle
-/// starts at the virtual time, so idleness banks no credit.
-#[derive(Default)]
-struct Fair {
-    shares: Vec<Share>,
-    /// Virtual time: the start of the call last served.
-    now: f64,
-    /// Per client slot: when its last call ends, in virtual time.
-    finish: Vec<f64>,
-}
-
-impl Fair {
-    fn weight(&self, client: ClientSlot) -> u32 {
-        self.shares.get(client.0 as usize).map_or(1, |s| s.weight.max(1))
-    }
-
-    fn start(&self, client: ClientSlot) -> f64 {
-        self.finish.get(client.0 as usize).copied().unwrap_or(0.0).max(self.now)
-    }
-
-    /// `client` was served: its call is charged.
-    fn serve(&mut self, client: ClientSlot) {
-        let i = client.0 as usize;
-        let start = self.start(client);
-        if self.finish.len() <= i {
-            self.finish.resize(i + 1, 0.0);
-        }
-        self.now = start;
-        self.finish[i] = start + 1.0 / f64::from(self.weight(client));
-    }
-
-    /// `client`'s calls counter (`receipt_gateway_budget_calls_total`) counts `n` more.
-    fn charge(&self, client: ClientSlot, n: u32) {
-        if let Some(calls) = self.shares.get(client.0 as usize).and_then(|s| s.calls.as_ref()) {
-            calls.inc_by(u64::from(n));
-        }
-    }
-
-    /// `client` is charged `n` calls made earlier for it: its next call starts that much
-    /// later, without moving the virtual time the other clients start from.
-    fn bill(&mut self, client: ClientSlot, n: u32) {
-        let i = client.0 as usize;
-        let start = self.start(client);
-        if self.finish.len() <= i {
-            self.finish.resize(i + 1, 0.0);
-        }
-        self.finish[i] = start + f64::from(n) / f64::from(self.weight(client));
-        self.charge(client, n);
     }
 }
 
@@ -672,97 +569,6 @@ impl Queue {
         };
         (after, if tokens_before(client) < tokens_before(owner) { client } else { owner })
     }
-}
-
-/// A batch leaving the queue: detached from its group's open list and topped up with
-/// the group's cohort (read lately, within half a TTL of expiry, not in flight, not
-/// refused by Tencent lately).
-fn dispatch(
-    groups: &mut Groups,
-    id: BatchId,
-    batch: OpenBatch,
-    now: Instant,
-    policy: &BatchPolicy,
-    refusals: &Refusals,
-) -> Dispatch {
-    let askers = batch.seqs.iter().copied().zip(batch.askers.iter().copied()).collect();
-    let mut seqs = batch.seqs;
-    let mut added = Vec::new();
-    if let Some(g) = groups.get_mut(&batch.group) {
-        g.detach(id, now, batch.served.clone());
-        let refused = refusals.of(&batch.group);
-        let allowed = |seq: MsgSeq| refused.is_none_or(|r| !r.refuses(seq, now));
-        added = top_up(g, id, &seqs, &batch.outcome.subscribe(), now, policy, allowed);
-        seqs.extend_from_slice(&added);
-    }
-    Dispatch {
-        id,
-        group: batch.group,
-        seqs,
-        added,
-        askers,
-        window: Window::of(batch.kind, batch.client, now, policy.upstream_timeout),
-        outcome: batch.outcome,
-        dispatched: now,
-        served: batch.served,
-    }
-}
-
-/// What fills the rest of a leaving batch of `seqs`: the group's cohort, then its
-/// neighbourhood, each MsgSeq one that `allowed` accepts; they are in flight with the
-/// batch from now on.
-fn top_up(
-    g: &mut GroupState,
-    id: BatchId,
-    seqs: &[MsgSeq],
-    waiter: &Waiter,
-    now: Instant,
-    policy: &BatchPolicy,
-    allowed: impl Fn(MsgSeq) -> bool,
-) -> Vec<MsgSeq> {
-    let room = policy.max_seqs.saturating_sub(seqs.len());
-    if room == 0 {
-        return Vec::new();
-    }
-    // Group cohort (docs/design.md#group-cohorts): read lately, within half a TTL of
-    // expiry, not in flight (the batch's own are in flight with it); never one nobody read.
-    let page = g.page().cloned();
-    let mut extra = page.as_ref().map_or_else(Vec::new, |page| {
-        let horizon = now + policy.ttl / 2;
-        page.due_for_refresh(now, horizon, policy.cohort_memory(), room, |seq| g.carrier(seq).is_none() && allowed(seq))
-    });
-    let room = room - extra.len();
-    if room > 0 && policy.neighbourhood == Neighbourhood::Here {
-        let known = |seq: MsgSeq| extra.contains(&seq) || page.as_ref().is_some_and(|p| p.holds(seq)) || !allowed(seq);
-        let near = neighbourhood(g, seqs, policy.max_seqs, room, known);
-        extra.extend(near);
-    }
-    for &seq in &extra {
-        g.carry(seq, id, waiter.clone());
-    }
-    extra
-}
-
-/// The MsgSeqs just below the highest one requested (within `max_seqs` of it) that the
-/// group has not cached: they exist, since a group's MsgSeqs only grow, and a group that
-/// nobody has fetched yet (a cold start, or a cache that lost it) is then fetched in one
-/// or two calls instead of one per caller. They join the cohort only once someone reads
-/// them (the cache keeps them unread); for a warm group there is nothing to add.
-fn neighbourhood(
-    g: &GroupState,
-    seqs: &[MsgSeq],
-    max_seqs: usize,
-    room: usize,
-    known: impl Fn(MsgSeq) -> bool,
-) -> Vec<MsgSeq> {
-    let Some(&MsgSeq(top)) = seqs.iter().max() else { return Vec::new() };
-    let floor = top.saturating_sub(max_seqs as u64).max(1);
-    (floor..top)
-        .rev()
-        .map(MsgSeq)
-        .filter(|s| !seqs.contains(s) && g.carrier(*s).is_none() && !known(*s))
-        .take(room)
-        .collect()
 }
 
 #[cfg(test)]

@@ -481,9 +481,9 @@ async fn background_calls_for_refused_callers_stay_within_their_clients_allowanc
     let parked = |client: u16, g: &str| g.starts_with(&format!("gone-{client}-")) || (client == 0 && g == "g");
     let background = |client: u16| sent.iter().filter(|g| parked(client, g)).count();
     assert_eq!(sent.len() - background(0) - background(1), 8, "the callers' batches first");
-    assert_eq!(background(0), queue::BACKGROUND_BURST as usize, "then the default client's allowance");
+    assert_eq!(background(0), fair::BACKGROUND_BURST as usize, "then the default client's allowance");
     assert_eq!(background(1), 1, "the other client's allowance is its own");
-    let refill = Duration::from_secs_f64(1.0 / queue::BACKGROUND_RATE);
+    let refill = Duration::from_secs_f64(1.0 / fair::BACKGROUND_RATE);
     assert!(matches!(next(), Next::At(t) if t == Instant::now() + refill), "nothing is ready until it refills");
     tokio::time::advance(refill).await;
     assert!(pop().is_some_and(|g| g.starts_with("gone-0-")) && pop().is_none(), "one call per refill");
