@@ -73,7 +73,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
-use crate::api::{ReceiptItem, ReceiptRequest, ReceiptResponse};
+use crate::api::{ReceiptItem, ReceiptRequest, ReceiptResponse, SENT_AT_HEADER};
 use crate::code::ErrorCode;
 use crate::domain::{AppId, MsgSeq};
 use crate::usersig::SecretKey;
@@ -513,6 +513,8 @@ struct Checked {
     named_app: Option<AppId>,
     /// The body as parsed without its limits (MsgSeqs, Count), for the ledger.
     parsed: Option<Body>,
+    /// When the gateway says it sent the call ([`SENT_AT_HEADER`]), for the ledger.
+    sent_at_us: Option<u64>,
 }
 
 /// A call for a configured app, and what its parameters, UserSig and body came to.
@@ -532,8 +534,9 @@ impl Simulator {
             return Ok(json_response(StatusCode::NOT_FOUND, body));
         };
         let query = req.uri().query().unwrap_or_default().to_owned();
+        let sent_at_us = req.headers().get(SENT_AT_HEADER).and_then(|v| v.to_str().ok()?.parse().ok());
         let body = read_body(req.into_body()).await;
-        let checked = self.check(api, &query, body);
+        let checked = Checked { sent_at_us, ..self.check(api, &query, body) };
         let (outcome, delay) = self.decide(checked);
         self.pass_gate().await;
         if !delay.is_zero() {
@@ -573,7 +576,7 @@ impl Simulator {
             app: app.app,
             request: rules::check_caller(&params, app, unix_now()).and_then(|()| self.check_limits(body?)),
         });
-        Checked { api, call, named_app: params.sdkappid(), parsed }
+        Checked { api, call, named_app: params.sdkappid(), parsed, sent_at_us: None }
     }
 
     /// The body rules beyond parsing (part of phase 6).
@@ -705,6 +708,7 @@ fn record(at: Instant, checked: &Checked, outcome: &Outcome) -> CallRecord {
         seqs: parsed.map(Body::seqs).unwrap_or_default(),
         error_code,
         http_status,
+        sent_at_us: checked.sent_at_us,
     }
 }
 
