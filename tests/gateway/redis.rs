@@ -4,11 +4,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::StatusCode;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-use crate::support::{Setup, TestApp, within};
+use crate::support::{Setup, TestApp, until, within};
 
 /// A private redis-server, killed on drop.
 pub struct RedisServer {
@@ -51,6 +54,76 @@ impl RedisServer {
     pub fn url(&self) -> String {
         socket_url(&self.dir)
     }
+}
+
+/// The instants, on Redis's clock (µs since the Unix epoch), at which the budget script
+/// granted a token for one key, read from `MONITOR`: the GCRA script (src/budget.rs)
+/// SETs its key exactly when it grants a token, and MONITOR stamps every command a
+/// script runs. These are what the fleet's budget decides, on the clock it decides by;
+/// when the calls then reach the simulator is up to the machine.
+pub struct Grants {
+    key: String,
+    /// Every line MONITOR sent so far.
+    lines: Arc<Mutex<Vec<String>>>,
+    reader: tokio::task::JoinHandle<()>,
+    /// Where ECHO markers are sent from (see [`Grants::until_now`]).
+    client: redis::Client,
+}
+
+impl RedisServer {
+    /// Starts watching the grants of the budget held under `key`.
+    pub async fn grants(&self, key: &str) -> Grants {
+        let socket = self.dir.join("redis.sock");
+        let mut stream = within(tokio::net::UnixStream::connect(&socket)).await.expect("redis answers");
+        within(stream.write_all(b"MONITOR\r\n")).await.expect("MONITOR sent");
+        let mut reader = BufReader::new(stream);
+        let mut ok = String::new();
+        within(reader.read_line(&mut ok)).await.expect("MONITOR answered");
+        assert_eq!(ok.trim_end(), "+OK", "MONITOR");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let seen = lines.clone();
+        let reader = tokio::spawn(async move {
+            let mut lines = reader.lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                seen.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+            }
+        });
+        Grants { key: key.to_owned(), lines, reader, client: redis::Client::open(self.url()).unwrap() }
+    }
+}
+
+impl Grants {
+    /// Every grant so far, in order: a marker sent now through another connection is
+    /// shown by MONITOR after every command Redis ran before it.
+    pub async fn until_now(&self) -> Vec<u64> {
+        static MARKERS: AtomicUsize = AtomicUsize::new(0);
+        let marker = format!("grants-marker-{}", MARKERS.fetch_add(1, Ordering::Relaxed));
+        let mut conn = within(self.client.get_multiplexed_async_connection()).await.expect("redis answers");
+        let echoed: String = within(redis::cmd("ECHO").arg(&marker).query_async(&mut conn)).await.expect("ECHO");
+        assert_eq!(echoed, marker);
+        let quoted = format!("\"{marker}\"");
+        until(|| self.lines.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|l| l.contains(&quoted))).await;
+        let set = format!(" lua] \"SET\" \"{}\" ", self.key);
+        let lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        lines
+            .iter()
+            .take_while(|l| !l.contains(&quoted))
+            .filter(|l| l.contains(&set))
+            .map(|l| monitor_stamp(l).unwrap_or_else(|| panic!("a MONITOR line without its time: {l}")))
+            .collect()
+    }
+}
+
+impl Drop for Grants {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// The time MONITOR put on a line (`+1796605187.626964 [0 lua] "SET" ...`), in µs.
+fn monitor_stamp(line: &str) -> Option<u64> {
+    let (secs, micros) = line.strip_prefix('+')?.split(' ').next()?.split_once('.')?;
+    Some(secs.parse::<u64>().ok()? * 1_000_000 + micros.parse::<u64>().ok()?)
 }
 
 fn socket_url(dir: &Path) -> String {
