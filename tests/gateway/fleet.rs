@@ -43,6 +43,11 @@ impl Replica {
     /// Starts the gateway binary with `sections` in front of the simulator at `sim_url`,
     /// on port 0, and waits until it says where it listens.
     pub fn start(dir: &Path, name: &str, sim_url: &str, sections: &str) -> Replica {
+        Self::start_logging(dir, name, sim_url, sections, "info")
+    }
+
+    /// Like [`Replica::start`], with `RUST_LOG` set to `rust_log`.
+    pub fn start_logging(dir: &Path, name: &str, sim_url: &str, sections: &str, rust_log: &str) -> Replica {
         std::fs::create_dir_all(dir).unwrap();
         let config = dir.join(format!("{name}.toml"));
         let text = format!(
@@ -57,7 +62,7 @@ impl Replica {
             .env("FLEET_TEST_KEY", KEY)
             .env("FLEET_TEST_TOKEN", TOKEN)
             .env("RECEIPT_GATEWAY_LOG_FORMAT", "json")
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", rust_log)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -90,6 +95,25 @@ impl Replica {
     /// Whether a line it logged so far contains `needle`.
     pub fn logged(&self, needle: &str) -> bool {
         self.log.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|l| l.contains(needle))
+    }
+
+    /// How many lines it logged so far.
+    pub fn lines(&self) -> usize {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// How many times, from its line `since` on, it logged going without Redis for a
+    /// request or a call: a Redis round trip slower than the fleet's CALL_TIMEOUT (15 ms,
+    /// which a busy machine exceeds) or failing. By design that request or call then
+    /// acts as a lone replica would, and may cost a call of its own. Logged at debug, as
+    /// `fleet…` messages: start the replica with [`Replica::start_logging`] and
+    /// [`FLEET_DEBUG`].
+    pub fn went_alone(&self, since: usize) -> usize {
+        let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        log.iter()
+            .skip(since)
+            .filter(|l| l.contains("\"level\":\"DEBUG\"") && l.contains("\"message\":\"fleet"))
+            .count()
     }
 
     /// The process id (for reading its memory).
@@ -147,6 +171,11 @@ impl Fixture {
         Replica::start(&self.dir, name, &self.sim_url, &fleet_sections(redis, extra))
     }
 
+    /// Like [`Fixture::replica`], logging when it goes without Redis ([`Replica::went_alone`]).
+    pub fn replica_telling(&self, name: &str, redis: &RedisServer, extra: &str) -> Replica {
+        Replica::start_logging(&self.dir, name, &self.sim_url, &fleet_sections(redis, extra), FLEET_DEBUG)
+    }
+
     pub async fn post(&self, replica: &Replica, body: &str, headers: &[(&str, &str)]) -> Reply {
         post(&self.client, &replica.url, body, headers).await
     }
@@ -196,6 +225,9 @@ pub async fn until_metric(f: &Fixture, replica: &Replica, sample: &str, value: f
     .await;
 }
 
+/// `RUST_LOG` for replicas whose test must know when they went without Redis.
+pub const FLEET_DEBUG: &str = "info,receipt_gateway=debug";
+
 const SHARED_HIT: &str = "receipt_gateway_fleet_items_total{app=\"1400000000\",source=\"shared_hit\"}";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,7 +235,7 @@ async fn one_item_asked_of_three_replicas_at_once_costs_exactly_one_call() {
     let _heavy = heavy().await;
     let f = Fixture::new("once", 200).await;
     let redis = RedisServer::start(&f.dir.join("redis")).await;
-    let replicas: Vec<Replica> = ["a", "b", "c"].iter().map(|n| f.replica(n, &redis, "")).collect();
+    let replicas: Vec<Replica> = ["a", "b", "c"].iter().map(|n| f.replica_telling(n, &redis, "")).collect();
     // Each replica connects to Redis on first use; a first round trip slower than the
     // fleet's CALL_TIMEOUT (a freshly built binary on a busy machine) makes that request
     // go alone, by design. Warm the connections first.
@@ -211,12 +243,14 @@ async fn one_item_asked_of_three_replicas_at_once_costs_exactly_one_call() {
         assert_eq!(f.post(r, &body(&format!("g-warm-{i}"), &[1]), &[]).await.status, StatusCode::OK);
     }
     let warm_up = f.sim.call_count();
+    let since: Vec<usize> = replicas.iter().map(Replica::lines).collect();
     f.sim.hold_calls();
 
     let once = body("g-once", &[7]);
     let asks = replicas.iter().map(|r| f.post(r, &once, &[("x-request-timeout-ms", "10000")]));
     let release = async {
-        until(|| f.sim.held_calls() == 1).await;
+        // One call, or more when a replica went without Redis (see below).
+        until(|| f.sim.held_calls() >= 1).await;
         for r in &replicas {
             until_metric(&f, r, "receipt_gateway_inflight_requests", 1.0).await;
         }
@@ -228,7 +262,15 @@ async fn one_item_asked_of_three_replicas_at_once_costs_exactly_one_call() {
         assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
         assert_eq!(reply.items(), replies[0].items());
     }
-    assert_eq!(f.sim.call_count() - warm_up, 1, "{:?}", f.sim.calls());
+    // Exactly one call while every replica's Redis round trips were in time; each that
+    // was not (a busy machine; logged) may have cost one of its own.
+    let alone: usize = replicas.iter().zip(&since).map(|(r, since)| r.went_alone(*since)).sum();
+    let calls = f.sim.call_count() - warm_up;
+    assert!(
+        calls == 1 || (calls > 1 && calls <= 1 + alone),
+        "{calls} calls, {alone} without Redis: {:?}",
+        f.sim.calls()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -243,20 +285,24 @@ async fn a_replica_started_into_a_warm_fleet_answers_from_shared_items_without_a
     }
     let calls = f.sim.call_count();
 
-    let late = f.replica("late", &redis, "[cache]\nttl_ms = 60000\n");
+    let late = f.replica_telling("late", &redis, "[cache]\nttl_ms = 60000\n");
     let mut replies = Vec::new();
     for g in 0..5 {
         replies.push(f.post(&late, &body(&format!("g-warm-{g}"), &[3, 1]), &[]).await);
     }
 
-    for reply in &replies {
-        assert_eq!((reply.status, reply.header("x-cache")), (StatusCode::OK, Some("HIT")), "{reply:?}");
-    }
-    assert_eq!(f.sim.call_count(), calls, "no upstream call for the new replica");
-    assert_eq!(metric(&f.client, &late, SHARED_HIT).await, 10.0);
+    // Every answer shared, unless the replica went without Redis for it (its first use
+    // of Redis, on a busy machine, can take longer than the fleet's CALL_TIMEOUT): such
+    // a request acts as a lone replica's would, and may cost a call.
+    let alone = late.went_alone(0);
+    let shared = replies.iter().filter(|r| r.status == StatusCode::OK && r.header("x-cache") == Some("HIT")).count();
+    assert!(shared + alone >= 5, "{shared} shared of 5, {alone} without Redis: {replies:?}");
+    assert!(f.sim.call_count() <= calls + alone, "an upstream call for the new replica ({alone} without Redis)");
+    let shared_items = metric(&f.client, &late, SHARED_HIT).await;
+    assert!(shared_items == 10.0 || (alone > 0 && shared_items >= (10 - 2 * alone) as f64), "{shared_items} shared");
     // And now from its own memory: no more shared hits.
     f.post(&late, &body("g-warm-0", &[1]), &[]).await;
-    assert_eq!(metric(&f.client, &late, SHARED_HIT).await, 10.0);
+    assert_eq!(metric(&f.client, &late, SHARED_HIT).await, shared_items);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
