@@ -16,7 +16,9 @@ const MAX: usize = 40;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connections_cannot_take_the_ports_and_are_closed_by_the_first_bytes_timeout() {
-    let sections = format!("[server]\nmax_connections = {MAX}\nfirst_bytes_timeout_ms = 700\n");
+    // A first-bytes timeout long enough that the probes below meet every silent
+    // connection still holding its place (asserted, not assumed).
+    let sections = format!("[server]\nmax_connections = {MAX}\nfirst_bytes_timeout_ms = 3000\n");
     let app = TestApp::spawn_with(Setup::sections(&sections)).await;
     // A caller already connected (the client's pool keeps the connection).
     assert_eq!(app.post(&body("hygiene", &[1])).await.status, StatusCode::OK);
@@ -36,21 +38,22 @@ async fn silent_connections_cannot_take_the_ports_and_are_closed_by_the_first_by
     })
     .await;
 
-    let started = Instant::now();
     let (status, _) = app.admin_get("/healthz").await;
     assert_eq!(status, StatusCode::OK);
     let reply = app.post(&body("hygiene", &[1])).await;
     assert_eq!((reply.status, reply.header("x-cache")), (StatusCode::OK, Some("HIT")));
-    assert!(started.elapsed() < Duration::from_millis(100), "answered in {:?}", started.elapsed());
+    // Answered while the silent connections still held their places: not after the
+    // timeout freed them.
+    let timed_out = "receipt_gateway_connections_refused_total{port=\"data\",reason=\"silent\"}";
+    assert_eq!(app.metric(timed_out).await, 0.0, "answered only once silent connections were closed");
     assert_eq!(app.metric(refused).await, (MAX + 1) as f64, "the connections over the limit were closed at once");
 
     // Every silent connection is closed: at once over the limit, else at the timeout.
     for conn in &mut silent {
         let mut byte = [0u8; 1];
-        let read = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut byte)).await;
+        let read = tokio::time::timeout(WAIT, conn.read(&mut byte)).await;
         assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "closed, not left open: {read:?}");
     }
-    let timed_out = "receipt_gateway_connections_refused_total{port=\"data\",reason=\"silent\"}";
     assert_eq!(app.metric(timed_out).await, (MAX - 1) as f64);
     // And the port takes new connections again.
     let fresh = within(TcpStream::connect(&data)).await.expect("connects");
@@ -251,8 +254,17 @@ async fn an_h2_client_that_never_reads_cannot_push_memory_past_the_bound() {
         }
         clients.push(client);
     }
-    // Let the gateway answer every stream it took (into its send buffers).
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Wait until the gateway has answered every stream it took (256 a connection) into its
+    // send buffers, besides the first request.
+    let answered =
+        "receipt_gateway_requests_total{app=\"1400000000\",cause=\"none\",client=\"default\",status=\"200\"}";
+    let taken = 1.0 + 3.0 * 256.0;
+    within(async {
+        while crate::fleet::metric(&f.client, &gateway, answered).await < taken {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
     let after = rss_kib(gateway.pid());
     let grown_mib = after.saturating_sub(before) / 1024;
     eprintln!("{sent} streams held on 3 connections: RSS {before} KiB -> {after} KiB (+{grown_mib} MiB)");
@@ -390,10 +402,11 @@ async fn http1_connections_without_a_request_head_in_time_are_closed_but_long_an
     assert_eq!(until_closed(&mut idle).await, 0, "closed when idle");
     let closed_after = started.elapsed();
     assert!(closed_after >= HEADER_TIMEOUT, "not before the timeout: {closed_after:?}");
-    // The watchdog looks every third of the timeout: closed by 4/3 of it (and slack).
-    assert!(closed_after < 4 * HEADER_TIMEOUT, "closed after {closed_after:?}");
+    // (That the watchdog closes them by 4/3 of the timeout is its unit test's, in paused
+    // time: src/server.rs.)
 
-    // The long request is still being answered two timeouts later, and gets its answer.
+    // The long request is still being answered two timeouts later (time passing is the
+    // subject here), and gets its answer.
     tokio::time::sleep(2 * HEADER_TIMEOUT).await;
     app.sim.release_calls();
     let n = within(long.read(&mut answer)).await.expect("reads");
@@ -432,7 +445,7 @@ async fn an_http1_peer_that_never_reads_its_answers_is_closed_after_the_header_t
             _ => break,
         }
     }
-    assert_eq!(app.metric(open).await, before + 1.0, "held open while its answers are written");
+    // (Whether it is still open now depends on how long those writes took: not asked.)
     within(async {
         while app.metric(open).await > before {
             tokio::time::sleep(Duration::from_millis(20)).await;
