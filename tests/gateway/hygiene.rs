@@ -176,14 +176,19 @@ async fn callers_that_go_away_cost_only_the_calls_already_on_the_wire_and_are_co
     })
     .await;
     let on_the_wire = app.sim.call_count() + app.sim.held_calls();
-    // A second of budget later (20 tokens), nothing more was spent on them.
+    // A second of budget later (20 tokens; time passing is the subject), nothing more was
+    // spent on them — but for the callers refused with 429 (a busy machine makes
+    // admission refuse some): their misses are fetched in the background with budget
+    // nobody waits for (SPEC 5.2), one call each at most.
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    assert!(app.sim.call_count() <= on_the_wire + 1, "{} calls after {on_the_wire}", app.sim.call_count());
-    assert!(on_the_wire <= allowed, "only what the budget could send before they went: {on_the_wire} > {allowed}");
     let (_, counted) = requests(&app).await;
-    let (gone, answered) = (counted.get("499").copied().unwrap_or(0.0), counted.get("200").copied().unwrap_or(0.0));
+    let count = |status: &str| counted.get(status).copied().unwrap_or(0.0);
+    let (gone, answered, refused) = (count("499"), count("200"), count("429"));
+    let calls = app.sim.call_count();
+    assert!(calls <= on_the_wire + 1 + refused as usize, "{calls} calls after {on_the_wire}: {counted:?}");
+    assert!(on_the_wire <= allowed, "only what the budget could send before they went: {on_the_wire} > {allowed}");
     assert!(counted.values().sum::<f64>() <= CALLERS as f64, "each counted once: {counted:?}");
-    assert!(gone >= (CALLERS - 10) as f64 - answered, "the callers that went are 499s: {counted:?}");
+    assert!(gone >= (CALLERS - 10) as f64 - answered - refused, "the callers that went are 499s: {counted:?}");
 }
 
 /// The data requests in flight, and those answered by status, from `/metrics`.
@@ -219,7 +224,8 @@ async fn an_h2_client_that_never_reads_cannot_push_memory_past_the_bound() {
     use crate::fleet::{Fixture, Replica};
     let _heavy = crate::support::heavy().await;
     let f = Fixture::new("no-read", 200).await;
-    let gateway = Replica::start(&f.dir, "no-read", &f.sim_url, "");
+    // The item stays cached however long the streams take to set up: every answer a hit.
+    let gateway = Replica::start(&f.dir, "no-read", &f.sim_url, "[cache]\nttl_ms = 86400000\n");
     // 1,000 cached items: each answer is about 60 KB.
     let seqs: Vec<u64> = (1..=1000).collect();
     let big = body("big", &seqs);
@@ -230,6 +236,8 @@ async fn an_h2_client_that_never_reads_cannot_push_memory_past_the_bound() {
     let mut held = Vec::new();
     let mut clients = Vec::new();
     let mut sent = 0;
+    // The streams the gateway takes at once (its SETTINGS); the client queues the rest.
+    let mut taken = 0;
     for _ in 0..3 {
         let tcp = within(TcpStream::connect(&addr)).await.expect("connects");
         // A window of 0: the gateway may not send a byte of any answer.
@@ -238,33 +246,38 @@ async fn an_h2_client_that_never_reads_cannot_push_memory_past_the_bound() {
                 .await
                 .expect("h2");
         tokio::spawn(connection);
-        for _ in 0..1000 {
+        let mut on_this = 0;
+        for _ in 0..300 {
             // Past the gateway's 256 streams the client queues its requests itself.
-            let Ok(Ok(mut ready)) = tokio::time::timeout(Duration::from_millis(300), client.clone().ready()).await
-            else {
-                break;
-            };
+            let mut ready = within(client.clone().ready()).await.expect("h2 ready");
             let request = http::Request::post(format!("{}{RECEIPT}", gateway.url)).body(()).unwrap();
             let Ok((response, mut stream)) = ready.send_request(request, false) else { break };
             if stream.send_data(bytes::Bytes::from(big.clone()), true).is_err() {
                 break;
             }
             held.push((response, stream));
-            sent += 1;
+            on_this += 1;
         }
+        sent += on_this;
+        taken += on_this.min(256);
         clients.push(client);
     }
     // Wait until the gateway has answered every stream it took (256 a connection) into its
-    // send buffers, besides the first request.
+    // send buffers, besides the first request: 768 answers of 60 KB, which a debug build
+    // on a loaded machine (other builds) took longer than WAIT to write.
     let answered =
         "receipt_gateway_requests_total{app=\"1400000000\",cause=\"none\",client=\"default\",status=\"200\"}";
-    let taken = 1.0 + 3.0 * 256.0;
-    within(async {
-        while crate::fleet::metric(&f.client, &gateway, answered).await < taken {
+    let waited = tokio::time::timeout(3 * WAIT, async {
+        while crate::fleet::metric(&f.client, &gateway, answered).await < (1 + taken) as f64 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
     .await;
+    if waited.is_err() {
+        let inflight = crate::fleet::metric(&f.client, &gateway, "receipt_gateway_inflight_requests").await;
+        let done = crate::fleet::metric(&f.client, &gateway, answered).await;
+        panic!("{done} answered of {taken} + 1 taken ({sent} sent), {inflight} in flight");
+    }
     let after = rss_kib(gateway.pid());
     let grown_mib = after.saturating_sub(before) / 1024;
     eprintln!("{sent} streams held on 3 connections: RSS {before} KiB -> {after} KiB (+{grown_mib} MiB)");
