@@ -318,12 +318,13 @@ fn unix_micros(at: Instant) -> u64 {
         let unix = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         (Instant::now(), u64::try_from(unix.as_micros()).unwrap_or(u64::MAX))
     });
-    // `at` may precede the anchor (the first call's own send instant).
-    let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-    match at.checked_duration_since(anchor) {
-        Some(after) => anchor_us.saturating_add(micros(after)),
-        None => anchor_us.saturating_sub(micros(anchor.saturating_duration_since(at))),
-    }
+    // `at` may precede the anchor (the first call's own send instant); rounded down either
+    // way, so that instants a whole number of µs apart have stamps exactly that far apart.
+    let nanos = match at.checked_duration_since(anchor) {
+        Some(after) => after.as_nanos() as i128,
+        None => -(anchor.saturating_duration_since(at).as_nanos() as i128),
+    };
+    u64::try_from(i128::from(anchor_us) + nanos.div_euclid(1000)).unwrap_or(0)
 }
 
 /// Percent-encodes a query value (identifiers are usually plain, but need not be).
