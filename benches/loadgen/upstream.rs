@@ -228,6 +228,7 @@ mod tests {
             seqs: vec![1, 2],
             error_code: ErrorCode::OK,
             http_status: 200,
+            sent_at_us: None,
         };
         let calls = [call(Some("loadgen-1")), call(Some("loadgen-2")), call(Some("loadgen-1")), call(None)];
         let groups = per_group(&calls);

@@ -236,7 +236,10 @@ impl Budget {
     /// bunch with the next ones (measured: 201-203 calls in one second of the simulator's
     /// clock in the debug-build burst test), and this is the last point before the wire.
     /// Per replica: with the Redis budget the fleet's pacing is Redis's alone.
-    pub async fn before_send(&self) {
+    ///
+    /// Returns the send instant it recorded, which the call carries upstream
+    /// ([`SENT_AT_HEADER`](crate::tencent::wire::SENT_AT_HEADER)).
+    pub async fn before_send(&self) -> Instant {
         let per_second = self.per_second().get();
         let most = (per_second - per_second / SEND_SLACK_PER) as usize;
         loop {
@@ -254,7 +257,7 @@ impl Budget {
                     Some(oldest) if sent.len() == most => *oldest + Duration::from_secs(1) - now,
                     _ => {
                         sent.push_back(now);
-                        return;
+                        return now;
                     }
                 }
             };

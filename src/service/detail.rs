@@ -258,9 +258,9 @@ impl Detail {
                 let retry_after = self.engine.backlog(self.budget.estimate());
                 return Fetched::Failed(GatewayError::Overloaded { retry_after });
             }
-            self.budget.before_send().await;
+            let stamp = self.budget.before_send().await;
             let sent = Instant::now();
-            let outcome = match self.upstream.get_detail(body.clone(), served).await {
+            let outcome = match self.upstream.get_detail(body.clone(), served, stamp).await {
                 Passed::Answer(body) => {
                     self.engine.estimates().observe_latency(sent.elapsed());
                     return Fetched::Answer(Arc::new(KeyedAnswer { body, fetched_at: Instant::now() }));

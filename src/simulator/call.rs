@@ -76,6 +76,17 @@ pub(super) struct Checked {
     named_app: Option<AppId>,
     /// The body as parsed without its limits (MsgSeqs, Count), for the ledger.
     parsed: Option<Body>,
+    /// When the gateway says it sent the call ([`SENT_AT_HEADER`]), for the ledger.
+    ///
+    /// [`SENT_AT_HEADER`]: crate::tencent::wire::SENT_AT_HEADER
+    sent_at_us: Option<u64>,
+}
+
+impl Checked {
+    /// The call as checked, with the send instant its caller stamped on it.
+    pub(super) fn sent_at(self, sent_at_us: Option<u64>) -> Self {
+        Self { sent_at_us, ..self }
+    }
 }
 
 /// A call for a configured app, and what its parameters, UserSig and body came to.
@@ -94,7 +105,7 @@ impl Simulator {
             app: app.app,
             request: rules::check_caller(&params, app, unix_now()).and_then(|()| self.check_limits(body?)),
         });
-        Checked { api, call, named_app: params.sdkappid(), parsed }
+        Checked { api, call, named_app: params.sdkappid(), parsed, sent_at_us: None }
     }
 
     /// The body rules beyond parsing (part of phase 6).
@@ -230,6 +241,7 @@ fn record(at: Instant, checked: &Checked, outcome: &Outcome) -> CallRecord {
         seqs: parsed.map(Body::seqs).unwrap_or_default(),
         error_code,
         http_status,
+        sent_at_us: checked.sent_at_us,
     }
 }
 

@@ -68,6 +68,10 @@ pub struct CallRecord {
     pub error_code: ErrorCode,
     /// The HTTP status answered; 0 when the connection was dropped instead.
     pub http_status: u16,
+    /// When the caller says it sent the call, in µs since the Unix epoch on its clock
+    /// ([`SENT_AT_HEADER`](crate::tencent::wire::SENT_AT_HEADER), which the gateway sets); `None`
+    /// without that header. Unlike `at`, it does not move with delivery delays.
+    pub sent_at_us: Option<u64>,
 }
 
 /// Everything that changes per call, behind the simulator's one lock.

@@ -25,7 +25,7 @@ use tokio::sync::oneshot;
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::tencent::code::ErrorCode;
-use crate::tencent::wire::ReceiptResponse;
+use crate::tencent::wire::{ReceiptResponse, SENT_AT_HEADER};
 
 use super::call::Outcome;
 use super::fault::{Dropped, fault_response};
@@ -111,8 +111,9 @@ impl Simulator {
             return Ok(json_response(StatusCode::NOT_FOUND, body));
         };
         let query = req.uri().query().unwrap_or_default().to_owned();
+        let sent_at_us = req.headers().get(SENT_AT_HEADER).and_then(|v| v.to_str().ok()?.parse().ok());
         let body = read_body(req.into_body()).await;
-        let checked = self.check(api, &query, body);
+        let checked = self.check(api, &query, body).sent_at(sent_at_us);
         let (outcome, delay) = self.decide(checked);
         self.pass_gate().await;
         if !delay.is_zero() {

@@ -19,6 +19,14 @@ pub const RECEIPT_PATH: &str = "/v4/group_open_http_svc/get_group_msg_receipt";
 /// The path of the detail call ("who has read"), on Tencent and on the gateway alike.
 pub const DETAIL_PATH: &str = "/v4/group_open_http_svc/get_group_msg_receipt_detail";
 
+/// The header on every upstream call that says when the gateway sent it: microseconds
+/// since the Unix epoch, read on a monotonic clock anchored to Unix time once per process
+/// (so a process's stamps never jump with the wall clock, and those of processes on one
+/// machine agree to within clock drift). The send instant is the gateway's to control,
+/// the arrival at Tencent is not: the simulator records this stamp so that tests can
+/// check the budget on the gateway's own clock. Tencent ignores unknown headers.
+pub const SENT_AT_HEADER: &str = "x-receipt-gateway-sent-at-us";
+
 /// A validated receipt query: one group, the MsgSeqs in the caller's order (duplicates
 /// kept, because the answer repeats them).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -242,10 +242,10 @@ fn fetch<'a>(
 
 /// One upstream call; its latency feeds admission when Tencent answered at all.
 async fn attempt(app: &Fetcher, group: &GroupId, seqs: &[MsgSeq], served: &Served) -> Outcome {
-    app.budget.before_send().await;
+    let sent = app.budget.before_send().await;
     let started = Instant::now();
     app.batch_size.observe(seqs.len() as f64);
-    let outcome = app.upstream.get_receipts(group, seqs, served).await;
+    let outcome = app.upstream.get_receipts(group, seqs, served, sent).await;
     if !matches!(outcome, Outcome::NoAnswer { .. }) {
         app.engine.estimates().observe_latency(started.elapsed());
     }

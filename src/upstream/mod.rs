@@ -4,7 +4,8 @@
 //! app's [`Signer`], and the classification of every answer into what the caller must do
 //! next. It makes exactly one HTTP call per [`Upstream::get_receipts`] (or
 //! [`Upstream::get_detail`], for the detail API's client): retries, splits and budget
-//! are the caller's (`fetch`, `detail`), so that every attempt is paid for.
+//! are the caller's (`fetch`, `detail`), so that every attempt is paid for. Each call
+//! carries the instant the budget recorded it as sent ([`SENT_AT_HEADER`]).
 //!
 //! Layout: this module (the client and the classification of answers), [`signer`] (the
 //! cached UserSig), [`retry`] (backoff and what each failure calls for, for every API),
@@ -20,8 +21,8 @@ pub mod fetch;
 pub mod retry;
 pub mod signer;
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{Method, Request, header};
@@ -38,7 +39,7 @@ use crate::engine::batch::Served;
 use crate::telemetry::metrics::{API_DETAIL, API_RECEIPT, Metrics};
 use crate::tencent::code::ErrorCode;
 use crate::tencent::domain::{AppId, GroupId, MsgSeq, Receipt};
-use crate::tencent::wire::{DETAIL_PATH, RECEIPT_PATH, ReceiptRequest, ReceiptResponse};
+use crate::tencent::wire::{DETAIL_PATH, RECEIPT_PATH, ReceiptRequest, ReceiptResponse, SENT_AT_HEADER};
 use crate::upstream::signer::Signer;
 
 /// Tencent's answers are small; this bounds what a broken upstream can make us buffer.
@@ -178,18 +179,22 @@ impl Upstream {
     }
 
     /// One signed call for `seqs` of `group`. Never retries.
-    /// `served` holds the request ids of the callers it serves, for the log line.
-    pub async fn get_receipts(&self, group: &GroupId, seqs: &[MsgSeq], served: &Served) -> Outcome {
+    /// `served` holds the request ids of the callers it serves, for the log line; `sent`
+    /// is when the budget recorded the call as sent ([`Budget::before_send`]).
+    ///
+    /// [`Budget::before_send`]: crate::budget::Budget::before_send
+    pub async fn get_receipts(&self, group: &GroupId, seqs: &[MsgSeq], served: &Served, sent: Instant) -> Outcome {
         let started = Instant::now();
-        let (outcome, label) = self.call(group, seqs).await;
+        let (outcome, label) = self.call(group, seqs, sent).await;
         self.observe(started, &label, seqs.len(), served);
         outcome
     }
 
-    /// One signed detail call with `body` (Tencent's own shape). Never retries.
-    pub async fn get_detail(&self, body: Vec<u8>, served: &Served) -> Passed {
+    /// One signed detail call with `body` (Tencent's own shape), sent at `sent`. Never
+    /// retries.
+    pub async fn get_detail(&self, body: Vec<u8>, served: &Served, sent: Instant) -> Passed {
         let started = Instant::now();
-        let (passed, label) = match self.exchange(body).await {
+        let (passed, label) = match self.exchange(body, sent).await {
             Err((outcome, label)) => (Passed::Failed(outcome), label),
             Ok(bytes) => match serde_json::from_slice::<ReceiptResponse>(&bytes) {
                 Err(e) => (
@@ -233,9 +238,9 @@ impl Upstream {
         );
     }
 
-    async fn call(&self, group: &GroupId, seqs: &[MsgSeq]) -> (Outcome, String) {
+    async fn call(&self, group: &GroupId, seqs: &[MsgSeq], sent: Instant) -> (Outcome, String) {
         let body = ReceiptRequest { group: group.clone(), seqs: seqs.to_vec() }.to_body();
-        let bytes = match self.exchange(body).await {
+        let bytes = match self.exchange(body, sent).await {
             Ok(bytes) => bytes,
             Err(failed) => return failed,
         };
@@ -254,9 +259,9 @@ impl Upstream {
         (Outcome::Items(items.iter().map(|i| (MsgSeq(i.seq), i.receipt())).collect()), "ok".into())
     }
 
-    /// One signed POST of `body`: the answer's bytes on HTTP success, else what failed
-    /// and its label.
-    async fn exchange(&self, body: Vec<u8>) -> Result<Bytes, (Outcome, String)> {
+    /// One signed POST of `body`, stamped `sent`: the answer's bytes on HTTP success, else
+    /// what failed and its label.
+    async fn exchange(&self, body: Vec<u8>, sent: Instant) -> Result<Bytes, (Outcome, String)> {
         let uri = format!(
             "{}?sdkappid={}&identifier={}&usersig={}&random={}&contenttype=json",
             self.url,
@@ -269,6 +274,7 @@ impl Upstream {
             .method(Method::POST)
             .uri(uri)
             .header(header::CONTENT_TYPE, "application/json")
+            .header(SENT_AT_HEADER, unix_micros(sent))
             .body(Full::new(Bytes::from(body)))
         {
             Ok(r) => r,
@@ -318,6 +324,23 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// `at` in microseconds since the Unix epoch, on the clock [`SENT_AT_HEADER`] describes:
+/// the monotonic clock, anchored to Unix time the first time this runs.
+fn unix_micros(at: Instant) -> u64 {
+    static ANCHOR: OnceLock<(Instant, u64)> = OnceLock::new();
+    let &(anchor, anchor_us) = ANCHOR.get_or_init(|| {
+        let unix = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        (Instant::now(), u64::try_from(unix.as_micros()).unwrap_or(u64::MAX))
+    });
+    // `at` may precede the anchor (the first call's own send instant); rounded down either
+    // way, so that instants a whole number of µs apart have stamps exactly that far apart.
+    let nanos = match at.checked_duration_since(anchor) {
+        Some(after) => after.as_nanos() as i128,
+        None => -(anchor.saturating_duration_since(at).as_nanos() as i128),
+    };
+    u64::try_from(i128::from(anchor_us) + nanos.div_euclid(1000)).unwrap_or(0)
+}
+
 /// Percent-encodes a query value (identifiers are usually plain, but need not be).
 fn percent_encode(value: &str) -> String {
     let mut out = String::with_capacity(value.len());
@@ -353,6 +376,16 @@ mod tests {
         assert_eq!(class(10004), Outcome::InvalidParameter { info: String::new() });
         assert_eq!(class(70001), Outcome::UserSigExpired);
         assert_eq!(class(70050), Outcome::SigningLocked);
+    }
+
+    #[test]
+    fn sent_stamps_follow_the_monotonic_clock_in_microseconds() {
+        let now = Instant::now();
+        let stamp = unix_micros(now);
+        assert_eq!(unix_micros(now + Duration::from_millis(1500)), stamp + 1_500_000);
+        assert_eq!(unix_micros(now - Duration::from_millis(2)), stamp - 2_000);
+        let unix = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_micros() as u64;
+        assert!(unix.abs_diff(stamp) < 60_000_000, "anchored to Unix time: {stamp} vs {unix}");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -15,10 +15,11 @@ use hyper_util::rt::TokioIo;
 use receipt_gateway::tencent::webhook::sign;
 use tokio::net::TcpListener;
 
-use crate::support::{APP, CALLBACK_TOKEN, Reply, Setup, TestApp, body, within};
+use crate::support::{APP, CALLBACK_TOKEN, Reply, Setup, TestApp, WAIT, body, within};
 
 /// Short lifetimes, so that a test sees both expire: ttl 150 ms, callback_ttl 1.2 s.
 const LIFETIMES: &str = "[cache]\nttl_ms = 150\ncallback_ttl_ms = 1200\n";
+const CALLBACK_TTL: Duration = Duration::from_millis(1200);
 const SIGNED: &str = "callback_token_env = \"CALLBACK_TOKEN\"\n";
 
 fn unix_now() -> u64 {
@@ -72,6 +73,9 @@ async fn spawn(app: &str) -> TestApp {
 #[tokio::test]
 async fn a_callbacks_counts_are_hits_fresh_for_callback_ttl_with_no_upstream_call() {
     let app = spawn(SIGNED).await;
+    // Before the gateway stored the callback's items: whatever this clock says has passed
+    // since, at most that has passed on the gateway's.
+    let sent = Instant::now();
     let reply =
         callback(&app, &query("Group.CallbackAfterReadReceipt", 0), &reads("cb", &[(1, 3, 4), (2, 5, 2)], now_ms()))
             .await;
@@ -83,17 +87,23 @@ async fn a_callbacks_counts_are_hits_fresh_for_callback_ttl_with_no_upstream_cal
     assert_eq!(counts(&answer), vec![(2, 5, 2), (1, 3, 4)]);
     assert_eq!(app.sim.call_count(), 0, "a callback's items cost no upstream call");
 
-    // Past ttl_ms (150 ms), still fresh: callback_ttl_ms (1.2 s) applies.
+    // Past ttl_ms (150 ms), still fresh: callback_ttl_ms (1.2 s) applies — provided the
+    // answer came within 1.2 s of the callback, which a stalled machine may not allow
+    // (the next step then still holds).
     tokio::time::sleep(Duration::from_millis(300)).await;
     let answer = app.post(&body("cb", &[1])).await;
-    assert_eq!(answer.header("x-cache"), Some("HIT"));
-    assert_eq!(app.sim.call_count(), 0);
+    if sent.elapsed() < CALLBACK_TTL {
+        assert_eq!(answer.header("x-cache"), Some("HIT"));
+        assert_eq!(app.sim.call_count(), 0);
+    }
 
-    // Past callback_ttl_ms: asked of Tencent again.
+    // Past callback_ttl_ms (and ttl_ms, should the last step have fetched it): asked of
+    // Tencent again.
     tokio::time::sleep(Duration::from_millis(1000)).await;
+    let calls = app.sim.call_count();
     let answer = app.post(&body("cb", &[1])).await;
     assert_eq!(answer.header("x-cache"), Some("MISS"));
-    assert_eq!(app.sim.call_count(), 1);
+    assert_eq!(app.sim.call_count(), calls + 1);
     let sample = format!(
         "receipt_gateway_callbacks_total{{app=\"{APP}\",command=\"Group.CallbackAfterReadReceipt\",result=\"ok\"}}"
     );
@@ -124,11 +134,15 @@ async fn bad_sign_stale_time_unknown_app_and_malformed_bodies_are_refused_and_ch
     let command = "Group.CallbackAfterReadReceipt";
     let wrong_sign = query(command, 0).replace("&Sign=", "&Sign=0");
     let unsigned = format!("SdkAppid={APP}&CallbackCommand={command}&contenttype=json");
+    // A RequestTime ahead by more than the 60 s allowed, however long (within WAIT) the
+    // request takes to be checked: at +61 s, a second boundary passed on a loaded machine
+    // made it acceptable. (Exactly 60 and 61 s both ways: src/callback.rs's unit test.)
+    let ahead = 60 + WAIT.as_secs() as i64 + 2;
     let cases = [
+        (query(command, ahead), good.clone(), StatusCode::UNAUTHORIZED, 60004),
         (wrong_sign, good.clone(), StatusCode::UNAUTHORIZED, 60004),
         (unsigned, good.clone(), StatusCode::UNAUTHORIZED, 60004),
         (query(command, -61), good.clone(), StatusCode::UNAUTHORIZED, 60004),
-        (query(command, 61), good.clone(), StatusCode::UNAUTHORIZED, 60004),
         (
             query(command, 0).replace(&format!("SdkAppid={APP}"), "SdkAppid=1400000999"),
             good.clone(),

@@ -12,7 +12,7 @@ use hyper_util::rt::TokioExecutor;
 use receipt_gateway::simulator::Fault;
 use receipt_gateway::tencent::code::ErrorCode;
 
-use crate::support::{RECEIPT, Reply, Setup, TestApp, body, expected, until, within};
+use crate::support::{RECEIPT, Reply, Setup, TestApp, body, busiest_second_sent, expected, until, within};
 
 /// Sends every (group, seqs) at once over one h2 connection; replies in the same order.
 async fn concurrently(app: &TestApp, requests: &[(String, Vec<u64>)], headers: &[(&str, &str)]) -> Vec<Reply> {
@@ -182,50 +182,80 @@ async fn negative_answers_are_cached_for_negative_ttl() {
     assert_eq!(app.sim.call_count(), 2, "one call each; the rest from the cache");
 }
 
+/// Read messages due within half a TTL ride along with their group's next call, so the
+/// group refreshes together. The gateway decides by its clock; this test's clock brackets
+/// each decision, and an attempt whose brackets cannot tell (a stalled machine: each step
+/// has 400 ms to spare) is made again on another group.
 #[tokio::test]
 async fn a_group_refreshes_as_one_cohort() {
     let app = TestApp::spawn_with(Setup::sections("[cache]\nttl_ms = 1000\n")).await;
+    for attempt in 0..3 {
+        if cohort_refreshes(&app, &format!("g-cohort-{attempt}")).await {
+            return;
+        }
+    }
+    panic!("three attempts too slow to tell");
+}
+
+/// One attempt of [`a_group_refreshes_as_one_cohort`] on `group`; false if it cannot tell.
+async fn cohort_refreshes(app: &TestApp, group: &str) -> bool {
+    let ttl = Duration::from_millis(1000);
     let seqs: Vec<u64> = (1..=10).collect();
-    app.post(&body("g-cohort", &seqs)).await;
-    let read = app.post(&body("g-cohort", &seqs)).await;
-    assert_eq!(read.header("x-cache"), Some("HIT"));
+    let before_fetch = Instant::now();
+    app.post(&body(group, &seqs)).await;
+    let read = app.post(&body(group, &seqs)).await;
+    let after_read = Instant::now();
     // Past half the TTL, the read messages are due for refresh with the group's next call.
     tokio::time::sleep(Duration::from_millis(600)).await;
-
-    let miss = app.post(&body("g-cohort", &[11])).await;
+    let before_miss = Instant::now();
+    let miss = app.post(&body(group, &[11])).await;
+    let after_miss = Instant::now();
     // Past the first fetch's expiry: only the cohort refresh can make these fresh.
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let later = app.post(&body("g-cohort", &seqs)).await;
+    let later = app.post(&body(group, &seqs)).await;
+    let after_later = Instant::now();
 
-    assert_eq!(miss.items(), vec![expected("g-cohort", 11)]);
-    let calls = app.sim.calls();
+    // The read and the miss came before the first fetch expired, and the last answer
+    // within a TTL of the miss's call: else this attempt cannot tell.
+    if after_read - before_fetch >= ttl || after_miss - before_fetch >= ttl || after_later - before_miss >= ttl {
+        return false;
+    }
+    assert_eq!(read.header("x-cache"), Some("HIT"));
+    assert_eq!(miss.items(), vec![expected(group, 11)]);
+    let calls: Vec<_> = app.sim.calls().into_iter().filter(|c| c.group.as_deref() == Some(group)).collect();
     assert_eq!(calls.len(), 2, "{calls:?}");
     let mut topped_up = calls[1].seqs.clone();
     topped_up.sort_unstable();
     assert_eq!(topped_up, (1..=11).collect::<Vec<_>>(), "the miss carried the group's read messages");
     assert_eq!(later.header("x-cache"), Some("HIT"), "refreshed by the cohort call, not expired");
+    true
 }
 
 #[tokio::test]
 async fn when_the_budget_cannot_make_the_deadline_callers_get_429_with_retry_after() {
-    let app = TestApp::spawn_with(Setup { sim_limit: 5, ..Setup::sections("[budget]\nper_second = 5\n") }).await;
+    let app = TestApp::spawn_with(Setup { sim_limit: 100_000, ..Setup::sections("[budget]\nper_second = 5\n") }).await;
     let requests: Vec<(String, Vec<u64>)> = (0..30).map(|i| (format!("g-busy-{i}"), vec![1])).collect();
 
-    let started = Instant::now();
     let replies = concurrently(&app, &requests, &[("x-request-timeout-ms", "1000")]).await;
 
     let ok = replies.iter().filter(|r| r.status == StatusCode::OK).count();
     let refused: Vec<&Reply> = replies.iter().filter(|r| r.status == StatusCode::TOO_MANY_REQUESTS).collect();
-    assert_eq!(ok + refused.len(), 30);
-    assert!((1..=7).contains(&ok), "{ok} answered at 5/s within 1 s");
+    // A 504 is the deadline's answer to a call that came back too late (a stalled machine).
+    let late = replies.iter().filter(|r| r.status == StatusCode::GATEWAY_TIMEOUT).count();
+    assert_eq!(ok + refused.len() + late, 30);
+    assert!(ok <= 7, "{ok} answered at 5/s within 1 s");
+    assert!(refused.len() >= 30 - 7 - late, "{} refused", refused.len());
     for r in &refused {
         assert_eq!(r.code(), 60007);
         let retry: u64 = r.header("retry-after").and_then(|v| v.parse().ok()).unwrap_or(0);
         assert!(retry >= 1, "{r:?}");
     }
-    assert!(started.elapsed() < Duration::from_millis(1500));
-    assert!(app.sim.max_arrivals_in_any_window(Duration::from_secs(1)) <= 5);
-    assert_eq!(app.sim.count_code(ErrorCode(60007)), 0);
+    // Refused by admission, as they arrived (not held until their deadline).
+    let by_admission =
+        app.metric("receipt_gateway_client_rejected_total{client=\"default\",reason=\"deadline\"}").await;
+    assert_eq!(by_admission, refused.len() as f64);
+    let busiest = busiest_second_sent(&app.sim.calls());
+    assert!(busiest <= 5, "{busiest} calls sent in one second");
 }
 
 #[tokio::test]
@@ -506,7 +536,10 @@ mod mixes {
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
             runtime.block_on(async {
                 let _heavy = crate::support::heavy().await;
-                let app = TestApp::spawn_with(Setup { sim_limit: 40, ..Setup::sections("[budget]\nper_second = 40\n[cache]\nttl_ms = 60000\n") }).await;
+                // The simulator's limit out of the way: its clock sees deliveries a busy
+                // machine bunched, and a 60007 would be retried. The budget is checked on
+                // the gateway's send instants.
+                let app = TestApp::spawn_with(Setup { sim_limit: 100_000, ..Setup::sections("[budget]\nper_second = 40\n[cache]\nttl_ms = 86400000\n") }).await;
                 app.sim.set_latency(Duration::from_millis(latency_ms));
 
                 let replies = concurrently(&app, &requests, &[("x-request-timeout-ms", "10000")]).await;
@@ -522,8 +555,7 @@ mod mixes {
                     }
                 }
                 prop_assert!(seen.values().all(|&n| n == 1), "a key was fetched twice: {:?}", seen);
-                prop_assert!(app.sim.max_arrivals_in_any_window(Duration::from_secs(1)) <= 40);
-                prop_assert_eq!(app.sim.count_code(ErrorCode(60007)), 0);
+                prop_assert!(busiest_second_sent(&app.sim.calls()) <= 40);
                 Ok(())
             })?;
         }

@@ -241,14 +241,19 @@ async fn callers_that_go_away_cost_only_the_calls_already_on_the_wire_and_are_co
     })
     .await;
     let on_the_wire = app.sim.call_count() + app.sim.held_calls();
-    // A second of budget later (20 tokens), nothing more was spent on them.
+    // A second of budget later (20 tokens; time passing is the subject), nothing more was
+    // spent on them — but for the callers refused with 429 (a busy machine makes
+    // admission refuse some): their misses are fetched in the background with budget
+    // nobody waits for (SPEC 5.2), one call each at most.
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    assert!(app.sim.call_count() <= on_the_wire + 1, "{} calls after {on_the_wire}", app.sim.call_count());
-    assert!(on_the_wire <= allowed, "only what the budget could send before they went: {on_the_wire} > {allowed}");
     let (_, counted) = requests(&app).await;
-    let (gone, answered) = (counted.get("499").copied().unwrap_or(0.0), counted.get("200").copied().unwrap_or(0.0));
+    let count = |status: &str| counted.get(status).copied().unwrap_or(0.0);
+    let (gone, answered, refused) = (count("499"), count("200"), count("429"));
+    let calls = app.sim.call_count();
+    assert!(calls <= on_the_wire + 1 + refused as usize, "{calls} calls after {on_the_wire}: {counted:?}");
+    assert!(on_the_wire <= allowed, "only what the budget could send before they went: {on_the_wire} > {allowed}");
     assert!(counted.values().sum::<f64>() <= CALLERS as f64, "each counted once: {counted:?}");
-    assert!(gone >= (CALLERS - 10) as f64 - answered, "the callers that went are 499s: {counted:?}");
+    assert!(gone >= (CALLERS - 10) as f64 - answered - refused, "the callers that went are 499s: {counted:?}");
 }
 
 /// The data requests in flight, and those answered by status, from `/metrics`.
@@ -284,7 +289,8 @@ async fn an_h2_client_that_never_reads_cannot_push_memory_past_the_bound() {
     use crate::fleet::{Fixture, Replica};
     let _heavy = crate::support::heavy().await;
     let f = Fixture::new("no-read", 200).await;
-    let gateway = Replica::start(&f.dir, "no-read", &f.sim_url, "");
+    // The item stays cached however long the streams take to set up: every answer a hit.
+    let gateway = Replica::start(&f.dir, "no-read", &f.sim_url, "[cache]\nttl_ms = 86400000\n");
     // 1,000 cached items: each answer is about 60 KB.
     let seqs: Vec<u64> = (1..=1000).collect();
     let big = body("big", &seqs);
@@ -295,6 +301,8 @@ async fn an_h2_client_that_never_reads_cannot_push_memory_past_the_bound() {
     let mut held = Vec::new();
     let mut clients = Vec::new();
     let mut sent = 0;
+    // The streams the gateway takes at once (its SETTINGS); the client queues the rest.
+    let mut taken = 0;
     for _ in 0..3 {
         let tcp = within(TcpStream::connect(&addr)).await.expect("connects");
         // A window of 0: the gateway may not send a byte of any answer.
@@ -303,24 +311,38 @@ async fn an_h2_client_that_never_reads_cannot_push_memory_past_the_bound() {
                 .await
                 .expect("h2");
         tokio::spawn(connection);
-        for _ in 0..1000 {
+        let mut on_this = 0;
+        for _ in 0..300 {
             // Past the gateway's 256 streams the client queues its requests itself.
-            let Ok(Ok(mut ready)) = tokio::time::timeout(Duration::from_millis(300), client.clone().ready()).await
-            else {
-                break;
-            };
+            let mut ready = within(client.clone().ready()).await.expect("h2 ready");
             let request = http::Request::post(format!("{}{RECEIPT}", gateway.url)).body(()).unwrap();
             let Ok((response, mut stream)) = ready.send_request(request, false) else { break };
             if stream.send_data(bytes::Bytes::from(big.clone()), true).is_err() {
                 break;
             }
             held.push((response, stream));
-            sent += 1;
+            on_this += 1;
         }
+        sent += on_this;
+        taken += on_this.min(256);
         clients.push(client);
     }
-    // Let the gateway answer every stream it took (into its send buffers).
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Wait until the gateway has answered every stream it took (256 a connection) into its
+    // send buffers, besides the first request: 768 answers of 60 KB, which a debug build
+    // on a loaded machine (other builds) took longer than WAIT to write.
+    let answered =
+        "receipt_gateway_requests_total{app=\"1400000000\",cause=\"none\",client=\"default\",status=\"200\"}";
+    let waited = tokio::time::timeout(3 * WAIT, async {
+        while crate::fleet::metric(&f.client, &gateway, answered).await < (1 + taken) as f64 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    if waited.is_err() {
+        let inflight = crate::fleet::metric(&f.client, &gateway, "receipt_gateway_inflight_requests").await;
+        let done = crate::fleet::metric(&f.client, &gateway, answered).await;
+        panic!("{done} answered of {taken} + 1 taken ({sent} sent), {inflight} in flight");
+    }
     let after = rss_kib(gateway.pid());
     let grown_mib = after.saturating_sub(before) / 1024;
     eprintln!("{sent} streams held on 3 connections: RSS {before} KiB -> {after} KiB (+{grown_mib} MiB)");
@@ -335,21 +357,23 @@ async fn an_h2_client_that_never_reads_cannot_push_memory_past_the_bound() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_h2_client_resetting_accepted_requests_in_a_loop_gets_goaway() {
-    // Held calls stay held, and the cached item fresh, however long the loop takes on a
-    // busy machine (the default upstream timeout, 3 s, would end the first calls during
-    // it; the default TTL, 1 s, made the last answer STALE in a full suite).
-    let app = TestApp::spawn_with(Setup::sections("[upstream]\ntimeout_ms = 30000\n\n[cache]\nttl_ms = 60000\n")).await;
+    // Held calls stay held however long the loop takes on a busy machine: no upstream
+    // timeout or deadline answers one of them first (which would earn a reset back), and
+    // the cached item outlives the test (the default TTL, 1 s, once made it STALE).
+    let app =
+        TestApp::spawn_with(Setup::sections("[upstream]\ntimeout_ms = 60000\n\n[cache]\nttl_ms = 86400000\n")).await;
     assert_eq!(app.post(&body("cached", &[1])).await.status, StatusCode::OK);
     // Every request waits for its call, which the simulator holds: reset after acceptance.
     app.sim.hold_calls();
     let before = app.sim.call_count();
     let addr = app.url.trim_start_matches("http://").to_owned();
+    let started = Instant::now();
     let tcp = within(TcpStream::connect(&addr)).await.expect("connects");
     let (client, connection) = within(h2::client::handshake(tcp)).await.expect("h2");
     let connection = tokio::spawn(connection);
     let mut reset = 0;
-    for i in 0..300 {
-        let Ok(Ok(mut ready)) = tokio::time::timeout(Duration::from_secs(5), client.clone().ready()).await else {
+    for i in 0..1000 {
+        let Ok(Ok(mut ready)) = tokio::time::timeout(WAIT, client.clone().ready()).await else {
             break;
         };
         let request = http::Request::post(format!("{}{RECEIPT}", app.url)).body(()).unwrap();
@@ -381,10 +405,11 @@ async fn an_h2_client_resetting_accepted_requests_in_a_loop_gets_goaway() {
             break;
         }
     }
-    // The connection ends (GOAWAY, then closed) after the allowance of 100 in a burst
-    // (plus the few earned back while the loop ran, at 10 a second).
+    // The connection ends (GOAWAY, then closed) after the allowance of 100 in a burst,
+    // plus what it earned back at 10 a second while the loop ran (nothing was answered).
     within(connection).await.expect("the connection task").ok();
-    assert!((100..=150).contains(&reset), "closed after {reset} resets");
+    let earned = (started.elapsed().as_secs_f64() * 10.0).ceil() as usize;
+    assert!((100..=101 + earned).contains(&reset), "closed after {reset} resets (allowance 100 + {earned} earned)");
     let closed = "receipt_gateway_connections_refused_total{port=\"data\",reason=\"resets\"}";
     assert_eq!(app.metric(closed).await, 1.0);
     // Another caller is untouched. (Its answer is cached: one for a new group would be
@@ -449,10 +474,11 @@ async fn http1_connections_without_a_request_head_in_time_are_closed_but_long_an
     assert_eq!(until_closed(&mut idle).await, 0, "closed when idle");
     let closed_after = started.elapsed();
     assert!(closed_after >= HEADER_TIMEOUT, "not before the timeout: {closed_after:?}");
-    // The watchdog looks every third of the timeout: closed by 4/3 of it (and slack).
-    assert!(closed_after < 4 * HEADER_TIMEOUT, "closed after {closed_after:?}");
+    // (That the watchdog closes them by 4/3 of the timeout is its unit test's, in paused
+    // time: src/server.rs.)
 
-    // The long request is still being answered two timeouts later, and gets its answer.
+    // The long request is still being answered two timeouts later (time passing is the
+    // subject here), and gets its answer.
     tokio::time::sleep(2 * HEADER_TIMEOUT).await;
     app.sim.release_calls();
     let n = within(long.read(&mut answer)).await.expect("reads");
@@ -491,7 +517,7 @@ async fn an_http1_peer_that_never_reads_its_answers_is_closed_after_the_header_t
             _ => break,
         }
     }
-    assert_eq!(app.metric(open).await, before + 1.0, "held open while its answers are written");
+    // (Whether it is still open now depends on how long those writes took: not asked.)
     within(async {
         while app.metric(open).await > before {
             tokio::time::sleep(Duration::from_millis(20)).await;

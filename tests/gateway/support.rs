@@ -12,7 +12,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use receipt_gateway::config::{Config, SecretSource};
-use receipt_gateway::simulator::{SimApp, SimOptions, Simulator};
+use receipt_gateway::simulator::{CallRecord, SimApp, SimOptions, Simulator};
 use receipt_gateway::tencent::domain::AppId;
 use receipt_gateway::tencent::usersig::SecretKey;
 use receipt_gateway::{Listeners, RunError};
@@ -216,6 +216,33 @@ pub async fn until(mut condition: impl FnMut() -> bool) {
         }
     })
     .await;
+}
+
+/// The most of `calls` that the gateway sent within one rolling second (less than a
+/// second apart, as the simulator's limiter counts), by the send stamps they carry
+/// ([`SENT_AT_HEADER`](receipt_gateway::tencent::wire::SENT_AT_HEADER)). This is what the budget
+/// controls: when a call arrives at the simulator depends on how a busy machine
+/// schedules the delivery, and a test that counted arrivals failed on it (201 calls in a
+/// second of the simulator's clock from a gateway that sent fewer than 200). Panics if a
+/// call carries no stamp: every upstream call must say when it was sent.
+pub fn busiest_second_sent(calls: &[CallRecord]) -> usize {
+    let mut sent: Vec<u64> =
+        calls.iter().map(|c| c.sent_at_us.unwrap_or_else(|| panic!("a call without a send stamp: {c:?}"))).collect();
+    sent.sort_unstable();
+    busiest_second(&sent)
+}
+
+/// The most of the sorted instants `us` (microseconds) that lie less than a second apart.
+pub fn busiest_second(us: &[u64]) -> usize {
+    let mut first = 0;
+    let mut best = 0;
+    for (last, t) in us.iter().enumerate() {
+        while t - us[first] >= 1_000_000 {
+            first += 1;
+        }
+        best = best.max(last + 1 - first);
+    }
+    best
 }
 
 /// A receipt body for `group` and `seqs`.
