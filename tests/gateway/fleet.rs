@@ -97,6 +97,11 @@ impl Replica {
         self.log.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|l| l.contains(needle))
     }
 
+    /// How many lines it logged so far contain `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).iter().filter(|l| l.contains(needle)).count()
+    }
+
     /// How many lines it logged so far.
     pub fn lines(&self) -> usize {
         self.log.lock().unwrap_or_else(|p| p.into_inner()).len()
@@ -263,7 +268,12 @@ async fn one_item_asked_of_three_replicas_at_once_costs_exactly_one_call() {
         assert_eq!(reply.items(), replies[0].items());
     }
     // Exactly one call while every replica's Redis round trips were in time; each that
-    // was not (a busy machine; logged) may have cost one of its own.
+    // was not (a busy machine; logged) may have cost one of its own. Each replica logs a
+    // request's line after anything it logged on the way, in order: once both of its
+    // requests are logged, so is any going without Redis.
+    for r in &replicas {
+        until(|| r.count("\"message\":\"request\"") >= 2).await;
+    }
     let alone: usize = replicas.iter().zip(&since).map(|(r, since)| r.went_alone(*since)).sum();
     let calls = f.sim.call_count() - warm_up;
     assert!(
@@ -294,6 +304,7 @@ async fn a_replica_started_into_a_warm_fleet_answers_from_shared_items_without_a
     // Every answer shared, unless the replica went without Redis for it (its first use
     // of Redis, on a busy machine, can take longer than the fleet's CALL_TIMEOUT): such
     // a request acts as a lone replica's would, and may cost a call.
+    until(|| late.count("\"message\":\"request\"") >= 5).await;
     let alone = late.went_alone(0);
     let shared = replies.iter().filter(|r| r.status == StatusCode::OK && r.header("x-cache") == Some("HIT")).count();
     assert!(shared + alone >= 5, "{shared} shared of 5, {alone} without Redis: {replies:?}");
