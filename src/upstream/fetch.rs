@@ -8,7 +8,8 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
 
 use tokio::time::Instant;
 
@@ -55,12 +56,15 @@ pub async fn run(app: Arc<Fetcher>, mut batch: Dispatch) {
     let tally = Tally {
         splits: AtomicU32::new(split_allowance(batch.seqs.len())),
         calls: AtomicU32::new(0),
+        first_on_the_wire_us: AtomicU64::new(0),
         served: batch.served.clone(),
     };
     let mut items = fetch(&app, &batch.group, batch.seqs.clone(), batch.window, Token::Paid, &tally).await;
     settle_unisolated(&mut items);
     let first_call = tally.calls.into_inner() == 1;
-    let outcome = Arc::new(BatchOutcome { started, first_call, ..BatchOutcome::settled(items, Instant::now()) });
+    let upstream = Duration::from_micros(tally.first_on_the_wire_us.into_inner());
+    let outcome =
+        Arc::new(BatchOutcome { started, first_call, upstream, ..BatchOutcome::settled(items, Instant::now()) });
     let page = store(&app, &batch.group, &outcome.items, (started, outcome.fetched_at)).await;
     app.engine.complete(&batch, &page);
     let _ = batch.outcome.send(Some(outcome.clone()));
@@ -163,6 +167,9 @@ struct Tally {
     splits: AtomicU32,
     /// Upstream calls made.
     calls: AtomicU32,
+    /// How long the first call was on the wire (µs): upstream's part of the batch's
+    /// delivery, answered or not.
+    first_on_the_wire_us: AtomicU64,
     /// The request ids of the callers served, for each call's log line.
     served: Served,
 }
@@ -182,8 +189,11 @@ fn fetch<'a>(
             if !token.take(app, window).await {
                 return fail(&seqs, Failure::NoBudget);
             }
-            tally.calls.fetch_add(1, Ordering::Relaxed);
-            let outcome = attempt(app, group, &seqs, &tally.served).await;
+            let first = tally.calls.fetch_add(1, Ordering::Relaxed) == 0;
+            let (outcome, on_the_wire) = attempt(app, group, &seqs, &tally.served).await;
+            if first {
+                tally.first_on_the_wire_us.store(on_the_wire.as_micros() as u64, Ordering::Relaxed);
+            }
             match judge(app, outcome, &seqs, &tally.splits, &mut attempts) {
                 Verdict::Done(items) => return items,
                 Verdict::RetryNow => {}
@@ -198,16 +208,18 @@ fn fetch<'a>(
     })
 }
 
-/// One upstream call; its latency feeds admission when Tencent answered at all.
-async fn attempt(app: &Fetcher, group: &GroupId, seqs: &[MsgSeq], served: &Served) -> Outcome {
+/// One upstream call, and how long it was on the wire; its latency feeds admission when
+/// Tencent answered at all.
+async fn attempt(app: &Fetcher, group: &GroupId, seqs: &[MsgSeq], served: &Served) -> (Outcome, Duration) {
     app.budget.before_send().await;
     let started = Instant::now();
     app.batch_size.observe(seqs.len() as f64);
     let outcome = app.upstream.get_receipts(group, seqs, served).await;
+    let on_the_wire = started.elapsed();
     if !matches!(outcome, Outcome::NoAnswer { .. }) {
-        app.engine.estimates().observe_latency(started.elapsed());
+        app.engine.estimates().observe_latency(on_the_wire);
     }
-    outcome
+    (outcome, on_the_wire)
 }
 
 /// Decides what an attempt's outcome calls for: the items, a group's answer or a 10004

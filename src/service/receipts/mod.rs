@@ -257,7 +257,7 @@ pub(crate) fn acceptable(entry: &Cached, freshness: Freshness, now: Instant) -> 
 
 /// Waits, until `until`, for the batches carrying this round's misses, and puts what
 /// they answered in the slots (the rest stay open for the caller to settle); each batch
-/// answered by its first call tells admission how long its delivery took.
+/// answered by its first call tells admission how much the gateway added to the call.
 async fn wait(
     app: &Receipts,
     slots: &mut [Slot],
@@ -279,7 +279,7 @@ async fn wait(
             let Ok(outcome) = w.wait_for(Option::is_some).await else { continue };
             let first = |o: &&Arc<BatchOutcome>| !o.sampled.swap(true, Ordering::Relaxed);
             if let Some(outcome) = outcome.as_ref().filter(|o| o.first_call && !answered_meanwhile).filter(first) {
-                app.engine.estimates().observe_delivery(outcome.started.elapsed());
+                app.engine.estimates().observe_added(outcome.started.elapsed().saturating_sub(outcome.upstream));
             }
         }
     };

@@ -16,7 +16,7 @@ use crate::budget::Budget;
 use crate::cache::{Freshness, GroupAnswer, KeptBy, ReceiptCache, XCache};
 use crate::clients::ClientSlot;
 use crate::config::{BudgetBackend, BudgetConfig, CacheConfig};
-use crate::engine::admission::WRITE_BACK;
+use crate::engine::admission::{MARGIN, WRITE_BACK};
 use crate::engine::batch::{BatchOutcome, BatchPolicy, Dispatch, Failure, Items, Neighbourhood};
 use crate::engine::{Engine, dispatcher};
 use crate::error::GatewayError;
@@ -134,8 +134,12 @@ impl StandIn {
             tokio::time::sleep(after).await;
         }
         let started = batch.dispatched;
-        let outcome =
-            Arc::new(BatchOutcome { started, first_call: true, ..BatchOutcome::settled(items, Instant::now()) });
+        let outcome = Arc::new(BatchOutcome {
+            started,
+            first_call: true,
+            upstream: after,
+            ..BatchOutcome::settled(items, Instant::now())
+        });
         let answers: Vec<(MsgSeq, Receipt)> =
             outcome.items.iter().filter_map(|(s, r)| Some((*s, *r.as_ref().ok()?))).collect();
         let page = self
@@ -338,6 +342,22 @@ async fn a_no_cache_request_gets_no_stale_items_and_a_504_when_the_call_has_not_
     assert_eq!(gw.calls(), [vec![1, 2]]);
     assert_eq!(answered.err(), Some(GatewayError::DeadlineExceeded));
     assert_eq!(Instant::now(), deadline - WRITE_BACK, "settled with the time to write it left");
+}
+
+/// Upstream's time is the latency's (which `fetch::attempt` measures, and the stand-in
+/// does not): a call held for seconds, its callers waiting all along, leaves the gateway's
+/// own part of the reach at what it took to wake them, as a call answered at once would.
+#[tokio::test(start_paused = true)]
+async fn a_call_upstream_held_for_seconds_adds_nothing_to_the_gateways_part_of_the_reach() {
+    let gw = Gateway::start(Reply::Counts { after: 2500 * MS, omit: &[] });
+    let mut q = query(&[1], Freshness::Default);
+    q.deadline = q.arrived + 5 * S;
+
+    let answer = timeout(6 * S, answer(&gw.receipts, q)).await.unwrap().unwrap();
+
+    assert_eq!((answer.x_cache, gw.calls()), (XCache::Miss, vec![vec![1]]), "answered by the held call");
+    let reach = gw.receipts.engine.estimates().reach();
+    assert!(reach < MARGIN + 5 * MS, "{reach:?}");
 }
 
 #[tokio::test(start_paused = true)]
