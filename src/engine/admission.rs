@@ -189,7 +189,7 @@ impl Spread {
         self.at_us.store(micros(now), Ordering::Relaxed);
         let (sample, cap) = (micros(d.min(cap)), micros(cap));
         let new = if smoothed == 0 { sample } else { (smoothed * 7 + sample) / 8 };
-        let spread = ((deviation * 3 + smoothed.abs_diff(sample)) / 4).min((cap - new) / 4);
+        let spread = ((deviation * 3 + smoothed.abs_diff(sample)) / 4).min(cap.saturating_sub(new) / 4);
         self.smoothed_us.store(new, Ordering::Relaxed);
         self.deviation_us.store(spread, Ordering::Relaxed);
     }
