@@ -176,6 +176,10 @@ pub enum ScenarioName {
     /// Members reading at a steady rate: upstream calls and staleness with a TTL only,
     /// then with the reads' callbacks reaching the gateway; then `/callback` throughput.
     Callbacks,
+    /// 750 req/s over 50 groups, deadlines 250/1000/2000 ms, a budget of 180/s: upstream
+    /// holds every call for 3 s; how long until the gateway is back to its steady calls
+    /// and answers, and whether any answer came after its deadline meanwhile.
+    Hang,
     /// The mix given by the flags (defaults as `under`), reported without a verdict.
     Custom,
 }
@@ -200,6 +204,7 @@ impl ScenarioName {
             ScenarioName::Cold => "cold",
             ScenarioName::Clients => "clients",
             ScenarioName::Callbacks => "callbacks",
+            ScenarioName::Hang => "hang",
             ScenarioName::Custom => "custom",
         }
     }
@@ -284,6 +289,9 @@ impl Defaults {
             // fixed: 500 messages), so every message is asked about every 50 ms. Two phases
             // of 3 s + 12 s, then the ingest phase: about 45 s in all.
             ScenarioName::Callbacks => Defaults { latest: 5, warmup_s: 3.0, duration_s: 12.0, ..BASE },
+            // 3 s of warm-up, the hang module's steady state and hang, then 20 s after the
+            // release (`--duration`).
+            ScenarioName::Hang => Defaults { groups: 50, rate: 750.0, per_second: 180, warmup_s: 3.0, ..BASE },
             ScenarioName::All | ScenarioName::Under | ScenarioName::Custom => BASE,
         }
     }

@@ -35,6 +35,8 @@ use crate::upstream::{Upstream, UpstreamStats};
 mod callbacks;
 #[path = "fair_share.rs"]
 mod fair_share;
+#[path = "hang.rs"]
+mod hang;
 #[path = "warm.rs"]
 mod warm;
 
@@ -80,6 +82,7 @@ pub async fn run(args: &Args) -> Result<()> {
             ScenarioName::Cold => cold(&ctx, &settings).await?,
             ScenarioName::Clients => fair_share::clients(&ctx.bin, &settings).await?,
             ScenarioName::Callbacks => callbacks::callbacks(&ctx.bin, &settings).await?,
+            ScenarioName::Hang => hang_runs(&ctx, &settings).await?,
             ScenarioName::Custom | ScenarioName::All => custom(&ctx, scenario, &settings).await?,
         };
         for (label, verdict) in outcome {
@@ -175,6 +178,7 @@ fn print_settings(scenario: ScenarioName, s: &Settings) {
         ScenarioName::Clients => fair_share::print_load(s),
         ScenarioName::Callbacks => callbacks::print_load(s),
         ScenarioName::Warm => warm::print_load(s),
+        ScenarioName::Hang => hang::print_load(s),
         _ => print_load(s),
     }
     println!(
@@ -372,6 +376,19 @@ async fn cold(ctx: &Ctx<'_>, s: &Settings) -> Result<Vec<(String, Verdict)>> {
 fn cold_check(run: &Run, groups: usize) -> Check {
     let first = FirstSecond::of(run, groups);
     Check::new("<= 3 calls per group in the first second", first.summary(), first.per_group() <= 3.0)
+}
+
+/// An upstream hang under steady load: one gateway, then with `--replicas` the fleet.
+async fn hang_runs(ctx: &Ctx<'_>, s: &Settings) -> Result<Vec<(String, Verdict)>> {
+    println!("\n-- one gateway");
+    let mut verdicts = vec![(ScenarioName::Hang.label().to_owned(), hang::hang(&ctx.bin, s, None).await?)];
+    if let Some(fleet) = &ctx.fleet {
+        fleet.redis.flush().await?;
+        let tier = fleet.redis.tier(format!("loadgen-{}-hang", std::process::id()), fleet.replicas);
+        println!("\n-- fleet of {} gateways on one Redis budget", fleet.replicas);
+        verdicts.push((ctx.fleet_label(ScenarioName::Hang), hang::hang(&ctx.bin, s, Some(&tier)).await?));
+    }
+    Ok(verdicts)
 }
 
 /// The mix the flags describe, reported without targets.

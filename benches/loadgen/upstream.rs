@@ -132,6 +132,17 @@ impl Upstream {
         &self.url
     }
 
+    /// Holds every call from now on, unanswered, until [`Upstream::release_calls`] (an
+    /// upstream that hangs).
+    pub fn hold_calls(&self) {
+        self.sim.hold_calls();
+    }
+
+    /// Answers every held call, and every later one at once.
+    pub fn release_calls(&self) {
+        self.sim.release_calls();
+    }
+
     /// 60007 answers since the simulator started (warm-ups included).
     pub fn rate_limited_total(&self) -> usize {
         self.sim.count_code(ErrorCode::RATE_LIMITED)

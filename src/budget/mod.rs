@@ -48,6 +48,9 @@ const REDIS_RETRY: Duration = Duration::from_secs(1);
 const MIN_SHARE: f64 = 0.05;
 /// Two grants further apart than this say nothing about the others' rate now.
 const OTHERS_HORIZON: Duration = Duration::from_secs(2);
+/// The estimate of the others' rate is an average over about this much of the recent
+/// past, however often this replica takes tokens (see [`Others::grant`]).
+const OTHERS_MEMORY: Duration = Duration::from_millis(250);
 
 /// The interval between tokens that keeps `per_second` in every rolling second: the
 /// guard's slack, and at low rates (where 30 ms is less than one token) at least one
@@ -429,6 +432,16 @@ struct Others {
 }
 
 impl Others {
+    /// This replica took a token, the fleet's `grants`-th: the others took the grants
+    /// since its last one. The sample weighs by the time it covers, so the estimate
+    /// follows the others' calls within about [`OTHERS_MEMORY`] whatever this replica's
+    /// own pace: its tokens a few milliseconds apart (each sample 0 or 1 grant of the
+    /// others) average out, and one half a second after the last is mostly what the
+    /// others take now. With a fixed weight of a quarter per sample, a replica taking a
+    /// token every half second — one that refuses most of its callers — went on seeing
+    /// for seconds the rate another had drained a backlog at (140/s half a second after
+    /// the others went from 180/s to 18/s; see the budget's tests), and planned with what
+    /// that left it.
     fn grant(&mut self, grants: u64, now: Instant) {
         if let Some((before, at)) = self.last {
             let dt = now.saturating_duration_since(at);
@@ -436,7 +449,8 @@ impl Others {
             if dt <= OTHERS_HORIZON && grants > before && !dt.is_zero() {
                 let sample = (grants - before - 1) as f64 / dt.as_secs_f64();
                 let fresh = self.sampled.is_some_and(|t| now.saturating_duration_since(t) <= OTHERS_HORIZON);
-                self.rate = if fresh { self.rate * 0.75 + sample * 0.25 } else { sample };
+                let weight = 1.0 - (-dt.as_secs_f64() / OTHERS_MEMORY.as_secs_f64()).exp();
+                self.rate = if fresh { self.rate + (sample - self.rate) * weight } else { sample };
                 self.sampled = Some(now);
             }
         }

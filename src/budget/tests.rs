@@ -69,6 +69,49 @@ fn the_others_rate_is_what_the_fleet_took_between_two_of_our_tokens() {
     assert_eq!(others.rate(t + Duration::from_secs(3)), 0.0);
 }
 
+/// Another replica drained a backlog at the full rate while this one took a token every
+/// half second, then went back to a tenth of it: the estimate is what it takes now after
+/// one token of ours, not seconds later.
+#[test]
+fn the_others_rate_follows_their_calls_however_seldom_we_take_a_token() {
+    let t = Instant::now();
+    let half_second = Duration::from_millis(500);
+    let mut others = Others::default();
+    let mut grants = 0;
+    let mut ours = |others: &mut Others, theirs: u64, n: u32| {
+        grants += theirs + 1;
+        others.grant(grants, t + half_second * n);
+    };
+    ours(&mut others, 0, 0);
+    for n in 1..=4 {
+        ours(&mut others, 90, n);
+    }
+    assert!((179.0..=181.0).contains(&others.rate(t + half_second * 4)), "{}", others.rate(t));
+
+    ours(&mut others, 9, 5);
+
+    let now = others.rate(t + half_second * 5);
+    assert!(now < 45.0, "{now}/s seen of the others' 18/s");
+}
+
+/// Tokens of ours a few milliseconds apart: samples of 0 or 1 grant of the others'
+/// average out to their rate.
+#[test]
+fn the_others_rate_averages_our_frequent_tokens() {
+    let t = Instant::now();
+    let mut others = Others::default();
+    // Ours every 5 ms, theirs one every other of ours: 100/s.
+    let mut grants = 0;
+    for n in 0..400u32 {
+        grants += 1 + u64::from(n % 2);
+        others.grant(grants, t + Duration::from_millis(5) * n);
+        if n >= 200 {
+            let rate = others.rate(t + Duration::from_millis(5) * n);
+            assert!((80.0..=120.0).contains(&rate), "{rate} at token {n}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn throttling_halves_the_rate_once_per_burst_and_it_recovers() {
     let gauge = Gauge::new("g", "g").unwrap();

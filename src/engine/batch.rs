@@ -122,12 +122,15 @@ pub struct BatchOutcome {
     pub fetched_at: Instant,
     /// Sorted by MsgSeq.
     pub items: Items,
-    /// Answered by the batch's first call (no retry, no split): its callers' wait
-    /// measures the delivery of a batch ([`Estimators::observe_delivery`]), once — the
-    /// first caller to see it takes `sampled`.
+    /// Answered by the batch's first call (no retry, no split): its callers' wait, less
+    /// the call's time on the wire (`upstream`), measures what the gateway adds to a
+    /// call ([`Estimators::observe_added`]), once — the first caller to see it takes
+    /// `sampled`.
     ///
-    /// [`Estimators::observe_delivery`]: crate::engine::admission::Estimators::observe_delivery
+    /// [`Estimators::observe_added`]: crate::engine::admission::Estimators::observe_added
     pub first_call: bool,
+    /// How long the first call was on the wire: upstream's part of the wait.
+    pub upstream: Duration,
     pub sampled: AtomicBool,
 }
 
@@ -135,7 +138,14 @@ impl BatchOutcome {
     /// An outcome of `items` (in any order), all settled at `at`.
     pub fn settled(mut items: Items, at: Instant) -> Self {
         items.sort_unstable_by_key(|(s, _)| *s);
-        Self { started: at, fetched_at: at, items, first_call: false, sampled: AtomicBool::new(false) }
+        Self {
+            started: at,
+            fetched_at: at,
+            items,
+            first_call: false,
+            upstream: Duration::ZERO,
+            sampled: AtomicBool::new(false),
+        }
     }
 
     pub fn get(&self, seq: MsgSeq) -> Option<&Result<Receipt, Failure>> {

@@ -13,7 +13,8 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
 
 use tokio::time::Instant;
 
@@ -64,11 +65,14 @@ pub async fn run(app: Arc<Fetcher>, mut batch: Dispatch) {
         calls: AtomicU32::new(0),
         isolating: AtomicU32::new(0),
         added: batch.added.clone(),
+        first_on_the_wire_us: AtomicU64::new(0),
         served: batch.served.clone(),
     };
     let items = fetch(&app, &batch.group, batch.seqs.clone(), batch.window, Token::Paid, &tally).await;
     let first_call = tally.calls.load(Ordering::Relaxed) == 1;
-    let outcome = Arc::new(BatchOutcome { started, first_call, ..BatchOutcome::settled(items, Instant::now()) });
+    let upstream = Duration::from_micros(tally.first_on_the_wire_us.load(Ordering::Relaxed));
+    let outcome =
+        Arc::new(BatchOutcome { started, first_call, upstream, ..BatchOutcome::settled(items, Instant::now()) });
     let page = store(&app, &batch.group, &outcome.items, (started, outcome.fetched_at)).await;
     // Before any caller hears of a refusal: its next request is refused without a call.
     let refused = refused(&outcome.items);
@@ -204,6 +208,9 @@ struct Tally {
     isolating: AtomicU32,
     /// The MsgSeqs the gateway added to the batch, which nobody asked for.
     added: Vec<MsgSeq>,
+    /// How long the first call was on the wire (µs): upstream's part of the batch's
+    /// delivery, answered or not.
+    first_on_the_wire_us: AtomicU64,
     /// The request ids of the callers served, for each call's log line.
     served: Served,
 }
@@ -223,8 +230,11 @@ fn fetch<'a>(
             if !token.take(app, window, tally).await {
                 return fail(&seqs, Failure::NoBudget);
             }
-            tally.calls.fetch_add(1, Ordering::Relaxed);
-            let outcome = attempt(app, group, &seqs, &tally.served).await;
+            let first = tally.calls.fetch_add(1, Ordering::Relaxed) == 0;
+            let (outcome, on_the_wire) = attempt(app, group, &seqs, &tally.served).await;
+            if first {
+                tally.first_on_the_wire_us.store(on_the_wire.as_micros() as u64, Ordering::Relaxed);
+            }
             match judge(app, outcome, &seqs, tally, &mut attempts) {
                 Verdict::Done(items) => return items,
                 Verdict::RetryNow => {}
@@ -240,16 +250,18 @@ fn fetch<'a>(
     })
 }
 
-/// One upstream call; its latency feeds admission when Tencent answered at all.
-async fn attempt(app: &Fetcher, group: &GroupId, seqs: &[MsgSeq], served: &Served) -> Outcome {
+/// One upstream call, and how long it was on the wire; its latency feeds admission when
+/// Tencent answered at all.
+async fn attempt(app: &Fetcher, group: &GroupId, seqs: &[MsgSeq], served: &Served) -> (Outcome, Duration) {
     let sent = app.budget.before_send().await;
     let started = Instant::now();
     app.batch_size.observe(seqs.len() as f64);
     let outcome = app.upstream.get_receipts(group, seqs, served, sent).await;
+    let on_the_wire = started.elapsed();
     if !matches!(outcome, Outcome::NoAnswer { .. }) {
-        app.engine.estimates().observe_latency(started.elapsed());
+        app.engine.estimates().observe_latency(on_the_wire);
     }
-    outcome
+    (outcome, on_the_wire)
 }
 
 /// Decides what an attempt's outcome calls for: the items, a group's answer or a 10004

@@ -116,6 +116,49 @@ mod tests {
         }
     }
 
+    /// Only Tencent's "slow down" lowers the effective rate: a call that got no answer, or
+    /// a failing one, says nothing about how many calls Tencent takes, and is retried at
+    /// the full rate (after an upstream hang, every call that was held timed out).
+    #[tokio::test]
+    async fn timeouts_and_failures_are_retried_without_lowering_the_effective_rate() {
+        use crate::config::{AppConfig, BudgetBackend, BudgetConfig};
+        use crate::tencent::code::ErrorCode;
+        use crate::tencent::domain::AppId;
+        use crate::tencent::usersig::SecretKey;
+        use prometheus::{Gauge, IntGauge};
+
+        let per_second = std::num::NonZeroU32::new(200).unwrap();
+        let config = BudgetConfig { per_second, backend: BudgetBackend::Local, fallback_per_second: per_second };
+        let gauge = |name: &str| Gauge::new(name, name).unwrap();
+        let budget = Budget::new(&config, "k".into(), gauge("rate"), IntGauge::new("up", "up").unwrap()).unwrap();
+        let app = AppConfig {
+            id: AppId(1_400_000_000),
+            region: None,
+            identifier: "administrator".into(),
+            secret: SecretKey::new("k"),
+            endpoint: "http://127.0.0.1:9".into(),
+            usersig_ttl: Duration::from_secs(86_400),
+            callbacks: false,
+            callback_token: None,
+            callback_forward: None,
+        };
+        let signer = Signer::new(&app, gauge("expiry"));
+        let mut attempts = Attempts::new(2);
+
+        for outcome in [
+            Outcome::NoAnswer { reason: "no answer within 3000 ms".into() },
+            Outcome::Retryable { reason: "HTTP 502".into() },
+        ] {
+            let next = attempts.judge(outcome, &signer, &budget);
+            assert!(matches!(next, Ok(Next::RetryLater(Trouble::Unavailable(_)))), "{next:?}");
+        }
+        assert_eq!(budget.effective_rate(), 200.0);
+
+        let next = attempts.judge(Outcome::Throttled { code: ErrorCode::RATE_LIMITED }, &signer, &budget);
+        assert_eq!(next.ok(), Some(Next::RetryLater(Trouble::Throttled)));
+        assert!(budget.effective_rate() < 101.0, "halved by a 60007");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn retries_stop_at_the_limit_or_before_the_deadline() {
         let far = Instant::now() + Duration::from_secs(60);

@@ -12,6 +12,7 @@ mod engine;
 mod fleet;
 mod hygiene;
 mod metrics_names;
+mod recovery;
 mod redis;
 mod reload;
 mod support;

@@ -1,6 +1,6 @@
 //! Answers one validated receipt query (docs/design.md#receipt-api, #cache): cache first, misses
-//! handed to the coalescer, waiting no longer than the caller's deadline, then the answer assembled
-//! in the caller's order with `X-Cache` and `Age`.
+//! handed to the coalescer, waiting no longer than the caller's deadline leaves (the answer's
+//! write included), then the answer assembled in the caller's order with `X-Cache` and `Age`.
 //!
 //! Stale items stand in only when a fresh answer cannot be had before the deadline
 //! (budget exhausted, upstream failing) and the caller did not forbid it with
@@ -126,7 +126,7 @@ pub async fn answer(app: &Receipts, q: Query<'_>) -> Result<Answer, GatewayError
 }
 
 /// The misses' way: each joined to a batch (or found in another replica's call), waited
-/// for until the deadline, then settled with what came.
+/// for until the caller must answer ([`answer_by`]), then settled with what came.
 async fn resolve(
     app: &Receipts,
     q: Query<'_>,
@@ -144,7 +144,6 @@ async fn resolve(
     }
     let rounds = if tier.is_some() { MAX_FLEET_ROUNDS } else { MAX_ROUNDS };
     let mut waiting = Vec::new();
-    let mut pending = Vec::new();
     for round in 0..rounds {
         let misses: Vec<MsgSeq> = slots.iter().filter(|s| s.is_open()).map(|s| s.seq).collect();
         let last_round = match (round, tier) {
@@ -190,33 +189,27 @@ async fn resolve(
             }
         };
         waiting = elsewhere.seqs.clone();
-        let (left, ()) =
-            tokio::join!(wait(app, &mut slots, joined, &q, answer_by(&q)), shared::wait(app, tier, &q, &elsewhere));
-        pending = left;
+        tokio::join!(wait(app, &mut slots, joined, &q, answer_by(&q)), shared::wait(app, tier, &q, &elsewhere));
     }
-    // Still queued here, or waiting for another replica's call, at the deadline: the
+    // Still queued here, or waiting for another replica's call, when time ran out: the
     // budget (the fleet's) could not serve it in time, as a refusal would have said.
+    // Sent in time and still on its way: upstream is late (504), or a stale item stands
+    // in; its answer still fills the cache for the next caller.
     let open: Vec<MsgSeq> = slots.iter().filter(|s| s.is_open()).map(|s| s.seq).collect();
     let unsent = if open.is_empty() { Vec::new() } else { app.engine.unsent(&q.group, &open, q.deadline) };
     for slot in slots.iter_mut().filter(|s| s.is_open() && (waiting.contains(&s.seq) || unsent.contains(&s.seq))) {
         slot.failure = Some(Failure::NoBudget);
     }
-    // Sent in time and still on its way: an answer at the deadline beats a 504 before it.
-    let on_the_way: Vec<_> = pending.into_iter().filter(|(seq, _, _)| is_open(&slots, *seq)).collect();
-    if !on_the_way.is_empty() {
-        wait(app, &mut slots, on_the_way, &q, q.deadline).await;
-    }
     settle(app, slots, &q, GatewayError::DeadlineExceeded)
 }
 
-/// When a request stops waiting for the queue: [`admission::WRITE_BACK`] before its
-/// deadline, to write what it has (stale items, or 429) in time.
+/// When a request stops waiting, whatever it waits for (the queue, a call on the wire,
+/// another replica's call): [`admission::WRITE_BACK`] before its deadline, to write what
+/// it has — stale items, 429 or 504 — by the deadline. An answer upstream gives in those
+/// last milliseconds would itself be written at the deadline, late on a busy machine;
+/// a call the dispatcher sent in time (with [`admission::MARGIN`] to spare) lands before.
 fn answer_by(q: &Query<'_>) -> Instant {
     q.deadline.checked_sub(admission::WRITE_BACK).unwrap_or(q.deadline)
-}
-
-fn is_open(slots: &[Slot], seq: MsgSeq) -> bool {
-    slots.binary_search_by_key(&seq, |s| s.seq).is_ok_and(|i| slots[i].is_open())
 }
 
 /// The answer when the cache serves every MsgSeq (the usual case), built straight from
@@ -269,16 +262,16 @@ pub(crate) fn acceptable(entry: &Cached, freshness: Freshness, now: Instant) -> 
     freshness.accepts(entry.age(now), entry.is_fresh(now))
 }
 
-/// Waits, until `until`, for the batches carrying this round's misses, and returns the
-/// ones still unanswered; each batch answered by its first call tells admission how long
-/// its delivery took.
+/// Waits, until `until`, for the batches carrying this round's misses, and puts what
+/// they answered in the slots (the rest stay open for the caller to settle); each batch
+/// answered by its first call tells admission how much the gateway added to the call.
 async fn wait(
     app: &Receipts,
     slots: &mut [Slot],
     joined: Vec<(MsgSeq, Waiter, Joined)>,
     q: &Query<'_>,
     until: Instant,
-) -> Vec<(MsgSeq, Waiter, Joined)> {
+) {
     let mut waiters: Vec<Waiter> = Vec::new();
     for (_, w, _) in &joined {
         if !waiters.iter().any(|other| other.same_channel(w)) {
@@ -293,22 +286,19 @@ async fn wait(
             let Ok(outcome) = w.wait_for(Option::is_some).await else { continue };
             let first = |o: &&Arc<BatchOutcome>| !o.sampled.swap(true, Ordering::Relaxed);
             if let Some(outcome) = outcome.as_ref().filter(|o| o.first_call && !answered_meanwhile).filter(first) {
-                app.engine.estimates().observe_delivery(outcome.started.elapsed());
+                app.engine.estimates().observe_added(outcome.started.elapsed().saturating_sub(outcome.upstream));
             }
         }
     };
     let _ = tokio::time::timeout_at(until, all).await;
-    let mut unanswered = Vec::new();
     for (seq, waiter, how) in joined {
         let Ok(i) = slots.binary_search_by_key(&seq, |s| s.seq) else { continue };
         let slot = &mut slots[i];
         let outcome = waiter.borrow().clone();
         let Some(outcome) = outcome else {
+            // Else time ran out first: the caller settles it.
             if waiter.has_changed().is_err() {
                 slot.failure = Some(Failure::Unavailable("the upstream call was abandoned".into()));
-            } else {
-                // Time ran out first: the caller settles it.
-                unanswered.push((seq, waiter, how));
             }
             continue;
         };
@@ -327,7 +317,6 @@ async fn wait(
             None => slot.failure = Some(Failure::Unavailable("missing from the upstream answer".into())),
         }
     }
-    unanswered
 }
 
 /// Which error to report when items failed differently (lower first).

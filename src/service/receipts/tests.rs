@@ -16,6 +16,7 @@ use crate::budget::Budget;
 use crate::cache::{Freshness, GroupAnswer, KeptBy, ReceiptCache, XCache};
 use crate::clients::ClientSlot;
 use crate::config::{BudgetBackend, BudgetConfig, CacheConfig};
+use crate::engine::admission::{MARGIN, WRITE_BACK};
 use crate::engine::batch::{BatchOutcome, BatchPolicy, Dispatch, Failure, Items, Neighbourhood};
 use crate::engine::{Engine, dispatcher};
 use crate::error::GatewayError;
@@ -133,8 +134,12 @@ impl StandIn {
             tokio::time::sleep(after).await;
         }
         let started = batch.dispatched;
-        let outcome =
-            Arc::new(BatchOutcome { started, first_call: true, ..BatchOutcome::settled(items, Instant::now()) });
+        let outcome = Arc::new(BatchOutcome {
+            started,
+            first_call: true,
+            upstream: after,
+            ..BatchOutcome::settled(items, Instant::now())
+        });
         let answers: Vec<(MsgSeq, Receipt)> =
             outcome.items.iter().filter_map(|(s, r)| Some((*s, *r.as_ref().ok()?))).collect();
         let page = self
@@ -296,8 +301,11 @@ async fn a_partial_hit_fetches_only_the_missing_msgseqs_in_one_call_and_answers_
     assert_eq!(answer.age, 3, "from the oldest item served, cached 3.5 s before");
 }
 
+/// The stale items are settled on [`WRITE_BACK`] before the deadline, not at it: an
+/// answer produced at the deadline is written after it (measured: up to 34 ms late at
+/// the client during an upstream hang).
 #[tokio::test(start_paused = true)]
-async fn stale_items_stand_in_when_the_call_has_not_answered_by_the_deadline() {
+async fn stale_items_stand_in_when_the_call_has_not_answered_in_time_to_be_written_by_the_deadline() {
     let gw = Gateway::start(Reply::Silent);
     let fetched = Instant::now();
     gw.cache(&[1, 2]).await;
@@ -308,7 +316,7 @@ async fn stale_items_stand_in_when_the_call_has_not_answered_by_the_deadline() {
     let answer = gw.answer(q).await.unwrap();
 
     assert_eq!(gw.calls(), [vec![1, 2]], "a fresh answer was asked for");
-    assert!(Instant::now() <= deadline, "answered by the deadline");
+    assert_eq!(Instant::now(), deadline - WRITE_BACK, "settled with the time to write it left");
     assert_eq!(answer.x_cache, XCache::Stale);
     assert_eq!(answer.body, ok(&[(1, cached(1)), (2, cached(2))]), "the old counts");
     assert_eq!(answer.age, fetched.elapsed().as_secs(), "as old as the stale items");
@@ -318,16 +326,38 @@ async fn stale_items_stand_in_when_the_call_has_not_answered_by_the_deadline() {
 /// queued or sent too late), so it is upstream that did not answer before the deadline;
 /// and `no-cache` forbids the stale items (`settle` serves them only to
 /// `Freshness::Default`).
+/// And settled, like stale items, with [`WRITE_BACK`] left to write it: a 504 written
+/// after the deadline is no answer, while an answer upstream gives in those last
+/// milliseconds still fills the cache for the next caller.
 #[tokio::test(start_paused = true)]
-async fn a_no_cache_request_gets_no_stale_items_and_a_504_when_the_call_has_not_answered_by_the_deadline() {
+async fn a_no_cache_request_gets_no_stale_items_and_a_504_when_the_call_has_not_answered_in_time() {
     let gw = Gateway::start(Reply::Silent);
     gw.cache(&[1, 2]).await;
     tokio::time::advance(TTL + S).await;
+    let q = query(&[1, 2], Freshness::NoCache);
+    let deadline = q.deadline;
 
-    let answered = gw.ask(&[1, 2], Freshness::NoCache).await;
+    let answered = gw.answer(q).await;
 
     assert_eq!(gw.calls(), [vec![1, 2]]);
     assert_eq!(answered.err(), Some(GatewayError::DeadlineExceeded));
+    assert_eq!(Instant::now(), deadline - WRITE_BACK, "settled with the time to write it left");
+}
+
+/// Upstream's time is the latency's (which `fetch::attempt` measures, and the stand-in
+/// does not): a call held for seconds, its callers waiting all along, leaves the gateway's
+/// own part of the reach at what it took to wake them, as a call answered at once would.
+#[tokio::test(start_paused = true)]
+async fn a_call_upstream_held_for_seconds_adds_nothing_to_the_gateways_part_of_the_reach() {
+    let gw = Gateway::start(Reply::Counts { after: 2500 * MS, omit: &[] });
+    let mut q = query(&[1], Freshness::Default);
+    q.deadline = q.arrived + 5 * S;
+
+    let answer = timeout(6 * S, answer(&gw.receipts, q)).await.unwrap().unwrap();
+
+    assert_eq!((answer.x_cache, gw.calls()), (XCache::Miss, vec![vec![1]]), "answered by the held call");
+    let reach = gw.receipts.engine.estimates().reach();
+    assert!(reach < MARGIN + 5 * MS, "{reach:?}");
 }
 
 #[tokio::test(start_paused = true)]
