@@ -50,10 +50,6 @@ impl Episode {
         self.on.store(false, Ordering::Relaxed);
         state.take().map(|(started, events)| Ended { events, lasted: started.elapsed() })
     }
-
-    pub fn is_on(&self) -> bool {
-        self.on.load(Ordering::Relaxed)
-    }
 }
 
 #[cfg(test)]
