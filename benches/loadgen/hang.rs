@@ -13,7 +13,9 @@
 //! Counted per [`BIN`] of the client's clock: the simulator's calls, each gateway's
 //! dispatched calls (its `receipt_gateway_budget_calls_total`, read at every bin's end),
 //! and the answers by what they were (fresh 200, STALE, 429, 504, other) and whether they
-//! arrived more than [`CLIENT_SLACK`] after their deadline. A bin is *back* when its share
+//! arrived more than [`CLIENT_SLACK`] after their deadline, and the client's own lag (how
+//! late a 1 ms timer of its runtime fired: a late answer in a bin where the client lagged
+//! as much may have waited on the client). A bin is *back* when its share
 //! of fresh answers (200 and not STALE: served from cache or by a call, not refused) is
 //! within [`FRESH_SLACK`] of the steady state's, and either nobody was refused in it (no
 //! STALE, no 429: the gateway made every call its callers needed, fewer than in the
@@ -103,6 +105,9 @@ struct Series {
     hang_bins: usize,
     /// The late answers by what they were and their deadline.
     late_kinds: BTreeMap<String, u64>,
+    /// Per bin, the latest this client's own 1 ms timer fired: an answer late by no
+    /// more than this may have waited on the client, not the gateway.
+    client_lag: Vec<Duration>,
 }
 
 pub fn print_load(s: &Settings) {
@@ -199,7 +204,27 @@ async fn drive(bench: &Bench, s: &Settings) -> Result<Series> {
         }
         Ok::<_, crate::Error>(counts)
     };
-    let ((), counts) = tokio::join!(fault, counting);
+    // The client's own delay: how late a 1 ms timer of its runtime fires, per bin. On a
+    // saturated machine the client reads answers late too, and counts them late.
+    let lagging = async {
+        let mut lag = vec![Duration::ZERO; bins];
+        loop {
+            let planned = Instant::now() + Duration::from_millis(1);
+            tokio::time::sleep_until(planned.into()).await;
+            let now = Instant::now();
+            if now >= end {
+                break lag;
+            }
+            let Some(bin) = now.checked_duration_since(steady_from).map(|d| (d.as_nanos() / BIN.as_nanos()) as usize)
+            else {
+                continue;
+            };
+            if let Some(worst) = lag.get_mut(bin) {
+                *worst = (*worst).max(now - planned);
+            }
+        }
+    };
+    let ((), counts, client_lag) = tokio::join!(fault, counting, lagging);
     let counts = counts?;
     let answered = sender.await.map_err(|e| format!("the load task failed: {e}"))?;
 
@@ -238,7 +263,7 @@ async fn drive(bench: &Bench, s: &Settings) -> Result<Series> {
     let dispatched = counts.iter().map(|c| c.windows(2).map(|w| w[1] - w[0]).collect()).collect();
     let steady_bins = (STEADY.as_nanos() / BIN.as_nanos()) as usize;
     let hang_bins = (HANG.as_nanos() / BIN.as_nanos()) as usize;
-    Ok(Series { answers, upstream, dispatched, steady_bins, hang_bins, late_kinds })
+    Ok(Series { answers, upstream, dispatched, steady_bins, hang_bins, late_kinds, client_lag })
 }
 
 /// A gateway's `receipt_gateway_budget_calls_total` for the receipt API, all clients.
@@ -303,8 +328,8 @@ impl Series {
             100.0 * steady.fresh_share()
         );
         println!(
-            "{:>6} {:>5} {:>16} {:>6} {:>6} {:>5} {:>5} {:>5} {:>5}  phase",
-            "t (s)", "calls", "dispatched", "fresh", "stale", "429", "504", "other", "late"
+            "{:>6} {:>5} {:>16} {:>6} {:>6} {:>5} {:>5} {:>5} {:>5} {:>10}  phase",
+            "t (s)", "calls", "dispatched", "fresh", "stale", "429", "504", "other", "late", "client lag"
         );
         for b in 0..self.answers.len() {
             let t = (b as f64 - (self.steady_bins + self.hang_bins) as f64) * BIN.as_secs_f64();
@@ -320,7 +345,7 @@ impl Series {
                 "after"
             };
             println!(
-                "{t:>6.1} {:>5} {:>16} {:>6} {:>6} {:>5} {:>5} {:>5} {:>5}  {phase}",
+                "{t:>6.1} {:>5} {:>16} {:>6} {:>6} {:>5} {:>5} {:>5} {:>5} {:>7} ms  {phase}",
                 self.upstream[b],
                 d.join("/"),
                 a.fresh,
@@ -328,7 +353,8 @@ impl Series {
                 a.refused,
                 a.timed_out,
                 a.other,
-                a.late
+                a.late,
+                self.client_lag.get(b).map_or(0, Duration::as_millis)
             );
         }
         let (late, worst) = self.late(0..self.answers.len());

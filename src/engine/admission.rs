@@ -26,12 +26,15 @@ use crate::budget::Estimate;
 
 /// The least slack admission and dispatch keep beyond the measured reach of a call: the
 /// answer's write back to the caller, which no estimate sees.
-pub const MARGIN: Duration = Duration::from_millis(25);
+pub const MARGIN: Duration = Duration::from_millis(30);
 
 /// What a request keeps of its deadline to write its answer: its waits end this much
 /// before the deadline, whatever the queue has not answered by then. Less than
-/// [`MARGIN`], so a batch sent on time lands before its callers stop waiting.
-pub const WRITE_BACK: Duration = Duration::from_millis(10);
+/// [`MARGIN`], so a batch sent on time lands before its callers stop waiting. 20 ms, not
+/// less: when a thousand callers are settled in the same few milliseconds (the first
+/// second of an upstream hang) on a saturated machine, their timers fire and their
+/// answers are written up to about 15 ms late (docs/benchmarks.md#upstream-hang).
+pub const WRITE_BACK: Duration = Duration::from_millis(20);
 
 /// What admission plans with: the budget's pace, the observed drain interval and the
 /// reach of one call.

@@ -199,7 +199,7 @@ async fn batches_nobody_waits_for_are_dropped_without_a_token() {
     let e = engine(1);
     let joined = join(&e, "g", &seqs(0..1), Instant::now() + 80 * MS, pace(Duration::ZERO)).unwrap();
 
-    // Less than the margin (25 ms, no call measured yet) before the deadline: no
+    // Less than the margin (30 ms, no call measured yet) before the deadline: no
     // answer could reach the caller in time.
     tokio::time::advance(75 * MS).await;
     let job = e.pop(Instant::now(), &hist(), true);
