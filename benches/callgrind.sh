@@ -37,6 +37,9 @@ cat >"$dir/gateway.toml" <<EOF
 [server]
 listen = "127.0.0.1:$data_port"
 admin_listen = "127.0.0.1:$admin_port"
+# The table's statuses, so that wrk's Non-2xx line sees the gateway's errors (by default
+# they are sent as HTTP 200, as Tencent sends its own: docs/design.md#errors).
+error_status = "http"
 
 [cache]
 ttl_ms = 600000

@@ -56,16 +56,21 @@ def split(addr):
 
 
 async def read_response(reader):
-    """One HTTP/1.1 response with a content-length body; its status."""
+    """One HTTP/1.1 response with a content-length body; its outcome: the status of the
+    gateway's error table, which X-Gateway-Status carries on every gateway-made error (sent
+    as HTTP 200 by default, docs/design.md#errors), else the status sent."""
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     length = 0
+    status = int(lines[0].split()[1])
     for line in lines[1:]:
         name, _, value = line.partition(":")
         if name.strip().lower() == "content-length":
             length = int(value)
+        elif name.strip().lower() == "x-gateway-status":
+            status = int(value)
     await reader.readexactly(length)
-    return int(lines[0].split()[1])
+    return status
 
 
 async def caller(addr, n, fresh):

@@ -23,6 +23,9 @@ write_gateway_config() {
 [server]
 listen = "127.0.0.1:$2"
 admin_listen = "127.0.0.1:0"
+# The table's statuses, so that wrk's and curl's non-2xx see the gateway's errors (by
+# default they are sent as HTTP 200, as Tencent sends its own: docs/design.md#errors).
+error_status = "http"
 [cache]
 ttl_ms = 600000
 [[apps]]

@@ -97,6 +97,10 @@ KEYS = {
 APP = {"sdkappid", "region", "identifier", "secret_key_env", "secret_key_file", "endpoint", "usersig_ttl_s",
        "callbacks", "callback_token_env", "callback_forward_url", "callback_forward_timeout_ms"}
 CLIENT = {"id", "token_env", "requests_per_second", "weight"}   # docs/design.md#callers
+# How gateway-made errors are sent (docs/design.md#errors): server-wide and per client.
+KEYS["server"].add("error_status")
+CLIENT.add("error_status")
+ERROR_STATUS = {"tencent", "http"}
 CLIENT_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 REGIONS = {"china", "singapore", "seoul", "tokyo", "frankfurt", "silicon-valley", "jakarta"}
@@ -141,9 +145,13 @@ for path in sorted((repo / "deploy").rglob("*.toml")):
                 w = c.get("weight", 1)
                 if type(w) is not int or not 1 <= w <= 1000:
                     problems.append(f"clients[{i}].weight: must be an integer from 1 to 1000")
+                if c.get("error_status", "tencent") not in ERROR_STATUS:
+                    problems.append(f"clients[{i}].error_status: must be \"tencent\" or \"http\"")
         elif section in KEYS:
             for k in set(value) - KEYS[section]:
                 problems.append(f"{section}.{k}: unknown key")
+            if section == "server" and value.get("error_status", "tencent") not in ERROR_STATUS:
+                problems.append("server.error_status: must be \"tencent\" or \"http\"")
         else:
             problems.append(f"{section}: unknown section")
     b = cfg.get("budget", {})

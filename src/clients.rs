@@ -15,7 +15,7 @@ use http::{HeaderMap, HeaderName, header};
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
-use crate::config::{ClientConfig, Config};
+use crate::config::{ClientConfig, Config, ErrorStatus};
 use crate::error::GatewayError;
 
 /// The id of the client every unconfigured caller is.
@@ -42,6 +42,9 @@ pub struct Client {
     pub slot: ClientSlot,
     /// Its share of the upstream budget when contended (docs/design.md#callers).
     pub weight: u32,
+    /// How its gateway-made errors are sent: its own `error_status`, else the server's
+    /// (docs/design.md#errors).
+    pub error_status: ErrorStatus,
     token: Option<[u8; 32]>,
     quota: Option<Arc<Quota>>,
 }
@@ -111,13 +114,14 @@ fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
 impl Client {
     /// The client `config` describes, in `slot`; its quota's window carries over from
     /// `before` (the same client before a reload) when the limit is unchanged.
-    fn new(config: &ClientConfig, slot: ClientSlot, before: Option<&Client>) -> Self {
+    fn new(config: &ClientConfig, slot: ClientSlot, before: Option<&Client>, server: ErrorStatus) -> Self {
         let limit = config.requests_per_second.map(|n| n.get() as usize);
         let kept = before.and_then(|c| c.quota.clone()).filter(|q| Some(q.limit) == limit);
         Self {
             id: config.id.clone(),
             slot,
             weight: config.weight.get(),
+            error_status: config.error_status.unwrap_or(server),
             token: config.token.as_ref().map(|t| digest(t.expose().as_bytes())),
             quota: kept.or_else(|| {
                 limit.map(|limit| {
@@ -127,8 +131,8 @@ impl Client {
         }
     }
 
-    fn unconfigured_default() -> Self {
-        Self { id: DEFAULT.to_owned(), slot: ClientSlot::DEFAULT, weight: 1, token: None, quota: None }
+    fn unconfigured_default(error_status: ErrorStatus) -> Self {
+        Self { id: DEFAULT.to_owned(), slot: ClientSlot::DEFAULT, weight: 1, error_status, token: None, quota: None }
     }
 
     /// Checks the caller's `Authorization: Bearer` against this client's token.
@@ -178,9 +182,12 @@ impl Clients {
                 }
             };
             let old = before.and_then(|b| b.by_id.get(&c.id)).map(Arc::as_ref);
-            by_id.insert(c.id.clone(), Arc::new(Client::new(c, slot, old)));
+            by_id.insert(c.id.clone(), Arc::new(Client::new(c, slot, old, config.server.error_status)));
         }
-        let default = by_id.get(DEFAULT).cloned().unwrap_or_else(|| Arc::new(Client::unconfigured_default()));
+        let default = by_id
+            .get(DEFAULT)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(Client::unconfigured_default(config.server.error_status)));
         Self {
             by_id,
             default,
@@ -202,6 +209,14 @@ impl Clients {
                 )
             })
             .collect()
+    }
+
+    /// How a gateway-made error is sent to the caller the client id header names (a
+    /// configured client, whether or not it authenticated), else to the `default` client:
+    /// for errors found before the caller is identified (docs/design.md#errors).
+    pub fn error_status(&self, headers: &HeaderMap) -> ErrorStatus {
+        let named = headers.get(&self.header).and_then(|v| v.to_str().ok()).and_then(|id| self.by_id.get(id.trim()));
+        named.unwrap_or(&self.default).error_status
     }
 
     /// The caller of a request: who it says it is, if configured, and authenticated. The

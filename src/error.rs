@@ -33,6 +33,9 @@ impl Blame {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GatewayError {
+    /// The body is not JSON at all (Tencent's 60003); the text says where it breaks.
+    #[error("{0}")]
+    NotJson(String),
     /// The body or a header is wrong; the text names the field.
     #[error("{0}")]
     BadRequest(String),
@@ -77,7 +80,7 @@ pub fn retry_after_secs(d: Duration) -> u64 {
 impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::BadRequest(_) | Self::UnknownApp(_) => StatusCode::BAD_REQUEST,
+            Self::NotJson(_) | Self::BadRequest(_) | Self::UnknownApp(_) => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -95,6 +98,7 @@ impl GatewayError {
     /// Tencent's ErrorCode for the situation.
     pub fn code(&self) -> ErrorCode {
         match self {
+            Self::NotJson(_) => ErrorCode::NOT_JSON,
             Self::BadRequest(_) | Self::BodyTooLarge(_) => ErrorCode::INVALID_PARAMETER,
             Self::UnknownApp(_) => ErrorCode::UNKNOWN_APP,
             Self::Unauthorized(_) | Self::Forbidden(_) => ErrorCode::UNAUTHORIZED,
@@ -110,7 +114,8 @@ impl GatewayError {
     /// Who caused it.
     pub fn blame(&self) -> Blame {
         match self {
-            Self::BadRequest(_)
+            Self::NotJson(_)
+            | Self::BadRequest(_)
             | Self::BodyTooLarge(_)
             | Self::UnknownApp(_)
             | Self::Unauthorized(_)
@@ -143,6 +148,7 @@ mod tests {
     #[test]
     fn every_error_maps_to_the_spec_table() {
         let rows = [
+            (GatewayError::NotJson("x".into()), 400, 60003),
             (GatewayError::BadRequest("x".into()), 400, 10004),
             (GatewayError::BodyTooLarge(1), 413, 10004),
             (GatewayError::UnknownApp("x".into()), 400, 60006),
@@ -154,6 +160,7 @@ mod tests {
             (GatewayError::Overloaded { retry_after: Duration::from_millis(1500) }, 429, 60007),
             (GatewayError::Upstream("x".into()), 502, 10002),
             (GatewayError::DeadlineExceeded, 504, 60008),
+            (GatewayError::BodyTimeout, 408, 60008),
             (GatewayError::Draining, 503, 10002),
         ];
         for (e, status, code) in rows {

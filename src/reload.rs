@@ -3,9 +3,9 @@
 //! file is read and validated again and applied without dropping a request.
 //!
 //! What a reload applies:
-//! - the clients — ids, tokens, quotas, weights — with `server.client_id_header` and
-//!   `server.require_client_auth`; each client keeps its place in the engines' fair share
-//!   and its quota window;
+//! - the clients — ids, tokens, quotas, weights, `error_status` — with
+//!   `server.client_id_header`, `server.require_client_auth` and `server.error_status`;
+//!   each client keeps its place in the engines' fair share and its quota window;
 //! - the cache lifetimes (`ttl_ms`, `stale_ms`, `negative_ttl_ms`), to every item from
 //!   then on (a page is kept by them from its group's next fill);
 //! - `[batch]` (batches opened from then on) and `budget.per_second` /
@@ -145,6 +145,7 @@ fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
         s.admin_listen = running.server.admin_listen;
         s.client_id_header = running.server.client_id_header.clone();
         s.require_client_auth = running.server.require_client_auth;
+        s.error_status = running.server.error_status;
     }
     let sections: [(&'static str, &dyn std::fmt::Debug, &dyn std::fmt::Debug); 7] = [
         ("apps", &running.apps, &new.apps),

@@ -121,6 +121,15 @@ pub struct Answer {
     pub body_bytes: usize,
 }
 
+/// What an answer came to: the status of the gateway's error table, which
+/// `X-Gateway-Status` carries on every gateway-made error (sent as HTTP 200 by default, as
+/// Tencent sends its own: docs/design.md#errors), else the status sent (the baseline's,
+/// a success's).
+pub fn outcome(status: u16, headers: &http::HeaderMap) -> u16 {
+    let table = headers.get("x-gateway-status").and_then(|v| v.to_str().ok()?.parse::<u16>().ok());
+    table.unwrap_or(status)
+}
+
 /// The gateway's `X-Cache` values (docs/design.md#receipt-api), or none (errors, the baseline).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum XCache {
@@ -198,8 +207,8 @@ pub async fn post_json(client: &HttpClient, uri: Uri, body: Bytes, within: Durat
 async fn exchange(client: &HttpClient, request: Request<Full<Bytes>>, within: Duration) -> (Outcome, Option<Bytes>) {
     let exchange = async {
         let response = client.request(request).await.ok()?;
-        let status = response.status().as_u16();
         let headers = response.headers();
+        let status = outcome(response.status().as_u16(), headers);
         let x_cache = XCache::from_header(headers.get("x-cache").map(|v| v.as_bytes()));
         let retry_after = headers.contains_key(RETRY_AFTER);
         let body = response.into_body().collect().await.ok()?.to_bytes();
@@ -230,6 +239,14 @@ pub async fn get(client: &HttpClient, url: &str) -> Result<(u16, Bytes)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_gateway_error_sent_as_200_counts_as_its_table_status() {
+        let mut headers = http::HeaderMap::new();
+        assert_eq!(outcome(200, &headers), 200);
+        headers.insert("x-gateway-status", HeaderValue::from_static("429"));
+        assert_eq!((outcome(200, &headers), outcome(429, &headers)), (429, 429));
+    }
 
     #[test]
     fn numbered_requests_are_spread_round_robin_and_evenly() {

@@ -33,7 +33,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 
 use crate::Result;
-use crate::client::{Answer, HUNG_AFTER_DEADLINE, Outcome, XCache};
+use crate::client::{Answer, HUNG_AFTER_DEADLINE, Outcome, XCache, outcome};
 use crate::drive::{self, Schedule, wait_for_turn};
 use crate::record::{Recorder, Sample};
 
@@ -368,7 +368,7 @@ async fn connect(
 async fn exchange(sender: &mut SendRequest<Full<Bytes>>, request: Request<Full<Bytes>>) -> Option<Answer> {
     sender.ready().await.ok()?;
     let response = sender.send_request(request).await.ok()?;
-    let status = response.status().as_u16();
+    let status = outcome(response.status().as_u16(), response.headers());
     let x_cache = XCache::from_header(response.headers().get(X_CACHE).map(|v| v.as_bytes()));
     let retry_after = response.headers().contains_key(RETRY_AFTER);
     let mut body = response.into_body();
@@ -389,7 +389,7 @@ pub async fn probe(requests: &Requests, n: usize, within: Duration) -> Result<(u
         let connection = tokio::spawn(connection);
         sender.ready().await?;
         let response = sender.send_request(requests.request(n)).await?;
-        let status = response.status().as_u16();
+        let status = outcome(response.status().as_u16(), response.headers());
         let x_cache = XCache::from_header(response.headers().get(X_CACHE).map(|v| v.as_bytes()));
         let body = response.into_body().collect().await?.to_bytes();
         connection.abort();

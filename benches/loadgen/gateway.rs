@@ -256,6 +256,9 @@ listen = "{data}"
 admin_listen = "{admin}"
 request_timeout_ms = {timeout}
 shutdown_grace_ms = 1000
+# The table's statuses, so that wrk's non-2xx count sees the gateway's errors (by default
+# they are sent as HTTP 200, as Tencent sends its own; this client reads X-Gateway-Status).
+error_status = "http"
 
 [cache]
 ttl_ms = {ttl}

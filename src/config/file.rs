@@ -33,6 +33,7 @@ pub(super) struct RawServer {
     pub(super) shutdown_grace_ms: u64,
     pub(super) client_id_header: String,
     pub(super) require_client_auth: bool,
+    pub(super) error_status: String,
     pub(super) max_connections: u64,
     pub(super) first_bytes_timeout_ms: u64,
     pub(super) header_timeout_ms: u64,
@@ -49,6 +50,7 @@ impl Default for RawServer {
             shutdown_grace_ms: 20000,
             client_id_header: "x-client-id".into(),
             require_client_auth: false,
+            error_status: "tencent".into(),
             max_connections: 10_000,
             first_bytes_timeout_ms: 10_000,
             header_timeout_ms: 30_000,
@@ -175,6 +177,7 @@ pub(super) struct RawClient {
     pub(super) requests_per_second: Option<u64>,
     #[serde(default = "default_weight")]
     pub(super) weight: u64,
+    pub(super) error_status: Option<String>,
 }
 
 fn default_weight() -> u64 {

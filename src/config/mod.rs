@@ -65,6 +65,31 @@ pub struct ClientConfig {
     pub requests_per_second: Option<NonZeroU32>,
     /// Share of the upstream budget when it is contended.
     pub weight: NonZeroU32,
+    /// How this caller's gateway-made errors are sent; `None`: `server.error_status`.
+    pub error_status: Option<ErrorStatus>,
+}
+
+/// How a gateway-made error is sent on the data port (`server.error_status`, a client's
+/// `error_status`; docs/design.md#errors). Metrics and logs record the table's status
+/// either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ErrorStatus {
+    /// HTTP 200 with the Tencent body, as Tencent answers its own errors; the table's
+    /// status in `X-Gateway-Status`.
+    #[default]
+    Tencent,
+    /// The table's HTTP status.
+    Http,
+}
+
+impl ErrorStatus {
+    fn parse(key: &str, text: &str) -> Result<Self, ConfigError> {
+        match text {
+            "tencent" => Ok(Self::Tencent),
+            "http" => Ok(Self::Http),
+            other => Err(invalid(key, format!("{other:?} is neither \"tencent\" nor \"http\""))),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -78,6 +103,8 @@ pub struct ServerConfig {
     pub client_id_header: http::HeaderName,
     /// Refuse callers without a configured client id (403).
     pub require_client_auth: bool,
+    /// How gateway-made errors are sent to callers without an `error_status` of their own.
+    pub error_status: ErrorStatus,
     /// Connections open at once on the data port; more are closed at once.
     pub max_connections: usize,
     /// How long a new connection (either port) may stay silent before it is closed.
@@ -255,6 +282,7 @@ impl RawConfig {
             client_id_header: http::HeaderName::from_bytes(s.client_id_header.as_bytes())
                 .map_err(|_| invalid("server.client_id_header", "is not a valid header name"))?,
             require_client_auth: s.require_client_auth,
+            error_status: ErrorStatus::parse("server.error_status", &s.error_status)?,
             max_connections: in_range("server.max_connections", s.max_connections, 1, 1_000_000)? as usize,
             first_bytes_timeout: millis("server.first_bytes_timeout_ms", s.first_bytes_timeout_ms, 1, MINUTE_MS)?,
             header_timeout: millis("server.header_timeout_ms", s.header_timeout_ms, 3, 10 * MINUTE_MS)?,
@@ -346,7 +374,11 @@ impl RawClient {
         let weight = in_range(&key("weight"), self.weight, 1, 1000)?;
         // in_range bounds it to 1..=1000.
         let weight = NonZeroU32::new(weight as u32).ok_or_else(|| invalid(key("weight"), "must be at least 1"))?;
-        Ok(ClientConfig { id, token, requests_per_second, weight })
+        let error_status = match self.error_status {
+            None => None,
+            Some(text) => Some(ErrorStatus::parse(&key("error_status"), &text)?),
+        };
+        Ok(ClientConfig { id, token, requests_per_second, weight, error_status })
     }
 }
 

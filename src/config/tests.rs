@@ -49,6 +49,7 @@ fn defaults_match_the_spec() {
     assert_eq!((c.server.max_body_bytes, c.server.max_request_seqs), (65536, 1000));
     assert_eq!(c.server.shutdown_grace, Duration::from_secs(20));
     assert_eq!(c.server.client_id_header.as_str(), "x-client-id");
+    assert_eq!(c.server.error_status, ErrorStatus::Tencent);
     assert_eq!(c.cache.ttl, Duration::from_millis(1000));
     assert_eq!(c.cache.stale, Duration::from_secs(60));
     assert_eq!(c.cache.negative_ttl, Duration::from_millis(1000));
@@ -104,6 +105,8 @@ fn errors_name_the_key() {
         ("[[clients]]\nid = \"a\"\nweight = 0\n", "clients[0].weight"),
         ("[[clients]]\nid = \"a\"\nrequests_per_second = 0\n", "clients[0].requests_per_second"),
         ("[budget]\nredis_url = \"redis://x\"\n", "unknown field `redis_url`"),
+        ("[server]\nerror_status = \"HTTP\"\n", "server.error_status: \"HTTP\" is neither"),
+        ("[[clients]]\nid = \"a\"\nerror_status = \"200\"\n", "clients[0].error_status"),
     ];
     for (prefix, expected) in cases {
         let err = error_of(&format!("{prefix}{MINIMAL}"));
@@ -116,6 +119,18 @@ fn errors_name_the_key() {
     assert!(error_of(&endpoint).contains("apps[0].endpoint"));
     let secret = format!("{MINIMAL}endpoint = \"https://user:pw@proxy:3128\"\n");
     assert!(error_of(&secret).contains("credentials"));
+}
+
+#[test]
+fn error_status_is_server_wide_and_per_client() {
+    let text = format!(
+        "[server]\nerror_status = \"http\"\n[[clients]]\nid = \"sdk\"\nerror_status = \"tencent\"\n\
+         [[clients]]\nid = \"plain\"\n{MINIMAL}"
+    );
+    let c = Config::parse(&text, &secrets()).unwrap();
+    assert_eq!(c.server.error_status, ErrorStatus::Http);
+    let of = |id: &str| c.clients.iter().find(|k| k.id == id).map(|k| k.error_status);
+    assert_eq!((of("sdk"), of("plain")), (Some(Some(ErrorStatus::Tencent)), Some(None)));
 }
 
 #[test]

@@ -62,9 +62,16 @@ pub struct DetailRequest {
 }
 
 impl DetailRequest {
-    /// Parses and validates a body; the error names the field.
-    pub fn parse(body: &[u8]) -> Result<Self, String> {
-        let value: Value = serde_json::from_slice(body).map_err(|e| format!("body is not valid JSON: {e}"))?;
+    /// Parses and validates a body: 60003 for one that is not JSON, else 10004 naming
+    /// the field (docs/design.md#errors).
+    pub fn parse(body: &[u8]) -> Result<Self, GatewayError> {
+        let value: Value =
+            serde_json::from_slice(body).map_err(|e| GatewayError::NotJson(format!("body is not valid JSON: {e}")))?;
+        Self::fields(value).map_err(GatewayError::BadRequest)
+    }
+
+    /// The request a JSON value holds; the error names the field.
+    fn fields(value: Value) -> Result<Self, String> {
         let Value::Object(object) = value else { return Err("body must be a JSON object".into()) };
         let group = match object.get("GroupId") {
             None | Some(Value::Null) => return Err("GroupId is required".into()),
@@ -335,7 +342,9 @@ mod tests {
         ];
         for (body, expected) in cases {
             let err = DetailRequest::parse(body.as_bytes()).unwrap_err();
-            assert!(err.contains(expected), "{body}: {err}");
+            let code = if expected == "not valid JSON" { 60003 } else { 10004 };
+            assert_eq!(err.code().0, code, "{body}: {err}");
+            assert!(err.to_string().contains(expected), "{body}: {err}");
         }
     }
 }

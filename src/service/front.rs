@@ -18,10 +18,11 @@ use super::respond::{X_REQUEST_ID, answer_response, cached_response, error_respo
 use super::{AppParam, AppRuntime, Gateway};
 use crate::cache::Freshness;
 use crate::clients::{self, Client, ClientSlot, Rejection};
+use crate::config::ErrorStatus;
 use crate::error::{Blame, GatewayError};
 use crate::http::read_body;
 use crate::tencent::domain::AppId;
-use crate::tencent::wire::{DETAIL_PATH, RECEIPT_PATH, ReceiptRequest};
+use crate::tencent::wire::{DETAIL_PATH, InvalidBody, RECEIPT_PATH, ReceiptRequest};
 
 /// The longest deadline a caller may ask for.
 const MAX_DEADLINE: Duration = Duration::from_secs(60);
@@ -81,14 +82,26 @@ pub async fn handle(req: Request<Incoming>, gw: Arc<Gateway>) -> Result<Response
     pending.done = true;
     let mut trace = std::mem::take(&mut pending.trace);
     drop(pending);
-    let mut response = match outcome {
-        Ok(response) => response,
+    // `status` is the outcome, which metrics and the log line record: for an error, the
+    // table's status even when it is sent as Tencent's HTTP 200 (docs/design.md#errors).
+    let (mut response, status) = match outcome {
+        Ok(response) => {
+            let status = response.status();
+            (response, status)
+        }
         Err(e) => {
             trace.blame = Some(e.blame());
             if matches!(e, GatewayError::Overloaded { .. }) {
                 trace.rejected = Some(Rejection::Deadline);
             }
-            error_response(&e)
+            let mode = match &trace.client {
+                // Tencent's webhooks get HTTP statuses, as its callback docs expect.
+                _ if path == CALLBACK_PATH => ErrorStatus::Http,
+                Some(client) => client.error_status,
+                // Found before the caller was identified: whoever the header names.
+                None => gw.clients.current().error_status(&head.headers),
+            };
+            (error_response(&e, mode), e.status())
         }
     };
     response.headers_mut().insert(X_REQUEST_ID, request_id.clone());
@@ -97,7 +110,7 @@ pub async fn handle(req: Request<Incoming>, gw: Arc<Gateway>) -> Result<Response
     if let Some(reason) = trace.rejected {
         gw.metrics.client_rejected.with_label_values(&[client, reason.label()]).inc();
     }
-    let status = response.status().as_u16();
+    let status = status.as_u16();
     // The app's label was formatted once at start-up; no allocation per request.
     let app = trace.app.and_then(|a| gw.apps.get(&a));
     let app_label = app.map_or("none", |a| a.receipts.metrics.app_label.as_str());
@@ -288,8 +301,10 @@ async fn receipt(
 ) -> Result<Answer, GatewayError> {
     let (app, client, deadline, freshness) = admit(head, gw, arrived, trace)?;
     let body = read_body(&head.headers, body, gw.config.max_body_bytes, deadline).await?;
-    let parsed = ReceiptRequest::parse(&body, gw.config.max_request_seqs)
-        .map_err(|e| GatewayError::BadRequest(e.to_string()))?;
+    let parsed = ReceiptRequest::parse(&body, gw.config.max_request_seqs).map_err(|e| match e {
+        InvalidBody::NotJson(_) => GatewayError::NotJson(e.to_string()),
+        _ => GatewayError::BadRequest(e.to_string()),
+    })?;
     if tracing::enabled!(tracing::Level::INFO) {
         trace.group = Some(parsed.group.to_string());
     }
@@ -311,7 +326,7 @@ async fn detail(
 ) -> Result<DetailAnswer, GatewayError> {
     let (app, client, deadline, freshness) = admit(head, gw, arrived, trace)?;
     let body = read_body(&head.headers, body, gw.config.max_body_bytes, deadline).await?;
-    let parsed = DetailRequest::parse(&body).map_err(GatewayError::BadRequest)?;
+    let parsed = DetailRequest::parse(&body)?;
     if tracing::enabled!(tracing::Level::INFO) {
         trace.group = Some(parsed.group.to_string());
     }
@@ -456,7 +471,8 @@ mod tests {
 
     #[test]
     fn errors_carry_retry_after_and_tencent_shape() {
-        let r = error_response(&GatewayError::Overloaded { retry_after: Duration::from_millis(2100) });
+        let r =
+            error_response(&GatewayError::Overloaded { retry_after: Duration::from_millis(2100) }, ErrorStatus::Http);
         assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(r.headers()[header::RETRY_AFTER], "3");
     }

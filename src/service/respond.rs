@@ -2,11 +2,12 @@
 //! templates made once), and the one place a gateway error becomes HTTP.
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Response, header};
+use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 use http_body_util::Full;
 
 use super::receipts::Answer;
 use crate::cache::XCache;
+use crate::config::ErrorStatus;
 use crate::error::GatewayError;
 use crate::http::json;
 use crate::tencent::wire::ReceiptResponse;
@@ -17,6 +18,10 @@ pub(super) const X_CACHE: http::HeaderName = http::HeaderName::from_static("x-ca
 
 /// The request id header (docs/design.md#receipt-api, #logs).
 pub(super) const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
+/// The status of the error table on every gateway-made error, whichever status is sent
+/// (docs/design.md#errors).
+pub const X_GATEWAY_STATUS: http::HeaderName = http::HeaderName::from_static("x-gateway-status");
 
 pub(super) fn answer_response(answer: Answer) -> Response<Full<Bytes>> {
     cached_response(Bytes::from(answer.body.to_bytes()), answer.x_cache, answer.age)
@@ -62,9 +67,18 @@ fn answer_headers(x_cache: XCache, age: HeaderValue) -> HeaderMap {
     headers
 }
 
-/// The one place a gateway error becomes HTTP: status, Tencent body, `Retry-After`.
-pub fn error_response(e: &GatewayError) -> Response<Full<Bytes>> {
-    let mut response = json(e.status(), ReceiptResponse::fail(e.code(), e.to_string()).to_bytes());
+/// The one place a gateway error becomes HTTP (docs/design.md#errors): the Tencent body;
+/// HTTP 200 as Tencent answers its own errors (`ErrorStatus::Tencent`) or the table's
+/// status (`ErrorStatus::Http`); the table's status in `X-Gateway-Status` either way;
+/// `Retry-After` where it applies.
+pub fn error_response(e: &GatewayError, mode: ErrorStatus) -> Response<Full<Bytes>> {
+    let status = e.status();
+    let sent = match mode {
+        ErrorStatus::Tencent => StatusCode::OK,
+        ErrorStatus::Http => status,
+    };
+    let mut response = json(sent, ReceiptResponse::fail(e.code(), e.to_string()).to_bytes());
+    response.headers_mut().insert(X_GATEWAY_STATUS, HeaderValue::from(status.as_u16()));
     if let Some(secs) = e.retry_after() {
         response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
@@ -74,6 +88,22 @@ pub fn error_response(e: &GatewayError) -> Response<Full<Bytes>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn an_error_is_sent_as_tencent_would_or_with_the_tables_status() {
+        let e = GatewayError::QuotaExceeded { retry_after: Duration::from_millis(2100) };
+        for (mode, sent) in [(ErrorStatus::Tencent, 200), (ErrorStatus::Http, 429)] {
+            let r = error_response(&e, mode);
+            assert_eq!(r.status().as_u16(), sent, "{mode:?}");
+            assert_eq!(r.headers()[X_GATEWAY_STATUS], "429", "{mode:?}");
+            assert_eq!(r.headers()[header::RETRY_AFTER], "3", "{mode:?}");
+            assert_eq!(r.headers()[header::CONTENT_TYPE], "application/json", "{mode:?}");
+        }
+        let r = error_response(&GatewayError::NotFound, ErrorStatus::Tencent);
+        assert_eq!((r.status(), &r.headers()[X_GATEWAY_STATUS]), (StatusCode::OK, &HeaderValue::from_static("404")));
+        assert!(r.headers().get(header::RETRY_AFTER).is_none());
+    }
 
     #[test]
     fn an_answer_has_its_own_x_cache_and_age_and_room_for_its_request_id() {

@@ -108,8 +108,9 @@ impl Metrics {
         Ok(Self {
             requests: counter(
                 "receipt_gateway_requests_total",
-                "Data requests answered, by app, client (a configured id, or default), HTTP status and who caused an error \
-                 (cause: none, caller, upstream, gateway).",
+                "Data requests answered, by app, client (a configured id, or default), HTTP status (of a gateway-made error: \
+                 the error table's, also when sent as 200) and who caused an error (cause: none, caller, upstream, \
+                 gateway).",
                 &["app", "client", "status", "cause"],
             )?,
             request_duration: histogram(

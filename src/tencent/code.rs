@@ -40,6 +40,9 @@ impl ErrorCode {
     pub const METHOD_NOT_ALLOWED: Self = Self(60002);
     /// A query parameter is missing or malformed.
     pub const BAD_QUERY: Self = Self(60003);
+    /// The request body is not JSON: the same code as [`Self::BAD_QUERY`], Tencent's
+    /// "the request is malformed".
+    pub const NOT_JSON: Self = Self(60003);
     /// Not authenticated or not allowed.
     pub const UNAUTHORIZED: Self = Self(60004);
     /// The SDKAppID is missing or not configured.

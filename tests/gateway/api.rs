@@ -11,7 +11,9 @@ use hyper_util::rt::TokioExecutor;
 use receipt_gateway::simulator::Fault;
 use receipt_gateway::tencent::code::ErrorCode;
 
-use crate::support::{APP, APP2, RECEIPT, Setup, TestApp, body, busiest_second_sent, expected, heavy, until, within};
+use crate::support::{
+    APP, APP2, RECEIPT, Setup, TestApp, body, busiest_second_sent, expected, heavy, outcome, until, within,
+};
 
 #[tokio::test]
 async fn a_query_is_answered_with_the_simulators_receipts() {
@@ -19,7 +21,7 @@ async fn a_query_is_answered_with_the_simulators_receipts() {
 
     let reply = app.post(&body("@TGS#happy", &[1, 2, 3])).await;
 
-    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.outcome(), StatusCode::OK);
     assert_eq!(reply.body["ActionStatus"], "OK");
     assert_eq!(reply.code(), 0);
     assert_eq!(reply.items(), vec![expected("@TGS#happy", 1), expected("@TGS#happy", 2), expected("@TGS#happy", 3)]);
@@ -54,14 +56,14 @@ async fn per_item_and_group_errors_are_passed_through_as_tencent_would() {
     let missing = app.post(&body("missing-group", &[1])).await;
     let invalid = app.post(&body("invalid-group", &[1])).await;
 
-    assert_eq!(none.status, StatusCode::OK);
+    assert_eq!(none.outcome(), StatusCode::OK);
     assert_eq!(none.items()[1], (2_000_000, 0, 0, 10062));
     assert!(none.body["GroupMsgReceiptList"][1].get("ReadNum").is_none());
     assert_eq!(
-        (missing.status, missing.body["ActionStatus"].as_str(), missing.code()),
+        (missing.outcome(), missing.body["ActionStatus"].as_str(), missing.code()),
         (StatusCode::OK, Some("FAIL"), 10010)
     );
-    assert_eq!((invalid.status, invalid.code()), (StatusCode::OK, 10015));
+    assert_eq!((invalid.outcome(), invalid.code()), (StatusCode::OK, 10015));
     assert!(missing.body.get("GroupMsgReceiptList").is_none());
 }
 
@@ -76,16 +78,17 @@ async fn bad_input_is_refused_in_tencents_shape_and_never_sent_upstream() {
     let padded = format!(r#"{{"Pad":"{}","GroupId":"g","MsgSeqList":[{{"MsgSeq":1}}]}}"#, "x".repeat(200));
     let too_large = app.post(&padded).await;
 
-    for (reply, status, field) in [
-        (&not_json, StatusCode::BAD_REQUEST, "JSON"),
-        (&wrong_type, StatusCode::BAD_REQUEST, "MsgSeqList[0].MsgSeq"),
-        (&too_many, StatusCode::BAD_REQUEST, "MsgSeqList"),
-        (&empty_group, StatusCode::BAD_REQUEST, "GroupId"),
-        (&too_large, StatusCode::PAYLOAD_TOO_LARGE, "max_body_bytes"),
+    for (reply, status, code, field) in [
+        (&not_json, StatusCode::BAD_REQUEST, 60003, "JSON"),
+        (&wrong_type, StatusCode::BAD_REQUEST, 10004, "MsgSeqList[0].MsgSeq"),
+        (&too_many, StatusCode::BAD_REQUEST, 10004, "MsgSeqList"),
+        (&empty_group, StatusCode::BAD_REQUEST, 10004, "GroupId"),
+        (&too_large, StatusCode::PAYLOAD_TOO_LARGE, 10004, "max_body_bytes"),
     ] {
-        assert_eq!(reply.status, status, "{reply:?}");
+        // Sent as Tencent sends its own errors; the table's status in X-Gateway-Status.
+        assert_eq!((reply.status, reply.outcome()), (StatusCode::OK, status), "{reply:?}");
         assert_eq!(reply.body["ActionStatus"], "FAIL");
-        assert_eq!(reply.code(), 10004);
+        assert_eq!(reply.code(), code, "{reply:?}");
         let info = reply.body["ErrorInfo"].as_str().unwrap_or_default();
         assert!(info.contains(field), "{info:?} should name {field}");
     }
@@ -104,10 +107,17 @@ async fn unknown_paths_methods_and_apps_get_their_codes() {
     let bad_app = app.post_with("?sdkappid=123", &body("g", &[1]), &[]).await;
     let junk_app = app.post_with("?sdkappid=abc", &body("g", &[1]), &[]).await;
 
-    assert_eq!((wrong_method.status, wrong_method.code()), (StatusCode::METHOD_NOT_ALLOWED, 60002));
-    assert_eq!((unknown_path.status, unknown_path.code()), (StatusCode::NOT_FOUND, 60009));
+    // Every path of the data port answers as Tencent would: HTTP 200 and the ErrorCode.
+    assert_eq!(
+        (wrong_method.status, wrong_method.outcome(), wrong_method.code()),
+        (StatusCode::OK, StatusCode::METHOD_NOT_ALLOWED, 60002)
+    );
+    assert_eq!(
+        (unknown_path.status, unknown_path.outcome(), unknown_path.code()),
+        (StatusCode::OK, StatusCode::NOT_FOUND, 60009)
+    );
     for reply in [&no_app, &bad_app, &junk_app] {
-        assert_eq!((reply.status, reply.code()), (StatusCode::BAD_REQUEST, 60006), "{reply:?}");
+        assert_eq!((reply.status, reply.outcome(), reply.code()), (StatusCode::OK, StatusCode::BAD_REQUEST, 60006));
     }
     assert_eq!(app.sim.call_count(), 0);
 }
@@ -120,7 +130,7 @@ async fn two_apps_are_selected_by_sdkappid_and_each_signs_its_own_calls() {
     let one = app.post_with(&format!("?sdkappid={APP}{ignored}"), &body("g", &[1]), &[]).await;
     let two = app.post_with(&format!("?sdkappid={APP2}{ignored}"), &body("g", &[1]), &[]).await;
 
-    assert_eq!((one.status, two.status), (StatusCode::OK, StatusCode::OK));
+    assert_eq!((one.outcome(), two.outcome()), (StatusCode::OK, StatusCode::OK));
     let apps: Vec<_> = app.sim.calls().iter().map(|c| c.app.map(|a| a.0)).collect();
     assert_eq!(apps, vec![Some(APP), Some(APP2)]);
     // The simulator verified every UserSig the gateway sent: none was refused.
@@ -135,7 +145,7 @@ async fn transient_upstream_failures_are_retried() {
 
     let reply = app.post(&body("g-retry", &[7])).await;
 
-    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.outcome(), StatusCode::OK, "{reply:?}");
     assert_eq!(reply.items(), vec![expected("g-retry", 7)]);
     let answered: Vec<_> = app.sim.calls().iter().map(|c| (c.error_code, c.http_status)).collect();
     assert_eq!(answered, vec![(ErrorCode(10002), 200), (ErrorCode::NONE, 502), (ErrorCode::OK, 200)]);
@@ -149,8 +159,8 @@ async fn upstream_failing_after_retries_is_a_502_and_is_not_cached() {
     let failed = app.post(&body("g-down", &[1])).await;
     let recovered = app.post(&body("g-down", &[1])).await;
 
-    assert_eq!((failed.status, failed.code()), (StatusCode::BAD_GATEWAY, 10002), "{failed:?}");
-    assert_eq!(recovered.status, StatusCode::OK);
+    assert_eq!((failed.outcome(), failed.code()), (StatusCode::BAD_GATEWAY, 10002), "{failed:?}");
+    assert_eq!(recovered.outcome(), StatusCode::OK);
     assert_eq!(app.sim.call_count(), 3, "two failed attempts, then a fresh call");
 }
 
@@ -163,7 +173,7 @@ async fn a_deadline_passing_while_upstream_is_slow_is_a_504() {
     let reply = app.post_with("", &body("g-slow", &[1]), &[("x-request-timeout-ms", "200")]).await;
     app.sim.release_calls();
 
-    assert_eq!((reply.status, reply.code()), (StatusCode::GATEWAY_TIMEOUT, 60008), "{reply:?}");
+    assert_eq!((reply.outcome(), reply.code()), (StatusCode::GATEWAY_TIMEOUT, 60008), "{reply:?}");
 }
 
 #[tokio::test]
@@ -191,7 +201,8 @@ async fn draining_refuses_new_requests_and_readyz_turns_503() {
     app.sim.release_calls();
 
     assert_eq!(ready, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!((refused.status, refused.code()), (StatusCode::SERVICE_UNAVAILABLE, 10002));
+    assert_eq!((refused.outcome(), refused.code()), (StatusCode::SERVICE_UNAVAILABLE, 10002));
+    assert_eq!((refused.status, refused.header("retry-after")), (StatusCode::OK, Some("1")));
     assert_eq!(within(slow).await.unwrap(), Some(StatusCode::OK), "the request in flight finished");
     within(stopped).await.unwrap().unwrap();
 }
@@ -243,7 +254,7 @@ async fn a_burst_of_1000_groups_stays_within_the_budget_and_nobody_hangs() {
             tokio::spawn(async move {
                 let response = within(h2.request(request)).await.expect("answered");
                 let retry_after = response.headers().contains_key("retry-after");
-                (response.status(), retry_after)
+                (outcome(response.status(), response.headers()), retry_after)
             })
         })
         .collect();

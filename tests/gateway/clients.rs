@@ -25,10 +25,10 @@ async fn a_client_with_a_token_must_send_it_and_the_right_one() {
     let right = app.post_with("", &b, &[("x-client-id", "billing"), ("authorization", &bearer)]).await;
     let anonymous = app.post(&b).await;
 
-    assert_eq!((missing.status, missing.code()), (StatusCode::UNAUTHORIZED, 60004));
-    assert_eq!((wrong.status, wrong.code()), (StatusCode::UNAUTHORIZED, 60004));
-    assert_eq!((right.status, right.code()), (StatusCode::OK, 0));
-    assert_eq!(anonymous.status, StatusCode::OK, "unknown callers are the default client");
+    assert_eq!((missing.outcome(), missing.code()), (StatusCode::UNAUTHORIZED, 60004));
+    assert_eq!((wrong.outcome(), wrong.code()), (StatusCode::UNAUTHORIZED, 60004));
+    assert_eq!((right.outcome(), right.code()), (StatusCode::OK, 0));
+    assert_eq!(anonymous.outcome(), StatusCode::OK, "unknown callers are the default client");
     for reply in [&missing, &wrong] {
         assert!(!reply.body.to_string().contains(BILLING_TOKEN), "the token is never echoed");
     }
@@ -54,9 +54,9 @@ async fn require_client_auth_refuses_callers_without_a_configured_id() {
     let unknown = app.post_with("", &b, &[("x-client-id", "stranger")]).await;
     let known = app.post_with("", &b, &[("x-client-id", "search")]).await;
 
-    assert_eq!((anonymous.status, anonymous.code()), (StatusCode::FORBIDDEN, 60004));
-    assert_eq!((unknown.status, unknown.code()), (StatusCode::FORBIDDEN, 60004));
-    assert_eq!(known.status, StatusCode::OK);
+    assert_eq!((anonymous.outcome(), anonymous.code()), (StatusCode::FORBIDDEN, 60004));
+    assert_eq!((unknown.outcome(), unknown.code()), (StatusCode::FORBIDDEN, 60004));
+    assert_eq!(known.outcome(), StatusCode::OK);
 }
 
 #[tokio::test]
@@ -80,11 +80,11 @@ async fn a_quota_admits_no_more_than_its_requests_per_second_and_refuses_at_once
     // window that has moved on, as they should: nothing is said about them.)
     let second = Duration::from_secs(1);
     let (first, rest) = replies.split_at(20);
-    assert!(first.iter().all(|(r, _)| r.status == StatusCode::OK), "the quota's 20: {first:?}");
+    assert!(first.iter().all(|(r, _)| r.outcome() == StatusCode::OK), "the quota's 20: {first:?}");
     let within_the_second: Vec<_> = rest.iter().filter(|(_, at)| *at < second).map(|(r, _)| r).collect();
-    assert!(within_the_second.iter().all(|r| r.status == StatusCode::TOO_MANY_REQUESTS), "{within_the_second:?}");
+    assert!(within_the_second.iter().all(|r| r.outcome() == StatusCode::TOO_MANY_REQUESTS), "{within_the_second:?}");
     let refused: Vec<_> =
-        replies.iter().map(|(r, _)| r).filter(|r| r.status == StatusCode::TOO_MANY_REQUESTS).collect();
+        replies.iter().map(|(r, _)| r).filter(|r| r.outcome() == StatusCode::TOO_MANY_REQUESTS).collect();
     for r in &refused {
         assert_eq!(r.code(), 60007);
         let retry: u64 = r.header("retry-after").and_then(|v| v.parse().ok()).unwrap_or(0);
@@ -94,7 +94,7 @@ async fn a_quota_admits_no_more_than_its_requests_per_second_and_refuses_at_once
     let rejected = app.metric("receipt_gateway_client_rejected_total{client=\"search\",reason=\"quota\"}").await;
     assert_eq!(rejected, refused.len() as f64);
     let other = app.post(&b).await;
-    assert_eq!(other.status, StatusCode::OK, "another client's quota is its own");
+    assert_eq!(other.outcome(), StatusCode::OK, "another client's quota is its own");
 }
 
 /// Two clients of weights 3 and 1 on a budget of 40 calls a second.

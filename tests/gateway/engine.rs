@@ -12,7 +12,7 @@ use hyper_util::rt::TokioExecutor;
 use receipt_gateway::simulator::Fault;
 use receipt_gateway::tencent::code::ErrorCode;
 
-use crate::support::{RECEIPT, Reply, Setup, TestApp, body, busiest_second_sent, expected, until, within};
+use crate::support::{RECEIPT, Reply, Setup, TestApp, body, busiest_second_sent, expected, outcome, until, within};
 
 /// Sends every (group, seqs) at once over one h2 connection; replies in the same order.
 async fn concurrently(app: &TestApp, requests: &[(String, Vec<u64>)], headers: &[(&str, &str)]) -> Vec<Reply> {
@@ -66,7 +66,7 @@ async fn a_hundred_concurrent_requests_for_a_group_cost_one_call_per_max_seqs_an
     let again = concurrently(&app, &requests, &[]).await;
 
     for (reply, (group, seqs)) in first.iter().zip(&requests) {
-        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.outcome(), StatusCode::OK);
         assert_eq!(reply.items(), seqs.iter().map(|&s| expected(group, s)).collect::<Vec<_>>());
     }
     assert_eq!(calls_after_first, distinct.len().div_ceil(50), "{:?}", app.sim.calls());
@@ -91,7 +91,7 @@ async fn a_key_in_flight_is_never_fetched_twice_and_new_keys_go_in_their_own_cal
     });
 
     assert_eq!(within(first).await.unwrap(), Some(StatusCode::OK));
-    assert_eq!(second.status, StatusCode::OK);
+    assert_eq!(second.outcome(), StatusCode::OK);
     assert_eq!(second.header("x-cache"), Some("MISS"), "joined the in-flight fetch and fetched the rest");
     let seqs: Vec<Vec<u64>> = app.sim.calls().iter().map(|c| c.seqs.clone()).collect();
     assert_eq!(seqs, vec![vec![1, 2, 3], vec![4]]);
@@ -106,7 +106,9 @@ async fn a_caller_that_goes_away_does_not_cancel_the_call_others_wait_on() {
     let send = |group: &str| {
         let request = Request::post(format!("{}{RECEIPT}", app.url)).body(Full::new(Bytes::from(body(group, &[5]))));
         let h2 = h2.clone();
-        tokio::spawn(async move { within(h2.request(request.unwrap())).await.map(|r| r.status()).ok() })
+        tokio::spawn(async move {
+            within(h2.request(request.unwrap())).await.map(|r| outcome(r.status(), r.headers())).ok()
+        })
     };
     app.sim.hold_calls();
     let leaver = send("g-away");
@@ -161,11 +163,11 @@ async fn stale_items_stand_in_when_upstream_fails_but_not_for_no_cache() {
     let stale = app.post(&body("g-stale", &[2, 1])).await;
     let strict = app.post_with("", &body("g-stale", &[1]), &[("cache-control", "no-cache")]).await;
 
-    assert_eq!(stale.status, StatusCode::OK);
+    assert_eq!(stale.outcome(), StatusCode::OK);
     assert_eq!(stale.header("x-cache"), Some("STALE"));
     assert!(stale.header("age").is_some());
     assert_eq!(stale.items(), vec![fresh.items()[1], fresh.items()[0]]);
-    assert_eq!((strict.status, strict.code()), (StatusCode::BAD_GATEWAY, 10002));
+    assert_eq!((strict.outcome(), strict.code()), (StatusCode::BAD_GATEWAY, 10002));
 }
 
 #[tokio::test]
@@ -238,10 +240,10 @@ async fn when_the_budget_cannot_make_the_deadline_callers_get_429_with_retry_aft
 
     let replies = concurrently(&app, &requests, &[("x-request-timeout-ms", "1000")]).await;
 
-    let ok = replies.iter().filter(|r| r.status == StatusCode::OK).count();
-    let refused: Vec<&Reply> = replies.iter().filter(|r| r.status == StatusCode::TOO_MANY_REQUESTS).collect();
+    let ok = replies.iter().filter(|r| r.outcome() == StatusCode::OK).count();
+    let refused: Vec<&Reply> = replies.iter().filter(|r| r.outcome() == StatusCode::TOO_MANY_REQUESTS).collect();
     // A 504 is the deadline's answer to a call that came back too late (a stalled machine).
-    let late = replies.iter().filter(|r| r.status == StatusCode::GATEWAY_TIMEOUT).count();
+    let late = replies.iter().filter(|r| r.outcome() == StatusCode::GATEWAY_TIMEOUT).count();
     assert_eq!(ok + refused.len() + late, 30);
     assert!(ok <= 7, "{ok} answered at 5/s within 1 s");
     assert!(refused.len() >= 30 - 7 - late, "{} refused", refused.len());
@@ -267,7 +269,7 @@ async fn throttling_lowers_the_effective_rate_and_is_retried() {
     let rate =
         app.metric("receipt_gateway_budget_effective_rate{api=\"get_group_msg_receipt\",app=\"1400000000\"}").await;
 
-    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.outcome(), StatusCode::OK);
     assert_eq!(app.sim.call_count(), 2);
     assert!((100.0..200.0).contains(&rate), "effective rate {rate}");
 }
@@ -283,7 +285,7 @@ async fn a_bad_msgseq_fails_only_the_caller_who_sent_it() {
 
     assert_eq!(replies[0].items(), vec![expected("g-iso", 1), expected("g-iso", 2), expected("g-iso", 3)]);
     assert_eq!(replies[2].items(), vec![expected("g-iso", 5), expected("g-iso", 6)]);
-    assert_eq!((replies[1].status, replies[1].code()), (StatusCode::BAD_REQUEST, 10004), "the caller's fault");
+    assert_eq!((replies[1].outcome(), replies[1].code()), (StatusCode::BAD_REQUEST, 10004), "the caller's fault");
     assert!(replies[1].body["ErrorInfo"].as_str().unwrap_or_default().contains("666"));
     let first = &app.sim.calls()[0].seqs;
     assert!(
@@ -302,7 +304,7 @@ async fn a_10004_about_the_whole_call_costs_a_bounded_number_of_splits() {
     let reply = app.post(&body("g-all-bad", &seqs)).await;
 
     // Tencent would refuse this request whole: the caller's input is wrong.
-    assert_eq!((reply.status, reply.code()), (StatusCode::BAD_REQUEST, 10004));
+    assert_eq!((reply.outcome(), reply.code()), (StatusCode::BAD_REQUEST, 10004));
     // Halving to single MsgSeqs would take 99 calls; the split allowance (docs/design.md#upstream-calls: four
     // split calls per halving level, 24 for 50 MsgSeqs) stops at exactly 1 + 24.
     assert_eq!(app.sim.call_count(), 25, "{:?}", app.sim.calls());
@@ -341,7 +343,7 @@ async fn three_callers_of_a_cold_group_one_sending_a_msgseq_tencent_refuses_each
     assert_eq!(replies[0].items(), vec![expected("g-three", 1), expected("g-three", 2), expected("g-three", 3)]);
     assert_eq!(replies[2].items(), vec![expected("g-three", 4), expected("g-three", 5)]);
     let refused = &replies[1];
-    assert_eq!((refused.status, refused.code()), (StatusCode::BAD_REQUEST, 10004), "{refused:?}");
+    assert_eq!((refused.outcome(), refused.code()), (StatusCode::BAD_REQUEST, 10004), "{refused:?}");
     assert!(refused.body["ErrorInfo"].as_str().unwrap_or_default().contains("5000000000"), "{refused:?}");
     // The merged call with its neighbourhood; the callers' six MsgSeqs alone; then halves
     // of them, sorted: [1,2,3] [4,5,5e9], [4] [5,5e9], [5] [5e9].
@@ -359,7 +361,7 @@ async fn three_callers_of_a_cold_group_one_sending_a_msgseq_tencent_refuses_each
     assert!(poison_calls >= 7.0 && poison_calls + others == 8.0, "poison {poison_calls}, others {others}");
     // Asked again: the refusal is remembered, the others' items are cached.
     assert_eq!(app.sim.call_count(), 8, "{:?}", app.sim.calls());
-    assert_eq!((again[1].status, again[1].code()), (StatusCode::BAD_REQUEST, 10004));
+    assert_eq!((again[1].outcome(), again[1].code()), (StatusCode::BAD_REQUEST, 10004));
     assert_eq!((again[0].header("x-cache"), again[2].header("x-cache")), (Some("HIT"), Some("HIT")));
 }
 
@@ -396,7 +398,7 @@ async fn a_client_sending_refused_msgseqs_costs_two_calls_then_none_and_never_fa
     let (poisoned, innocent) = tokio::join!(poison, innocent);
 
     for (seq, reply) in &poisoned {
-        assert_eq!((reply.status, reply.code()), (StatusCode::BAD_REQUEST, 10004), "{seq}: {reply:?}");
+        assert_eq!((reply.outcome(), reply.code()), (StatusCode::BAD_REQUEST, 10004), "{seq}: {reply:?}");
         assert!(reply.body["ErrorInfo"].as_str().unwrap_or_default().contains(&seq.to_string()), "{reply:?}");
     }
     for reply in &innocent {
@@ -545,7 +547,7 @@ mod mixes {
                 let replies = concurrently(&app, &requests, &[("x-request-timeout-ms", "10000")]).await;
 
                 for (reply, (group, seqs)) in replies.iter().zip(&requests) {
-                    prop_assert_eq!(reply.status, StatusCode::OK);
+                    prop_assert_eq!(reply.outcome(), StatusCode::OK);
                     prop_assert_eq!(reply.items(), seqs.iter().map(|&s| expected(group, s)).collect::<Vec<_>>());
                 }
                 let mut seen: HashMap<(String, u64), usize> = HashMap::new();

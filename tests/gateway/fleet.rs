@@ -22,7 +22,9 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::redis::RedisServer;
-use crate::support::{APP, Light, RECEIPT, Reply, SimThread, body, busiest_second_sent, heavy, light, until, within};
+use crate::support::{
+    APP, Light, RECEIPT, Reply, SimThread, body, busiest_second_sent, heavy, light, outcome, until, within,
+};
 
 const KEY: &str = "fleet-test-key";
 /// The bearer token of a client some tests configure.
@@ -245,7 +247,7 @@ async fn one_item_asked_of_three_replicas_at_once_costs_exactly_one_call() {
     // fleet's CALL_TIMEOUT (a freshly built binary on a busy machine) makes that request
     // go alone, by design. Warm the connections first.
     for (i, r) in replicas.iter().enumerate() {
-        assert_eq!(f.post(r, &body(&format!("g-warm-{i}"), &[1]), &[]).await.status, StatusCode::OK);
+        assert_eq!(f.post(r, &body(&format!("g-warm-{i}"), &[1]), &[]).await.outcome(), StatusCode::OK);
     }
     let warm_up = f.sim.call_count();
     let since: Vec<usize> = replicas.iter().map(Replica::lines).collect();
@@ -264,7 +266,7 @@ async fn one_item_asked_of_three_replicas_at_once_costs_exactly_one_call() {
     let (replies, ()) = tokio::join!(futures_util::future::join_all(asks), release);
 
     for reply in &replies {
-        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        assert_eq!(reply.outcome(), StatusCode::OK, "{reply:?}");
         assert_eq!(reply.items(), replies[0].items());
     }
     // Exactly one call while every replica's Redis round trips were in time; each that
@@ -291,7 +293,7 @@ async fn a_replica_started_into_a_warm_fleet_answers_from_shared_items_without_a
     let first = f.replica("first", &redis, "[cache]\nttl_ms = 60000\n");
     for g in 0..5 {
         let reply = f.post(&first, &body(&format!("g-warm-{g}"), &[1, 2, 3]), &[]).await;
-        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.outcome(), StatusCode::OK);
     }
     let calls = f.sim.call_count();
 
@@ -306,7 +308,7 @@ async fn a_replica_started_into_a_warm_fleet_answers_from_shared_items_without_a
     // a request acts as a lone replica's would, and may cost a call.
     until(|| late.count("\"message\":\"request\"") >= 5).await;
     let alone = late.went_alone(0);
-    let shared = replies.iter().filter(|r| r.status == StatusCode::OK && r.header("x-cache") == Some("HIT")).count();
+    let shared = replies.iter().filter(|r| r.outcome() == StatusCode::OK && r.header("x-cache") == Some("HIT")).count();
     assert!(shared + alone >= 5, "{shared} shared of 5, {alone} without Redis: {replies:?}");
     assert!(f.sim.call_count() <= calls + alone, "an upstream call for the new replica ({alone} without Redis)");
     let shared_items = metric(&f.client, &late, SHARED_HIT).await;
@@ -344,7 +346,7 @@ async fn a_replica_killed_while_fetching_delays_its_group_by_at_most_the_upstrea
     let reply = f.post(&survivor, &body("g-kill", &[4]), &[("x-request-timeout-ms", "10000")]).await;
 
     assert!(claim_left <= timeout.as_millis() as u64 + 2, "the claim lasts {claim_left} ms more");
-    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.outcome(), StatusCode::OK, "{reply:?}");
     assert_eq!(f.sim.call_count(), 2, "the dead replica's call and the survivor's own");
     abandoned.abort();
 }
@@ -400,11 +402,11 @@ async fn load(
         let (client, url, told) = (f.client.clone(), replica.url.clone(), told.clone());
         tasks.push(tokio::spawn(async move {
             let reply = post(&client, &url, &body(&group, &seqs), &[("x-request-timeout-ms", deadline_ms)]).await;
-            if reply.status != StatusCode::OK && told.fetch_add(1, Ordering::Relaxed) < 5 {
+            if reply.outcome() != StatusCode::OK && told.fetch_add(1, Ordering::Relaxed) < 5 {
                 // Shown when a test fails: which request, and what it was told.
-                eprintln!("{group} at {url}: {} {:?} {}", reply.status, reply.header("retry-after"), reply.body);
+                eprintln!("{group} at {url}: {} {:?} {}", reply.outcome(), reply.header("retry-after"), reply.body);
             }
-            reply.status
+            reply.outcome()
         }));
         i += 1;
     }
@@ -530,7 +532,7 @@ async fn with_redis_stopped_every_request_is_answered_on_the_fallback_and_the_fl
     assert!(odd.is_empty(), "every request answered during the outage, not {odd:?}");
     assert!(peak <= 30, "{peak} calls in a second on 3 replicas with a fallback of 10");
     assert_eq!(up_during, 0.0);
-    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.outcome(), StatusCode::OK);
 }
 
 #[tokio::test]
@@ -578,11 +580,12 @@ async fn no_secret_reaches_a_log_line() {
     let wrong = f.post(&replica, &b, &[("x-client-id", "billing"), ("authorization", "Bearer guess")]).await;
     let spoofed = format!("{}{RECEIPT}?usersig=caller-usersig-xyz&identifier=admin", replica.url);
     let request = Request::post(spoofed).body(Full::new(Bytes::from(b.clone()))).unwrap();
-    let ignored = within(f.client.request(request)).await.unwrap().status();
+    let ignored = within(f.client.request(request)).await.unwrap();
+    let ignored = outcome(ignored.status(), ignored.headers());
     // Wait until the last request's line is logged.
     until(|| replica.log.lock().unwrap().iter().filter(|l| l.contains("\"message\":\"request\"")).count() >= 3).await;
 
-    assert_eq!((right.status, wrong.status, ignored), (StatusCode::OK, StatusCode::UNAUTHORIZED, StatusCode::OK));
+    assert_eq!((right.outcome(), wrong.outcome(), ignored), (StatusCode::OK, StatusCode::UNAUTHORIZED, StatusCode::OK));
     let log = replica.log.lock().unwrap().join("\n");
     for secret in [TOKEN, KEY, "caller-usersig-xyz", "guess"] {
         assert!(!log.contains(secret), "{secret:?} appears in the log");

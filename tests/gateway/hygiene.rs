@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::support::{RECEIPT, Setup, TestApp, WAIT, body, until, within};
+use crate::support::{RECEIPT, Setup, TestApp, WAIT, body, outcome, until, within};
 
 /// The data port's limit in the admission tests.
 const MAX: usize = 200;
@@ -22,7 +22,7 @@ async fn silent_connections_past_the_limit_make_room_for_new_callers_and_go_at_t
     let sections = format!("[server]\nmax_connections = {MAX}\nfirst_bytes_timeout_ms = 3000\n");
     let app = TestApp::spawn_with(Setup::sections(&sections)).await;
     // A caller already connected (the client's pool keeps the connection).
-    assert_eq!(app.post(&body("hygiene", &[1])).await.status, StatusCode::OK);
+    assert_eq!(app.post(&body("hygiene", &[1])).await.outcome(), StatusCode::OK);
 
     // Twice the limit of silent connections: each one past the limit takes the place of
     // the oldest silent one (it has completed no request head), never the pooled caller's
@@ -48,7 +48,7 @@ async fn silent_connections_past_the_limit_make_room_for_new_callers_and_go_at_t
     let (status, _) = app.admin_get("/healthz").await;
     assert_eq!(status, StatusCode::OK);
     let reply = app.post(&body("hygiene", &[1])).await;
-    assert_eq!((reply.status, reply.header("x-cache")), (StatusCode::OK, Some("HIT")));
+    assert_eq!((reply.outcome(), reply.header("x-cache")), (StatusCode::OK, Some("HIT")));
     let refused = "receipt_gateway_connections_refused_total{port=\"data\",reason=\"limit\"}";
     assert_eq!(app.metric(refused).await, 0.0, "nobody was refused: every connection closed was silent");
 
@@ -145,7 +145,9 @@ async fn a_body_that_does_not_arrive_before_the_deadline_is_408() {
     let mut answer = vec![0u8; 4096];
     let n = within(conn.read(&mut answer)).await.expect("answers");
     let text = String::from_utf8_lossy(&answer[..n]);
-    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    // Sent as Tencent would (HTTP 200); the outcome in X-Gateway-Status and the metric.
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.to_ascii_lowercase().contains("\r\nx-gateway-status: 408\r\n"), "{text}");
     assert!(text.contains("\"ErrorCode\":60008"), "{text}");
     let sample =
         "receipt_gateway_requests_total{app=\"1400000000\",cause=\"caller\",client=\"default\",status=\"408\"}";
@@ -294,7 +296,7 @@ async fn an_h2_client_that_never_reads_cannot_push_memory_past_the_bound() {
     // 1,000 cached items: each answer is about 60 KB.
     let seqs: Vec<u64> = (1..=1000).collect();
     let big = body("big", &seqs);
-    assert_eq!(f.post(&gateway, &big, &[]).await.status, StatusCode::OK);
+    assert_eq!(f.post(&gateway, &big, &[]).await.outcome(), StatusCode::OK);
     let before = rss_kib(gateway.pid());
 
     let addr = gateway.url.trim_start_matches("http://").to_owned();
@@ -352,7 +354,7 @@ async fn an_h2_client_that_never_reads_cannot_push_memory_past_the_bound() {
     // (debug build): the bound is 64 MiB per connection.
     assert!(grown_mib < 3 * 64, "RSS grew by {grown_mib} MiB");
     // And the gateway still answers others.
-    assert_eq!(f.post(&gateway, &body("big", &[1]), &[]).await.status, StatusCode::OK);
+    assert_eq!(f.post(&gateway, &body("big", &[1]), &[]).await.outcome(), StatusCode::OK);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -362,7 +364,7 @@ async fn an_h2_client_resetting_accepted_requests_in_a_loop_gets_goaway() {
     // the cached item outlives the test (the default TTL, 1 s, once made it STALE).
     let app =
         TestApp::spawn_with(Setup::sections("[upstream]\ntimeout_ms = 60000\n\n[cache]\nttl_ms = 86400000\n")).await;
-    assert_eq!(app.post(&body("cached", &[1])).await.status, StatusCode::OK);
+    assert_eq!(app.post(&body("cached", &[1])).await.outcome(), StatusCode::OK);
     // Every request waits for its call, which the simulator holds: reset after acceptance.
     app.sim.hold_calls();
     let before = app.sim.call_count();
@@ -415,7 +417,7 @@ async fn an_h2_client_resetting_accepted_requests_in_a_loop_gets_goaway() {
     // Another caller is untouched. (Its answer is cached: one for a new group would be
     // planned with the latency the held calls just showed, which is the test's own doing.)
     let answer = app.post(&body("cached", &[1])).await;
-    assert_eq!(answer.status, StatusCode::OK, "{:?} {}", answer.headers, answer.body);
+    assert_eq!(answer.outcome(), StatusCode::OK, "{:?} {}", answer.headers, answer.body);
     assert_eq!(answer.header("x-cache"), Some("HIT"));
     app.sim.release_calls();
 }
@@ -440,7 +442,7 @@ const HEADER_TIMEOUT: Duration = Duration::from_millis(600);
 async fn http1_connections_without_a_request_head_in_time_are_closed_but_long_answers_are_not() {
     let app = TestApp::spawn_with(Setup::sections("[server]\nheader_timeout_ms = 600\n")).await;
     let data = app.url.trim_start_matches("http://").to_owned();
-    assert_eq!(app.post(&body("cached", &[1])).await.status, StatusCode::OK);
+    assert_eq!(app.post(&body("cached", &[1])).await.outcome(), StatusCode::OK);
     let request = |group: &str| {
         let body = body(group, &[1]);
         format!(
@@ -490,7 +492,7 @@ async fn an_http1_peer_that_never_reads_its_answers_is_closed_after_the_header_t
     let app = TestApp::spawn_with(Setup::sections("[server]\nheader_timeout_ms = 600\n")).await;
     let seqs: Vec<u64> = (1..=1000).collect();
     let big = body("stall", &seqs);
-    assert_eq!(app.post(&big).await.status, StatusCode::OK);
+    assert_eq!(app.post(&big).await.outcome(), StatusCode::OK);
     // Pipelined requests for 60 KB answers, never read: the socket's buffers fill, the
     // answer being written cannot finish, and no next request head is read.
     let data = app.url.trim_start_matches("http://").to_owned();
@@ -584,7 +586,7 @@ async fn h2_connections_without_a_stream_get_goaway_and_are_closed_but_long_answ
     assert!(!long.is_finished(), "a connection answering a request stays open");
     app.sim.release_calls();
     let response = within(response).await.expect("answered");
-    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(outcome(response.status(), response.headers()), StatusCode::OK);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -637,7 +639,7 @@ async fn a_peer_that_sent_part_of_a_first_line_and_closed_is_let_go_at_once() {
 async fn request_heads_are_bounded_to_64_kib_on_both_protocols() {
     let app = TestApp::spawn().await;
     let data = app.url.trim_start_matches("http://").to_owned();
-    assert_eq!(app.post(&body("heads", &[1])).await.status, StatusCode::OK);
+    assert_eq!(app.post(&body("heads", &[1])).await.outcome(), StatusCode::OK);
     let filler = |bytes: usize| "a".repeat(bytes);
 
     // HTTP/1.1: a head under 64 KiB is served, one over it is 431 (a slow head holds
@@ -686,7 +688,9 @@ async fn http1_requests_without_exactly_one_valid_host_are_400() {
         let request = format!("POST {RECEIPT} HTTP/1.1\r\n{hosts}content-length: {}\r\n\r\n{body}", body.len());
         let mut conn = within(TcpStream::connect(&data)).await.expect("connects");
         let answer = exchange(&mut conn, &request).await;
-        assert!(answer.starts_with("HTTP/1.1 400"), "{hosts:?}: {answer}");
+        // Sent as Tencent would, like every gateway-made error on the data port.
+        assert!(answer.starts_with("HTTP/1.1 200"), "{hosts:?}: {answer}");
+        assert!(answer.to_ascii_lowercase().contains("\r\nx-gateway-status: 400\r\n"), "{hosts:?}: {answer}");
         assert!(
             answer.contains("\"ErrorCode\":10004") && answer.contains(&format!("the Host header is {why}")),
             "{answer}"
@@ -698,4 +702,5 @@ async fn http1_requests_without_exactly_one_valid_host_are_400() {
     let mut conn = within(TcpStream::connect(&data)).await.expect("connects");
     let answer = exchange(&mut conn, &request).await;
     assert!(answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(!answer.to_ascii_lowercase().contains("x-gateway-status"), "not an error: {answer}");
 }

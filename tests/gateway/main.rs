@@ -9,6 +9,7 @@ mod clients;
 mod cluster;
 mod detail;
 mod engine;
+mod errors;
 mod fleet;
 mod hygiene;
 mod metrics_names;

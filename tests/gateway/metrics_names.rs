@@ -23,7 +23,7 @@ use serde_json::Value;
 
 use crate::fleet::{Fixture, Replica, metric};
 use crate::redis::RedisServer;
-use crate::support::{APP, RECEIPT, body, within};
+use crate::support::{APP, RECEIPT, body, outcome, within};
 
 const DETAIL: &str = "/v4/group_open_http_svc/get_group_msg_receipt_detail";
 const RULES: &str = "deploy/kubernetes/base/prometheusrule.yaml";
@@ -43,7 +43,7 @@ fn strict() -> bool {
     std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
 }
 
-/// POSTs `body` to `path` on `replica`: (status, body text).
+/// POSTs `body` to `path` on `replica`: (its outcome, body text).
 async fn post(
     f: &Fixture,
     replica: &Replica,
@@ -58,7 +58,7 @@ async fn post(
     let request = builder.body(Full::new(Bytes::from(body.to_owned()))).expect("request");
     within(async {
         let response = f.client.request(request).await.expect("the gateway answers");
-        let status = response.status();
+        let status = outcome(response.status(), response.headers());
         let bytes = response.into_body().collect().await.expect("body").to_bytes();
         (status, String::from_utf8_lossy(&bytes).into_owned())
     })

@@ -181,7 +181,7 @@ async fn a_fleet_of_three_admits_its_callers_again_within_seconds_of_an_upstream
     let fleet: Vec<Replica> = ["a", "b", "c"].iter().map(|n| f.replica(n, &redis, "")).collect();
     // Each replica opens its Redis connections with its first requests.
     for (i, r) in fleet.iter().enumerate() {
-        assert_eq!(f.post(r, &body(&format!("g-warm-{i}"), &[1]), &[]).await.status, StatusCode::OK);
+        assert_eq!(f.post(r, &body(&format!("g-warm-{i}"), &[1]), &[]).await.outcome(), StatusCode::OK);
     }
     let t = Timeline::now();
     let dispatched_at = |at: Instant| {
@@ -200,7 +200,7 @@ async fn a_fleet_of_three_admits_its_callers_again_within_seconds_of_an_upstream
     let (asked, before, after) = tokio::join!(
         hang_under_load(&f.sim, t, fleet.len(), "hang", |gateway, body| {
             let (client, url) = (f.client.clone(), urls[gateway].clone());
-            async move { post(&client, &url, &body, &[("x-request-timeout-ms", DEADLINE)]).await.status }
+            async move { post(&client, &url, &body, &[("x-request-timeout-ms", DEADLINE)]).await.outcome() }
         }),
         dispatched_at(t.judged().0),
         dispatched_at(t.judged().1),

@@ -70,7 +70,7 @@ async fn both_flood(
             let (c, url, b) = (f.client.clone(), replica.url.clone(), body(&format!("{tag}-{client}-{i}"), &[1]));
             sent.push(tokio::spawn(async move {
                 let headers = [("x-client-id", client), ("x-request-timeout-ms", "1000")];
-                Some(post(&c, &url, &b, &headers).await.status)
+                Some(post(&c, &url, &b, &headers).await.outcome())
             }));
         }
     }
@@ -134,7 +134,7 @@ async fn an_invalid_or_restart_only_change_keeps_the_running_configuration() {
     let quota = "id = \"nightly\"\nweight = 1\n";
     let ask = |client: &'static str| {
         let (c, url) = (f.client.clone(), replica.url.clone());
-        async move { post(&c, &url, &body("g-reload", &[1]), &[("x-client-id", client)]).await.status }
+        async move { post(&c, &url, &body("g-reload", &[1]), &[("x-client-id", client)]).await.outcome() }
     };
     assert_eq!(ask("nightly").await, StatusCode::OK);
 
@@ -176,4 +176,46 @@ async fn an_invalid_or_restart_only_change_keeps_the_running_configuration() {
     assert!(f.sim.call_count() > calls, "cached for 60 s at start, stale after 1 ms now: fetched again");
     let rate = "receipt_gateway_budget_effective_rate{api=\"get_group_msg_receipt\",app=\"1400000000\"}";
     assert_eq!(metric(&f.client, &replica, rate).await, 30.0, "the new budget");
+}
+
+/// A client's `error_status` and `server.error_status` are applied by a reload, like the
+/// other client settings (docs/design.md#errors).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_applies_a_new_error_status() {
+    let f = Fixture::new("reload-error-status", 200).await;
+    let replica = Replica::start(&f.dir, "error-status", &f.sim_url, "[[clients]]\nid = \"sdk\"\n");
+    // A body that is not JSON, as `client`: the status sent (the outcome is always 400).
+    let sent = |client: &'static str| {
+        let (c, url) = (f.client.clone(), replica.url.clone());
+        async move {
+            let reply = post(&c, &url, "{nope", &[("x-client-id", client)]).await;
+            assert_eq!((reply.outcome(), reply.code()), (StatusCode::BAD_REQUEST, 60003));
+            reply.status
+        }
+    };
+    // Until the reload has been applied: the file's watcher or the signal, whichever first.
+    let until_sent = |client: &'static str, status: StatusCode| {
+        let sent = &sent;
+        within(async move {
+            while sent(client).await != status {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    assert_eq!((sent("sdk").await, sent("other").await), (StatusCode::OK, StatusCode::OK), "Tencent's by default");
+
+    rewrite(&replica, "id = \"sdk\"\n", "id = \"sdk\"\nerror_status = \"http\"\n");
+    replica.hangup();
+    until_sent("sdk", StatusCode::BAD_REQUEST).await;
+    assert_eq!(sent("other").await, StatusCode::OK, "that client only");
+
+    rewrite(
+        &replica,
+        "[[clients]]\nid = \"sdk\"\nerror_status = \"http\"\n",
+        "error_status = \"http\"\n[[clients]]\nid = \"sdk\"\nerror_status = \"tencent\"\n",
+    );
+    replica.hangup();
+    until_sent("other", StatusCode::BAD_REQUEST).await;
+    assert_eq!(sent("sdk").await, StatusCode::OK, "its own setting over the server's");
+    assert_eq!(metric(&f.client, &replica, &reloads("refused")).await, 0.0);
 }

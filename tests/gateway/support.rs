@@ -116,9 +116,28 @@ pub struct Reply {
     pub body: Value,
 }
 
+/// What an answer came to: the status of the gateway's error table, which
+/// `X-Gateway-Status` carries on every gateway-made error (sent as HTTP 200 by default,
+/// as Tencent sends its own errors: docs/design.md#errors), else the status sent.
+pub fn outcome(status: StatusCode, headers: &HeaderMap) -> StatusCode {
+    let table = headers.get("x-gateway-status").and_then(|v| v.to_str().ok()?.parse::<u16>().ok());
+    match table.and_then(|t| StatusCode::from_u16(t).ok()) {
+        Some(table) => {
+            assert!(status == StatusCode::OK || status == table, "sent {status}, X-Gateway-Status {table}");
+            table
+        }
+        None => status,
+    }
+}
+
 impl Reply {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The answer's [`outcome`].
+    pub fn outcome(&self) -> StatusCode {
+        outcome(self.status, &self.headers)
     }
 
     pub fn code(&self) -> i64 {
@@ -334,7 +353,7 @@ impl TestApp {
     }
 
     /// Sends a receipt request from a task of its own (to overlap it with others, or
-    /// abandon it); resolves to the answer's status, or None if the connection failed.
+    /// abandon it); resolves to the answer's [`outcome`], or None if the connection failed.
     pub fn post_in_background(&self, body: String, headers: &[(&str, &str)]) -> JoinHandle<Option<StatusCode>> {
         let mut builder = Request::post(format!("{}{RECEIPT}", self.url));
         for (k, v) in headers {
@@ -342,7 +361,9 @@ impl TestApp {
         }
         let request = builder.body(Full::new(Bytes::from(body))).expect("request");
         let client = self.client.clone();
-        tokio::spawn(async move { within(client.request(request)).await.ok().map(|r| r.status()) })
+        tokio::spawn(
+            async move { within(client.request(request)).await.ok().map(|r| outcome(r.status(), r.headers())) },
+        )
     }
 
     pub async fn post(&self, body: &str) -> Reply {
