@@ -74,7 +74,10 @@ pub async fn handle(req: Request<Incoming>, gw: Arc<Gateway>) -> Result<Response
     };
     let trace = Trace { request_id: Some(request_id.clone()), ..Trace::default() };
     let mut pending = Unanswered { gw: &gw, request_id: &request_id, path: &path, trace, done: false };
-    let outcome = match (host(&head), gw.drain.enter()) {
+    let bad_host = host(&head);
+    // A request HTTP itself refuses (RFC 9112 3.2) is answered in HTTP's terms.
+    let http_error = bad_host.is_err();
+    let outcome = match (bad_host, gw.drain.enter()) {
         (Err(e), _) => Err(e),
         (Ok(()), None) => Err(GatewayError::Draining),
         (Ok(()), Some(_in_flight)) => route(&head, body, &gw, arrived, &mut pending.trace).await,
@@ -95,8 +98,9 @@ pub async fn handle(req: Request<Incoming>, gw: Arc<Gateway>) -> Result<Response
                 trace.rejected = Some(Rejection::Deadline);
             }
             let mode = match &trace.client {
-                // Tencent's webhooks get HTTP statuses, as its callback docs expect.
-                _ if path == CALLBACK_PATH => ErrorStatus::Http,
+                // Only the two Tencent routes answer as Tencent does. Tencent's webhooks
+                // (/callback), any other path and a bad Host get HTTP's statuses.
+                _ if http_error || !(path == RECEIPT_PATH || path == DETAIL_PATH) => ErrorStatus::Http,
                 Some(client) => client.error_status,
                 // Found before the caller was identified: whoever the header names.
                 None => gw.clients.current().error_status(&head.headers),

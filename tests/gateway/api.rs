@@ -107,14 +107,15 @@ async fn unknown_paths_methods_and_apps_get_their_codes() {
     let bad_app = app.post_with("?sdkappid=123", &body("g", &[1]), &[]).await;
     let junk_app = app.post_with("?sdkappid=abc", &body("g", &[1]), &[]).await;
 
-    // Every path of the data port answers as Tencent would: HTTP 200 and the ErrorCode.
+    // The Tencent routes answer as Tencent would: HTTP 200 and the ErrorCode; any other
+    // path gets HTTP's status.
     assert_eq!(
         (wrong_method.status, wrong_method.outcome(), wrong_method.code()),
         (StatusCode::OK, StatusCode::METHOD_NOT_ALLOWED, 60002)
     );
     assert_eq!(
         (unknown_path.status, unknown_path.outcome(), unknown_path.code()),
-        (StatusCode::OK, StatusCode::NOT_FOUND, 60009)
+        (StatusCode::NOT_FOUND, StatusCode::NOT_FOUND, 60009)
     );
     for reply in [&no_app, &bad_app, &junk_app] {
         assert_eq!((reply.status, reply.outcome(), reply.code()), (StatusCode::OK, StatusCode::BAD_REQUEST, 60006));

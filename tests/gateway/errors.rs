@@ -87,6 +87,8 @@ async fn server_error_status_http_sends_the_tables_statuses_unless_a_client_says
     let not_json = app.post("{nope").await;
     let unknown_path = app.post_to("/v4/other", "{}", &[]).await;
     let sdk_unknown_path = app.post_to("/v4/other", "{}", &[("x-client-id", "sdk")]).await;
+    let sdk_no_app =
+        app.post_to(&format!("{}?sdkappid=123", crate::support::RECEIPT), "{}", &[("x-client-id", "sdk")]).await;
 
     assert_eq!((plain.status, plain.header("x-gateway-status")), (StatusCode::TOO_MANY_REQUESTS, Some("429")));
     assert!(retry_after(&plain) >= 1, "{plain:?}");
@@ -94,8 +96,10 @@ async fn server_error_status_http_sends_the_tables_statuses_unless_a_client_says
     assert_eq!((not_json.status, not_json.code()), (StatusCode::BAD_REQUEST, 60003));
     assert_eq!(not_json.header("x-gateway-status"), Some("400"));
     assert_eq!((unknown_path.status, unknown_path.code()), (StatusCode::NOT_FOUND, 60009));
-    // Found before the caller is identified: the client the header names decides.
-    assert_eq!((sdk_unknown_path.status, sdk_unknown_path.outcome()), (StatusCode::OK, StatusCode::NOT_FOUND));
+    // Found before the caller is identified: the client the header names decides, on
+    // the Tencent routes; any other path gets HTTP's status whoever asks.
+    assert_eq!((sdk_no_app.status, sdk_no_app.outcome()), (StatusCode::OK, StatusCode::BAD_REQUEST));
+    assert_eq!((sdk_unknown_path.status, sdk_unknown_path.outcome()), (StatusCode::NOT_FOUND, StatusCode::NOT_FOUND));
 }
 
 #[tokio::test]
