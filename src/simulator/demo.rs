@@ -76,6 +76,7 @@ pub async fn run() -> Result<(), DemoError> {
     let sim = tokio::spawn(simulator.clone().serve(sim_listener, crate::shutdown::signal()));
     for app in &mut config.apps {
         app.endpoint = format!("http://{sim_addr}");
+        app.backup_endpoint = None;
     }
     let app = config.apps.first().map(|a| a.id.0).unwrap_or_default();
     println!(
