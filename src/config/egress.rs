@@ -7,7 +7,7 @@
 //! must not set process variables). Proxy credentials are kept apart from the proxy's
 //! URL, so that the URL can be logged and printed as it is.
 
-use std::path::PathBuf;
+use std::path::Path;
 
 use base64::Engine as _;
 use http::Uri;
@@ -122,7 +122,7 @@ pub(super) fn resolve(
 
 /// `Basic base64(user:password)`, the value of `Proxy-Authorization`.
 fn basic(user_password: &str) -> SecretKey {
-    SecretKey::new(&format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(user_password)))
+    SecretKey::new(format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(user_password)))
 }
 
 /// Accepts `[http://][user[:password]@]host[:port]` (percent-encoded credentials, as in
@@ -144,9 +144,8 @@ fn parse_proxy(key: &str, text: &str) -> Result<Proxy, ConfigError> {
         Some((userinfo, host_port)) => (Some(userinfo), host_port),
         None => (None, authority),
     };
-    let url: Uri = format!("http://{host_port}/")
-        .parse()
-        .map_err(|_| invalid(key, "must be http://[user:password@]host:port"))?;
+    let url: Uri =
+        format!("http://{host_port}/").parse().map_err(|_| invalid(key, "must be http://[user:password@]host:port"))?;
     if url.host().is_none_or(str::is_empty) {
         return Err(invalid(key, "has no host"));
     }
@@ -178,7 +177,7 @@ fn percent_decode(text: &str) -> String {
 /// Reads the PEM roots of `upstream.ca_file`: at least one certificate, each one a trust
 /// anchor rustls accepts.
 pub(super) fn extra_roots(
-    path: &PathBuf,
+    path: &Path,
     secrets: &dyn SecretSource,
 ) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
     let key = "upstream.ca_file";
@@ -200,7 +199,6 @@ pub(super) fn extra_roots(
 mod tests {
     use super::*;
     use std::collections::HashMap;
-    use std::path::Path;
 
     struct Env(HashMap<&'static str, &'static str>);
 

@@ -18,9 +18,9 @@ use crate::service::receipts::Receipts;
 use crate::telemetry::metrics::{API_DETAIL, API_RECEIPT, Metrics};
 use crate::tencent::domain::{AppId, Region};
 use crate::tencent::usersig::SecretKey;
-use crate::upstream::fetch::Fetcher;
 use crate::upstream::Upstream;
 use crate::upstream::connect::Pool;
+use crate::upstream::fetch::Fetcher;
 
 pub struct AppRuntime {
     pub id: AppId,

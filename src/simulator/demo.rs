@@ -40,8 +40,10 @@ pub enum DemoError {
 struct DemoSecrets;
 
 impl SecretSource for DemoSecrets {
-    fn env(&self, _: &str) -> Option<String> {
-        Some(DEMO_KEY.into())
+    /// The demo key for every secret; no egress proxy (`HTTPS_PROXY`, ...): the demo's
+    /// upstream is the simulator beside it.
+    fn env(&self, name: &str) -> Option<String> {
+        (!name.to_ascii_uppercase().ends_with("_PROXY")).then(|| DEMO_KEY.into())
     }
 
     fn file(&self, _: &Path) -> std::io::Result<String> {

@@ -41,8 +41,8 @@ use crate::telemetry::metrics::{API_DETAIL, API_RECEIPT, Metrics};
 use crate::tencent::code::ErrorCode;
 use crate::tencent::domain::{AppId, GroupId, MsgSeq, Receipt};
 use crate::tencent::wire::{DETAIL_PATH, RECEIPT_PATH, ReceiptRequest, ReceiptResponse, SENT_AT_HEADER};
-use crate::upstream::connect::Pool;
 pub use crate::upstream::connect::HttpClient;
+use crate::upstream::connect::Pool;
 use crate::upstream::endpoints::{Endpoints, Reach, Which};
 use crate::upstream::signer::Signer;
 
@@ -320,7 +320,9 @@ impl Upstream {
                 let elsewhere = self.endpoints.other(which);
                 return Err((Outcome::NoAnswer { reason, elsewhere }, "transport".into()));
             }
-            Ok(Err(e)) => return Err((Outcome::NoAnswer { reason: error_chain(&e), elsewhere: None }, "transport".into())),
+            Ok(Err(e)) => {
+                return Err((Outcome::NoAnswer { reason: error_chain(&e), elsewhere: None }, "transport".into()));
+            }
             Ok(Ok(head)) => head,
         };
         self.endpoints.report(which, Reach::Answered);
@@ -331,7 +333,9 @@ impl Upstream {
                 let reason = format!("no answer within {} ms", self.timeout.as_millis());
                 return Err((Outcome::NoAnswer { reason, elsewhere: None }, "timeout".into()));
             }
-            Ok(Err(e)) => return Err((Outcome::NoAnswer { reason: e.to_string(), elsewhere: None }, "transport".into())),
+            Ok(Err(e)) => {
+                return Err((Outcome::NoAnswer { reason: e.to_string(), elsewhere: None }, "transport".into()));
+            }
             Ok(Ok(collected)) => collected.to_bytes(),
         };
         if !status.is_success() {
