@@ -325,6 +325,40 @@ async fn the_first_connection_is_opened_before_readiness_and_every_call_says_who
     assert_eq!(app.sim.user_agents(), vec![agent.clone(), agent]);
 }
 
+/// `check-config` shows the proxy it resolved from the environment without its
+/// credentials, and a `ca_file` that is not there stops it with 64, naming the key.
+#[test]
+fn check_config_shows_the_proxy_without_credentials_and_refuses_a_missing_ca_file() {
+    let dir = scratch("check-config");
+    let app = "[[apps]]\nsdkappid = 1\nregion = \"tokyo\"\nidentifier = \"a\"\n";
+    let good = dir.join("proxy.toml");
+    std::fs::write(&good, app).expect("config");
+    let out = Command::new(env!("CARGO_BIN_EXE_receipt-gateway"))
+        .args(["check-config", "--config"])
+        .arg(&good)
+        .env("TENCENT_IM_SECRET_KEY", "k")
+        .env("HTTPS_PROXY", "http://gw:pr0xy-Passw0rd@egress.internal:3128")
+        .env_remove("https_proxy")
+        .output()
+        .expect("check-config runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout.contains("https via http://egress.internal:3128/ (with credentials)"), "{stdout}");
+    assert!(!stdout.contains("pr0xy-Passw0rd") && !stdout.contains("gw:"), "{stdout}");
+
+    let bad = dir.join("ca.toml");
+    std::fs::write(&bad, format!("[upstream]\nca_file = \"{}\"\n{app}", dir.join("none.pem").display()))
+        .expect("config");
+    let out = Command::new(env!("CARGO_BIN_EXE_receipt-gateway"))
+        .args(["check-config", "--config"])
+        .arg(&bad)
+        .env("TENCENT_IM_SECRET_KEY", "k")
+        .output()
+        .expect("check-config runs");
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("upstream.ca_file"), "{out:?}");
+}
+
 /// A start-up that cannot reach upstream is ready anyway, once the warm-up's first try has
 /// failed (bounded by `upstream.timeout_ms`).
 #[tokio::test]
