@@ -58,6 +58,11 @@ async fn every_request_is_answered_through_the_backup_when_the_primary_refuses_c
 
     assert_eq!(sim.call_count(), 10, "each request answered by one call, through the backup");
     assert_eq!((app.metric(&active("primary")).await, app.metric(&active("backup")).await), (0.0, 1.0));
+    // The detail API of the app follows it there.
+    let detail = r#"{"GroupId":"g0","MsgSeq":1,"Filter":0,"Cursor":"","Count":10}"#;
+    let reply = app.post_to("/v4/group_open_http_svc/get_group_msg_receipt_detail", detail, &[]).await;
+    assert_eq!((reply.status, reply.body["ActionStatus"].as_str()), (StatusCode::OK, Some("OK")), "{:?}", reply.body);
+    assert_eq!(sim.detail_call_count(), 1);
     // Not asserted (machine-dependent): the first request met the refusing primary and
     // was answered through the backup within the same call's attempts.
     eprintln!("failover: first request, primary refused -> answered through the backup in {:?}", first.unwrap());
@@ -195,6 +200,26 @@ async fn calls_leave_through_the_egress_proxy_unless_no_proxy_names_the_host() {
     assert_eq!(reply.items(), vec![expected("direct", 7)]);
     assert_eq!(sim.call_count(), 4);
     assert_eq!(proxy.tunnels_to(sim_port), 1, "NO_PROXY: straight to the host");
+}
+
+#[tokio::test]
+async fn https_goes_through_the_proxy_s_tunnel_with_tls_end_to_end() {
+    let dir = scratch("proxy-tls");
+    let (ca_pem, chain, key) = company_ca();
+    let ca_file = dir.join("company-roots.pem");
+    std::fs::write(&ca_file, ca_pem).expect("ca file");
+    let (sim, url, _server) = Simulator::spawn_tls(sim_options(), chain, key).await.expect("HTTPS simulator");
+    let proxy = Tinyproxy::start(&dir, port_of(&url), None).await;
+    let app = TestApp::spawn_with(Setup {
+        sections: format!("[upstream]\nca_file = \"{}\"\n", ca_file.display()),
+        shared_sim: Some((sim.clone(), url.clone())),
+        env: vec![("HTTPS_PROXY", proxy.url())],
+        ..Setup::default()
+    })
+    .await;
+    let reply = app.post(&body("tls", &[3])).await;
+    assert_eq!(reply.items(), vec![expected("tls", 3)]);
+    assert_eq!((sim.call_count(), proxy.tunnels_to(port_of(&url))), (1, 1));
 }
 
 #[tokio::test]
