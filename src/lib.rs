@@ -29,7 +29,9 @@
 //! 5. [`engine::dispatcher`] takes one token at a time from the [`budget`] and spends it on
 //!    the client the fair share picks, on that client's most urgent batch, topped up with
 //!    the group's cohort.
-//! 6. [`upstream`] runs the dispatched batch in its own task: one signed regional call,
+//! 6. [`upstream`] runs the dispatched batch in its own task: one signed regional call
+//!    (to the app's primary domain, or its backup while the primary cannot be reached;
+//!    through the egress proxy when there is one, over connections opened at start),
 //!    retries and 10004 splits each paid with a token, answers stored in the [`cache`]
 //!    (and shared through the [`fleet`]), waiters woken.
 //! 7. back in [`service::receipts`], each caller's answer is assembled in its order with

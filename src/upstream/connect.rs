@@ -66,8 +66,10 @@ impl Pool {
         // TLS is the next layer's: this one gets https:// addresses too.
         direct.enforce_http(false);
         direct.set_nodelay(true);
-        // The warm-up waits no longer than a call would.
-        direct.set_connect_timeout(Some(upstream.timeout));
+        // Half an attempt's time for TCP: a domain that swallows packets (DNS hijacked to a
+        // black hole) is then a failure to connect, which leaves the call time to be
+        // retried at once on the other domain (docs/design.md#domains-and-failover).
+        direct.set_connect_timeout(Some(upstream.timeout / 2));
         let egress = upstream.egress.clone();
         let mut no_proxy = Matcher::builder().no(egress.no_proxy.as_str());
         if let Some(p) = &egress.https {

@@ -68,6 +68,37 @@ async fn every_request_is_answered_through_the_backup_when_the_primary_refuses_c
     eprintln!("failover: first request, primary refused -> answered through the backup in {:?}", first.unwrap());
 }
 
+/// A primary that takes connections and never answers: each timeout before any byte of
+/// answer is a failure to reach it, so the call's own retries reach the backup once
+/// `failover_after` of them have passed.
+#[tokio::test]
+async fn a_primary_that_never_answers_is_left_after_failover_after_timeouts() {
+    let silent = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = silent.local_addr().expect("addr").port();
+    let _silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            held.push(stream);
+        }
+    });
+    let (sim, backup, _server) = Simulator::spawn(sim_options()).await.expect("simulator");
+    let app = TestApp::spawn_with(Setup {
+        sections: "[upstream]\ntimeout_ms = 300\nfailover_after = 2\nprimary_retry_s = 60\n".into(),
+        endpoint: Some(format!("http://127.0.0.1:{port}")),
+        app: format!("backup_endpoint = \"{backup}\"\n"),
+        shared_sim: Some((sim.clone(), backup)),
+        ..Setup::default()
+    })
+    .await;
+
+    let started = Instant::now();
+    let reply = app.post(&body("silent", &[1])).await;
+    let took = started.elapsed();
+    assert_eq!(reply.items(), vec![expected("silent", 1)], "{:?}", reply.body);
+    assert_eq!((sim.call_count(), app.metric(&active("backup")).await), (1, 1.0));
+    eprintln!("failover: primary silent (timeout_ms 300, failover_after 2) -> answered through the backup in {took:?}");
+}
+
 #[tokio::test]
 async fn calls_return_to_the_primary_once_it_answers_again() {
     let (backup_sim, backup, _backup_server) = Simulator::spawn(sim_options()).await.expect("simulator");
