@@ -7,8 +7,10 @@
 #   reload    each variable the configs name has a (non-optional) secretKeyRef env entry, an example Secret
 #             and the Reloader annotation; the ConfigMap is a directory mount with a fixed name
 #   JSON      the Grafana dashboard parses, and its PromQL too     (python3, promtool)
-#   kustomize base and overlays/redis render, alone and with components/callback-*
-#                                                                  (kubectl kustomize or kustomize)
+#   kustomize base and overlays/redis render, alone and with components/callback-* and
+#             components/egress-proxy                              (kubectl kustomize or kustomize)
+#   egress    the egress-proxy component sets HTTPS_PROXY / NO_PROXY without credentials,
+#             mounts the CA ConfigMap read-only and adds an egress-only NetworkPolicy
 #   callbacks the public route exposes exactly POST /callback over TLS, nothing else is
 #             exposed, and the tee's egress component targets a TCP port
 #   schemas   rendered objects against Kubernetes' OpenAPI schemas (kubernetes-validate, PyPI)
@@ -89,12 +91,14 @@ KEYS = {
                "first_bytes_timeout_ms", "header_timeout_ms"},
     "cache": {"ttl_ms", "stale_ms", "negative_ttl_ms", "callback_ttl_ms", "max_entries"},
     "batch": {"window_ms", "max_seqs"},
-    "upstream": {"timeout_ms", "max_retries"},
+    "upstream": {"timeout_ms", "max_retries", "failover_after", "primary_retry_s", "proxy", "proxy_auth_env",
+                 "ca_file"},
     "budget": {"per_second", "backend", "fallback_per_second"},
     "fleet": {"backend"},
     "redis": {"url", "key_prefix"},
 }
-APP = {"sdkappid", "region", "identifier", "secret_key_env", "secret_key_file", "endpoint", "usersig_ttl_s",
+APP = {"sdkappid", "region", "identifier", "secret_key_env", "secret_key_file", "endpoint", "backup_endpoint",
+       "usersig_ttl_s",
        "callbacks", "callback_token_env", "callback_forward_url", "callback_forward_timeout_ms"}
 CLIENT = {"id", "token_env", "requests_per_second", "weight"}   # docs/design.md#callers
 # How gateway-made errors are sent (docs/design.md#errors): server-wide and per client.
@@ -287,8 +291,9 @@ if [ ${#kbuild[@]} -gt 0 ]; then
     else
       fail "kustomize $k"
     fi
-    # The optional callback components (README "Callbacks") on top of each, as an
-    # operator's overlay would add them. kustomize wants relative paths.
+    # The optional components (README "Callbacks", docs/operations.md "Behind an egress
+    # proxy") on top of each, as an operator's overlay would add them. kustomize wants
+    # relative paths.
     combo="$tmp/combo-$(echo "$k" | tr / _)"
     mkdir -p "$combo"
     rel="$(python3 -c 'import os, sys; print(os.path.relpath(sys.argv[1], sys.argv[2]))' "$here/kubernetes" "$combo")"
@@ -301,12 +306,13 @@ resources:
 components:
   - $rel/components/callback-ingress
   - $rel/components/callback-forward
+  - $rel/components/egress-proxy
 YAML
     out="$tmp/$(echo "$k" | tr / _)_callbacks.yaml"
     if "${kbuild[@]}" "$combo" > "$out"; then
-      pass "kustomize $k + components/callback-ingress, callback-forward ($(grep -c '^kind:' "$out") objects)"
+      pass "kustomize $k + components/callback-ingress, callback-forward, egress-proxy ($(grep -c '^kind:' "$out") objects)"
     else
-      fail "kustomize $k + components/callback-ingress, callback-forward"
+      fail "kustomize $k + components/callback-ingress, callback-forward, egress-proxy"
     fi
   done
 else
@@ -405,6 +411,21 @@ for name in ("base", "overlays_redis", "base_callbacks", "overlays_redis_callbac
                                    for e in nps[0]["spec"].get("egress", []) for pt in e.get("ports", [])) \
              and nps[0]["spec"].get("policyTypes") == ["Egress"]
         check(ok, f"callbacks: {name}: callback-forward adds an egress-only NetworkPolicy with TCP ports")
+        # components/egress-proxy (docs/operations.md#behind-an-egress-proxy)
+        (dep,) = [d for d in docs if d and d["kind"] == "Deployment" and d["metadata"]["name"] == "receipt-gateway"]
+        pod = dep["spec"]["template"]["spec"]
+        (c,) = [c for c in pod["containers"] if c["name"] == "receipt-gateway"]
+        env = {e["name"]: e.get("value", "") for e in c.get("env", [])}
+        ca = [v for v in pod.get("volumes", []) if v.get("configMap", {}).get("name") == "receipt-gateway-egress-ca"]
+        mounted = [m for m in c.get("volumeMounts", []) if ca and m["name"] == ca[0]["name"]]
+        nps = [d for d in docs if d and d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "receipt-gateway-egress-proxy"]
+        ok = (env.get("HTTPS_PROXY", "").startswith("http://") and "@" not in env.get("HTTPS_PROXY", "@")
+              and "NO_PROXY" in env and len(mounted) == 1 and mounted[0].get("readOnly") is True
+              and len(nps) == 1 and nps[0]["spec"].get("policyTypes") == ["Egress"]
+              and all(pt.get("protocol", "TCP") == "TCP" and "port" in pt
+                      for e in nps[0]["spec"].get("egress", []) for pt in e.get("ports", [])))
+        check(ok, f"egress: {name}: egress-proxy sets HTTPS_PROXY (no credentials) and NO_PROXY, mounts the CA "
+                  "ConfigMap read-only, and adds an egress-only NetworkPolicy")
     else:
         check(not rs and internal, f"callbacks: {name}: no Ingress / HTTPRoute, Service ClusterIP (the data API stays internal)")
 sys.exit(bad)

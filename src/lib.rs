@@ -29,7 +29,9 @@
 //! 5. [`engine::dispatcher`] takes one token at a time from the [`budget`] and spends it on
 //!    the client the fair share picks, on that client's most urgent batch, topped up with
 //!    the group's cohort.
-//! 6. [`upstream`] runs the dispatched batch in its own task: one signed regional call,
+//! 6. [`upstream`] runs the dispatched batch in its own task: one signed regional call
+//!    (to the app's primary domain, or its backup while the primary cannot be reached;
+//!    through the egress proxy when there is one, over connections opened at start),
 //!    retries and 10004 splits each paid with a token, answers stored in the [`cache`]
 //!    (and shared through the [`fleet`]), waiters woken.
 //! 7. back in [`service::receipts`], each caller's answer is assembled in its order with
@@ -125,7 +127,7 @@ pub async fn run_reloading(
 ) -> Result<(), RunError> {
     let metrics = Metrics::new()?;
     let mut cache = ReceiptCache::new(&config.cache);
-    let client = upstream::http_client()?;
+    let pool = upstream::connect::Pool::new(&config.upstream)?;
     let mut tasks = JoinSet::new();
     let fleet = match &config.fleet {
         FleetBackend::None => None,
@@ -142,7 +144,7 @@ pub async fn run_reloading(
     }
     let mut apps = service::Apps::default();
     for app_config in &config.apps {
-        let app = Arc::new(AppRuntime::new(app_config, &config, &cache, &metrics, client.clone(), fleet.as_ref())?);
+        let app = Arc::new(AppRuntime::new(app_config, &config, &cache, &metrics, pool.clone(), fleet.as_ref())?);
         let (fetcher, dropped) = (app.fetcher.clone(), app.clone());
         let send = move |batch| {
             // Batch tasks end on their own: every attempt is bounded by the upstream
@@ -170,10 +172,20 @@ pub async fn run_reloading(
             |_| {},
             |_, _| {},
         ));
-        tracing::info!(sdkappid = %app.id, region = ?app.region, endpoint = %app_config.endpoint, "app configured");
+        tracing::info!(
+            sdkappid = %app.id,
+            region = ?app.region,
+            endpoint = %app_config.endpoint,
+            backup_endpoint = app_config.backup_endpoint.as_deref().unwrap_or("none"),
+            "app configured"
+        );
         apps.insert(app.id, app);
     }
     tasks.spawn(housekeeping(cache.clone(), metrics.clone()));
+    log_egress(&config.upstream);
+    let (warmed, warmed_rx) = watch::channel(false);
+    let upstreams = apps.values().map(|app| app.fetcher.upstream.clone()).collect();
+    tasks.spawn(upstream::warm_up(upstreams, warmed));
 
     let clients = Clients::new(&config);
     for app in apps.values() {
@@ -200,7 +212,7 @@ pub async fn run_reloading(
     let data_limits = limits(metrics.connections("data"), s.max_connections, s.header_timeout);
     let admin_header_timeout = s.header_timeout.min(http::ADMIN_HEADER_TIMEOUT);
     let admin_limits = limits(metrics.connections("admin"), http::ADMIN_MAX_CONNECTIONS, admin_header_timeout);
-    let admin = Arc::new(crate::service::admin::Admin { metrics, cache, drain: drain.clone() });
+    let admin = Arc::new(crate::service::admin::Admin { metrics, cache, drain: drain.clone(), warmed: warmed_rx });
     let (stop_data, data_stopped) = watch::channel(None);
     let (stop_admin, admin_stopped) = watch::channel(None);
     let data_server = tokio::spawn(http::serve(
@@ -232,6 +244,16 @@ pub async fn run_reloading(
     tasks.shutdown().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Says once how upstream calls leave: the proxy (never its credentials) and extra roots.
+fn log_egress(upstream: &config::UpstreamConfig) {
+    tracing::info!(
+        proxy = %upstream.egress.describe(),
+        ca_file = %upstream.ca_file.as_ref().map_or("none".into(), |p| p.display().to_string()),
+        extra_roots = upstream.extra_roots.len(),
+        "upstream egress"
+    );
 }
 
 /// Keeps moka's bookkeeping current and the cache gauge fresh, idle or not.

@@ -189,8 +189,13 @@ fn check_config(path: PathBuf) -> ExitCode {
     println!("{}: ok", path.display());
     for app in &config.apps {
         let region = app.region.map_or("-", |r| r.name());
-        println!("sdkappid={} region={} endpoint={}", app.id, region, app.endpoint);
+        let backup = app.backup_endpoint.as_deref().unwrap_or("none");
+        println!("sdkappid={} region={} endpoint={} backup_endpoint={backup}", app.id, region, app.endpoint);
     }
+    let upstream = &config.upstream;
+    let ca_file = upstream.ca_file.as_ref().map_or("none".into(), |p| p.display().to_string());
+    println!("upstream proxy: {}", upstream.egress.describe());
+    println!("upstream ca_file: {ca_file} ({} extra roots)", upstream.extra_roots.len());
     ExitCode::SUCCESS
 }
 

@@ -92,11 +92,24 @@ impl Default for RawBatch {
 pub(super) struct RawUpstream {
     pub(super) timeout_ms: u64,
     pub(super) max_retries: u32,
+    pub(super) failover_after: u64,
+    pub(super) primary_retry_s: u64,
+    pub(super) proxy: Option<String>,
+    pub(super) proxy_auth_env: Option<String>,
+    pub(super) ca_file: Option<PathBuf>,
 }
 
 impl Default for RawUpstream {
     fn default() -> Self {
-        Self { timeout_ms: 3000, max_retries: 2 }
+        Self {
+            timeout_ms: 3000,
+            max_retries: 2,
+            failover_after: 3,
+            primary_retry_s: 30,
+            proxy: None,
+            proxy_auth_env: None,
+            ca_file: None,
+        }
     }
 }
 
@@ -150,6 +163,7 @@ pub(super) struct RawApp {
     pub(super) secret_key_env: Option<String>,
     pub(super) secret_key_file: Option<PathBuf>,
     pub(super) endpoint: Option<String>,
+    pub(super) backup_endpoint: Option<String>,
     #[serde(default = "default_usersig_ttl")]
     pub(super) usersig_ttl_s: u64,
     #[serde(default)]

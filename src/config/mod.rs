@@ -19,7 +19,10 @@ use http::Uri;
 use crate::tencent::domain::{AppId, Region};
 use crate::tencent::usersig::SecretKey;
 
+mod egress;
 mod file;
+
+pub use egress::{Egress, Proxy, ProxyOrigin};
 
 use file::{RawApp, RawBudget, RawClient, RawConfig, RawFleet, RawRedis};
 
@@ -134,6 +137,17 @@ pub struct BatchConfig {
 pub struct UpstreamConfig {
     pub timeout: Duration,
     pub max_retries: u32,
+    /// Consecutive failures to reach an app's primary domain before its calls go to the
+    /// backup (docs/design.md#domains-and-failover).
+    pub failover_after: u32,
+    /// How often the primary is tried again while the backup is in use.
+    pub primary_retry: Duration,
+    /// The egress proxy, if any (docs/operations.md#behind-an-egress-proxy).
+    pub egress: Egress,
+    /// `upstream.ca_file`, for the log line and `check-config`.
+    pub ca_file: Option<PathBuf>,
+    /// Its PEM roots, trusted besides the bundled web PKI roots.
+    pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
 #[derive(Debug, Clone)]
@@ -179,6 +193,10 @@ pub struct AppConfig {
     pub secret: SecretKey,
     /// Scheme and authority (plus an optional path prefix) that calls go to.
     pub endpoint: String,
+    /// Where calls go while the primary cannot be reached: `apps.backup_endpoint`, else
+    /// the region's backup domain when `endpoint` is the region's own; none when only an
+    /// `endpoint` is set (a test or private link must not fail over to the internet).
+    pub backup_endpoint: Option<String>,
     pub usersig_ttl: Duration,
     /// This app's callbacks reach the gateway: fetched items are fresh for
     /// `cache.callback_ttl` (docs/design.md#cache).
@@ -299,9 +317,18 @@ impl RawConfig {
             window: millis("batch.window_ms", self.batch.window_ms, 0, MINUTE_MS)?,
             max_seqs: in_range("batch.max_seqs", self.batch.max_seqs, 1, 1000)? as usize,
         };
+        let u = self.upstream;
         let upstream = UpstreamConfig {
-            timeout: millis("upstream.timeout_ms", self.upstream.timeout_ms, 1, 10 * MINUTE_MS)?,
-            max_retries: in_range("upstream.max_retries", self.upstream.max_retries.into(), 0, 10)? as u32,
+            timeout: millis("upstream.timeout_ms", u.timeout_ms, 1, 10 * MINUTE_MS)?,
+            max_retries: in_range("upstream.max_retries", u.max_retries.into(), 0, 10)? as u32,
+            failover_after: in_range("upstream.failover_after", u.failover_after, 1, 1000)? as u32,
+            primary_retry: Duration::from_secs(in_range("upstream.primary_retry_s", u.primary_retry_s, 1, 86_400)?),
+            egress: egress::resolve(u.proxy.as_deref(), u.proxy_auth_env.as_deref(), secrets)?,
+            extra_roots: match &u.ca_file {
+                Some(path) => egress::extra_roots(path, secrets)?,
+                None => Vec::new(),
+            },
+            ca_file: u.ca_file,
         };
         let redis = self.redis.validate()?;
         let budget = self.budget.validate(&redis)?;
@@ -423,11 +450,21 @@ impl RawApp {
         if identifier.is_empty() {
             return Err(invalid(key("identifier"), "must not be empty"));
         }
-        let endpoint = match (&self.endpoint, self.region) {
-            (Some(endpoint), _) => parse_endpoint(endpoint).map_err(|p| invalid(key("endpoint"), p))?,
-            (None, Some(region)) => format!("https://{}", region.domain()),
+        let backup = match &self.backup_endpoint {
+            Some(text) => Some(parse_endpoint(text).map_err(|p| invalid(key("backup_endpoint"), p))?),
+            None => None,
+        };
+        let (endpoint, backup_endpoint) = match (&self.endpoint, self.region) {
+            (Some(endpoint), _) => (parse_endpoint(endpoint).map_err(|p| invalid(key("endpoint"), p))?, backup),
+            (None, Some(region)) => (
+                format!("https://{}", region.domain()),
+                Some(backup.unwrap_or_else(|| format!("https://{}", region.backup_domain()))),
+            ),
             (None, None) => return Err(invalid(key("region"), "is required unless endpoint is set")),
         };
+        if backup_endpoint.as_ref() == Some(&endpoint) {
+            return Err(invalid(key("backup_endpoint"), "must differ from the primary endpoint"));
+        }
         let secret = match (self.secret_key_env, self.secret_key_file) {
             (Some(_), Some(_)) => {
                 return Err(invalid(key("secret_key_env"), "set secret_key_env or secret_key_file, not both"));
@@ -475,6 +512,7 @@ impl RawApp {
             identifier,
             secret: SecretKey::new(secret),
             endpoint,
+            backup_endpoint,
             usersig_ttl: Duration::from_secs(usersig_ttl),
             callbacks: self.callbacks,
             callback_token,

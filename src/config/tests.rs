@@ -4,9 +4,12 @@ use std::collections::HashMap;
 struct FakeSecrets(HashMap<&'static str, &'static str>);
 
 impl SecretSource for FakeSecrets {
-    /// Every variable is set except `NOPE`.
+    /// Every variable is set except `NOPE` and the proxy variables (unless given).
     fn env(&self, name: &str) -> Option<String> {
-        (name != "NOPE").then(|| self.0.get(name).unwrap_or(&"k0").to_string())
+        if let Some(value) = self.0.get(name) {
+            return Some(value.to_string());
+        }
+        (name != "NOPE" && !name.to_ascii_uppercase().ends_with("_PROXY")).then(|| "k0".to_string())
     }
     fn file(&self, path: &Path) -> std::io::Result<String> {
         self.0
@@ -59,8 +62,12 @@ fn defaults_match_the_spec() {
     assert_eq!(c.budget.per_second.get(), 200);
     assert_eq!(c.budget.fallback_per_second.get(), 50);
     assert_eq!(c.budget.backend, BudgetBackend::Local);
+    assert_eq!((c.upstream.failover_after, c.upstream.primary_retry), (3, Duration::from_secs(30)));
+    assert!(c.upstream.egress.https.is_none() && c.upstream.egress.http.is_none());
+    assert!(c.upstream.ca_file.is_none() && c.upstream.extra_roots.is_empty());
     let app = &c.apps[0];
     assert_eq!(app.endpoint, "https://adminapisgp.im.qcloud.com");
+    assert_eq!(app.backup_endpoint.as_deref(), Some("https://adminapisgp.my-imcloud.com"));
     assert_eq!(app.usersig_ttl, Duration::from_secs(86400));
 }
 
@@ -70,7 +77,33 @@ fn every_region_resolves_to_its_domain() {
         let text = MINIMAL.replace("singapore", region.name());
         let c = Config::parse(&text, &secrets()).unwrap();
         assert_eq!(c.apps[0].endpoint, format!("https://{}", region.domain()));
+        assert_eq!(c.apps[0].backup_endpoint, Some(format!("https://{}", region.backup_domain())));
     }
+}
+
+/// An `endpoint` override (a test, a private link) has no backup unless one is named:
+/// it must not fail over to Tencent's public domain on its own.
+#[test]
+fn backup_endpoints_follow_the_primary() {
+    let only_primary = format!("{MINIMAL}endpoint = \"http://127.0.0.1:18080\"\n");
+    assert_eq!(Config::parse(&only_primary, &secrets()).unwrap().apps[0].backup_endpoint, None);
+    let both = format!("{only_primary}backup_endpoint = \"http://127.0.0.1:18081/\"\n");
+    let c = Config::parse(&both, &secrets()).unwrap();
+    assert_eq!(c.apps[0].backup_endpoint.as_deref(), Some("http://127.0.0.1:18081"));
+    let region_only = format!("{MINIMAL}backup_endpoint = \"https://private-backup.example\"\n");
+    let c = Config::parse(&region_only, &secrets()).unwrap();
+    assert_eq!(c.apps[0].backup_endpoint.as_deref(), Some("https://private-backup.example"));
+    let same = format!("{MINIMAL}endpoint = \"http://a:1\"\nbackup_endpoint = \"http://a:1\"\n");
+    assert!(error_of(&same).contains("apps[0].backup_endpoint"));
+    assert!(error_of(&format!("{MINIMAL}backup_endpoint = \"ftp://x\"\n")).contains("apps[0].backup_endpoint"));
+}
+
+#[test]
+fn a_ca_file_must_hold_pem_roots() {
+    let text = format!("[upstream]\nca_file = \"/missing.pem\"\n{MINIMAL}");
+    assert!(error_of(&text).starts_with("upstream.ca_file: cannot read /missing.pem"), "{}", error_of(&text));
+    let text = format!("[upstream]\nca_file = \"/run/key\"\n{MINIMAL}");
+    assert!(error_of(&text).contains("holds no PEM certificate"), "{}", error_of(&text));
 }
 
 #[test]
@@ -107,6 +140,10 @@ fn errors_name_the_key() {
         ("[budget]\nredis_url = \"redis://x\"\n", "unknown field `redis_url`"),
         ("[server]\nerror_status = \"HTTP\"\n", "server.error_status: \"HTTP\" is neither"),
         ("[[clients]]\nid = \"a\"\nerror_status = \"200\"\n", "clients[0].error_status"),
+        ("[upstream]\nfailover_after = 0\n", "upstream.failover_after"),
+        ("[upstream]\nprimary_retry_s = 0\n", "upstream.primary_retry_s"),
+        ("[upstream]\nproxy = \"https://p:3128\"\n", "upstream.proxy"),
+        ("[upstream]\nproxy = \"http://p:3128\"\nproxy_auth_env = \"NOPE\"\n", "upstream.proxy_auth_env"),
     ];
     for (prefix, expected) in cases {
         let err = error_of(&format!("{prefix}{MINIMAL}"));

@@ -1,5 +1,7 @@
 //! The admin API (docs/design.md#admin-api) on its own port: `/metrics`, `/healthz`, `/readyz`.
-//! Kept off the data port so the mesh can expose one and not the other.
+//! Kept off the data port so the mesh can expose one and not the other. `/readyz` turns
+//! 200 once the upstream warm-up has had its first try (docs/design.md#upstream-connections),
+//! and 503 again while draining.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -8,6 +10,8 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
+
+use tokio::sync::watch;
 
 use crate::cache::ReceiptCache;
 use crate::shutdown::Drain;
@@ -18,6 +22,8 @@ pub struct Admin {
     pub metrics: Metrics,
     pub cache: ReceiptCache,
     pub drain: Arc<Drain>,
+    /// True once every app's first upstream connection was opened, or failed to be.
+    pub warmed: watch::Receiver<bool>,
 }
 
 pub async fn handle(req: Request<Incoming>, admin: Arc<Admin>) -> Result<Response<Full<Bytes>>, Infallible> {
@@ -30,6 +36,9 @@ pub async fn handle(req: Request<Incoming>, admin: Arc<Admin>) -> Result<Respons
         (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n")),
         (&Method::GET, "/readyz") if admin.drain.is_draining() => {
             (StatusCode::SERVICE_UNAVAILABLE, "text/plain", Bytes::from_static(b"draining\n"))
+        }
+        (&Method::GET, "/readyz") if !*admin.warmed.borrow() => {
+            (StatusCode::SERVICE_UNAVAILABLE, "text/plain", Bytes::from_static(b"opening upstream connections\n"))
         }
         (&Method::GET, "/readyz") => (StatusCode::OK, "text/plain", Bytes::from_static(b"ready\n")),
         (_, "/metrics" | "/healthz" | "/readyz") => {

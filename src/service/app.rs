@@ -18,8 +18,9 @@ use crate::service::receipts::Receipts;
 use crate::telemetry::metrics::{API_DETAIL, API_RECEIPT, Metrics};
 use crate::tencent::domain::{AppId, Region};
 use crate::tencent::usersig::SecretKey;
+use crate::upstream::Upstream;
+use crate::upstream::connect::Pool;
 use crate::upstream::fetch::Fetcher;
-use crate::upstream::{HttpClient, Upstream};
 
 pub struct AppRuntime {
     pub id: AppId,
@@ -68,7 +69,7 @@ impl AppRuntime {
         config: &Config,
         cache: &ReceiptCache,
         metrics: &Metrics,
-        client: HttpClient,
+        pool: Pool,
         fleet: Option<&Arc<Fleet>>,
     ) -> Result<Self, redis::RedisError> {
         let label = app.id.to_string();
@@ -80,10 +81,10 @@ impl AppRuntime {
             metrics.budget_backend_up.clone(),
         )?;
         let policy = batch_policy(config, fleet.is_some());
-        let upstream = Upstream::new(app, config.upstream.timeout, client, metrics);
+        let upstream = Upstream::new(app, &config.upstream, pool, metrics);
         let detail_labels = [label.as_str(), API_DETAIL];
         let detail = Detail::new(
-            upstream.for_detail(&app.endpoint, metrics),
+            upstream.for_detail(metrics),
             Engine::new(policy),
             Budget::new(
                 &config.budget,

@@ -267,7 +267,7 @@ impl Detail {
             }
             let stamp = self.budget.before_send().await;
             let sent = Instant::now();
-            let outcome = match self.upstream.get_detail(body.clone(), served, stamp).await {
+            let outcome = match self.upstream.get_detail(body.clone(), served, stamp, attempts.retry_on()).await {
                 Passed::Answer(body) => {
                     self.engine.estimates().observe_latency(sent.elapsed());
                     return Fetched::Answer(Arc::new(KeyedAnswer { body, fetched_at: Instant::now() }));

@@ -40,8 +40,10 @@ pub enum DemoError {
 struct DemoSecrets;
 
 impl SecretSource for DemoSecrets {
-    fn env(&self, _: &str) -> Option<String> {
-        Some(DEMO_KEY.into())
+    /// The demo key for every secret; no egress proxy (`HTTPS_PROXY`, ...): the demo's
+    /// upstream is the simulator beside it.
+    fn env(&self, name: &str) -> Option<String> {
+        (!name.to_ascii_uppercase().ends_with("_PROXY")).then(|| DEMO_KEY.into())
     }
 
     fn file(&self, _: &Path) -> std::io::Result<String> {
@@ -76,6 +78,7 @@ pub async fn run() -> Result<(), DemoError> {
     let sim = tokio::spawn(simulator.clone().serve(sim_listener, crate::shutdown::signal()));
     for app in &mut config.apps {
         app.endpoint = format!("http://{sim_addr}");
+        app.backup_endpoint = None;
     }
     let app = config.apps.first().map(|a| a.id.0).unwrap_or_default();
     println!(

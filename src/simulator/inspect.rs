@@ -92,6 +92,18 @@ impl Simulator {
         self.state().calls.clear();
     }
 
+    /// The `User-Agent` of every call that reached an API's route, in arrival order
+    /// (empty when the call had none).
+    pub fn user_agents(&self) -> Vec<String> {
+        self.state().user_agents.clone()
+    }
+
+    /// How many connections the simulator accepted (TCP, before any TLS handshake):
+    /// with [`Self::call_count`], what tells a warmed connection from a call.
+    pub fn connections(&self) -> usize {
+        self.inner.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Every read the member player made, in order, with the instant it was applied.
     pub fn reads(&self) -> Vec<PlayedRead> {
         self.state().reads.clone()

@@ -92,6 +92,9 @@ pub(super) struct State {
     pub playable: Playable,
     /// Every read the member player made, in order.
     pub reads: Vec<PlayedRead>,
+    /// The `User-Agent` of every call that reached an API's route, in arrival order
+    /// (empty when the call had none).
+    pub user_agents: Vec<String>,
     /// Arrivals counted against each (app, API) budget within the last second. The API
     /// is part of the key because Tencent limits each API separately.
     windows: HashMap<(AppId, SimApi), VecDeque<Instant>>,

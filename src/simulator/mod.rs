@@ -46,7 +46,8 @@
 //! overrides and the other data a test scripts). The rest, in the order a call meets it:
 //!
 //! - `options` — [`SimOptions`] and [`SimApp`]: what a simulator is configured with;
-//! - `server` — [`Simulator::spawn`], [`Simulator::serve`], [`SimServer`]: the listener,
+//! - `server` — [`Simulator::spawn`], [`Simulator::serve`], [`SimServer`]: the listener
+//!   (plain, or HTTPS with a certificate the test made: [`Simulator::spawn_tls`]),
 //!   routing (phase 1), bodies in and answers out;
 //! - `call` — phases 2 to 8 for both APIs, under one lock, and the call's ledger record;
 //! - `rules` and `detail` — Tencent's rules as pure functions (query, UserSig, body,
@@ -126,6 +127,8 @@ struct Inner {
     gate: watch::Sender<bool>,
     /// Calls recorded and waiting at the gate now.
     held: AtomicUsize,
+    /// Connections accepted so far.
+    connections: AtomicUsize,
     /// How the player's callbacks fared; a watch so that tests can wait for them.
     deliveries: watch::Sender<Deliveries>,
 }
@@ -141,6 +144,7 @@ impl Simulator {
             state: Mutex::new(State::default()),
             gate: watch::Sender::new(false),
             held: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
             deliveries: watch::Sender::new(Deliveries::default()),
         };
         Self { inner: Arc::new(inner) }

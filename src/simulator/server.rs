@@ -9,10 +9,12 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, HeaderValue};
+use http::header::{CONTENT_TYPE, HeaderValue, USER_AGENT};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -23,6 +25,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::{JoinHandle, JoinSet};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::{self, pki_types};
 
 use crate::tencent::code::ErrorCode;
 use crate::tencent::wire::{ReceiptResponse, SENT_AT_HEADER};
@@ -38,10 +42,35 @@ pub(super) const MAX_BODY_BYTES: usize = 1024 * 1024;
 /// How long [`Simulator::serve`] lets open connections finish after shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
+/// How long a client may take over its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl Simulator {
     /// Binds `127.0.0.1:0`, serves there on the current runtime and returns the handle,
     /// the base URL (`http://127.0.0.1:PORT`) and the guard that owns the server.
     pub async fn spawn(options: SimOptions) -> io::Result<(Simulator, String, SimServer)> {
+        Self::spawn_on(options, None).await
+    }
+
+    /// [`Self::spawn`] over HTTPS (h2 or HTTP/1.1 by ALPN) with the certificate `chain`
+    /// and its `key`, as a company's TLS-inspecting egress or a private endpoint would
+    /// present one; the base URL is `https://127.0.0.1:PORT` (the certificate needs that
+    /// IP address among its names).
+    pub async fn spawn_tls(
+        options: SimOptions,
+        chain: Vec<pki_types::CertificateDer<'static>>,
+        key: pki_types::PrivateKeyDer<'static>,
+    ) -> io::Result<(Simulator, String, SimServer)> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .and_then(|b| b.with_no_client_auth().with_single_cert(chain, key))
+            .map_err(io::Error::other)?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Self::spawn_on(options, Some(TlsAcceptor::from(Arc::new(config)))).await
+    }
+
+    async fn spawn_on(options: SimOptions, tls: Option<TlsAcceptor>) -> io::Result<(Simulator, String, SimServer)> {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
         let sim = Simulator::new(options);
@@ -50,9 +79,10 @@ impl Simulator {
             // A dropped sender means the guard is gone: stop as well.
             let _ = stopped.await;
         };
-        let task = tokio::spawn(sim.clone().serve(listener, shutdown));
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let task = tokio::spawn(sim.clone().serve_on(listener, tls, shutdown));
         let server = SimServer { addr, stop: Some(stop), task: Some(task) };
-        Ok((sim, format!("http://{addr}"), server))
+        Ok((sim, format!("{scheme}://{addr}"), server))
     }
 
     /// Serves (and runs the member player, when configured) until `shutdown` resolves;
@@ -61,6 +91,15 @@ impl Simulator {
     pub async fn serve(
         self,
         listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> io::Result<()> {
+        self.serve_on(listener, None, shutdown).await
+    }
+
+    async fn serve_on(
+        self,
+        listener: TcpListener,
+        tls: Option<TlsAcceptor>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> io::Result<()> {
         let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -81,10 +120,27 @@ impl Simulator {
                 Some(_) = connections.join_next() => {}
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _peer)) => {
+                        self.inner.connections.fetch_add(1, Ordering::SeqCst);
                         let sim = self.clone();
                         let service = service_fn(move |req| sim.clone().handle(req));
-                        let conn = builder.serve_connection(TokioIo::new(stream), service);
-                        connections.spawn(graceful.watch(conn.into_owned()));
+                        match &tls {
+                            None => {
+                                let conn = builder.serve_connection(TokioIo::new(stream), service);
+                                connections.spawn(graceful.watch(conn.into_owned()));
+                            }
+                            Some(acceptor) => {
+                                let (acceptor, builder, watcher) = (acceptor.clone(), builder.clone(), graceful.watcher());
+                                connections.spawn(async move {
+                                    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+                                    let Ok(Ok(stream)) = handshake.await else {
+                                        // A client that does not trust the certificate.
+                                        return Ok(());
+                                    };
+                                    let conn = builder.serve_connection(TokioIo::new(stream), service);
+                                    watcher.watch(conn.into_owned()).await
+                                });
+                            }
+                        }
                     }
                     Err(error) => {
                         // Usually out of file descriptors: back off instead of spinning.
@@ -110,6 +166,8 @@ impl Simulator {
             let body = ReceiptResponse::fail(ErrorCode::UNKNOWN_PATH, info).to_bytes();
             return Ok(json_response(StatusCode::NOT_FOUND, body));
         };
+        let agent = req.headers().get(USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+        self.state().user_agents.push(agent);
         let query = req.uri().query().unwrap_or_default().to_owned();
         let sent_at_us = req.headers().get(SENT_AT_HEADER).and_then(|v| v.to_str().ok()?.parse().ok());
         let body = read_body(req.into_body()).await;

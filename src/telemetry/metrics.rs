@@ -64,6 +64,7 @@ pub struct Metrics {
     pub connections_refused: IntCounterVec,
     pub fleet_backend_up: IntGauge,
     pub usersig_expiry: GaugeVec,
+    pub upstream_endpoint_active: IntGaugeVec,
 }
 
 /// Latency buckets from 0.5 ms to 10 s: cache hits land in the first few, upstream calls
@@ -211,6 +212,17 @@ impl Metrics {
                 "Unix time at which the app's current UserSig expires.",
                 &["app"],
             )?,
+            upstream_endpoint_active: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "receipt_gateway_upstream_endpoint_active",
+                        "1 for the Tencent domain an app's calls go to (endpoint: primary, backup), 0 for the other.",
+                    ),
+                    &["app", "endpoint"],
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
             registry,
         })
     }
@@ -308,6 +320,7 @@ mod tests {
         m.usersig_expiry.with_label_values(&["1"]).set(1.0);
         m.budget_calls.with_label_values(&["1", API_RECEIPT, "default"]).inc();
         m.config_reloads.with_label_values(&["ok"]).inc();
+        m.upstream_endpoint_active.with_label_values(&["1", "primary"]).set(1);
         let text = String::from_utf8(m.render()).unwrap();
         for name in [
             "receipt_gateway_requests_total",
@@ -325,6 +338,7 @@ mod tests {
             "receipt_gateway_usersig_expiry_timestamp_seconds",
             "receipt_gateway_budget_calls_total{api=\"get_group_msg_receipt\",app=\"1\",client=\"default\"} 1",
             "receipt_gateway_config_reloads_total{result=\"ok\"} 1",
+            "receipt_gateway_upstream_endpoint_active{app=\"1\",endpoint=\"primary\"} 1",
             "receipt_gateway_build_info{version=",
             "process_resident_memory_bytes",
         ] {

@@ -103,7 +103,7 @@ impl Region {
         Region::Jakarta,
     ];
 
-    /// Tencent's REST domain for this region.
+    /// Tencent's REST domain for this region (docs/design.md#domains-and-failover).
     pub fn domain(self) -> &'static str {
         match self {
             Region::China => "console.tim.qq.com",
@@ -113,6 +113,20 @@ impl Region {
             Region::Frankfurt => "adminapiger.im.qcloud.com",
             Region::SiliconValley => "adminapiusa.im.qcloud.com",
             Region::Jakarta => "adminapiidn.im.qcloud.com",
+        }
+    }
+
+    /// The backup domain Tencent documents for this region, for when the primary cannot
+    /// be reached (DNS hijacking, a broken route): `*.my-imcloud.com`.
+    pub fn backup_domain(self) -> &'static str {
+        match self {
+            Region::China => "adminapi.my-imcloud.com",
+            Region::Singapore => "adminapisgp.my-imcloud.com",
+            Region::Seoul => "adminapikr.my-imcloud.com",
+            Region::Tokyo => "adminapijpn.my-imcloud.com",
+            Region::Frankfurt => "adminapiger.my-imcloud.com",
+            Region::SiliconValley => "adminapiusa.my-imcloud.com",
+            Region::Jakarta => "adminapiidn.my-imcloud.com",
         }
     }
 
@@ -155,5 +169,18 @@ mod tests {
         let names: Vec<_> = Region::ALL.iter().map(|r| r.name()).collect();
         assert_eq!(names, ["china", "singapore", "seoul", "tokyo", "frankfurt", "silicon-valley", "jakarta"]);
         assert_eq!(Region::SiliconValley.domain(), "adminapiusa.im.qcloud.com");
+        let table: Vec<_> = Region::ALL.iter().map(|r| (r.domain(), r.backup_domain())).collect();
+        assert_eq!(
+            table,
+            [
+                ("console.tim.qq.com", "adminapi.my-imcloud.com"),
+                ("adminapisgp.im.qcloud.com", "adminapisgp.my-imcloud.com"),
+                ("adminapikr.im.qcloud.com", "adminapikr.my-imcloud.com"),
+                ("adminapijpn.im.qcloud.com", "adminapijpn.my-imcloud.com"),
+                ("adminapiger.im.qcloud.com", "adminapiger.my-imcloud.com"),
+                ("adminapiusa.im.qcloud.com", "adminapiusa.my-imcloud.com"),
+                ("adminapiidn.im.qcloud.com", "adminapiidn.my-imcloud.com"),
+            ]
+        );
     }
 }

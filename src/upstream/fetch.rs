@@ -30,6 +30,7 @@ use crate::fleet::{self, SharedTier};
 use crate::tencent::code::ErrorCode;
 use crate::tencent::domain::AppId;
 use crate::tencent::domain::{GroupId, MsgSeq, Receipt};
+use crate::upstream::endpoints::Which;
 use crate::upstream::retry::{Attempts, Next, Trouble};
 use crate::upstream::{Outcome, Upstream};
 
@@ -231,7 +232,7 @@ fn fetch<'a>(
                 return fail(&seqs, Failure::NoBudget);
             }
             let first = tally.calls.fetch_add(1, Ordering::Relaxed) == 0;
-            let (outcome, on_the_wire) = attempt(app, group, &seqs, &tally.served).await;
+            let (outcome, on_the_wire) = attempt(app, group, &seqs, &tally.served, attempts.retry_on()).await;
             if first {
                 tally.first_on_the_wire_us.store(on_the_wire.as_micros() as u64, Ordering::Relaxed);
             }
@@ -252,11 +253,17 @@ fn fetch<'a>(
 
 /// One upstream call, and how long it was on the wire; its latency feeds admission when
 /// Tencent answered at all.
-async fn attempt(app: &Fetcher, group: &GroupId, seqs: &[MsgSeq], served: &Served) -> (Outcome, Duration) {
+async fn attempt(
+    app: &Fetcher,
+    group: &GroupId,
+    seqs: &[MsgSeq],
+    served: &Served,
+    retry_on: Option<Which>,
+) -> (Outcome, Duration) {
     let sent = app.budget.before_send().await;
     let started = Instant::now();
     app.batch_size.observe(seqs.len() as f64);
-    let outcome = app.upstream.get_receipts(group, seqs, served, sent).await;
+    let outcome = app.upstream.get_receipts(group, seqs, served, sent, retry_on).await;
     let on_the_wire = started.elapsed();
     if !matches!(outcome, Outcome::NoAnswer { .. }) {
         app.engine.estimates().observe_latency(on_the_wire);

@@ -1,15 +1,18 @@
 //! One app's signed, regional HTTPS client for Tencent (docs/design.md#upstream-calls, #signing).
 //!
-//! It owns the connection pool (rustls with the bundled web PKI roots, keep-alive), the
-//! app's [`Signer`], and the classification of every answer into what the caller must do
+//! It owns the app's [`Signer`], which of its two domains each call goes to
+//! ([`endpoints`]), and the classification of every answer into what the caller must do
 //! next. It makes exactly one HTTP call per [`Upstream::get_receipts`] (or
 //! [`Upstream::get_detail`], for the detail API's client): retries, splits and budget
 //! are the caller's (`fetch`, `detail`), so that every attempt is paid for. Each call
-//! carries the instant the budget recorded it as sent ([`SENT_AT_HEADER`]).
+//! carries the instant the budget recorded it as sent ([`SENT_AT_HEADER`]) and
+//! `User-Agent: receipt-gateway/<version>`.
 //!
-//! Layout: this module (the client and the classification of answers), [`signer`] (the
-//! cached UserSig), [`retry`] (backoff and what each failure calls for, for every API),
-//! and [`fetch`] (running one dispatched receipt batch to its end).
+//! Layout: this module (the client and the classification of answers), [`connect`] (the
+//! pool's connections: proxy, TLS roots, warm-up), [`endpoints`] (primary and backup
+//! domain, failover), [`signer`] (the cached UserSig), [`retry`] (backoff and what each
+//! failure calls for, for every API), and [`fetch`] (running one dispatched receipt batch
+//! to its end).
 //!
 //! May import: `engine` (batches, the queue's permits), `budget`, `cache`, `fleet`,
 //! `config`, `telemetry`, `tencent`. Imported by `service` and `lib.rs` only.
@@ -17,6 +20,8 @@
 //! Invariant: every attempt, retry and split is paid with a token from the budget, and a
 //! batch runs in a task of its own, so no caller can cancel a call others wait on.
 
+pub mod connect;
+pub mod endpoints;
 pub mod fetch;
 pub mod retry;
 pub mod signer;
@@ -27,20 +32,22 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http::{Method, Request, header};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use prometheus::{Histogram, IntCounter, IntCounterVec};
 use tokio::time::Instant;
 
-use crate::config::AppConfig;
+use crate::config::{AppConfig, UpstreamConfig};
 use crate::engine::batch::Served;
 use crate::telemetry::metrics::{API_DETAIL, API_RECEIPT, Metrics};
 use crate::tencent::code::ErrorCode;
 use crate::tencent::domain::{AppId, GroupId, MsgSeq, Receipt};
 use crate::tencent::wire::{DETAIL_PATH, RECEIPT_PATH, ReceiptRequest, ReceiptResponse, SENT_AT_HEADER};
+pub use crate::upstream::connect::HttpClient;
+use crate::upstream::connect::Pool;
+use crate::upstream::endpoints::{Endpoints, Reach, Which};
 use crate::upstream::signer::Signer;
+
+/// Sent on every upstream call.
+pub const USER_AGENT: &str = concat!("receipt-gateway/", env!("CARGO_PKG_VERSION"));
 
 /// Tencent's answers are small; this bounds what a broken upstream can make us buffer.
 const MAX_REPLY_BYTES: usize = 4 << 20;
@@ -59,8 +66,10 @@ pub enum Outcome {
     /// Transient: retry with backoff within the deadline.
     Retryable { reason: String },
     /// No answer at all (timeout, transport failure): retry like `Retryable`, but the
-    /// duration says nothing about how fast Tencent answers.
-    NoAnswer { reason: String },
+    /// duration says nothing about how fast Tencent answers. `elsewhere` is the app's
+    /// other domain when this one could not even be connected to: the retry goes there
+    /// at once (docs/design.md#domains-and-failover).
+    NoAnswer { reason: String, elsewhere: Option<Which> },
     /// 70001: sign anew and retry once.
     UserSigExpired,
     /// 70050: too many signature failures; do not retry signing for a minute.
@@ -98,16 +107,20 @@ pub enum Passed {
     Failed(Outcome),
 }
 
-/// A signed client for one app and API. Clones share the pool and the signer.
+/// A signed client for one app and API. Clones share the pool, the signer and the
+/// app's domains.
 #[derive(Clone)]
 pub struct Upstream {
     app: AppId,
     /// For the log line: the configured region, or `endpoint` when only an endpoint is set.
     region: &'static str,
     signer: Arc<Signer>,
-    url: String,
+    /// The app's primary and backup domain, shared by both APIs.
+    endpoints: Arc<Endpoints>,
+    /// The API's path, after the domain's base URL.
+    path: &'static str,
     timeout: Duration,
-    client: HttpClient,
+    pool: Pool,
     /// Which API this client calls (`api` label, log lines).
     api: &'static str,
     /// `receipt_gateway_upstream_calls_total` for this app and API; results are labels.
@@ -116,42 +129,23 @@ pub struct Upstream {
     duration: Histogram,
 }
 
-/// The pooled client every app's calls share.
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
-
-/// The shared HTTP(S) client: rustls with ring and the bundled web PKI roots (so it
-/// works in images without a CA bundle), h2 or HTTP/1.1 by ALPN. Plain HTTP only ever
-/// reaches an `endpoint` override (tests, egress proxies).
-pub fn http_client() -> Result<HttpClient, rustls::Error> {
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())?
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .build();
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(connector))
-}
-
 impl Upstream {
     /// The pooled client, which the callback tee shares.
     pub fn client(&self) -> &HttpClient {
-        &self.client
+        &self.pool.client
     }
 
     /// The receipt API's client for `app`.
-    pub fn new(app: &AppConfig, timeout: Duration, client: HttpClient, metrics: &Metrics) -> Self {
+    pub fn new(app: &AppConfig, upstream: &UpstreamConfig, pool: Pool, metrics: &Metrics) -> Self {
         let label = app.id.to_string();
         Self {
             app: app.id,
             region: app.region.map_or("endpoint", |r| r.name()),
             signer: Arc::new(Signer::new(app, metrics.usersig_expiry.with_label_values(&[label.as_str()]))),
-            url: format!("{}{RECEIPT_PATH}", app.endpoint),
-            timeout,
-            client,
+            endpoints: Arc::new(Endpoints::new(app, upstream, &metrics.upstream_endpoint_active)),
+            path: RECEIPT_PATH,
+            timeout: upstream.timeout,
+            pool,
             api: API_RECEIPT,
             calls: metrics.upstream_calls.clone(),
             duration: metrics.upstream_duration.with_label_values(&[label.as_str(), API_RECEIPT]),
@@ -159,14 +153,27 @@ impl Upstream {
         }
     }
 
-    /// The detail API's client of the same app: the same signer and pool.
-    pub fn for_detail(&self, endpoint: &str, metrics: &Metrics) -> Self {
+    /// The detail API's client of the same app: the same signer, pool and domains.
+    pub fn for_detail(&self, metrics: &Metrics) -> Self {
         Self {
-            url: format!("{endpoint}{DETAIL_PATH}"),
+            path: DETAIL_PATH,
             api: API_DETAIL,
             duration: metrics.upstream_duration.with_label_values(&[self.app_label.as_str(), API_DETAIL]),
             ..self.clone()
         }
+    }
+
+    /// Opens a connection to the app's domain in use, before any call needs it
+    /// (docs/design.md#upstream-connections); a failure counts as one to reach it.
+    pub async fn warm(&self) -> Result<(), String> {
+        let which = self.endpoints.active();
+        let base = self.endpoints.base(which);
+        let warmed = tokio::time::timeout(self.timeout, self.pool.warm(base)).await;
+        let result = warmed.unwrap_or_else(|_| Err(format!("no connection within {} ms", self.timeout.as_millis())));
+        if result.is_err() {
+            self.endpoints.report(which, Reach::Unreachable);
+        }
+        result.map_err(|e| format!("{base}: {e}"))
     }
 
     /// The app's signer: the fetch loop renews after 70001 and locks out after 70050.
@@ -183,18 +190,29 @@ impl Upstream {
     /// is when the budget recorded the call as sent ([`Budget::before_send`]).
     ///
     /// [`Budget::before_send`]: crate::budget::Budget::before_send
-    pub async fn get_receipts(&self, group: &GroupId, seqs: &[MsgSeq], served: &Served, sent: Instant) -> Outcome {
+    /// `retry_on` is the domain an attempt that could not connect asked its retry to go
+    /// to ([`Attempts::retry_on`](retry::Attempts::retry_on)).
+    pub async fn get_receipts(
+        &self,
+        group: &GroupId,
+        seqs: &[MsgSeq],
+        served: &Served,
+        sent: Instant,
+        retry_on: Option<Which>,
+    ) -> Outcome {
         let started = Instant::now();
-        let (outcome, label) = self.call(group, seqs, sent).await;
-        self.observe(started, &label, seqs.len(), served);
+        let which = self.endpoints.pick(retry_on);
+        let (outcome, label) = self.call(group, seqs, sent, which).await;
+        self.observe(started, &label, seqs.len(), served, which);
         outcome
     }
 
     /// One signed detail call with `body` (Tencent's own shape), sent at `sent`. Never
     /// retries.
-    pub async fn get_detail(&self, body: Vec<u8>, served: &Served, sent: Instant) -> Passed {
+    pub async fn get_detail(&self, body: Vec<u8>, served: &Served, sent: Instant, retry_on: Option<Which>) -> Passed {
         let started = Instant::now();
-        let (passed, label) = match self.exchange(body, sent).await {
+        let which = self.endpoints.pick(retry_on);
+        let (passed, label) = match self.exchange(body, sent, which).await {
             Err((outcome, label)) => (Passed::Failed(outcome), label),
             Ok(bytes) => match serde_json::from_slice::<ReceiptResponse>(&bytes) {
                 Err(e) => (
@@ -216,12 +234,12 @@ impl Upstream {
                 }
             },
         };
-        self.observe(started, &label, 1, served);
+        self.observe(started, &label, 1, served, which);
         passed
     }
 
     /// Counts and logs one call.
-    fn observe(&self, started: Instant, label: &str, seqs: usize, served: &Served) {
+    fn observe(&self, started: Instant, label: &str, seqs: usize, served: &Served, which: Which) {
         let elapsed = started.elapsed();
         self.duration.observe(elapsed.as_secs_f64());
         self.calls_with(label).inc();
@@ -229,7 +247,8 @@ impl Upstream {
             sdkappid = %self.app,
             region = self.region,
             api = self.api,
-            endpoint = %self.url,
+            endpoint = self.endpoints.base(which),
+            domain = which.label(),
             seqs,
             result = %label,
             duration_ms = elapsed.as_secs_f64() * 1000.0,
@@ -238,9 +257,9 @@ impl Upstream {
         );
     }
 
-    async fn call(&self, group: &GroupId, seqs: &[MsgSeq], sent: Instant) -> (Outcome, String) {
+    async fn call(&self, group: &GroupId, seqs: &[MsgSeq], sent: Instant, which: Which) -> (Outcome, String) {
         let body = ReceiptRequest { group: group.clone(), seqs: seqs.to_vec() }.to_body();
-        let bytes = match self.exchange(body, sent).await {
+        let bytes = match self.exchange(body, sent, which).await {
             Ok(bytes) => bytes,
             Err(failed) => return failed,
         };
@@ -259,12 +278,14 @@ impl Upstream {
         (Outcome::Items(items.iter().map(|i| (MsgSeq(i.seq), i.receipt())).collect()), "ok".into())
     }
 
-    /// One signed POST of `body`, stamped `sent`: the answer's bytes on HTTP success, else
-    /// what failed and its label.
-    async fn exchange(&self, body: Vec<u8>, sent: Instant) -> Result<Bytes, (Outcome, String)> {
+    /// One signed POST of `body` to `which` domain, stamped `sent`: the answer's bytes on
+    /// HTTP success, else what failed and its label. What it told about the domain's
+    /// reach goes to [`Endpoints::report`].
+    async fn exchange(&self, body: Vec<u8>, sent: Instant, which: Which) -> Result<Bytes, (Outcome, String)> {
         let uri = format!(
-            "{}?sdkappid={}&identifier={}&usersig={}&random={}&contenttype=json",
-            self.url,
+            "{}{}?sdkappid={}&identifier={}&usersig={}&random={}&contenttype=json",
+            self.endpoints.base(which),
+            self.path,
             self.app,
             percent_encode(self.signer.identifier()),
             self.signer.usersig().expose(),
@@ -274,6 +295,7 @@ impl Upstream {
             .method(Method::POST)
             .uri(uri)
             .header(header::CONTENT_TYPE, "application/json")
+            .header(header::USER_AGENT, USER_AGENT)
             .header(SENT_AT_HEADER, unix_micros(sent))
             .body(Full::new(Bytes::from(body)))
         {
@@ -283,23 +305,38 @@ impl Upstream {
                 return Err((Outcome::Final { code: ErrorCode::NONE, info }, "transport".into()));
             }
         };
-        let attempt = async {
-            let response = self.client.request(request).await.map_err(|e| ("transport", error_chain(&e)))?;
-            let status = response.status();
-            let bytes = Limited::new(response.into_body(), MAX_REPLY_BYTES)
-                .collect()
-                .await
-                .map_err(|e| ("transport", e.to_string()))?
-                .to_bytes();
-            Ok::<_, (&str, String)>((status, bytes))
+        // The head first: a timeout before it is a failure to reach the domain, one
+        // after it is not (the domain answered).
+        let deadline = Instant::now() + self.timeout;
+        let head = match tokio::time::timeout_at(deadline, self.pool.client.request(request)).await {
+            Err(_) => {
+                self.endpoints.report(which, Reach::Unreachable);
+                let reason = format!("no answer within {} ms", self.timeout.as_millis());
+                return Err((Outcome::NoAnswer { reason, elsewhere: None }, "timeout".into()));
+            }
+            Ok(Err(e)) if e.is_connect() => {
+                self.endpoints.report(which, Reach::Unreachable);
+                let reason = format!("cannot connect to {}: {}", self.endpoints.base(which), error_chain(&e));
+                let elsewhere = self.endpoints.other(which);
+                return Err((Outcome::NoAnswer { reason, elsewhere }, "transport".into()));
+            }
+            Ok(Err(e)) => {
+                return Err((Outcome::NoAnswer { reason: error_chain(&e), elsewhere: None }, "transport".into()));
+            }
+            Ok(Ok(head)) => head,
         };
-        let (status, bytes) = match tokio::time::timeout(self.timeout, attempt).await {
+        self.endpoints.report(which, Reach::Answered);
+        let status = head.status();
+        let body = Limited::new(head.into_body(), MAX_REPLY_BYTES).collect();
+        let bytes = match tokio::time::timeout_at(deadline, body).await {
             Err(_) => {
                 let reason = format!("no answer within {} ms", self.timeout.as_millis());
-                return Err((Outcome::NoAnswer { reason }, "timeout".into()));
+                return Err((Outcome::NoAnswer { reason, elsewhere: None }, "timeout".into()));
             }
-            Ok(Err((label, reason))) => return Err((Outcome::NoAnswer { reason }, label.into())),
-            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) => {
+                return Err((Outcome::NoAnswer { reason: e.to_string(), elsewhere: None }, "transport".into()));
+            }
+            Ok(Ok(collected)) => collected.to_bytes(),
         };
         if !status.is_success() {
             let label = format!("http_{}", status.as_u16());
@@ -312,8 +349,55 @@ impl Upstream {
     }
 }
 
+/// The first delay, and the longest, between tries to open a connection that could not be
+/// opened at start.
+const WARM_RETRY_FIRST: Duration = Duration::from_secs(1);
+const WARM_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Opens one connection to each app's domain in use (TLS, and the proxy's tunnel, included)
+/// before callers need it; `warmed` turns true once each has had its first try, each
+/// bounded by `upstream.timeout_ms`, so start-up waits no longer than that
+/// (docs/design.md#upstream-connections). One that failed is logged once, and tried again
+/// in the background, with backoff, until it opens.
+pub async fn warm_up(upstreams: Vec<Upstream>, warmed: tokio::sync::watch::Sender<bool>) {
+    let mut first = tokio::task::JoinSet::new();
+    for upstream in upstreams {
+        first.spawn(async move { (upstream.warm().await, upstream) });
+    }
+    let mut failed = Vec::new();
+    while let Some(Ok((result, upstream))) = first.join_next().await {
+        match result {
+            Ok(()) => tracing::info!(sdkappid = %upstream.app, "upstream connection opened"),
+            Err(error) => {
+                tracing::warn!(
+                    sdkappid = %upstream.app,
+                    %error,
+                    "upstream connection could not be opened at start; calls will open their own, and it is \
+                     tried again in the background"
+                );
+                failed.push(upstream);
+            }
+        }
+    }
+    warmed.send_replace(true);
+    let mut again = tokio::task::JoinSet::new();
+    for upstream in failed {
+        again.spawn(async move {
+            let mut delay = WARM_RETRY_FIRST;
+            loop {
+                tokio::time::sleep(delay).await;
+                if upstream.warm().await.is_ok() {
+                    return tracing::info!(sdkappid = %upstream.app, "upstream connection opened");
+                }
+                delay = (delay * 2).min(WARM_RETRY_MAX);
+            }
+        });
+    }
+    while again.join_next().await.is_some() {}
+}
+
 /// The full cause chain of a client error, which hyper hides behind "client error".
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

@@ -1,13 +1,16 @@
 //! Retrying an upstream call within its caller's deadline, the same for every API:
 //! exponential backoff with jitter, at most `upstream.max_retries` times and never past
 //! what the deadline leaves room for; a UserSig Tencent calls expired is signed anew
-//! once; throttling lowers the budget's effective rate; 70050 locks signing.
+//! once; throttling lowers the budget's effective rate; 70050 locks signing; an attempt
+//! that could not connect is retried at once on the app's other domain
+//! (docs/design.md#domains-and-failover), as one of its retries.
 
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use super::Outcome;
+use super::endpoints::Which;
 use super::signer::Signer;
 use crate::budget::Budget;
 
@@ -28,6 +31,8 @@ pub struct Attempts {
     retries: u32,
     max_retries: u32,
     resigned: bool,
+    /// Where the next attempt goes, when the last could not connect where it went.
+    retry_on: Option<Which>,
 }
 
 /// What a failed attempt calls for, whatever the API.
@@ -50,7 +55,12 @@ pub enum Trouble {
 
 impl Attempts {
     pub fn new(max_retries: u32) -> Self {
-        Self { retries: 0, max_retries, resigned: false }
+        Self { retries: 0, max_retries, resigned: false, retry_on: None }
+    }
+
+    /// The domain the next attempt must go to, if the last one could not connect: once.
+    pub fn retry_on(&mut self) -> Option<Which> {
+        self.retry_on.take()
     }
 
     /// What `outcome` calls for when it is about the call rather than its answer
@@ -77,7 +87,12 @@ impl Attempts {
                 tracing::debug!(%code, "upstream throttled");
                 Next::RetryLater(Trouble::Throttled)
             }
-            Outcome::Retryable { reason } | Outcome::NoAnswer { reason } => {
+            Outcome::NoAnswer { elsewhere: Some(other), .. } if self.retries < self.max_retries => {
+                self.retries += 1;
+                self.retry_on = Some(other);
+                Next::RetryNow
+            }
+            Outcome::Retryable { reason } | Outcome::NoAnswer { reason, .. } => {
                 Next::RetryLater(Trouble::Unavailable(reason))
             }
             other @ (Outcome::Items(_) | Outcome::Group { .. } | Outcome::InvalidParameter { .. }) => {
@@ -137,6 +152,7 @@ mod tests {
             identifier: "administrator".into(),
             secret: SecretKey::new("k"),
             endpoint: "http://127.0.0.1:9".into(),
+            backup_endpoint: None,
             usersig_ttl: Duration::from_secs(86_400),
             callbacks: false,
             callback_token: None,
@@ -146,7 +162,7 @@ mod tests {
         let mut attempts = Attempts::new(2);
 
         for outcome in [
-            Outcome::NoAnswer { reason: "no answer within 3000 ms".into() },
+            Outcome::NoAnswer { reason: "no answer within 3000 ms".into(), elsewhere: None },
             Outcome::Retryable { reason: "HTTP 502".into() },
         ] {
             let next = attempts.judge(outcome, &signer, &budget);
@@ -157,6 +173,14 @@ mod tests {
         let next = attempts.judge(Outcome::Throttled { code: ErrorCode::RATE_LIMITED }, &signer, &budget);
         assert_eq!(next.ok(), Some(Next::RetryLater(Trouble::Throttled)));
         assert!(budget.effective_rate() < 101.0, "halved by a 60007");
+
+        // Could not connect, and the app has another domain: there at once, as a retry.
+        let unconnected = || Outcome::NoAnswer { reason: "refused".into(), elsewhere: Some(Which::Backup) };
+        let mut attempts = Attempts::new(1);
+        assert_eq!(attempts.judge(unconnected(), &signer, &budget).ok(), Some(Next::RetryNow));
+        assert_eq!((attempts.retry_on(), attempts.retry_on()), (Some(Which::Backup), None));
+        let next = attempts.judge(unconnected(), &signer, &budget);
+        assert!(matches!(next, Ok(Next::RetryLater(_))), "max_retries spent: {next:?}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -115,6 +115,7 @@ mod tests {
             identifier: "administrator".into(),
             secret: SecretKey::new("k"),
             endpoint: "http://127.0.0.1:9".into(),
+            backup_endpoint: None,
             callbacks: false,
             callback_token: None,
             callback_forward: None,

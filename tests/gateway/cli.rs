@@ -42,8 +42,13 @@ fn check_config_resolves_all_seven_regions() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
     for (i, region) in Region::ALL.iter().enumerate() {
-        let line =
-            format!("sdkappid={} region={} endpoint=https://{}", 1_400_000_000 + i, region.name(), region.domain());
+        let line = format!(
+            "sdkappid={} region={} endpoint=https://{} backup_endpoint=https://{}",
+            1_400_000_000 + i,
+            region.name(),
+            region.domain(),
+            region.backup_domain()
+        );
         assert!(stdout.contains(&line), "missing {line:?} in\n{stdout}");
     }
     assert!(!stdout.contains("never-print-me"), "the secret is never printed");

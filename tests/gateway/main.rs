@@ -8,6 +8,7 @@ mod cli;
 mod clients;
 mod cluster;
 mod detail;
+mod egress;
 mod engine;
 mod errors;
 mod fleet;

@@ -36,8 +36,13 @@ pub const BILLING_TOKEN: &str = "billing-secret-token-0123";
 /// "CALLBACK_TOKEN"`).
 pub const CALLBACK_TOKEN: &str = "xxxxyyyy";
 
-/// Secrets for the test config: each app's key under its own variable.
-struct TestSecrets;
+/// Secrets for the test config: each app's key under its own variable, and the test's
+/// own environment (`HTTPS_PROXY`, ...: tests share one process, so they never set its
+/// variables). Files are read for real only if they end in `.pem` (`upstream.ca_file`).
+#[derive(Default)]
+pub struct TestSecrets {
+    pub env: Vec<(&'static str, String)>,
+}
 
 impl SecretSource for TestSecrets {
     fn env(&self, name: &str) -> Option<String> {
@@ -46,11 +51,14 @@ impl SecretSource for TestSecrets {
             "KEY_TWO" => Some(KEY2.into()),
             "BILLING_TOKEN" => Some(BILLING_TOKEN.into()),
             "CALLBACK_TOKEN" => Some(CALLBACK_TOKEN.into()),
-            _ => None,
+            _ => self.env.iter().find(|(n, _)| *n == name).map(|(_, v)| v.clone()),
         }
     }
 
     fn file(&self, path: &Path) -> std::io::Result<String> {
+        if path.extension().is_some_and(|e| e == "pem") {
+            return std::fs::read_to_string(path);
+        }
         Err(std::io::Error::new(std::io::ErrorKind::NotFound, path.display().to_string()))
     }
 }
@@ -72,6 +80,10 @@ pub struct Setup {
     pub sim_thread: bool,
     /// More keys for the first app (`callbacks = true`, ...).
     pub app: String,
+    /// The first app's `endpoint`, instead of the simulator's URL.
+    pub endpoint: Option<String>,
+    /// The environment the configuration is resolved with (`HTTPS_PROXY`, ...).
+    pub env: Vec<(&'static str, String)>,
 }
 
 impl Default for Setup {
@@ -84,6 +96,8 @@ impl Default for Setup {
             shared_sim: None,
             sim_thread: false,
             app: String::new(),
+            endpoint: None,
+            env: Vec::new(),
         }
     }
 }
@@ -264,6 +278,18 @@ pub fn busiest_second(us: &[u64]) -> usize {
     best
 }
 
+/// The simulator options [`TestApp::spawn_with`] uses for one app: for a simulator a test
+/// starts itself (another port, HTTPS) and hands over as [`Setup::shared_sim`].
+pub fn sim_options() -> SimOptions {
+    SimOptions::new(vec![SimApp { app: AppId(APP), identifier: "administrator".into(), key: SecretKey::new(KEY) }])
+}
+
+/// A port nothing listens on (bound, then let go): connections to it are refused.
+pub fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").port()
+}
+
 /// A receipt body for `group` and `seqs`.
 pub fn body(group: &str, seqs: &[u64]) -> String {
     let list: Vec<String> = seqs.iter().map(|s| format!(r#"{{"MsgSeq":{s}}}"#)).collect();
@@ -305,7 +331,8 @@ impl TestApp {
         let mut text = setup.sections.clone();
         text.push_str(&format!(
             "\n[[apps]]\nsdkappid = {APP}\nregion = \"singapore\"\nidentifier = \"administrator\"\n\
-             secret_key_env = \"KEY_ONE\"\nendpoint = \"{sim_url}\"\n{}\n",
+             secret_key_env = \"KEY_ONE\"\nendpoint = \"{}\"\n{}\n",
+            setup.endpoint.as_deref().unwrap_or(&sim_url),
             setup.app
         ));
         if setup.two_apps {
@@ -314,7 +341,7 @@ impl TestApp {
                  secret_key_env = \"KEY_TWO\"\nendpoint = \"{sim_url}\"\n"
             ));
         }
-        let config = Config::parse(&text, &TestSecrets).expect("test config is valid");
+        let config = Config::parse(&text, &TestSecrets { env: setup.env }).expect("test config is valid");
         let data = TcpListener::bind("127.0.0.1:0").await.expect("bind data");
         let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
         let url = format!("http://{}", data.local_addr().expect("addr"));
@@ -323,7 +350,7 @@ impl TestApp {
         let gateway = tokio::spawn(receipt_gateway::run(config, Listeners { data, admin }, async move {
             let _ = stopped.await;
         }));
-        Self {
+        let app = Self {
             url,
             admin: admin_url,
             sim,
@@ -334,7 +361,16 @@ impl TestApp {
             _sim_server: sim_server,
             _sim_thread: sim_thread,
             _light: light,
-        }
+        };
+        // As a Kubernetes Service would: callers come once it is ready (its upstream
+        // connections opened, or tried).
+        within(async {
+            while app.admin_get("/readyz").await.0 != StatusCode::OK {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await;
+        app
     }
 
     /// POSTs `body` to the receipt path with `query` and extra headers.

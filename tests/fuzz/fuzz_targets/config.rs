@@ -1,5 +1,6 @@
 //! Configuration parsing and validation (`Config::parse`), with every environment
-//! variable set to one fixed secret and every secret file unreadable.
+//! variable set to one fixed secret (the egress proxy's variables to a proxy URL whose
+//! password is that secret; `NO_PROXY` unset) and every secret file unreadable.
 //!
 //! Properties: no panic; an accepted configuration holds what validation promises (at
 //! least one app, app and client ids unique, limits within their documented ranges);
@@ -19,8 +20,12 @@ const SECRET: &str = "fuzz-Secret-7f3a9c";
 struct FixedSecrets;
 
 impl SecretSource for FixedSecrets {
-    fn env(&self, _name: &str) -> Option<String> {
-        Some(SECRET.to_owned())
+    fn env(&self, name: &str) -> Option<String> {
+        match name.to_ascii_uppercase().as_str() {
+            "NO_PROXY" => None,
+            "HTTPS_PROXY" | "HTTP_PROXY" => Some(format!("http://gateway:{SECRET}@egress.internal:3128")),
+            _ => Some(SECRET.to_owned()),
+        }
     }
 
     fn file(&self, _path: &Path) -> std::io::Result<String> {
