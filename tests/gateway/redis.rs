@@ -115,7 +115,8 @@ impl Grants {
         for line in lines.iter().take_while(|l| !l.contains(&quoted)) {
             let Some((_, value)) = line.split_once(&set) else { continue };
             let value = value.split('"').next().unwrap_or_default();
-            let (tat, total) = value.split_once(':').unwrap_or_else(|| panic!("a budget value without its count: {line}"));
+            let (tat, total) =
+                value.split_once(':').unwrap_or_else(|| panic!("a budget value without its count: {line}"));
             let (tat, total): (u64, u64) = (tat.parse().unwrap(), total.parse().unwrap());
             // A smaller count: the key expired (the fleet was idle) and started over.
             let taken = if total > count { total - count } else { total };
