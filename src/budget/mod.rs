@@ -457,12 +457,12 @@ struct Others {
 }
 
 impl Others {
-    /// This replica took `taken` tokens, the last the fleet's `grants`-th: the others took
-    /// the rest of the grants since its last call. The sample weighs by the time it covers, so the estimate
-    /// follows the others' calls within about [`OTHERS_MEMORY`] whatever this replica's
-    /// own pace: its tokens a few milliseconds apart (each sample 0 or 1 grant of the
-    /// others) average out, and one half a second after the last is mostly what the
-    /// others take now. With a fixed weight of a quarter per sample, a replica taking a
+    /// This replica took `taken` tokens in one lease, the last the fleet's `grants`-th: the
+    /// others took the rest of the grants since its last lease. The sample weighs by the
+    /// time it covers, so the estimate follows the others' calls within about
+    /// [`OTHERS_MEMORY`] whatever this replica's own pace: its leases a few milliseconds
+    /// apart (each sample a few grants of the others) average out, and one half a second
+    /// after the last is mostly what the others take now. With a fixed weight of a quarter per sample, a replica taking a
     /// token every half second — one that refuses most of its callers — went on seeing
     /// for seconds the rate another had drained a backlog at (140/s half a second after
     /// the others went from 180/s to 18/s; see the budget's tests), and planned with what
