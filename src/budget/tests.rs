@@ -248,7 +248,7 @@ struct ModelRedis {
 }
 
 impl ModelRedis {
-    fn lease(&mut self, now: Duration, want: u32, horizon: Duration) -> (Duration, u64, Vec<Duration>) {
+    fn lease(&mut self, now: Duration, want: u32, horizon: Duration) -> ModelAnswer {
         let mut offsets = Vec::new();
         while offsets.len() < want as usize {
             let at = self.tat.saturating_sub(self.tolerance).max(now);
@@ -268,6 +268,9 @@ impl ModelRedis {
     }
 }
 
+/// The script's answer: the wait, the fleet's grant count, the grants' offsets.
+type ModelAnswer = (Duration, u64, Vec<Duration>);
+
 /// One replica in the model: its lease, the call under way (when it reaches Redis, its
 /// ask), when it was sent, the answer under way (when it arrives, when its call was sent,
 /// the answer), its dispatcher's next wake-up, and the instants its tokens were handed out.
@@ -275,7 +278,7 @@ struct ModelReplica {
     lease: Lease,
     call: Option<(Duration, lease::Ask)>,
     sent: Duration,
-    answer: Option<(Duration, Duration, (Duration, u64, Vec<Duration>))>,
+    answer: Option<(Duration, Duration, ModelAnswer)>,
     wake: Duration,
     taken: Vec<Duration>,
 }
