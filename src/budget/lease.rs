@@ -145,11 +145,14 @@ impl Lease {
 
     /// How many grants to ask for: one and a half times what the recent demand would use
     /// within the horizon, or twice the last call's if the dispatcher found the lease empty
-    /// since (the demand measured while short of grants understates it).
+    /// since (the demand measured while short of grants understates it) — unless this
+    /// replica handed out no token lately: after an idle spell it starts again from one.
     fn size(&mut self, now: Instant) -> Ask {
         let horizon = self.horizon();
         let by_demand = (self.demand(now) * horizon.as_secs_f64() * 1.5).ceil() as u32;
-        let want = if self.starved { by_demand.max(self.last_want.saturating_mul(2)) } else { by_demand };
+        let lately = self.demand_at.is_some_and(|t| now.saturating_duration_since(t) <= DEMAND_MEMORY);
+        let last = if lately { self.last_want } else { 0 };
+        let want = if self.starved { by_demand.max(last.saturating_mul(2)) } else { by_demand };
         let want = want.clamp(1, MAX_GRANTS);
         self.starved = false;
         self.last_want = want;

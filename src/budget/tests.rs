@@ -429,6 +429,11 @@ async fn a_lease_grows_with_demand_and_is_renewed_before_it_runs_out() {
     }
     let demand = lease.demand(now + step * 29);
     assert!((60.0..=100.0).contains(&demand), "{demand}/s");
+
+    // Idle for a second: the next lease starts again from one grant.
+    let later = now + Duration::from_secs(1);
+    lease.answered(later, later, &[], Duration::ZERO);
+    assert_eq!(lease.next(later + rtt).1.map(|a| a.want), Some(1));
 }
 
 /// A grant the dispatcher did not take within [`lease::LATE`] of its instant is dropped,
