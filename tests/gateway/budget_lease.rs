@@ -96,3 +96,42 @@ async fn two_replicas_spend_the_whole_budget_over_a_redis_20_ms_away() {
     assert!(answered(&a) && answered(&b), "every request answered 200, 429 or 504");
     assert_eq!(up, (1.0, 1.0), "Redis answered in time throughout");
 }
+
+/// Throttling still lowers the effective rate with leased grants: a Tencent that allows 40
+/// calls a second answers the rest 60007, the replica halves its rate (its dispatcher asks
+/// for grants more slowly, so its leases shrink and the grants it skips expire), and after
+/// the first second it sends well under the 97 a second its grants would allow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_lowers_the_rate_of_a_replica_on_leased_grants() {
+    let dir = std::env::temp_dir().join(format!("receipt-gateway-lease-throttle-{}", std::process::id()));
+    let redis = RedisServer::start(&dir).await;
+    let proxy = LatencyProxy::start(&dir.join("redis.sock"), Duration::from_millis(10)).await;
+    let sections = format!(
+        "[budget]\nbackend = \"redis\"\nper_second = {PER_SECOND}\nfallback_per_second = 5\n\
+         [redis]\nurl = \"redis://{}\"\nkey_prefix = \"lease-throttle-{}\"\n",
+        proxy.addr,
+        std::process::id()
+    );
+    let app = TestApp::spawn_with(Setup { sim_limit: 40, ..Setup::sections(&sections) }).await;
+
+    let statuses = load(&app, "t", PER_SECOND, Duration::from_secs(4)).await;
+    let calls = app.sim.calls();
+    let rate = app
+        .metric(&format!(
+            "receipt_gateway_budget_effective_rate{{api=\"get_group_msg_receipt\",app=\"{}\"}}",
+            crate::support::APP
+        ))
+        .await;
+    drop(redis);
+
+    let mut sent: Vec<u64> = calls.iter().filter_map(|c| c.sent_at_us).collect();
+    sent.sort_unstable();
+    let first = sent.first().copied().unwrap_or_default();
+    let later = sent.iter().filter(|t| (first + 1_500_000..first + 3_500_000).contains(*t)).count();
+    let throttled = calls.iter().filter(|c| c.error_code.0 == 60007).count();
+    eprintln!("{} calls ({throttled} answered 60007), {later} in seconds 1.5-3.5; effective rate {rate}", calls.len());
+    assert!(throttled > 0, "the simulator throttled");
+    assert!(rate < PER_SECOND as f64, "the effective rate is lowered: {rate}");
+    assert!(later <= 2 * 60, "{later} calls in two seconds after the first throttling");
+    assert!(statuses.iter().all(Option::is_some), "every request answered");
+}
