@@ -30,6 +30,11 @@ pub struct Args {
     /// The `redis-server` binary the fleet shares (with `--replicas` above 1).
     #[arg(long, default_value = "redis-server")]
     pub redis_server: PathBuf,
+    /// Milliseconds added to every round trip between the fleet's replicas and Redis (half
+    /// each way, by a TCP proxy in front of the private `redis-server`), as with a managed
+    /// Redis further away; 0 = none (with `--replicas` above 1).
+    #[arg(long, default_value_t = 0)]
+    pub redis_delay_ms: u64,
     /// The gateway binary [default: `receipt-gateway` next to this binary].
     #[arg(long)]
     pub gateway_bin: Option<PathBuf>,

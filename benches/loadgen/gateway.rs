@@ -45,7 +45,8 @@ pub struct Gateway {
 /// shared tier (`fleet.backend`), both through `[redis]`.
 #[derive(Clone, Debug)]
 pub struct SharedTier {
-    /// `unix://…` (the loadgen's private redis-server).
+    /// `unix://…` (the loadgen's private redis-server), or `redis://127.0.0.1:<port>` through
+    /// the `--redis-delay-ms` proxy.
     pub url: String,
     /// Fresh per fleet, so no state of an earlier run is read.
     pub key_prefix: String,

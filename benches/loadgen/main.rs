@@ -66,6 +66,7 @@ mod client;
 mod conn;
 mod drive;
 mod gateway;
+mod latency_proxy;
 mod mix;
 mod nginx;
 mod record;

@@ -13,6 +13,7 @@ use redis::aio::MultiplexedConnection;
 
 use crate::Result;
 use crate::gateway::{self, SharedTier};
+use crate::latency_proxy::LatencyProxy;
 
 const READY_WITHIN: Duration = Duration::from_secs(10);
 /// Every command to the private server is local and small.
@@ -28,6 +29,8 @@ pub struct RedisServer {
     url: String,
     client: redis::Client,
     keep_dir: bool,
+    /// With `--redis-delay-ms`: what the replicas connect to instead of the socket.
+    proxy: Option<LatencyProxy>,
 }
 
 impl RedisServer {
@@ -47,7 +50,7 @@ impl RedisServer {
                 return Err(e);
             }
         };
-        let mut server = RedisServer { child, dir, socket, log, url, client, keep_dir: keep_temp };
+        let mut server = RedisServer { child, dir, socket, log, url, client, keep_dir: keep_temp, proxy: None };
         server.wait_ready().await?;
         Ok(server)
     }
@@ -79,9 +82,22 @@ impl RedisServer {
         &self.socket
     }
 
+    /// From now on the replicas reach this server through a proxy adding `round_trip` to
+    /// every round trip (`--redis-delay-ms`).
+    pub async fn delay(&mut self, round_trip: Duration) -> Result<()> {
+        let proxy = LatencyProxy::start(&self.socket, round_trip).await?;
+        println!(
+            "  --redis-delay-ms: the replicas reach redis-server through {} (+{round_trip:?} a round trip)",
+            proxy.url()
+        );
+        self.proxy = Some(proxy);
+        Ok(())
+    }
+
     /// What a fleet of `replicas` shares: this server under a prefix of its own.
     pub fn tier(&self, key_prefix: String, replicas: usize) -> SharedTier {
-        SharedTier { url: self.url.clone(), key_prefix, replicas }
+        let url = self.proxy.as_ref().map_or(self.url.as_str(), |p| p.url()).to_owned();
+        SharedTier { url, key_prefix, replicas }
     }
 
     /// Drops every key, so the next fleet starts from an empty shared tier.

@@ -57,7 +57,13 @@ pub async fn run(args: &Args) -> Result<()> {
     // Killed when dropped: at the end, or when a scenario bails out.
     let redis = match args.replicas {
         0 | 1 => None,
-        _ => Some(RedisServer::start(&args.redis_server, args.keep_temp).await?),
+        _ => {
+            let mut redis = RedisServer::start(&args.redis_server, args.keep_temp).await?;
+            if args.redis_delay_ms > 0 {
+                redis.delay(Duration::from_millis(args.redis_delay_ms)).await?;
+            }
+            Some(redis)
+        }
     };
     let fleet = redis.as_ref().map(|redis| Fleet { replicas: args.replicas, redis });
     if let Some(fleet) = &fleet {

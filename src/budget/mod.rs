@@ -10,8 +10,10 @@
 //! timer lateness costs no rate.
 //!
 //! Tokens come from an in-process governor limiter (`backend = "local"`) or from one
-//! GCRA state in Redis shared by every replica (`backend = "redis"`); while Redis cannot
-//! be reached a replica paces itself on `fallback_per_second` instead, never unlimited.
+//! GCRA state in Redis shared by every replica (`backend = "redis"`), taken a few at a
+//! time ahead of need ([`lease`]) so that tokens do not wait on Redis round trips; while
+//! Redis cannot be reached a replica paces itself on `fallback_per_second` instead, never
+//! unlimited.
 //!
 //! On top of that hard limit sits the *effective rate*: throttling answers from Tencent
 //! halve it, and it recovers linearly to the full rate over `RECOVERY`.
@@ -32,6 +34,7 @@ use prometheus::{Gauge, IntGauge};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::time::Instant;
 
+use self::lease::{Lease, Next};
 use crate::config::{BudgetBackend, BudgetConfig};
 use crate::telemetry::episode::Episode;
 
@@ -153,7 +156,7 @@ const SEND_SLACK_PER: u32 = 100;
 
 enum Source {
     Local,
-    Redis(Box<RedisSource>),
+    Redis(Arc<RedisSource>),
 }
 
 /// What follows from `per_second` and `fallback_per_second`: the local limiters and the
@@ -204,7 +207,7 @@ impl Budget {
         let per_second = config.per_second;
         let source = match &config.backend {
             BudgetBackend::Local => Source::Local,
-            BudgetBackend::Redis { url, key_prefix } => Source::Redis(Box::new(RedisSource {
+            BudgetBackend::Redis { url, key_prefix } => Source::Redis(Arc::new(RedisSource {
                 client: redis::Client::open(url.as_str())?,
                 connection: tokio::sync::Mutex::new(None),
                 script: redis::Script::new(GCRA),
@@ -213,6 +216,8 @@ impl Budget {
                 up: backend_up,
                 outage: Episode::default(),
                 others: Mutex::new(Others::default()),
+                lease: Mutex::new(Lease::default()),
+                answered: tokio::sync::Notify::new(),
             })),
         };
         rate_gauge.set(per_second.get() as f64);
@@ -285,6 +290,9 @@ impl Budget {
         let mut rates = self.rates.lock().unwrap_or_else(|p| p.into_inner());
         *rates = Arc::new(Rates::new(per_second, fallback_per_second));
         drop(rates);
+        if let Source::Redis(redis) = &self.source {
+            redis.lease().clear();
+        }
         let rate = self.pace(|p| {
             p.rate = per_second.get() as f64;
             p.rate
@@ -394,16 +402,23 @@ impl Budget {
     }
 }
 
-/// GCRA in Redis, with Redis's own clock so replicas need not agree on time: ARGV[1] is
-/// the interval and ARGV[2] the burst tolerance, in µs. The key holds `tat:grants`, the
-/// theoretical arrival time and a count of every token the fleet took. Returns {0, grants}
-/// when a token was taken, else {µs to wait before asking again, grants}; the count tells
-/// a replica how many tokens the others took between two of its own.
+/// GCRA in Redis, with Redis's own clock so replicas need not agree on time, taking a
+/// lease of several grants at once (docs/design.md#leases). ARGV: the interval and the
+/// burst tolerance in µs, how many grants at most, and the horizon in µs: no grant lies
+/// further than that ahead of Redis's clock. The key holds `tat:grants`, the theoretical
+/// arrival time and a count of every token the fleet took (the format of one grant per
+/// call, so replicas of either kind can share a key during a rolling update). Returns
+/// {µs to wait before a grant lies within the horizon (0 when granted), grants, then each
+/// grant's instant in µs after Redis's clock}; the count tells a replica how many tokens
+/// the others took between two of its calls. With one grant and no horizon this is the
+/// GCRA of one token per call.
 const GCRA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
+local want = tonumber(ARGV[3]) or 1
+local horizon = tonumber(ARGV[4]) or 0
 local tat, grants = 0, 0
 local held = redis.call('GET', KEYS[1])
 if held then
@@ -411,14 +426,24 @@ if held then
   tat = tonumber(a) or 0
   grants = tonumber(b) or 0
 end
-tat = math.max(tat, now)
-if tat - now > tolerance then
-  return {tat - now - tolerance, grants}
+local out = {0, grants}
+while #out - 2 < want do
+  local at = math.max(tat - tolerance, now)
+  if at - now > horizon then
+    break
+  end
+  tat = math.max(tat, at) + interval
+  grants = grants + 1
+  out[#out + 1] = at - now
 end
-grants = grants + 1
-local next = string.format('%.0f', tat + interval) .. ':' .. string.format('%.0f', grants)
-redis.call('SET', KEYS[1], next, 'PX', math.floor((tat + interval - now) / 1000) + 1000)
-return {0, grants}
+if #out == 2 then
+  out[1] = math.max(tat - tolerance, now) - now - horizon
+  return out
+end
+out[2] = grants
+local next = string.format('%.0f', tat) .. ':' .. string.format('%.0f', grants)
+redis.call('SET', KEYS[1], next, 'PX', math.floor((tat - now) / 1000) + 1000)
+return out
 "#;
 
 /// What this replica knows of the other replicas' use of the shared budget.
@@ -432,22 +457,22 @@ struct Others {
 }
 
 impl Others {
-    /// This replica took a token, the fleet's `grants`-th: the others took the grants
-    /// since its last one. The sample weighs by the time it covers, so the estimate
-    /// follows the others' calls within about [`OTHERS_MEMORY`] whatever this replica's
-    /// own pace: its tokens a few milliseconds apart (each sample 0 or 1 grant of the
-    /// others) average out, and one half a second after the last is mostly what the
-    /// others take now. With a fixed weight of a quarter per sample, a replica taking a
+    /// This replica took `taken` tokens in one lease, the last the fleet's `grants`-th: the
+    /// others took the rest of the grants since its last lease. The sample weighs by the
+    /// time it covers, so the estimate follows the others' calls within about
+    /// [`OTHERS_MEMORY`] whatever this replica's own pace: its leases a few milliseconds
+    /// apart (each sample a few grants of the others) average out, and one half a second
+    /// after the last is mostly what the others take now. With a fixed weight of a quarter per sample, a replica taking a
     /// token every half second — one that refuses most of its callers — went on seeing
     /// for seconds the rate another had drained a backlog at (140/s half a second after
     /// the others went from 180/s to 18/s; see the budget's tests), and planned with what
     /// that left it.
-    fn grant(&mut self, grants: u64, now: Instant) {
+    fn grant(&mut self, grants: u64, taken: u64, now: Instant) {
         if let Some((before, at)) = self.last {
             let dt = now.saturating_duration_since(at);
             // A smaller count: the key expired (the fleet was idle) and started over.
             if dt <= OTHERS_HORIZON && grants > before && !dt.is_zero() {
-                let sample = (grants - before - 1) as f64 / dt.as_secs_f64();
+                let sample = grants.saturating_sub(before + taken) as f64 / dt.as_secs_f64();
                 let fresh = self.sampled.is_some_and(|t| now.saturating_duration_since(t) <= OTHERS_HORIZON);
                 let weight = 1.0 - (-dt.as_secs_f64() / OTHERS_MEMORY.as_secs_f64()).exp();
                 self.rate = if fresh { self.rate + (sample - self.rate) * weight } else { sample };
@@ -480,47 +505,95 @@ struct RedisSource {
     /// The outage under way, logged when it starts and ends, not per failed call.
     outage: Episode,
     others: Mutex<Others>,
+    /// Grants taken from Redis ahead of need.
+    lease: Mutex<Lease>,
+    /// A script call ended (with grants, a wait, or an error).
+    answered: tokio::sync::Notify,
 }
+
+/// The longest the dispatcher waits for a script call's end before looking again (the
+/// connection's own timeouts end every call sooner).
+const ANSWER_WAIT: Duration = Duration::from_secs(1);
+
+/// One answer of the script: the wait, the fleet's grant count and the grants' offsets.
+type LeaseAnswer = (Duration, u64, Vec<Duration>);
 
 impl RedisSource {
     fn is_down(&self) -> bool {
         self.down_until.lock().map(|d| d.is_some_and(|t| Instant::now() < t)).unwrap_or(false)
     }
 
-    async fn acquire(&self, rates: &Rates) {
+    fn lease(&self) -> std::sync::MutexGuard<'_, Lease> {
+        self.lease.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands out the next leased grant at its instant, asking Redis for more ahead of need
+    /// in a task of its own; on the fallback while Redis is down.
+    async fn acquire(self: &Arc<Self>, rates: &Arc<Rates>) {
         loop {
             if self.is_down() {
                 return take(&rates.fallback).await;
             }
-            let answer = self.try_take(rates).await;
-            self.up.set(answer.is_ok().into());
-            if answer.is_ok()
-                && let Some(ended) = self.outage.end()
-            {
-                tracing::info!(
-                    failed_calls = ended.events,
-                    lasted_ms = ended.lasted.as_millis() as u64,
-                    "redis budget answers again"
-                );
+            let now = Instant::now();
+            let (next, ask) = self.lease().next(now);
+            if let Some(ask) = ask {
+                let source = Arc::clone(self);
+                let rates = Arc::clone(rates);
+                tokio::spawn(async move { source.refill(&rates, ask.want, ask.horizon).await });
             }
-            match answer {
-                Ok((0, grants)) => {
-                    if let Ok(mut others) = self.others.lock() {
-                        others.grant(grants, Instant::now());
+            match next {
+                Next::At(at) => {
+                    tokio::time::sleep_until(at).await;
+                    if self.lease().take(at, Instant::now()) {
+                        return;
                     }
-                    return;
                 }
-                Ok((wait_us, _)) => tokio::time::sleep(Duration::from_micros(wait_us)).await,
-                Err(e) => {
-                    if self.outage.event() {
-                        tracing::warn!(error = %e, "redis budget unreachable; pacing on budget.fallback_per_second");
-                    }
-                    if let Ok(mut d) = self.down_until.lock() {
-                        *d = Some(Instant::now() + REDIS_RETRY);
-                    }
+                Next::Refilling => {
+                    let _ = tokio::time::timeout(ANSWER_WAIT, self.answered.notified()).await;
+                }
+                Next::After(after) => {
+                    let _ = tokio::time::timeout_at(after, self.answered.notified()).await;
                 }
             }
         }
+    }
+
+    /// One script call for up to `want` grants within `horizon`; its answer goes into the
+    /// lease, and the dispatcher is woken.
+    async fn refill(&self, rates: &Rates, want: u32, horizon: Duration) {
+        let sent = Instant::now();
+        let answer = self.try_lease(rates, want, horizon).await;
+        let received = Instant::now();
+        self.up.set(answer.is_ok().into());
+        if answer.is_ok()
+            && let Some(ended) = self.outage.end()
+        {
+            tracing::info!(
+                failed_calls = ended.events,
+                lasted_ms = ended.lasted.as_millis() as u64,
+                "redis budget answers again"
+            );
+        }
+        match answer {
+            Ok((wait, grants, offsets)) => {
+                if !offsets.is_empty()
+                    && let Ok(mut others) = self.others.lock()
+                {
+                    others.grant(grants, offsets.len() as u64, received);
+                }
+                self.lease().answered(sent, received, &offsets, wait);
+            }
+            Err(e) => {
+                if self.outage.event() {
+                    tracing::warn!(error = %e, "redis budget unreachable; pacing on budget.fallback_per_second");
+                }
+                if let Ok(mut d) = self.down_until.lock() {
+                    *d = Some(Instant::now() + REDIS_RETRY);
+                }
+                self.lease().failed();
+            }
+        }
+        self.answered.notify_one();
     }
 
     /// Tokens per second the other replicas are taking, as last seen.
@@ -528,7 +601,7 @@ impl RedisSource {
         self.others.lock().map(|o| o.rate(Instant::now())).unwrap_or(0.0)
     }
 
-    async fn try_take(&self, rates: &Rates) -> redis::RedisResult<(u64, u64)> {
+    async fn try_lease(&self, rates: &Rates, want: u32, horizon: Duration) -> redis::RedisResult<LeaseAnswer> {
         let mut guard = self.connection.lock().await;
         let connection = match &mut *guard {
             Some(connection) => connection,
@@ -540,9 +613,26 @@ impl RedisSource {
                 empty.insert(self.client.get_connection_manager_with_config(config).await?)
             }
         };
-        self.script.key(&self.key).arg(rates.interval_us).arg(rates.tolerance_us).invoke_async(connection).await
+        let answer: Vec<i64> = self
+            .script
+            .key(&self.key)
+            .arg(rates.interval_us)
+            .arg(rates.tolerance_us)
+            .arg(want)
+            .arg(horizon.as_micros() as u64)
+            .invoke_async(connection)
+            .await?;
+        let micros = |v: i64| Duration::from_micros(v.max(0) as u64);
+        match answer.as_slice() {
+            [wait, grants, offsets @ ..] => {
+                Ok((micros(*wait), (*grants).max(0) as u64, offsets.iter().map(|o| micros(*o)).collect()))
+            }
+            _ => Err(redis::RedisError::from((redis::ErrorKind::UnexpectedReturnType, "budget script answered short"))),
+        }
     }
 }
+
+mod lease;
 
 #[cfg(test)]
 mod tests;

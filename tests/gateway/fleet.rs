@@ -438,7 +438,7 @@ async fn over_the_limit_three_replicas_spend_one_budget_and_answer_everyone() {
     // its clock is not the fleet's doing, and a 60007 would change what the fleet does.
     let f = Fixture::new("over", 100_000).await;
     let redis = RedisServer::start(&f.dir.join("redis")).await;
-    let grants = redis.grants(&budget_key()).await;
+    let grants = redis.grants(&budget_key(), 50).await;
     let sections =
         fleet_sections(&redis, "").replace("[budget]\n", "[budget]\nper_second = 50\nfallback_per_second = 10\n");
     let fleet: Vec<Replica> =

@@ -3,6 +3,7 @@
 //! simulator's calls.
 
 mod api;
+mod budget_lease;
 mod callbacks;
 mod cli;
 mod clients;

@@ -56,13 +56,16 @@ impl RedisServer {
     }
 }
 
-/// The instants, on Redis's clock (µs since the Unix epoch), at which the budget script
-/// granted a token for one key, read from `MONITOR`: the GCRA script (src/budget.rs)
-/// SETs its key exactly when it grants a token, and MONITOR stamps every command a
-/// script runs. These are what the fleet's budget decides, on the clock it decides by;
-/// when the calls then reach the simulator is up to the machine.
+/// The fleet's budget grants for one key, on Redis's clock (µs since the Unix epoch), read
+/// from `MONITOR`: the GCRA script (src/budget/mod.rs) SETs its key to `tat:grants` once per
+/// call that took grants (a lease of one or more), and the count says how many it took.
+/// Each grant is placed at its theoretical arrival time: the lease's new `tat` less one
+/// interval per grant after it. These are what the fleet's budget decides, on the clock it
+/// decides by; when the calls then reach the simulator is up to the machine.
 pub struct Grants {
     key: String,
+    /// The pacing interval of the budget, in µs.
+    interval_us: u64,
     /// Every line MONITOR sent so far.
     lines: Arc<Mutex<Vec<String>>>,
     reader: tokio::task::JoinHandle<()>,
@@ -71,8 +74,10 @@ pub struct Grants {
 }
 
 impl RedisServer {
-    /// Starts watching the grants of the budget held under `key`.
-    pub async fn grants(&self, key: &str) -> Grants {
+    /// Starts watching the grants of the budget held under `key`, of `per_second`.
+    pub async fn grants(&self, key: &str, per_second: u32) -> Grants {
+        let rate = std::num::NonZeroU32::new(per_second).expect("a budget of at least 1/s");
+        let interval_us = receipt_gateway::budget::pacing_interval(rate).as_nanos().div_ceil(1000) as u64;
         let socket = self.dir.join("redis.sock");
         let mut stream = within(tokio::net::UnixStream::connect(&socket)).await.expect("redis answers");
         within(stream.write_all(b"MONITOR\r\n")).await.expect("MONITOR sent");
@@ -88,7 +93,7 @@ impl RedisServer {
                 seen.lock().unwrap_or_else(|p| p.into_inner()).push(line);
             }
         });
-        Grants { key: key.to_owned(), lines, reader, client: redis::Client::open(self.url()).unwrap() }
+        Grants { key: key.to_owned(), interval_us, lines, reader, client: redis::Client::open(self.url()).unwrap() }
     }
 }
 
@@ -103,14 +108,22 @@ impl Grants {
         assert_eq!(echoed, marker);
         let quoted = format!("\"{marker}\"");
         until(|| self.lines.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|l| l.contains(&quoted))).await;
-        let set = format!(" lua] \"SET\" \"{}\" ", self.key);
+        let set = format!(" lua] \"SET\" \"{}\" \"", self.key);
         let lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
-        lines
-            .iter()
-            .take_while(|l| !l.contains(&quoted))
-            .filter(|l| l.contains(&set))
-            .map(|l| monitor_stamp(l).unwrap_or_else(|| panic!("a MONITOR line without its time: {l}")))
-            .collect()
+        let mut grants = Vec::new();
+        let mut count = 0;
+        for line in lines.iter().take_while(|l| !l.contains(&quoted)) {
+            let Some((_, value)) = line.split_once(&set) else { continue };
+            let value = value.split('"').next().unwrap_or_default();
+            let (tat, total) =
+                value.split_once(':').unwrap_or_else(|| panic!("a budget value without its count: {line}"));
+            let (tat, total): (u64, u64) = (tat.parse().unwrap(), total.parse().unwrap());
+            // A smaller count: the key expired (the fleet was idle) and started over.
+            let taken = if total > count { total - count } else { total };
+            count = total;
+            grants.extend((1..=taken).rev().map(|k| tat - k * self.interval_us));
+        }
+        grants
     }
 }
 
@@ -118,12 +131,6 @@ impl Drop for Grants {
     fn drop(&mut self) {
         self.reader.abort();
     }
-}
-
-/// The time MONITOR put on a line (`+1796605187.626964 [0 lua] "SET" ...`), in µs.
-fn monitor_stamp(line: &str) -> Option<u64> {
-    let (secs, micros) = line.strip_prefix('+')?.split(' ').next()?.split_once('.')?;
-    Some(secs.parse::<u64>().ok()? * 1_000_000 + micros.parse::<u64>().ok()?)
 }
 
 fn socket_url(dir: &Path) -> String {
@@ -168,7 +175,7 @@ async fn two_replicas_share_one_redis_budget() {
     let dir = scratch("shared");
     let redis = RedisServer::start(&dir).await;
     let grants =
-        redis.grants(&format!("test-{}:{}:get_group_msg_receipt", std::process::id(), crate::support::APP)).await;
+        redis.grants(&format!("test-{}:{}:get_group_msg_receipt", std::process::id(), crate::support::APP), 10).await;
     let sections = redis_config(&redis.url(), 10, 5);
     let one = TestApp::spawn_with(Setup { sim_limit: 1000, ..Setup::sections(&sections) }).await;
     let two = TestApp::spawn_with(Setup {

@@ -507,3 +507,87 @@ impl Drop for SimThread {
         drop(self.thread.take());
     }
 }
+
+/// A TCP proxy on 127.0.0.1:0 in front of a Unix socket (a test's `redis-server`) that
+/// holds every chunk it forwards, in each direction, for a
+/// settable delay before passing it on (chunks keep their order and are not held back by
+/// each other: the delay adds latency, not a bandwidth limit). Stops accepting and drops
+/// its connections when dropped.
+pub struct LatencyProxy {
+    pub addr: std::net::SocketAddr,
+    delay_us: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    accept: JoinHandle<()>,
+}
+
+impl LatencyProxy {
+    /// Starts forwarding to the Unix socket `target` with `each_way` added in each
+    /// direction.
+    pub async fn start(target: &Path, each_way: Duration) -> Self {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
+        let addr = listener.local_addr().expect("addr");
+        let delay_us = Arc::new(AtomicU64::new(each_way.as_micros() as u64));
+        let delay = delay_us.clone();
+        let target = target.to_owned();
+        let accept = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((client, _)) = listener.accept().await {
+                let _ = client.set_nodelay(true);
+                let (delay, target) = (delay.clone(), target.clone());
+                connections.spawn(async move {
+                    let (client_read, client_write) = client.into_split();
+                    let Ok(server) = tokio::net::UnixStream::connect(&target).await else { return };
+                    let (server_read, server_write) = server.into_split();
+                    tokio::join!(
+                        delayed(client_read, server_write, delay.clone()),
+                        delayed(server_read, client_write, delay)
+                    );
+                });
+            }
+        });
+
+        /// Copies `from` to `to`, each chunk `delay` after it was read.
+        async fn delayed(
+            mut from: impl tokio::io::AsyncRead + Unpin,
+            mut to: impl tokio::io::AsyncWrite + Unpin,
+            delay: Arc<AtomicU64>,
+        ) {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+            let read = async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n @ 1..) = from.read(&mut buf).await {
+                    let due = tokio::time::Instant::now() + Duration::from_micros(delay.load(Ordering::Relaxed));
+                    if tx.send((due, buf[..n].to_vec())).is_err() {
+                        return;
+                    }
+                }
+            };
+            let write = async move {
+                while let Some((due, chunk)) = rx.recv().await {
+                    tokio::time::sleep_until(due).await;
+                    if to.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = to.shutdown().await;
+            };
+            tokio::join!(read, write);
+        }
+
+        Self { addr, delay_us, accept }
+    }
+
+    /// The delay added in each direction from now on (a round trip gains twice this).
+    pub fn set_delay(&self, each_way: Duration) {
+        self.delay_us.store(each_way.as_micros() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for LatencyProxy {
+    fn drop(&mut self) {
+        // The accept task owns the connections' JoinSet: aborting it drops them.
+        self.accept.abort();
+    }
+}
