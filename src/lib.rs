@@ -55,6 +55,7 @@ pub mod engine;
 pub mod error;
 pub mod fleet;
 pub mod http;
+pub mod redis_tier;
 pub mod reload;
 pub mod service;
 pub mod shutdown;
@@ -77,9 +78,10 @@ use tokio::time::Instant;
 use crate::cache::{ReadLog, ReceiptCache};
 use crate::clients::Clients;
 use crate::clients::ClientsCell;
-use crate::config::{Config, FleetBackend};
+use crate::config::{BudgetBackend, Config, FleetBackend};
 use crate::engine::batch::BatchPolicy;
 use crate::fleet::Fleet;
+use crate::redis_tier::RedisTier;
 use crate::service::app::AppRuntime;
 use crate::shutdown::Drain;
 use crate::telemetry::metrics::Metrics;
@@ -98,7 +100,7 @@ pub enum RunError {
     Metrics(#[from] prometheus::Error),
     #[error("TLS client setup: {0}")]
     Tls(#[from] rustls::Error),
-    #[error("redis.url: {0}")]
+    #[error("[redis]: {0}")]
     Redis(#[from] redis::RedisError),
 }
 
@@ -127,10 +129,29 @@ pub async fn run_reloading(
     let mut cache = ReceiptCache::new(&config.cache);
     let client = upstream::http_client()?;
     let mut tasks = JoinSet::new();
-    let fleet = match &config.fleet {
-        FleetBackend::None => None,
-        FleetBackend::Redis(redis) => Some(Arc::new(Fleet::new(redis, metrics.fleet_backend_up.clone())?)),
+    // One Redis connection for the fleet tier and the budget, opened now (within
+    // redis.connect_timeout_ms) so the first requests find it ready.
+    let uses_redis =
+        matches!(config.fleet, FleetBackend::Redis(_)) || matches!(config.budget.backend, BudgetBackend::Redis { .. });
+    let redis = match uses_redis {
+        false => None,
+        true => Some(Arc::new(RedisTier::new(
+            &config.redis,
+            metrics.redis_call_duration.clone(),
+            metrics.redis_failovers.clone(),
+        )?)),
     };
+    let fleet = match (&config.fleet, &redis) {
+        (FleetBackend::Redis(redis_config), Some(tier)) => {
+            Some(Arc::new(Fleet::new(redis_config, tier.clone(), metrics.fleet_backend_up.clone())))
+        }
+        _ => None,
+    };
+    if let Some(tier) = &redis {
+        tier.preload(budget::redis_scripts());
+        tier.open().await;
+        tasks.spawn(tier.clone().maintain());
+    }
     if let Some(fleet) = &fleet {
         let log = Arc::new(ReadLog::default());
         cache = cache.with_read_log(log.clone());
@@ -142,7 +163,15 @@ pub async fn run_reloading(
     }
     let mut apps = service::Apps::default();
     for app_config in &config.apps {
-        let app = Arc::new(AppRuntime::new(app_config, &config, &cache, &metrics, client.clone(), fleet.as_ref())?);
+        let app = Arc::new(AppRuntime::new(
+            app_config,
+            &config,
+            &cache,
+            &metrics,
+            client.clone(),
+            fleet.as_ref(),
+            redis.as_ref(),
+        )?);
         let (fetcher, dropped) = (app.fetcher.clone(), app.clone());
         let send = move |batch| {
             // Batch tasks end on their own: every attempt is bounded by the upstream

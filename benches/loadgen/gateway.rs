@@ -471,7 +471,7 @@ impl Memory {
 
 #[cfg(test)]
 mod tests {
-    use receipt_gateway::config::{BudgetBackend, Config, FleetBackend, RedisConfig, SecretSource};
+    use receipt_gateway::config::{BudgetBackend, Config, FleetBackend, RedisTopology, SecretSource};
 
     use super::*;
 
@@ -580,9 +580,10 @@ mod tests {
         let url = "unix:///tmp/receipt-loadgen-1-2/redis.sock".to_owned();
         let shared = SharedTier { url: url.clone(), key_prefix: "loadgen-1-under".into(), replicas: 3 };
         let config = parse(Some(&shared));
-        let redis = RedisConfig { url: url.clone(), key_prefix: "loadgen-1-under".into() };
-        assert_eq!(config.budget.backend, BudgetBackend::Redis { url, key_prefix: "loadgen-1-under".into() });
-        assert_eq!(config.fleet, FleetBackend::Redis(redis));
+        assert_eq!(config.budget.backend, BudgetBackend::Redis { key_prefix: "loadgen-1-under".into() });
+        let FleetBackend::Redis(redis) = &config.fleet else { panic!("the fleet tier is on") };
+        assert_eq!(redis.topology, RedisTopology::Url(url));
+        assert_eq!(redis.key_prefix, "loadgen-1-under");
         assert_eq!(config.budget.per_second.get(), 200, "per_second is the fleet's, as for one gateway");
         assert_eq!(config.budget.fallback_per_second.get(), 66, "a replica's share while Redis is down");
         assert_eq!(config.cache.ttl, Duration::from_millis(1000));

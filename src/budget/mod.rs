@@ -11,7 +11,11 @@
 //!
 //! Tokens come from an in-process governor limiter (`backend = "local"`) or from one
 //! GCRA state in Redis shared by every replica (`backend = "redis"`); while Redis cannot
-//! be reached a replica paces itself on `fallback_per_second` instead, never unlimited.
+//! be reached, or answers slower than [`REDIS_CALL_TIMEOUT`] (hung, or too far), a replica
+//! paces itself on `fallback_per_second` instead, never unlimited. After the tier follows
+//! a Sentinel failover, each replica also holds to its fallback for [`FAILOVER_WINDOW`],
+//! its tokens still counted in the new master's state: the promoted replica may have
+//! missed the last grants (docs/design.md#redis-connections).
 //!
 //! On top of that hard limit sits the *effective rate*: throttling answers from Tencent
 //! halve it, and it recovers linearly to the full rate over `RECOVERY`.
@@ -19,7 +23,7 @@
 //! Which waiting call gets the next token is not decided here but by the dispatcher
 //! (the engine's dispatcher), the only caller of [`Budget::acquire`] for its (app, API).
 //!
-//! May import: `config`, `telemetry`. Imported by `engine` (the dispatcher), `upstream` (the send-time
+//! May import: `config`, `redis_tier`, `telemetry`. Imported by `engine` (the dispatcher), `upstream` (the send-time
 //! check, throttling) and `service` (admission's pace).
 
 use std::collections::VecDeque;
@@ -29,10 +33,10 @@ use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use prometheus::{Gauge, IntGauge};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::time::Instant;
 
 use crate::config::{BudgetBackend, BudgetConfig};
+use crate::redis_tier::RedisTier;
 use crate::telemetry::episode::Episode;
 
 /// Slack added to every second of budget, absorbing delivery jitter (see module docs).
@@ -43,6 +47,12 @@ const RECOVERY: Duration = Duration::from_secs(20);
 const DECREASE_HOLDOFF: Duration = Duration::from_secs(1);
 /// After a Redis failure, how long a replica stays on its fallback before trying again.
 const REDIS_RETRY: Duration = Duration::from_secs(1);
+/// A budget call to Redis slower than this counts as a failure: Redis is hung, or too
+/// slow for the budget to be spent through it.
+pub const REDIS_CALL_TIMEOUT: Duration = Duration::from_millis(100);
+/// After a failover, how long each replica stays on `fallback_per_second`: one budget
+/// window, the rolling second the promoted master's state may be missing grants of.
+pub const FAILOVER_WINDOW: Duration = Duration::from_secs(1);
 /// The least share of the budget admission assumes a replica gets, however busy the
 /// others look (their rate is an estimate; a replica must still be able to admit).
 const MIN_SHARE: f64 = 0.05;
@@ -194,19 +204,25 @@ struct Pace {
 
 impl Budget {
     /// `key` names this budget in Redis (e.g. `<prefix>:<sdkappid>:<api>`); `rate_gauge`
-    /// shows its effective rate, `backend_up` whether its Redis answers.
+    /// shows its effective rate, `backend_up` whether its Redis answers; `redis` is the
+    /// process's Redis connection (needed with `backend = "redis"`).
     pub fn new(
         config: &BudgetConfig,
         key: String,
         rate_gauge: Gauge,
         backend_up: IntGauge,
+        redis: Option<&Arc<RedisTier>>,
     ) -> Result<Self, redis::RedisError> {
         let per_second = config.per_second;
-        let source = match &config.backend {
-            BudgetBackend::Local => Source::Local,
-            BudgetBackend::Redis { url, key_prefix } => Source::Redis(Box::new(RedisSource {
-                client: redis::Client::open(url.as_str())?,
-                connection: tokio::sync::Mutex::new(None),
+        let source = match (&config.backend, redis) {
+            (BudgetBackend::Local, _) => Source::Local,
+            (BudgetBackend::Redis { .. }, None) => {
+                return Err(redis::RedisError::from(std::io::Error::other(
+                    "budget.backend = \"redis\" without [redis]",
+                )));
+            }
+            (BudgetBackend::Redis { key_prefix }, Some(tier)) => Source::Redis(Box::new(RedisSource {
+                tier: tier.clone(),
                 script: redis::Script::new(GCRA),
                 key: format!("{key_prefix}:{key}"),
                 down_until: Mutex::new(None),
@@ -322,7 +338,8 @@ impl Budget {
             }
             _ => self.interval(),
         };
-        Estimate { next_token: next_slot.saturating_duration_since(Instant::now()), interval }
+        let e = Estimate { next_token: next_slot.saturating_duration_since(Instant::now()), interval };
+        e
     }
 
     /// Whether other replicas are spending the shared budget now, so that a token taken
@@ -340,7 +357,7 @@ impl Budget {
         let rate = self.effective_rate();
         let rates = self.rates();
         let hard = match &self.source {
-            Source::Redis(redis) if redis.is_down() => rates.fallback_interval,
+            Source::Redis(redis) if redis.is_down() || redis.after_failover() => rates.fallback_interval,
             _ => pacing_interval(rates.per_second),
         };
         hard.max(Duration::from_secs_f64(1.0 / rate.max(0.1)))
@@ -466,9 +483,8 @@ impl Others {
 }
 
 struct RedisSource {
-    client: redis::Client,
-    /// Created on first use (Redis may be down at start); reconnects by itself after.
-    connection: tokio::sync::Mutex<Option<ConnectionManager>>,
+    /// The process's Redis connection, shared with the fleet tier.
+    tier: Arc<RedisTier>,
     /// The GCRA script, hashed once; sent by SHA and reloaded by the crate on NOSCRIPT.
     script: redis::Script,
     key: String,
@@ -487,10 +503,19 @@ impl RedisSource {
         self.down_until.lock().map(|d| d.is_some_and(|t| Instant::now() < t)).unwrap_or(false)
     }
 
+    /// Within [`FAILOVER_WINDOW`] of following a failover.
+    fn after_failover(&self) -> bool {
+        self.tier.switched_within(FAILOVER_WINDOW)
+    }
+
     async fn acquire(&self, rates: &Rates) {
         loop {
             if self.is_down() {
                 return take(&rates.fallback).await;
+            }
+            if self.after_failover() {
+                // Paced by the fallback, and still counted in the shared state below.
+                take(&rates.fallback).await;
             }
             let answer = self.try_take(rates).await;
             self.up.set(answer.is_ok().into());
@@ -529,19 +554,25 @@ impl RedisSource {
     }
 
     async fn try_take(&self, rates: &Rates) -> redis::RedisResult<(u64, u64)> {
-        let mut guard = self.connection.lock().await;
-        let connection = match &mut *guard {
-            Some(connection) => connection,
-            empty @ None => {
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(Duration::from_millis(250)))
-                    .set_response_timeout(Some(Duration::from_millis(250)))
-                    .set_number_of_retries(1);
-                empty.insert(self.client.get_connection_manager_with_config(config).await?)
+        let mut call = self.script.key(&self.key);
+        call.arg(rates.interval_us).arg(rates.tolerance_us);
+        let taken = self.tier.call("budget", |mut c| async move { call.invoke_async(&mut c).await });
+        match tokio::time::timeout(REDIS_CALL_TIMEOUT, taken).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                self.tier.suspect();
+                Err(redis::RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "redis budget did not answer within 100 ms",
+                )))
             }
-        };
-        self.script.key(&self.key).arg(rates.interval_us).arg(rates.tolerance_us).invoke_async(connection).await
+        }
     }
+}
+
+/// The scripts to load on every new Redis connection.
+pub fn redis_scripts() -> [redis::Script; 1] {
+    [redis::Script::new(GCRA)]
 }
 
 #[cfg(test)]
