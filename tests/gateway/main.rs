@@ -14,5 +14,6 @@ mod hygiene;
 mod metrics_names;
 mod recovery;
 mod redis;
+mod redis_tier;
 mod reload;
 mod support;
