@@ -134,6 +134,11 @@ async fn take(limiter: &(DefaultDirectRateLimiter, NonZeroU32)) {
     }
 }
 
+/// Empties `limiter`'s saved-up burst, so that its next grant is one interval away.
+fn drain(limiter: &(DefaultDirectRateLimiter, NonZeroU32)) {
+    while limiter.0.check_n(limiter.1).is_ok_and(|granted| granted.is_ok()) {}
+}
+
 /// A forecast of token hand-outs, for admission control.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Estimate {
@@ -539,6 +544,9 @@ impl RedisSource {
                 Err(e) => {
                     if self.outage.event() {
                         tracing::warn!(error = %e, "redis budget unreachable; pacing on budget.fallback_per_second");
+                        // Coming off the shared budget, whose last second may be full:
+                        // the fallback's first token waits one interval like the rest.
+                        drain(&rates.fallback);
                     }
                     if let Ok(mut d) = self.down_until.lock() {
                         *d = Some(Instant::now() + REDIS_RETRY);

@@ -42,6 +42,8 @@ use crate::telemetry::episode::Episode;
 
 /// How often the sentinels are asked for the master when nothing went wrong.
 pub const FOLLOW_EVERY: Duration = Duration::from_secs(1);
+/// How long after a call's trouble the sentinels are asked every [`RECONNECT_EVERY`].
+const TROUBLE_MEMORY: Duration = Duration::from_secs(10);
 /// How often a connection is tried while there is none.
 const RECONNECT_EVERY: Duration = Duration::from_millis(200);
 /// The least time between two rounds of asking the sentinels (or reconnecting).
@@ -149,6 +151,8 @@ pub struct RedisTier {
     failovers: IntCounter,
     /// A call met trouble (a connection error, `-READONLY`, a timeout): look now.
     trouble: Notify,
+    /// When a call last met trouble: the sentinels are asked often for a while after.
+    troubled_at: Mutex<Option<Instant>>,
     switched_at: Mutex<Option<Instant>>,
     /// No connection could be made: logged when it starts and ends.
     unreachable: Episode,
@@ -209,6 +213,7 @@ impl RedisTier {
             durations,
             failovers,
             trouble: Notify::new(),
+            troubled_at: Mutex::new(None),
             switched_at: Mutex::new(None),
             unreachable: Episode::default(),
             scripts: Mutex::new(Vec::new()),
@@ -236,7 +241,11 @@ impl RedisTier {
             let connected = self.link.lock().map(|l| l.is_some()).unwrap_or(false);
             // Unconnected, try often: the budget and the fleet try again a second after a
             // failure, and should find the connection made by then.
-            let wait = if connected { FOLLOW_EVERY } else { RECONNECT_EVERY };
+            // With Sentinel, look often while calls fail: the replicas should all move
+            // to a new master within moments of each other (the budget's failover window).
+            let troubled =
+                self.troubled_at.lock().map(|t| t.is_some_and(|t| t.elapsed() < TROUBLE_MEMORY)).unwrap_or(false);
+            let wait = if connected && !troubled { FOLLOW_EVERY } else { RECONNECT_EVERY };
             let _ = tokio::time::timeout(wait, self.trouble.notified()).await;
             if !connected {
                 match self.connect().await {
@@ -392,15 +401,22 @@ impl RedisTier {
                 || e.is_connection_refusal()
                 || matches!(e.kind(), redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)))
         {
-            self.trouble.notify_one();
+            self.troubled();
         }
         result
+    }
+
+    fn troubled(&self) {
+        if let Ok(mut t) = self.troubled_at.lock() {
+            *t = Some(Instant::now());
+        }
+        self.trouble.notify_one();
     }
 
     /// A call took longer than its user could wait: Redis may be hung or gone (with
     /// Sentinel, the master is looked up again).
     pub fn suspect(&self) {
-        self.trouble.notify_one();
+        self.troubled();
     }
 
     /// A pub/sub connection: to the server, the current master, or a cluster node (a

@@ -143,8 +143,21 @@ fn certificates(dir: &Path) {
     run(&[&["req"], &ec[..], &["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"]].concat());
     std::fs::write(dir.join("san.cnf"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
     run(&[
-        "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out",
-        "server.crt", "-days", "2", "-extfile", "san.cnf",
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "san.cnf",
     ]);
 }
 
@@ -156,8 +169,18 @@ async fn tls_and_an_acl_user_with_the_password_from_the_environment_and_never_pr
     let port = free_port();
     let path = |name: &str| dir.join(name).display().to_string();
     let args: Vec<String> = [
-        "--port", "0", "--tls-port", &port.to_string(), "--tls-cert-file", &path("server.crt"), "--tls-key-file",
-        &path("server.key"), "--tls-ca-cert-file", &path("ca.crt"), "--tls-auth-clients", "no",
+        "--port",
+        "0",
+        "--tls-port",
+        &port.to_string(),
+        "--tls-cert-file",
+        &path("server.crt"),
+        "--tls-key-file",
+        &path("server.key"),
+        "--tls-ca-cert-file",
+        &path("ca.crt"),
+        "--tls-auth-clients",
+        "no",
     ]
     .map(str::to_owned)
     .to_vec();
@@ -178,7 +201,8 @@ async fn tls_and_an_acl_user_with_the_password_from_the_environment_and_never_pr
     .await;
     assert!(tls(&["ACL", "SETUSER", "gateway", "on", &format!(">{PASSWORD}"), "~*", "&*", "+@all"]).contains("OK"));
     assert!(tls(&["ACL", "SETUSER", "default", "off"]).contains("OK"));
-    let as_gateway = |args: &[&str]| tls(&[&["--user", "gateway", "--pass", PASSWORD, "--no-auth-warning"], args].concat());
+    let as_gateway =
+        |args: &[&str]| tls(&[&["--user", "gateway", "--pass", PASSWORD, "--no-auth-warning"], args].concat());
 
     let redis = format!(
         "url = \"rediss://localhost:{port}/0\"\nusername = \"gateway\"\npassword_env = \"REDIS_TEST_PASSWORD\"\n\
