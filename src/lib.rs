@@ -38,8 +38,10 @@
 //! `/callback` ([`service::callback`]) writes Tencent's read receipts into the cache and
 //! spends no budget; the detail API ([`service::detail`]) caches whole answers and goes
 //! through an engine and budget of its own. Around it: [`config`], [`telemetry`] (metrics,
-//! log lines), [`reload`], [`shutdown`], and, behind the default `simulator` feature, the
-//! Tencent stand-in used by the demo, the tests and the benchmarks.
+//! log lines), [`redis_tier`] (the one Redis connection the [`fleet`] and the [`budget`]
+//! share: TLS and ACL, Sentinel, Cluster), [`reload`], [`shutdown`], and, behind the
+//! default `simulator` feature, the Tencent stand-in used by the demo, the tests and the
+//! benchmarks.
 //!
 //! [`run`] is what the demo and the tests call, and [`run_reloading`] (the same, with
 //! [`reload`] watching the file) what `main` calls: they take bound listeners and a
