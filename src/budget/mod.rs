@@ -343,8 +343,7 @@ impl Budget {
             }
             _ => self.interval(),
         };
-        let e = Estimate { next_token: next_slot.saturating_duration_since(Instant::now()), interval };
-        e
+        Estimate { next_token: next_slot.saturating_duration_since(Instant::now()), interval }
     }
 
     /// Whether other replicas are spending the shared budget now, so that a token taken

@@ -134,7 +134,7 @@ enum Target {
         access: Access,
     },
     Cluster {
-        client: ClusterClient,
+        client: Box<ClusterClient>,
         /// Plain clients of the seed nodes, for pub/sub (a PUBLISH reaches every node).
         nodes: Vec<Client>,
     },
@@ -202,7 +202,7 @@ impl RedisTier {
                     .iter()
                     .map(|u| access.client(u.as_str().into_connection_info()?))
                     .collect::<RedisResult<_>>()?;
-                Target::Cluster { client: builder.build()?, nodes }
+                Target::Cluster { client: Box::new(builder.build()?), nodes }
             }
         };
         Ok(Self {
