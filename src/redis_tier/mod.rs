@@ -19,8 +19,8 @@
 //! time again.
 //!
 //! The invariant: the password is only ever handed to the redis client; it is in no log
-//! line, metric or error text, and a URL is printed only through
-//! [`redact_url`](crate::config::redact_url).
+//! line, metric or error text: a connection is described by its address alone, and a
+//! configured URL is printed only through [`redact_url`](crate::config::redact_url).
 //!
 //! May import: `config`, `telemetry`. Imported by `fleet` and `budget` (their calls), and the
 //! crate root (which builds and opens it).
@@ -37,7 +37,7 @@ use redis::{Client, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisErr
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::config::{RedisConfig, RedisTopology, redact_url};
+use crate::config::{RedisConfig, RedisTopology};
 use crate::telemetry::episode::Episode;
 
 /// How often the sentinels are asked for the master when nothing went wrong.
@@ -276,7 +276,12 @@ impl RedisTier {
     /// Where Redis is, fit to print.
     fn describe(&self) -> String {
         match &self.target {
-            Target::Single(c) => redact_url(&format!("{:?}", c.get_connection_info().addr())),
+            Target::Single(c) => match c.get_connection_info().addr() {
+                ConnectionAddr::Tcp(host, port) => format!("redis://{host}:{port}"),
+                ConnectionAddr::TcpTls { host, port, .. } => format!("rediss://{host}:{port}"),
+                ConnectionAddr::Unix(path) => format!("unix://{}", path.display()),
+                _ => "redis".to_owned(),
+            },
             Target::Sentinel { master, .. } => {
                 let at = self.master.lock().ok().and_then(|m| m.as_ref().map(|(a, _)| a.clone()));
                 format!("sentinel master {master:?} at {}", at.as_deref().unwrap_or("(unknown)"))
@@ -531,6 +536,7 @@ mod tests {
 
     #[test]
     fn a_password_in_a_url_is_never_printed() {
+        use crate::config::redact_url;
         assert_eq!(
             redact_url("rediss://gateway:s3cret@redis.internal:6380/0"),
             "rediss://gateway:***@redis.internal:6380/0"

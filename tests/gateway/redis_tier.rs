@@ -408,7 +408,7 @@ async fn a_sentinel_failover_under_load_keeps_the_budget_and_both_replicas_rejoi
             });
         }
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     setup.master.signal("-KILL");
     let killed = Instant::now();
     within(async {
