@@ -54,6 +54,19 @@ pub struct SharedTier {
     pub replicas: usize,
 }
 
+/// Where the fleet's Redis is: the private server's `url`, or, with the environment
+/// variable `RECEIPT_LOADGEN_REDIS_CLUSTER_NODES` (`host:port,host:port,…`, a Redis Cluster
+/// started by hand), `cluster_nodes` (docs/benchmarks.md#2026-12-07-a-fleet-on-a-redis-cluster).
+fn redis_location(url: &str) -> String {
+    match std::env::var("RECEIPT_LOADGEN_REDIS_CLUSTER_NODES") {
+        Ok(nodes) if !nodes.trim().is_empty() => {
+            let nodes: Vec<toml::Value> = nodes.split(',').map(|n| toml::Value::String(n.trim().to_owned())).collect();
+            format!("cluster_nodes = {}", toml::Value::Array(nodes))
+        }
+        _ => format!("url = {}", toml::Value::String(url.to_owned())),
+    }
+}
+
 /// The gateway binary: `--gateway-bin`, else `receipt-gateway` next to this binary.
 pub fn binary(flag: Option<&Path>) -> Result<PathBuf> {
     let bin = match flag {
@@ -237,10 +250,10 @@ fallback_per_second = {fallback}
 backend = "redis"
 
 [redis]
-url = {url}
+{where_}
 key_prefix = {key_prefix}
 "#,
-            url = toml::Value::String(t.url.clone()),
+            where_ = redis_location(&t.url),
             key_prefix = toml::Value::String(t.key_prefix.clone()),
         )
     });
