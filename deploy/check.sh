@@ -7,8 +7,8 @@
 #   reload    each variable the configs name has a (non-optional) secretKeyRef env entry, an example Secret
 #             and the Reloader annotation; the ConfigMap is a directory mount with a fixed name
 #   JSON      the Grafana dashboard parses, and its PromQL too     (python3, promtool)
-#   kustomize base and overlays/redis render, alone and with components/callback-* and
-#             components/egress-proxy                              (kubectl kustomize or kustomize)
+#   kustomize base, overlays/redis and overlays/external-redis render, alone and with
+#             components/callback-* and components/egress-proxy    (kubectl kustomize or kustomize)
 #   egress    the egress-proxy component sets HTTPS_PROXY / NO_PROXY without credentials,
 #             mounts the CA ConfigMap read-only and adds an egress-only NetworkPolicy
 #   callbacks the public route exposes exactly POST /callback over TLS, nothing else is
@@ -95,7 +95,8 @@ KEYS = {
                  "ca_file"},
     "budget": {"per_second", "backend", "fallback_per_second"},
     "fleet": {"backend"},
-    "redis": {"url", "key_prefix"},
+    "redis": {"url", "key_prefix", "username", "password_env", "ca_file", "sentinels", "sentinel_master",
+              "cluster_nodes", "connect_timeout_ms"},
 }
 APP = {"sdkappid", "region", "identifier", "secret_key_env", "secret_key_file", "endpoint", "backup_endpoint",
        "usersig_ttl_s",
@@ -265,11 +266,29 @@ ok = (len(mounts) == 1 and "subPath" not in mounts[0] and "subPathExpr" not in m
       and path == mounts[0]["mountPath"].rstrip("/") + "/receipt-gateway.toml"
       and env.get("RECEIPT_GATEWAY_CONFIG", {}).get("value", path) == path)
 check(ok, f"reload: ConfigMap receipt-gateway-config mounted as a directory (no subPath), --config {path} inside it")
-for kz in ("base", "overlays/redis"):
+for kz in ("base", "overlays/redis", "overlays/external-redis"):
     gens = yaml.safe_load((k8s / kz / "kustomization.yaml").read_text()).get("configMapGenerator", [])
     fixed = [g for g in gens if g["name"] == "receipt-gateway-config"
              and g.get("options", {}).get("disableNameSuffixHash") is True]
     check(len(fixed) == 1, f"reload: {kz} generates receipt-gateway-config with disableNameSuffixHash")
+# 4. overlays/external-redis: redis.password_env comes from a (non-optional) secretKeyRef its
+#    patch adds, the Secret has an example with that key, Reloader watches it, and the URL
+#    holds no password (docs/operations.md#pointing-the-gateway-at-redis)
+ext = k8s / "overlays/external-redis"
+cfg = tomllib.loads((ext / "receipt-gateway.toml").read_text())
+patch = yaml.safe_load((ext / "deployment-redis-password.yaml").read_text())
+(pc,) = [c for c in patch["spec"]["template"]["spec"]["containers"] if c["name"] == "receipt-gateway"]
+prefs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in pc.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+var = cfg.get("redis", {}).get("password_env")
+ref = prefs.get(var)
+example = [d for d in yaml.safe_load_all((ext / "secret-redis.example.yaml").read_text()) if d and d.get("kind") == "Secret"]
+has_example = ref is not None and any(d["metadata"]["name"] == ref["name"] and ref["key"] in d.get("stringData", {}) for d in example)
+pwatched = set(patch["metadata"].get("annotations", {}).get("secret.reloader.stakater.com/reload", "").replace(" ", "").split(","))
+url = cfg.get("redis", {}).get("url", "")
+check(var is not None and ref is not None and not ref.get("optional") and has_example
+      and ref is not None and ref["name"] in pwatched and watched <= pwatched and "@" not in url,
+      "env: overlays/external-redis: redis.password_env from a secretKeyRef (not optional) with an example Secret, "
+      "watched by Reloader with the base's Secrets, no password in redis.url")
 sys.exit(bad)
 PY
 
@@ -284,7 +303,7 @@ fi
 kbuild=()
 if have kustomize; then kbuild=(kustomize build); elif have kubectl; then kbuild=(kubectl kustomize); fi
 if [ ${#kbuild[@]} -gt 0 ]; then
-  for k in base overlays/redis; do
+  for k in base overlays/redis overlays/external-redis; do
     out="$tmp/$(echo "$k" | tr / _).yaml"
     if "${kbuild[@]}" "deploy/kubernetes/$k" > "$out"; then
       pass "kustomize $k ($(grep -c '^kind:' "$out") objects)"
@@ -321,7 +340,8 @@ fi
 
 # ---- Kubernetes schemas (the Prometheus Operator kinds are not in them: checked below)
 if have kubernetes-validate && ls "$tmp"/*.yaml >/dev/null 2>&1; then
-  for f in "$tmp"/base.yaml "$tmp"/overlays_redis.yaml "$tmp"/base_callbacks.yaml "$tmp"/overlays_redis_callbacks.yaml; do
+  for f in "$tmp"/base.yaml "$tmp"/overlays_redis.yaml "$tmp"/base_callbacks.yaml "$tmp"/overlays_redis_callbacks.yaml \
+           "$tmp"/overlays_external-redis.yaml "$tmp"/overlays_external-redis_callbacks.yaml; do
     [ -f "$f" ] || continue
     for v in 1.30.0 1.37.0; do
       if kubernetes-validate --strict --quiet --no-warn -k "$v" "$f"; then
@@ -394,7 +414,8 @@ for f in sorted(comp.glob("*.yaml")):
 check({"Ingress", "HTTPRoute"} <= set(found), "callbacks: components/callback-ingress has an Ingress and an HTTPRoute")
 # 2. what is rendered: the base and the overlay expose nothing; with the components, only
 #    that route, and the Service stays internal
-for name in ("base", "overlays_redis", "base_callbacks", "overlays_redis_callbacks"):
+for name in ("base", "overlays_redis", "base_callbacks", "overlays_redis_callbacks",
+             "overlays_external-redis", "overlays_external-redis_callbacks"):
     f = tmp / f"{name}.yaml"
     if not f.exists():
         continue

@@ -155,6 +155,42 @@ TARGETS = {
             ),
         },
     ),
+    REPO / "deploy/kubernetes/overlays/external-redis/receipt-gateway.toml": (
+        "overlays/external-redis: the replicas share one budget and the fleet tier through a managed Redis (TLS + ACL).",
+        {
+            **COMMON,
+            ("budget", "per_second"): (
+                180,
+                ["cluster: the whole fleet's, shared through Redis. 180 + one replica's",
+                 "fallback_per_second (20) stays <= 200 when only that replica loses Redis."],
+                "cluster: 200 - fallback_per_second",
+            ),
+            ("budget", "backend"): ("redis", [], "cluster"),
+            ("fleet", "backend"): (
+                "redis",
+                ["cluster: the replicas share items, fetches and batches through the managed Redis;",
+                 "while it is unreachable (or too slow) each one caches and batches on its own."],
+                "cluster",
+            ),
+            ("redis", "url"): (
+                "rediss://redis.example.internal:6380/0",
+                ["cluster: replace with your managed Redis's TLS endpoint (no password in it).",
+                 "For Sentinel or a Cluster, replace url by sentinels + sentinel_master or",
+                 "cluster_nodes (docs/operations.md#pointing-the-gateway-at-redis) and open",
+                 "their ports in networkpolicy-external-redis.yaml."],
+                "cluster",
+            ),
+            ("redis", "username"): ("receipt-gateway", [], "cluster: the ACL user made for the gateway"),
+            ("redis", "password_env"): ("REDIS_PASSWORD", [], "cluster: from the Secret \"receipt-gateway-redis\""),
+            ("apps", "callbacks"): CALLBACKS_ON,
+            ("budget", "fallback_per_second"): (
+                20,
+                ["cluster: fallback_per_second x the HPA's maxReplicas (10) must stay <= 200,",
+                 "so that the limit holds even while Redis is unreachable."],
+                "cluster: 200 / maxReplicas",
+            ),
+        },
+    ),
 }
 
 # Appended to both files: example callers (docs/design.md#callers). The tokens come from the Secret

@@ -40,8 +40,10 @@
 //! `/callback` ([`service::callback`]) writes Tencent's read receipts into the cache and
 //! spends no budget; the detail API ([`service::detail`]) caches whole answers and goes
 //! through an engine and budget of its own. Around it: [`config`], [`telemetry`] (metrics,
-//! log lines), [`reload`], [`shutdown`], and, behind the default `simulator` feature, the
-//! Tencent stand-in used by the demo, the tests and the benchmarks.
+//! log lines), [`redis_tier`] (the one Redis connection the [`fleet`] and the [`budget`]
+//! share: TLS and ACL, Sentinel, Cluster), [`reload`], [`shutdown`], and, behind the
+//! default `simulator` feature, the Tencent stand-in used by the demo, the tests and the
+//! benchmarks.
 //!
 //! [`run`] is what the demo and the tests call, and [`run_reloading`] (the same, with
 //! [`reload`] watching the file) what `main` calls: they take bound listeners and a
@@ -57,6 +59,7 @@ pub mod engine;
 pub mod error;
 pub mod fleet;
 pub mod http;
+pub mod redis_tier;
 pub mod reload;
 pub mod service;
 pub mod shutdown;
@@ -79,9 +82,10 @@ use tokio::time::Instant;
 use crate::cache::{ReadLog, ReceiptCache};
 use crate::clients::Clients;
 use crate::clients::ClientsCell;
-use crate::config::{Config, FleetBackend};
+use crate::config::{BudgetBackend, Config, FleetBackend};
 use crate::engine::batch::BatchPolicy;
 use crate::fleet::Fleet;
+use crate::redis_tier::RedisTier;
 use crate::service::app::AppRuntime;
 use crate::shutdown::Drain;
 use crate::telemetry::metrics::Metrics;
@@ -100,7 +104,7 @@ pub enum RunError {
     Metrics(#[from] prometheus::Error),
     #[error("TLS client setup: {0}")]
     Tls(#[from] rustls::Error),
-    #[error("redis.url: {0}")]
+    #[error("[redis]: {0}")]
     Redis(#[from] redis::RedisError),
 }
 
@@ -129,10 +133,29 @@ pub async fn run_reloading(
     let mut cache = ReceiptCache::new(&config.cache);
     let pool = upstream::connect::Pool::new(&config.upstream)?;
     let mut tasks = JoinSet::new();
-    let fleet = match &config.fleet {
-        FleetBackend::None => None,
-        FleetBackend::Redis(redis) => Some(Arc::new(Fleet::new(redis, metrics.fleet_backend_up.clone())?)),
+    // One Redis connection for the fleet tier and the budget, opened now (within
+    // redis.connect_timeout_ms) so the first requests find it ready.
+    let uses_redis =
+        matches!(config.fleet, FleetBackend::Redis(_)) || matches!(config.budget.backend, BudgetBackend::Redis { .. });
+    let redis = match uses_redis {
+        false => None,
+        true => Some(Arc::new(RedisTier::new(
+            &config.redis,
+            metrics.redis_call_duration.clone(),
+            metrics.redis_failovers.clone(),
+        )?)),
     };
+    let fleet = match (&config.fleet, &redis) {
+        (FleetBackend::Redis(redis_config), Some(tier)) => {
+            Some(Arc::new(Fleet::new(redis_config, tier.clone(), metrics.fleet_backend_up.clone())))
+        }
+        _ => None,
+    };
+    if let Some(tier) = &redis {
+        tier.preload(budget::redis_scripts());
+        tier.open().await;
+        tasks.spawn(tier.clone().maintain());
+    }
     if let Some(fleet) = &fleet {
         let log = Arc::new(ReadLog::default());
         cache = cache.with_read_log(log.clone());
@@ -144,7 +167,15 @@ pub async fn run_reloading(
     }
     let mut apps = service::Apps::default();
     for app_config in &config.apps {
-        let app = Arc::new(AppRuntime::new(app_config, &config, &cache, &metrics, pool.clone(), fleet.as_ref())?);
+        let app = Arc::new(AppRuntime::new(
+            app_config,
+            &config,
+            &cache,
+            &metrics,
+            pool.clone(),
+            fleet.as_ref(),
+            redis.as_ref(),
+        )?);
         let (fetcher, dropped) = (app.fetcher.clone(), app.clone());
         let send = move |batch| {
             // Batch tasks end on their own: every attempt is bounded by the upstream

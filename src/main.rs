@@ -196,6 +196,15 @@ fn check_config(path: PathBuf) -> ExitCode {
     let ca_file = upstream.ca_file.as_ref().map_or("none".into(), |p| p.display().to_string());
     println!("upstream proxy: {}", upstream.egress.describe());
     println!("upstream ca_file: {ca_file} ({} extra roots)", upstream.extra_roots.len());
+    let redis_used = matches!(config.fleet, receipt_gateway::config::FleetBackend::Redis(_))
+        || matches!(config.budget.backend, receipt_gateway::config::BudgetBackend::Redis { .. });
+    if redis_used {
+        // Passwords print as *** (in a URL) or not at all (redis.password_env).
+        let r = &config.redis;
+        let user = r.username.as_deref().unwrap_or("-");
+        let password = if r.password.is_some() { "from the environment" } else { "-" };
+        println!("redis={} username={user} password={password}", r.describe());
+    }
     ExitCode::SUCCESS
 }
 

@@ -55,6 +55,19 @@ pub struct SharedTier {
     pub replicas: usize,
 }
 
+/// Where the fleet's Redis is: the private server's `url`, or, with the environment
+/// variable `RECEIPT_LOADGEN_REDIS_CLUSTER_NODES` (`host:port,host:port,…`, a Redis Cluster
+/// started by hand), `cluster_nodes` (docs/benchmarks.md#2026-12-07-a-fleet-on-a-redis-cluster).
+fn redis_location(url: &str) -> String {
+    match std::env::var("RECEIPT_LOADGEN_REDIS_CLUSTER_NODES") {
+        Ok(nodes) if !nodes.trim().is_empty() => {
+            let nodes: Vec<toml::Value> = nodes.split(',').map(|n| toml::Value::String(n.trim().to_owned())).collect();
+            format!("cluster_nodes = {}", toml::Value::Array(nodes))
+        }
+        _ => format!("url = {}", toml::Value::String(url.to_owned())),
+    }
+}
+
 /// The gateway binary: `--gateway-bin`, else `receipt-gateway` next to this binary.
 pub fn binary(flag: Option<&Path>) -> Result<PathBuf> {
     let bin = match flag {
@@ -238,10 +251,10 @@ fallback_per_second = {fallback}
 backend = "redis"
 
 [redis]
-url = {url}
+{where_}
 key_prefix = {key_prefix}
 "#,
-            url = toml::Value::String(t.url.clone()),
+            where_ = redis_location(&t.url),
             key_prefix = toml::Value::String(t.key_prefix.clone()),
         )
     });
@@ -475,7 +488,7 @@ impl Memory {
 
 #[cfg(test)]
 mod tests {
-    use receipt_gateway::config::{BudgetBackend, Config, FleetBackend, RedisConfig, SecretSource};
+    use receipt_gateway::config::{BudgetBackend, Config, FleetBackend, RedisTopology, SecretSource};
 
     use super::*;
 
@@ -584,9 +597,10 @@ mod tests {
         let url = "unix:///tmp/receipt-loadgen-1-2/redis.sock".to_owned();
         let shared = SharedTier { url: url.clone(), key_prefix: "loadgen-1-under".into(), replicas: 3 };
         let config = parse(Some(&shared));
-        let redis = RedisConfig { url: url.clone(), key_prefix: "loadgen-1-under".into() };
-        assert_eq!(config.budget.backend, BudgetBackend::Redis { url, key_prefix: "loadgen-1-under".into() });
-        assert_eq!(config.fleet, FleetBackend::Redis(redis));
+        assert_eq!(config.budget.backend, BudgetBackend::Redis { key_prefix: "loadgen-1-under".into() });
+        let FleetBackend::Redis(redis) = &config.fleet else { panic!("the fleet tier is on") };
+        assert_eq!(redis.topology, RedisTopology::Url(url));
+        assert_eq!(redis.key_prefix, "loadgen-1-under");
         assert_eq!(config.budget.per_second.get(), 200, "per_second is the fleet's, as for one gateway");
         assert_eq!(config.budget.fallback_per_second.get(), 66, "a replica's share while Redis is down");
         assert_eq!(config.cache.ttl, Duration::from_millis(1000));

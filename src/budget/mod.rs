@@ -12,8 +12,12 @@
 //! Tokens come from an in-process governor limiter (`backend = "local"`) or from one
 //! GCRA state in Redis shared by every replica (`backend = "redis"`), taken a few at a
 //! time ahead of need ([`lease`]) so that tokens do not wait on Redis round trips; while
-//! Redis cannot be reached a replica paces itself on `fallback_per_second` instead, never
-//! unlimited.
+//! Redis cannot be reached, or answers slower than [`REDIS_CALL_TIMEOUT`] (hung, or too
+//! far for leases to keep up), a replica paces itself on `fallback_per_second` instead,
+//! never unlimited. After the tier follows a Sentinel failover, each replica also holds
+//! to its fallback for [`FAILOVER_WINDOW`], its tokens still counted in the new master's
+//! state: the promoted replica may have missed the last grants
+//! (docs/design.md#redis-connections).
 //!
 //! On top of that hard limit sits the *effective rate*: throttling answers from Tencent
 //! halve it, and it recovers linearly to the full rate over `RECOVERY`.
@@ -21,7 +25,7 @@
 //! Which waiting call gets the next token is not decided here but by the dispatcher
 //! (the engine's dispatcher), the only caller of [`Budget::acquire`] for its (app, API).
 //!
-//! May import: `config`, `telemetry`. Imported by `engine` (the dispatcher), `upstream` (the send-time
+//! May import: `config`, `redis_tier`, `telemetry`. Imported by `engine` (the dispatcher), `upstream` (the send-time
 //! check, throttling) and `service` (admission's pace).
 
 use std::collections::VecDeque;
@@ -31,11 +35,11 @@ use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use prometheus::{Gauge, IntGauge};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::time::Instant;
 
 use self::lease::{Lease, Next};
 use crate::config::{BudgetBackend, BudgetConfig};
+use crate::redis_tier::RedisTier;
 use crate::telemetry::episode::Episode;
 
 /// Slack added to every second of budget, absorbing delivery jitter (see module docs).
@@ -46,6 +50,13 @@ const RECOVERY: Duration = Duration::from_secs(20);
 const DECREASE_HOLDOFF: Duration = Duration::from_secs(1);
 /// After a Redis failure, how long a replica stays on its fallback before trying again.
 const REDIS_RETRY: Duration = Duration::from_secs(1);
+/// A budget call to Redis slower than this counts as a failure: Redis is hung, or too
+/// slow for the budget to be spent through it. Leases reach 1 s ahead at most
+/// ([`lease`]): a round trip of up to about half that still spends the whole budget.
+pub const REDIS_CALL_TIMEOUT: Duration = Duration::from_millis(500);
+/// After a failover, how long each replica stays on `fallback_per_second`: one budget
+/// window, the rolling second the promoted master's state may be missing grants of.
+pub const FAILOVER_WINDOW: Duration = Duration::from_secs(1);
 /// The least share of the budget admission assumes a replica gets, however busy the
 /// others look (their rate is an estimate; a replica must still be able to admit).
 const MIN_SHARE: f64 = 0.05;
@@ -127,6 +138,11 @@ async fn take(limiter: &(DefaultDirectRateLimiter, NonZeroU32)) {
     }
 }
 
+/// Empties `limiter`'s saved-up burst, so that its next grant is one interval away.
+fn drain(limiter: &(DefaultDirectRateLimiter, NonZeroU32)) {
+    while limiter.0.check_n(limiter.1).is_ok_and(|granted| granted.is_ok()) {}
+}
+
 /// A forecast of token hand-outs, for admission control.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Estimate {
@@ -197,19 +213,25 @@ struct Pace {
 
 impl Budget {
     /// `key` names this budget in Redis (e.g. `<prefix>:<sdkappid>:<api>`); `rate_gauge`
-    /// shows its effective rate, `backend_up` whether its Redis answers.
+    /// shows its effective rate, `backend_up` whether its Redis answers; `redis` is the
+    /// process's Redis connection (needed with `backend = "redis"`).
     pub fn new(
         config: &BudgetConfig,
         key: String,
         rate_gauge: Gauge,
         backend_up: IntGauge,
+        redis: Option<&Arc<RedisTier>>,
     ) -> Result<Self, redis::RedisError> {
         let per_second = config.per_second;
-        let source = match &config.backend {
-            BudgetBackend::Local => Source::Local,
-            BudgetBackend::Redis { url, key_prefix } => Source::Redis(Arc::new(RedisSource {
-                client: redis::Client::open(url.as_str())?,
-                connection: tokio::sync::Mutex::new(None),
+        let source = match (&config.backend, redis) {
+            (BudgetBackend::Local, _) => Source::Local,
+            (BudgetBackend::Redis { .. }, None) => {
+                return Err(redis::RedisError::from(std::io::Error::other(
+                    "budget.backend = \"redis\" without [redis]",
+                )));
+            }
+            (BudgetBackend::Redis { key_prefix }, Some(tier)) => Source::Redis(Arc::new(RedisSource {
+                tier: tier.clone(),
                 script: redis::Script::new(GCRA),
                 key: format!("{key_prefix}:{key}"),
                 down_until: Mutex::new(None),
@@ -348,7 +370,7 @@ impl Budget {
         let rate = self.effective_rate();
         let rates = self.rates();
         let hard = match &self.source {
-            Source::Redis(redis) if redis.is_down() => rates.fallback_interval,
+            Source::Redis(redis) if redis.is_down() || redis.after_failover() => rates.fallback_interval,
             _ => pacing_interval(rates.per_second),
         };
         hard.max(Duration::from_secs_f64(1.0 / rate.max(0.1)))
@@ -491,9 +513,8 @@ impl Others {
 }
 
 struct RedisSource {
-    client: redis::Client,
-    /// Created on first use (Redis may be down at start); reconnects by itself after.
-    connection: tokio::sync::Mutex<Option<ConnectionManager>>,
+    /// The process's Redis connection, shared with the fleet tier.
+    tier: Arc<RedisTier>,
     /// The GCRA script, hashed once; sent by SHA and reloaded by the crate on NOSCRIPT.
     script: redis::Script,
     key: String,
@@ -527,9 +548,19 @@ impl RedisSource {
         self.lease.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Within [`FAILOVER_WINDOW`] of following a failover.
+    fn after_failover(&self) -> bool {
+        self.tier.switched_within(FAILOVER_WINDOW)
+    }
+
     /// Hands out the next leased grant at its instant, asking Redis for more ahead of need
-    /// in a task of its own; on the fallback while Redis is down.
+    /// in a task of its own; on the fallback while Redis is down, and paced by it as well
+    /// for a window after a failover.
     async fn acquire(self: &Arc<Self>, rates: &Arc<Rates>) {
+        if self.after_failover() && !self.is_down() {
+            // Paced by the fallback, and still counted in the shared state below.
+            take(&rates.fallback).await;
+        }
         loop {
             if self.is_down() {
                 return take(&rates.fallback).await;
@@ -586,6 +617,9 @@ impl RedisSource {
             Err(e) => {
                 if self.outage.event() {
                     tracing::warn!(error = %e, "redis budget unreachable; pacing on budget.fallback_per_second");
+                    // Coming off the shared budget, whose last second may be full:
+                    // the fallback's first token waits one interval like the rest.
+                    drain(&rates.fallback);
                 }
                 if let Ok(mut d) = self.down_until.lock() {
                     *d = Some(Instant::now() + REDIS_RETRY);
@@ -602,26 +636,19 @@ impl RedisSource {
     }
 
     async fn try_lease(&self, rates: &Rates, want: u32, horizon: Duration) -> redis::RedisResult<LeaseAnswer> {
-        let mut guard = self.connection.lock().await;
-        let connection = match &mut *guard {
-            Some(connection) => connection,
-            empty @ None => {
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(Duration::from_millis(250)))
-                    .set_response_timeout(Some(Duration::from_millis(250)))
-                    .set_number_of_retries(1);
-                empty.insert(self.client.get_connection_manager_with_config(config).await?)
+        let mut call = self.script.key(&self.key);
+        call.arg(rates.interval_us).arg(rates.tolerance_us).arg(want).arg(horizon.as_micros() as u64);
+        let leased = self.tier.call("budget", |mut c| async move { call.invoke_async::<Vec<i64>>(&mut c).await });
+        let answer = match tokio::time::timeout(REDIS_CALL_TIMEOUT, leased).await {
+            Ok(answer) => answer?,
+            Err(_) => {
+                self.tier.suspect();
+                return Err(redis::RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("redis budget did not answer within {} ms", REDIS_CALL_TIMEOUT.as_millis()),
+                )));
             }
         };
-        let answer: Vec<i64> = self
-            .script
-            .key(&self.key)
-            .arg(rates.interval_us)
-            .arg(rates.tolerance_us)
-            .arg(want)
-            .arg(horizon.as_micros() as u64)
-            .invoke_async(connection)
-            .await?;
         let micros = |v: i64| Duration::from_micros(v.max(0) as u64);
         match answer.as_slice() {
             [wait, grants, offsets @ ..] => {
@@ -630,6 +657,11 @@ impl RedisSource {
             _ => Err(redis::RedisError::from((redis::ErrorKind::UnexpectedReturnType, "budget script answered short"))),
         }
     }
+}
+
+/// The scripts to load on every new Redis connection.
+pub fn redis_scripts() -> [redis::Script; 1] {
+    [redis::Script::new(GCRA)]
 }
 
 mod lease;

@@ -119,7 +119,7 @@ async fn throttling_halves_the_rate_once_per_burst_and_it_recovers() {
     let per_second = NonZeroU32::new(200).unwrap();
     let config = BudgetConfig { per_second, backend: BudgetBackend::Local, fallback_per_second: per_second };
     let up = IntGauge::new("up", "up").unwrap();
-    let b = Budget::new(&config, "k".into(), gauge.clone(), up).unwrap();
+    let b = Budget::new(&config, "k".into(), gauge.clone(), up, None).unwrap();
     b.throttled();
     b.throttled();
     let rate = b.effective_rate();
@@ -155,7 +155,7 @@ async fn a_throttling_episode_is_logged_when_it_starts_and_when_the_rate_is_back
     let per_second = NonZeroU32::new(200).unwrap();
     let config = BudgetConfig { per_second, backend: BudgetBackend::Local, fallback_per_second: per_second };
     let up = IntGauge::new("up", "up").unwrap();
-    let b = Budget::new(&config, "k".into(), Gauge::new("g", "g").unwrap(), up).unwrap();
+    let b = Budget::new(&config, "k".into(), Gauge::new("g", "g").unwrap(), up, None).unwrap();
 
     let during = logged(|| {
         for _ in 0..100 {
@@ -179,8 +179,8 @@ async fn a_throttling_episode_is_logged_when_it_starts_and_when_the_rate_is_back
 async fn sends_bunched_after_their_tokens_still_leave_slack_in_every_second() {
     let per_second = NonZeroU32::new(200).unwrap();
     let config = BudgetConfig { per_second, backend: BudgetBackend::Local, fallback_per_second: per_second };
-    let b =
-        Budget::new(&config, "k".into(), Gauge::new("g", "g").unwrap(), IntGauge::new("up", "up").unwrap()).unwrap();
+    let b = Budget::new(&config, "k".into(), Gauge::new("g", "g").unwrap(), IntGauge::new("up", "up").unwrap(), None)
+        .unwrap();
     let t0 = Instant::now();
     let mut sent = Vec::new();
     for _ in 0..400 {
@@ -202,7 +202,7 @@ async fn a_reloaded_limit_paces_the_next_tokens() {
     let gauge = Gauge::new("g", "g").unwrap();
     let per_second = NonZeroU32::new(200).unwrap();
     let config = BudgetConfig { per_second, backend: BudgetBackend::Local, fallback_per_second: per_second };
-    let b = Budget::new(&config, "k".into(), gauge.clone(), IntGauge::new("up", "up").unwrap()).unwrap();
+    let b = Budget::new(&config, "k".into(), gauge.clone(), IntGauge::new("up", "up").unwrap(), None).unwrap();
     let ten = NonZeroU32::new(10).unwrap();
 
     b.set_rates(ten, ten);

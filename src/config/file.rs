@@ -144,15 +144,35 @@ impl Default for RawFleet {
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawRedis {
-    pub(super) url: String,
+    pub(super) url: Option<String>,
     pub(super) key_prefix: String,
+    pub(super) username: Option<String>,
+    pub(super) password_env: Option<String>,
+    pub(super) ca_file: Option<PathBuf>,
+    pub(super) sentinels: Option<Vec<String>>,
+    pub(super) sentinel_master: Option<String>,
+    pub(super) cluster_nodes: Option<Vec<String>>,
+    pub(super) connect_timeout_ms: u64,
 }
 
 impl Default for RawRedis {
     fn default() -> Self {
-        Self { url: "redis://127.0.0.1:6379/0".into(), key_prefix: "receipt-gateway".into() }
+        Self {
+            url: None,
+            key_prefix: "receipt-gateway".into(),
+            username: None,
+            password_env: None,
+            ca_file: None,
+            sentinels: None,
+            sentinel_master: None,
+            cluster_nodes: None,
+            connect_timeout_ms: 500,
+        }
     }
 }
+
+/// `redis.url` when neither sentinels nor cluster nodes are configured.
+pub(super) const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
 
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]

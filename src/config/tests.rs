@@ -201,3 +201,46 @@ fn every_shipped_config_parses() {
     }
     assert!(files.len() >= 4, "expected the reference, demo and cluster configs: {files:?}");
 }
+
+#[test]
+fn redis_is_one_of_a_url_sentinels_or_cluster_nodes() {
+    let with = |redis: &str| format!("[fleet]\nbackend = \"redis\"\n[redis]\n{redis}\n{MINIMAL}");
+    let both = error_of(&with("url = \"redis://a:1\"\ncluster_nodes = [\"b:2\"]"));
+    assert!(both.starts_with("redis.url:") && both.contains("redis.cluster_nodes"), "{both}");
+    let e = error_of(&with("sentinels = [\"a:26379\"]"));
+    assert!(e.starts_with("redis.sentinel_master:"), "{e}");
+    let e = error_of(&with("url = \"redis://a:1\"\nsentinel_master = \"m\""));
+    assert!(e.starts_with("redis.sentinel_master:"), "{e}");
+    let e = error_of(&with("cluster_nodes = [\"no-port\"]"));
+    assert!(e.starts_with("redis.cluster_nodes:"), "{e}");
+    let e = error_of(&with("cluster_nodes = []"));
+    assert!(e.starts_with("redis.cluster_nodes:"), "{e}");
+
+    let parse = |redis: &str| Config::parse(&with(redis), &secrets()).unwrap().redis;
+    assert_eq!(parse("").topology, RedisTopology::Url("redis://127.0.0.1:6379/0".into()));
+    let sentinel = parse("sentinels = [\"s0:26379\", \"s1:26379\"]\nsentinel_master = \"mymaster\"");
+    assert_eq!(
+        sentinel.topology,
+        RedisTopology::Sentinel { sentinels: vec!["s0:26379".into(), "s1:26379".into()], master: "mymaster".into() }
+    );
+    let cluster = parse("cluster_nodes = [\"r0:6379\", \"rediss://r1:6379\"]\nconnect_timeout_ms = 250");
+    assert_eq!(cluster.topology, RedisTopology::Cluster(vec!["r0:6379".into(), "rediss://r1:6379".into()]));
+    assert_eq!(cluster.connect_timeout, Duration::from_millis(250));
+}
+
+#[test]
+fn the_redis_password_comes_from_the_environment_and_never_prints() {
+    let secrets = FakeSecrets(HashMap::from([("REDIS_PW", "pw-s3cret"), ("/ca.pem", "-----BEGIN CERTIFICATE-----")]));
+    let text = format!(
+        "[budget]\nbackend = \"redis\"\n[redis]\nurl = \"rediss://gw:url-s3cret@r:6380\"\nusername = \"gw\"\n\
+         password_env = \"REDIS_PW\"\nca_file = \"/ca.pem\"\n{MINIMAL}"
+    );
+    let config = Config::parse(&text, &secrets).unwrap();
+    assert_eq!(config.redis.password.as_ref().map(|p| p.expose()), Some("pw-s3cret"));
+    assert!(config.redis.ca_pem.is_some());
+    let printed = format!("{config:?} {}", config.redis.describe());
+    assert!(!printed.contains("s3cret"), "{printed}");
+    assert!(printed.contains("rediss://gw:***@r:6380"), "{printed}");
+    let e = error_of(&format!("[fleet]\nbackend = \"redis\"\n[redis]\npassword_env = \"NOPE\"\n{MINIMAL}"));
+    assert!(e.starts_with("redis.password_env:"), "{e}");
+}

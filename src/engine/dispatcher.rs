@@ -26,6 +26,7 @@ pub async fn run(
     dropped: impl Fn(GroupId, Vec<MsgSeq>) + Send + Sync,
 ) {
     let mut last_grant: Option<Instant> = None;
+    let mut last_pace = budget.interval();
     loop {
         if !engine.wait_for_ready_work(|| !budget.contended(), &dropped).await {
             // Waiting for work is not the budget's slowness: restart the measurement.
@@ -33,6 +34,14 @@ pub async fn run(
         }
         budget.acquire().await;
         let granted = Instant::now();
+        // The budget's own pace sped up by half or more (back on the shared Redis budget
+        // after running on its fallback): the drain rate seen so far is no evidence.
+        let pace = budget.interval();
+        if pace * 2 <= last_pace {
+            engine.estimates().forget_interval();
+            last_grant = None;
+        }
+        last_pace = pace;
         if let Some(previous) = last_grant {
             engine.estimates().observe_interval(granted - previous);
         }

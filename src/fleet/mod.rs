@@ -14,10 +14,12 @@
 //!
 //! Redis is never load-bearing: a call that fails or takes longer than [`CALL_TIMEOUT`]
 //! is abandoned for that request, which then behaves as a lone replica would; after a
-//! failure the tier is skipped for [`RETRY_AFTER_FAILURE`], and
-//! `receipt_gateway_fleet_backend_up` says which state it is in.
+//! failure, or [`SLOW_STREAK`](crate::redis_tier::SLOW_STREAK) calls in a row that took too
+//! long (a hung or slowed Redis), the tier is skipped for [`RETRY_AFTER_FAILURE`], and
+//! `receipt_gateway_fleet_backend_up` says which state it is in. The connection is the
+//! process's one [`RedisTier`] (docs/design.md#redis-connections).
 //!
-//! May import: `cache`, `engine` (batch outcomes), `config`, `telemetry`, `tencent`. Imported by
+//! May import: `cache`, `engine` (batch outcomes), `config`, `redis_tier`, `telemetry`, `tencent`. Imported by
 //! `upstream` (a batch takes and shares through it) and `service` (a request's fleet
 //! round).
 
@@ -28,7 +30,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus::{IntCounter, IntGauge};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -37,7 +38,7 @@ pub use scripts::Scripts;
 use crate::cache::{KeptBy, Known, Page, ReadLog, ReceiptCache};
 use crate::config::RedisConfig;
 use crate::engine::batch::{Failure, Items};
-use crate::telemetry::episode::Episode;
+use crate::redis_tier::{Health, Link, RedisTier, SLOW_STREAK};
 use crate::tencent::code::ErrorCode;
 use crate::tencent::domain::{AppId, GroupId, MsgSeq, Receipt};
 
@@ -164,9 +165,7 @@ impl SharedTier {
 
 /// The shared tier of one gateway process, for all its apps. Cheap to share (`Arc`).
 pub struct Fleet {
-    client: redis::Client,
-    /// Created on first use (Redis may be down at start); reconnects by itself after.
-    connection: Mutex<Option<ConnectionManager>>,
+    tier: Arc<RedisTier>,
     scripts: Scripts,
     prefix: String,
     /// This replica's name in claims and leases: random per process.
@@ -174,29 +173,27 @@ pub struct Fleet {
     channel: String,
     /// Where callbacks' items go to every replica (see [`Fleet::callback`]).
     callbacks_channel: String,
-    down_until: Mutex<Option<Instant>>,
-    up: IntGauge,
-    /// The outage under way, logged when it starts and ends, not per failed call.
-    outage: Episode,
+    /// Up, or marked down (unreachable, hung, too slow); its outage logged when it starts
+    /// and ends, not per failed call.
+    health: Health,
     /// Requests waiting on another replica's answer, by `<app>:<group>`.
     waiters: Mutex<HashMap<String, Arc<Notify>>>,
 }
 
 impl Fleet {
-    pub fn new(config: &RedisConfig, up: IntGauge) -> Result<Self, redis::RedisError> {
-        Ok(Self {
-            client: redis::Client::open(config.url.as_str())?,
-            connection: Mutex::new(None),
-            scripts: Scripts::new(),
+    pub fn new(config: &RedisConfig, tier: Arc<RedisTier>, up: IntGauge) -> Self {
+        let scripts = Scripts::new();
+        tier.preload(scripts.all());
+        Self {
+            tier,
+            scripts,
             prefix: config.key_prefix.clone(),
             me: format!("{:016x}", rand::random::<u64>()),
             channel: format!("{}:fleet:stored", config.key_prefix),
             callbacks_channel: format!("{}:fleet:callbacks", config.key_prefix),
-            down_until: Mutex::new(None),
-            up,
-            outage: Episode::default(),
+            health: Health::new(up, RETRY_AFTER_FAILURE),
             waiters: Mutex::new(HashMap::new()),
-        })
+        }
     }
 
     /// The keys of one group: items, inflight, lease, wanted, group answer, reads.
@@ -218,7 +215,8 @@ impl Fleet {
         call.key(&keys[..5]);
         call.arg(&self.me).arg(ms(lifetimes.ttl)).arg(ms(lifetimes.negative_ttl)).arg(ms(lifetimes.claim));
         call.arg(misses.len()).arg(misses.iter().map(|s| s.0).collect::<Vec<_>>());
-        let reply: Vec<redis::Value> = self.run(|mut c| async move { call.invoke_async(&mut c).await }).await?;
+        let reply: Vec<redis::Value> =
+            self.run("claim", |mut c| async move { call.invoke_async(&mut c).await }).await?;
         decode_claim(&reply, misses, Instant::now()).ok_or(FleetError::Reply)
     }
 
@@ -239,7 +237,7 @@ impl Fleet {
         call.arg(&self.me).arg(ms(lifetimes.ttl)).arg(ms(lifetimes.negative_ttl)).arg(ms(lifetimes.claim));
         call.arg(room).arg(ms(lifetimes.cohort_memory)).arg(lifetimes.neighbourhood);
         call.arg(seqs.iter().map(|s| s.0).collect::<Vec<_>>());
-        let reply: Vec<u64> = self.run(|mut c| async move { call.invoke_async(&mut c).await }).await?;
+        let reply: Vec<u64> = self.run("take", |mut c| async move { call.invoke_async(&mut c).await }).await?;
         let (&wanted, taken) = reply.split_first().ok_or(FleetError::Reply)?;
         let wanted = usize::try_from(wanted).unwrap_or(usize::MAX).min(taken.len());
         let (wanted, added) = taken.split_at(wanted);
@@ -285,7 +283,7 @@ impl Fleet {
             call.arg(seq).arg(value);
         }
         call.arg(released);
-        let _: i64 = self.run(|mut c| async move { call.invoke_async(&mut c).await }).await?;
+        let _: i64 = self.run("store", |mut c| async move { call.invoke_async(&mut c).await }).await?;
         Ok(())
     }
 
@@ -318,7 +316,7 @@ impl Fleet {
         for a in items {
             call.arg(a.seq.0).arg(age(a)).arg(encode(&a.receipt, KeptBy::Callbacks, lifetimes));
         }
-        let _: i64 = self.run(|mut c| async move { call.invoke_async(&mut c).await }).await?;
+        let _: i64 = self.run("callback", |mut c| async move { call.invoke_async(&mut c).await }).await?;
         Ok(())
     }
 
@@ -409,7 +407,7 @@ impl Fleet {
         for (seq, at) in reads {
             call.arg(seq.0).arg(ms(now.saturating_duration_since(at)));
         }
-        let _: i64 = self.run(|mut c| async move { call.invoke_async(&mut c).await }).await?;
+        let _: i64 = self.run("reads", |mut c| async move { call.invoke_async(&mut c).await }).await?;
         Ok(())
     }
 
@@ -419,7 +417,7 @@ impl Fleet {
     pub async fn subscribe(self: Arc<Self>, cache: ReceiptCache) {
         use futures_util::StreamExt;
         loop {
-            match self.client.get_async_pubsub().await {
+            match self.tier.pubsub().await {
                 Ok(mut pubsub) => {
                     let channels = [self.channel.as_str(), self.callbacks_channel.as_str()];
                     if pubsub.subscribe(&channels).await.is_ok() {
@@ -441,58 +439,45 @@ impl Fleet {
     }
 
     /// Runs one script call on the shared connection, within [`CALL_TIMEOUT`], keeping
-    /// the up/down state.
-    async fn run<T, F, Fut>(&self, call: F) -> Result<T, FleetError>
+    /// the up/down state: a failure, or a streak of calls that took too long, marks Redis
+    /// down for [`RETRY_AFTER_FAILURE`].
+    async fn run<T, F, Fut>(&self, op: &'static str, call: F) -> Result<T, FleetError>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(Link) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        if self.down_until.lock().map(|d| d.is_some_and(|t| Instant::now() < t)).unwrap_or(false) {
+        if !self.health.usable() {
             return Err(FleetError::Down);
         }
-        let attempt = async {
-            let connection = self.connection().await?;
-            call(connection).await
-        };
-        match tokio::time::timeout(CALL_TIMEOUT, attempt).await {
-            Err(_) => Err(FleetError::Timeout),
+        match tokio::time::timeout(CALL_TIMEOUT, self.tier.call(op, call)).await {
+            Err(_) => {
+                self.tier.suspect();
+                if self.health.slow() {
+                    tracing::warn!(
+                        slow_calls = SLOW_STREAK,
+                        call_timeout_ms = CALL_TIMEOUT.as_millis() as u64,
+                        "fleet: redis too slow (hung, or slower than the tier can use); each replica caches and batches on its own"
+                    );
+                }
+                Err(FleetError::Timeout)
+            }
             Ok(Ok(value)) => {
-                if let Some(ended) = self.outage.end() {
+                if let Some(ended) = self.health.answered() {
                     tracing::info!(
                         failed_calls = ended.events,
                         lasted_ms = ended.lasted.as_millis() as u64,
                         "fleet: redis answers again; sharing items, fetches and batches"
                     );
                 }
-                self.up.set(1);
                 Ok(value)
             }
             Ok(Err(e)) => {
-                if self.outage.event() {
+                if self.health.failed() {
                     tracing::warn!(error = %e, "fleet: redis unreachable; each replica caches and batches on its own");
-                }
-                self.up.set(0);
-                if let Ok(mut d) = self.down_until.lock() {
-                    *d = Some(Instant::now() + RETRY_AFTER_FAILURE);
                 }
                 Err(e.into())
             }
         }
-    }
-
-    async fn connection(&self) -> redis::RedisResult<ConnectionManager> {
-        if let Some(c) = self.connection.lock().ok().and_then(|c| c.clone()) {
-            return Ok(c);
-        }
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_millis(250)))
-            .set_response_timeout(Some(Duration::from_millis(250)))
-            .set_number_of_retries(1);
-        let c = self.client.get_connection_manager_with_config(config).await?;
-        if let Ok(mut slot) = self.connection.lock() {
-            *slot = Some(c.clone());
-        }
-        Ok(c)
     }
 }
 

@@ -263,6 +263,11 @@ impl Scripts {
             callback: Script::new(CALLBACK),
         }
     }
+
+    /// Every script, for loading on a new connection.
+    pub fn all(&self) -> [Script; 5] {
+        [self.claim.clone(), self.take.clone(), self.store.clone(), self.reads.clone(), self.callback.clone()]
+    }
 }
 
 impl Default for Scripts {

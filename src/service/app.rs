@@ -13,6 +13,7 @@ use crate::engine::Engine;
 use crate::engine::batch::{BatchPolicy, Neighbourhood};
 use crate::engine::queue::Share;
 use crate::fleet::{Agreed, Fleet, FleetCounters, SharedTier};
+use crate::redis_tier::RedisTier;
 use crate::service::detail::{self, Detail};
 use crate::service::receipts::Receipts;
 use crate::telemetry::metrics::{API_DETAIL, API_RECEIPT, Metrics};
@@ -71,6 +72,7 @@ impl AppRuntime {
         metrics: &Metrics,
         pool: Pool,
         fleet: Option<&Arc<Fleet>>,
+        redis: Option<&Arc<RedisTier>>,
     ) -> Result<Self, redis::RedisError> {
         let label = app.id.to_string();
         let labels = [label.as_str(), API_RECEIPT];
@@ -79,6 +81,7 @@ impl AppRuntime {
             format!("{}:{API_RECEIPT}", app.id),
             metrics.effective_rate.with_label_values(&labels),
             metrics.budget_backend_up.clone(),
+            redis,
         )?;
         let policy = batch_policy(config, fleet.is_some());
         let upstream = Upstream::new(app, &config.upstream, pool, metrics);
@@ -91,6 +94,7 @@ impl AppRuntime {
                 format!("{}:{API_DETAIL}", app.id),
                 metrics.effective_rate.with_label_values(&detail_labels),
                 metrics.budget_backend_up.clone(),
+                redis,
             )?,
             metrics.budget_wait.with_label_values(&detail_labels),
             cache.keyed(detail::MAX_ANSWERS),

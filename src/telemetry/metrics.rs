@@ -65,7 +65,14 @@ pub struct Metrics {
     pub fleet_backend_up: IntGauge,
     pub usersig_expiry: GaugeVec,
     pub upstream_endpoint_active: IntGaugeVec,
+    /// `receipt_gateway_redis_call_duration_seconds{op}` (docs/design.md#redis-connections).
+    pub redis_call_duration: HistogramVec,
+    /// `receipt_gateway_redis_failovers_total`.
+    pub redis_failovers: IntCounter,
 }
+
+/// Redis round trips: from 0.1 ms (a local server) to 1 s (a hung one, abandoned long before).
+const REDIS_SECONDS: &[f64] = &[0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1.0];
 
 /// Latency buckets from 0.5 ms to 10 s: cache hits land in the first few, upstream calls
 /// and budget waits in the rest.
@@ -207,6 +214,21 @@ impl Metrics {
                 "receipt_gateway_budget_backend_up",
                 "1 while the Redis budget answers (budget.backend = \"redis\"), 0 while replicas run on their fallback.",
             )?,
+            redis_call_duration: histogram(
+                "receipt_gateway_redis_call_duration_seconds",
+                "Redis round trips, by what they were for (op: budget, claim, take, store, callback, reads); \
+                 a call abandoned for taking too long counts with the time it was given.",
+                &["op"],
+                REDIS_SECONDS.to_vec(),
+            )?,
+            redis_failovers: {
+                let c = IntCounter::new(
+                    "receipt_gateway_redis_failovers_total",
+                    "Times the gateway followed Redis to a new master (Sentinel failover).",
+                )?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
             usersig_expiry: gauge(
                 "receipt_gateway_usersig_expiry_timestamp_seconds",
                 "Unix time at which the app's current UserSig expires.",

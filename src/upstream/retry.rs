@@ -145,7 +145,7 @@ mod tests {
         let per_second = std::num::NonZeroU32::new(200).unwrap();
         let config = BudgetConfig { per_second, backend: BudgetBackend::Local, fallback_per_second: per_second };
         let gauge = |name: &str| Gauge::new(name, name).unwrap();
-        let budget = Budget::new(&config, "k".into(), gauge("rate"), IntGauge::new("up", "up").unwrap()).unwrap();
+        let budget = Budget::new(&config, "k".into(), gauge("rate"), IntGauge::new("up", "up").unwrap(), None).unwrap();
         let app = AppConfig {
             id: AppId(1_400_000_000),
             region: None,

@@ -47,7 +47,7 @@ async fn load(app: &TestApp, tag: &str, per_second: u32, duration: Duration) -> 
 async fn two_replicas_spend_the_whole_budget_over_a_redis_20_ms_away() {
     let dir = std::env::temp_dir().join(format!("receipt-gateway-lease-{}", std::process::id()));
     let redis = RedisServer::start(&dir).await;
-    let proxy = LatencyProxy::start(&dir.join("redis.sock"), Duration::ZERO).await;
+    let proxy = LatencyProxy::start(dir.join("redis.sock"), Duration::ZERO).await;
     let sections = format!(
         "[budget]\nbackend = \"redis\"\nper_second = {PER_SECOND}\nfallback_per_second = 5\n\
          [redis]\nurl = \"redis://{}\"\nkey_prefix = \"lease-{}\"\n",
@@ -105,7 +105,7 @@ async fn two_replicas_spend_the_whole_budget_over_a_redis_20_ms_away() {
 async fn throttling_lowers_the_rate_of_a_replica_on_leased_grants() {
     let dir = std::env::temp_dir().join(format!("receipt-gateway-lease-throttle-{}", std::process::id()));
     let redis = RedisServer::start(&dir).await;
-    let proxy = LatencyProxy::start(&dir.join("redis.sock"), Duration::from_millis(10)).await;
+    let proxy = LatencyProxy::start(dir.join("redis.sock"), Duration::from_millis(10)).await;
     let sections = format!(
         "[budget]\nbackend = \"redis\"\nper_second = {PER_SECOND}\nfallback_per_second = 5\n\
          [redis]\nurl = \"redis://{}\"\nkey_prefix = \"lease-throttle-{}\"\n",

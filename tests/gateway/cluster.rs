@@ -151,3 +151,45 @@ async fn the_fleet_scripts_run_on_a_three_master_cluster() {
     }
     assert!(slots.len() > 1, "the groups spread over several slots");
 }
+
+/// The gateway's own client on the cluster, end to end: two replicas (processes) share
+/// items, fetches and the budget through it, and the groups spread over the masters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_through_the_cluster_with_their_own_client() {
+    use crate::fleet::{Fixture, Replica, metric};
+    use crate::support::body;
+    let _heavy = heavy().await;
+    let f = Fixture::new("cluster-e2e", 1000).await;
+    let dir = std::env::temp_dir().join(format!("receipt-gateway-cluster-e2e-{}", std::process::id()));
+    let cluster = Cluster::start(&dir).await;
+    let nodes: Vec<String> = cluster.ports.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+    let sections = format!(
+        "[budget]\nbackend = \"redis\"\n[fleet]\nbackend = \"redis\"\n[redis]\ncluster_nodes = [{}]\n",
+        nodes.join(", ")
+    );
+    let a = Replica::start(&f.dir, "a", &f.sim_url, &sections);
+    let b = Replica::start(&f.dir, "b", &f.sim_url, &sections);
+
+    // One item asked of both replicas costs one upstream call.
+    assert_eq!(f.post(&a, &body("@TGS#shared", &[7]), &[]).await.status, http::StatusCode::OK);
+    let reply = f.post(&b, &body("@TGS#shared", &[7]), &[]).await;
+    assert_eq!(reply.status, http::StatusCode::OK);
+    assert_eq!(f.sim.calls().len(), 1, "the second replica found the item in the cluster");
+    let shared_hit = "receipt_gateway_fleet_items_total{app=\"1400000000\",source=\"shared_hit\"}";
+    assert_eq!(metric(&f.client, &b, shared_hit).await, 1.0);
+    for r in [&a, &b] {
+        assert_eq!(metric(&f.client, r, "receipt_gateway_fleet_backend_up").await, 1.0);
+    }
+    // Only the replica that called took a token, from the cluster.
+    assert_eq!(metric(&f.client, &a, "receipt_gateway_budget_backend_up").await, 1.0);
+
+    // Groups spread over the masters.
+    for i in 0..24 {
+        assert_eq!(f.post(&a, &body(&format!("@TGS#spread-{i}"), &[1]), &[]).await.status, http::StatusCode::OK);
+    }
+    for port in &cluster.ports {
+        let out = Command::new("redis-cli").args(["-p", &port.to_string(), "dbsize"]).output().unwrap();
+        let keys: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0);
+        assert!(keys > 0, "master on port {port} holds some groups' keys");
+    }
+}

@@ -50,6 +50,19 @@ impl Replica {
 
     /// Like [`Replica::start`], with `RUST_LOG` set to `rust_log`.
     pub fn start_logging(dir: &Path, name: &str, sim_url: &str, sections: &str, rust_log: &str) -> Replica {
+        Self::start_with_env(dir, name, sim_url, sections, rust_log, &[])
+    }
+
+    /// Like [`Replica::start_logging`], with more environment variables (its own, not
+    /// the test process's).
+    pub fn start_with_env(
+        dir: &Path,
+        name: &str,
+        sim_url: &str,
+        sections: &str,
+        rust_log: &str,
+        env: &[(&str, &str)],
+    ) -> Replica {
         std::fs::create_dir_all(dir).unwrap();
         let config = dir.join(format!("{name}.toml"));
         let text = format!(
@@ -65,6 +78,7 @@ impl Replica {
             .env("FLEET_TEST_TOKEN", TOKEN)
             .env("RECEIPT_GATEWAY_LOG_FORMAT", "json")
             .env("RUST_LOG", rust_log)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()

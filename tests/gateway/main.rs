@@ -17,5 +17,6 @@ mod hygiene;
 mod metrics_names;
 mod recovery;
 mod redis;
+mod redis_tier;
 mod reload;
 mod support;

@@ -17,7 +17,7 @@ use receipt_gateway::tencent::domain::AppId;
 use receipt_gateway::tencent::usersig::SecretKey;
 use receipt_gateway::{Listeners, RunError};
 use serde_json::Value;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -508,11 +508,11 @@ impl Drop for SimThread {
     }
 }
 
-/// A TCP proxy on 127.0.0.1:0 in front of a Unix socket (a test's `redis-server`) that
-/// holds every chunk it forwards, in each direction, for a
+/// A TCP proxy on 127.0.0.1:0 in front of a test's `redis-server` (its Unix socket or
+/// its TCP address) that holds every chunk it forwards, in each direction, for a
 /// settable delay before passing it on (chunks keep their order and are not held back by
-/// each other: the delay adds latency, not a bandwidth limit). Stops accepting and drops
-/// its connections when dropped.
+/// each other: the delay adds latency, not a bandwidth limit): fault injection for a
+/// Redis far away or slow. Stops accepting and drops its connections when dropped.
 pub struct LatencyProxy {
     pub addr: std::net::SocketAddr,
     delay_us: std::sync::Arc<std::sync::atomic::AtomicU64>,
@@ -520,16 +520,15 @@ pub struct LatencyProxy {
 }
 
 impl LatencyProxy {
-    /// Starts forwarding to the Unix socket `target` with `each_way` added in each
-    /// direction.
-    pub async fn start(target: &Path, each_way: Duration) -> Self {
+    /// Starts forwarding to `target` with `each_way` added in each direction.
+    pub async fn start(target: impl Into<ProxyTarget>, each_way: Duration) -> Self {
         use std::sync::Arc;
         use std::sync::atomic::{AtomicU64, Ordering};
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
         let addr = listener.local_addr().expect("addr");
         let delay_us = Arc::new(AtomicU64::new(each_way.as_micros() as u64));
         let delay = delay_us.clone();
-        let target = target.to_owned();
+        let target = target.into();
         let accept = tokio::spawn(async move {
             let mut connections = tokio::task::JoinSet::new();
             while let Ok((client, _)) = listener.accept().await {
@@ -537,12 +536,25 @@ impl LatencyProxy {
                 let (delay, target) = (delay.clone(), target.clone());
                 connections.spawn(async move {
                     let (client_read, client_write) = client.into_split();
-                    let Ok(server) = tokio::net::UnixStream::connect(&target).await else { return };
-                    let (server_read, server_write) = server.into_split();
-                    tokio::join!(
-                        delayed(client_read, server_write, delay.clone()),
-                        delayed(server_read, client_write, delay)
-                    );
+                    match target {
+                        ProxyTarget::Unix(path) => {
+                            let Ok(server) = tokio::net::UnixStream::connect(&path).await else { return };
+                            let (server_read, server_write) = server.into_split();
+                            tokio::join!(
+                                delayed(client_read, server_write, delay.clone()),
+                                delayed(server_read, client_write, delay)
+                            );
+                        }
+                        ProxyTarget::Tcp(addr) => {
+                            let Ok(server) = TcpStream::connect(addr).await else { return };
+                            let _ = server.set_nodelay(true);
+                            let (server_read, server_write) = server.into_split();
+                            tokio::join!(
+                                delayed(client_read, server_write, delay.clone()),
+                                delayed(server_read, client_write, delay)
+                            );
+                        }
+                    }
                 });
             }
         });
@@ -582,6 +594,25 @@ impl LatencyProxy {
     /// The delay added in each direction from now on (a round trip gains twice this).
     pub fn set_delay(&self, each_way: Duration) {
         self.delay_us.store(each_way.as_micros() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Where a [`LatencyProxy`] forwards to.
+#[derive(Clone)]
+pub enum ProxyTarget {
+    Unix(std::path::PathBuf),
+    Tcp(std::net::SocketAddr),
+}
+
+impl From<std::path::PathBuf> for ProxyTarget {
+    fn from(path: std::path::PathBuf) -> Self {
+        ProxyTarget::Unix(path)
+    }
+}
+
+impl From<std::net::SocketAddr> for ProxyTarget {
+    fn from(addr: std::net::SocketAddr) -> Self {
+        ProxyTarget::Tcp(addr)
     }
 }
 

@@ -202,7 +202,7 @@ impl Gateway {
         };
         let rate = metrics.effective_rate.with_label_values(&labels);
         let budget =
-            Arc::new(Budget::new(&config, "1:receipt".into(), rate, metrics.budget_backend_up.clone()).unwrap());
+            Arc::new(Budget::new(&config, "1:receipt".into(), rate, metrics.budget_backend_up.clone(), None).unwrap());
         let tencent = Arc::new(StandIn {
             reply,
             cache: cache.clone(),
