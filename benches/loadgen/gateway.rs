@@ -157,7 +157,13 @@ impl Gateway {
     }
 
     pub async fn metrics(&self, admin: &HttpClient) -> Result<Snapshot> {
-        let (status, body) = client::get(admin, &format!("http://{}/metrics", self.admin)).await?;
+        let url = format!("http://{}/metrics", self.admin);
+        // The admin port closes idle connections after a few seconds: a GET sent on a
+        // pooled one at the moment it closed fails unanswered, and is sent again once.
+        let (status, body) = match client::get(admin, &url).await {
+            Ok(answer) => answer,
+            Err(_) => client::get(admin, &url).await?,
+        };
         if status != 200 {
             return Err(format!("/metrics answered {status}").into());
         }
