@@ -144,6 +144,8 @@ async fn resolve(
     }
     let rounds = if tier.is_some() { MAX_FLEET_ROUNDS } else { MAX_ROUNDS };
     let mut waiting = Vec::new();
+    // The waiters of the last round's misses joined here, looked at again at the end.
+    let mut last_joined = Vec::new();
     for round in 0..rounds {
         let misses: Vec<MsgSeq> = slots.iter().filter(|s| s.is_open()).map(|s| s.seq).collect();
         let last_round = match (round, tier) {
@@ -189,18 +191,36 @@ async fn resolve(
             }
         };
         waiting = elsewhere.seqs.clone();
-        tokio::join!(wait(app, &mut slots, joined, &q, answer_by(&q)), shared::wait(app, tier, &q, &elsewhere));
+        tokio::join!(wait(app, &mut slots, &joined, &q, answer_by(&q)), shared::wait(app, tier, &q, &elsewhere));
+        last_joined = joined;
     }
+    time_ran_out(app, slots, &q, &waiting, &last_joined)
+}
+
+/// The answer when time ran out with slots still open: `waiting` for another replica's
+/// call, or joined to the batches of `last_joined` (the last round's).
+fn time_ran_out(
+    app: &Receipts,
+    mut slots: Vec<Slot>,
+    q: &Query<'_>,
+    waiting: &[MsgSeq],
+    last_joined: &[(MsgSeq, Waiter, Joined)],
+) -> Result<Answer, GatewayError> {
     // Still queued here, or waiting for another replica's call, when time ran out: the
     // budget (the fleet's) could not serve it in time, as a refusal would have said.
     // Sent in time and still on its way: upstream is late (504), or a stale item stands
     // in; its answer still fills the cache for the next caller.
     let open: Vec<MsgSeq> = slots.iter().filter(|s| s.is_open()).map(|s| s.seq).collect();
     let unsent = if open.is_empty() { Vec::new() } else { app.engine.unsent(&q.group, &open, q.deadline) };
+    // The dispatcher may have settled a batch between the end of the wait and the look
+    // above (dropped unsent as too late: its items are out of the engine's tables, their
+    // outcome `Expired`; or answered): what the batch says now is the truth. The engine
+    // resolves a dropped batch under the lock `unsent` took, so one of the two sees it.
+    take_answers(&mut slots, last_joined, q);
     for slot in slots.iter_mut().filter(|s| s.is_open() && (waiting.contains(&s.seq) || unsent.contains(&s.seq))) {
         slot.failure = Some(Failure::NoBudget);
     }
-    settle(app, slots, &q, GatewayError::DeadlineExceeded)
+    settle(app, slots, q, GatewayError::DeadlineExceeded)
 }
 
 /// When a request stops waiting, whatever it waits for (the queue, a call on the wire,
@@ -265,15 +285,9 @@ pub(crate) fn acceptable(entry: &Cached, freshness: Freshness, now: Instant) -> 
 /// Waits, until `until`, for the batches carrying this round's misses, and puts what
 /// they answered in the slots (the rest stay open for the caller to settle); each batch
 /// answered by its first call tells admission how much the gateway added to the call.
-async fn wait(
-    app: &Receipts,
-    slots: &mut [Slot],
-    joined: Vec<(MsgSeq, Waiter, Joined)>,
-    q: &Query<'_>,
-    until: Instant,
-) {
+async fn wait(app: &Receipts, slots: &mut [Slot], joined: &[(MsgSeq, Waiter, Joined)], q: &Query<'_>, until: Instant) {
     let mut waiters: Vec<Waiter> = Vec::new();
-    for (_, w, _) in &joined {
+    for (_, w, _) in joined {
         if !waiters.iter().any(|other| other.same_channel(w)) {
             waiters.push(w.clone());
         }
@@ -291,9 +305,18 @@ async fn wait(
         }
     };
     let _ = tokio::time::timeout_at(until, all).await;
+    take_answers(slots, joined, q);
+}
+
+/// Puts what the batches of `joined` answered in the slots still open (the rest stay
+/// open for the caller to settle).
+fn take_answers(slots: &mut [Slot], joined: &[(MsgSeq, Waiter, Joined)], q: &Query<'_>) {
     for (seq, waiter, how) in joined {
-        let Ok(i) = slots.binary_search_by_key(&seq, |s| s.seq) else { continue };
+        let Ok(i) = slots.binary_search_by_key(seq, |s| s.seq) else { continue };
         let slot = &mut slots[i];
+        if !slot.is_open() {
+            continue;
+        }
         let outcome = waiter.borrow().clone();
         let Some(outcome) = outcome else {
             // Else time ran out first: the caller settles it.
@@ -302,12 +325,12 @@ async fn wait(
             }
             continue;
         };
-        match outcome.get(seq) {
+        match outcome.get(*seq) {
             Some(Ok(_)) if q.freshness == Freshness::NoCache && outcome.started < q.arrived => {
                 // Answered by a call older than this request: ask again next round.
             }
             Some(Ok(receipt)) => {
-                let source = if how == Joined::Fetched { Source::Fetched } else { Source::Coalesced };
+                let source = if *how == Joined::Fetched { Source::Fetched } else { Source::Coalesced };
                 slot.served = Some((*receipt, outcome.fetched_at, source));
             }
             // Added to a call Tencent refused, and left out when it was asked again: ask
