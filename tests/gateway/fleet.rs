@@ -628,6 +628,21 @@ async fn a_callback_taken_by_one_replica_reaches_every_replicas_answers_without_
     assert_eq!(f.post(&b, &body("g-cb", &[1]), &[]).await.body, fetched.body);
     assert_eq!(f.sim.call_count(), 1);
     let (read, unread) = (fetched.items()[0].1 + 1, fetched.items()[0].2.saturating_sub(1));
+    // Pub/sub keeps no message for a subscriber not there yet: both replicas listen first
+    // (each subscribes in the background as it starts).
+    let channel = format!("fleet-{}:fleet:callbacks", std::process::id());
+    let mut conn = within(redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection()).await.unwrap();
+    within(async {
+        loop {
+            let counts: Vec<(String, u64)> =
+                redis::cmd("PUBSUB").arg("NUMSUB").arg(&channel).query_async(&mut conn).await.unwrap();
+            if counts.first().is_some_and(|(_, n)| *n >= 2) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
 
     let event_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
     let reads = format!(
