@@ -136,28 +136,15 @@ mod tests {
     /// the full rate (after an upstream hang, every call that was held timed out).
     #[tokio::test]
     async fn timeouts_and_failures_are_retried_without_lowering_the_effective_rate() {
-        use crate::config::{AppConfig, BudgetBackend, BudgetConfig};
+        use crate::config::{BudgetBackend, BudgetConfig};
         use crate::tencent::code::ErrorCode;
-        use crate::tencent::domain::AppId;
-        use crate::tencent::usersig::SecretKey;
         use prometheus::{Gauge, IntGauge};
 
         let per_second = std::num::NonZeroU32::new(200).unwrap();
         let config = BudgetConfig { per_second, backend: BudgetBackend::Local, fallback_per_second: per_second };
         let gauge = |name: &str| Gauge::new(name, name).unwrap();
         let budget = Budget::new(&config, "k".into(), gauge("rate"), IntGauge::new("up", "up").unwrap(), None).unwrap();
-        let app = AppConfig {
-            id: AppId(1_400_000_000),
-            region: None,
-            identifier: "administrator".into(),
-            secret: SecretKey::new("k"),
-            endpoint: "http://127.0.0.1:9".into(),
-            backup_endpoint: None,
-            usersig_ttl: Duration::from_secs(86_400),
-            callbacks: false,
-            callback_token: None,
-            callback_forward: None,
-        };
+        let app = crate::upstream::signer::tests::app(86_400);
         let signer = Signer::new(&app, gauge("expiry"));
         let mut attempts = Attempts::new(2);
 

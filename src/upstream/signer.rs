@@ -105,10 +105,11 @@ impl Signer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn app(ttl_s: u64) -> AppConfig {
+    /// An app for tests, its UserSigs living `ttl_s`.
+    pub(crate) fn app(ttl_s: u64) -> AppConfig {
         AppConfig {
             id: AppId(1_400_000_000),
             region: None,
